@@ -1,0 +1,116 @@
+//! Command-line arguments (parsing and validation only; the work is in the library).
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hotsync",
+    version,
+    about = "Keep a standby copy of a directory tree identical to the primary's",
+    after_help = "DEST is a local directory, or quic://HOST:PORT with --server-id ID.\n\
+                  Exit codes: 0 success, 1 some entries failed or differ, 2 fatal."
+)]
+pub struct Cli {
+    /// Identity and state directory (default: $HOTSYNC_HOME, $XDG_CONFIG_HOME/hotsync, ~/.config/hotsync)
+    #[arg(long, global = true, value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Only print errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// More output (-v: progress on a pipe and info logs, -vv: debug logs)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create this node's identity (key and self-signed certificate) in the home directory
+    Keygen,
+    /// Print this node's ID (its certificate fingerprint)
+    Id,
+    /// Run the standby receiver
+    Serve(ServeArgs),
+    /// Mirror SRC to DEST once, then exit
+    Sync(SyncArgs),
+    /// Mirror SRC to DEST, then keep replicating every change
+    Watch(WatchArgs),
+    /// Compare SRC and DEST and report every difference
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The standby tree
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Address to listen on
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7878")]
+    pub listen: String,
+    /// A primary ID allowed to connect (repeatable)
+    #[arg(long, value_name = "ID")]
+    pub allow: Vec<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Leave out paths matching GLOB (repeatable; rsync-style: no '/' matches a name anywhere)
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Keep entries on the standby that the primary does not have
+    #[arg(long)]
+    pub no_delete: bool,
+    /// Compare file content by blake3 instead of size and modification time
+    #[arg(long)]
+    pub checksum: bool,
+    /// Override the safety guards (empty source, mass deletion)
+    #[arg(long)]
+    pub force: bool,
+    /// Print a JSON summary on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// The standby's pinned ID (required for a quic:// DEST)
+    #[arg(long, value_name = "ID")]
+    pub server_id: Option<String>,
+    /// Refuse to remove more than this percentage of the standby's entries (unless --force)
+    #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_delete: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    pub src: PathBuf,
+    pub dest: String,
+    #[command(flatten)]
+    pub common: Common,
+    /// Print what would be done, change nothing
+    #[arg(short = 'n', long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    pub src: PathBuf,
+    pub dest: String,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    pub src: PathBuf,
+    pub dest: String,
+    /// Fix every difference from the primary, then verify again
+    #[arg(long)]
+    pub repair: bool,
+    /// Print a JSON report on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// The standby's pinned ID (required for a quic:// DEST)
+    #[arg(long, value_name = "ID")]
+    pub server_id: Option<String>,
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+}

@@ -1,0 +1,51 @@
+//! Errors that end a command. Problems with single entries are not errors here: they are
+//! collected in the summary and make the exit code 1.
+
+use crate::protocol::ProtocolError;
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad arguments or paths; nothing was done.
+    #[error("{0}")]
+    Usage(String),
+    /// A safety guard refused; nothing was written.
+    #[error("{0}")]
+    Refused(String),
+    /// The peer's identity was refused, or it refused ours.
+    #[error("{0}")]
+    Auth(String),
+    /// The standby reported a fatal problem of its own (its message is in the text).
+    #[error("standby: {0}")]
+    Standby(String),
+    /// The connection failed or the peer broke the protocol.
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// True when trying again later may succeed (network loss, a standby restarting), as
+    /// opposed to a problem someone must fix.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Protocol(p) => p.is_transport(),
+            Error::Io { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,285 @@
+//! Relative paths inside a mirrored tree.
+//!
+//! Every name that crosses the wire or reaches the filesystem on the standby is a
+//! [`RelPath`]: validated once, at construction, so the rest of the code can rely on
+//! "no absolute path, no `..`, no NUL, no empty component". Any other byte is allowed,
+//! because the OS allows it (spaces, newlines, leading `-`, non-UTF-8).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Longest relative path accepted (Linux PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+/// Longest single name accepted (Linux NAME_MAX).
+pub const MAX_NAME: usize = 255;
+
+/// The name reserved at the root of both trees: the standby's marker, state and temp area.
+pub const RESERVED: &[u8] = b".hotsync";
+/// Prefix of the temporary files the receiver creates beside their targets.
+pub const TEMP_PREFIX: &[u8] = b".hotsync-tmp.";
+
+/// Why a byte string is not a valid relative path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path is absolute")]
+    Absolute,
+    #[error("path has an empty component")]
+    EmptyComponent,
+    #[error("path has a `.` or `..` component")]
+    DotComponent,
+    #[error("path contains a NUL byte")]
+    Nul,
+    #[error("path is longer than {MAX_PATH} bytes")]
+    TooLong,
+    #[error("a name in the path is longer than {MAX_NAME} bytes")]
+    NameTooLong,
+}
+
+/// A validated path relative to a tree root, `/`-separated. The empty path is the root.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RelPath(Vec<u8>);
+
+impl RelPath {
+    /// The root of the tree.
+    pub fn root() -> Self {
+        RelPath(Vec::new())
+    }
+
+    /// Validates `bytes` as a relative path; the empty string is the root.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, PathError> {
+        let bytes = bytes.into();
+        validate(&bytes)?;
+        Ok(RelPath(bytes))
+    }
+
+    /// `self/name`, where `name` is one component.
+    pub fn join(&self, name: &[u8]) -> Result<Self, PathError> {
+        if name.contains(&b'/') {
+            return Err(PathError::EmptyComponent);
+        }
+        let mut v = Vec::with_capacity(self.0.len() + 1 + name.len());
+        v.extend_from_slice(&self.0);
+        if !v.is_empty() {
+            v.push(b'/');
+        }
+        v.extend_from_slice(name);
+        RelPath::new(v)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The parent directory (the root's parent is the root) and the last name.
+    pub fn split(&self) -> (RelPath, &[u8]) {
+        match self.0.iter().rposition(|&b| b == b'/') {
+            Some(i) => (RelPath(self.0[..i].to_vec()), &self.0[i + 1..]),
+            None => (RelPath::root(), &self.0[..]),
+        }
+    }
+
+    /// The parent directory as a byte slice (empty for top-level names).
+    pub fn parent_bytes(&self) -> &[u8] {
+        match self.0.iter().rposition(|&b| b == b'/') {
+            Some(i) => &self.0[..i],
+            None => &[],
+        }
+    }
+
+    pub fn name(&self) -> &[u8] {
+        self.split().1
+    }
+
+    /// Number of components (0 for the root).
+    pub fn depth(&self) -> usize {
+        if self.0.is_empty() {
+            0
+        } else {
+            1 + self.0.iter().filter(|&&b| b == b'/').count()
+        }
+    }
+
+    /// True when `self` is `other` or lies beneath it.
+    pub fn starts_with(&self, other: &RelPath) -> bool {
+        other.0.is_empty()
+            || (self.0.starts_with(&other.0)
+                && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
+    }
+
+    /// True for the reserved top-level name `.hotsync` and anything under it.
+    pub fn is_reserved(&self) -> bool {
+        self.0.split(|&b| b == b'/').next() == Some(RESERVED)
+    }
+
+    /// A printable form: UTF-8 as is, other bytes as `\xNN`, control characters escaped,
+    /// so a name with a newline cannot forge a line in a report.
+    pub fn display(&self) -> String {
+        escape_bytes(&self.0)
+    }
+}
+
+/// True when `name` looks like one of our temporary files.
+pub fn is_temp_name(name: &[u8]) -> bool {
+    name.starts_with(TEMP_PREFIX)
+}
+
+/// Escapes bytes for display: valid UTF-8 stays, control bytes and invalid bytes become
+/// `\n`, `\t`, `\\` or `\xNN`.
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\n' => out.push_str("\\n"),
+                '\t' => out.push_str("\\t"),
+                '\r' => out.push_str("\\r"),
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => out.push_str(&format!("\\x{:02x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+fn validate(bytes: &[u8]) -> Result<(), PathError> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    if bytes.len() > MAX_PATH {
+        return Err(PathError::TooLong);
+    }
+    if bytes[0] == b'/' {
+        return Err(PathError::Absolute);
+    }
+    if bytes.contains(&0) {
+        return Err(PathError::Nul);
+    }
+    for comp in bytes.split(|&b| b == b'/') {
+        if comp.is_empty() {
+            return Err(PathError::EmptyComponent);
+        }
+        if comp == b"." || comp == b".." {
+            return Err(PathError::DotComponent);
+        }
+        if comp.len() > MAX_NAME {
+            return Err(PathError::NameTooLong);
+        }
+    }
+    Ok(())
+}
+
+impl Serialize for RelPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+/// Deserialising a path validates it, so no unchecked `RelPath` can come off the wire.
+impl<'de> Deserialize<'de> for RelPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bytes = crate::bytes::deserialize(d)?;
+        RelPath::new(bytes).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.display())
+    }
+}
+
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rejects_escapes() {
+        assert_eq!(RelPath::new("/etc"), Err(PathError::Absolute));
+        assert_eq!(RelPath::new("a/../b"), Err(PathError::DotComponent));
+        assert_eq!(RelPath::new(".."), Err(PathError::DotComponent));
+        assert_eq!(RelPath::new("a/./b"), Err(PathError::DotComponent));
+        assert_eq!(RelPath::new("a//b"), Err(PathError::EmptyComponent));
+        assert_eq!(RelPath::new("a/"), Err(PathError::EmptyComponent));
+        assert_eq!(RelPath::new(b"a\0b".to_vec()), Err(PathError::Nul));
+        assert_eq!(RelPath::new(vec![b'x'; 256]), Err(PathError::NameTooLong));
+        assert!(RelPath::new(b"-rf/ sp\nace/\xff\xfe".to_vec()).is_ok());
+        assert!(RelPath::new("...").is_ok());
+    }
+
+    #[test]
+    fn split_join_and_prefix() {
+        let p = RelPath::new("a/b/c").unwrap();
+        let (parent, name) = p.split();
+        assert_eq!(parent.as_bytes(), b"a/b");
+        assert_eq!(name, b"c");
+        assert_eq!(parent.join(b"c").unwrap(), p);
+        assert_eq!(RelPath::root().join(b"x").unwrap().as_bytes(), b"x");
+        assert!(p.starts_with(&RelPath::new("a/b").unwrap()));
+        assert!(
+            !RelPath::new("a/bc")
+                .unwrap()
+                .starts_with(&RelPath::new("a/b").unwrap())
+        );
+        assert!(p.starts_with(&RelPath::root()));
+        assert_eq!(p.depth(), 3);
+        assert!(RelPath::new(".hotsync/x").unwrap().is_reserved());
+        assert!(!RelPath::new("a/.hotsync").unwrap().is_reserved());
+        assert!(RelPath::root().join(b"a/b").is_err());
+    }
+
+    #[test]
+    fn display_escapes_controls_and_invalid_bytes() {
+        let p = RelPath::new(b"a\nb\xffc\\".to_vec()).unwrap();
+        assert_eq!(p.display(), "a\\nb\\xffc\\\\");
+    }
+
+    #[test]
+    fn wire_decoding_validates() {
+        let bad = postcard::to_stdvec(&b"../x".to_vec()).unwrap();
+        assert!(postcard::from_bytes::<RelPath>(&bad).is_err());
+        let good = postcard::to_stdvec(&RelPath::new("a/b").unwrap()).unwrap();
+        assert_eq!(
+            postcard::from_bytes::<RelPath>(&good).unwrap().as_bytes(),
+            b"a/b"
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn valid_paths_round_trip(comps in prop::collection::vec(
+            prop::collection::vec(1u8..=255, 1..20).prop_filter("no slash or dots", |c| {
+                !c.contains(&b'/') && c != b"." && c != b".."
+            }), 1..6))
+        {
+            let joined = comps.join(&b'/');
+            let p = RelPath::new(joined.clone()).unwrap();
+            prop_assert_eq!(p.as_bytes(), &joined[..]);
+            let enc = postcard::to_stdvec(&p).unwrap();
+            prop_assert_eq!(postcard::from_bytes::<RelPath>(&enc).unwrap(), p.clone());
+            prop_assert_eq!(p.depth(), comps.len());
+        }
+
+        #[test]
+        fn any_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(p) = RelPath::new(bytes) {
+                prop_assert!(!p.as_bytes().starts_with(b"/"));
+                prop_assert!(p.as_bytes().split(|&b| b == b'/').all(|c| p.is_root() || (!c.is_empty() && c != b".." && c != b".")));
+            }
+        }
+    }
+}

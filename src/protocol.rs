@@ -1,0 +1,593 @@
+//! The wire protocol: a version handshake, then length-prefixed postcard [`Message`]s, with
+//! bulk bytes (file data, delta ops, signatures) as raw stream data after the message that
+//! announces their length. Every length read off the wire is checked before allocation.
+//!
+//! Streams, all opened by the primary:
+//! - the control stream (the first): handshake, `Open`, the standby's manifest, tree
+//!   operations, `Flush` barriers and `Close`;
+//! - lanes: `Lane`, then small files, symlinks and metadata fixes, each acknowledged once
+//!   durable, with `Flush` barriers;
+//! - one stream per large file: `BigFile` or `Delta`, answered by one `Ack`.
+
+use crate::manifest::{Entry, Hash, Meta, ScanError};
+use crate::path::RelPath;
+use crate::plan::MetaTarget;
+use serde::{Deserialize, Serialize};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+
+/// Protocol version spoken by this build, and the oldest one it still accepts.
+pub const VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 1;
+/// The first bytes each side sends, so a stray client is recognised at once.
+pub const MAGIC: &[u8; 8] = b"hotsync\0";
+/// Largest encoded control message.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Files up to this size travel whole, inline on a lane, never as deltas.
+pub const SMALL_FILE: u64 = 64 * 1024;
+/// Most patterns a peer may send, and the longest pattern.
+pub const MAX_EXCLUDES: usize = 4096;
+pub const MAX_PATTERN: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Primary → standby, first message on the control stream.
+    /// In a dry run the standby only lists its tree: no lock, no clean-up, no writes.
+    Open {
+        checksum: bool,
+        excludes: Vec<String>,
+        dry_run: bool,
+    },
+    /// Standby → primary: the session is set up; `owners` says whether owner and group are
+    /// preserved (the receiver runs as root).
+    Opened {
+        owners: bool,
+        temps_removed: u64,
+    },
+    /// A batch of the standby's manifest.
+    Entries {
+        entries: Vec<Entry>,
+        errors: Vec<ScanError>,
+    },
+    /// End of the standby's manifest.
+    ListEnd {
+        count: u64,
+    },
+
+    /// Remove an entry in the way of a type change, with everything beneath it.
+    Clear {
+        id: u64,
+        path: RelPath,
+    },
+    Mkdir {
+        id: u64,
+        path: RelPath,
+    },
+    /// Delete an extra entry, with everything beneath it.
+    Delete {
+        id: u64,
+        path: RelPath,
+    },
+    SetMeta {
+        id: u64,
+        path: RelPath,
+        meta: Meta,
+        target: MetaTarget,
+    },
+    Symlink {
+        id: u64,
+        path: RelPath,
+        #[serde(with = "crate::bytes")]
+        target: Vec<u8>,
+        meta: Meta,
+    },
+    /// Make `path` another name of the existing file `target`.
+    Link {
+        id: u64,
+        path: RelPath,
+        target: RelPath,
+    },
+
+    /// Opens a lane stream.
+    Lane,
+    /// A whole file of `len` ≤ [`SMALL_FILE`] bytes; the bytes follow.
+    SmallFile {
+        id: u64,
+        path: RelPath,
+        meta: Meta,
+        len: u64,
+    },
+    /// A whole file; `size` raw bytes follow, then `FileEnd`.
+    BigFile {
+        id: u64,
+        path: RelPath,
+        meta: Meta,
+        size: u64,
+    },
+    /// A delta against the standby's file at `path`: `chunks` coarse hashes follow as raw
+    /// bytes; the standby answers `BaseSig` or `NoBase`; then the op stream and `FileEnd`.
+    Delta {
+        id: u64,
+        path: RelPath,
+        meta: Meta,
+        size: u64,
+        chunk: u64,
+        chunks: u64,
+    },
+    /// The standby's base: `matched_len` bitmap bytes then `fine_len` signature bytes follow.
+    BaseSig {
+        base_size: u64,
+        block_size: u32,
+        matched_len: u64,
+        fine_len: u64,
+    },
+    /// The standby has no usable base; the sender sends literal ops only.
+    NoBase {
+        reason: String,
+    },
+    /// Ends a file's bytes: the chunked digest, or `None` when the sender abandons the file
+    /// (it changed while being read).
+    FileEnd {
+        digest: Option<Hash>,
+    },
+
+    /// Outcome of one operation, sent once the change is durable (or has failed).
+    /// `retry` asks the primary to send the file again, whole.
+    Ack {
+        id: u64,
+        error: Option<String>,
+        retry: bool,
+    },
+    /// Commit everything staged on this stream, then answer `Flushed`.
+    Flush {
+        seq: u64,
+    },
+    Flushed {
+        seq: u64,
+    },
+    /// Ends the session cleanly.
+    Close,
+    Closed,
+    /// A fatal error; the sender closes the connection after it.
+    Error {
+        message: String,
+    },
+}
+
+impl Message {
+    /// A short name for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Open { .. } => "Open",
+            Message::Opened { .. } => "Opened",
+            Message::Entries { .. } => "Entries",
+            Message::ListEnd { .. } => "ListEnd",
+            Message::Clear { .. } => "Clear",
+            Message::Mkdir { .. } => "Mkdir",
+            Message::Delete { .. } => "Delete",
+            Message::SetMeta { .. } => "SetMeta",
+            Message::Symlink { .. } => "Symlink",
+            Message::Link { .. } => "Link",
+            Message::Lane => "Lane",
+            Message::SmallFile { .. } => "SmallFile",
+            Message::BigFile { .. } => "BigFile",
+            Message::Delta { .. } => "Delta",
+            Message::BaseSig { .. } => "BaseSig",
+            Message::NoBase { .. } => "NoBase",
+            Message::FileEnd { .. } => "FileEnd",
+            Message::Ack { .. } => "Ack",
+            Message::Flush { .. } => "Flush",
+            Message::Flushed { .. } => "Flushed",
+            Message::Close => "Close",
+            Message::Closed => "Closed",
+            Message::Error { .. } => "Error",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection lost: {0}")]
+    Io(#[from] io::Error),
+    #[error("peer closed the stream")]
+    Closed,
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    FrameTooLarge(u64),
+    #[error("undecodable message: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("unexpected {got} (expected {expected})")]
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    #[error("not a hotsync peer (bad greeting)")]
+    BadMagic,
+    #[error(
+        "version mismatch: we speak {ours_min}..={ours}, the peer speaks {theirs_min}..={theirs}"
+    )]
+    Version {
+        ours: u16,
+        ours_min: u16,
+        theirs: u16,
+        theirs_min: u16,
+    },
+    #[error("peer reported: {0}")]
+    Peer(String),
+}
+
+impl ProtocolError {
+    /// True when the byte stream itself failed (the session may work again later), as
+    /// opposed to a peer that sent something wrong.
+    pub fn is_transport(&self) -> bool {
+        matches!(self, ProtocolError::Io(_) | ProtocolError::Closed)
+    }
+}
+
+/// Sends our greeting; call [`read_greeting`] after it.
+pub fn write_greeting(w: &mut impl Write) -> io::Result<()> {
+    let mut g = [0u8; 12];
+    g[..8].copy_from_slice(MAGIC);
+    g[8..10].copy_from_slice(&VERSION.to_le_bytes());
+    g[10..12].copy_from_slice(&MIN_VERSION.to_le_bytes());
+    w.write_all(&g)?;
+    w.flush()
+}
+
+/// Reads the peer's greeting and picks the version both speak.
+pub fn read_greeting(r: &mut impl Read) -> Result<u16, ProtocolError> {
+    let mut g = [0u8; 12];
+    r.read_exact(&mut g).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ProtocolError::Closed
+        } else {
+            ProtocolError::Io(e)
+        }
+    })?;
+    if &g[..8] != MAGIC {
+        return Err(ProtocolError::BadMagic);
+    }
+    let theirs = u16::from_le_bytes([g[8], g[9]]);
+    let theirs_min = u16::from_le_bytes([g[10], g[11]]);
+    negotiate(theirs, theirs_min)
+}
+
+/// The highest version both sides speak.
+pub fn negotiate(theirs: u16, theirs_min: u16) -> Result<u16, ProtocolError> {
+    let v = VERSION.min(theirs);
+    if v < MIN_VERSION || v < theirs_min {
+        return Err(ProtocolError::Version {
+            ours: VERSION,
+            ours_min: MIN_VERSION,
+            theirs,
+            theirs_min,
+        });
+    }
+    Ok(v)
+}
+
+/// Encodes one frame (length prefix + postcard body) into `out`.
+pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let body = postcard::to_extend(msg, std::mem::take(out))?;
+    *out = body;
+    let len = out.len() - start - 4;
+    if len > MAX_FRAME {
+        out.truncate(start);
+        return Err(ProtocolError::FrameTooLarge(len as u64));
+    }
+    out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Decodes one frame body.
+pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
+    Ok(postcard::from_bytes(body)?)
+}
+
+/// The reading half of a stream: frames and the raw bytes between them.
+pub struct FrameReader<R: Read> {
+    r: BufReader<R>,
+    body: Vec<u8>,
+}
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(r: R) -> Self {
+        FrameReader {
+            r: BufReader::with_capacity(256 * 1024, r),
+            body: Vec::new(),
+        }
+    }
+
+    /// The next message, or `None` at a clean end of stream between frames.
+    pub fn recv_opt(&mut self) -> Result<Option<Message>, ProtocolError> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match self.r.read(&mut len[got..]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => return Err(ProtocolError::Closed),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(ProtocolError::FrameTooLarge(len as u64));
+        }
+        self.body.resize(len, 0);
+        self.r.read_exact(&mut self.body).map_err(eof_is_closed)?;
+        let msg = decode(&self.body)?;
+        if let Message::Error { message } = msg {
+            return Err(ProtocolError::Peer(message));
+        }
+        Ok(Some(msg))
+    }
+
+    /// The next message; end of stream is an error.
+    pub fn recv(&mut self) -> Result<Message, ProtocolError> {
+        self.recv_opt()?.ok_or(ProtocolError::Closed)
+    }
+
+    /// Reads exactly `buf.len()` raw bytes.
+    pub fn read_raw(&mut self, buf: &mut [u8]) -> Result<(), ProtocolError> {
+        self.r.read_exact(buf).map_err(eof_is_closed)
+    }
+
+    /// Raw access for streaming bulk bytes (delta ops).
+    pub fn raw(&mut self) -> &mut BufReader<R> {
+        &mut self.r
+    }
+
+    pub fn greeting(&mut self) -> Result<u16, ProtocolError> {
+        read_greeting(&mut self.r)
+    }
+}
+
+fn eof_is_closed(e: io::Error) -> ProtocolError {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ProtocolError::Closed
+    } else {
+        ProtocolError::Io(e)
+    }
+}
+
+/// The writing half of a stream, buffered; call [`FrameWriter::flush`] at barriers.
+pub struct FrameWriter<W: Write> {
+    w: BufWriter<W>,
+    frame: Vec<u8>,
+}
+
+impl<W: Write> FrameWriter<W> {
+    pub fn new(w: W) -> Self {
+        FrameWriter {
+            w: BufWriter::with_capacity(256 * 1024, w),
+            frame: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, msg: &Message) -> Result<(), ProtocolError> {
+        self.frame.clear();
+        encode(msg, &mut self.frame)?;
+        self.w.write_all(&self.frame)?;
+        Ok(())
+    }
+
+    pub fn write_raw(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
+        self.w.write_all(data)?;
+        Ok(())
+    }
+
+    pub fn raw(&mut self) -> &mut BufWriter<W> {
+        &mut self.w
+    }
+
+    pub fn flush(&mut self) -> Result<(), ProtocolError> {
+        self.w.flush()?;
+        Ok(())
+    }
+
+    pub fn greeting(&mut self) -> Result<(), ProtocolError> {
+        write_greeting(&mut self.w)?;
+        Ok(())
+    }
+
+    pub fn get_mut(&mut self) -> &mut W {
+        self.w.get_mut()
+    }
+}
+
+/// Checks that a peer's exclude patterns are within bounds.
+pub fn check_excludes(excludes: &[String]) -> Result<(), ProtocolError> {
+    if excludes.len() > MAX_EXCLUDES || excludes.iter().any(|p| p.len() > MAX_PATTERN) {
+        return Err(ProtocolError::Invalid(
+            "too many or too long exclude patterns".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Kind, Mtime};
+
+    fn meta() -> Meta {
+        Meta {
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            mtime: Mtime {
+                sec: -5,
+                nsec: 999_999_999,
+            },
+        }
+    }
+
+    fn samples() -> Vec<Message> {
+        let p = RelPath::new(b"dir/-name with\nnewline\xff".to_vec()).unwrap();
+        vec![
+            Message::Open {
+                checksum: true,
+                excludes: vec!["*.tmp".into()],
+                dry_run: false,
+            },
+            Message::Entries {
+                entries: vec![Entry {
+                    path: p.clone(),
+                    kind: Kind::Symlink {
+                        target: b"../x\xfe".to_vec(),
+                    },
+                    meta: meta(),
+                    link: None,
+                }],
+                errors: vec![ScanError {
+                    path: p.clone(),
+                    error: "denied".into(),
+                }],
+            },
+            Message::SmallFile {
+                id: 7,
+                path: p.clone(),
+                meta: meta(),
+                len: 3,
+            },
+            Message::Delta {
+                id: 1,
+                path: p.clone(),
+                meta: meta(),
+                size: 1 << 40,
+                chunk: 1 << 20,
+                chunks: 3,
+            },
+            Message::Ack {
+                id: u64::MAX,
+                error: Some("x".into()),
+                retry: true,
+            },
+            Message::FileEnd {
+                digest: Some([9; 32]),
+            },
+            Message::Close,
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut wire = Vec::new();
+        let mut w = FrameWriter::new(&mut wire);
+        for m in samples() {
+            w.send(&m).unwrap();
+        }
+        w.write_raw(b"raw").unwrap();
+        w.flush().unwrap();
+        drop(w);
+        let mut r = FrameReader::new(&wire[..]);
+        for m in samples() {
+            assert_eq!(r.recv().unwrap(), m);
+        }
+        let mut raw = [0u8; 3];
+        r.read_raw(&mut raw).unwrap();
+        assert_eq!(&raw, b"raw");
+        assert!(r.recv_opt().unwrap().is_none());
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocation() {
+        let wire = (u32::MAX).to_le_bytes();
+        let err = FrameReader::new(&wire[..]).recv().unwrap_err();
+        assert!(matches!(err, ProtocolError::FrameTooLarge(_)), "{err}");
+        let big = Message::Error {
+            message: "x".repeat(MAX_FRAME + 1),
+        };
+        assert!(matches!(
+            encode(&big, &mut Vec::new()),
+            Err(ProtocolError::FrameTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_frames_error_without_panic() {
+        // Every truncation and every single-byte corruption of valid frames.
+        let mut wire = Vec::new();
+        for m in samples() {
+            encode(&m, &mut wire).unwrap();
+        }
+        for cut in 0..wire.len() {
+            let mut r = FrameReader::new(&wire[..cut]);
+            while let Ok(Some(_)) = r.recv_opt() {}
+        }
+        for i in 0..wire.len() {
+            for v in [0u8, 0x7f, 0x80, 0xff] {
+                let mut w = wire.clone();
+                w[i] = v;
+                let mut r = FrameReader::new(&w[..]);
+                while let Ok(Some(_)) = r.recv_opt() {}
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_paths_do_not_decode() {
+        for bad in [
+            &b"../etc/passwd"[..],
+            b"/etc/passwd",
+            b"a/../../b",
+            b"a\0b",
+            b"a//b",
+        ] {
+            // Encode with a valid placeholder of the same length, then swap the bytes in.
+            let placeholder = RelPath::new(vec![b'p'; bad.len()]).unwrap();
+            let msg = Message::SmallFile {
+                id: 7,
+                path: placeholder,
+                meta: meta(),
+                len: 3,
+            };
+            let mut frame = Vec::new();
+            encode(&msg, &mut frame).unwrap();
+            let at = frame
+                .windows(bad.len())
+                .position(|w| w.iter().all(|&b| b == b'p'))
+                .unwrap();
+            frame[at..at + bad.len()].copy_from_slice(bad);
+            assert!(FrameReader::new(&frame[..]).recv().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn greeting_and_versions() {
+        let mut wire = Vec::new();
+        write_greeting(&mut wire).unwrap();
+        assert_eq!(read_greeting(&mut &wire[..]).unwrap(), VERSION);
+        assert!(matches!(
+            read_greeting(&mut &b"GET / HTTP/1.1\r\n"[..]),
+            Err(ProtocolError::BadMagic)
+        ));
+        assert!(matches!(
+            negotiate(VERSION + 5, VERSION + 1),
+            Err(ProtocolError::Version { .. })
+        ));
+        assert_eq!(negotiate(VERSION + 5, 1).unwrap(), VERSION);
+        assert!(matches!(
+            negotiate(0, 0),
+            Err(ProtocolError::Version { .. })
+        ));
+    }
+
+    #[test]
+    fn peer_error_surfaces() {
+        let mut wire = Vec::new();
+        encode(
+            &Message::Error {
+                message: "disk full".into(),
+            },
+            &mut wire,
+        )
+        .unwrap();
+        let err = FrameReader::new(&wire[..]).recv().unwrap_err();
+        assert_eq!(err.to_string(), "peer reported: disk full");
+    }
+}

@@ -1,0 +1,935 @@
+//! The standby side of a session. Everything here acts on names that were validated when
+//! they were decoded ([`RelPath`]), through the root's directory handle, never following a
+//! symlink; a failure with one entry is answered with an error `Ack`, a protocol violation
+//! ends the connection.
+
+use crate::atomic::{Batch, Outcome, Staged};
+use crate::delta::{self, COARSE_HASH_LEN, ChunkedHasher, MAX_CHUNKS, chunk_size};
+use crate::filter::Filter;
+use crate::fsroot::{self, Root, create_temp, remove_tree, set_meta_at, set_meta_fd};
+use crate::manifest::{Entry, Meta, ScanError};
+use crate::path::{RESERVED, RelPath};
+use crate::plan::MetaTarget;
+use crate::protocol::{self, FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
+use crate::scan::{ScanOptions, scan};
+use crate::transport::{Connection, SendHalf, Stream};
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What one session did, for the standby's log.
+#[derive(Debug, Default, Clone)]
+pub struct SessionReport {
+    pub files_written: u64,
+    pub bytes_written: u64,
+    pub entries_removed: u64,
+    pub failed_ops: u64,
+}
+
+/// The state shared by all streams of one session.
+struct Session {
+    root: Root,
+    owners: bool,
+    /// Bumped whenever directories may have been removed, so cached handles are dropped.
+    generation: AtomicU64,
+    report: Mutex<SessionReport>,
+    _lock: File,
+}
+
+/// Serves one connection from a primary against the standby tree at `dest`, until the
+/// primary closes the session or the connection fails.
+pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate::Error> {
+    let Some(ctrl) = conn.accept().map_err(ProtocolError::Io)? else {
+        return Err(ProtocolError::Closed.into());
+    };
+    let Stream { recv, send } = ctrl;
+    let mut r = FrameReader::new(recv);
+    let mut w = FrameWriter::new(send);
+    w.greeting()?;
+    w.flush()?;
+    r.greeting()?;
+    let (checksum, excludes, dry_run) = match r.recv()? {
+        Message::Open {
+            checksum,
+            excludes,
+            dry_run,
+        } => (checksum, excludes, dry_run),
+        other => return Err(unexpected(other, "Open").into()),
+    };
+    let refuse = |w: &mut FrameWriter<_>, message: String| -> crate::Error {
+        let _ = w.send(&Message::Error {
+            message: message.clone(),
+        });
+        let _ = w.flush();
+        crate::Error::Refused(message)
+    };
+    if let Err(e) = protocol::check_excludes(&excludes) {
+        return Err(refuse(&mut w, e.to_string()));
+    }
+    let filter = match Filter::new(&excludes) {
+        Ok(f) => f,
+        Err(e) => return Err(refuse(&mut w, e.to_string())),
+    };
+    if dry_run {
+        return list_only(dest, checksum, filter, r, w);
+    }
+    let session = match Session::open(dest) {
+        Ok(s) => Arc::new(s),
+        Err(message) => return Err(refuse(&mut w, message)),
+    };
+    let listing = scan(
+        &session.root,
+        &ScanOptions {
+            checksum,
+            filter,
+            remove_temps: true,
+        },
+        &|_| {},
+    )
+    .map_err(|e| refuse(&mut w, format!("cannot scan {}: {e}", dest.display())));
+    let listing = listing?;
+    w.send(&Message::Opened {
+        owners: session.owners,
+        temps_removed: listing.temps_removed,
+    })?;
+    send_manifest(&mut w, listing.manifest.entries, listing.manifest.errors)?;
+    w.flush()?;
+
+    let fatal: Mutex<Option<ProtocolError>> = Mutex::new(None);
+    let fail = |e: ProtocolError| {
+        tracing::warn!("closing the session: {e}");
+        fatal.lock().unwrap().get_or_insert(e);
+        conn.close("protocol error");
+    };
+    std::thread::scope(|s| {
+        let session2 = session.clone();
+        let fail2 = &fail;
+        s.spawn(move || {
+            let mut handles = Vec::new();
+            while let Ok(Some(stream)) = conn.accept() {
+                let session = session2.clone();
+                handles.push(s.spawn(move || {
+                    let Stream { recv, send } = stream;
+                    if let Err(e) = op_loop(
+                        &session,
+                        &mut FrameReader::new(recv),
+                        FrameWriter::new(send),
+                        false,
+                    ) {
+                        fail2(e);
+                    }
+                }));
+            }
+            for h in handles {
+                let _ = h.join();
+            }
+        });
+        let result = op_loop(&session, &mut r, w, true);
+        match result {
+            Ok(()) => conn.close("session closed"),
+            Err(e) => fail(e),
+        }
+    });
+    let report = session.report.lock().unwrap().clone();
+    match fatal.into_inner().unwrap() {
+        Some(e) => Err(e.into()),
+        None => Ok(report),
+    }
+}
+
+/// A dry run: send the manifest (empty when DEST does not exist yet), touch nothing, and
+/// wait for the primary to close.
+fn list_only<R: Read, W: Write>(
+    dest: &Path,
+    checksum: bool,
+    filter: Filter,
+    mut r: FrameReader<R>,
+    mut w: FrameWriter<W>,
+) -> Result<SessionReport, crate::Error> {
+    let manifest = match Root::open(dest) {
+        Ok(root) => {
+            let opts = ScanOptions {
+                checksum,
+                filter,
+                remove_temps: false,
+            };
+            scan(&root, &opts, &|_| {})
+                .map_err(|e| crate::Error::io(format!("cannot scan {}", dest.display()), e))?
+                .manifest
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => crate::manifest::Manifest::default(),
+        Err(e) => {
+            return Err(crate::Error::io(
+                format!("cannot open DEST {}", dest.display()),
+                e,
+            ));
+        }
+    };
+    w.send(&Message::Opened {
+        owners: fsroot::can_chown(),
+        temps_removed: 0,
+    })?;
+    send_manifest(&mut w, manifest.entries, manifest.errors)?;
+    w.flush()?;
+    match r.recv()? {
+        Message::Close => {
+            w.send(&Message::Closed)?;
+            w.flush()?;
+            Ok(SessionReport::default())
+        }
+        other => Err(unexpected(other, "Close").into()),
+    }
+}
+
+fn unexpected(got: Message, expected: &'static str) -> ProtocolError {
+    ProtocolError::Unexpected {
+        got: got.name(),
+        expected,
+    }
+}
+
+fn send_manifest<W: Write>(
+    w: &mut FrameWriter<W>,
+    entries: Vec<Entry>,
+    errors: Vec<ScanError>,
+) -> Result<(), ProtocolError> {
+    const BATCH: usize = 256 * 1024;
+    let count = entries.len() as u64;
+    let mut batch = Vec::new();
+    let mut size = 0;
+    for e in entries {
+        size += e.path.as_bytes().len()
+            + 48
+            + match &e.kind {
+                crate::manifest::Kind::Symlink { target } => target.len(),
+                _ => 0,
+            };
+        batch.push(e);
+        if size >= BATCH {
+            w.send(&Message::Entries {
+                entries: std::mem::take(&mut batch),
+                errors: vec![],
+            })?;
+            size = 0;
+        }
+    }
+    w.send(&Message::Entries {
+        entries: batch,
+        errors: vec![],
+    })?;
+    for chunk in errors.chunks(512) {
+        w.send(&Message::Entries {
+            entries: vec![],
+            errors: chunk.to_vec(),
+        })?;
+    }
+    w.send(&Message::ListEnd { count })
+}
+
+impl Session {
+    fn open(dest: &Path) -> Result<Session, String> {
+        let shown = dest.display();
+        let root = Root::open(dest).map_err(|e| match e.raw_os_error() {
+            Some(c) if c == Errno::NOENT.raw_os_error() => format!("DEST {shown} does not exist"),
+            Some(c) if c == Errno::NOTDIR.raw_os_error() => {
+                format!("DEST {shown} is not a directory")
+            }
+            _ => format!("cannot open DEST {shown}: {e}"),
+        })?;
+        let not_writable = |e: io::Error| format!("DEST {shown} is not writable: {e}");
+        match rustix::fs::mkdirat(root.fd(), RESERVED, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(not_writable(e.into())),
+        }
+        let state = root
+            .open_dir(&RelPath::new(RESERVED).unwrap())
+            .map_err(|e| format!("DEST {shown}/.hotsync is not a usable directory: {e}"))?;
+        let lock = rustix::fs::openat(
+            &state,
+            c"lock",
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| not_writable(e.into()))?;
+        rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
+            format!(
+                "DEST {shown} is in use by another hotsync session (lock {shown}/.hotsync/lock)"
+            )
+        })?;
+        // Find a read-only DEST now, with one clear message, rather than once per file;
+        // without touching the root, whose mtime is mirrored.
+        rustix::fs::accessat(
+            root.fd(),
+            c".",
+            rustix::fs::Access::WRITE_OK,
+            AtFlags::EACCESS,
+        )
+        .map_err(|e| not_writable(e.into()))?;
+        let (probe, name) = create_temp(state.as_fd()).map_err(not_writable)?;
+        drop(probe);
+        let _ = rustix::fs::unlinkat(&state, name.as_slice(), AtFlags::empty());
+        fsroot::raise_fd_limit();
+        Ok(Session {
+            root,
+            owners: fsroot::can_chown(),
+            generation: AtomicU64::new(0),
+            report: Mutex::new(SessionReport::default()),
+            _lock: File::from(lock),
+        })
+    }
+
+    fn tree_changed(&self) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Cached handles of parent directories, dropped whenever directories may have moved.
+struct Dirs<'a> {
+    s: &'a Session,
+    generation: u64,
+    map: HashMap<Vec<u8>, Arc<OwnedFd>>,
+}
+
+impl<'a> Dirs<'a> {
+    fn new(s: &'a Session) -> Self {
+        Dirs {
+            s,
+            generation: s.generation.load(Ordering::Relaxed),
+            map: HashMap::new(),
+        }
+    }
+
+    /// The parent directory of `path` and the last name.
+    fn parent<'p>(&mut self, path: &'p RelPath) -> io::Result<(Arc<OwnedFd>, &'p [u8])> {
+        if path.is_root() {
+            return Ok((Arc::new(self.s.root.open_dir(path)?), b"."));
+        }
+        let g = self.s.generation.load(Ordering::Relaxed);
+        if g != self.generation || self.map.len() > 256 {
+            self.map.clear();
+            self.generation = g;
+        }
+        let parent = path.parent_bytes();
+        if let Some(fd) = self.map.get(parent) {
+            return Ok((fd.clone(), path.name()));
+        }
+        let fd = Arc::new(
+            self.s
+                .root
+                .open_dir(&RelPath::new(parent.to_vec()).unwrap())?,
+        );
+        self.map.insert(parent.to_vec(), fd.clone());
+        Ok((fd, path.name()))
+    }
+}
+
+/// A readable reason for an error with one entry.
+fn reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(c) if c == Errno::LOOP.raw_os_error() => {
+            "the path goes through a symlink on the standby".into()
+        }
+        Some(c) if c == Errno::XDEV.raw_os_error() => "the path leaves the standby root".into(),
+        _ => e.to_string(),
+    }
+}
+
+/// Creates a temp in `dir`; a non-root receiver gives itself write permission on a
+/// read-only directory (its mode is restored with the directory's attributes).
+fn temp_in(dir: &OwnedFd) -> io::Result<(File, Vec<u8>)> {
+    match create_temp(dir.as_fd()) {
+        Err(e) if e.raw_os_error() == Some(Errno::ACCESS.raw_os_error()) => {
+            let st = rustix::fs::fstat(dir)?;
+            rustix::fs::fchmod(dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
+            create_temp(dir.as_fd())
+        }
+        other => other,
+    }
+}
+
+/// Reads and applies operations until the stream ends (or `Close`, on the control stream).
+fn op_loop<R: Read, W: Write>(
+    s: &Session,
+    r: &mut FrameReader<R>,
+    mut w: FrameWriter<W>,
+    control: bool,
+) -> Result<(), ProtocolError>
+where
+    W: SendHalfish,
+{
+    let mut batch = Batch::new();
+    let mut dirs = Dirs::new(s);
+    let mut buf = Vec::new();
+    loop {
+        let Some(msg) = r.recv_opt()? else {
+            send_acks(s, &mut w, batch.commit(s.root.fd()))?;
+            w.flush()?;
+            w.get_mut().finish_stream()?;
+            return Ok(());
+        };
+        match msg {
+            Message::Clear { id, path } | Message::Delete { id, path } => {
+                if path.is_root() || path.is_reserved() {
+                    return Err(ProtocolError::Invalid(format!("refusing to remove {path}")));
+                }
+                match dirs
+                    .parent(&path)
+                    .and_then(|(d, name)| remove_tree(d.as_fd(), name))
+                {
+                    Ok(n) => {
+                        s.report.lock().unwrap().entries_removed += n;
+                        batch.applied(id);
+                    }
+                    Err(e) => batch.failed(id, reason(&e), false),
+                }
+                s.tree_changed();
+            }
+            Message::Mkdir { id, path } => {
+                check_writable(&path)?;
+                match dirs.parent(&path).and_then(|(d, name)| mkdir(&d, name)) {
+                    Ok(()) => batch.applied(id),
+                    Err(e) => batch.failed(id, reason(&e), false),
+                }
+            }
+            Message::SetMeta {
+                id,
+                path,
+                meta,
+                target,
+            } => {
+                if path.is_reserved() {
+                    return Err(ProtocolError::Invalid(format!("refusing to change {path}")));
+                }
+                let res = dirs.parent(&path).and_then(|(d, name)| {
+                    check_type(&d, name, target)?;
+                    set_meta_at(
+                        d.as_fd(),
+                        name,
+                        &meta,
+                        s.owners,
+                        target != MetaTarget::Symlink,
+                    )
+                });
+                match res {
+                    Ok(()) => batch.applied(id),
+                    Err(e) => batch.failed(id, reason(&e), false),
+                }
+            }
+            Message::Symlink {
+                id,
+                path,
+                target,
+                meta,
+            } => {
+                check_writable(&path)?;
+                if target.is_empty() || target.len() > crate::path::MAX_PATH || target.contains(&0)
+                {
+                    return Err(ProtocolError::Invalid("bad symlink target".into()));
+                }
+                match stage_symlink(s, &mut dirs, id, &path, &target, &meta) {
+                    Ok(st) => batch.stage(st),
+                    Err(e) => batch.failed(id, reason(&e), false),
+                }
+            }
+            Message::Link { id, path, target } => {
+                check_writable(&path)?;
+                check_writable(&target)?;
+                match stage_link(&mut dirs, id, &path, &target) {
+                    Ok(st) => batch.stage(st),
+                    Err(e) => batch.failed(id, reason(&e), false),
+                }
+            }
+            Message::SmallFile {
+                id,
+                path,
+                meta,
+                len,
+            } => {
+                check_writable(&path)?;
+                if len > SMALL_FILE {
+                    return Err(ProtocolError::Invalid(format!("small file of {len} bytes")));
+                }
+                buf.resize(len as usize, 0);
+                r.read_raw(&mut buf)?;
+                let keep = batch.keep_fd();
+                match stage_bytes(s, &mut dirs, id, &path, &meta, &buf, keep) {
+                    Ok(st) => batch.stage(st),
+                    Err(e) => batch.failed(id, reason(&e), false),
+                }
+            }
+            Message::BigFile {
+                id,
+                path,
+                meta,
+                size,
+            } => {
+                check_writable(&path)?;
+                let keep = batch.keep_fd();
+                match receive_big(s, &mut dirs, r, id, &path, &meta, size, keep)? {
+                    Ok(st) => batch.stage(st),
+                    Err((e, retry)) => batch.failed(id, e, retry),
+                }
+            }
+            Message::Delta {
+                id,
+                path,
+                meta,
+                size,
+                chunk,
+                chunks,
+            } => {
+                check_writable(&path)?;
+                let keep = batch.keep_fd();
+                match receive_delta(
+                    s, &mut dirs, r, &mut w, id, &path, &meta, size, chunk, chunks, keep,
+                )? {
+                    Ok(st) => batch.stage(st),
+                    Err((e, retry)) => batch.failed(id, e, retry),
+                }
+            }
+            Message::Flush { seq } => {
+                send_acks(s, &mut w, batch.commit(s.root.fd()))?;
+                w.send(&Message::Flushed { seq })?;
+                w.flush()?;
+                continue;
+            }
+            Message::Close if control => {
+                send_acks(s, &mut w, batch.commit(s.root.fd()))?;
+                w.send(&Message::Closed)?;
+                w.flush()?;
+                return Ok(());
+            }
+            other => return Err(unexpected(other, "an operation")),
+        }
+        if batch.should_commit() {
+            send_acks(s, &mut w, batch.commit(s.root.fd()))?;
+            w.flush()?;
+        }
+    }
+}
+
+/// Lets the op loop end a stream whatever writer it was given.
+pub trait SendHalfish {
+    fn finish_stream(&mut self) -> io::Result<()>;
+}
+
+impl SendHalfish for Box<dyn SendHalf> {
+    fn finish_stream(&mut self) -> io::Result<()> {
+        self.finish()
+    }
+}
+
+impl SendHalfish for Vec<u8> {
+    fn finish_stream(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn send_acks<W: Write>(
+    s: &Session,
+    w: &mut FrameWriter<W>,
+    outcomes: Vec<Outcome>,
+) -> Result<(), ProtocolError> {
+    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count() as u64;
+    if failed > 0 {
+        s.report.lock().unwrap().failed_ops += failed;
+    }
+    for (id, res) in outcomes {
+        let (error, retry) = match res {
+            Ok(()) => (None, false),
+            Err((e, retry)) => (Some(e), retry),
+        };
+        w.send(&Message::Ack { id, error, retry })?;
+    }
+    Ok(())
+}
+
+/// Nothing may be written at the root itself or into the reserved area.
+fn check_writable(path: &RelPath) -> Result<(), ProtocolError> {
+    if path.is_root() || path.is_reserved() {
+        return Err(ProtocolError::Invalid(format!("refusing to write {path}")));
+    }
+    Ok(())
+}
+
+fn mkdir(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => Ok(()),
+        Err(Errno::EXIST) => {
+            let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                Ok(())
+            } else {
+                Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a non-directory is in the way",
+                ))
+            }
+        }
+        Err(Errno::ACCESS) => {
+            let st = rustix::fs::fstat(dir)?;
+            rustix::fs::fchmod(dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
+            Ok(rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700))?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Refuses a metadata change aimed at an entry of another type (it changed underneath).
+fn check_type(dir: &OwnedFd, name: &[u8], target: MetaTarget) -> io::Result<()> {
+    let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let ft = FileType::from_raw_mode(st.st_mode);
+    let ok = matches!(
+        (target, ft),
+        (MetaTarget::File, FileType::RegularFile)
+            | (MetaTarget::Dir, FileType::Directory)
+            | (MetaTarget::Symlink, FileType::Symlink)
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the entry on the standby has another type",
+        ))
+    }
+}
+
+fn stage_bytes(
+    s: &Session,
+    dirs: &mut Dirs,
+    id: u64,
+    path: &RelPath,
+    meta: &Meta,
+    data: &[u8],
+    keep: bool,
+) -> io::Result<Staged> {
+    let (dir, name) = dirs.parent(path)?;
+    let (mut f, temp) = temp_in(&dir)?;
+    let res = f
+        .write_all(data)
+        .and_then(|_| set_meta_fd(f.as_fd(), meta, s.owners));
+    if let Err(e) = res {
+        let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
+        return Err(e);
+    }
+    let mut rep = s.report.lock().unwrap();
+    rep.files_written += 1;
+    rep.bytes_written += data.len() as u64;
+    Ok(Staged {
+        id,
+        dir,
+        temp,
+        name: name.to_vec(),
+        file: keep.then_some(f),
+        bytes: data.len() as u64,
+    })
+}
+
+fn stage_symlink(
+    s: &Session,
+    dirs: &mut Dirs,
+    id: u64,
+    path: &RelPath,
+    target: &[u8],
+    meta: &Meta,
+) -> io::Result<Staged> {
+    let (dir, name) = dirs.parent(path)?;
+    let temp = loop {
+        let t = fsroot::temp_name();
+        match rustix::fs::symlinkat(target, &*dir, t.as_slice()) {
+            Ok(()) => break t,
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Err(e) = set_meta_at(dir.as_fd(), &temp, meta, s.owners, false) {
+        let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
+        return Err(e);
+    }
+    Ok(Staged {
+        id,
+        dir,
+        temp,
+        name: name.to_vec(),
+        file: None,
+        bytes: 0,
+    })
+}
+
+fn stage_link(dirs: &mut Dirs, id: u64, path: &RelPath, target: &RelPath) -> io::Result<Staged> {
+    let (tdir, tname) = dirs.parent(target)?;
+    let st = rustix::fs::statat(&*tdir, tname, AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "link target is not a regular file",
+        ));
+    }
+    let (dir, name) = dirs.parent(path)?;
+    let temp = loop {
+        let t = fsroot::temp_name();
+        match rustix::fs::linkat(&*tdir, tname, &*dir, t.as_slice(), AtFlags::empty()) {
+            Ok(()) => break t,
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    Ok(Staged {
+        id,
+        dir,
+        temp,
+        name: name.to_vec(),
+        file: None,
+        bytes: 0,
+    })
+}
+
+type EntryResult = Result<Staged, (String, bool)>;
+
+/// A temp file being filled. Write failures are remembered, not returned, so the stream is
+/// always read to the end of the file and stays in step; the file is then reported failed.
+struct TempSink {
+    target: Option<(Arc<OwnedFd>, Vec<u8>, BufWriter<File>, Vec<u8>)>,
+    err: Option<String>,
+}
+
+impl TempSink {
+    fn create(dirs: &mut Dirs, path: &RelPath) -> TempSink {
+        let target = dirs.parent(path).and_then(|(dir, name)| {
+            let (f, temp) = temp_in(&dir)?;
+            Ok((
+                dir,
+                name.to_vec(),
+                BufWriter::with_capacity(1 << 20, f),
+                temp,
+            ))
+        });
+        match target {
+            Ok(t) => TempSink {
+                target: Some(t),
+                err: None,
+            },
+            Err(e) => TempSink {
+                target: None,
+                err: Some(reason(&e)),
+            },
+        }
+    }
+
+    /// Checks the digest and attributes, then stages the temp; on any failure removes it.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        mut self,
+        s: &Session,
+        theirs: Option<crate::manifest::Hash>,
+        ours: crate::manifest::Hash,
+        id: u64,
+        meta: &Meta,
+        size: u64,
+        keep: bool,
+    ) -> EntryResult {
+        let mut retry = false;
+        if self.err.is_none() {
+            match theirs {
+                None => {
+                    self.err = Some("the file changed on the primary while it was read".into());
+                    retry = true;
+                }
+                Some(d) if d != ours => {
+                    self.err = Some("content digest mismatch".into());
+                    retry = true;
+                }
+                _ => {}
+            }
+        }
+        let Some((dir, name, w, temp)) = self.target.take() else {
+            return Err((self.err.take().unwrap_or_default(), retry));
+        };
+        let file = match self.err.take() {
+            None => w
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| set_meta_fd(f.as_fd(), meta, s.owners).map(|_| f))
+                .map_err(|e| reason(&e)),
+            Some(e) => Err(e),
+        };
+        match file {
+            Ok(f) => {
+                let mut rep = s.report.lock().unwrap();
+                rep.files_written += 1;
+                rep.bytes_written += size;
+                Ok(Staged {
+                    id,
+                    dir,
+                    temp,
+                    name,
+                    file: keep.then_some(f),
+                    bytes: size,
+                })
+            }
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
+                Err((e, retry))
+            }
+        }
+    }
+}
+
+impl Drop for TempSink {
+    fn drop(&mut self) {
+        // Reached with a target only when the stream failed mid-file.
+        if let Some((dir, _, _, temp)) = self.target.take() {
+            let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
+        }
+    }
+}
+
+impl Write for TempSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.err.is_none()
+            && let Some((_, _, w, _)) = self.target.as_mut()
+            && let Err(e) = w.write_all(buf)
+        {
+            self.err = Some(reason(&e));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The standby's base file for a delta. A read failure yields zeros (and a digest
+/// mismatch, so the primary resends the file whole) instead of desynchronising the stream.
+struct SoftBase<'a>(Option<&'a File>);
+
+impl delta::ReadAt for SoftBase<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if let Some(f) = self.0
+            && let Ok(n @ 1..) = delta::ReadAt::read_at(f, buf, offset)
+        {
+            return Ok(n);
+        }
+        buf.fill(0);
+        Ok(buf.len())
+    }
+}
+
+/// Receives a whole file into a temp. The outer error is fatal (the stream is unusable);
+/// the inner one concerns this file only.
+#[allow(clippy::too_many_arguments)]
+fn receive_big<R: Read>(
+    s: &Session,
+    dirs: &mut Dirs,
+    r: &mut FrameReader<R>,
+    id: u64,
+    path: &RelPath,
+    meta: &Meta,
+    size: u64,
+    keep: bool,
+) -> Result<EntryResult, ProtocolError> {
+    let mut sink = TempSink::create(dirs, path);
+    let mut hasher = ChunkedHasher::new(chunk_size(size));
+    let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
+    let mut left = size;
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        r.read_raw(&mut buf[..n])?;
+        hasher.update(&buf[..n]);
+        sink.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    let digest = match r.recv()? {
+        Message::FileEnd { digest } => digest,
+        other => return Err(unexpected(other, "FileEnd")),
+    };
+    let (_, ours) = hasher.finish();
+    Ok(sink.finish(s, digest, ours, id, meta, size, keep))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive_delta<R: Read, W: Write>(
+    s: &Session,
+    dirs: &mut Dirs,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    id: u64,
+    path: &RelPath,
+    meta: &Meta,
+    size: u64,
+    chunk: u64,
+    chunks: u64,
+    keep: bool,
+) -> Result<EntryResult, ProtocolError> {
+    if chunk != chunk_size(size) || chunks != size.div_ceil(chunk) || chunks > MAX_CHUNKS {
+        return Err(ProtocolError::Invalid(
+            "delta chunking does not match its size".into(),
+        ));
+    }
+    let mut coarse = vec![[0u8; COARSE_HASH_LEN]; chunks as usize];
+    for c in coarse.iter_mut() {
+        r.read_raw(c)?;
+    }
+    let base = dirs.parent(path).and_then(|(dir, name)| {
+        let f = fsroot::resolve(
+            dir.as_fd(),
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+        )?;
+        let st = rustix::fs::fstat(&f)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        let size = st.st_size as u64;
+        let f = File::from(f);
+        let sig = delta::sign_base(&f, size, chunk, &coarse)?;
+        Ok((f, size, sig))
+    });
+    let (base, base_size) = match base {
+        Ok((f, base_size, sig)) => {
+            w.send(&Message::BaseSig {
+                base_size,
+                block_size: sig.block_size,
+                matched_len: sig.matched.len() as u64,
+                fine_len: sig.fine.len() as u64,
+            })?;
+            w.write_raw(&sig.matched)?;
+            w.write_raw(&sig.fine)?;
+            (Some(f), base_size)
+        }
+        Err(e) => {
+            w.send(&Message::NoBase { reason: reason(&e) })?;
+            (None, 0)
+        }
+    };
+    w.flush()?;
+    let mut sink = TempSink::create(dirs, path);
+    let ours = match delta::apply(
+        r.raw(),
+        &SoftBase(base.as_ref()),
+        base_size,
+        &mut sink,
+        size,
+    ) {
+        Ok((digest, _)) => digest,
+        Err(delta::DeltaError::Malformed(m)) => {
+            return Err(ProtocolError::Invalid(format!("delta: {m}")));
+        }
+        Err(delta::DeltaError::Io(e)) => return Err(ProtocolError::Io(e)),
+    };
+    let digest = match r.recv()? {
+        Message::FileEnd { digest } => digest,
+        other => return Err(unexpected(other, "FileEnd")),
+    };
+    Ok(sink.finish(s, digest, ours, id, meta, size, keep))
+}

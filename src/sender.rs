@@ -1,0 +1,1022 @@
+//! The primary side of a session: scan, fetch the standby's manifest, plan, then drive the
+//! plan through the protocol: tree operations on the control stream, small files on a few
+//! lanes, each large file on a stream of its own, with nothing waiting on a round trip
+//! per file.
+
+use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size, hash_chunks};
+use crate::error::Error;
+use crate::filter::Filter;
+use crate::fsroot::{Root, changed, meta_of};
+use crate::manifest::Manifest;
+use crate::path::RelPath;
+use crate::plan::{self, MetaFix, Plan, PlanOptions, SymlinkOp, Transfer};
+use crate::progress::Monitor;
+use crate::protocol::{FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
+use crate::scan::{ScanOptions, scan};
+use crate::summary::{EntryError, Summary};
+use crate::transport::{Connection, Stream};
+use rustix::io::Errno;
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// What a `sync` may do.
+#[derive(Debug, Clone)]
+pub struct SyncOptions {
+    pub checksum: bool,
+    pub delete: bool,
+    /// Override the mass-delete guards.
+    pub force: bool,
+    pub dry_run: bool,
+    pub excludes: Vec<String>,
+    /// Refuse a plan that removes more than this percentage of the standby's entries.
+    pub max_delete_percent: u32,
+    /// Streams for small files.
+    pub lanes: usize,
+    /// Large files in flight at once.
+    pub big_streams: usize,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            checksum: false,
+            delete: true,
+            force: false,
+            dry_run: false,
+            excludes: Vec::new(),
+            max_delete_percent: 50,
+            lanes: 2,
+            big_streams: 2,
+        }
+    }
+}
+
+/// Below this many removals the percentage guard does not apply.
+pub const GUARD_MIN_REMOVALS: usize = 10;
+
+/// The result of a sync: its summary, and the plan it carried out (or would, in a dry run).
+#[derive(Debug)]
+pub struct Outcome {
+    pub summary: Summary,
+    pub plan: Plan,
+}
+
+/// Mirrors the tree at `src` to the standby at the other end of `conn`.
+pub fn sync(
+    src: &Root,
+    conn: &dyn Connection,
+    opts: &SyncOptions,
+    monitor: &dyn Monitor,
+) -> Result<Outcome, Error> {
+    let started = Instant::now();
+    let filter = Filter::new(&opts.excludes).map_err(|e| Error::Usage(e.to_string()))?;
+    let ctrl = conn.open().map_err(ProtocolError::Io)?;
+    let Stream { recv, send } = ctrl;
+    let mut r = FrameReader::new(recv);
+    let mut w = FrameWriter::new(send);
+    w.greeting()?;
+    w.send(&Message::Open {
+        checksum: opts.checksum,
+        excludes: opts.excludes.clone(),
+        dry_run: opts.dry_run,
+    })?;
+    w.flush()?;
+
+    let scan_opts = ScanOptions {
+        checksum: opts.checksum,
+        filter,
+        remove_temps: false,
+    };
+    let (local, remote) = std::thread::scope(|s| {
+        let local = s.spawn(|| scan(src, &scan_opts, &|n| monitor.scanned(n)));
+        let remote = receive_listing(&mut r);
+        (local.join().expect("scan thread panicked"), remote)
+    });
+    let local =
+        local.map_err(|e| Error::io(format!("cannot read SRC {}", src.path().display()), e))?;
+    let (remote, owners, temps_removed) = remote.map_err(peer_error)?;
+
+    let mut summary = Summary {
+        files_scanned: local.manifest.children().len() as u64,
+        bytes_total: local.manifest.file_bytes(),
+        temps_removed,
+        dry_run: opts.dry_run,
+        ..Summary::default()
+    };
+    for sk in &local.skipped {
+        tracing::warn!(
+            "skipping {} {}: hotsync mirrors files, directories and symlinks only",
+            sk.kind,
+            sk.path
+        );
+        summary
+            .skipped
+            .push(EntryError::new(&sk.path, format!("{} skipped", sk.kind)));
+    }
+    for e in &local.manifest.errors {
+        summary
+            .errors
+            .push(EntryError::new(&e.path, e.error.clone()));
+    }
+    if !owners {
+        tracing::warn!("the standby does not run as root: owner and group are not preserved there");
+    }
+    let plan = plan::plan(
+        &local.manifest,
+        &remote,
+        PlanOptions {
+            checksum: opts.checksum,
+            delete: opts.delete,
+            owners,
+        },
+    );
+    if let Err(refusal) = guard(src, &local.manifest, &plan, opts) {
+        let _ = w.send(&Message::Close);
+        let _ = w.flush();
+        return Err(refusal);
+    }
+    monitor.planned(plan.transfers.len() as u64, plan.transfer_bytes());
+
+    if !opts.dry_run {
+        let ex = Exec {
+            conn,
+            root: src,
+            remote: &remote,
+            tally: Mutex::new(summary),
+            retries: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            monitor,
+        };
+        ex.run(&plan, &mut r, &mut w, opts)?;
+        summary = ex.tally.into_inner().unwrap();
+    } else {
+        summary.files_transferred = plan.transfers.len() as u64;
+        summary.files_deleted = plan.removed_entries as u64;
+    }
+    w.send(&Message::Close)?;
+    w.flush()?;
+    loop {
+        match r.recv().map_err(peer_error)? {
+            Message::Closed => break,
+            Message::Ack { .. } => {}
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other.name(),
+                    expected: "Closed",
+                }
+                .into());
+            }
+        }
+    }
+    let _ = w.get_mut().finish();
+    summary.bytes_on_wire = conn.wire_bytes();
+    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    monitor.finished();
+    Ok(Outcome { summary, plan })
+}
+
+fn peer_error(e: ProtocolError) -> Error {
+    match e {
+        ProtocolError::Peer(m) => Error::Standby(m),
+        other => other.into(),
+    }
+}
+
+/// The standby's manifest, whether it preserves owners, and the temps it cleaned up.
+fn receive_listing<R: Read>(
+    r: &mut FrameReader<R>,
+) -> Result<(Manifest, bool, u64), ProtocolError> {
+    r.greeting()?;
+    let (owners, temps) = match r.recv()? {
+        Message::Opened {
+            owners,
+            temps_removed,
+        } => (owners, temps_removed),
+        other => {
+            return Err(ProtocolError::Unexpected {
+                got: other.name(),
+                expected: "Opened",
+            });
+        }
+    };
+    let mut m = Manifest::default();
+    loop {
+        match r.recv()? {
+            Message::Entries { entries, errors } => {
+                m.entries.extend(entries);
+                m.errors.extend(errors);
+            }
+            Message::ListEnd { count } => {
+                if count != m.entries.len() as u64 {
+                    return Err(ProtocolError::Invalid("manifest count mismatch".into()));
+                }
+                break;
+            }
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other.name(),
+                    expected: "Entries",
+                });
+            }
+        }
+    }
+    m.sort();
+    Ok((m, owners, temps))
+}
+
+/// The mass-delete guards: an empty source, or a plan removing a large share of the standby,
+/// is refused unless `--force`. An unmounted disk must never wipe the standby.
+fn guard(src: &Root, local: &Manifest, plan: &Plan, opts: &SyncOptions) -> Result<(), Error> {
+    if opts.force {
+        return Ok(());
+    }
+    let src = src.path().display();
+    if local.children().is_empty() && plan.removed_entries > 0 {
+        return Err(Error::Refused(format!(
+            "SRC {src} is empty but the standby holds {} entries: refusing to delete them all \
+             (is a disk not mounted?); use --force if the source really is empty",
+            plan.remote_entries
+        )));
+    }
+    let pct = opts.max_delete_percent as usize;
+    if plan.removed_entries >= GUARD_MIN_REMOVALS
+        && plan.removed_entries * 100 > pct * plan.remote_entries
+    {
+        return Err(Error::Refused(format!(
+            "the plan removes {} of the standby's {} entries, more than --max-delete {pct}%: \
+             refusing (is part of SRC {src} missing?); use --force to remove them",
+            plan.removed_entries, plan.remote_entries
+        )));
+    }
+    Ok(())
+}
+
+/// What an operation in flight was, to account for its acknowledgement.
+#[derive(Debug, Clone)]
+enum Op {
+    Transfer {
+        bytes: u64,
+    },
+    /// The sender gave the file up after sending it (it changed, or could not be read).
+    Abandoned {
+        reason: String,
+        retry: bool,
+        size: u64,
+    },
+    Mkdir,
+    Remove {
+        entries: u64,
+    },
+    Meta,
+    Symlink,
+    Link,
+}
+
+type Pending = Mutex<HashMap<u64, (RelPath, Op)>>;
+
+struct Exec<'a> {
+    conn: &'a dyn Connection,
+    root: &'a Root,
+    remote: &'a Manifest,
+    tally: Mutex<Summary>,
+    /// Files to send again, whole: (path, size).
+    retries: Mutex<Vec<(RelPath, u64)>>,
+    next_id: AtomicU64,
+    monitor: &'a dyn Monitor,
+}
+
+/// Why a file could not be read.
+enum ReadError {
+    /// It disappeared or changed type since the scan: the next sync sees the new state.
+    Vanished,
+    Other(String),
+}
+
+fn read_error(e: io::Error) -> ReadError {
+    match e.raw_os_error() {
+        Some(c) if c == Errno::NOENT.raw_os_error() || c == Errno::LOOP.raw_os_error() => {
+            ReadError::Vanished
+        }
+        _ if e.kind() == io::ErrorKind::InvalidInput => ReadError::Vanished,
+        _ => ReadError::Other(e.to_string()),
+    }
+}
+
+impl<'a> Exec<'a> {
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn error(&self, path: &RelPath, msg: String) {
+        tracing::warn!("{path}: {msg}");
+        self.tally
+            .lock()
+            .unwrap()
+            .errors
+            .push(EntryError::new(path, msg));
+    }
+
+    fn run<R: Read + Send, W: Write>(
+        &self,
+        plan: &Plan,
+        r: &mut FrameReader<R>,
+        w: &mut FrameWriter<W>,
+        opts: &SyncOptions,
+    ) -> Result<(), Error> {
+        // 1. Out of the way, then directories, parents first.
+        let mut ops = Vec::new();
+        for p in &plan.clear {
+            let entries = self.remote_count_under(p);
+            ops.push((
+                Message::Clear {
+                    id: 0,
+                    path: p.clone(),
+                },
+                p.clone(),
+                Op::Remove { entries },
+            ));
+        }
+        for p in &plan.mkdirs {
+            ops.push((
+                Message::Mkdir {
+                    id: 0,
+                    path: p.clone(),
+                },
+                p.clone(),
+                Op::Mkdir,
+            ));
+        }
+        self.control_batch(r, w, ops, 1)?;
+
+        // 2. Content and attributes, many streams at once.
+        let (small, big): (Vec<&Transfer>, Vec<&Transfer>) =
+            plan.transfers.iter().partition(|t| t.size <= SMALL_FILE);
+        let mut items: Vec<LaneItem> = small.into_iter().map(LaneItem::File).collect();
+        items.extend(plan.symlinks.iter().map(LaneItem::Symlink));
+        items.extend(plan.metas.iter().map(LaneItem::Meta));
+        let lanes = opts.lanes.max(1).min(items.len().max(1));
+        let next_big = AtomicUsize::new(0);
+        let result: Mutex<Result<(), Error>> = Mutex::new(Ok(()));
+        std::thread::scope(|s| {
+            let per = items.len().div_ceil(lanes);
+            for chunk in items.chunks(per.max(1)) {
+                let result = &result;
+                s.spawn(move || {
+                    if let Err(e) = self.lane(chunk) {
+                        let mut r = result.lock().unwrap();
+                        if r.is_ok() {
+                            *r = Err(e);
+                        }
+                        self.conn.close("lane failed");
+                    }
+                });
+            }
+            for _ in 0..opts.big_streams.max(1).min(big.len()) {
+                let (result, big, next_big) = (&result, &big, &next_big);
+                s.spawn(move || {
+                    while let Some(t) = big.get(next_big.fetch_add(1, Ordering::Relaxed)) {
+                        if let Err(e) = self.big_file(t) {
+                            let mut r = result.lock().unwrap();
+                            if r.is_ok() {
+                                *r = Err(e);
+                            }
+                            self.conn.close("transfer failed");
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        result.into_inner().unwrap()?;
+        // Files the standby could not make durable, or that changed while read: once more, whole.
+        for (path, size) in std::mem::take(&mut *self.retries.lock().unwrap()) {
+            self.whole_stream(&path, size, false)?;
+        }
+
+        // 3. Hard links, now that their targets are durable.
+        let ops = plan
+            .links
+            .iter()
+            .map(|l| {
+                (
+                    Message::Link {
+                        id: 0,
+                        path: l.path.clone(),
+                        target: l.target.clone(),
+                    },
+                    l.path.clone(),
+                    Op::Link,
+                )
+            })
+            .collect();
+        self.control_batch(r, w, ops, 2)?;
+
+        // 4. Deletes, deepest first, then directory attributes, deepest first.
+        let mut ops = Vec::new();
+        for p in &plan.deletes {
+            let entries = self.remote_count_under(p);
+            ops.push((
+                Message::Delete {
+                    id: 0,
+                    path: p.clone(),
+                },
+                p.clone(),
+                Op::Remove { entries },
+            ));
+        }
+        for m in &plan.dir_metas {
+            ops.push((set_meta(m), m.path.clone(), Op::Meta));
+        }
+        self.control_batch(r, w, ops, 3)
+    }
+
+    fn remote_count_under(&self, p: &RelPath) -> u64 {
+        let start = self.remote.entries.partition_point(|e| e.path < *p);
+        self.remote.entries[start..]
+            .iter()
+            .take_while(|e| e.path.starts_with(p))
+            .count() as u64
+    }
+
+    /// Sends operations on the control stream and waits until they are durable.
+    fn control_batch<R: Read + Send, W: Write>(
+        &self,
+        r: &mut FrameReader<R>,
+        w: &mut FrameWriter<W>,
+        ops: Vec<(Message, RelPath, Op)>,
+        seq: u64,
+    ) -> Result<(), Error> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let pending = Pending::default();
+        std::thread::scope(|s| {
+            let acks = s.spawn(|| self.read_acks(r, &pending, seq));
+            let sent = (|| -> Result<(), ProtocolError> {
+                for (mut msg, path, op) in ops {
+                    let id = self.id();
+                    set_id(&mut msg, id);
+                    pending.lock().unwrap().insert(id, (path, op));
+                    w.send(&msg)?;
+                }
+                w.send(&Message::Flush { seq })?;
+                w.flush()
+            })();
+            let acked = acks.join().expect("ack reader panicked");
+            sent?;
+            acked
+        })
+        .map_err(peer_error)
+    }
+
+    /// Reads acknowledgements until `Flushed { seq }` (or the end of the stream when
+    /// `seq` is 0), accounting for each.
+    fn read_acks<R: Read>(
+        &self,
+        r: &mut FrameReader<R>,
+        pending: &Pending,
+        seq: u64,
+    ) -> Result<(), ProtocolError> {
+        loop {
+            let msg = if seq == 0 {
+                match r.recv_opt()? {
+                    Some(m) => m,
+                    None => return Ok(()),
+                }
+            } else {
+                r.recv()?
+            };
+            match msg {
+                Message::Ack { id, error, retry } => {
+                    let Some((path, op)) = pending.lock().unwrap().remove(&id) else {
+                        return Err(ProtocolError::Invalid(format!(
+                            "ack for unknown operation {id}"
+                        )));
+                    };
+                    self.account(path, op, error, retry);
+                }
+                Message::Flushed { seq: s } if s == seq => return Ok(()),
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        got: other.name(),
+                        expected: "Ack",
+                    });
+                }
+            }
+        }
+    }
+
+    fn account(&self, path: RelPath, op: Op, error: Option<String>, retry: bool) {
+        match (op, error) {
+            (
+                Op::Abandoned {
+                    retry: true, size, ..
+                },
+                _,
+            ) => self.retries.lock().unwrap().push((path, size)),
+            (Op::Abandoned { reason, .. }, _) => self.error(&path, reason),
+            (Op::Transfer { bytes }, Some(_)) if retry => {
+                self.retries.lock().unwrap().push((path, bytes))
+            }
+            (op, Some(e)) => {
+                let what = match op {
+                    Op::Transfer { .. } | Op::Abandoned { .. } => "cannot write on the standby",
+                    Op::Mkdir => "cannot create directory on the standby",
+                    Op::Remove { .. } => "cannot remove on the standby",
+                    Op::Meta => "cannot set attributes on the standby",
+                    Op::Symlink => "cannot write symlink on the standby",
+                    Op::Link => "cannot make hard link on the standby",
+                };
+                self.error(&path, format!("{what}: {e}"));
+            }
+            (op, None) => {
+                let mut t = self.tally.lock().unwrap();
+                match op {
+                    Op::Transfer { bytes } => {
+                        t.files_transferred += 1;
+                        drop(t);
+                        self.monitor.file_done(bytes);
+                    }
+                    Op::Mkdir => t.dirs_created += 1,
+                    Op::Remove { entries } => t.files_deleted += entries,
+                    Op::Meta => t.metadata_updated += 1,
+                    Op::Symlink => t.symlinks_written += 1,
+                    Op::Link => t.hard_links_made += 1,
+                    Op::Abandoned { .. } => {}
+                }
+            }
+        }
+    }
+
+    /// One lane: small files, symlinks and attribute fixes, pipelined; acks read alongside.
+    fn lane(&self, items: &[LaneItem]) -> Result<(), Error> {
+        let Stream { recv, send } = self.conn.open().map_err(ProtocolError::Io)?;
+        let mut r = FrameReader::new(recv);
+        let mut w = FrameWriter::new(send);
+        let pending = Pending::default();
+        std::thread::scope(|s| {
+            let acks = s.spawn(|| self.read_acks(&mut r, &pending, 0));
+            let sent = (|| -> Result<(), ProtocolError> {
+                let mut buf = Vec::new();
+                for item in items {
+                    let id = self.id();
+                    match item {
+                        LaneItem::File(t) => self.send_small(&mut w, &pending, id, t, &mut buf)?,
+                        LaneItem::Symlink(l) => {
+                            pending
+                                .lock()
+                                .unwrap()
+                                .insert(id, (l.path.clone(), Op::Symlink));
+                            w.send(&Message::Symlink {
+                                id,
+                                path: l.path.clone(),
+                                target: l.target.clone(),
+                                meta: l.meta,
+                            })?;
+                        }
+                        LaneItem::Meta(m) => {
+                            pending
+                                .lock()
+                                .unwrap()
+                                .insert(id, (m.path.clone(), Op::Meta));
+                            let mut msg = set_meta(m);
+                            set_id(&mut msg, id);
+                            w.send(&msg)?;
+                        }
+                    }
+                }
+                w.flush()?;
+                w.get_mut().finish()?;
+                Ok(())
+            })();
+            let acked = acks.join().expect("ack reader panicked");
+            // The ack reader's error explains a send failure better (the peer's reason).
+            acked?;
+            sent
+        })
+        .map_err(peer_error)
+    }
+
+    fn send_small<W: Write>(
+        &self,
+        w: &mut FrameWriter<W>,
+        pending: &Pending,
+        id: u64,
+        t: &Transfer,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ProtocolError> {
+        match read_small(self.root, &t.path, buf) {
+            Ok(Some(st)) => {
+                let meta = meta_of(&st);
+                pending.lock().unwrap().insert(
+                    id,
+                    (
+                        t.path.clone(),
+                        Op::Transfer {
+                            bytes: buf.len() as u64,
+                        },
+                    ),
+                );
+                w.send(&Message::SmallFile {
+                    id,
+                    path: t.path.clone(),
+                    meta,
+                    len: buf.len() as u64,
+                })?;
+                w.write_raw(buf)?;
+                self.tally.lock().unwrap().bytes_literal += buf.len() as u64;
+                Ok(())
+            }
+            // It grew past the small-file size since the scan: send it whole, inline.
+            Ok(None) => self.send_whole(w, pending, id, &t.path).map(|_| ()),
+            Err(ReadError::Vanished) => {
+                tracing::info!(
+                    "{}: vanished or changed type since the scan; skipped",
+                    t.path
+                );
+                Ok(())
+            }
+            Err(ReadError::Other(e)) => {
+                self.error(&t.path, format!("cannot read: {e}"));
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a file whole on `w`: `BigFile`, its bytes, `FileEnd`. A file that shrinks,
+    /// grows or changes while read is abandoned (the standby discards it).
+    fn send_whole<W: Write>(
+        &self,
+        w: &mut FrameWriter<W>,
+        pending: &Pending,
+        id: u64,
+        path: &RelPath,
+    ) -> Result<bool, ProtocolError> {
+        let f = match self.root.open_file(path) {
+            Ok(f) => f,
+            Err(e) => {
+                match read_error(e) {
+                    ReadError::Vanished => {
+                        tracing::info!("{path}: vanished since the scan; skipped")
+                    }
+                    ReadError::Other(e) => self.error(path, format!("cannot read: {e}")),
+                }
+                return Ok(false);
+            }
+        };
+        let before = rustix::fs::fstat(&f).map_err(io::Error::from)?;
+        let size = before.st_size as u64;
+        let meta = meta_of(&before);
+        pending
+            .lock()
+            .unwrap()
+            .insert(id, (path.clone(), Op::Transfer { bytes: size }));
+        w.send(&Message::BigFile {
+            id,
+            path: path.clone(),
+            meta,
+            size,
+        })?;
+        let mut hasher = delta::ChunkedHasher::new(chunk_size(size));
+        let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
+        let mut off = 0u64;
+        let mut problem: Option<(String, bool)> = None;
+        while off < size {
+            let n = buf.len().min((size - off) as usize);
+            if problem.is_none()
+                && let Err(e) = delta::ReadAt::read_exact_at(&f, &mut buf[..n], off)
+            {
+                problem = Some(if e.kind() == io::ErrorKind::UnexpectedEof {
+                    ("changed while being read".into(), true)
+                } else {
+                    (format!("cannot read: {e}"), false)
+                });
+            }
+            if problem.is_some() {
+                buf[..n].fill(0);
+            }
+            hasher.update(&buf[..n]);
+            w.write_raw(&buf[..n])?;
+            off += n as u64;
+        }
+        let after = rustix::fs::fstat(&f).map_err(io::Error::from)?;
+        if problem.is_none() && changed(&before, &after) {
+            problem = Some(("changed while being read".into(), true));
+        }
+        self.tally.lock().unwrap().bytes_literal += size;
+        match problem {
+            None => w.send(&Message::FileEnd {
+                digest: Some(hasher.finish().1),
+            })?,
+            Some((reason, retry)) => {
+                pending.lock().unwrap().insert(
+                    id,
+                    (
+                        path.clone(),
+                        Op::Abandoned {
+                            reason,
+                            retry,
+                            size,
+                        },
+                    ),
+                );
+                w.send(&Message::FileEnd { digest: None })?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// A large file on a stream of its own: a delta when the standby has a version of it.
+    fn big_file(&self, t: &Transfer) -> Result<(), Error> {
+        if t.basis.is_some_and(|b| b > 0) {
+            self.delta_stream(t)
+        } else {
+            self.whole_stream(&t.path, t.size, true)
+        }
+    }
+
+    /// Sends one file whole on a new stream and waits for its acknowledgement; retries a
+    /// file that changed while read (`allow_retry`) a few times.
+    fn whole_stream(&self, path: &RelPath, _size: u64, allow_retry: bool) -> Result<(), Error> {
+        for attempt in 0..3 {
+            let Stream { recv, send } = self.conn.open().map_err(ProtocolError::Io)?;
+            let mut r = FrameReader::new(recv);
+            let mut w = FrameWriter::new(send);
+            let pending = Pending::default();
+            let id = self.id();
+            let sent = self
+                .send_whole(&mut w, &pending, id, path)
+                .and_then(|sent| {
+                    w.flush()?;
+                    w.get_mut().finish()?;
+                    Ok(sent)
+                });
+            if !sent.map_err(peer_error)? {
+                return Ok(());
+            }
+            let (p, op) = pending
+                .lock()
+                .unwrap()
+                .remove(&id)
+                .expect("registered above");
+            let (error, retry) = read_one_ack(&mut r, id).map_err(peer_error)?;
+            let again = match &op {
+                Op::Abandoned { retry, .. } => *retry,
+                Op::Transfer { .. } => retry && error.is_some(),
+                _ => false,
+            };
+            if again && attempt < 2 && (allow_retry || attempt == 0) {
+                continue;
+            }
+            let op = match op {
+                Op::Abandoned { reason, .. } => Op::Abandoned {
+                    reason,
+                    retry: false,
+                    size: 0,
+                },
+                other => other,
+            };
+            self.account(p, op, error, false);
+            return Ok(());
+        }
+        Ok(())
+    }
+
+    fn delta_stream(&self, t: &Transfer) -> Result<(), Error> {
+        let f = match self.root.open_file(&t.path) {
+            Ok(f) => f,
+            Err(e) => {
+                match read_error(e) {
+                    ReadError::Vanished => {
+                        tracing::info!("{}: vanished since the scan; skipped", t.path)
+                    }
+                    ReadError::Other(e) => self.error(&t.path, format!("cannot read: {e}")),
+                }
+                return Ok(());
+            }
+        };
+        let io_err = |e: rustix::io::Errno| Error::from(ProtocolError::Io(e.into()));
+        let before = rustix::fs::fstat(&f).map_err(io_err)?;
+        let size = before.st_size as u64;
+        let meta = meta_of(&before);
+        let chunk = chunk_size(size);
+        let (chunks, digest) = match hash_chunks(&f, size, chunk) {
+            Ok(x) => x,
+            Err(_) => return self.whole_stream(&t.path, size, true),
+        };
+        let Stream { recv, send } = self.conn.open().map_err(ProtocolError::Io)?;
+        let mut r = FrameReader::new(recv);
+        let mut w = FrameWriter::new(send);
+        let id = self.id();
+        let exchange =
+            (|| -> Result<(Option<String>, bool, Option<(String, bool)>), ProtocolError> {
+                w.send(&Message::Delta {
+                    id,
+                    path: t.path.clone(),
+                    meta,
+                    size,
+                    chunk,
+                    chunks: chunks.len() as u64,
+                })?;
+                for c in delta::coarse_wire(&chunks) {
+                    w.write_raw(&c[..COARSE_HASH_LEN])?;
+                }
+                w.flush()?;
+                let encoder = match r.recv()? {
+                    Message::BaseSig {
+                        base_size,
+                        block_size,
+                        matched_len,
+                        fine_len,
+                    } => {
+                        let expect_matched = base_size.div_ceil(chunk).div_ceil(8);
+                        let max_fine = (base_size / 256 + 1) * 12;
+                        if matched_len != expect_matched || fine_len > max_fine {
+                            return Err(ProtocolError::Invalid(
+                                "base signature sizes do not fit the base".into(),
+                            ));
+                        }
+                        let mut matched = vec![0u8; matched_len as usize];
+                        r.read_raw(&mut matched)?;
+                        let mut fine = vec![0u8; fine_len as usize];
+                        r.read_raw(&mut fine)?;
+                        let sig = delta::BaseSignature {
+                            block_size,
+                            matched,
+                            fine,
+                        };
+                        Some(
+                            DeltaEncoder::new(base_size, chunk, sig)
+                                .map_err(|e| ProtocolError::Invalid(e.to_string()))?,
+                        )
+                    }
+                    Message::NoBase { reason } => {
+                        tracing::debug!("{}: no delta basis on the standby ({reason})", t.path);
+                        None
+                    }
+                    other => {
+                        return Err(ProtocolError::Unexpected {
+                            got: other.name(),
+                            expected: "BaseSig",
+                        });
+                    }
+                };
+                let mut problem = None;
+                let stats = match &encoder {
+                    Some(enc) => enc.encode(&f, size, w.raw()),
+                    None => encode_literal(&f, size, w.raw()),
+                };
+                let stats = match stats {
+                    Ok(s) => s,
+                    Err(delta::DeltaError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        // The file shrank: the op stream is cut short; this stream is lost.
+                        return Err(ProtocolError::Io(e));
+                    }
+                    Err(e) => return Err(ProtocolError::Io(io::Error::other(e.to_string()))),
+                };
+                {
+                    let mut tl = self.tally.lock().unwrap();
+                    tl.bytes_literal += stats.literal;
+                    tl.bytes_matched += stats.matched;
+                }
+                let after = rustix::fs::fstat(&f).map_err(io::Error::from)?;
+                if changed(&before, &after) {
+                    problem = Some(("changed while being read".to_string(), true));
+                    w.send(&Message::FileEnd { digest: None })?;
+                } else {
+                    w.send(&Message::FileEnd {
+                        digest: Some(digest),
+                    })?;
+                }
+                w.flush()?;
+                w.get_mut().finish()?;
+                let (error, retry) = read_one_ack(&mut r, id)?;
+                Ok((error, retry, problem))
+            })();
+        match exchange {
+            Ok((None, _, None)) => {
+                self.account(t.path.clone(), Op::Transfer { bytes: size }, None, false);
+                Ok(())
+            }
+            Ok((_, true, _)) | Ok((_, _, Some((_, true)))) => {
+                tracing::debug!("{}: delta not accepted; sending it whole", t.path);
+                self.whole_stream(&t.path, size, true)
+            }
+            Ok((error, _, problem)) => {
+                let msg = problem.map(|p| p.0).or(error).unwrap_or_default();
+                self.error(&t.path, format!("cannot write on the standby: {msg}"));
+                Ok(())
+            }
+            Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                self.whole_stream(&t.path, size, true)
+            }
+            Err(e) => Err(peer_error(e)),
+        }
+    }
+}
+
+/// Reads the single `Ack` answering a per-file stream.
+fn read_one_ack<R: Read>(
+    r: &mut FrameReader<R>,
+    id: u64,
+) -> Result<(Option<String>, bool), ProtocolError> {
+    match r.recv()? {
+        Message::Ack {
+            id: got,
+            error,
+            retry,
+        } if got == id => Ok((error, retry)),
+        other => Err(ProtocolError::Unexpected {
+            got: other.name(),
+            expected: "Ack",
+        }),
+    }
+}
+
+/// An op stream of literals only: the whole file, for a standby without a usable base.
+fn encode_literal(
+    f: &std::fs::File,
+    size: u64,
+    out: &mut impl Write,
+) -> Result<delta::DeltaStats, delta::DeltaError> {
+    let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
+    let mut off = 0;
+    while off < size {
+        let n = buf.len().min((size - off) as usize);
+        delta::ReadAt::read_exact_at(f, &mut buf[..n], off)?;
+        out.write_all(&[1])?;
+        let mut v = n as u64;
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.write_all(&[b])?;
+                break;
+            }
+            out.write_all(&[b | 0x80])?;
+        }
+        out.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    out.write_all(&[0])?;
+    Ok(delta::DeltaStats {
+        literal: size,
+        matched: 0,
+    })
+}
+
+enum LaneItem<'p> {
+    File(&'p Transfer),
+    Symlink(&'p SymlinkOp),
+    Meta(&'p MetaFix),
+}
+
+fn set_meta(m: &MetaFix) -> Message {
+    Message::SetMeta {
+        id: 0,
+        path: m.path.clone(),
+        meta: m.meta,
+        target: m.target,
+    }
+}
+
+fn set_id(msg: &mut Message, new: u64) {
+    match msg {
+        Message::Clear { id, .. }
+        | Message::Mkdir { id, .. }
+        | Message::Delete { id, .. }
+        | Message::SetMeta { id, .. }
+        | Message::Symlink { id, .. }
+        | Message::Link { id, .. } => *id = new,
+        _ => {}
+    }
+}
+
+/// Reads a small file whole into `buf`, re-reading if it changed meanwhile. `Ok(None)`:
+/// it has grown past the small-file size.
+fn read_small(
+    root: &Root,
+    path: &RelPath,
+    buf: &mut Vec<u8>,
+) -> Result<Option<rustix::fs::Stat>, ReadError> {
+    for _ in 0..5 {
+        let mut f = root.open_file(path).map_err(read_error)?;
+        let before = rustix::fs::fstat(&f).map_err(|e| read_error(e.into()))?;
+        if before.st_size as u64 > SMALL_FILE {
+            return Ok(None);
+        }
+        buf.clear();
+        (&mut f)
+            .take(SMALL_FILE + 1)
+            .read_to_end(buf)
+            .map_err(read_error)?;
+        let after = rustix::fs::fstat(&f).map_err(|e| read_error(e.into()))?;
+        if !changed(&before, &after) && buf.len() as u64 == after.st_size as u64 {
+            return Ok(Some(after));
+        }
+    }
+    Err(ReadError::Other("keeps changing while being read".into()))
+}

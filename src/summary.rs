@@ -1,0 +1,56 @@
+//! The result of a sync, as printed by `--json` (field names are part of the contract).
+
+use crate::path::RelPath;
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EntryError {
+    /// The relative path, printable (non-UTF-8 bytes and control characters escaped).
+    pub path: String,
+    pub error: String,
+}
+
+impl EntryError {
+    pub fn new(path: &RelPath, error: impl Into<String>) -> Self {
+        EntryError {
+            path: path.display(),
+            error: error.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Entries (files, directories, symlinks) found on the primary, root excluded.
+    pub files_scanned: u64,
+    /// Regular files whose content was sent.
+    pub files_transferred: u64,
+    /// Standby entries removed (extras and entries in the way of a type change).
+    pub files_deleted: u64,
+    /// Total size of the primary's regular files.
+    pub bytes_total: u64,
+    /// File bytes sent as data.
+    pub bytes_literal: u64,
+    /// File bytes rebuilt from the standby's existing data.
+    pub bytes_matched: u64,
+    /// Encoded protocol bytes, both directions.
+    pub bytes_on_wire: u64,
+    pub errors: Vec<EntryError>,
+    pub elapsed_ms: u64,
+    pub dirs_created: u64,
+    pub symlinks_written: u64,
+    pub hard_links_made: u64,
+    pub metadata_updated: u64,
+    /// Leftover temporary files of an interrupted run, removed from the standby.
+    pub temps_removed: u64,
+    /// Entries skipped on the primary (sockets, fifos, devices).
+    pub skipped: Vec<EntryError>,
+    pub dry_run: bool,
+}
+
+impl Summary {
+    /// Exit status by the contract: 0 all done, 1 some entries failed.
+    pub fn exit_code(&self) -> i32 {
+        if self.errors.is_empty() { 0 } else { 1 }
+    }
+}

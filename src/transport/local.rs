@@ -1,0 +1,281 @@
+//! The in-process transport of a local DEST: streams are bounded in-memory pipes, so the
+//! receiver runs on its own threads behind exactly the protocol QUIC carries.
+
+use super::{Connection, Counted, SendHalf, Stream};
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+
+/// Bytes a pipe holds before its writer waits.
+const PIPE_CAPACITY: usize = 4 << 20;
+
+#[derive(Default)]
+struct PipeState {
+    chunks: VecDeque<Vec<u8>>,
+    buffered: usize,
+    writer_done: bool,
+    reader_gone: bool,
+    aborted: bool,
+}
+
+#[derive(Default)]
+struct Pipe {
+    state: Mutex<PipeState>,
+    cond: Condvar,
+}
+
+impl Pipe {
+    fn abort(&self) {
+        self.state.lock().unwrap().aborted = true;
+        self.cond.notify_all();
+    }
+}
+
+fn aborted() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "connection closed")
+}
+
+struct PipeWriter(Arc<Pipe>);
+
+impl Write for PipeWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut s = self.0.state.lock().unwrap();
+        loop {
+            if s.aborted {
+                return Err(aborted());
+            }
+            if s.reader_gone {
+                return Err(io::Error::new(
+                    io::ErrorKind::BrokenPipe,
+                    "peer closed the stream",
+                ));
+            }
+            if s.writer_done {
+                return Err(io::Error::new(io::ErrorKind::BrokenPipe, "stream finished"));
+            }
+            if s.buffered < PIPE_CAPACITY {
+                break;
+            }
+            s = self.0.cond.wait(s).unwrap();
+        }
+        s.chunks.push_back(buf.to_vec());
+        s.buffered += buf.len();
+        self.0.cond.notify_all();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SendHalf for PipeWriter {
+    fn finish(&mut self) -> io::Result<()> {
+        self.0.state.lock().unwrap().writer_done = true;
+        self.0.cond.notify_all();
+        Ok(())
+    }
+}
+
+impl Drop for PipeWriter {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
+struct PipeReader {
+    pipe: Arc<Pipe>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for PipeReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.chunk.len() {
+            let mut s = self.pipe.state.lock().unwrap();
+            loop {
+                if s.aborted {
+                    return Err(aborted());
+                }
+                if let Some(c) = s.chunks.pop_front() {
+                    s.buffered -= c.len();
+                    self.pipe.cond.notify_all();
+                    self.chunk = c;
+                    self.pos = 0;
+                    break;
+                }
+                if s.writer_done {
+                    return Ok(0);
+                }
+                s = self.pipe.cond.wait(s).unwrap();
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Drop for PipeReader {
+    fn drop(&mut self) {
+        self.pipe.state.lock().unwrap().reader_gone = true;
+        self.pipe.cond.notify_all();
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Streams opened by the first end, waiting for the second end's accept.
+    pending: Mutex<VecDeque<Stream>>,
+    cond: Condvar,
+    closed: Mutex<bool>,
+    pipes: Mutex<Vec<Weak<Pipe>>>,
+}
+
+/// One end of an in-memory connection.
+pub struct LocalConnection {
+    shared: Arc<Shared>,
+    counter: Arc<AtomicU64>,
+}
+
+/// A connected pair: the first end opens streams, the second accepts them.
+pub fn pair() -> (LocalConnection, LocalConnection) {
+    let shared = Arc::new(Shared::default());
+    let counter = Arc::new(AtomicU64::new(0));
+    (
+        LocalConnection {
+            shared: shared.clone(),
+            counter: counter.clone(),
+        },
+        LocalConnection { shared, counter },
+    )
+}
+
+impl LocalConnection {
+    fn pipe(&self) -> (PipeWriter, PipeReader) {
+        let p = Arc::new(Pipe::default());
+        let mut pipes = self.shared.pipes.lock().unwrap();
+        pipes.retain(|w| w.strong_count() > 0);
+        pipes.push(Arc::downgrade(&p));
+        (
+            PipeWriter(p.clone()),
+            PipeReader {
+                pipe: p,
+                chunk: Vec::new(),
+                pos: 0,
+            },
+        )
+    }
+}
+
+impl Connection for LocalConnection {
+    fn open(&self) -> io::Result<Stream> {
+        if *self.shared.closed.lock().unwrap() {
+            return Err(aborted());
+        }
+        let (w1, r1) = self.pipe();
+        let (w2, r2) = self.pipe();
+        let theirs = Stream {
+            recv: Box::new(r1),
+            send: Box::new(Counted::new(w2, self.counter.clone())),
+        };
+        self.shared.pending.lock().unwrap().push_back(theirs);
+        self.shared.cond.notify_all();
+        Ok(Stream {
+            recv: Box::new(r2),
+            send: Box::new(Counted::new(w1, self.counter.clone())),
+        })
+    }
+
+    fn accept(&self) -> io::Result<Option<Stream>> {
+        let mut pending = self.shared.pending.lock().unwrap();
+        loop {
+            if let Some(s) = pending.pop_front() {
+                return Ok(Some(s));
+            }
+            if *self.shared.closed.lock().unwrap() {
+                return Ok(None);
+            }
+            pending = self.shared.cond.wait(pending).unwrap();
+        }
+    }
+
+    fn wire_bytes(&self) -> u64 {
+        self.counter.load(Ordering::Relaxed)
+    }
+
+    fn close(&self, _reason: &str) {
+        *self.shared.closed.lock().unwrap() = true;
+        let pending = self.shared.pending.lock().unwrap();
+        self.shared.cond.notify_all();
+        drop(pending);
+        for p in self.shared.pipes.lock().unwrap().iter() {
+            if let Some(p) = p.upgrade() {
+                p.abort();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_carry_bytes_both_ways_and_count_them() {
+        let (a, b) = pair();
+        let t = std::thread::spawn(move || {
+            let mut s = b.accept().unwrap().unwrap();
+            let mut buf = Vec::new();
+            s.recv.read_to_end(&mut buf).unwrap();
+            s.send.write_all(&buf).unwrap();
+            buf.len()
+        });
+        let mut s = a.open().unwrap();
+        s.send.write_all(b"hello").unwrap();
+        s.send.finish().unwrap();
+        let mut back = Vec::new();
+        s.recv.read_to_end(&mut back).unwrap();
+        assert_eq!(back, b"hello");
+        assert_eq!(t.join().unwrap(), 5);
+        assert_eq!(a.wire_bytes(), 10);
+    }
+
+    #[test]
+    fn close_wakes_blocked_readers_and_acceptors() {
+        let (a, b) = pair();
+        let b = Arc::new(b);
+        let mut s = a.open().unwrap();
+        let _peer = b.accept().unwrap().unwrap();
+        let b2 = b.clone();
+        let acceptor = std::thread::spawn(move || b2.accept().unwrap().is_none());
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 1];
+            s.recv.read(&mut buf).is_err()
+        });
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        a.close("test");
+        assert!(reader.join().unwrap());
+        assert!(acceptor.join().unwrap());
+    }
+
+    #[test]
+    fn a_full_pipe_blocks_the_writer_until_read() {
+        let (a, b) = pair();
+        let mut s = a.open().unwrap();
+        let mut peer = b.accept().unwrap().unwrap();
+        let t = std::thread::spawn(move || {
+            let chunk = vec![7u8; 1 << 20];
+            for _ in 0..16 {
+                s.send.write_all(&chunk).unwrap();
+            }
+        });
+        let mut total = 0;
+        let mut buf = vec![0u8; 1 << 16];
+        while total < 16 << 20 {
+            total += peer.recv.read(&mut buf).unwrap();
+        }
+        t.join().unwrap();
+    }
+}

@@ -1,0 +1,60 @@
+//! Byte transports between a primary and a standby. The engine sees only [`Connection`]
+//! and [`Stream`]: the in-process pipe of a local DEST and QUIC carry the same bytes.
+
+pub mod local;
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The sending half of a stream. Dropping it, or `finish`, ends the stream cleanly.
+pub trait SendHalf: Write + Send {
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+/// One bidirectional stream of a connection.
+pub struct Stream {
+    pub recv: Box<dyn Read + Send>,
+    pub send: Box<dyn SendHalf>,
+}
+
+/// A connection carrying many independent streams.
+pub trait Connection: Send + Sync {
+    /// Opens a new stream (the primary does this).
+    fn open(&self) -> io::Result<Stream>;
+    /// Waits for the next stream the peer opened; `None` once the connection is closed.
+    fn accept(&self) -> io::Result<Option<Stream>>;
+    /// Bytes carried so far, both directions, all streams.
+    fn wire_bytes(&self) -> u64;
+    /// Closes the connection; pending and future stream operations fail.
+    fn close(&self, reason: &str);
+}
+
+/// Counts bytes written through it into a shared counter.
+pub struct Counted<W> {
+    inner: W,
+    counter: Arc<AtomicU64>,
+}
+
+impl<W> Counted<W> {
+    pub fn new(inner: W, counter: Arc<AtomicU64>) -> Self {
+        Counted { inner, counter }
+    }
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.counter.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W: SendHalf> SendHalf for Counted<W> {
+    fn finish(&mut self) -> io::Result<()> {
+        self.inner.finish()
+    }
+}
