@@ -434,7 +434,7 @@ impl DeltaEncoder {
             let op = take(&mut r, 1)? as u8;
             match op {
                 0 => break,
-                1..=0x40 | 0x41..=0x44 => {
+                1..=0x44 => {
                     let len = if op <= 0x40 {
                         op as usize
                     } else {

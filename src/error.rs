@@ -19,21 +19,17 @@ pub enum Error {
     #[error("standby: {0}")]
     Standby(String),
     /// The connection failed or the peer broke the protocol.
-    #[error("{0}")]
+    #[error(transparent)]
     Protocol(#[from] ProtocolError),
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error("{context}: {cause}")]
+    Io { context: String, cause: io::Error },
 }
 
 impl Error {
-    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+    pub fn io(context: impl Into<String>, cause: io::Error) -> Self {
         Error::Io {
             context: context.into(),
-            source,
+            cause,
         }
     }
 

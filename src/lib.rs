@@ -128,8 +128,11 @@ pub fn sync_local(
     std::thread::scope(|s| {
         let receiver = s.spawn(|| {
             let r = receiver::serve(&standby, dest);
-            use transport::Connection;
-            standby.close("receiver done");
+            if r.is_err() {
+                // The primary may be waiting for an answer that will not come.
+                use transport::Connection;
+                standby.close("receiver failed");
+            }
             r
         });
         let sent = sender::sync(&root, &primary, opts, monitor);

@@ -3,7 +3,7 @@
 
 mod cli;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use cli::{Cli, Command, SyncArgs};
 use hotsync::plan::Plan;
@@ -85,7 +85,7 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
     let bars = Bars::new(cli, c.json || args.dry_run);
     let outcome = hotsync::sync_local(&args.src, args.dest.as_ref(), &opts, &bars);
     bars.finished();
-    let outcome = outcome.context("sync failed")?;
+    let outcome = outcome?;
     let s = &outcome.summary;
     if args.dry_run && !c.json {
         print_plan(&outcome.plan);

@@ -187,13 +187,13 @@ impl Message {
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("connection lost: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     #[error("peer closed the stream")]
     Closed,
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     FrameTooLarge(u64),
     #[error("undecodable message: {0}")]
-    Decode(#[from] postcard::Error),
+    Decode(postcard::Error),
     #[error("unexpected {got} (expected {expected})")]
     Unexpected {
         got: &'static str,
@@ -214,6 +214,18 @@ pub enum ProtocolError {
     },
     #[error("peer reported: {0}")]
     Peer(String),
+}
+
+impl From<postcard::Error> for ProtocolError {
+    fn from(e: postcard::Error) -> Self {
+        ProtocolError::Decode(e)
+    }
+}
+
+impl From<io::Error> for ProtocolError {
+    fn from(e: io::Error) -> Self {
+        ProtocolError::Io(e)
+    }
 }
 
 impl ProtocolError {

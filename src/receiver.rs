@@ -102,7 +102,13 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
     w.flush()?;
 
     let fatal: Mutex<Option<ProtocolError>> = Mutex::new(None);
+    // Set once the primary has closed the session cleanly: later stream errors are only the
+    // primary tearing the connection down.
+    let done = std::sync::atomic::AtomicBool::new(false);
     let fail = |e: ProtocolError| {
+        if done.load(Ordering::Relaxed) {
+            return;
+        }
         tracing::warn!("closing the session: {e}");
         fatal.lock().unwrap().get_or_insert(e);
         conn.close("protocol error");
@@ -130,9 +136,10 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
                 let _ = h.join();
             }
         });
-        let result = op_loop(&session, &mut r, w, true);
-        match result {
-            Ok(()) => conn.close("session closed"),
+        // The primary owns the connection: after `Closed` it closes it, which ends the
+        // accept loop above. Closing here could drop `Closed` before it is read.
+        match op_loop(&session, &mut r, w, true) {
+            Ok(()) => done.store(true, Ordering::Relaxed),
             Err(e) => fail(e),
         }
     });
@@ -271,9 +278,15 @@ impl Session {
             AtFlags::EACCESS,
         )
         .map_err(|e| not_writable(e.into()))?;
-        let (probe, name) = create_temp(state.as_fd()).map_err(not_writable)?;
-        drop(probe);
-        let _ = rustix::fs::unlinkat(&state, name.as_slice(), AtFlags::empty());
+        // A fixed name, under the lock: a probe left by a kill is reused, never piles up.
+        rustix::fs::openat(
+            &state,
+            c"write-probe",
+            OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| not_writable(e.into()))?;
+        let _ = rustix::fs::unlinkat(&state, c"write-probe", AtFlags::empty());
         fsroot::raise_fd_limit();
         Ok(Session {
             root,
@@ -354,15 +367,12 @@ fn temp_in(dir: &OwnedFd) -> io::Result<(File, Vec<u8>)> {
 }
 
 /// Reads and applies operations until the stream ends (or `Close`, on the control stream).
-fn op_loop<R: Read, W: Write>(
+fn op_loop<R: Read, W: SendHalf>(
     s: &Session,
     r: &mut FrameReader<R>,
     mut w: FrameWriter<W>,
     control: bool,
-) -> Result<(), ProtocolError>
-where
-    W: SendHalfish,
-{
+) -> Result<(), ProtocolError> {
     let mut batch = Batch::new();
     let mut dirs = Dirs::new(s);
     let mut buf = Vec::new();
@@ -370,7 +380,7 @@ where
         let Some(msg) = r.recv_opt()? else {
             send_acks(s, &mut w, batch.commit(s.root.fd()))?;
             w.flush()?;
-            w.get_mut().finish_stream()?;
+            w.get_mut().finish()?;
             return Ok(());
         };
         match msg {
@@ -511,23 +521,6 @@ where
             send_acks(s, &mut w, batch.commit(s.root.fd()))?;
             w.flush()?;
         }
-    }
-}
-
-/// Lets the op loop end a stream whatever writer it was given.
-pub trait SendHalfish {
-    fn finish_stream(&mut self) -> io::Result<()>;
-}
-
-impl SendHalfish for Box<dyn SendHalf> {
-    fn finish_stream(&mut self) -> io::Result<()> {
-        self.finish()
-    }
-}
-
-impl SendHalfish for Vec<u8> {
-    fn finish_stream(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -134,8 +134,8 @@ pub fn sync(
         },
     );
     if let Err(refusal) = guard(src, &local.manifest, &plan, opts) {
-        let _ = w.send(&Message::Close);
-        let _ = w.flush();
+        let _ = close_session(&mut r, &mut w);
+        conn.close("refused");
         return Err(refusal);
     }
     monitor.planned(plan.transfers.len() as u64, plan.transfer_bytes());
@@ -156,26 +156,35 @@ pub fn sync(
         summary.files_transferred = plan.transfers.len() as u64;
         summary.files_deleted = plan.removed_entries as u64;
     }
+    close_session(&mut r, &mut w).map_err(peer_error)?;
+    summary.bytes_on_wire = conn.wire_bytes();
+    conn.close("session complete");
+    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    monitor.finished();
+    Ok(Outcome { summary, plan })
+}
+
+/// Ends the session on the control stream: `Close`, then wait for `Closed`.
+fn close_session<R: Read, W: Write + crate::transport::SendHalf>(
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+) -> Result<(), ProtocolError> {
     w.send(&Message::Close)?;
     w.flush()?;
     loop {
-        match r.recv().map_err(peer_error)? {
+        match r.recv()? {
             Message::Closed => break,
             Message::Ack { .. } => {}
             other => {
                 return Err(ProtocolError::Unexpected {
                     got: other.name(),
                     expected: "Closed",
-                }
-                .into());
+                });
             }
         }
     }
-    let _ = w.get_mut().finish();
-    summary.bytes_on_wire = conn.wire_bytes();
-    summary.elapsed_ms = started.elapsed().as_millis() as u64;
-    monitor.finished();
-    Ok(Outcome { summary, plan })
+    w.get_mut().finish()?;
+    Ok(())
 }
 
 fn peer_error(e: ProtocolError) -> Error {

@@ -94,15 +94,17 @@ impl Read for PipeReader {
         if self.pos == self.chunk.len() {
             let mut s = self.pipe.state.lock().unwrap();
             loop {
-                if s.aborted {
-                    return Err(aborted());
-                }
+                // Bytes written before a close are still delivered (a peer's last words,
+                // such as an error message, must not be lost); then the close shows.
                 if let Some(c) = s.chunks.pop_front() {
                     s.buffered -= c.len();
                     self.pipe.cond.notify_all();
                     self.chunk = c;
                     self.pos = 0;
                     break;
+                }
+                if s.aborted {
+                    return Err(aborted());
                 }
                 if s.writer_done {
                     return Ok(0);

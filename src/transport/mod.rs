@@ -12,6 +12,12 @@ pub trait SendHalf: Write + Send {
     fn finish(&mut self) -> io::Result<()>;
 }
 
+impl<T: SendHalf + ?Sized> SendHalf for Box<T> {
+    fn finish(&mut self) -> io::Result<()> {
+        (**self).finish()
+    }
+}
+
 /// One bidirectional stream of a connection.
 pub struct Stream {
     pub recv: Box<dyn Read + Send>,

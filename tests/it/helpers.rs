@@ -1,0 +1,524 @@
+//! Test helpers: a tree builder, a full tree comparison, and running the binary with a
+//! time limit.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hotsync"))
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A command for the binary; `unprivileged` runs it as nobody when we are root.
+pub fn hotsync(unprivileged: bool) -> Command {
+    if unprivileged && is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(bin());
+        c
+    } else {
+        Command::new(bin())
+    }
+}
+
+/// Runs to completion within `limit`, or kills it and panics.
+pub fn run_limited(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn hotsync");
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "command did not finish within {limit:?}: {cmd:?}\nstderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("bad JSON ({e}): {}", self.stdout))
+    }
+}
+
+pub fn run<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_as(false, args)
+}
+
+pub fn run_as<I, S>(unprivileged: bool, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = run_limited(hotsync(unprivileged).args(args), Duration::from_secs(120));
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `hotsync sync SRC DEST --json EXTRA...`, asserting the exit code.
+pub fn sync_ok(src: &Path, dest: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args: Vec<&OsStr> = vec![
+        "sync".as_ref(),
+        src.as_os_str(),
+        dest.as_os_str(),
+        "--json".as_ref(),
+    ];
+    args.extend(extra.iter().map(|s| OsStr::new(*s)));
+    let r = run(args);
+    assert_eq!(
+        r.code, 0,
+        "sync failed\nstdout: {}\nstderr: {}",
+        r.stdout, r.stderr
+    );
+    r.json()
+}
+
+/// A scratch area with a source and a destination, removed afterwards.
+pub struct Pair {
+    pub dir: tempfile::TempDir,
+    pub src: PathBuf,
+    pub dst: PathBuf,
+}
+
+impl Pair {
+    pub fn new() -> Pair {
+        let dir = tempfile::Builder::new()
+            .prefix("hotsync-it")
+            .tempdir()
+            .unwrap();
+        let src = dir.path().join("src");
+        let dst = dir.path().join("dst");
+        std::fs::create_dir(&src).unwrap();
+        Pair { dir, src, dst }
+    }
+
+    /// Opens the scratch area to an unprivileged user.
+    pub fn share(&self) {
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+
+    pub fn s(&self, rel: &str) -> PathBuf {
+        self.src.join(rel)
+    }
+
+    pub fn d(&self, rel: &str) -> PathBuf {
+        self.dst.join(rel)
+    }
+}
+
+pub fn p(base: &Path, rel: &[u8]) -> PathBuf {
+    base.join(OsStr::from_bytes(rel))
+}
+
+pub fn write(path: &Path, data: &[u8]) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(path, data).unwrap();
+}
+
+pub fn set_mtime(path: &Path, sec: i64, nsec: u32) {
+    let t = rustix::fs::Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+pub fn symlink(target: &[u8], path: &Path) {
+    std::os::unix::fs::symlink(OsStr::from_bytes(target), path).unwrap();
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    File(Vec<u8>),
+    Dir,
+    Symlink(Vec<u8>),
+    Special,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub kind: Kind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: (i64, i64),
+    pub ino: u64,
+}
+
+/// Every entry under `root` by relative path (the root itself is ""), without the
+/// standby's reserved `.hotsync`.
+pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
+    let mut out = BTreeMap::new();
+    walk(root, b"", &mut out);
+    out
+}
+
+fn walk(root: &Path, rel: &[u8], out: &mut BTreeMap<Vec<u8>, Node>) {
+    let path = if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        p(root, rel)
+    };
+    let m = std::fs::symlink_metadata(&path).unwrap();
+    let ft = m.file_type();
+    let kind = if ft.is_file() {
+        Kind::File(std::fs::read(&path).unwrap())
+    } else if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink(
+            std::fs::read_link(&path)
+                .unwrap()
+                .as_os_str()
+                .as_bytes()
+                .to_vec(),
+        )
+    } else {
+        Kind::Special
+    };
+    out.insert(
+        rel.to_vec(),
+        Node {
+            kind: kind.clone(),
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ino: m.ino(),
+        },
+    );
+    if kind == Kind::Dir {
+        for e in std::fs::read_dir(&path).unwrap() {
+            let name = e.unwrap().file_name();
+            let name = name.as_bytes();
+            if rel.is_empty() && name == b".hotsync" {
+                continue;
+            }
+            let mut child = rel.to_vec();
+            if !child.is_empty() {
+                child.push(b'/');
+            }
+            child.extend_from_slice(name);
+            walk(root, &child, out);
+        }
+    }
+}
+
+fn show(rel: &[u8]) -> String {
+    format!("{:?}", String::from_utf8_lossy(rel))
+}
+
+/// Differences between two trees: type, bytes, mode, owner, mtime, link target and
+/// hard-link structure. Special files on the primary are expected to be absent.
+pub fn tree_diff(primary: &Path, standby: &Path) -> Vec<String> {
+    let a = snapshot(primary);
+    let b = snapshot(standby);
+    let mut diffs = Vec::new();
+    for (rel, na) in &a {
+        if na.kind == Kind::Special {
+            if b.contains_key(rel) {
+                diffs.push(format!("{}: special file was mirrored", show(rel)));
+            }
+            continue;
+        }
+        let Some(nb) = b.get(rel) else {
+            diffs.push(format!("{}: missing on standby", show(rel)));
+            continue;
+        };
+        if na.kind != nb.kind {
+            let short = |k: &Kind| match k {
+                Kind::File(d) => format!("file of {} bytes", d.len()),
+                other => format!("{other:?}"),
+            };
+            diffs.push(format!(
+                "{}: {} vs {}",
+                show(rel),
+                short(&na.kind),
+                short(&nb.kind)
+            ));
+            continue;
+        }
+        if !matches!(na.kind, Kind::Symlink(_)) && na.mode != nb.mode {
+            diffs.push(format!(
+                "{}: mode {:o} vs {:o}",
+                show(rel),
+                na.mode,
+                nb.mode
+            ));
+        }
+        if is_root() && (na.uid, na.gid) != (nb.uid, nb.gid) {
+            diffs.push(format!(
+                "{}: owner {}:{} vs {}:{}",
+                show(rel),
+                na.uid,
+                na.gid,
+                nb.uid,
+                nb.gid
+            ));
+        }
+        if na.mtime != nb.mtime {
+            diffs.push(format!(
+                "{}: mtime {:?} vs {:?}",
+                show(rel),
+                na.mtime,
+                nb.mtime
+            ));
+        }
+    }
+    for rel in b.keys() {
+        if !a.contains_key(rel) {
+            diffs.push(format!("{}: extra on standby", show(rel)));
+        }
+    }
+    // Hard links: the sets of names sharing an inode must be the same on both sides.
+    let groups = |s: &BTreeMap<Vec<u8>, Node>| {
+        let mut g: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
+        for (rel, n) in s {
+            if matches!(n.kind, Kind::File(_)) {
+                g.entry(n.ino).or_default().push(rel.clone());
+            }
+        }
+        let mut v: Vec<Vec<Vec<u8>>> = g.into_values().filter(|g| g.len() > 1).collect();
+        v.sort();
+        v
+    };
+    let (ga, gb) = (groups(&a), groups(&b));
+    if ga != gb {
+        diffs.push(format!("hard links differ: {ga:?} vs {gb:?}"));
+    }
+    diffs
+}
+
+#[track_caller]
+pub fn assert_same_tree(primary: &Path, standby: &Path) {
+    let d = tree_diff(primary, standby);
+    assert!(d.is_empty(), "trees differ:\n  {}", d.join("\n  "));
+}
+
+/// Names of leftover temporary files anywhere under `root`.
+pub fn temps(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_name().as_bytes().starts_with(b".hotsync-tmp.") {
+                out.push(e.path());
+            } else if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// A way to reach a standby, so one suite runs against a local DEST and a remote one.
+pub trait Mirror {
+    /// The standby directory, for comparisons.
+    fn standby(&self) -> &Path;
+    /// Runs `hotsync sync SRC <DEST> EXTRA...`.
+    fn sync(&self, src: &Path, extra: &[&str]) -> Run;
+
+    #[track_caller]
+    fn sync_ok(&self, src: &Path, extra: &[&str]) -> serde_json::Value {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let r = self.sync(src, &args);
+        assert_eq!(
+            r.code, 0,
+            "sync failed\nstdout: {}\nstderr: {}",
+            r.stdout, r.stderr
+        );
+        r.json()
+    }
+}
+
+/// A local directory as the standby.
+pub struct LocalMirror(pub PathBuf);
+
+impl Mirror for LocalMirror {
+    fn standby(&self) -> &Path {
+        &self.0
+    }
+    fn sync(&self, src: &Path, extra: &[&str]) -> Run {
+        let mut args: Vec<&OsStr> = vec!["sync".as_ref(), src.as_os_str(), self.0.as_os_str()];
+        args.extend(extra.iter().map(|s| OsStr::new(*s)));
+        run(args)
+    }
+}
+
+/// Builds a tree with every entry kind and awkward names, modes, owners and mtimes.
+pub fn build_awkward(src: &Path) {
+    let mut t = 1_600_000_000i64;
+    let mut stamp = |path: &Path| {
+        t += 1;
+        set_mtime(path, t, 123_456_789);
+    };
+    let f = |rel: &[u8], data: &[u8]| {
+        let path = p(src, rel);
+        write(&path, data);
+        path
+    };
+    for (rel, data) in [
+        (&b"plain.txt"[..], b"hello\n".to_vec()),
+        (b"empty", vec![]),
+        (b"exactly-64k", noise(65536, 1)),
+        (b"just-over-64k", noise(65537, 2)),
+        (b"dir/sub/big.bin", noise(3 << 20, 3)),
+        (b"with space", b"spaces".to_vec()),
+        (b"new\nline", b"newline".to_vec()),
+        (b"-leading-dash", b"dash".to_vec()),
+        (b"--", b"double dash".to_vec()),
+        (b"\xff\xfe-not-utf8", b"bytes".to_vec()),
+        ("ünïcödé 名前".as_bytes(), b"unicode".to_vec()),
+        (b"tab\there", b"tab".to_vec()),
+        (b"back\\slash", b"bs".to_vec()),
+        (b"*glob?[x]", b"glob".to_vec()),
+        (b".hidden", b"hidden".to_vec()),
+        (&[b'x'; 255][..], b"long name".to_vec()),
+        (b"deep/a/b/c/d/e/f.txt", b"deep".to_vec()),
+        (b"tree-to-rename/a/b/c.txt", noise(5000, 4)),
+        (b"tree-to-rename/a/d.txt", noise(70_000, 5)),
+        (b"readonly-dir/inside", b"ro".to_vec()),
+        (b"hard-a", b"shared inode".to_vec()),
+        (b"secret", b"s3cret".to_vec()),
+        (b"exec", b"#!/bin/sh\n".to_vec()),
+        (b"setuid", b"suid".to_vec()),
+        (b"none", b"no perms".to_vec()),
+        (b"owned", b"owned".to_vec()),
+        (b"private/x", b"x".to_vec()),
+    ] {
+        let path = f(rel, &data);
+        stamp(&path);
+    }
+    std::fs::hard_link(src.join("hard-a"), src.join("dir/hard-b")).unwrap();
+    std::fs::hard_link(src.join("hard-a"), src.join("hard-c")).unwrap();
+    std::fs::create_dir_all(src.join("empty-dir")).unwrap();
+    std::fs::create_dir_all(src.join("sticky")).unwrap();
+    chmod(&src.join("secret"), 0o600);
+    chmod(&src.join("exec"), 0o755);
+    chmod(&src.join("setuid"), 0o4755);
+    chmod(&src.join("none"), 0o000);
+    chmod(&src.join("sticky"), 0o1777);
+    symlink(b"plain.txt", &src.join("link-rel"));
+    symlink(b"/etc/passwd", &src.join("link-abs"));
+    symlink(b"no/such/target", &src.join("dangling"));
+    symlink(b"dir", &src.join("link-dir"));
+    symlink(b"target\xfe\nodd", &p(src, b"link\xff"));
+    for l in [
+        &b"link-rel"[..],
+        b"link-abs",
+        b"dangling",
+        b"link-dir",
+        b"link\xff",
+    ] {
+        stamp(&p(src, l));
+    }
+    if is_root() {
+        rustix::fs::chown(
+            src.join("owned").as_path(),
+            Some(rustix::fs::Uid::from_raw(1234)),
+            Some(rustix::fs::Gid::from_raw(5678)),
+        )
+        .unwrap();
+        rustix::fs::chownat(
+            rustix::fs::CWD,
+            src.join("link-abs").as_path(),
+            Some(rustix::fs::Uid::from_raw(4321)),
+            Some(rustix::fs::Gid::from_raw(8765)),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+    }
+    // Entries hotsync must skip, with a warning each.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        src.join("a-fifo").as_path(),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    drop(std::os::unix::net::UnixListener::bind(src.join("a-socket")).unwrap());
+    chmod(&src.join("readonly-dir"), 0o555);
+    chmod(&src.join("private"), 0o700);
+    // Directory mtimes last, deepest first, once their contents are final.
+    for d in [
+        &b"deep/a/b/c/d/e"[..],
+        b"deep/a/b/c/d",
+        b"deep",
+        b"dir/sub",
+        b"dir",
+        b"empty-dir",
+        b"sticky",
+        b"readonly-dir",
+        b"tree-to-rename/a/b",
+        b"tree-to-rename",
+        b"",
+    ] {
+        stamp(&p(src, d));
+    }
+}

@@ -1,0 +1,6 @@
+//! Integration tests: the real `hotsync` binary on real trees.
+
+mod faults;
+mod helpers;
+mod local;
+mod safety;

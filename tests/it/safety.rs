@@ -1,0 +1,251 @@
+//! Safety rules: nothing escapes the standby root, no standby is wiped by an empty or
+//! half-missing source, and every user error is one clear line with exit 2.
+
+use crate::helpers::*;
+use std::ffi::OsStr;
+
+fn sync_args<'a>(t: &'a Pair, extra: &[&'a str]) -> Vec<&'a OsStr> {
+    let mut a: Vec<&OsStr> = vec!["sync".as_ref(), t.src.as_os_str(), t.dst.as_os_str()];
+    a.extend(extra.iter().map(|s| OsStr::new(*s)));
+    a
+}
+
+#[test]
+fn symlinks_on_the_standby_are_replaced_never_followed() {
+    let t = Pair::new();
+    let outside = t.dir.path().join("outside");
+    write(&outside.join("precious"), b"do not touch");
+    write(&t.s("d/x"), b"x");
+    write(&t.s("f"), b"f");
+    write(&t.s("a/b/c"), b"c");
+    write(&t.s("precious"), b"new");
+    std::fs::create_dir_all(&t.dst).unwrap();
+    // The standby was tampered with: names the primary uses are symlinks pointing out.
+    symlink(outside.as_os_str().as_encoded_bytes(), &t.d("d"));
+    symlink(
+        outside.join("precious").as_os_str().as_encoded_bytes(),
+        &t.d("f"),
+    );
+    std::fs::create_dir(t.d("a")).unwrap();
+    symlink(outside.as_os_str().as_encoded_bytes(), &t.d("a/b"));
+    sync_ok(&t.src, &t.dst, &[]);
+    assert_same_tree(&t.src, &t.dst);
+    assert_eq!(
+        std::fs::read(outside.join("precious")).unwrap(),
+        b"do not touch"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        1,
+        "nothing was written outside"
+    );
+}
+
+#[test]
+fn an_empty_source_never_wipes_the_standby() {
+    let t = Pair::new();
+    write(&t.s("a"), b"a");
+    write(&t.s("b/c"), b"c");
+    sync_ok(&t.src, &t.dst, &[]);
+    std::fs::remove_file(t.s("a")).unwrap();
+    std::fs::remove_dir_all(t.s("b")).unwrap();
+    let r = run(sync_args(&t, &[]));
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(r.stderr.contains("is empty"), "{}", r.stderr);
+    assert!(r.stderr.contains("--force"), "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    assert!(t.d("a").exists() && t.d("b/c").exists());
+    let r = run(sync_args(&t, &["--force"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_same_tree(&t.src, &t.dst);
+}
+
+#[test]
+fn a_plan_deleting_most_of_the_standby_is_refused() {
+    let t = Pair::new();
+    for i in 0..40 {
+        write(&t.s(&format!("f{i}")), b"x");
+    }
+    sync_ok(&t.src, &t.dst, &[]);
+    for i in 0..30 {
+        std::fs::remove_file(t.s(&format!("f{i}"))).unwrap();
+    }
+    let r = run(sync_args(&t, &[]));
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("removes 30 of the standby's 40"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read_dir(&t.dst).unwrap().count(), 41);
+    let r = run(sync_args(&t, &["--max-delete", "80"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_same_tree(&t.src, &t.dst);
+}
+
+#[test]
+fn user_errors_are_one_clear_line() {
+    let t = Pair::new();
+    write(&t.s("a"), b"a");
+    let cases: Vec<(Vec<std::ffi::OsString>, &str)> = vec![
+        (
+            vec![
+                "sync".into(),
+                t.dir.path().join("nope").into(),
+                t.dst.clone().into(),
+            ],
+            "does not exist",
+        ),
+        (
+            vec!["sync".into(), t.s("a").into(), t.dst.clone().into()],
+            "is not a directory",
+        ),
+        (
+            vec!["sync".into(), t.src.clone().into(), t.s("inside").into()],
+            "inside SRC",
+        ),
+        (
+            vec!["sync".into(), t.src.clone().into(), t.dir.path().into()],
+            "inside DEST",
+        ),
+        (
+            vec![
+                "sync".into(),
+                t.src.clone().into(),
+                t.dir.path().join("x/y/z").into(),
+            ],
+            "parent directory does not exist",
+        ),
+        (
+            vec!["sync".into(), t.src.clone().into(), t.s("a").into()],
+            "inside SRC",
+        ),
+        (
+            vec!["sync".into(), t.src.clone().into(), t.src.clone().into()],
+            "same directory",
+        ),
+    ];
+    for (args, needle) in cases {
+        let r = run(&args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(needle),
+            "{args:?}: expected {needle:?} in {}",
+            r.stderr
+        );
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{args:?}: {}", r.stderr);
+    }
+    let file = t.dir.path().join("plainfile");
+    write(&file, b"f");
+    let r = run(["sync".as_ref(), t.src.as_os_str(), file.as_os_str()]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("not a directory"), "{}", r.stderr);
+}
+
+#[test]
+fn an_unwritable_dest_is_refused_with_a_clear_message() {
+    if !is_root() {
+        return; // needs a user that cannot write where root can
+    }
+    let t = Pair::new();
+    t.share();
+    write(&t.s("a"), b"a");
+    chmod(&t.src, 0o755);
+    std::fs::create_dir(&t.dst).unwrap(); // root's, 0755: nobody may not write
+    let r = run_as(
+        true,
+        ["sync".as_ref(), t.src.as_os_str(), t.dst.as_os_str()],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("not writable"), "{}", r.stderr);
+}
+
+#[test]
+fn unreadable_source_entries_are_reported_and_the_rest_syncs() {
+    if !is_root() {
+        return; // an unprivileged reader is needed for permission errors
+    }
+    let t = Pair::new();
+    t.share();
+    chmod(&t.src, 0o755);
+    write(&t.s("ok"), b"fine");
+    write(&t.s("locked"), b"secret");
+    write(&t.s("closed/inner"), b"inner");
+    write(&t.s("big-locked"), &noise(200_000, 1));
+    // First a full mirror, as root; then the primary loses read access to some entries.
+    let r = run_as(
+        false,
+        ["sync".as_ref(), t.src.as_os_str(), t.dst.as_os_str()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    rustix::fs::chown(
+        t.dst.as_path(),
+        Some(rustix::fs::Uid::from_raw(65534)),
+        None,
+    )
+    .unwrap();
+    for e in walk_paths(&t.dst) {
+        let _ = rustix::fs::chownat(
+            rustix::fs::CWD,
+            e.as_path(),
+            Some(rustix::fs::Uid::from_raw(65534)),
+            Some(rustix::fs::Gid::from_raw(65534)),
+            rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+        );
+    }
+    write(&t.s("ok"), b"fine, changed");
+    write(&t.s("locked"), b"secret, changed");
+    write(&t.s("big-locked"), &noise(200_001, 2));
+    chmod(&t.s("locked"), 0o600);
+    chmod(&t.s("big-locked"), 0o600);
+    chmod(&t.s("closed"), 0o700);
+    let r = run_as(
+        true,
+        [
+            "sync".as_ref(),
+            t.src.as_os_str(),
+            t.dst.as_os_str(),
+            "--json".as_ref(),
+        ],
+    );
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let j = r.json();
+    let errs: Vec<String> = j["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap().to_string())
+        .collect();
+    for p in ["locked", "big-locked", "closed"] {
+        assert!(errs.iter().any(|e| e == p), "{p} not in {errs:?}");
+    }
+    assert!(j["errors"].to_string().contains("ermission denied"), "{j}");
+    assert_eq!(std::fs::read(t.d("ok")).unwrap(), b"fine, changed");
+    // What could not be read is left as it was on the standby, not deleted.
+    assert_eq!(std::fs::read(t.d("locked")).unwrap(), b"secret");
+    assert_eq!(std::fs::read(t.d("closed/inner")).unwrap(), b"inner");
+    // The standby ran without root: it said so, once.
+    assert_eq!(
+        r.stderr
+            .matches("owner and group are not preserved")
+            .count(),
+        1,
+        "{}",
+        r.stderr
+    );
+}
+
+fn walk_paths(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            out.push(e.path());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
