@@ -58,6 +58,14 @@ impl Batch {
         self.failed.push((id, Err((error, retry))));
     }
 
+    /// Records an in-place operation's result: applied (awaiting the sync) or failed.
+    pub fn record(&mut self, id: u64, result: Result<(), String>) {
+        match result {
+            Ok(()) => self.applied(id),
+            Err(e) => self.failed(id, e, false),
+        }
+    }
+
     /// Whether the next staged file should keep its descriptor for a per-file `fsync`.
     pub fn keep_fd(&self) -> bool {
         self.items.len() < FSYNC_EACH

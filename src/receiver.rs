@@ -402,10 +402,8 @@ fn op_loop<R: Read, W: SendHalf>(
             }
             Message::Mkdir { id, path } => {
                 check_writable(&path)?;
-                match dirs.parent(&path).and_then(|(d, name)| mkdir(&d, name)) {
-                    Ok(()) => batch.applied(id),
-                    Err(e) => batch.failed(id, reason(&e), false),
-                }
+                let res = dirs.parent(&path).and_then(|(d, name)| mkdir(&d, name));
+                batch.record(id, res.map_err(|e| reason(&e)));
             }
             Message::SetMeta {
                 id,
@@ -426,10 +424,7 @@ fn op_loop<R: Read, W: SendHalf>(
                         target != MetaTarget::Symlink,
                     )
                 });
-                match res {
-                    Ok(()) => batch.applied(id),
-                    Err(e) => batch.failed(id, reason(&e), false),
-                }
+                batch.record(id, res.map_err(|e| reason(&e)));
             }
             Message::Symlink {
                 id,
@@ -688,8 +683,11 @@ type EntryResult = Result<Staged, (String, bool)>;
 
 /// A temp file being filled. Write failures are remembered, not returned, so the stream is
 /// always read to the end of the file and stays in step; the file is then reported failed.
+/// Where a temp lives: its directory, the final name, the writer, the temp name.
+type TempTarget = (Arc<OwnedFd>, Vec<u8>, BufWriter<File>, Vec<u8>);
+
 struct TempSink {
-    target: Option<(Arc<OwnedFd>, Vec<u8>, BufWriter<File>, Vec<u8>)>,
+    target: Option<TempTarget>,
     err: Option<String>,
 }
 

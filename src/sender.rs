@@ -462,21 +462,38 @@ impl<'a> Exec<'a> {
             return Ok(());
         }
         let pending = Pending::default();
+        self.pipelined(r, &pending, seq, || {
+            for (mut msg, path, op) in ops {
+                let id = self.id();
+                set_id(&mut msg, id);
+                pending.lock().unwrap().insert(id, (path, op));
+                w.send(&msg)?;
+            }
+            w.send(&Message::Flush { seq })?;
+            w.flush()
+        })
+    }
+
+    /// Runs `send` while another thread reads the acknowledgements it causes, so neither
+    /// side ever waits on the other's buffers.
+    fn pipelined<R: Read + Send>(
+        &self,
+        r: &mut FrameReader<R>,
+        pending: &Pending,
+        seq: u64,
+        send: impl FnOnce() -> Result<(), ProtocolError>,
+    ) -> Result<(), Error> {
         std::thread::scope(|s| {
-            let acks = s.spawn(|| self.read_acks(r, &pending, seq));
-            let sent = (|| -> Result<(), ProtocolError> {
-                for (mut msg, path, op) in ops {
-                    let id = self.id();
-                    set_id(&mut msg, id);
-                    pending.lock().unwrap().insert(id, (path, op));
-                    w.send(&msg)?;
-                }
-                w.send(&Message::Flush { seq })?;
-                w.flush()
-            })();
+            let acks = s.spawn(|| self.read_acks(r, pending, seq));
+            let sent = send();
+            if sent.is_err() {
+                // The ack reader would wait for answers to what was never sent.
+                self.conn.close("send failed");
+            }
             let acked = acks.join().expect("ack reader panicked");
-            sent?;
-            acked
+            // The ack reader's error explains a broken send best (the peer's reason).
+            acked?;
+            sent
         })
         .map_err(peer_error)
     }
@@ -566,47 +583,39 @@ impl<'a> Exec<'a> {
         let mut r = FrameReader::new(recv);
         let mut w = FrameWriter::new(send);
         let pending = Pending::default();
-        std::thread::scope(|s| {
-            let acks = s.spawn(|| self.read_acks(&mut r, &pending, 0));
-            let sent = (|| -> Result<(), ProtocolError> {
-                let mut buf = Vec::new();
-                for item in items {
-                    let id = self.id();
-                    match item {
-                        LaneItem::File(t) => self.send_small(&mut w, &pending, id, t, &mut buf)?,
-                        LaneItem::Symlink(l) => {
-                            pending
-                                .lock()
-                                .unwrap()
-                                .insert(id, (l.path.clone(), Op::Symlink));
-                            w.send(&Message::Symlink {
-                                id,
-                                path: l.path.clone(),
-                                target: l.target.clone(),
-                                meta: l.meta,
-                            })?;
-                        }
-                        LaneItem::Meta(m) => {
-                            pending
-                                .lock()
-                                .unwrap()
-                                .insert(id, (m.path.clone(), Op::Meta));
-                            let mut msg = set_meta(m);
-                            set_id(&mut msg, id);
-                            w.send(&msg)?;
-                        }
+        self.pipelined(&mut r, &pending, 0, || {
+            let mut buf = Vec::new();
+            for item in items {
+                let id = self.id();
+                match item {
+                    LaneItem::File(t) => self.send_small(&mut w, &pending, id, t, &mut buf)?,
+                    LaneItem::Symlink(l) => {
+                        pending
+                            .lock()
+                            .unwrap()
+                            .insert(id, (l.path.clone(), Op::Symlink));
+                        w.send(&Message::Symlink {
+                            id,
+                            path: l.path.clone(),
+                            target: l.target.clone(),
+                            meta: l.meta,
+                        })?;
+                    }
+                    LaneItem::Meta(m) => {
+                        pending
+                            .lock()
+                            .unwrap()
+                            .insert(id, (m.path.clone(), Op::Meta));
+                        let mut msg = set_meta(m);
+                        set_id(&mut msg, id);
+                        w.send(&msg)?;
                     }
                 }
-                w.flush()?;
-                w.get_mut().finish()?;
-                Ok(())
-            })();
-            let acked = acks.join().expect("ack reader panicked");
-            // The ack reader's error explains a send failure better (the peer's reason).
-            acked?;
-            sent
+            }
+            w.flush()?;
+            w.get_mut().finish()?;
+            Ok(())
         })
-        .map_err(peer_error)
     }
 
     fn send_small<W: Write>(
@@ -820,91 +829,92 @@ impl<'a> Exec<'a> {
         let mut r = FrameReader::new(recv);
         let mut w = FrameWriter::new(send);
         let id = self.id();
-        let exchange =
-            (|| -> Result<(Option<String>, bool, Option<(String, bool)>), ProtocolError> {
-                w.send(&Message::Delta {
-                    id,
-                    path: t.path.clone(),
-                    meta,
-                    size,
-                    chunk,
-                    chunks: chunks.len() as u64,
-                })?;
-                for c in delta::coarse_wire(&chunks) {
-                    w.write_raw(&c[..COARSE_HASH_LEN])?;
-                }
-                w.flush()?;
-                let encoder = match r.recv()? {
-                    Message::BaseSig {
-                        base_size,
+        // (the standby's error, its retry request, our own problem with the file)
+        type Exchange = (Option<String>, bool, Option<(String, bool)>);
+        let exchange = (|| -> Result<Exchange, ProtocolError> {
+            w.send(&Message::Delta {
+                id,
+                path: t.path.clone(),
+                meta,
+                size,
+                chunk,
+                chunks: chunks.len() as u64,
+            })?;
+            for c in delta::coarse_wire(&chunks) {
+                w.write_raw(&c[..COARSE_HASH_LEN])?;
+            }
+            w.flush()?;
+            let encoder = match r.recv()? {
+                Message::BaseSig {
+                    base_size,
+                    block_size,
+                    matched_len,
+                    fine_len,
+                } => {
+                    let expect_matched = base_size.div_ceil(chunk).div_ceil(8);
+                    let max_fine = (base_size / 256 + 1) * 12;
+                    if matched_len != expect_matched || fine_len > max_fine {
+                        return Err(ProtocolError::Invalid(
+                            "base signature sizes do not fit the base".into(),
+                        ));
+                    }
+                    let mut matched = vec![0u8; matched_len as usize];
+                    r.read_raw(&mut matched)?;
+                    let mut fine = vec![0u8; fine_len as usize];
+                    r.read_raw(&mut fine)?;
+                    let sig = delta::BaseSignature {
                         block_size,
-                        matched_len,
-                        fine_len,
-                    } => {
-                        let expect_matched = base_size.div_ceil(chunk).div_ceil(8);
-                        let max_fine = (base_size / 256 + 1) * 12;
-                        if matched_len != expect_matched || fine_len > max_fine {
-                            return Err(ProtocolError::Invalid(
-                                "base signature sizes do not fit the base".into(),
-                            ));
-                        }
-                        let mut matched = vec![0u8; matched_len as usize];
-                        r.read_raw(&mut matched)?;
-                        let mut fine = vec![0u8; fine_len as usize];
-                        r.read_raw(&mut fine)?;
-                        let sig = delta::BaseSignature {
-                            block_size,
-                            matched,
-                            fine,
-                        };
-                        Some(
-                            DeltaEncoder::new(base_size, chunk, sig)
-                                .map_err(|e| ProtocolError::Invalid(e.to_string()))?,
-                        )
-                    }
-                    Message::NoBase { reason } => {
-                        tracing::debug!("{}: no delta basis on the standby ({reason})", t.path);
-                        None
-                    }
-                    other => {
-                        return Err(ProtocolError::Unexpected {
-                            got: other.name(),
-                            expected: "BaseSig",
-                        });
-                    }
-                };
-                let mut problem = None;
-                let stats = match &encoder {
-                    Some(enc) => enc.encode(&f, size, w.raw()),
-                    None => encode_literal(&f, size, w.raw()),
-                };
-                let stats = match stats {
-                    Ok(s) => s,
-                    Err(delta::DeltaError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                        // The file shrank: the op stream is cut short; this stream is lost.
-                        return Err(ProtocolError::Io(e));
-                    }
-                    Err(e) => return Err(ProtocolError::Io(io::Error::other(e.to_string()))),
-                };
-                {
-                    let mut tl = self.tally.lock().unwrap();
-                    tl.bytes_literal += stats.literal;
-                    tl.bytes_matched += stats.matched;
+                        matched,
+                        fine,
+                    };
+                    Some(
+                        DeltaEncoder::new(base_size, chunk, sig)
+                            .map_err(|e| ProtocolError::Invalid(e.to_string()))?,
+                    )
                 }
-                let after = rustix::fs::fstat(&f).map_err(io::Error::from)?;
-                if changed(&before, &after) {
-                    problem = Some(("changed while being read".to_string(), true));
-                    w.send(&Message::FileEnd { digest: None })?;
-                } else {
-                    w.send(&Message::FileEnd {
-                        digest: Some(digest),
-                    })?;
+                Message::NoBase { reason } => {
+                    tracing::debug!("{}: no delta basis on the standby ({reason})", t.path);
+                    None
                 }
-                w.flush()?;
-                w.get_mut().finish()?;
-                let (error, retry) = read_one_ack(&mut r, id)?;
-                Ok((error, retry, problem))
-            })();
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        got: other.name(),
+                        expected: "BaseSig",
+                    });
+                }
+            };
+            let mut problem = None;
+            let stats = match &encoder {
+                Some(enc) => enc.encode(&f, size, w.raw()),
+                None => encode_literal(&f, size, w.raw()),
+            };
+            let stats = match stats {
+                Ok(s) => s,
+                Err(delta::DeltaError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    // The file shrank: the op stream is cut short; this stream is lost.
+                    return Err(ProtocolError::Io(e));
+                }
+                Err(e) => return Err(ProtocolError::Io(io::Error::other(e.to_string()))),
+            };
+            {
+                let mut tl = self.tally.lock().unwrap();
+                tl.bytes_literal += stats.literal;
+                tl.bytes_matched += stats.matched;
+            }
+            let after = rustix::fs::fstat(&f).map_err(io::Error::from)?;
+            if changed(&before, &after) {
+                problem = Some(("changed while being read".to_string(), true));
+                w.send(&Message::FileEnd { digest: None })?;
+            } else {
+                w.send(&Message::FileEnd {
+                    digest: Some(digest),
+                })?;
+            }
+            w.flush()?;
+            w.get_mut().finish()?;
+            let (error, retry) = read_one_ack(&mut r, id)?;
+            Ok((error, retry, problem))
+        })();
         match exchange {
             Ok((None, _, None)) => {
                 self.account(t.path.clone(), Op::Transfer { bytes: size }, None, false);
