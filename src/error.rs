@@ -15,6 +15,9 @@ pub enum Error {
     /// The peer's identity was refused, or it refused ours.
     #[error("{0}")]
     Auth(String),
+    /// The peer cannot be reached, or the connection to it was lost.
+    #[error("{0}")]
+    Unreachable(String),
     /// The standby reported a fatal problem of its own (its message is in the text).
     #[error("standby: {0}")]
     Standby(String),
@@ -38,7 +41,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Protocol(p) => p.is_transport(),
-            Error::Io { .. } => true,
+            Error::Io { .. } | Error::Unreachable(_) => true,
             _ => false,
         }
     }

@@ -11,6 +11,7 @@ pub mod delta;
 pub mod error;
 pub mod filter;
 pub mod fsroot;
+pub mod identity;
 pub mod manifest;
 pub mod path;
 pub mod plan;
@@ -19,6 +20,7 @@ pub mod protocol;
 pub mod receiver;
 pub mod scan;
 pub mod sender;
+pub mod server;
 pub mod summary;
 pub mod transport;
 
@@ -148,4 +150,34 @@ pub fn sync_local(
             (Err(e), _) => Err(e),
         }
     })
+}
+
+/// Mirrors `src` to the standby at `dest` (`quic://HOST:PORT`), which must present the
+/// certificate of `server`.
+pub fn sync_remote(
+    src: &Path,
+    dest: &str,
+    server: identity::NodeId,
+    me: &identity::Identity,
+    opts: &SyncOptions,
+    monitor: &dyn Monitor,
+) -> Result<Outcome> {
+    let root = open_source(src)?;
+    let rt =
+        transport::quic::runtime().map_err(|e| Error::io("cannot start the network runtime", e))?;
+    let conn = transport::quic::connect(rt.handle(), dest, server, me)?;
+    match sender::sync(&root, &conn, opts, monitor) {
+        Ok(outcome) => Ok(outcome),
+        Err(e) => {
+            // Why the connection ended says more than the broken stream it caused.
+            let err = match (&e, conn.failure()) {
+                (Error::Protocol(p), Some(f)) if p.is_transport() => f,
+                (Error::Unreachable(_) | Error::Io { .. }, Some(f)) => f,
+                _ => e,
+            };
+            use transport::Connection;
+            conn.abort("primary failed");
+            Err(err)
+        }
+    }
 }

@@ -5,7 +5,8 @@ mod cli;
 
 use anyhow::bail;
 use clap::Parser;
-use cli::{Cli, Command, SyncArgs};
+use cli::{Cli, Command, ServeArgs, SyncArgs};
+use hotsync::identity::{self, NodeId};
 use hotsync::plan::Plan;
 use hotsync::summary::Summary;
 use hotsync::{Monitor, SyncOptions};
@@ -32,10 +33,16 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cli: &Cli) {
+    // A server's one line per connection is its main output.
+    let base = if matches!(cli.command, Command::Serve(_)) {
+        1
+    } else {
+        0
+    };
     let level = if cli.quiet {
         "error"
     } else {
-        match cli.verbose {
+        match cli.verbose + base {
             0 => "warn",
             1 => "info",
             _ => "debug",
@@ -55,24 +62,81 @@ fn init_logging(cli: &Cli) {
 fn run(cli: &Cli) -> anyhow::Result<u8> {
     match &cli.command {
         Command::Sync(args) => sync(cli, args),
-        Command::Keygen
-        | Command::Id
-        | Command::Serve(_)
-        | Command::Watch(_)
-        | Command::Verify(_) => {
-            bail!("this command is not available in this build yet; only `sync` to a local DEST is")
+        Command::Keygen => {
+            let home = identity::home_dir(cli.home.as_deref())?;
+            let (me, created) = identity::keygen(&home)?;
+            if !cli.quiet {
+                if created {
+                    eprintln!("created a new identity in {}", home.display());
+                } else {
+                    eprintln!("an identity already exists in {}", home.display());
+                }
+            }
+            println!("{}", me.id);
+            Ok(0)
+        }
+        Command::Id => {
+            let home = identity::home_dir(cli.home.as_deref())?;
+            println!("{}", identity::load(&home)?.id);
+            Ok(0)
+        }
+        Command::Serve(args) => serve(cli, args),
+        Command::Watch(_) | Command::Verify(_) => {
+            bail!("this command is not available in this build yet")
         }
     }
 }
 
+fn parse_ids(ids: &[String]) -> anyhow::Result<Vec<NodeId>> {
+    ids.iter()
+        .map(|s| NodeId::parse(s).map_err(anyhow::Error::msg))
+        .collect()
+}
+
+fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
+    let allow = parse_ids(&args.allow)?;
+    hotsync::server::check(&args.root, &allow)?;
+    let home = identity::home_dir(cli.home.as_deref())?;
+    let me = identity::load(&home)?;
+    let rt = hotsync::transport::quic::runtime()?;
+    let server = hotsync::transport::quic::bind(rt.handle(), &args.listen, &me)?;
+    // Signal handlers before the announcement: a SIGTERM right after it must stop us cleanly.
+    let shutdown = {
+        let _guard = rt.enter();
+        shutdown_signal()?
+    };
+    println!("listening on {} as {}", server.addr, me.id);
+    std::io::stdout().flush()?;
+    tracing::info!(
+        "serving {} to {} allowed primar{}",
+        args.root.display(),
+        allow.len(),
+        if allow.len() == 1 { "y" } else { "ies" }
+    );
+    let opts = hotsync::server::ServeOptions {
+        root: args.root.clone(),
+        allow: allow.into_iter().collect(),
+    };
+    rt.block_on(hotsync::server::run(server, opts, shutdown));
+    tracing::info!("stopped");
+    Ok(0)
+}
+
+/// A future that completes on SIGINT or SIGTERM; the handlers are installed at once.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
 fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
     let c = &args.common;
-    if args.dest.starts_with("quic://") {
-        bail!(
-            "remote DEST {} is not supported by this build yet; use a local directory",
-            args.dest
-        );
-    }
     let opts = SyncOptions {
         checksum: c.checksum,
         delete: !c.no_delete,
@@ -83,7 +147,17 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
         ..SyncOptions::default()
     };
     let bars = Bars::new(cli, c.json || args.dry_run);
-    let outcome = hotsync::sync_local(&args.src, args.dest.as_ref(), &opts, &bars);
+    let outcome = if args.dest.starts_with("quic://") {
+        let Some(server) = &c.server_id else {
+            bail!("a quic:// DEST needs --server-id ID (the standby's ID: run `hotsync id` there)");
+        };
+        let server = NodeId::parse(server).map_err(anyhow::Error::msg)?;
+        let home = identity::home_dir(cli.home.as_deref())?;
+        let me = identity::load(&home)?;
+        hotsync::sync_remote(&args.src, &args.dest, server, &me, &opts, &bars)
+    } else {
+        hotsync::sync_local(&args.src, args.dest.as_ref(), &opts, &bars)
+    };
     bars.finished();
     let outcome = outcome?;
     let s = &outcome.summary;

@@ -110,8 +110,8 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
             return;
         }
         tracing::warn!("closing the session: {e}");
+        conn.abort(&e.to_string());
         fatal.lock().unwrap().get_or_insert(e);
-        conn.close("protocol error");
     };
     std::thread::scope(|s| {
         let session2 = session.clone();
@@ -349,6 +349,11 @@ fn reason(e: &io::Error) -> String {
             "the path goes through a symlink on the standby".into()
         }
         Some(c) if c == Errno::XDEV.raw_os_error() => "the path leaves the standby root".into(),
+        // O_NOFOLLOW | O_DIRECTORY on a symlink says ENOTDIR.
+        Some(c) if c == Errno::NOTDIR.raw_os_error() => {
+            "a parent of the path on the standby is not a directory (a symlink there is never followed)"
+                .into()
+        }
         _ => e.to_string(),
     }
 }

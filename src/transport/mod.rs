@@ -2,6 +2,8 @@
 //! and [`Stream`]: the in-process pipe of a local DEST and QUIC carry the same bytes.
 
 pub mod local;
+pub mod quic;
+pub mod tls;
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -34,6 +36,10 @@ pub trait Connection: Send + Sync {
     fn wire_bytes(&self) -> u64;
     /// Closes the connection; pending and future stream operations fail.
     fn close(&self, reason: &str);
+    /// Closes the connection because this side failed; `reason` may reach the peer.
+    fn abort(&self, reason: &str) {
+        self.close(reason)
+    }
 }
 
 /// Counts bytes written through it into a shared counter.

@@ -522,3 +522,151 @@ pub fn build_awkward(src: &Path) {
         stamp(&p(src, d));
     }
 }
+
+/// Creates an identity in `home` and returns its ID.
+pub fn keygen(home: &Path) -> String {
+    let r = run(["--home".as_ref(), home.as_os_str(), "keygen".as_ref()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    r.stdout.trim().to_string()
+}
+
+/// A `hotsync serve` process on 127.0.0.1, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub port: u16,
+    pub id: String,
+    pub home: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts a server for `root` allowing `allow`; its identity lives in `home`.
+    pub fn start(root: &Path, home: &Path, allow: &[&str]) -> Server {
+        let id = keygen(home);
+        let log = home.join(format!(
+            "serve-{}.log",
+            std::process::id() as u64 * 1000 + rand_suffix()
+        ));
+        let mut cmd = Command::new(bin());
+        cmd.arg("--home")
+            .arg(home)
+            .arg("serve")
+            .arg("--root")
+            .arg(root);
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        for a in allow {
+            cmd.args(["--allow", a]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        let port = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no port in {line:?}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        Server {
+            child,
+            port,
+            id,
+            home: home.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("quic://127.0.0.1:{}", self.port)
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A standby behind `hotsync serve` on loopback.
+pub struct RemoteMirror {
+    pub server: Server,
+    pub root: PathBuf,
+    pub primary_home: PathBuf,
+}
+
+impl RemoteMirror {
+    /// A server for `root` that allows a fresh primary identity.
+    pub fn start(base: &Path, root: &Path) -> RemoteMirror {
+        std::fs::create_dir_all(root).unwrap();
+        let primary_home = base.join("primary-home");
+        let pid = keygen(&primary_home);
+        let server = Server::start(root, &base.join("server-home"), &[&pid]);
+        RemoteMirror {
+            server,
+            root: root.to_path_buf(),
+            primary_home,
+        }
+    }
+
+    pub fn args<'a>(&'a self, src: &'a Path, extra: &[&'a str]) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "--home".into(),
+            self.primary_home.clone().into(),
+            "sync".into(),
+            src.into(),
+            self.server.url().into(),
+            "--server-id".into(),
+            self.server.id.clone().into(),
+        ];
+        a.extend(extra.iter().map(|s| (*s).into()));
+        a
+    }
+}
+
+impl Mirror for RemoteMirror {
+    fn standby(&self) -> &Path {
+        &self.root
+    }
+    fn sync(&self, src: &Path, extra: &[&str]) -> Run {
+        run(self.args(src, extra))
+    }
+}

@@ -3,4 +3,5 @@
 mod faults;
 mod helpers;
 mod local;
+mod remote;
 mod safety;

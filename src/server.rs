@@ -1,0 +1,134 @@
+//! `hotsync serve`: accepts primaries on a QUIC endpoint, admits only allowed IDs, and runs
+//! one receiver session per connection, each isolated from the others.
+
+use crate::error::Error;
+use crate::identity::NodeId;
+use crate::transport::quic::{CLOSE_REFUSED, CLOSE_SHUTDOWN, QuicConnection, Server};
+use crate::transport::{Connection, tls};
+use quinn::VarInt;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct ServeOptions {
+    pub root: PathBuf,
+    pub allow: HashSet<NodeId>,
+}
+
+/// Checks what `serve` needs before it binds: a root directory and at least one primary.
+pub fn check(root: &Path, allow: &[NodeId]) -> Result<(), Error> {
+    match std::fs::metadata(root) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Usage(format!(
+                "--root {} does not exist",
+                root.display()
+            )));
+        }
+        Err(e) => {
+            return Err(Error::Usage(format!(
+                "cannot access --root {}: {e}",
+                root.display()
+            )));
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(Error::Usage(format!(
+                "--root {} is not a directory",
+                root.display()
+            )));
+        }
+        Ok(_) => {}
+    }
+    if allow.is_empty() {
+        return Err(Error::Usage(
+            "no --allow ID given: name each primary that may connect (run `hotsync id` on it)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Serves until `shutdown` completes, then closes every connection and waits (bounded)
+/// for sessions to end.
+pub async fn run(
+    server: Server,
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let opts = Arc::new(opts);
+    let mut sessions = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            incoming = server.endpoint.accept() => match incoming {
+                Some(inc) => {
+                    sessions.spawn(session(inc, opts.clone()));
+                }
+                None => break,
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    tracing::info!("shutting down: closing {} connection(s)", sessions.len());
+    server
+        .endpoint
+        .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"standby shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), server.endpoint.wait_idle()).await;
+}
+
+/// One connection: authenticate, authorise, then run a receiver session on a blocking
+/// thread. Logs exactly one line.
+async fn session(incoming: quinn::Incoming, opts: Arc<ServeOptions>) {
+    let addr = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("connection from {addr}: handshake failed: {e}");
+            return;
+        }
+    };
+    let Some(id) = tls::peer_id(&conn) else {
+        tracing::warn!("connection from {addr}: refused: no client certificate");
+        conn.close(
+            VarInt::from_u32(CLOSE_REFUSED),
+            b"a client certificate is required",
+        );
+        return;
+    };
+    if !opts.allow.contains(&id) {
+        tracing::warn!("primary {id} from {addr}: refused: not in --allow");
+        let reason = format!(
+            "primary ID {id} is not allowed on this standby (add `--allow {id}` to its hotsync serve)"
+        );
+        conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+        return;
+    }
+    let started = Instant::now();
+    let qc = QuicConnection::new(conn, tokio::runtime::Handle::current());
+    let root = opts.root.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let r = crate::receiver::serve(&qc, &root);
+        if let Err(e) = &r {
+            qc.abort(&e.to_string());
+        }
+        r
+    })
+    .await;
+    let secs = started.elapsed().as_secs_f64();
+    match result {
+        Ok(Ok(rep)) => tracing::info!(
+            "primary {id} from {addr}: ok: {} files ({} bytes) written, {} entries removed, {} failed, {secs:.2} s",
+            rep.files_written,
+            rep.bytes_written,
+            rep.entries_removed,
+            rep.failed_ops
+        ),
+        Ok(Err(e)) => tracing::warn!("primary {id} from {addr}: failed after {secs:.2} s: {e}"),
+        Err(e) => tracing::error!("primary {id} from {addr}: session crashed: {e}"),
+    }
+}

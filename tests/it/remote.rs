@@ -1,0 +1,452 @@
+//! A standby behind `hotsync serve`, over real QUIC on 127.0.0.1.
+
+use crate::helpers::*;
+use crate::local::{edits_of_every_kind, every_kind_round_trips};
+use hotsync::identity;
+use hotsync::protocol::{FrameReader, FrameWriter, Message};
+use hotsync::transport::Connection;
+use std::time::{Duration, Instant};
+
+#[test]
+fn remote_every_kind_round_trips() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    every_kind_round_trips(&m, &t.src);
+}
+
+#[test]
+fn remote_edits_of_every_kind() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    edits_of_every_kind(&m, &t.src);
+}
+
+#[test]
+fn an_unlisted_primary_is_refused_and_nothing_is_touched() {
+    let t = Pair::new();
+    write(&t.s("a"), b"a");
+    std::fs::create_dir(&t.dst).unwrap();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    let stranger_home = t.dir.path().join("stranger");
+    let stranger = keygen(&stranger_home);
+    let r = run([
+        "--home".as_ref(),
+        stranger_home.as_os_str(),
+        "sync".as_ref(),
+        t.src.as_os_str(),
+        m.server.url().as_ref(),
+        "--server-id".as_ref(),
+        m.server.id.as_ref(),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&stranger) && r.stderr.contains("not allowed"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(&t.dst).unwrap().count(),
+        0,
+        "nothing written for a refused peer"
+    );
+    assert!(
+        m.server.log().contains(&format!("primary {stranger}")),
+        "{}",
+        m.server.log()
+    );
+    // The server is still there for the allowed primary.
+    m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+}
+
+#[test]
+fn a_wrong_or_missing_server_id_is_refused() {
+    let t = Pair::new();
+    write(&t.s("a"), b"a");
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    let other = keygen(&t.dir.path().join("other"));
+    let mut args = m.args(&t.src, &[]);
+    args[6] = other.clone().into();
+    let r = run(&args);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains(&m.server.id) && r.stderr.contains(&other),
+        "names both IDs: {}",
+        r.stderr
+    );
+    args.truncate(5);
+    let r = run(&args);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("--server-id"), "{}", r.stderr);
+    args.extend(["--server-id".into(), "nonsense".into()]);
+    let r = run(&args);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("bad ID"), "{}", r.stderr);
+    assert!(!t.d("a").exists());
+}
+
+#[test]
+fn an_unreachable_standby_fails_fast_and_clearly() {
+    let t = Pair::new();
+    write(&t.s("a"), b"a");
+    let home = t.dir.path().join("p");
+    keygen(&home);
+    // A port nobody listens on: bind one and drop it.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let other = keygen(&t.dir.path().join("o"));
+    let start = Instant::now();
+    let r = run([
+        "--home".as_ref(),
+        home.as_os_str(),
+        "sync".as_ref(),
+        t.src.as_os_str(),
+        format!("quic://127.0.0.1:{port}").as_ref(),
+        "--server-id".as_ref(),
+        other.as_ref(),
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("cannot reach"), "{}", r.stderr);
+    assert!(start.elapsed() < Duration::from_secs(15));
+}
+
+#[test]
+fn a_receiver_killed_mid_transfer_fails_the_sync_in_bounded_time() {
+    let t = Pair::new();
+    write(&t.s("big.bin"), &noise(150 << 20, 1));
+    for i in 0..400 {
+        write(&t.s(&format!("small/f{i}")), &noise(3000 + i, i as u64));
+    }
+    let mut m = RemoteMirror::start(t.dir.path(), &t.dst);
+    let mut child = hotsync(false)
+        .args(m.args(&t.src, &["-q"]))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the standby once the big file is on its way.
+    let start = Instant::now();
+    while temps(&t.dst).is_empty() && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    m.server.child.kill().unwrap();
+    m.server.child.wait().unwrap();
+    let killed_at = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(25),
+            "sync hangs after the standby died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("standby"), "{err}");
+    // Whatever landed is whole.
+    for f in walk_files(&t.dst) {
+        let rel = f.strip_prefix(&t.dst).unwrap();
+        if rel.starts_with(".hotsync")
+            || f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".hotsync-tmp.")
+        {
+            continue;
+        }
+        assert_eq!(
+            std::fs::read(&f).unwrap(),
+            std::fs::read(t.src.join(rel)).unwrap(),
+            "{rel:?} is torn"
+        );
+    }
+    // A new standby on the same root: the re-run converges and cleans up.
+    let server = Server::start(
+        &t.dst,
+        &t.dir.path().join("server-home"),
+        &[&keygen(&m.primary_home)],
+    );
+    m.server = server;
+    m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+    assert!(temps(&t.dst).is_empty());
+}
+
+fn walk_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if e.file_type().unwrap().is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// A primary that speaks the protocol by hand, to send what a correct one never would.
+struct Hostile {
+    rt: tokio::runtime::Runtime,
+    me: identity::Identity,
+    url: String,
+    server: identity::NodeId,
+}
+
+impl Hostile {
+    fn new(m: &RemoteMirror) -> Hostile {
+        Hostile {
+            rt: hotsync::transport::quic::runtime().unwrap(),
+            me: identity::load(&m.primary_home).unwrap(),
+            url: m.server.url(),
+            server: identity::NodeId::parse(&m.server.id).unwrap(),
+        }
+    }
+
+    /// Connects, opens a session (greeting, `Open`, the listing) unless `raw`, then lets
+    /// `f` misbehave on the control stream.
+    fn session(
+        &self,
+        raw: bool,
+        f: impl FnOnce(
+            &mut FrameReader<Box<dyn std::io::Read + Send>>,
+            &mut FrameWriter<Box<dyn hotsync::transport::SendHalf>>,
+        ),
+    ) {
+        let conn =
+            hotsync::transport::quic::connect(self.rt.handle(), &self.url, self.server, &self.me)
+                .unwrap();
+        let s = conn.open().unwrap();
+        let mut r = FrameReader::new(s.recv);
+        let mut w = FrameWriter::new(s.send);
+        w.greeting().unwrap();
+        if !raw {
+            w.send(&Message::Open {
+                checksum: false,
+                excludes: vec![],
+                dry_run: false,
+            })
+            .unwrap();
+            w.flush().unwrap();
+            r.greeting().unwrap();
+            loop {
+                match r.recv().unwrap() {
+                    Message::ListEnd { .. } => break,
+                    _ => continue,
+                }
+            }
+        }
+        f(&mut r, &mut w);
+        let _ = w.flush();
+        // Give the standby a moment to react, then hang up.
+        std::thread::sleep(Duration::from_millis(200));
+        conn.abort("hostile test done");
+    }
+}
+
+/// A frame carrying `msg` with the path placeholder `pp…` replaced by `bad`.
+fn patched(msg: &Message, bad: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::new();
+    hotsync::protocol::encode(msg, &mut frame).unwrap();
+    let at = frame
+        .windows(bad.len())
+        .position(|w| w.iter().all(|&b| b == b'p'))
+        .unwrap();
+    frame[at..at + bad.len()].copy_from_slice(bad);
+    frame
+}
+
+#[test]
+fn hostile_frames_are_rejected_and_the_standby_stays_up() {
+    let t = Pair::new();
+    let outside = t.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    write(&t.s("ok.txt"), b"fine");
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    m.sync_ok(&t.src, &[]);
+    symlink(outside.as_os_str().as_encoded_bytes(), &t.d("door"));
+    let h = Hostile::new(&m);
+    let meta = hotsync::manifest::Meta {
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime: hotsync::manifest::Mtime { sec: 1, nsec: 0 },
+    };
+    let placeholder = |n: usize| hotsync::path::RelPath::new(vec![b'p'; n]).unwrap();
+
+    // A frame length far beyond the limit.
+    h.session(true, |_, w| {
+        w.write_raw(&u32::MAX.to_le_bytes()).unwrap();
+    });
+    // Paths that try to leave the root.
+    for bad in [&b"../evil"[..], b"/tmp/evil", b"a/../../x"] {
+        h.session(false, |_, w| {
+            let msg = Message::Mkdir {
+                id: 1,
+                path: placeholder(bad.len()),
+            };
+            w.write_raw(&patched(&msg, bad)).unwrap();
+        });
+    }
+    // A path through a symlink on the standby: refused, nothing written outside.
+    h.session(false, |r, w| {
+        let path = hotsync::path::RelPath::new("door/evil").unwrap();
+        w.send(&Message::SmallFile {
+            id: 7,
+            path,
+            meta,
+            len: 4,
+        })
+        .unwrap();
+        w.write_raw(b"evil").unwrap();
+        w.send(&Message::Flush { seq: 1 }).unwrap();
+        w.flush().unwrap();
+        match r.recv().unwrap() {
+            Message::Ack {
+                id: 7,
+                error: Some(e),
+                ..
+            } => assert!(e.contains("symlink"), "{e}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    });
+    // A file cut off mid-way by a disconnect.
+    h.session(false, |_, w| {
+        let path = hotsync::path::RelPath::new("cut.bin").unwrap();
+        w.send(&Message::BigFile {
+            id: 9,
+            path,
+            meta,
+            size: 1 << 20,
+        })
+        .unwrap();
+        w.write_raw(&[7u8; 1000]).unwrap();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside the root"
+    );
+    assert!(!t.d("cut.bin").exists());
+    assert!(
+        temps(&t.dst).is_empty(),
+        "the cut-off file's temp was removed"
+    );
+    let log = m.server.log();
+    assert!(log.contains("exceeds"), "{log}");
+    assert!(log.matches("failed").count() >= 4, "{log}");
+    // A well-behaved primary is served as ever.
+    std::fs::remove_file(t.d("door")).unwrap();
+    write(&t.s("more.txt"), b"more");
+    m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+}
+
+#[test]
+fn two_primaries_on_one_root_do_not_interfere() {
+    let t = Pair::new();
+    for i in 0..300 {
+        write(&t.s(&format!("f{i}")), &noise(20_000, i));
+    }
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    let a = hotsync(false)
+        .args(m.args(&t.src, &["-q"]))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let b = hotsync(false)
+        .args(m.args(&t.src, &["-q"]))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let codes = [a.status.code(), b.status.code()];
+    // Both finish; if they overlapped, the second was told the standby is busy.
+    for o in [&a, &b] {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.code() == Some(0) || err.contains("in use"),
+            "{codes:?}: {err}"
+        );
+    }
+    m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+}
+
+#[test]
+fn serve_refuses_to_start_with_a_reason() {
+    let t = Pair::new();
+    let home = t.dir.path().join("h");
+    let id = keygen(&home);
+    write(&t.s("file"), b"f");
+    let serve = |root: &std::path::Path, extra: &[&str]| {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "--home".into(),
+            home.clone().into(),
+            "serve".into(),
+            "--root".into(),
+            root.into(),
+        ];
+        a.extend(extra.iter().map(|s| (*s).into()));
+        run(a)
+    };
+    let cases = [
+        (
+            serve(
+                &t.dir.path().join("missing"),
+                &["--allow", &id, "--listen", "127.0.0.1:0"],
+            ),
+            "does not exist",
+        ),
+        (
+            serve(&t.s("file"), &["--allow", &id, "--listen", "127.0.0.1:0"]),
+            "not a directory",
+        ),
+        (serve(&t.src, &["--listen", "127.0.0.1:0"]), "--allow"),
+        (
+            serve(&t.src, &["--allow", "xyz", "--listen", "127.0.0.1:0"]),
+            "bad ID",
+        ),
+    ];
+    for (r, needle) in cases {
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(needle), "{needle}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    }
+    let running = Server::start(&t.src, &home, &[&id]);
+    let r = serve(
+        &t.src,
+        &[
+            "--allow",
+            &id,
+            "--listen",
+            &format!("127.0.0.1:{}", running.port),
+        ],
+    );
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("already in use"), "{}", r.stderr);
+}
+
+#[test]
+fn serve_stops_cleanly_on_sigterm() {
+    let t = Pair::new();
+    let home = t.dir.path().join("h");
+    let pid = keygen(&t.dir.path().join("p"));
+    let mut s = Server::start(&t.src, &home, &[&pid]);
+    s.signal(rustix::process::Signal::TERM);
+    let status = s
+        .wait(Duration::from_secs(5))
+        .expect("serve did not stop on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(s.log().contains("stopped"), "{}", s.log());
+}
