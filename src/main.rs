@@ -144,6 +144,7 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
         dry_run: args.dry_run,
         excludes: c.exclude.clone(),
         max_delete_percent: c.max_delete,
+
         ..SyncOptions::default()
     };
     let bars = Bars::new(cli, c.json || args.dry_run);

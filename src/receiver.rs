@@ -136,10 +136,13 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
                 let _ = h.join();
             }
         });
-        // The primary owns the connection: after `Closed` it closes it, which ends the
-        // accept loop above. Closing here could drop `Closed` before it is read.
+        // `Closed` has reached the primary: closing now ends the accept loop above
+        // without making either side wait for the other's close.
         match op_loop(&session, &mut r, w, true) {
-            Ok(()) => done.store(true, Ordering::Relaxed),
+            Ok(()) => {
+                done.store(true, Ordering::Relaxed);
+                conn.close("session complete");
+            }
             Err(e) => fail(e),
         }
     });
@@ -513,6 +516,9 @@ fn op_loop<R: Read, W: SendHalf>(
                 send_acks(s, &mut w, batch.commit(s.root.fd()))?;
                 w.send(&Message::Closed)?;
                 w.flush()?;
+                // Once the primary has `Closed`, the session is over for both sides.
+                w.get_mut().finish()?;
+                w.get_mut().wait_delivered();
                 return Ok(());
             }
             other => return Err(unexpected(other, "an operation")),

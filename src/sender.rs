@@ -98,6 +98,7 @@ pub fn sync(
     let local =
         local.map_err(|e| Error::io(format!("cannot read SRC {}", src.path().display()), e))?;
     let (remote, owners, temps_removed) = remote.map_err(peer_error)?;
+    tracing::debug!("{} ms: both trees scanned", started.elapsed().as_millis());
 
     let mut summary = Summary {
         files_scanned: local.manifest.children().len() as u64,
@@ -156,7 +157,9 @@ pub fn sync(
         summary.files_transferred = plan.transfers.len() as u64;
         summary.files_deleted = plan.removed_entries as u64;
     }
+    tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
     close_session(&mut r, &mut w).map_err(peer_error)?;
+    tracing::debug!("{} ms: session closed", started.elapsed().as_millis());
     summary.bytes_on_wire = conn.wire_bytes();
     conn.close("session complete");
     summary.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -183,7 +186,8 @@ fn close_session<R: Read, W: Write + crate::transport::SendHalf>(
             }
         }
     }
-    w.get_mut().finish()?;
+    // The standby may already have closed the connection after `Closed`.
+    let _ = w.get_mut().finish();
     Ok(())
 }
 
@@ -359,6 +363,7 @@ impl<'a> Exec<'a> {
             ));
         }
         self.control_batch(r, w, ops, 1)?;
+        let t = std::time::Instant::now();
 
         // 2. Content and attributes, many streams at once.
         let (small, big): (Vec<&Transfer>, Vec<&Transfer>) =
@@ -400,6 +405,7 @@ impl<'a> Exec<'a> {
             }
         });
         result.into_inner().unwrap()?;
+        tracing::debug!("{} ms: transfers done", t.elapsed().as_millis());
         // Files the standby could not make durable, or that changed while read: once more, whole.
         for (path, size) in std::mem::take(&mut *self.retries.lock().unwrap()) {
             self.whole_stream(&path, size, false)?;

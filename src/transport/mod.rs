@@ -12,11 +12,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The sending half of a stream. Dropping it, or `finish`, ends the stream cleanly.
 pub trait SendHalf: Write + Send {
     fn finish(&mut self) -> io::Result<()>;
+    /// After `finish`: waits (bounded) until the peer has received everything sent.
+    fn wait_delivered(&mut self) {}
 }
 
 impl<T: SendHalf + ?Sized> SendHalf for Box<T> {
     fn finish(&mut self) -> io::Result<()> {
         (**self).finish()
+    }
+    fn wait_delivered(&mut self) {
+        (**self).wait_delivered()
     }
 }
 
@@ -68,5 +73,8 @@ impl<W: Write> Write for Counted<W> {
 impl<W: SendHalf> SendHalf for Counted<W> {
     fn finish(&mut self) -> io::Result<()> {
         self.inner.finish()
+    }
+    fn wait_delivered(&mut self) {
+        self.inner.wait_delivered()
     }
 }

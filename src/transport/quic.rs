@@ -154,6 +154,12 @@ impl SendHalf for SendHalfQ {
             .finish()
             .map_err(|e| io::Error::new(io::ErrorKind::BrokenPipe, e))
     }
+    fn wait_delivered(&mut self) {
+        let stopped = self.s.stopped();
+        let _ = self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(2), stopped).await });
+    }
 }
 
 /// An established QUIC connection, as the engine sees it.
@@ -268,15 +274,20 @@ impl Connection for QuicConnection {
         self.bytes.load(Ordering::Relaxed)
     }
 
+    /// A clean end: the standby closes too once the session is over, so nothing waits
+    /// for the close to drain.
     fn close(&self, reason: &str) {
         self.remember_end();
+        if self.endpoint.is_some() {
+            // The primary: the standby closes once it knows we have `Closed`; wait for
+            // that (briefly), or our own close might never leave before we exit.
+            let closed = self.conn.closed();
+            let _ = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_millis(250), closed).await });
+        }
         self.conn
             .close(VarInt::from_u32(CLOSE_OK), reason.as_bytes());
-        if let Some(ep) = &self.endpoint {
-            let _ = self.rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await
-            });
-        }
     }
 
     fn abort(&self, reason: &str) {
@@ -284,6 +295,13 @@ impl Connection for QuicConnection {
         let mut r = reason.as_bytes();
         r = &r[..r.len().min(512)];
         self.conn.close(VarInt::from_u32(CLOSE_FAILED), r);
+        // Let the close reach the peer (briefly), so a standby stops waiting for us and
+        // frees its session lock at once.
+        if let Some(ep) = &self.endpoint {
+            let _ = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(300), ep.wait_idle()).await
+            });
+        }
     }
 }
 
@@ -330,7 +348,9 @@ pub fn connect(
     let connecting = ep
         .connect_with(cfg, addr, "hotsync")
         .map_err(|e| Error::Unreachable(format!("cannot connect to {shown}: {e}")))?;
+    let t = std::time::Instant::now();
     let result = rt.block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, connecting).await });
+    tracing::debug!("{} ms: handshake", t.elapsed().as_millis());
     let conn = match result {
         Err(_) => {
             return Err(Error::Unreachable(format!(

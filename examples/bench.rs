@@ -1,0 +1,792 @@
+//! Side-by-side benchmark of hotsync against the tools people use today, on this machine.
+//!
+//!     cargo run --release --example bench            # full: 20,000 files, 1 GiB, 5 runs each
+//!     cargo run --release --example bench -- --quick # smaller, a few minutes on 2 cores
+//!
+//! Options: `--reps N`, `--only initial,delta,...`, `--work DIR` (default target/bench/work),
+//! `--keep` (leave the generated data and copies).
+//!
+//! Each workload runs every tool on the same data in the same run, interleaved (A B C A B C
+//! ...), and reports medians and hotsync/peer ratios. Peers are started here on 127.0.0.1
+//! when installed: an rsync daemon (with and without --fsync), lsyncd (delay = 0), b3sum,
+//! `cp -a && sync`. hotsync runs over QUIC to a `hotsync serve` on loopback. Results go to
+//! the terminal and to target/bench/report.json.
+//!
+//! Trees of small files are never deleted while timing: ext4 makes file creation slower for
+//! minutes after a mass delete, which would bias whichever tool runs next.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Config {
+    quick: bool,
+    reps: usize,
+    only: Option<Vec<String>>,
+    work: PathBuf,
+    keep: bool,
+    files: usize,
+    dirs: usize,
+    big: u64,
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut quick = false;
+    let mut reps = None;
+    let mut only = None;
+    let mut work = None;
+    let mut keep = false;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--reps" => reps = args.next().and_then(|v| v.parse().ok()),
+            "--only" => {
+                only = args
+                    .next()
+                    .map(|v| v.split(',').map(String::from).collect())
+            }
+            "--work" => work = args.next().map(PathBuf::from),
+            "--keep" => keep = true,
+            "-h" | "--help" => {
+                println!("usage: bench [--quick] [--reps N] [--only w1,w2] [--work DIR] [--keep]");
+                println!("workloads: initial noop new-1GiB delta latency verify");
+                return;
+            }
+            other => {
+                eprintln!("bench: unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let target = target_dir();
+    let cfg = Config {
+        quick,
+        reps: reps.unwrap_or(if quick { 3 } else { 5 }),
+        only,
+        work: work.unwrap_or_else(|| target.join("bench/work")),
+        keep,
+        files: if quick { 4_000 } else { 20_000 },
+        dirs: if quick { 40 } else { 200 },
+        big: if quick { 256 << 20 } else { 1 << 30 },
+    };
+    let hotsync = build_hotsync(&target);
+    let mut b = Bench::new(cfg, hotsync);
+    b.run_all();
+    let report = b.report();
+    let out = target.join("bench/report.json");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    std::fs::write(&out, serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    println!("\nreport: {}", out.display());
+    b.cleanup();
+}
+
+/// target/ (the example runs from target/release/examples/).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors()
+        .nth(3)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+/// Builds the hotsync binary this bench measures (release) and returns its path.
+fn build_hotsync(target: &Path) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "--quiet", "--bin", "hotsync"])
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building hotsync failed");
+    target.join("release/hotsync")
+}
+
+fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", "command -v \"$1\" >/dev/null", "sh", cmd])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// One timed process: wall seconds, peak RSS (KiB) of the process itself, its output.
+struct Timed {
+    secs: f64,
+    rss_kib: u64,
+    stdout: String,
+}
+
+// The child is reaped by `wait4` in `wait_rusage`, for its rusage.
+#[allow(clippy::zombie_processes)]
+fn timed(cmd: &mut Command) -> Timed {
+    // Flush earlier writes first, so they are not charged to this run.
+    let _ = Command::new("sync").status();
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let (status, rss) = wait_rusage(&child);
+    let secs = start.elapsed().as_secs_f64();
+    if status != 0 {
+        panic!("{cmd:?} failed with status {status}\n{stdout}\n{stderr}");
+    }
+    Timed {
+        secs,
+        rss_kib: rss,
+        stdout,
+    }
+}
+
+/// Reaps `child` with wait4 to get its own peak RSS.
+fn wait_rusage(child: &Child) -> (i32, u64) {
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert!(r > 0, "wait4 failed");
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    };
+    (code, ru.ru_maxrss as u64)
+}
+
+fn noise(mut x: u64, out: &mut [u8]) {
+    x = x.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    for chunk in out.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
+
+#[derive(Default, serde::Serialize)]
+struct Workload {
+    name: String,
+    unit: String,
+    /// Median per tool (`null`: not installed or not applicable).
+    results: BTreeMap<String, Option<f64>>,
+    /// hotsync / reference peer.
+    ratio: Option<f64>,
+    reference: Option<String>,
+    ratios: BTreeMap<String, f64>,
+    runs: BTreeMap<String, Vec<f64>>,
+    /// Peak RSS of hotsync's processes (KiB), the largest over the runs.
+    hotsync_rss_kib: BTreeMap<String, u64>,
+    note: Option<String>,
+}
+
+struct Bench {
+    cfg: Config,
+    hotsync: PathBuf,
+    rsync: bool,
+    lsyncd: bool,
+    b3sum: bool,
+    rsyncd: Option<(Child, u16)>,
+    keys: PathBuf,
+    server_id: String,
+    primary_id: String,
+    workloads: Vec<Workload>,
+    seq: usize,
+}
+
+const HS: &str = "hotsync";
+const CP: &str = "cp -a && sync";
+const RSYNC: &str = "rsync (daemon)";
+const RSYNC_FSYNC: &str = "rsync --fsync (daemon)";
+
+impl Bench {
+    fn new(cfg: Config, hotsync: PathBuf) -> Bench {
+        std::fs::create_dir_all(&cfg.work).unwrap();
+        let keys = cfg.work.join("keys");
+        let id = |who: &str| {
+            let out = Command::new(&hotsync)
+                .arg("--home")
+                .arg(keys.join(who))
+                .arg("keygen")
+                .stderr(Stdio::null())
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let server_id = id("standby");
+        let primary_id = id("primary");
+        let mut b = Bench {
+            rsync: have("rsync"),
+            lsyncd: have("lsyncd"),
+            b3sum: have("b3sum"),
+            cfg,
+            hotsync,
+            rsyncd: None,
+            keys,
+            server_id,
+            primary_id,
+            workloads: Vec::new(),
+            seq: 0,
+        };
+        b.print_header();
+        b.generate();
+        if b.rsync {
+            b.start_rsyncd();
+        }
+        b
+    }
+
+    fn wants(&self, w: &str) -> bool {
+        self.cfg
+            .only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|x| x == w))
+    }
+
+    fn fresh(&mut self, what: &str) -> PathBuf {
+        self.seq += 1;
+        let p = self
+            .cfg
+            .work
+            .join("runs")
+            .join(format!("{what}-{}", self.seq));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
+    }
+
+    fn print_header(&self) {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0);
+        println!(
+            "hotsync bench ({}; {} runs per tool): {cores} cores, {} files, {} MiB big file",
+            if self.cfg.quick { "quick" } else { "full" },
+            self.cfg.reps,
+            self.cfg.files,
+            self.cfg.big >> 20
+        );
+        let peer = |ok: bool, name: &str| {
+            println!(
+                "  {name}: {}",
+                if ok { "installed" } else { "not installed" }
+            )
+        };
+        peer(self.rsync, "rsync");
+        peer(self.lsyncd, "lsyncd");
+        peer(self.b3sum, "b3sum");
+    }
+
+    /// Deterministic data: a tree of small files and a base/new pair of big files.
+    fn generate(&self) {
+        let data = self.cfg.work.join("data");
+        let stamp = data.join(format!(
+            "stamp-{}-{}-{}",
+            self.cfg.files, self.cfg.dirs, self.cfg.big
+        ));
+        if stamp.exists() {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&data);
+        print!("generating data ...");
+        std::io::stdout().flush().unwrap();
+        let tree = data.join("tree");
+        let per_dir = self.cfg.files / self.cfg.dirs;
+        let mut buf = vec![0u8; 16384];
+        for d in 0..self.cfg.dirs {
+            let dir = tree.join(format!("dir{d:03}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..per_dir {
+                let seed = (d * per_dir + f) as u64;
+                let size = 1024 + (seed.wrapping_mul(2654435761) % (15 * 1024 + 1)) as usize;
+                noise(seed, &mut buf[..size]);
+                std::fs::write(dir.join(format!("file{f:04}.dat")), &buf[..size]).unwrap();
+            }
+        }
+        // The big file, and its edited version: 100 scattered 4 KiB overwrites and 1 MiB appended.
+        let base_dir = data.join("big-base");
+        let new_dir = data.join("big-new");
+        std::fs::create_dir_all(&base_dir).unwrap();
+        std::fs::create_dir_all(&new_dir).unwrap();
+        let mut base = std::fs::File::create(base_dir.join("data.bin")).unwrap();
+        let mut chunk = vec![0u8; 8 << 20];
+        for i in 0..self.cfg.big / chunk.len() as u64 {
+            noise(1_000_000 + i, &mut chunk);
+            base.write_all(&chunk).unwrap();
+        }
+        drop(base);
+        std::fs::copy(base_dir.join("data.bin"), new_dir.join("data.bin")).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(new_dir.join("data.bin"))
+            .unwrap();
+        let mut edit = vec![0u8; 4096];
+        for k in 0..100u64 {
+            let at = (k.wrapping_mul(0x9E3779B97F4A7C15) >> 11) % (self.cfg.big - 4096);
+            noise(5_000_000 + k, &mut edit);
+            std::os::unix::fs::FileExt::write_at(&f, &edit, at).unwrap();
+        }
+        let mut tail = vec![0u8; 1 << 20];
+        noise(9_999, &mut tail);
+        std::os::unix::fs::FileExt::write_at(&f, &tail, self.cfg.big).unwrap();
+        drop(f);
+        std::fs::write(&stamp, b"").unwrap();
+        let _ = Command::new("sync").status();
+        println!(" done");
+    }
+
+    fn start_rsyncd(&mut self) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let module = self.cfg.work.join("rsd");
+        std::fs::create_dir_all(&module).unwrap();
+        let conf = self.cfg.work.join("rsyncd.conf");
+        let root = rustix::process::geteuid().is_root();
+        let mut c = format!(
+            "port = {port}\naddress = 127.0.0.1\nuse chroot = no\npid file = {}\n[bench]\npath = {}\nread only = false\n",
+            self.cfg.work.join("rsyncd.pid").display(),
+            module.display()
+        );
+        if root {
+            c.push_str("uid = root\ngid = root\n");
+        }
+        std::fs::write(&conf, c).unwrap();
+        let _ = std::fs::remove_file(self.cfg.work.join("rsyncd.pid"));
+        let child = Command::new("rsync")
+            .args(["--daemon", "--no-detach"])
+            .arg(format!("--config={}", conf.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "rsync daemon did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.rsyncd = Some((child, port));
+    }
+
+    fn rsync_url(&self, sub: &str) -> String {
+        format!(
+            "rsync://127.0.0.1:{}/bench/{sub}/",
+            self.rsyncd.as_ref().unwrap().1
+        )
+    }
+
+    /// A `hotsync serve` for `root`, returned with its port.
+    fn serve(&self, root: &Path) -> (Child, u16) {
+        std::fs::create_dir_all(root).unwrap();
+        let mut child = Command::new(&self.hotsync)
+            .arg("--home")
+            .arg(self.keys.join("standby"))
+            .args([
+                "-q",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--allow",
+                &self.primary_id,
+                "--root",
+            ])
+            .arg(root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .split_whitespace()
+            .nth(2)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .expect("serve port");
+        (child, port)
+    }
+
+    /// Peak RSS of a running process, then stops it.
+    fn stop_serve(&self, mut child: Child) -> u64 {
+        let hwm = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0);
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        );
+        let _ = child.wait();
+        hwm
+    }
+
+    fn hotsync_sync(&self, src: &Path, port: u16) -> Command {
+        let mut c = Command::new(&self.hotsync);
+        c.arg("--home")
+            .arg(self.keys.join("primary"))
+            .arg("sync")
+            .arg(src)
+            .arg(format!("quic://127.0.0.1:{port}"))
+            .args(["--server-id", &self.server_id, "--json", "-q"]);
+        c
+    }
+
+    fn run_all(&mut self) {
+        if self.wants("initial") || self.wants("noop") {
+            self.tree_workloads();
+        }
+        if self.wants("new-1GiB") {
+            self.new_big();
+        }
+        if self.wants("delta") {
+            self.delta();
+        }
+        if self.wants("latency") {
+            self.workloads.push(Workload {
+                name: "latency".into(),
+                unit: "ms".into(),
+                note: Some("needs `hotsync watch`, which this build does not have yet".into()),
+                ..Default::default()
+            });
+        }
+        if self.wants("verify") {
+            self.workloads.push(Workload {
+                name: "verify".into(),
+                unit: "s".into(),
+                note: Some("needs `hotsync verify`, which this build does not have yet".into()),
+                ..Default::default()
+            });
+        }
+    }
+
+    fn tools_for_copy(&self) -> Vec<&'static str> {
+        let mut t = vec![HS, CP];
+        if self.rsync {
+            t.extend([RSYNC, RSYNC_FSYNC]);
+        }
+        t
+    }
+
+    /// initial: the small-file tree into an empty standby; noop: the same again.
+    fn tree_workloads(&mut self) {
+        let src = self.cfg.work.join("data/tree");
+        let tools = self.tools_for_copy();
+        let mut initial = Runs::default();
+        let mut noop = Runs::default();
+        for _ in 0..self.cfg.reps {
+            for &tool in &tools {
+                let dest = self.fresh("tree");
+                match tool {
+                    HS => {
+                        let (srv, port) = self.serve(&dest);
+                        let t = timed(&mut self.hotsync_sync(&src, port));
+                        initial.add(tool, t.secs, Some(("sync", t.rss_kib)));
+                        let n = timed(&mut self.hotsync_sync(&src, port));
+                        noop.add(tool, n.secs, Some(("sync", n.rss_kib)));
+                        let hwm = self.stop_serve(srv);
+                        initial.rss("serve", hwm);
+                    }
+                    CP => {
+                        let t = timed(
+                            Command::new("sh")
+                                .args(["-c", "cp -a \"$1\" \"$2\" && sync", "sh"])
+                                .arg(&src)
+                                .arg(&dest),
+                        );
+                        initial.add(tool, t.secs, None);
+                    }
+                    _ => {
+                        let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
+                        let url = self.rsync_url(&sub);
+                        let fsync = tool == RSYNC_FSYNC;
+                        let mut c = Command::new("rsync");
+                        c.arg("-a")
+                            .args(fsync.then_some("--fsync"))
+                            .arg(format!("{}/", src.display()))
+                            .arg(&url);
+                        initial.add(tool, timed(&mut c).secs, None);
+                        let mut c = Command::new("rsync");
+                        c.arg("-a")
+                            .args(fsync.then_some("--fsync"))
+                            .arg(format!("{}/", src.display()))
+                            .arg(&url);
+                        noop.add(tool, timed(&mut c).secs, None);
+                    }
+                }
+                self.progress();
+            }
+        }
+        println!();
+        if self.wants("initial") {
+            self.finish("initial", "s", initial, Some(CP));
+        }
+        if self.wants("noop") {
+            self.finish("noop", "s", noop, Some(RSYNC));
+        }
+    }
+
+    /// new-1GiB: one new big file into an empty standby.
+    fn new_big(&mut self) {
+        let src = self.cfg.work.join("data/big-base");
+        let mut runs = Runs::default();
+        for _ in 0..self.cfg.reps {
+            for tool in self.tools_for_copy() {
+                let dest = self.fresh("big");
+                match tool {
+                    HS => {
+                        let (srv, port) = self.serve(&dest);
+                        let t = timed(&mut self.hotsync_sync(&src, port));
+                        runs.add(tool, t.secs, Some(("sync", t.rss_kib)));
+                        let hwm = self.stop_serve(srv);
+                        runs.rss("serve", hwm);
+                    }
+                    CP => {
+                        let t = timed(
+                            Command::new("sh")
+                                .args(["-c", "cp -a \"$1\" \"$2\" && sync", "sh"])
+                                .arg(&src)
+                                .arg(&dest),
+                        );
+                        runs.add(tool, t.secs, None);
+                    }
+                    _ => {
+                        let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
+                        let mut c = Command::new("rsync");
+                        c.arg("-a")
+                            .args((tool == RSYNC_FSYNC).then_some("--fsync"))
+                            .arg(format!("{}/", src.display()))
+                            .arg(self.rsync_url(&sub));
+                        runs.add(tool, timed(&mut c).secs, None);
+                    }
+                }
+                // One inode each: deleting big files does not slow later creates.
+                let _ = std::fs::remove_dir_all(&dest);
+                let _ = std::fs::remove_dir_all(
+                    self.cfg.work.join("rsd").join(dest.file_name().unwrap()),
+                );
+                self.progress();
+            }
+        }
+        println!();
+        self.finish("new-1GiB", "s", runs, Some(CP));
+    }
+
+    /// delta: the edited big file against a standby holding the base version.
+    fn delta(&mut self) {
+        let src = self.cfg.work.join("data/big-new");
+        let base = self.cfg.work.join("data/big-base/data.bin");
+        let mut time = Runs::default();
+        let mut bytes = Runs::default();
+        let mut tools = vec![HS];
+        if self.rsync {
+            tools.extend([RSYNC_FSYNC, RSYNC]);
+        }
+        for _ in 0..self.cfg.reps {
+            for &tool in &tools {
+                let dest = self.fresh("delta");
+                let standby_dir = if tool == HS {
+                    dest.clone()
+                } else {
+                    self.cfg.work.join("rsd").join(dest.file_name().unwrap())
+                };
+                std::fs::create_dir_all(&standby_dir).unwrap();
+                std::fs::copy(&base, standby_dir.join("data.bin")).unwrap();
+                match tool {
+                    HS => {
+                        let (srv, port) = self.serve(&dest);
+                        let t = timed(&mut self.hotsync_sync(&src, port));
+                        let j: serde_json::Value = serde_json::from_str(t.stdout.trim()).unwrap();
+                        time.add(tool, t.secs, Some(("sync", t.rss_kib)));
+                        bytes.add(tool, j["bytes_on_wire"].as_f64().unwrap(), None);
+                        let hwm = self.stop_serve(srv);
+                        time.rss("serve", hwm);
+                    }
+                    _ => {
+                        let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
+                        let mut c = Command::new("rsync");
+                        c.args(["-a", "--stats"])
+                            .args((tool == RSYNC_FSYNC).then_some("--fsync"))
+                            .arg(format!("{}/", src.display()))
+                            .arg(self.rsync_url(&sub));
+                        let t = timed(&mut c);
+                        time.add(tool, t.secs, None);
+                        bytes.add(tool, rsync_total_bytes(&t.stdout), None);
+                    }
+                }
+                let _ = std::fs::remove_dir_all(&standby_dir);
+                self.progress();
+            }
+        }
+        println!();
+        self.finish("delta", "s", time, Some(RSYNC_FSYNC));
+        self.finish("delta-bytes-on-wire", "bytes", bytes, Some(RSYNC_FSYNC));
+    }
+
+    fn progress(&self) {
+        print!(".");
+        std::io::stdout().flush().unwrap();
+    }
+
+    fn finish(&mut self, name: &str, unit: &str, runs: Runs, reference: Option<&str>) {
+        let mut w = Workload {
+            name: name.into(),
+            unit: unit.into(),
+            reference: reference.map(String::from),
+            hotsync_rss_kib: runs.rss,
+            ..Default::default()
+        };
+        for (tool, v) in &runs.values {
+            w.results.insert(tool.clone(), Some(median(v)));
+            w.runs.insert(tool.clone(), v.clone());
+        }
+        if let Some(Some(h)) = w.results.get(HS).cloned() {
+            for (tool, m) in &w.results {
+                if tool != HS
+                    && let Some(m) = m
+                    && *m > 0.0
+                {
+                    w.ratios.insert(tool.clone(), h / m);
+                }
+            }
+        }
+        w.ratio = reference.and_then(|r| w.ratios.get(r).copied());
+        print_workload(&w);
+        self.workloads.push(w);
+    }
+
+    fn report(&self) -> serde_json::Value {
+        let uname = Command::new("uname")
+            .arg("-sr")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let mem = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| s.lines().next().map(String::from))
+            .unwrap_or_default();
+        serde_json::json!({
+            "workloads": self.workloads,
+            "machine": {
+                "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                "memory": mem,
+                "kernel": uname,
+                "mode": if self.cfg.quick { "quick" } else { "full" },
+                "runs_per_tool": self.cfg.reps,
+                "files": self.cfg.files,
+                "big_file_bytes": self.cfg.big,
+            },
+        })
+    }
+
+    fn cleanup(&mut self) {
+        if let Some((mut c, _)) = self.rsyncd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !self.cfg.keep {
+            let _ = std::fs::remove_dir_all(self.cfg.work.join("runs"));
+            let _ = std::fs::remove_dir_all(self.cfg.work.join("rsd"));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Runs {
+    values: BTreeMap<String, Vec<f64>>,
+    rss: BTreeMap<String, u64>,
+}
+
+impl Runs {
+    fn add(&mut self, tool: &str, v: f64, rss: Option<(&str, u64)>) {
+        self.values.entry(tool.into()).or_default().push(v);
+        if let Some((which, kib)) = rss {
+            self.rss(which, kib);
+        }
+    }
+    fn rss(&mut self, which: &str, kib: u64) {
+        let e = self.rss.entry(which.into()).or_default();
+        *e = (*e).max(kib);
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// "Total bytes sent" + "Total bytes received" from `rsync --stats`.
+fn rsync_total_bytes(stats: &str) -> f64 {
+    let grab = |key: &str| -> f64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| {
+                l[key.len()..]
+                    .split_whitespace()
+                    .next()
+                    .map(|n| n.replace(',', ""))
+            })
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    grab("Total bytes sent:") + grab("Total bytes received:")
+}
+
+fn print_workload(w: &Workload) {
+    let fmt = |v: f64| match w.unit.as_str() {
+        "bytes" => format!("{:.2} MB", v / 1e6),
+        "s" => format!("{v:.3} s"),
+        _ => format!("{v:.2} {}", w.unit),
+    };
+    println!("{}:", w.name);
+    for (tool, m) in &w.results {
+        let Some(m) = m else { continue };
+        let runs = &w.runs[tool];
+        let lo = runs.iter().cloned().fold(f64::INFINITY, f64::min);
+        let hi = runs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let ratio = w
+            .ratios
+            .get(tool)
+            .map(|r| format!("   hotsync/this = {r:.2}"))
+            .unwrap_or_default();
+        println!(
+            "  {tool:24} {:>12}  (min {}, max {}){ratio}",
+            fmt(*m),
+            fmt(lo),
+            fmt(hi)
+        );
+    }
+    if !w.hotsync_rss_kib.is_empty() {
+        let parts: Vec<String> = w
+            .hotsync_rss_kib
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1} MiB", *v as f64 / 1024.0))
+            .collect();
+        println!("  hotsync peak RSS: {}", parts.join(", "));
+    }
+    if let Some(n) = &w.note {
+        println!("  {n}");
+    }
+}
