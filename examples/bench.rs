@@ -489,8 +489,8 @@ impl Bench {
         let tools = self.tools_for_copy();
         let mut initial = Runs::default();
         let mut noop = Runs::default();
-        for _ in 0..self.cfg.reps {
-            for &tool in &tools {
+        for rep in 0..self.cfg.reps {
+            for tool in in_turn(&tools, rep) {
                 let dest = self.fresh("tree");
                 match tool {
                     HS => {
@@ -545,8 +545,9 @@ impl Bench {
     fn new_big(&mut self) {
         let src = self.cfg.work.join("data/big-base");
         let mut runs = Runs::default();
-        for _ in 0..self.cfg.reps {
-            for tool in self.tools_for_copy() {
+        let tools = self.tools_for_copy();
+        for rep in 0..self.cfg.reps {
+            for tool in in_turn(&tools, rep) {
                 let dest = self.fresh("big");
                 match tool {
                     HS => {
@@ -597,8 +598,8 @@ impl Bench {
         if self.rsync {
             tools.extend([RSYNC_FSYNC, RSYNC]);
         }
-        for _ in 0..self.cfg.reps {
-            for &tool in &tools {
+        for rep in 0..self.cfg.reps {
+            for tool in in_turn(&tools, rep) {
                 let dest = self.fresh("delta");
                 let standby_dir = if tool == HS {
                     dest.clone()
@@ -723,6 +724,16 @@ impl Runs {
         let e = self.rss.entry(which.into()).or_default();
         *e = (*e).max(kib);
     }
+}
+
+/// The tools of one round, in alternating order (A B C, then C B A, ...), so no tool always
+/// runs right after the same other one.
+fn in_turn(tools: &[&'static str], rep: usize) -> Vec<&'static str> {
+    let mut t = tools.to_vec();
+    if rep % 2 == 1 {
+        t.reverse();
+    }
+    t
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -130,6 +130,23 @@ impl ChunkedHasher {
         self.total
     }
 
+    /// Digests of the chunks completed so far.
+    pub fn completed(&self) -> &[Hash] {
+        &self.chunks
+    }
+
+    /// Accounts for a whole chunk (of `len` bytes, the chunk size or the file's last part)
+    /// whose digest is already known, without its bytes. Returns false, changing nothing,
+    /// when not at a chunk boundary.
+    pub fn push_known(&mut self, digest: Hash, len: u64) -> bool {
+        if self.in_chunk != 0 || len == 0 || len > self.chunk {
+            return false;
+        }
+        self.chunks.push(digest);
+        self.total += len;
+        true
+    }
+
     pub fn is_empty(&self) -> bool {
         self.total == 0
     }
@@ -138,6 +155,7 @@ impl ChunkedHasher {
     pub fn finish(mut self) -> (Vec<Hash>, Hash) {
         if self.in_chunk > 0 {
             self.chunks.push(*self.current.finalize().as_bytes());
+            self.in_chunk = 0;
         }
         let mut h = blake3::Hasher::new();
         h.update(b"hotsync chunked digest v1");
@@ -202,8 +220,23 @@ pub fn sign_base<R: ReadAt + ?Sized>(
     chunk: u64,
     new_coarse: &[[u8; COARSE_HASH_LEN]],
 ) -> io::Result<BaseSignature> {
-    let nbase = base_size.div_ceil(chunk);
     let (base_chunks, _) = hash_chunks(base, base_size, chunk)?;
+    sign_with(base, base_size, chunk, &base_chunks, new_coarse)
+}
+
+/// [`sign_base`] with the base's chunk digests already computed (the receiver hashes its
+/// base while the sender is still hashing the new file).
+pub fn sign_with<R: ReadAt + ?Sized>(
+    base: &R,
+    base_size: u64,
+    chunk: u64,
+    base_chunks: &[Hash],
+    new_coarse: &[[u8; COARSE_HASH_LEN]],
+) -> io::Result<BaseSignature> {
+    let nbase = base_size.div_ceil(chunk);
+    if base_chunks.len() as u64 != nbase {
+        return Err(io::Error::other("base chunk digests do not match its size"));
+    }
     let mut matched = vec![0u8; (nbase as usize).div_ceil(8)];
     let mut unmatched = 0u64;
     for i in 0..nbase {
@@ -244,6 +277,9 @@ pub fn sign_base<R: ReadAt + ?Sized>(
 pub enum DeltaError {
     #[error("malformed delta: {0}")]
     Malformed(&'static str),
+    /// The sender gave the file up mid-stream (it changed while being read).
+    #[error("the sender abandoned the file")]
+    Aborted,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -258,6 +294,23 @@ pub struct DeltaStats {
 const OP_END: u8 = 0;
 const OP_LITERAL: u8 = 1;
 const OP_COPY: u8 = 2;
+const OP_ABORT: u8 = 3;
+
+/// Ends an op stream early: the file is abandoned (see [`DeltaError::Aborted`]).
+pub fn write_abort(out: &mut impl Write) -> io::Result<()> {
+    out.write_all(&[OP_ABORT])
+}
+
+/// Where an applied delta goes. `copy_range` may copy `len` bytes of the base at `offset`
+/// by itself (in the kernel, say) and return true; the default declines.
+pub trait DeltaSink: Write {
+    fn copy_range(&mut self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+}
+
+impl DeltaSink for Vec<u8> {}
+impl DeltaSink for io::Sink {}
 
 fn write_varint(out: &mut impl Write, mut v: u64) -> io::Result<()> {
     let mut buf = [0u8; 10];
@@ -509,14 +562,20 @@ fn copy(
 /// `size` bytes to `out`. Every offset and length is checked before use: a copy must lie
 /// inside the base, and the output may not exceed `size`. Returns the output's chunked
 /// digest and the bytes that came as literals.
+///
+/// `known[i]`, when set, is the digest of base chunk `i` as the sender's chunk `i` too: a
+/// copy of that whole chunk to the same offset is then left to `out.copy_range` and not
+/// hashed again.
 pub fn apply<R: ReadAt + ?Sized>(
     ops: &mut impl Read,
     base: &R,
     base_size: u64,
-    out: &mut impl Write,
+    out: &mut impl DeltaSink,
     size: u64,
+    known: &[Option<Hash>],
 ) -> Result<(Hash, u64), DeltaError> {
-    let mut hasher = ChunkedHasher::new(chunk_size(size));
+    let chunk = chunk_size(size);
+    let mut hasher = ChunkedHasher::new(chunk);
     let mut buf = vec![0u8; IO_BUF];
     let mut literal = 0u64;
     loop {
@@ -550,13 +609,28 @@ pub fn apply<R: ReadAt + ?Sized>(
                 }
                 let mut done = 0u64;
                 while done < len {
-                    let n = ((len - done) as usize).min(buf.len());
+                    let pos = hasher.len();
+                    if pos.is_multiple_of(chunk) && offset + done == pos {
+                        let clen = chunk.min(size - pos);
+                        if let Some(Some(d)) = known.get((pos / chunk) as usize)
+                            && len - done >= clen
+                            && out.copy_range(pos, clen)?
+                        {
+                            hasher.push_known(*d, clen);
+                            done += clen;
+                            continue;
+                        }
+                    }
+                    // Up to the next chunk boundary, so whole known chunks are seen there.
+                    let to_boundary = chunk - pos % chunk;
+                    let n = ((len - done).min(to_boundary) as usize).min(buf.len());
                     base.read_exact_at(&mut buf[..n], offset + done)?;
                     hasher.update(&buf[..n]);
                     out.write_all(&buf[..n])?;
                     done += n as u64;
                 }
             }
+            OP_ABORT => return Err(DeltaError::Aborted),
             _ => return Err(DeltaError::Malformed("unknown op")),
         }
     }
@@ -612,6 +686,7 @@ mod tests {
             base.len() as u64,
             &mut out,
             new.len() as u64,
+            &[],
         )
         .unwrap();
         assert_eq!(out, new);
@@ -673,7 +748,7 @@ mod tests {
         for (ops, size) in cases {
             let mut out = Vec::new();
             assert!(
-                apply(&mut &ops[..], &base[..], 1000, &mut out, size).is_err(),
+                apply(&mut &ops[..], &base[..], 1000, &mut out, size, &[]).is_err(),
                 "{ops:?}"
             );
             assert!(out.len() as u64 <= size);
@@ -700,6 +775,86 @@ mod tests {
             fine: vec![],
         };
         assert!(DeltaEncoder::new(1000, 262_144, sig).is_err());
+    }
+
+    /// A sink that copies ranges itself, as the receiver does with copy_file_range.
+    struct CopyingSink<'a> {
+        base: &'a [u8],
+        out: Vec<u8>,
+        copied: u64,
+    }
+    impl Write for CopyingSink<'_> {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.out.write(b)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl DeltaSink for CopyingSink<'_> {
+        fn copy_range(&mut self, offset: u64, len: u64) -> io::Result<bool> {
+            self.out
+                .extend_from_slice(&self.base[offset as usize..(offset + len) as usize]);
+            self.copied += len;
+            Ok(true)
+        }
+    }
+
+    #[test]
+    fn known_chunks_are_copied_by_the_sink_and_not_rehashed() {
+        let base = pseudo_random(5 << 20, 11);
+        let mut new = base.clone();
+        new[3_000_000] ^= 1;
+        new.extend_from_slice(b"tail");
+        let chunk = chunk_size(new.len() as u64);
+        let (chunks, digest) = hash_chunks(&new[..], new.len() as u64, chunk).unwrap();
+        let (base_chunks, _) = hash_chunks(&base[..], base.len() as u64, chunk).unwrap();
+        let sig = sign_with(
+            &base[..],
+            base.len() as u64,
+            chunk,
+            &base_chunks,
+            &coarse_wire(&chunks),
+        )
+        .unwrap();
+        let known: Vec<Option<Hash>> = base_chunks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| bit(&sig.matched, i).then_some(*d))
+            .collect();
+        let enc = DeltaEncoder::new(base.len() as u64, chunk, sig).unwrap();
+        let mut ops = Vec::new();
+        enc.encode(&new[..], new.len() as u64, &mut ops).unwrap();
+        let mut sink = CopyingSink {
+            base: &base,
+            out: Vec::new(),
+            copied: 0,
+        };
+        let (got, _) = apply(
+            &mut &ops[..],
+            &base[..],
+            base.len() as u64,
+            &mut sink,
+            new.len() as u64,
+            &known,
+        )
+        .unwrap();
+        assert_eq!(sink.out, new);
+        assert_eq!(got, digest, "known digests give the same file digest");
+        assert!(
+            sink.copied >= (5 << 20) - 2 * chunk,
+            "unchanged chunks went through the sink: {}",
+            sink.copied
+        );
+    }
+
+    #[test]
+    fn an_aborted_stream_is_not_an_error_of_the_peer() {
+        let mut ops = vec![OP_LITERAL, 3, 1, 2, 3];
+        write_abort(&mut ops).unwrap();
+        let mut out = Vec::new();
+        let e = apply(&mut &ops[..], &[][..], 0, &mut out, 10, &[]).unwrap_err();
+        assert!(matches!(e, DeltaError::Aborted), "{e}");
     }
 
     #[test]

@@ -124,9 +124,11 @@ pub enum Message {
     NoBase {
         reason: String,
     },
-    /// Ends a file's bytes: the chunked digest, or `None` when the sender abandons the file
-    /// (it changed while being read).
+    /// Ends a file's bytes. `complete` is false when the sender abandons the file (it
+    /// changed while being read). A delta carries the digest of the result, which the
+    /// standby must reproduce before anything is replaced; a whole file carries none.
     FileEnd {
+        complete: bool,
         digest: Option<Hash>,
     },
 
@@ -480,6 +482,7 @@ mod tests {
                 retry: true,
             },
             Message::FileEnd {
+                complete: true,
                 digest: Some([9; 32]),
             },
             Message::Close,

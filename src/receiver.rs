@@ -4,7 +4,7 @@
 //! ends the connection.
 
 use crate::atomic::{Batch, Outcome, Staged};
-use crate::delta::{self, COARSE_HASH_LEN, ChunkedHasher, MAX_CHUNKS, chunk_size};
+use crate::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
 use crate::filter::Filter;
 use crate::fsroot::{self, Root, create_temp, remove_tree, set_meta_at, set_meta_fd};
 use crate::manifest::{Entry, Meta, ScanError};
@@ -692,14 +692,16 @@ fn stage_link(dirs: &mut Dirs, id: u64, path: &RelPath, target: &RelPath) -> io:
 
 type EntryResult = Result<Staged, (String, bool)>;
 
-/// A temp file being filled. Write failures are remembered, not returned, so the stream is
-/// always read to the end of the file and stays in step; the file is then reported failed.
 /// Where a temp lives: its directory, the final name, the writer, the temp name.
 type TempTarget = (Arc<OwnedFd>, Vec<u8>, BufWriter<File>, Vec<u8>);
 
+/// A temp file being filled. Write failures are remembered, not returned, so the stream is
+/// always read to the end of the file and stays in step; the file is then reported failed.
 struct TempSink {
     target: Option<TempTarget>,
     err: Option<String>,
+    /// The delta's base, for copying unchanged chunks in the kernel.
+    base: Option<File>,
 }
 
 impl TempSink {
@@ -717,21 +719,25 @@ impl TempSink {
             Ok(t) => TempSink {
                 target: Some(t),
                 err: None,
+                base: None,
             },
             Err(e) => TempSink {
                 target: None,
                 err: Some(reason(&e)),
+                base: None,
             },
         }
     }
 
-    /// Checks the digest and attributes, then stages the temp; on any failure removes it.
+    /// Stages the temp when the primary completed the file and the content proof, if any
+    /// (`(theirs, ours)`), holds; otherwise removes it. An incomplete file or a failed
+    /// proof asks the primary to send the file again.
     #[allow(clippy::too_many_arguments)]
     fn finish(
         mut self,
         s: &Session,
-        theirs: Option<crate::manifest::Hash>,
-        ours: crate::manifest::Hash,
+        complete: bool,
+        proof: Option<(crate::manifest::Hash, crate::manifest::Hash)>,
         id: u64,
         meta: &Meta,
         size: u64,
@@ -739,16 +745,12 @@ impl TempSink {
     ) -> EntryResult {
         let mut retry = false;
         if self.err.is_none() {
-            match theirs {
-                None => {
-                    self.err = Some("the file changed on the primary while it was read".into());
-                    retry = true;
-                }
-                Some(d) if d != ours => {
-                    self.err = Some("content digest mismatch".into());
-                    retry = true;
-                }
-                _ => {}
+            if !complete {
+                self.err = Some("the file changed on the primary while it was read".into());
+                retry = true;
+            } else if proof.is_some_and(|(theirs, ours)| theirs != ours) {
+                self.err = Some("content digest mismatch".into());
+                retry = true;
             }
         }
         let Some((dir, name, w, temp)) = self.target.take() else {
@@ -808,6 +810,49 @@ impl Write for TempSink {
     }
 }
 
+impl delta::DeltaSink for TempSink {
+    /// Unchanged chunks of a delta go from the base to the temp with `copy_file_range`,
+    /// never through user space.
+    fn copy_range(&mut self, offset: u64, len: u64) -> io::Result<bool> {
+        if self.err.is_some() {
+            return Ok(true); // the file has failed already; skip the work
+        }
+        let (Some(base), Some((_, _, w, _))) = (self.base.as_ref(), self.target.as_mut()) else {
+            return Ok(false);
+        };
+        if let Err(e) = w.flush() {
+            self.err = Some(reason(&e));
+            return Ok(true);
+        }
+        let (mut off, mut left, mut first) = (offset, len, true);
+        while left > 0 {
+            match rustix::fs::copy_file_range(
+                base,
+                Some(&mut off),
+                w.get_ref(),
+                None,
+                left as usize,
+            ) {
+                Ok(0) => {
+                    self.err = Some("the base file shrank during the delta".into());
+                    return Ok(true);
+                }
+                Ok(n) => left -= n as u64,
+                // Not supported here: let the caller copy through user space.
+                Err(Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) if first => {
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.err = Some(reason(&e.into()));
+                    return Ok(true);
+                }
+            }
+            first = false;
+        }
+        Ok(true)
+    }
+}
+
 /// The standby's base file for a delta. A read failure yields zeros (and a digest
 /// mismatch, so the primary resends the file whole) instead of desynchronising the stream.
 struct SoftBase<'a>(Option<&'a File>);
@@ -824,8 +869,20 @@ impl delta::ReadAt for SoftBase<'_> {
     }
 }
 
+/// Reads the `FileEnd` that closes a file's bytes: whether the primary completed the file,
+/// and its digest.
+fn file_end<R: Read>(
+    r: &mut FrameReader<R>,
+) -> Result<(bool, Option<crate::manifest::Hash>), ProtocolError> {
+    match r.recv()? {
+        Message::FileEnd { complete, digest } => Ok((complete, digest)),
+        other => Err(unexpected(other, "FileEnd")),
+    }
+}
+
 /// Receives a whole file into a temp. The outer error is fatal (the stream is unusable);
-/// the inner one concerns this file only.
+/// the inner one concerns this file only. Whole files carry no digest: QUIC's AEAD
+/// already proves the bytes on the wire, and `verify` proves the copies.
 #[allow(clippy::too_many_arguments)]
 fn receive_big<R: Read>(
     s: &Session,
@@ -838,22 +895,21 @@ fn receive_big<R: Read>(
     keep: bool,
 ) -> Result<EntryResult, ProtocolError> {
     let mut sink = TempSink::create(dirs, path);
-    let mut hasher = ChunkedHasher::new(chunk_size(size));
     let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
     let mut left = size;
     while left > 0 {
         let n = (left as usize).min(buf.len());
         r.read_raw(&mut buf[..n])?;
-        hasher.update(&buf[..n]);
         sink.write_all(&buf[..n])?;
         left -= n as u64;
     }
-    let digest = match r.recv()? {
-        Message::FileEnd { digest } => digest,
-        other => return Err(unexpected(other, "FileEnd")),
-    };
-    let (_, ours) = hasher.finish();
-    Ok(sink.finish(s, digest, ours, id, meta, size, keep))
+    let (complete, digest) = file_end(r)?;
+    if digest.is_some() {
+        return Err(ProtocolError::Invalid(
+            "a whole file carries no digest".into(),
+        ));
+    }
+    Ok(sink.finish(s, complete, None, id, meta, size, keep))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -875,10 +931,6 @@ fn receive_delta<R: Read, W: Write>(
             "delta chunking does not match its size".into(),
         ));
     }
-    let mut coarse = vec![[0u8; COARSE_HASH_LEN]; chunks as usize];
-    for c in coarse.iter_mut() {
-        r.read_raw(c)?;
-    }
     let base = dirs.parent(path).and_then(|(dir, name)| {
         let f = fsroot::resolve(
             dir.as_fd(),
@@ -892,13 +944,35 @@ fn receive_delta<R: Read, W: Write>(
                 "not a regular file",
             ));
         }
-        let size = st.st_size as u64;
-        let f = File::from(f);
-        let sig = delta::sign_base(&f, size, chunk, &coarse)?;
-        Ok((f, size, sig))
+        Ok((File::from(f), st.st_size as u64))
     });
+    // Hash the base while the primary is still hashing (and sending) its new version.
+    let (coarse, base_chunks) = std::thread::scope(|sc| {
+        let hashing = base
+            .as_ref()
+            .ok()
+            .map(|(f, n)| sc.spawn(move || delta::hash_chunks(f, *n, chunk)));
+        let mut coarse = vec![[0u8; COARSE_HASH_LEN]; chunks as usize];
+        let read = coarse.iter_mut().try_for_each(|c| r.read_raw(c));
+        let base_chunks = hashing.map(|h| h.join().expect("hashing thread panicked"));
+        (read.map(|_| coarse), base_chunks)
+    });
+    let coarse = coarse?;
+    let signed = match (&base, base_chunks) {
+        (Ok((f, n)), Some(Ok((digests, _)))) => {
+            delta::sign_with(f, *n, chunk, &digests, &coarse).map(|sig| (sig, digests))
+        }
+        (Err(e), _) => Err(io::Error::new(e.kind(), reason(e))),
+        (_, Some(Err(e))) => Err(e),
+        (Ok(_), None) => unreachable!("a base is always hashed"),
+    };
     let (base, base_size) = match base {
-        Ok((f, base_size, sig)) => {
+        Ok((f, n)) => (Some(f), n),
+        Err(_) => (None, 0),
+    };
+    let mut known: Vec<Option<crate::manifest::Hash>> = Vec::new();
+    match signed {
+        Ok((sig, digests)) => {
             w.send(&Message::BaseSig {
                 base_size,
                 block_size: sig.block_size,
@@ -907,31 +981,43 @@ fn receive_delta<R: Read, W: Write>(
             })?;
             w.write_raw(&sig.matched)?;
             w.write_raw(&sig.fine)?;
-            (Some(f), base_size)
+            known = digests
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| (sig.matched[i / 8] & (1 << (i % 8)) != 0).then_some(d))
+                .collect();
         }
-        Err(e) => {
-            w.send(&Message::NoBase { reason: reason(&e) })?;
-            (None, 0)
-        }
-    };
+        Err(e) => w.send(&Message::NoBase {
+            reason: e.to_string(),
+        })?,
+    }
     w.flush()?;
     let mut sink = TempSink::create(dirs, path);
+    sink.base = base.as_ref().and_then(|f| f.try_clone().ok());
     let ours = match delta::apply(
         r.raw(),
         &SoftBase(base.as_ref()),
         base_size,
         &mut sink,
         size,
+        &known,
     ) {
-        Ok((digest, _)) => digest,
+        Ok((digest, _)) => Some(digest),
+        Err(delta::DeltaError::Aborted) => None,
         Err(delta::DeltaError::Malformed(m)) => {
             return Err(ProtocolError::Invalid(format!("delta: {m}")));
         }
         Err(delta::DeltaError::Io(e)) => return Err(ProtocolError::Io(e)),
     };
-    let digest = match r.recv()? {
-        Message::FileEnd { digest } => digest,
-        other => return Err(unexpected(other, "FileEnd")),
+    let (complete, theirs) = file_end(r)?;
+    let proof = match (complete, ours, theirs) {
+        (true, Some(o), Some(t)) => Some((t, o)),
+        (false, _, _) => None,
+        _ => {
+            return Err(ProtocolError::Invalid(
+                "a completed delta needs its digest".into(),
+            ));
+        }
     };
-    Ok(sink.finish(s, digest, ours, id, meta, size, keep))
+    Ok(sink.finish(s, complete, proof, id, meta, size, keep))
 }

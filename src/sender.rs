@@ -3,7 +3,7 @@
 //! lanes, each large file on a stream of its own, with nothing waiting on a round trip
 //! per file.
 
-use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size, hash_chunks};
+use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, meta_of};
@@ -704,7 +704,6 @@ impl<'a> Exec<'a> {
             meta,
             size,
         })?;
-        let mut hasher = delta::ChunkedHasher::new(chunk_size(size));
         let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
         let mut off = 0u64;
         let mut problem: Option<(String, bool)> = None;
@@ -713,16 +712,11 @@ impl<'a> Exec<'a> {
             if problem.is_none()
                 && let Err(e) = delta::ReadAt::read_exact_at(&f, &mut buf[..n], off)
             {
-                problem = Some(if e.kind() == io::ErrorKind::UnexpectedEof {
-                    ("changed while being read".into(), true)
-                } else {
-                    (format!("cannot read: {e}"), false)
-                });
+                problem = Some(read_problem(&e));
             }
             if problem.is_some() {
                 buf[..n].fill(0);
             }
-            hasher.update(&buf[..n]);
             w.write_raw(&buf[..n])?;
             off += n as u64;
         }
@@ -733,7 +727,8 @@ impl<'a> Exec<'a> {
         self.tally.lock().unwrap().bytes_literal += size;
         match problem {
             None => w.send(&Message::FileEnd {
-                digest: Some(hasher.finish().1),
+                complete: true,
+                digest: None,
             })?,
             Some((reason, retry)) => {
                 pending.lock().unwrap().insert(
@@ -747,7 +742,10 @@ impl<'a> Exec<'a> {
                         },
                     ),
                 );
-                w.send(&Message::FileEnd { digest: None })?;
+                w.send(&Message::FileEnd {
+                    complete: false,
+                    digest: None,
+                })?;
             }
         }
         Ok(true)
@@ -822,15 +820,10 @@ impl<'a> Exec<'a> {
                 return Ok(());
             }
         };
-        let io_err = |e: rustix::io::Errno| Error::from(ProtocolError::Io(e.into()));
-        let before = rustix::fs::fstat(&f).map_err(io_err)?;
+        let before = rustix::fs::fstat(&f).map_err(|e| ProtocolError::Io(e.into()))?;
         let size = before.st_size as u64;
         let meta = meta_of(&before);
         let chunk = chunk_size(size);
-        let (chunks, digest) = match hash_chunks(&f, size, chunk) {
-            Ok(x) => x,
-            Err(_) => return self.whole_stream(&t.path, size, true),
-        };
         let Stream { recv, send } = self.conn.open().map_err(ProtocolError::Io)?;
         let mut r = FrameReader::new(recv);
         let mut w = FrameWriter::new(send);
@@ -844,9 +837,34 @@ impl<'a> Exec<'a> {
                 meta,
                 size,
                 chunk,
-                chunks: chunks.len() as u64,
+                chunks: size.div_ceil(chunk),
             })?;
-            for c in delta::coarse_wire(&chunks) {
+            // The standby starts hashing its base now, while we hash the new version.
+            w.flush()?;
+            let mut problem: Option<(String, bool)> = None;
+            let mut hasher = delta::ChunkedHasher::new(chunk);
+            let mut sent = 0;
+            let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
+            let mut off = 0u64;
+            while off < size {
+                let n = buf.len().min((size - off) as usize);
+                if problem.is_none()
+                    && let Err(e) = delta::ReadAt::read_exact_at(&f, &mut buf[..n], off)
+                {
+                    problem = Some(read_problem(&e));
+                }
+                if problem.is_some() {
+                    buf[..n].fill(0);
+                }
+                hasher.update(&buf[..n]);
+                for c in &hasher.completed()[sent..] {
+                    w.write_raw(&c[..COARSE_HASH_LEN])?;
+                }
+                sent = hasher.completed().len();
+                off += n as u64;
+            }
+            let (chunks, digest) = hasher.finish();
+            for c in &chunks[sent..] {
                 w.write_raw(&c[..COARSE_HASH_LEN])?;
             }
             w.flush()?;
@@ -889,33 +907,31 @@ impl<'a> Exec<'a> {
                     });
                 }
             };
-            let mut problem = None;
-            let stats = match &encoder {
-                Some(enc) => enc.encode(&f, size, w.raw()),
-                None => encode_literal(&f, size, w.raw()),
-            };
-            let stats = match stats {
-                Ok(s) => s,
-                Err(delta::DeltaError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    // The file shrank: the op stream is cut short; this stream is lost.
-                    return Err(ProtocolError::Io(e));
+            if problem.is_none() {
+                let stats = match &encoder {
+                    Some(enc) => enc.encode(&f, size, w.raw()),
+                    None => encode_literal(&f, size, w.raw()),
+                };
+                match stats {
+                    Ok(stats) => {
+                        let mut tl = self.tally.lock().unwrap();
+                        tl.bytes_literal += stats.literal;
+                        tl.bytes_matched += stats.matched;
+                    }
+                    // A read failed mid-way (a write failure shows again below).
+                    Err(delta::DeltaError::Io(e)) => problem = Some(read_problem(&e)),
+                    Err(e) => return Err(ProtocolError::Invalid(e.to_string())),
                 }
-                Err(e) => return Err(ProtocolError::Io(io::Error::other(e.to_string()))),
-            };
-            {
-                let mut tl = self.tally.lock().unwrap();
-                tl.bytes_literal += stats.literal;
-                tl.bytes_matched += stats.matched;
             }
-            let after = rustix::fs::fstat(&f).map_err(io::Error::from)?;
-            if changed(&before, &after) {
+            if problem.is_some() {
+                delta::write_abort(w.raw())?;
+            } else if changed(&before, &rustix::fs::fstat(&f).map_err(io::Error::from)?) {
                 problem = Some(("changed while being read".to_string(), true));
-                w.send(&Message::FileEnd { digest: None })?;
-            } else {
-                w.send(&Message::FileEnd {
-                    digest: Some(digest),
-                })?;
             }
+            w.send(&Message::FileEnd {
+                complete: problem.is_none(),
+                digest: problem.is_none().then_some(digest),
+            })?;
             w.flush()?;
             w.get_mut().finish()?;
             let (error, retry) = read_one_ack(&mut r, id)?;
@@ -926,20 +942,34 @@ impl<'a> Exec<'a> {
                 self.account(t.path.clone(), Op::Transfer { bytes: size }, None, false);
                 Ok(())
             }
-            Ok((_, true, _)) | Ok((_, _, Some((_, true)))) => {
+            Ok((_, _, Some((_, true)))) => {
+                tracing::debug!("{}: changed while read; sending it again", t.path);
+                self.whole_stream(&t.path, size, true)
+            }
+            Ok((_, true, _)) => {
                 tracing::debug!("{}: delta not accepted; sending it whole", t.path);
                 self.whole_stream(&t.path, size, true)
             }
             Ok((error, _, problem)) => {
-                let msg = problem.map(|p| p.0).or(error).unwrap_or_default();
-                self.error(&t.path, format!("cannot write on the standby: {msg}"));
+                let msg = match problem {
+                    Some((p, _)) => p,
+                    None => format!("cannot write on the standby: {}", error.unwrap_or_default()),
+                };
+                self.error(&t.path, msg);
                 Ok(())
-            }
-            Err(ProtocolError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                self.whole_stream(&t.path, size, true)
             }
             Err(e) => Err(peer_error(e)),
         }
+    }
+}
+
+/// What a failed read of a file being sent means for it: a file that shrank changed while
+/// read (worth another try); anything else is an error to report.
+fn read_problem(e: &io::Error) -> (String, bool) {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        ("changed while being read".into(), true)
+    } else {
+        (format!("cannot read: {e}"), false)
     }
 }
 
