@@ -74,6 +74,13 @@ impl Entry {
     }
 }
 
+/// How much of a path a scan covers: the entry alone, or it and everything beneath it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    Entry,
+    Tree,
+}
+
 /// A scan problem tied to one path: the entry (and, for a directory, everything under it)
 /// is unknown, so nothing there may be deleted on the standby.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

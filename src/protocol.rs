@@ -9,7 +9,7 @@
 //!   durable, with `Flush` barriers;
 //! - one stream per large file: `BigFile` or `Delta`, answered by one `Ack`.
 
-use crate::manifest::{Entry, Hash, Meta, ScanError};
+use crate::manifest::{Entry, Hash, Meta, ScanError, Scope};
 use crate::path::RelPath;
 use crate::plan::MetaTarget;
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,6 @@ pub enum Message {
     /// Primary → standby, first message on the control stream.
     /// In a dry run the standby only lists its tree: no lock, no clean-up, no writes.
     Open {
-        checksum: bool,
         excludes: Vec<String>,
         dry_run: bool,
     },
@@ -41,16 +40,22 @@ pub enum Message {
     /// preserved (the receiver runs as root).
     Opened {
         owners: bool,
-        temps_removed: u64,
+    },
+    /// Primary → standby on the control stream: list these paths (with content digests
+    /// when `checksum`); answered by `Entries` batches and `ListEnd`.
+    List {
+        scopes: Vec<(RelPath, Scope)>,
+        checksum: bool,
     },
     /// A batch of the standby's manifest.
     Entries {
         entries: Vec<Entry>,
         errors: Vec<ScanError>,
     },
-    /// End of the standby's manifest.
+    /// End of a listing; `temps_removed` counts leftover temporary files it cleaned up.
     ListEnd {
         count: u64,
+        temps_removed: u64,
     },
 
     /// Remove an entry in the way of a type change, with everything beneath it.
@@ -79,6 +84,12 @@ pub enum Message {
         #[serde(with = "crate::bytes")]
         target: Vec<u8>,
         meta: Meta,
+    },
+    /// Rename `from` to `to` on the standby (a rename on the primary, not re-sent as data).
+    Rename {
+        id: u64,
+        from: RelPath,
+        to: RelPath,
     },
     /// Make `path` another name of the existing file `target`.
     Link {
@@ -169,6 +180,8 @@ impl Message {
             Message::SetMeta { .. } => "SetMeta",
             Message::Symlink { .. } => "Symlink",
             Message::Link { .. } => "Link",
+            Message::Rename { .. } => "Rename",
+            Message::List { .. } => "List",
             Message::Lane => "Lane",
             Message::SmallFile { .. } => "SmallFile",
             Message::BigFile { .. } => "BigFile",
@@ -444,9 +457,12 @@ mod tests {
         let p = RelPath::new(b"dir/-name with\nnewline\xff".to_vec()).unwrap();
         vec![
             Message::Open {
-                checksum: true,
                 excludes: vec!["*.tmp".into()],
                 dry_run: false,
+            },
+            Message::List {
+                scopes: vec![(p.clone(), Scope::Tree)],
+                checksum: true,
             },
             Message::Entries {
                 entries: vec![Entry {

@@ -7,11 +7,11 @@ use crate::atomic::{Batch, Outcome, Staged};
 use crate::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
 use crate::filter::Filter;
 use crate::fsroot::{self, Root, create_temp, remove_tree, set_meta_at, set_meta_fd};
-use crate::manifest::{Entry, Meta, ScanError};
+use crate::manifest::{Entry, Meta, ScanError, Scope};
 use crate::path::{RESERVED, RelPath};
 use crate::plan::MetaTarget;
 use crate::protocol::{self, FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
-use crate::scan::{ScanOptions, scan};
+use crate::scan::{ScanOptions, scan_scopes};
 use crate::transport::{Connection, SendHalf, Stream};
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
@@ -34,12 +34,16 @@ pub struct SessionReport {
 
 /// The state shared by all streams of one session.
 struct Session {
-    root: Root,
+    /// `None` only in a dry run against a DEST that does not exist yet.
+    root: Option<Root>,
+    /// A dry run: list, never write.
+    read_only: bool,
     owners: bool,
+    filter: Filter,
     /// Bumped whenever directories may have been removed, so cached handles are dropped.
     generation: AtomicU64,
     report: Mutex<SessionReport>,
-    _lock: File,
+    _lock: Option<File>,
 }
 
 /// Serves one connection from a primary against the standby tree at `dest`, until the
@@ -54,12 +58,8 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
     w.greeting()?;
     w.flush()?;
     r.greeting()?;
-    let (checksum, excludes, dry_run) = match r.recv()? {
-        Message::Open {
-            checksum,
-            excludes,
-            dry_run,
-        } => (checksum, excludes, dry_run),
+    let (excludes, dry_run) = match r.recv()? {
+        Message::Open { excludes, dry_run } => (excludes, dry_run),
         other => return Err(unexpected(other, "Open").into()),
     };
     let refuse = |w: &mut FrameWriter<_>, message: String| -> crate::Error {
@@ -76,29 +76,13 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
         Ok(f) => f,
         Err(e) => return Err(refuse(&mut w, e.to_string())),
     };
-    if dry_run {
-        return list_only(dest, checksum, filter, r, w);
-    }
-    let session = match Session::open(dest) {
+    let session = match Session::open(dest, filter, dry_run) {
         Ok(s) => Arc::new(s),
         Err(message) => return Err(refuse(&mut w, message)),
     };
-    let listing = scan(
-        &session.root,
-        &ScanOptions {
-            checksum,
-            filter,
-            remove_temps: true,
-        },
-        &|_| {},
-    )
-    .map_err(|e| refuse(&mut w, format!("cannot scan {}: {e}", dest.display())));
-    let listing = listing?;
     w.send(&Message::Opened {
         owners: session.owners,
-        temps_removed: listing.temps_removed,
     })?;
-    send_manifest(&mut w, listing.manifest.entries, listing.manifest.errors)?;
     w.flush()?;
 
     let fatal: Mutex<Option<ProtocolError>> = Mutex::new(None);
@@ -153,50 +137,6 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
     }
 }
 
-/// A dry run: send the manifest (empty when DEST does not exist yet), touch nothing, and
-/// wait for the primary to close.
-fn list_only<R: Read, W: Write>(
-    dest: &Path,
-    checksum: bool,
-    filter: Filter,
-    mut r: FrameReader<R>,
-    mut w: FrameWriter<W>,
-) -> Result<SessionReport, crate::Error> {
-    let manifest = match Root::open(dest) {
-        Ok(root) => {
-            let opts = ScanOptions {
-                checksum,
-                filter,
-                remove_temps: false,
-            };
-            scan(&root, &opts, &|_| {})
-                .map_err(|e| crate::Error::io(format!("cannot scan {}", dest.display()), e))?
-                .manifest
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => crate::manifest::Manifest::default(),
-        Err(e) => {
-            return Err(crate::Error::io(
-                format!("cannot open DEST {}", dest.display()),
-                e,
-            ));
-        }
-    };
-    w.send(&Message::Opened {
-        owners: fsroot::can_chown(),
-        temps_removed: 0,
-    })?;
-    send_manifest(&mut w, manifest.entries, manifest.errors)?;
-    w.flush()?;
-    match r.recv()? {
-        Message::Close => {
-            w.send(&Message::Closed)?;
-            w.flush()?;
-            Ok(SessionReport::default())
-        }
-        other => Err(unexpected(other, "Close").into()),
-    }
-}
-
 fn unexpected(got: Message, expected: &'static str) -> ProtocolError {
     ProtocolError::Unexpected {
         got: got.name(),
@@ -208,6 +148,7 @@ fn send_manifest<W: Write>(
     w: &mut FrameWriter<W>,
     entries: Vec<Entry>,
     errors: Vec<ScanError>,
+    temps_removed: u64,
 ) -> Result<(), ProtocolError> {
     const BATCH: usize = 256 * 1024;
     let count = entries.len() as u64;
@@ -239,19 +180,51 @@ fn send_manifest<W: Write>(
             errors: chunk.to_vec(),
         })?;
     }
-    w.send(&Message::ListEnd { count })
+    w.send(&Message::ListEnd {
+        count,
+        temps_removed,
+    })
 }
 
 impl Session {
-    fn open(dest: &Path) -> Result<Session, String> {
+    /// Opens the standby tree: takes the session lock and checks that it is writable. A
+    /// dry run only looks (and a DEST that does not exist yet lists as empty).
+    fn open(dest: &Path, filter: Filter, read_only: bool) -> Result<Session, String> {
         let shown = dest.display();
-        let root = Root::open(dest).map_err(|e| match e.raw_os_error() {
-            Some(c) if c == Errno::NOENT.raw_os_error() => format!("DEST {shown} does not exist"),
-            Some(c) if c == Errno::NOTDIR.raw_os_error() => {
-                format!("DEST {shown} is not a directory")
+        let root = match Root::open(dest) {
+            Ok(r) => Some(r),
+            Err(e) if read_only && e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(match e.raw_os_error() {
+                    Some(c) if c == Errno::NOENT.raw_os_error() => {
+                        format!("DEST {shown} does not exist")
+                    }
+                    Some(c) if c == Errno::NOTDIR.raw_os_error() => {
+                        format!("DEST {shown} is not a directory")
+                    }
+                    _ => format!("cannot open DEST {shown}: {e}"),
+                });
             }
-            _ => format!("cannot open DEST {shown}: {e}"),
-        })?;
+        };
+        let lock = match &root {
+            Some(root) if !read_only => Some(Self::lock(root, dest)?),
+            _ => None,
+        };
+        fsroot::raise_fd_limit();
+        Ok(Session {
+            root,
+            read_only,
+            owners: fsroot::can_chown(),
+            filter,
+            generation: AtomicU64::new(0),
+            report: Mutex::new(SessionReport::default()),
+            _lock: lock,
+        })
+    }
+
+    /// Takes the lock in `.hotsync/` (one writing session per root) and probes writability.
+    fn lock(root: &Root, dest: &Path) -> Result<File, String> {
+        let shown = dest.display();
         let not_writable = |e: io::Error| format!("DEST {shown} is not writable: {e}");
         match rustix::fs::mkdirat(root.fd(), RESERVED, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(Errno::EXIST) => {}
@@ -290,14 +263,43 @@ impl Session {
         )
         .map_err(|e| not_writable(e.into()))?;
         let _ = rustix::fs::unlinkat(&state, c"write-probe", AtFlags::empty());
-        fsroot::raise_fd_limit();
-        Ok(Session {
-            root,
-            owners: fsroot::can_chown(),
-            generation: AtomicU64::new(0),
-            report: Mutex::new(SessionReport::default()),
-            _lock: File::from(lock),
-        })
+        Ok(File::from(lock))
+    }
+
+    /// The tree root; only a dry run against a missing DEST has none.
+    fn root(&self) -> io::Result<&Root> {
+        self.root
+            .as_ref()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "DEST does not exist"))
+    }
+
+    /// Lists `scopes` for the primary: entries, then `ListEnd`.
+    fn list<W: Write>(
+        &self,
+        w: &mut FrameWriter<W>,
+        scopes: &[(RelPath, Scope)],
+        checksum: bool,
+    ) -> Result<(), ProtocolError> {
+        let listing = match &self.root {
+            Some(root) => {
+                let opts = ScanOptions {
+                    checksum,
+                    filter: self.filter.clone(),
+                    remove_temps: !self.read_only,
+                };
+                scan_scopes(root, scopes, &opts, &|_| {}).map_err(|e| {
+                    ProtocolError::Invalid(format!("cannot scan the standby tree: {e}"))
+                })?
+            }
+            None => Default::default(),
+        };
+        send_manifest(
+            w,
+            listing.manifest.entries,
+            listing.manifest.errors,
+            listing.temps_removed,
+        )?;
+        w.flush()
     }
 
     fn tree_changed(&self) {
@@ -324,7 +326,7 @@ impl<'a> Dirs<'a> {
     /// The parent directory of `path` and the last name.
     fn parent<'p>(&mut self, path: &'p RelPath) -> io::Result<(Arc<OwnedFd>, &'p [u8])> {
         if path.is_root() {
-            return Ok((Arc::new(self.s.root.open_dir(path)?), b"."));
+            return Ok((Arc::new(self.s.root()?.open_dir(path)?), b"."));
         }
         let g = self.s.generation.load(Ordering::Relaxed);
         if g != self.generation || self.map.len() > 256 {
@@ -337,7 +339,7 @@ impl<'a> Dirs<'a> {
         }
         let fd = Arc::new(
             self.s
-                .root
+                .root()?
                 .open_dir(&RelPath::new(parent.to_vec()).unwrap())?,
         );
         self.map.insert(parent.to_vec(), fd.clone());
@@ -374,6 +376,31 @@ fn temp_in(dir: &OwnedFd) -> io::Result<(File, Vec<u8>)> {
     }
 }
 
+/// Commits a batch (nothing is ever staged in a dry run, which may have no root).
+fn commit(s: &Session, batch: &mut Batch) -> Vec<Outcome> {
+    match &s.root {
+        Some(root) => batch.commit(root.fd()),
+        None => Vec::new(),
+    }
+}
+
+/// True for the messages that change the standby tree.
+fn writes(msg: &Message) -> bool {
+    matches!(
+        msg,
+        Message::Clear { .. }
+            | Message::Delete { .. }
+            | Message::Mkdir { .. }
+            | Message::SetMeta { .. }
+            | Message::Symlink { .. }
+            | Message::Link { .. }
+            | Message::Rename { .. }
+            | Message::SmallFile { .. }
+            | Message::BigFile { .. }
+            | Message::Delta { .. }
+    )
+}
+
 /// Reads and applies operations until the stream ends (or `Close`, on the control stream).
 fn op_loop<R: Read, W: SendHalf>(
     s: &Session,
@@ -386,12 +413,32 @@ fn op_loop<R: Read, W: SendHalf>(
     let mut buf = Vec::new();
     loop {
         let Some(msg) = r.recv_opt()? else {
-            send_acks(s, &mut w, batch.commit(s.root.fd()))?;
+            send_acks(s, &mut w, commit(s, &mut batch))?;
             w.flush()?;
             w.get_mut().finish()?;
             return Ok(());
         };
+        if s.read_only && writes(&msg) {
+            return Err(ProtocolError::Invalid(format!(
+                "{} in a dry run",
+                msg.name()
+            )));
+        }
         match msg {
+            Message::List { scopes, checksum } if control => {
+                s.list(&mut w, &scopes, checksum)?;
+                continue;
+            }
+            Message::Rename { id, from, to } => {
+                check_writable(&from)?;
+                check_writable(&to)?;
+                let res = dirs.parent(&from).and_then(|(fd, fname)| {
+                    let (td, tname) = dirs.parent(&to)?;
+                    Ok(rustix::fs::renameat(&*fd, fname, &*td, tname)?)
+                });
+                batch.record(id, res.map_err(|e| reason(&e)));
+                s.tree_changed();
+            }
             Message::Clear { id, path } | Message::Delete { id, path } => {
                 if path.is_root() || path.is_reserved() {
                     return Err(ProtocolError::Invalid(format!("refusing to remove {path}")));
@@ -507,13 +554,13 @@ fn op_loop<R: Read, W: SendHalf>(
                 }
             }
             Message::Flush { seq } => {
-                send_acks(s, &mut w, batch.commit(s.root.fd()))?;
+                send_acks(s, &mut w, commit(s, &mut batch))?;
                 w.send(&Message::Flushed { seq })?;
                 w.flush()?;
                 continue;
             }
             Message::Close if control => {
-                send_acks(s, &mut w, batch.commit(s.root.fd()))?;
+                send_acks(s, &mut w, commit(s, &mut batch))?;
                 w.send(&Message::Closed)?;
                 w.flush()?;
                 // Once the primary has `Closed`, the session is over for both sides.
@@ -524,7 +571,7 @@ fn op_loop<R: Read, W: SendHalf>(
             other => return Err(unexpected(other, "an operation")),
         }
         if batch.should_commit() {
-            send_acks(s, &mut w, batch.commit(s.root.fd()))?;
+            send_acks(s, &mut w, commit(s, &mut batch))?;
             w.flush()?;
         }
     }

@@ -5,12 +5,12 @@
 use crate::delta::{chunk_size, hash_chunks};
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, link_key, meta_of};
-use crate::manifest::{Entry, Hash, Kind, Manifest, ScanError};
+use crate::manifest::{Entry, Hash, Kind, Manifest, ScanError, Scope};
 use crate::path::{RESERVED, RelPath, is_temp_name};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -46,23 +46,206 @@ pub fn scan(
     opts: &ScanOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> io::Result<ScanOutcome> {
+    scan_scopes(root, &[(RelPath::root(), Scope::Tree)], opts, progress)
+}
+
+/// Drops duplicates and scopes inside a `Tree` scope that is also listed; sorted.
+pub fn normalize_scopes(scopes: &[(RelPath, Scope)]) -> Vec<(RelPath, Scope)> {
+    let mut v: Vec<(RelPath, Scope)> = scopes.to_vec();
+    // Sorted by path, a tree comes before what it covers; the widest scope of a path wins.
+    v.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    v.dedup_by(|b, a| a.0 == b.0);
+    let mut out: Vec<(RelPath, Scope)> = Vec::with_capacity(v.len());
+    let mut trees: Vec<RelPath> = Vec::new();
+    for (p, sc) in v {
+        while trees.last().is_some_and(|t| !p.starts_with(t)) {
+            trees.pop();
+        }
+        if trees.last().is_some_and(|t| p.starts_with(t)) {
+            continue;
+        }
+        if sc == Scope::Tree {
+            trees.push(p.clone());
+        }
+        out.push((p, sc));
+    }
+    out
+}
+
+/// Scans only the given paths: each one's own entry, and for a `Tree` scope everything
+/// beneath it. A path that does not exist (or lies under an excluded or missing parent)
+/// contributes nothing, which is how the caller learns it is gone.
+pub fn scan_scopes(
+    root: &Root,
+    scopes: &[(RelPath, Scope)],
+    opts: &ScanOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<ScanOutcome> {
     let mut out = ScanOutcome::default();
-    let st = rustix::fs::fstat(root.fd())?;
+    for (path, scope) in normalize_scopes(scopes) {
+        if path.is_root() {
+            let st = rustix::fs::fstat(root.fd())?;
+            out.manifest.entries.push(Entry {
+                path: RelPath::root(),
+                kind: Kind::Dir,
+                meta: meta_of(&st),
+                link: None,
+            });
+            if scope == Scope::Tree {
+                walk(root.open_dir(&path)?, path, opts, &mut out, progress)?;
+            }
+            continue;
+        }
+        if path.is_reserved() || is_temp_name(path.name()) || excluded_ancestor(&opts.filter, &path)
+        {
+            continue;
+        }
+        let (parent, name) = path.split();
+        let dir = match root.open_dir(&parent) {
+            Ok(d) => d,
+            // A parent that is gone or is not a directory: the path does not exist.
+            Err(e) if is_absent(&e) => continue,
+            Err(e) => {
+                out.manifest.errors.push(ScanError {
+                    path: parent,
+                    error: format!("cannot open directory: {e}"),
+                });
+                continue;
+            }
+        };
+        if let Some(sub) = visit(dir.as_fd(), name, &path, opts, &mut out) {
+            if scope == Scope::Tree {
+                walk(sub, path, opts, &mut out, progress)?;
+            }
+        }
+    }
+    out.manifest.sort();
+    if opts.checksum {
+        out.bytes_hashed = hash_all(root, &mut out.manifest);
+    }
+    progress(out.manifest.entries.len() as u64);
+    Ok(out)
+}
+
+fn is_absent(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(c) if c == Errno::NOENT.raw_os_error() || c == Errno::NOTDIR.raw_os_error() || c == Errno::LOOP.raw_os_error()
+    )
+}
+
+/// True when a directory above `path` is excluded (so `path` is never scanned).
+fn excluded_ancestor(filter: &Filter, path: &RelPath) -> bool {
+    let mut p = path.split().0;
+    while !p.is_root() {
+        if filter.excludes(&p, true) {
+            return true;
+        }
+        p = p.split().0;
+    }
+    false
+}
+
+/// Records the entry `name` in `dir` (at `path`), unless it is excluded, vanished or not
+/// mirrorable. For a directory, returns its open handle to walk.
+fn visit(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    path: &RelPath,
+    opts: &ScanOptions,
+    out: &mut ScanOutcome,
+) -> Option<OwnedFd> {
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return None, // vanished since the listing
+        Err(e) => {
+            out.manifest.errors.push(ScanError {
+                path: path.clone(),
+                error: io::Error::from(e).to_string(),
+            });
+            return None;
+        }
+    };
+    let ft = FileType::from_raw_mode(st.st_mode);
+    if opts.filter.excludes(path, ft == FileType::Directory) {
+        return None;
+    }
+    let mut sub = None;
+    let kind = match ft {
+        FileType::RegularFile => Kind::File {
+            size: st.st_size as u64,
+            hash: None,
+        },
+        FileType::Directory => {
+            match rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => sub = Some(fd),
+                Err(e) => out.manifest.errors.push(ScanError {
+                    path: path.clone(),
+                    error: format!("cannot open directory: {}", io::Error::from(e)),
+                }),
+            }
+            Kind::Dir
+        }
+        FileType::Symlink => match rustix::fs::readlinkat(dir, name, Vec::new()) {
+            Ok(t) => Kind::Symlink {
+                target: t.into_bytes(),
+            },
+            Err(e) => {
+                out.manifest.errors.push(ScanError {
+                    path: path.clone(),
+                    error: format!("cannot read symlink: {}", io::Error::from(e)),
+                });
+                return None;
+            }
+        },
+        other => {
+            out.skipped.push(Skipped {
+                path: path.clone(),
+                kind: match other {
+                    FileType::Socket => "socket",
+                    FileType::Fifo => "fifo",
+                    FileType::CharacterDevice => "character device",
+                    FileType::BlockDevice => "block device",
+                    _ => "special file",
+                },
+            });
+            return None;
+        }
+    };
+    let link = if ft == FileType::RegularFile {
+        link_key(&st)
+    } else {
+        None
+    };
     out.manifest.entries.push(Entry {
-        path: RelPath::root(),
-        kind: Kind::Dir,
+        path: path.clone(),
+        kind,
         meta: meta_of(&st),
-        link: None,
+        link,
     });
-    let mut stack: Vec<(OwnedFd, RelPath)> =
-        vec![(root.open_dir(&RelPath::root())?, RelPath::root())];
+    sub
+}
+
+/// Walks everything beneath the open directory `fd` (at `start`). Only a failure to list
+/// the root is an error; other directories that cannot be listed are recorded.
+fn walk(
+    fd: OwnedFd,
+    start: RelPath,
+    opts: &ScanOptions,
+    out: &mut ScanOutcome,
+    progress: &(dyn Fn(u64) + Sync),
+) -> io::Result<()> {
+    let mut stack: Vec<(OwnedFd, RelPath)> = vec![(fd, start)];
     while let Some((fd, dir_path)) = stack.pop() {
         let names = match crate::fsroot::list_dir(fd.as_fd()) {
             Ok(n) => n,
+            Err(e) if dir_path.is_root() => return Err(e),
             Err(e) => {
-                if dir_path.is_root() {
-                    return Err(e);
-                }
                 out.manifest.errors.push(ScanError {
                     path: dir_path,
                     error: format!("cannot list directory: {e}"),
@@ -89,90 +272,15 @@ pub fn scan(
                 });
                 continue;
             };
-            let st = match rustix::fs::statat(&fd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(Errno::NOENT) => continue, // vanished since the listing
-                Err(e) => {
-                    out.manifest.errors.push(ScanError {
-                        path,
-                        error: io::Error::from(e).to_string(),
-                    });
-                    continue;
-                }
-            };
-            let ft = FileType::from_raw_mode(st.st_mode);
-            if opts.filter.excludes(&path, ft == FileType::Directory) {
-                continue;
+            if let Some(sub) = visit(fd.as_fd(), &name, &path, opts, out) {
+                stack.push((sub, path));
             }
-            let kind = match ft {
-                FileType::RegularFile => Kind::File {
-                    size: st.st_size as u64,
-                    hash: None,
-                },
-                FileType::Directory => {
-                    match rustix::fs::openat(
-                        &fd,
-                        name.as_slice(),
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    ) {
-                        Ok(sub) => stack.push((sub, path.clone())),
-                        Err(e) => out.manifest.errors.push(ScanError {
-                            path: path.clone(),
-                            error: format!("cannot open directory: {}", io::Error::from(e)),
-                        }),
-                    }
-                    Kind::Dir
-                }
-                FileType::Symlink => match rustix::fs::readlinkat(&fd, name.as_slice(), Vec::new())
-                {
-                    Ok(t) => Kind::Symlink {
-                        target: t.into_bytes(),
-                    },
-                    Err(e) => {
-                        out.manifest.errors.push(ScanError {
-                            path,
-                            error: format!("cannot read symlink: {}", io::Error::from(e)),
-                        });
-                        continue;
-                    }
-                },
-                other => {
-                    out.skipped.push(Skipped {
-                        path,
-                        kind: match other {
-                            FileType::Socket => "socket",
-                            FileType::Fifo => "fifo",
-                            FileType::CharacterDevice => "character device",
-                            FileType::BlockDevice => "block device",
-                            _ => "special file",
-                        },
-                    });
-                    continue;
-                }
-            };
-            let link = if ft == FileType::RegularFile {
-                link_key(&st)
-            } else {
-                None
-            };
-            out.manifest.entries.push(Entry {
-                path,
-                kind,
-                meta: meta_of(&st),
-                link,
-            });
             if out.manifest.entries.len() % 4096 == 0 {
                 progress(out.manifest.entries.len() as u64);
             }
         }
     }
-    out.manifest.sort();
-    if opts.checksum {
-        out.bytes_hashed = hash_all(root, &mut out.manifest);
-    }
-    progress(out.manifest.entries.len() as u64);
-    Ok(out)
+    Ok(())
 }
 
 /// Hashes every regular file in the manifest, in parallel; a file that cannot be read
@@ -245,4 +353,60 @@ pub fn hash_file(root: &Root, path: &RelPath) -> io::Result<(rustix::fs::Stat, H
         }
     }
     Err(io::Error::other("file keeps changing while being read"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn scopes_are_normalised() {
+        let n = normalize_scopes(&[
+            (p("a/b"), Scope::Entry),
+            (p("a"), Scope::Tree),
+            (p("c"), Scope::Entry),
+            (p("c"), Scope::Tree),
+            (p("ab"), Scope::Entry),
+            (p("c/d"), Scope::Tree),
+        ]);
+        assert_eq!(
+            n,
+            vec![
+                (p("a"), Scope::Tree),
+                (p("ab"), Scope::Entry),
+                (p("c"), Scope::Tree)
+            ]
+        );
+    }
+
+    #[test]
+    fn scoped_scans_see_only_their_paths() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("d/e")).unwrap();
+        std::fs::write(t.path().join("d/e/f"), b"f").unwrap();
+        std::fs::write(t.path().join("g"), b"g").unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let o = ScanOptions::default();
+        let got = |scopes: &[(RelPath, Scope)]| -> Vec<String> {
+            scan_scopes(&root, scopes, &o, &|_| {})
+                .unwrap()
+                .manifest
+                .entries
+                .iter()
+                .map(|e| e.path.display())
+                .collect()
+        };
+        assert_eq!(got(&[(p("d"), Scope::Entry)]), ["d"]);
+        assert_eq!(got(&[(p("d"), Scope::Tree)]), ["d", "d/e", "d/e/f"]);
+        assert_eq!(
+            got(&[(p("d/e/f"), Scope::Entry), (RelPath::root(), Scope::Entry)]),
+            ["", "d/e/f"]
+        );
+        assert!(got(&[(p("missing/x"), Scope::Tree), (p("g/x"), Scope::Entry)]).is_empty());
+        assert_eq!(got(&[(RelPath::root(), Scope::Tree)]).len(), 5);
+    }
 }

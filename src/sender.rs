@@ -7,14 +7,14 @@ use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, meta_of};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Scope};
 use crate::path::RelPath;
 use crate::plan::{self, MetaFix, Plan, PlanOptions, SymlinkOp, Transfer};
 use crate::progress::Monitor;
 use crate::protocol::{FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
-use crate::scan::{ScanOptions, scan};
+use crate::scan::{ScanOptions, normalize_scopes, scan_scopes};
 use crate::summary::{EntryError, Summary};
-use crate::transport::{Connection, Stream};
+use crate::transport::{Connection, SendHalf, Stream};
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -37,6 +37,17 @@ pub struct SyncOptions {
     pub lanes: usize,
     /// Large files in flight at once.
     pub big_streams: usize,
+    /// What a plan that trips the mass-delete guard does.
+    pub on_mass_delete: MassDelete,
+}
+
+/// What to do when a plan would delete more than the guard allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MassDelete {
+    /// Refuse the whole sync (exit 2): `sync`.
+    Refuse,
+    /// Carry out everything else and log the refusal: `watch`, which must keep replicating.
+    SkipDeletes,
 }
 
 impl Default for SyncOptions {
@@ -50,6 +61,7 @@ impl Default for SyncOptions {
             max_delete_percent: 50,
             lanes: 2,
             big_streams: 2,
+            on_mass_delete: MassDelete::Refuse,
         }
     }
 }
@@ -72,99 +84,270 @@ pub fn sync(
     monitor: &dyn Monitor,
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
-    let filter = Filter::new(&opts.excludes).map_err(|e| Error::Usage(e.to_string()))?;
-    let ctrl = conn.open().map_err(ProtocolError::Io)?;
-    let Stream { recv, send } = ctrl;
-    let mut r = FrameReader::new(recv);
-    let mut w = FrameWriter::new(send);
-    w.greeting()?;
-    w.send(&Message::Open {
-        checksum: opts.checksum,
-        excludes: opts.excludes.clone(),
-        dry_run: opts.dry_run,
-    })?;
-    w.flush()?;
-
-    let scan_opts = ScanOptions {
-        checksum: opts.checksum,
-        filter,
-        remove_temps: false,
+    let mut session = Session::open(src, conn, opts, monitor)?;
+    let mut outcome = match session.sync_all() {
+        Ok(o) => o,
+        Err(e) => {
+            if matches!(e, Error::Refused(_)) {
+                let _ = session.close();
+            }
+            return Err(e);
+        }
     };
-    let (local, remote) = std::thread::scope(|s| {
-        let local = s.spawn(|| scan(src, &scan_opts, &|n| monitor.scanned(n)));
-        let remote = receive_listing(&mut r);
-        (local.join().expect("scan thread panicked"), remote)
-    });
-    let local =
-        local.map_err(|e| Error::io(format!("cannot read SRC {}", src.path().display()), e))?;
-    let (remote, owners, temps_removed) = remote.map_err(peer_error)?;
-    tracing::debug!("{} ms: both trees scanned", started.elapsed().as_millis());
-
-    let mut summary = Summary {
-        files_scanned: local.manifest.children().len() as u64,
-        bytes_total: local.manifest.file_bytes(),
-        temps_removed,
-        dry_run: opts.dry_run,
-        ..Summary::default()
-    };
-    for sk in &local.skipped {
-        tracing::warn!(
-            "skipping {} {}: hotsync mirrors files, directories and symlinks only",
-            sk.kind,
-            sk.path
-        );
-        summary
-            .skipped
-            .push(EntryError::new(&sk.path, format!("{} skipped", sk.kind)));
-    }
-    for e in &local.manifest.errors {
-        summary
-            .errors
-            .push(EntryError::new(&e.path, e.error.clone()));
-    }
-    if !owners {
-        tracing::warn!("the standby does not run as root: owner and group are not preserved there");
-    }
-    let plan = plan::plan(
-        &local.manifest,
-        &remote,
-        PlanOptions {
-            checksum: opts.checksum,
-            delete: opts.delete,
-            owners,
-        },
-    );
-    if let Err(refusal) = guard(src, &local.manifest, &plan, opts) {
-        let _ = close_session(&mut r, &mut w);
-        conn.close("refused");
-        return Err(refusal);
-    }
-    monitor.planned(plan.transfers.len() as u64, plan.transfer_bytes());
-
-    if !opts.dry_run {
-        let ex = Exec {
-            conn,
-            root: src,
-            remote: &remote,
-            tally: Mutex::new(summary),
-            retries: Mutex::new(Vec::new()),
-            next_id: AtomicU64::new(1),
-            monitor,
-        };
-        ex.run(&plan, &mut r, &mut w, opts)?;
-        summary = ex.tally.into_inner().unwrap();
-    } else {
-        summary.files_transferred = plan.transfers.len() as u64;
-        summary.files_deleted = plan.removed_entries as u64;
-    }
-    tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
-    close_session(&mut r, &mut w).map_err(peer_error)?;
-    tracing::debug!("{} ms: session closed", started.elapsed().as_millis());
-    summary.bytes_on_wire = conn.wire_bytes();
-    conn.close("session complete");
-    summary.elapsed_ms = started.elapsed().as_millis() as u64;
+    session.close()?;
+    outcome.summary.bytes_on_wire = conn.wire_bytes();
+    outcome.summary.elapsed_ms = started.elapsed().as_millis() as u64;
     monitor.finished();
-    Ok(Outcome { summary, plan })
+    Ok(outcome)
+}
+
+type CtrlReader = FrameReader<Box<dyn Read + Send>>;
+type CtrlWriter = FrameWriter<Box<dyn SendHalf>>;
+
+/// One session with a standby over one connection: a full reconcile, any number of partial
+/// ones (watch mode: only the paths that changed), then `close`.
+pub struct Session<'a> {
+    conn: &'a dyn Connection,
+    root: &'a Root,
+    opts: SyncOptions,
+    scan_opts: ScanOptions,
+    monitor: &'a dyn Monitor,
+    r: CtrlReader,
+    w: CtrlWriter,
+    /// Whether the standby preserves owner and group (it runs as root).
+    pub owners: bool,
+    next_id: AtomicU64,
+    /// The standby's entries at the last full listing: the mass-delete guard's yardstick.
+    remote_total: usize,
+}
+
+impl<'a> Session<'a> {
+    /// Opens the control stream and the session (the standby takes its lock).
+    pub fn open(
+        root: &'a Root,
+        conn: &'a dyn Connection,
+        opts: &SyncOptions,
+        monitor: &'a dyn Monitor,
+    ) -> Result<Session<'a>, Error> {
+        let filter = Filter::new(&opts.excludes).map_err(|e| Error::Usage(e.to_string()))?;
+        let Stream { recv, send } = conn.open().map_err(ProtocolError::Io)?;
+        let mut r = FrameReader::new(recv);
+        let mut w = FrameWriter::new(send);
+        w.greeting()?;
+        w.send(&Message::Open {
+            excludes: opts.excludes.clone(),
+            dry_run: opts.dry_run,
+        })?;
+        w.flush()?;
+        let opened = r.greeting().and_then(|_| r.recv()).map_err(peer_error)?;
+        let owners = match opened {
+            Message::Opened { owners } => owners,
+            other => {
+                return Err(ProtocolError::Unexpected {
+                    got: other.name(),
+                    expected: "Opened",
+                }
+                .into());
+            }
+        };
+        if !owners {
+            tracing::warn!(
+                "the standby does not run as root: owner and group are not preserved there"
+            );
+        }
+        Ok(Session {
+            conn,
+            root,
+            opts: opts.clone(),
+            scan_opts: ScanOptions {
+                checksum: opts.checksum,
+                filter,
+                remove_temps: false,
+            },
+            monitor,
+            r,
+            w,
+            owners,
+            next_id: AtomicU64::new(1),
+            remote_total: 0,
+        })
+    }
+
+    /// Reconciles the whole tree.
+    pub fn sync_all(&mut self) -> Result<Outcome, Error> {
+        self.reconcile(&[], &[(RelPath::root(), Scope::Tree)], true)
+    }
+
+    /// Applies `renames` on the standby as renames, then reconciles only `scopes` (and their
+    /// parent directories). A path that no longer exists on the primary is removed.
+    pub fn sync_paths(
+        &mut self,
+        renames: &[(RelPath, RelPath)],
+        scopes: &[(RelPath, Scope)],
+    ) -> Result<Outcome, Error> {
+        self.reconcile(renames, scopes, false)
+    }
+
+    /// Ends the session cleanly.
+    pub fn close(mut self) -> Result<(), Error> {
+        close_session(&mut self.r, &mut self.w).map_err(peer_error)?;
+        self.conn.close("session complete");
+        Ok(())
+    }
+
+    fn reconcile(
+        &mut self,
+        renames: &[(RelPath, RelPath)],
+        scopes: &[(RelPath, Scope)],
+        full: bool,
+    ) -> Result<Outcome, Error> {
+        let started = Instant::now();
+        let wire_before = self.conn.wire_bytes();
+        let empty = Manifest::default();
+        let ex = Exec {
+            conn: self.conn,
+            root: self.root,
+            remote: &empty,
+            tally: Mutex::new(Summary::default()),
+            retries: Mutex::new(Vec::new()),
+            next_id: &self.next_id,
+            monitor: self.monitor,
+        };
+        if !renames.is_empty() && !self.opts.dry_run {
+            let ops = renames
+                .iter()
+                .map(|(from, to)| {
+                    let msg = Message::Rename {
+                        id: 0,
+                        from: from.clone(),
+                        to: to.clone(),
+                    };
+                    (msg, to.clone(), Op::Rename)
+                })
+                .collect();
+            ex.control_batch(&mut self.r, &mut self.w, ops, 1)?;
+        }
+        // Parents too: a new path may need its directory made, and changes inside a
+        // directory change its mtime.
+        let mut wanted: Vec<(RelPath, Scope)> = scopes.to_vec();
+        for (p, _) in scopes {
+            let mut q = p.clone();
+            while !q.is_root() {
+                q = q.split().0;
+                wanted.push((q.clone(), Scope::Entry));
+            }
+        }
+        let scopes = normalize_scopes(&wanted);
+        self.w.send(&Message::List {
+            scopes: scopes.clone(),
+            checksum: self.opts.checksum,
+        })?;
+        self.w.flush()?;
+        let (root, scan_opts, monitor, r) = (self.root, &self.scan_opts, self.monitor, &mut self.r);
+        let (local, remote) = std::thread::scope(|s| {
+            let local = s.spawn(|| scan_scopes(root, &scopes, scan_opts, &|n| monitor.scanned(n)));
+            let remote = receive_listing(r);
+            (local.join().expect("scan thread panicked"), remote)
+        });
+        let local = local
+            .map_err(|e| Error::io(format!("cannot read SRC {}", self.root.path().display()), e))?;
+        let (remote, temps_removed) = remote.map_err(peer_error)?;
+        tracing::debug!("{} ms: both sides listed", started.elapsed().as_millis());
+
+        let mut summary = Summary {
+            files_scanned: local.manifest.children().len() as u64,
+            bytes_total: local.manifest.file_bytes(),
+            temps_removed,
+            dry_run: self.opts.dry_run,
+            ..Summary::default()
+        };
+        for sk in &local.skipped {
+            tracing::warn!(
+                "skipping {} {}: hotsync mirrors files, directories and symlinks only",
+                sk.kind,
+                sk.path
+            );
+            summary
+                .skipped
+                .push(EntryError::new(&sk.path, format!("{} skipped", sk.kind)));
+        }
+        for e in &local.manifest.errors {
+            summary
+                .errors
+                .push(EntryError::new(&e.path, e.error.clone()));
+        }
+        let mut plan = plan::plan(
+            &local.manifest,
+            &remote,
+            PlanOptions {
+                checksum: self.opts.checksum,
+                delete: self.opts.delete,
+                owners: self.owners,
+            },
+        );
+        if full {
+            self.remote_total = remote.children().len();
+        }
+        let source_empty = if full {
+            local.manifest.children().is_empty()
+        } else {
+            root_is_empty(self.root).map_err(|e| Error::io("cannot read SRC", e))?
+        };
+        if let Err(refusal) = guard(
+            self.root,
+            source_empty,
+            &plan,
+            self.remote_total,
+            &self.opts,
+        ) {
+            if source_empty || self.opts.on_mass_delete == MassDelete::Refuse {
+                return Err(refusal);
+            }
+            // Watch mode: replicate everything but the deletions, and say so loudly.
+            tracing::error!("{refusal}; replicating other changes, not the deletions");
+            plan.removed_entries -= plan
+                .deletes
+                .iter()
+                .map(|p| count_under(&remote, p))
+                .sum::<u64>() as usize;
+            plan.deletes.clear();
+        }
+        self.monitor
+            .planned(plan.transfers.len() as u64, plan.transfer_bytes());
+        if self.opts.dry_run {
+            summary.files_transferred = plan.transfers.len() as u64;
+            summary.files_deleted = plan.removed_entries as u64;
+        } else {
+            *ex.tally.lock().unwrap() = summary;
+            let ex = Exec {
+                remote: &remote,
+                ..ex
+            };
+            ex.run(&plan, &mut self.r, &mut self.w, &self.opts)?;
+            summary = ex.tally.into_inner().unwrap();
+        }
+        summary.bytes_on_wire = self.conn.wire_bytes() - wire_before;
+        summary.elapsed_ms = started.elapsed().as_millis() as u64;
+        tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
+        Ok(Outcome { summary, plan })
+    }
+}
+
+/// Whether the source root holds nothing hotsync would mirror (an unmounted disk looks so).
+fn root_is_empty(root: &Root) -> io::Result<bool> {
+    let names = crate::fsroot::list_dir(root.fd())?;
+    Ok(names
+        .iter()
+        .all(|n| n.as_slice() == crate::path::RESERVED || crate::path::is_temp_name(n)))
+}
+
+/// Entries at or under `p` in `m`.
+fn count_under(m: &Manifest, p: &RelPath) -> u64 {
+    let start = m.entries.partition_point(|e| e.path < *p);
+    m.entries[start..]
+        .iter()
+        .take_while(|e| e.path.starts_with(p))
+        .count() as u64
 }
 
 /// Ends the session on the control stream: `Close`, then wait for `Closed`.
@@ -198,23 +381,8 @@ fn peer_error(e: ProtocolError) -> Error {
     }
 }
 
-/// The standby's manifest, whether it preserves owners, and the temps it cleaned up.
-fn receive_listing<R: Read>(
-    r: &mut FrameReader<R>,
-) -> Result<(Manifest, bool, u64), ProtocolError> {
-    r.greeting()?;
-    let (owners, temps) = match r.recv()? {
-        Message::Opened {
-            owners,
-            temps_removed,
-        } => (owners, temps_removed),
-        other => {
-            return Err(ProtocolError::Unexpected {
-                got: other.name(),
-                expected: "Opened",
-            });
-        }
-    };
+/// Reads one listing: the standby's entries, and the temps it cleaned up meanwhile.
+fn receive_listing<R: Read>(r: &mut FrameReader<R>) -> Result<(Manifest, u64), ProtocolError> {
     let mut m = Manifest::default();
     loop {
         match r.recv()? {
@@ -222,11 +390,15 @@ fn receive_listing<R: Read>(
                 m.entries.extend(entries);
                 m.errors.extend(errors);
             }
-            Message::ListEnd { count } => {
+            Message::ListEnd {
+                count,
+                temps_removed,
+            } => {
                 if count != m.entries.len() as u64 {
                     return Err(ProtocolError::Invalid("manifest count mismatch".into()));
                 }
-                break;
+                m.sort();
+                return Ok((m, temps_removed));
             }
             other => {
                 return Err(ProtocolError::Unexpected {
@@ -236,32 +408,35 @@ fn receive_listing<R: Read>(
             }
         }
     }
-    m.sort();
-    Ok((m, owners, temps))
 }
 
 /// The mass-delete guards: an empty source, or a plan removing a large share of the standby,
 /// is refused unless `--force`. An unmounted disk must never wipe the standby.
-fn guard(src: &Root, local: &Manifest, plan: &Plan, opts: &SyncOptions) -> Result<(), Error> {
-    if opts.force {
+fn guard(
+    src: &Root,
+    source_empty: bool,
+    plan: &Plan,
+    remote_total: usize,
+    opts: &SyncOptions,
+) -> Result<(), Error> {
+    if opts.force || plan.removed_entries == 0 {
         return Ok(());
     }
     let src = src.path().display();
-    if local.children().is_empty() && plan.removed_entries > 0 {
+    if source_empty {
         return Err(Error::Refused(format!(
             "SRC {src} is empty but the standby holds {} entries: refusing to delete them all \
              (is a disk not mounted?); use --force if the source really is empty",
-            plan.remote_entries
+            remote_total.max(plan.remote_entries)
         )));
     }
     let pct = opts.max_delete_percent as usize;
-    if plan.removed_entries >= GUARD_MIN_REMOVALS
-        && plan.removed_entries * 100 > pct * plan.remote_entries
-    {
+    let total = remote_total.max(plan.remote_entries);
+    if plan.removed_entries >= GUARD_MIN_REMOVALS && plan.removed_entries * 100 > pct * total {
         return Err(Error::Refused(format!(
             "the plan removes {} of the standby's {} entries, more than --max-delete {pct}%: \
              refusing (is part of SRC {src} missing?); use --force to remove them",
-            plan.removed_entries, plan.remote_entries
+            plan.removed_entries, total
         )));
     }
     Ok(())
@@ -286,6 +461,8 @@ enum Op {
     Meta,
     Symlink,
     Link,
+    /// A rename; if it fails, the rescan that follows sends what is needed.
+    Rename,
 }
 
 type Pending = Mutex<HashMap<u64, (RelPath, Op)>>;
@@ -297,7 +474,7 @@ struct Exec<'a> {
     tally: Mutex<Summary>,
     /// Files to send again, whole: (path, size).
     retries: Mutex<Vec<(RelPath, u64)>>,
-    next_id: AtomicU64,
+    next_id: &'a AtomicU64,
     monitor: &'a dyn Monitor,
 }
 
@@ -550,6 +727,9 @@ impl<'a> Exec<'a> {
                 _,
             ) => self.retries.lock().unwrap().push((path, size)),
             (Op::Abandoned { reason, .. }, _) => self.error(&path, reason),
+            (Op::Rename, Some(e)) => {
+                tracing::debug!("rename to {path} not applied ({e}); rescanning")
+            }
             (Op::Transfer { bytes }, Some(_)) if retry => {
                 self.retries.lock().unwrap().push((path, bytes))
             }
@@ -561,6 +741,7 @@ impl<'a> Exec<'a> {
                     Op::Meta => "cannot set attributes on the standby",
                     Op::Symlink => "cannot write symlink on the standby",
                     Op::Link => "cannot make hard link on the standby",
+                    Op::Rename => "cannot rename on the standby",
                 };
                 self.error(&path, format!("{what}: {e}"));
             }
@@ -577,6 +758,7 @@ impl<'a> Exec<'a> {
                     Op::Meta => t.metadata_updated += 1,
                     Op::Symlink => t.symlinks_written += 1,
                     Op::Link => t.hard_links_made += 1,
+                    Op::Rename => t.renamed += 1,
                     Op::Abandoned { .. } => {}
                 }
             }

@@ -40,6 +40,8 @@ pub struct Summary {
     pub dirs_created: u64,
     pub symlinks_written: u64,
     pub hard_links_made: u64,
+    /// Renames on the primary carried out as renames on the standby (watch mode).
+    pub renamed: u64,
     pub metadata_updated: u64,
     /// Leftover temporary files of an interrupted run, removed from the standby.
     pub temps_removed: u64,

@@ -231,19 +231,13 @@ impl Hostile {
         w.greeting().unwrap();
         if !raw {
             w.send(&Message::Open {
-                checksum: false,
                 excludes: vec![],
                 dry_run: false,
             })
             .unwrap();
             w.flush().unwrap();
             r.greeting().unwrap();
-            loop {
-                match r.recv().unwrap() {
-                    Message::ListEnd { .. } => break,
-                    _ => continue,
-                }
-            }
+            assert!(matches!(r.recv().unwrap(), Message::Opened { .. }));
         }
         f(&mut r, &mut w);
         let _ = w.flush();
