@@ -113,11 +113,10 @@ pub fn scan_scopes(
                 continue;
             }
         };
-        if let Some(sub) = visit(dir.as_fd(), name, &path, opts, &mut out) {
-            if scope == Scope::Tree {
+        if let Some(sub) = visit(dir.as_fd(), name, &path, opts, &mut out)
+            && scope == Scope::Tree {
                 walk(sub, path, opts, &mut out, progress)?;
             }
-        }
     }
     out.manifest.sort();
     if opts.checksum {
@@ -275,7 +274,7 @@ fn walk(
             if let Some(sub) = visit(fd.as_fd(), &name, &path, opts, out) {
                 stack.push((sub, path));
             }
-            if out.manifest.entries.len() % 4096 == 0 {
+            if out.manifest.entries.len().is_multiple_of(4096) {
                 progress(out.manifest.entries.len() as u64);
             }
         }
