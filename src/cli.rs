@@ -96,6 +96,36 @@ pub struct WatchArgs {
     pub dest: String,
     #[command(flatten)]
     pub common: Common,
+    /// Longest a file that keeps changing waits before it is replicated (e.g. 500ms, 2s)
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    pub max_delay: std::time::Duration,
+}
+
+/// Parses `250ms`, `2s`, `5m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| {
+        format!("bad duration {s:?}: expected a number and a unit, like 500ms or 2s")
+    })?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "bad duration {s:?}: the unit must be ms, s, m or h"
+            ));
+        }
+    };
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("bad duration {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 #[derive(Args, Debug)]

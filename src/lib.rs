@@ -23,6 +23,7 @@ pub mod sender;
 pub mod server;
 pub mod summary;
 pub mod transport;
+pub mod watch;
 
 pub use error::{Error, Result};
 pub use progress::Monitor;

@@ -5,14 +5,17 @@ mod cli;
 
 use anyhow::bail;
 use clap::Parser;
-use cli::{Cli, Command, ServeArgs, SyncArgs};
+use cli::{Cli, Command, Common, ServeArgs, SyncArgs, WatchArgs};
 use hotsync::identity::{self, NodeId};
 use hotsync::plan::Plan;
 use hotsync::summary::Summary;
+use hotsync::watch::{Target, WatchOptions};
 use hotsync::{Monitor, SyncOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -34,7 +37,7 @@ fn main() -> ExitCode {
 
 fn init_logging(cli: &Cli) {
     // A server's one line per connection is its main output.
-    let base = if matches!(cli.command, Command::Serve(_)) {
+    let base = if matches!(cli.command, Command::Serve(_) | Command::Watch(_)) {
         1
     } else {
         0
@@ -81,7 +84,8 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Serve(args) => serve(cli, args),
-        Command::Watch(_) | Command::Verify(_) => {
+        Command::Watch(args) => watch(cli, args),
+        Command::Verify(_) => {
             bail!("this command is not available in this build yet")
         }
     }
@@ -135,26 +139,34 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
-    let c = &args.common;
-    let opts = SyncOptions {
+fn sync_options(c: &Common, dry_run: bool) -> SyncOptions {
+    SyncOptions {
         checksum: c.checksum,
         delete: !c.no_delete,
         force: c.force,
-        dry_run: args.dry_run,
+        dry_run,
         excludes: c.exclude.clone(),
         max_delete_percent: c.max_delete,
-
         ..SyncOptions::default()
+    }
+}
+
+/// The standby's pinned ID and our identity, for a quic:// DEST.
+fn remote_ids(cli: &Cli, c: &Common) -> anyhow::Result<(NodeId, identity::Identity)> {
+    let Some(server) = &c.server_id else {
+        bail!("a quic:// DEST needs --server-id ID (the standby's ID: run `hotsync id` there)");
     };
+    let server = NodeId::parse(server).map_err(anyhow::Error::msg)?;
+    let home = identity::home_dir(cli.home.as_deref())?;
+    Ok((server, identity::load(&home)?))
+}
+
+fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
+    let c = &args.common;
+    let opts = sync_options(c, args.dry_run);
     let bars = Bars::new(cli, c.json || args.dry_run);
     let outcome = if args.dest.starts_with("quic://") {
-        let Some(server) = &c.server_id else {
-            bail!("a quic:// DEST needs --server-id ID (the standby's ID: run `hotsync id` there)");
-        };
-        let server = NodeId::parse(server).map_err(anyhow::Error::msg)?;
-        let home = identity::home_dir(cli.home.as_deref())?;
-        let me = identity::load(&home)?;
+        let (server, me) = remote_ids(cli, c)?;
         hotsync::sync_remote(&args.src, &args.dest, server, &me, &opts, &bars)
     } else {
         hotsync::sync_local(&args.src, args.dest.as_ref(), &opts, &bars)
@@ -176,6 +188,184 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(s.exit_code() as u8)
+}
+
+fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
+    let c = &args.common;
+    let target = if args.dest.starts_with("quic://") {
+        let (server, me) = remote_ids(cli, c)?;
+        Target::Remote {
+            dest: args.dest.clone(),
+            server,
+            me,
+        }
+    } else {
+        Target::Local(args.dest.clone().into())
+    };
+    let opts = WatchOptions {
+        sync: sync_options(c, false),
+        batcher: hotsync::watch::batcher::Config {
+            max_delay: args.max_delay,
+            ..Default::default()
+        },
+        fallback_rescan: std::time::Duration::from_secs(60),
+    };
+    let shutdown = Arc::new(AtomicBool::new(false));
+    on_signal(shutdown.clone())?;
+    let status = WatchStatus::new(cli, c.json);
+    let result = hotsync::watch::watch(&args.src, &target, &opts, &shutdown, &status);
+    status.finish();
+    result?;
+    tracing::info!("stopped");
+    Ok(0)
+}
+
+/// Sets `flag` on SIGINT or SIGTERM; the handlers are in place when this returns.
+fn on_signal(flag: Arc<AtomicBool>) -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let signals = {
+        let _guard = rt.enter();
+        shutdown_signal()?
+    };
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            rt.block_on(signals);
+            flag.store(true, Ordering::Relaxed);
+        })?;
+    Ok(())
+}
+
+/// What `watch` shows: a status line on a terminal, log lines otherwise, JSON lines with
+/// `--json`.
+struct WatchStatus {
+    bar: Option<ProgressBar>,
+    json: bool,
+    connected_to: std::sync::Mutex<String>,
+    last: std::sync::Mutex<Option<(std::time::Instant, std::time::Duration)>>,
+}
+
+impl WatchStatus {
+    fn new(cli: &Cli, json: bool) -> WatchStatus {
+        let bar = (!cli.quiet && !json && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(4));
+            b.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap());
+            b.enable_steady_tick(std::time::Duration::from_millis(250));
+            b
+        });
+        WatchStatus {
+            bar,
+            json,
+            connected_to: Default::default(),
+            last: Default::default(),
+        }
+    }
+
+    fn event(&self, value: serde_json::Value) {
+        if self.json {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{value}");
+            let _ = out.flush();
+        }
+    }
+
+    fn line(&self, msg: &str) {
+        match &self.bar {
+            Some(b) => b.println(msg),
+            None => tracing::info!("{msg}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl hotsync::watch::Observer for WatchStatus {
+    fn connected(&self, to: &str) {
+        *self.connected_to.lock().unwrap() = to.to_string();
+        self.event(serde_json::json!({"event": "connected", "standby": to}));
+        self.line(&format!("connected to {to}"));
+    }
+
+    fn disconnected(&self, why: &str, retry_in: std::time::Duration) {
+        self.connected_to.lock().unwrap().clear();
+        self.event(serde_json::json!({"event": "disconnected", "error": why, "retry_in_ms": retry_in.as_millis() as u64}));
+        let msg = format!(
+            "standby unavailable: {why}; retrying in {:.1} s",
+            retry_in.as_secs_f64()
+        );
+        match &self.bar {
+            Some(b) => b.println(&msg),
+            None => tracing::warn!("{msg}"),
+        }
+    }
+
+    fn replicated(&self, s: &Summary, changes: usize, lag: std::time::Duration) {
+        *self.last.lock().unwrap() = Some((std::time::Instant::now(), lag));
+        if self.json {
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            v["event"] = "replicated".into();
+            v["changes"] = changes.into();
+            v["lag_ms"] = (lag.as_secs_f64() * 1000.0).into();
+            self.event(v);
+        }
+        let what = if changes == 0 {
+            "reconciled".to_string()
+        } else {
+            format!("{changes} change(s)")
+        };
+        let msg = format!(
+            "{what}: {} files sent ({}), {} removed, {} renamed, {} errors, {} ms (lag {:.1} ms)",
+            s.files_transferred,
+            human_bytes(s.bytes_literal),
+            s.files_deleted,
+            s.renamed,
+            s.errors.len(),
+            s.elapsed_ms,
+            lag.as_secs_f64() * 1000.0
+        );
+        for e in &s.errors {
+            tracing::warn!("{}: {}", e.path, e.error);
+        }
+        if self.bar.is_none() && (changes > 0 || s.files_transferred > 0 || s.files_deleted > 0) {
+            tracing::info!("{msg}");
+        }
+    }
+
+    fn queued(&self, changes: usize, oldest: Option<std::time::Duration>) {
+        let Some(b) = &self.bar else { return };
+        let to = self.connected_to.lock().unwrap().clone();
+        let state = if to.is_empty() {
+            "disconnected".to_string()
+        } else {
+            format!("connected to {to}")
+        };
+        let last = match *self.last.lock().unwrap() {
+            Some((at, lag)) => format!(
+                "last replicated {:.0} s ago in {:.1} ms",
+                at.elapsed().as_secs_f64(),
+                lag.as_secs_f64() * 1000.0
+            ),
+            None => "nothing replicated yet".into(),
+        };
+        let lag = oldest
+            .map(|d| format!(" | lag {:.0} ms", d.as_secs_f64() * 1000.0))
+            .unwrap_or_default();
+        b.set_message(format!("{state} | {changes} queued | {last}{lag}"));
+    }
+
+    fn paused(&self, why: &str) {
+        self.event(serde_json::json!({"event": "paused", "reason": why}));
+        match &self.bar {
+            Some(b) => b.println(format!("PAUSED: {why}")),
+            None => tracing::error!("paused: {why}"),
+        }
+    }
 }
 
 fn summary_line(s: &Summary) -> String {

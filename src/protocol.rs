@@ -5,7 +5,7 @@
 //! Streams, all opened by the primary:
 //! - the control stream (the first): handshake, `Open`, the standby's manifest, tree
 //!   operations, `Flush` barriers and `Close`;
-//! - lanes: `Lane`, then small files, symlinks and metadata fixes, each acknowledged once
+//! - lanes: small files, symlinks and metadata fixes, each acknowledged once
 //!   durable, with `Flush` barriers;
 //! - one stream per large file: `BigFile` or `Delta`, answered by one `Ack`.
 
@@ -98,8 +98,6 @@ pub enum Message {
         target: RelPath,
     },
 
-    /// Opens a lane stream.
-    Lane,
     /// A whole file of `len` ≤ [`SMALL_FILE`] bytes; the bytes follow.
     SmallFile {
         id: u64,
@@ -167,6 +165,37 @@ pub enum Message {
 }
 
 impl Message {
+    /// The operation id of a message that is acknowledged, `None` for the others. No
+    /// wildcard here: a new message must say which it is.
+    pub fn id_mut(&mut self) -> Option<&mut u64> {
+        match self {
+            Message::Clear { id, .. }
+            | Message::Mkdir { id, .. }
+            | Message::Delete { id, .. }
+            | Message::SetMeta { id, .. }
+            | Message::Symlink { id, .. }
+            | Message::Link { id, .. }
+            | Message::Rename { id, .. }
+            | Message::SmallFile { id, .. }
+            | Message::BigFile { id, .. }
+            | Message::Delta { id, .. }
+            | Message::Ack { id, .. } => Some(id),
+            Message::Open { .. }
+            | Message::Opened { .. }
+            | Message::List { .. }
+            | Message::Entries { .. }
+            | Message::ListEnd { .. }
+            | Message::BaseSig { .. }
+            | Message::NoBase { .. }
+            | Message::FileEnd { .. }
+            | Message::Flush { .. }
+            | Message::Flushed { .. }
+            | Message::Close
+            | Message::Closed
+            | Message::Error { .. } => None,
+        }
+    }
+
     /// A short name for errors and logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -182,7 +211,6 @@ impl Message {
             Message::Link { .. } => "Link",
             Message::Rename { .. } => "Rename",
             Message::List { .. } => "List",
-            Message::Lane => "Lane",
             Message::SmallFile { .. } => "SmallFile",
             Message::BigFile { .. } => "BigFile",
             Message::Delta { .. } => "Delta",

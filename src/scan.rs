@@ -114,9 +114,10 @@ pub fn scan_scopes(
             }
         };
         if let Some(sub) = visit(dir.as_fd(), name, &path, opts, &mut out)
-            && scope == Scope::Tree {
-                walk(sub, path, opts, &mut out, progress)?;
-            }
+            && scope == Scope::Tree
+        {
+            walk(sub, path, opts, &mut out, progress)?;
+        }
     }
     out.manifest.sort();
     if opts.checksum {

@@ -259,6 +259,7 @@ impl<'a> Session<'a> {
             bytes_total: local.manifest.file_bytes(),
             temps_removed,
             dry_run: self.opts.dry_run,
+            renamed: ex.tally.lock().unwrap().renamed,
             ..Summary::default()
         };
         for sk in &local.skipped {
@@ -1221,14 +1222,9 @@ fn set_meta(m: &MetaFix) -> Message {
 }
 
 fn set_id(msg: &mut Message, new: u64) {
-    match msg {
-        Message::Clear { id, .. }
-        | Message::Mkdir { id, .. }
-        | Message::Delete { id, .. }
-        | Message::SetMeta { id, .. }
-        | Message::Symlink { id, .. }
-        | Message::Link { id, .. } => *id = new,
-        _ => {}
+    match msg.id_mut() {
+        Some(id) => *id = new,
+        None => unreachable!("{} carries no operation id", msg.name()),
     }
 }
 

@@ -1,0 +1,503 @@
+//! Turns watcher hints into batches of paths to examine again. Pure logic: time comes in as
+//! an argument, so every rule is tested by stepping a clock.
+//!
+//! Rules:
+//! - A file closed after writing, an attribute change, a removal, a new or moved-in
+//!   directory, a rename: ready at once.
+//! - A file written but not closed (or created and not yet closed) waits until it has been
+//!   quiet for `quiet`, and never longer than `max_delay` after its first change, so a file
+//!   written continuously is still replicated at a bounded delay.
+//! - Many changes in one directory collapse into one re-scan of that directory; more
+//!   queued changes than `max_queued`, or lost events, into one full re-scan. Memory stays
+//!   bounded whatever the event rate.
+//! - Renames are kept in order and come out with the batch that re-examines both names.
+
+use crate::manifest::Scope;
+use crate::path::RelPath;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// What the watcher saw: a reason to look at a path again, never the truth about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hint {
+    /// Data written; the file may still be open.
+    Modified(RelPath),
+    /// A file appeared; it may still be being written.
+    Created(RelPath),
+    /// A file was closed after writing.
+    Written(RelPath),
+    /// Attributes changed (mode, owner, times).
+    Attrib(RelPath),
+    Removed(RelPath),
+    /// A directory appeared (made or moved in): walk it whole, since what was created in it
+    /// before its watch existed was never reported.
+    DirAppeared(RelPath),
+    /// Moved away from here (out of the tree, or within it: then a `Renamed` follows).
+    MovedFrom(RelPath),
+    /// Moved here (from outside the tree, or within it).
+    MovedTo(RelPath),
+    Renamed {
+        from: RelPath,
+        to: RelPath,
+    },
+    /// Something under this directory changed in a way the watcher could not describe.
+    RescanDir(RelPath),
+    /// Events were lost: everything must be examined again.
+    RescanAll,
+}
+
+/// Tuning of the batcher.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// How long an unclosed file must be quiet before it is read.
+    pub quiet: Duration,
+    /// The longest a changing file waits.
+    pub max_delay: Duration,
+    /// Changes in one directory beyond which it is re-scanned whole.
+    pub dir_burst: usize,
+    /// Queued paths beyond which a full re-scan replaces them.
+    pub max_queued: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            quiet: Duration::from_millis(50),
+            max_delay: Duration::from_secs(1),
+            dir_burst: 512,
+            max_queued: 100_000,
+        }
+    }
+}
+
+/// One unit of work for the replicator.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Batch {
+    /// Examine everything (events were lost or too many queued).
+    pub full: bool,
+    /// Renames to apply first, in the order they happened.
+    pub renames: Vec<(RelPath, RelPath)>,
+    /// Paths to examine, sorted.
+    pub paths: Vec<(RelPath, Scope)>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.renames.len() + self.paths.len() + self.full as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Item {
+    scope: Scope,
+    first: Instant,
+    last: Instant,
+    ready: bool,
+}
+
+#[derive(Debug)]
+pub struct Batcher {
+    cfg: Config,
+    items: BTreeMap<RelPath, Item>,
+    /// Renames in order, with when they were seen.
+    renames: Vec<(RelPath, RelPath, Instant)>,
+    full: bool,
+    full_since: Option<Instant>,
+}
+
+impl Batcher {
+    pub fn new(cfg: Config) -> Self {
+        Batcher {
+            cfg,
+            items: BTreeMap::new(),
+            renames: Vec::new(),
+            full: false,
+            full_since: None,
+        }
+    }
+
+    /// Changes waiting to be replicated.
+    pub fn queued(&self) -> usize {
+        if self.full {
+            self.items.len().max(1)
+        } else {
+            self.items.len() + self.renames.len()
+        }
+    }
+
+    /// When the oldest change still waiting was seen (the replication lag starts there).
+    pub fn oldest(&self) -> Option<Instant> {
+        self.items.values().map(|it| it.first).min()
+    }
+
+    /// Whether a full re-scan is pending.
+    pub fn full_pending(&self) -> bool {
+        self.full
+    }
+
+    /// Records a hint seen at `now`.
+    pub fn push(&mut self, hint: Hint, now: Instant) {
+        if self.full {
+            return; // a full re-scan covers everything
+        }
+        match hint {
+            Hint::Modified(p) | Hint::Created(p) => self.upsert(p, Scope::Entry, false, now),
+            Hint::Written(p) | Hint::Attrib(p) | Hint::Removed(p) | Hint::MovedFrom(p) => {
+                self.upsert(p, Scope::Entry, true, now)
+            }
+            Hint::DirAppeared(p) | Hint::MovedTo(p) => self.upsert(p, Scope::Tree, true, now),
+            Hint::Renamed { from, to } => {
+                // Changes queued under the old name now live under the new one.
+                let moved: Vec<RelPath> = self
+                    .items
+                    .range(from.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&from))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for old in moved {
+                    let item = self.items.remove(&old).unwrap();
+                    let suffix = &old.as_bytes()[from.as_bytes().len()..];
+                    let mut new = to.as_bytes().to_vec();
+                    new.extend_from_slice(suffix);
+                    if let Ok(new) = RelPath::new(new) {
+                        self.items.insert(new, item);
+                    }
+                }
+                self.renames.push((from.clone(), to.clone(), now));
+                self.upsert(from, Scope::Entry, true, now);
+                self.upsert(to, Scope::Tree, true, now);
+            }
+            Hint::RescanDir(p) => self.upsert(p, Scope::Tree, false, now),
+            Hint::RescanAll => self.go_full(now),
+        }
+    }
+
+    fn go_full(&mut self, now: Instant) {
+        self.full = true;
+        self.full_since.get_or_insert(now);
+        self.items.clear();
+        self.renames.clear();
+    }
+
+    /// Forgets what a full reconcile that started at `start` has covered: everything seen
+    /// before it started.
+    pub fn forget_before(&mut self, start: Instant) {
+        self.items.retain(|_, it| it.last >= start);
+        self.renames.retain(|r| r.2 >= start);
+        if self.full_since.is_some_and(|t| t < start) {
+            self.full = false;
+            self.full_since = None;
+        }
+    }
+
+    fn upsert(&mut self, path: RelPath, scope: Scope, ready: bool, now: Instant) {
+        if path.is_reserved() {
+            return;
+        }
+        let parent = path.split().0;
+        match self.items.get_mut(&path) {
+            Some(it) => {
+                it.scope = it.scope.max(scope);
+                it.last = now;
+                it.ready |= ready;
+            }
+            None => {
+                self.items.insert(
+                    path,
+                    Item {
+                        scope,
+                        first: now,
+                        last: now,
+                        ready,
+                    },
+                );
+                if self.items.len() > self.cfg.max_queued {
+                    self.go_full(now);
+                    return;
+                }
+                self.collapse_burst(&parent, now);
+            }
+        }
+    }
+
+    /// Replaces many queued entries of one directory by a re-scan of the directory.
+    fn collapse_burst(&mut self, dir: &RelPath, now: Instant) {
+        let children: Vec<RelPath> = self
+            .items
+            .range(dir.clone()..)
+            .take_while(|(k, _)| k.starts_with(dir))
+            .filter(|(k, _)| k.parent_bytes() == dir.as_bytes() && *k != dir)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if children.len() <= self.cfg.dir_burst {
+            return;
+        }
+        let first = children
+            .iter()
+            .map(|k| self.items[k].first)
+            .min()
+            .unwrap_or(now);
+        for k in &children {
+            self.items.remove(k);
+        }
+        // A burst is usually still going on (an unpacking, a copy): wait for it to settle.
+        let it = self.items.entry(dir.clone()).or_insert(Item {
+            scope: Scope::Tree,
+            first,
+            last: now,
+            ready: false,
+        });
+        it.scope = Scope::Tree;
+        it.last = now;
+        it.first = it.first.min(first);
+    }
+
+    fn due(&self, it: &Item) -> Instant {
+        if it.ready {
+            it.first.min(it.last)
+        } else {
+            (it.last + self.cfg.quiet).min(it.first + self.cfg.max_delay)
+        }
+    }
+
+    /// When the next not-yet-ready path becomes ready, if any is waiting.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        if self.full {
+            return None;
+        }
+        self.items.values().map(|it| self.due(it)).min()
+    }
+
+    /// The batch of everything ready at `now`, if anything is.
+    pub fn poll(&mut self, now: Instant) -> Option<Batch> {
+        if self.full {
+            self.full = false;
+            self.full_since = None;
+            return Some(Batch {
+                full: true,
+                ..Batch::default()
+            });
+        }
+        let ready: Vec<RelPath> = self
+            .items
+            .iter()
+            .filter(|(_, it)| self.due(it) <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if ready.is_empty() && self.renames.is_empty() {
+            return None;
+        }
+        let mut paths: Vec<(RelPath, Scope)> = Vec::with_capacity(ready.len());
+        for k in ready {
+            let it = self.items.remove(&k).unwrap();
+            paths.push((k, it.scope));
+        }
+        // A tree that is examined now covers whatever waits beneath it.
+        let trees: Vec<RelPath> = paths
+            .iter()
+            .filter(|(_, s)| *s == Scope::Tree)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for t in &trees {
+            let under: Vec<RelPath> = self
+                .items
+                .range(t.clone()..)
+                .take_while(|(k, _)| k.starts_with(t))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in under {
+                self.items.remove(&k);
+            }
+        }
+        Some(Batch {
+            full: false,
+            renames: std::mem::take(&mut self.renames)
+                .into_iter()
+                .map(|(f, t, _)| (f, t))
+                .collect(),
+            paths: crate::scan::normalize_scopes(&paths),
+        })
+    }
+
+    /// Puts a batch that could not be carried out back in the queue (ready again).
+    pub fn requeue(&mut self, batch: Batch, now: Instant) {
+        if batch.full {
+            self.go_full(now);
+            return;
+        }
+        // Renames that did not happen: the re-scan of both names covers them.
+        for (p, scope) in batch.paths {
+            self.upsert(p, scope, true, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    fn cfg() -> Config {
+        Config {
+            quiet: ms(50),
+            max_delay: ms(1000),
+            dir_burst: 4,
+            max_queued: 100,
+        }
+    }
+
+    #[test]
+    fn a_closed_file_is_ready_at_once() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Created(p("a")), t0);
+        b.push(Hint::Modified(p("a")), t0);
+        assert_eq!(b.poll(t0), None, "still open: wait");
+        b.push(Hint::Written(p("a")), t0 + ms(1));
+        let batch = b.poll(t0 + ms(1)).unwrap();
+        assert_eq!(batch.paths, vec![(p("a"), Scope::Entry)]);
+        assert_eq!(b.poll(t0 + ms(2)), None);
+        assert_eq!(b.queued(), 0);
+    }
+
+    #[test]
+    fn an_unclosed_file_waits_for_quiet() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Modified(p("a")), t0);
+        assert_eq!(b.next_deadline(), Some(t0 + ms(50)));
+        assert_eq!(b.poll(t0 + ms(49)), None);
+        assert!(b.poll(t0 + ms(50)).is_some());
+    }
+
+    #[test]
+    fn a_file_written_forever_still_goes_within_max_delay() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        let mut t = t0;
+        let mut sent_at = None;
+        while t < t0 + ms(3000) {
+            b.push(Hint::Modified(p("log")), t);
+            if b.poll(t).is_some() {
+                sent_at.get_or_insert(t);
+            }
+            t += ms(10);
+        }
+        let sent = sent_at.expect("never replicated") - t0;
+        assert!(sent >= ms(1000) && sent <= ms(1010), "{sent:?}");
+    }
+
+    #[test]
+    fn removals_attributes_and_new_dirs_are_ready_at_once() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Removed(p("gone")), t0);
+        b.push(Hint::Attrib(p("chmod")), t0);
+        b.push(Hint::DirAppeared(p("newdir")), t0);
+        let batch = b.poll(t0).unwrap();
+        assert_eq!(
+            batch.paths,
+            vec![
+                (p("chmod"), Scope::Entry),
+                (p("gone"), Scope::Entry),
+                (p("newdir"), Scope::Tree)
+            ]
+        );
+    }
+
+    #[test]
+    fn renames_carry_pending_changes_and_come_first() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Modified(p("d/f")), t0);
+        b.push(Hint::MovedFrom(p("d")), t0);
+        b.push(Hint::MovedTo(p("e")), t0);
+        b.push(
+            Hint::Renamed {
+                from: p("d"),
+                to: p("e"),
+            },
+            t0,
+        );
+        let batch = b.poll(t0).unwrap();
+        assert_eq!(batch.renames, vec![(p("d"), p("e"))]);
+        // e is walked whole, which covers the change queued as d/f (now e/f).
+        assert_eq!(
+            batch.paths,
+            vec![(p("d"), Scope::Entry), (p("e"), Scope::Tree)]
+        );
+        assert_eq!(b.queued(), 0);
+    }
+
+    #[test]
+    fn a_burst_in_one_directory_collapses_to_a_rescan() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        for i in 0..10 {
+            b.push(Hint::Written(p(&format!("big/f{i}"))), t0 + ms(i));
+        }
+        b.push(Hint::Written(p("other")), t0 + ms(10));
+        assert_eq!(b.queued(), 2);
+        // The lone file goes now; the busy directory once it has been quiet.
+        let first = b.poll(t0 + ms(10)).unwrap();
+        assert_eq!(first.paths, vec![(p("other"), Scope::Entry)]);
+        assert_eq!(b.poll(t0 + ms(30)), None);
+        let second = b.poll(t0 + ms(60)).unwrap();
+        assert_eq!(second.paths, vec![(p("big"), Scope::Tree)]);
+    }
+
+    #[test]
+    fn overflow_and_lost_events_become_one_full_rescan() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        for i in 0..101 {
+            b.push(Hint::Written(p(&format!("d{i}/f"))), t0);
+        }
+        assert!(b.full_pending());
+        let batch = b.poll(t0).unwrap();
+        assert!(batch.full && batch.paths.is_empty());
+        assert_eq!(b.poll(t0), None);
+        b.push(Hint::Written(p("x")), t0);
+        b.push(Hint::RescanAll, t0);
+        assert!(b.poll(t0).unwrap().full);
+    }
+
+    #[test]
+    fn a_failed_batch_can_be_requeued() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Written(p("a")), t0);
+        let batch = b.poll(t0).unwrap();
+        b.requeue(batch.clone(), t0 + ms(5));
+        assert_eq!(b.poll(t0 + ms(5)).unwrap().paths, batch.paths);
+    }
+
+    #[test]
+    fn a_full_reconcile_covers_what_was_seen_before_it() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Written(p("old")), t0);
+        b.push(Hint::RescanAll, t0);
+        b.forget_before(t0 + ms(10));
+        b.push(Hint::Written(p("new")), t0 + ms(20));
+        let batch = b.poll(t0 + ms(20)).unwrap();
+        assert!(!batch.full);
+        assert_eq!(batch.paths, vec![(p("new"), Scope::Entry)]);
+    }
+
+    #[test]
+    fn the_reserved_name_is_ignored() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Written(p(".hotsync/lock")), t0);
+        assert_eq!(b.poll(t0), None);
+    }
+}
