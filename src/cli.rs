@@ -99,6 +99,10 @@ pub struct WatchArgs {
     /// Longest a file that keeps changing waits before it is replicated (e.g. 500ms, 2s)
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub max_delay: std::time::Duration,
+    /// How often to re-scan the whole tree when the inotify watch limit leaves parts of it
+    /// unwatched
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub rescan_every: std::time::Duration,
 }
 
 /// Parses `250ms`, `2s`, `5m`, `1h` (a bare number is seconds).

@@ -208,7 +208,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
             max_delay: args.max_delay,
             ..Default::default()
         },
-        fallback_rescan: std::time::Duration::from_secs(60),
+        fallback_rescan: args.rescan_every,
     };
     let shutdown = Arc::new(AtomicBool::new(false));
     on_signal(shutdown.clone())?;

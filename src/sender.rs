@@ -289,6 +289,14 @@ impl<'a> Session<'a> {
         if full {
             self.remote_total = remote.children().len();
         }
+        // Keep the guard's yardstick current between full listings: the standby gains what
+        // the primary has and it lacked.
+        let added = local
+            .manifest
+            .children()
+            .iter()
+            .filter(|e| remote.get(&e.path).is_none())
+            .count();
         let source_empty = if full {
             local.manifest.children().is_empty()
         } else {
@@ -327,6 +335,14 @@ impl<'a> Session<'a> {
             ex.run(&plan, &mut self.r, &mut self.w, &self.opts)?;
             summary = ex.tally.into_inner().unwrap();
         }
+        if !self.opts.dry_run {
+            self.remote_total = (self.remote_total + added).saturating_sub(plan.removed_entries);
+        }
+        tracing::debug!(
+            "standby holds about {} entries (+{added} -{})",
+            self.remote_total,
+            plan.removed_entries
+        );
         summary.bytes_on_wire = self.conn.wire_bytes() - wire_before;
         summary.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
@@ -420,16 +436,22 @@ fn guard(
     remote_total: usize,
     opts: &SyncOptions,
 ) -> Result<(), Error> {
-    if opts.force || plan.removed_entries == 0 {
+    if plan.removed_entries == 0 {
         return Ok(());
     }
     let src = src.path().display();
-    if source_empty {
+    // Watch never empties the standby, even with --force: a disk that goes away must not
+    // take the standby's copy with it.
+    let watching = opts.on_mass_delete == MassDelete::SkipDeletes;
+    if source_empty && (!opts.force || watching) {
         return Err(Error::Refused(format!(
             "SRC {src} is empty but the standby holds {} entries: refusing to delete them all \
              (is a disk not mounted?); use --force if the source really is empty",
             remote_total.max(plan.remote_entries)
         )));
+    }
+    if opts.force {
+        return Ok(());
     }
     let pct = opts.max_delete_percent as usize;
     let total = remote_total.max(plan.remote_entries);

@@ -222,20 +222,22 @@ fn walk(root: &Path, rel: &[u8], out: &mut BTreeMap<Vec<u8>, Node>) {
     } else {
         p(root, rel)
     };
-    let m = std::fs::symlink_metadata(&path).unwrap();
+    // Entries may vanish while a watch is busy with the tree: skip them (the caller compares
+    // again until the trees agree).
+    let Ok(m) = std::fs::symlink_metadata(&path) else {
+        return;
+    };
     let ft = m.file_type();
     let kind = if ft.is_file() {
-        Kind::File(std::fs::read(&path).unwrap())
+        let Ok(d) = std::fs::read(&path) else { return };
+        Kind::File(d)
     } else if ft.is_dir() {
         Kind::Dir
     } else if ft.is_symlink() {
-        Kind::Symlink(
-            std::fs::read_link(&path)
-                .unwrap()
-                .as_os_str()
-                .as_bytes()
-                .to_vec(),
-        )
+        let Ok(t) = std::fs::read_link(&path) else {
+            return;
+        };
+        Kind::Symlink(t.as_os_str().as_bytes().to_vec())
     } else {
         Kind::Special
     };
@@ -251,8 +253,12 @@ fn walk(root: &Path, rel: &[u8], out: &mut BTreeMap<Vec<u8>, Node>) {
         },
     );
     if kind == Kind::Dir {
-        for e in std::fs::read_dir(&path).unwrap() {
-            let name = e.unwrap().file_name();
+        let Ok(entries) = std::fs::read_dir(&path) else {
+            return;
+        };
+        for e in entries {
+            let Ok(e) = e else { continue };
+            let name = e.file_name();
             let name = name.as_bytes();
             if rel.is_empty() && name == b".hotsync" {
                 continue;
@@ -668,5 +674,188 @@ impl Mirror for RemoteMirror {
     }
     fn sync(&self, src: &Path, extra: &[&str]) -> Run {
         run(self.args(src, extra))
+    }
+}
+
+/// Watch tests share the inotify limits of the machine (and one test changes them).
+pub static WATCH_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A running `hotsync watch --json`, its events collected as they come.
+pub struct Watch {
+    pub child: std::process::Child,
+    pub events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    pub stderr: PathBuf,
+}
+
+impl Watch {
+    /// Starts `hotsync [pre...] watch SRC DEST --json [extra...]`.
+    pub fn start(
+        pre: &[std::ffi::OsString],
+        src: &Path,
+        dest: &std::ffi::OsStr,
+        extra: &[&str],
+    ) -> Watch {
+        let stderr = src.with_extension(format!("watch-{}.log", rand_suffix()));
+        let mut cmd = Command::new(bin());
+        cmd.args(pre)
+            .arg("watch")
+            .arg(src)
+            .arg(dest)
+            .arg("--json")
+            .args(extra);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let ev = events.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    ev.lock().unwrap().push(v);
+                }
+            }
+        });
+        Watch {
+            child,
+            events,
+            stderr,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Events of one kind so far.
+    pub fn of(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == kind)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until `pred` holds for the events so far.
+    #[track_caller]
+    pub fn wait_event(
+        &self,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&[serde_json::Value]) -> bool,
+    ) {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if pred(&self.events.lock().unwrap()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "no {what} within {limit:?}; events: {:?}\nlog: {}",
+            self.events.lock().unwrap(),
+            self.log()
+        );
+    }
+
+    /// Waits for the initial reconcile.
+    #[track_caller]
+    pub fn wait_ready(&self) {
+        self.wait_event("initial reconcile", Duration::from_secs(30), |e| {
+            e.iter().any(|e| e["event"] == "replicated")
+        });
+    }
+
+    /// SIGTERM, then the exit status within `limit`.
+    pub fn stop(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "watch did not stop within {limit:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until the standby equals the primary (full comparison), or panics with the
+/// differences left.
+#[track_caller]
+pub fn converge(primary: &Path, standby: &Path, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let d = tree_diff(primary, standby);
+        if d.is_empty() {
+            return;
+        }
+        if start.elapsed() > limit {
+            panic!("not converged within {limit:?}:\n  {}", d.join("\n  "));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+impl Server {
+    /// Like [`Server::start`], on a given port (to restart a standby where it was).
+    pub fn start_on(root: &Path, home: &Path, allow: &[&str], port: u16) -> Server {
+        let id = keygen(home);
+        let log = home.join(format!(
+            "serve-{}.log",
+            std::process::id() as u64 * 1000 + rand_suffix()
+        ));
+        let mut cmd = Command::new(bin());
+        cmd.arg("--home")
+            .arg(home)
+            .arg("serve")
+            .arg("--root")
+            .arg(root);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
+        for a in allow {
+            cmd.args(["--allow", a]);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains(&format!(":{port}")),
+            "{line}: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Server {
+            child,
+            port,
+            id,
+            home: home.to_path_buf(),
+            log,
+        }
     }
 }

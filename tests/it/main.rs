@@ -5,3 +5,4 @@ mod helpers;
 mod local;
 mod remote;
 mod safety;
+mod watch;

@@ -1,0 +1,418 @@
+//! `hotsync watch`: a real watcher and a real receiver (local and over QUIC); every trap
+//! ends in a full tree comparison.
+
+use crate::helpers::*;
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+/// A watch of `t.src` to a local DEST or a `hotsync serve` on loopback.
+struct Rig {
+    t: Pair,
+    watch: Watch,
+    server: Option<RemoteMirror>,
+}
+
+impl Rig {
+    fn new(remote: bool, setup: impl FnOnce(&Pair), extra: &[&str]) -> Rig {
+        let t = Pair::new();
+        setup(&t);
+        let (watch, server) = if remote {
+            let m = RemoteMirror::start(t.dir.path(), &t.dst);
+            let pre: Vec<OsString> = vec!["--home".into(), m.primary_home.clone().into()];
+            let mut x = vec!["--server-id", &m.server.id];
+            x.extend_from_slice(extra);
+            let w = Watch::start(&pre, &t.src, m.server.url().as_ref(), &x);
+            (w, Some(m))
+        } else {
+            (Watch::start(&[], &t.src, t.dst.as_os_str(), extra), None)
+        };
+        watch.wait_ready();
+        Rig { t, watch, server }
+    }
+
+    fn s(&self, rel: &str) -> std::path::PathBuf {
+        self.t.s(rel)
+    }
+
+    #[track_caller]
+    fn converge(&self) {
+        let start = Instant::now();
+        while !tree_diff(&self.t.src, &self.t.dst).is_empty() {
+            if start.elapsed() > CONVERGE {
+                panic!(
+                    "not converged within {CONVERGE:?}:\n  {}\nwatch log:\n{}",
+                    tree_diff(&self.t.src, &self.t.dst).join("\n  "),
+                    self.watch.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Bytes sent as data by the batches after event `from`.
+    fn literal_since(&self, from: usize) -> u64 {
+        self.watch.events.lock().unwrap()[from..]
+            .iter()
+            .filter(|e| e["event"] == "replicated")
+            .map(|e| e["bytes_literal"].as_u64().unwrap())
+            .sum()
+    }
+
+    fn events(&self) -> usize {
+        self.watch.events.lock().unwrap().len()
+    }
+}
+
+fn traps(remote: bool) {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(
+        remote,
+        |t| {
+            write(&t.s("keep.txt"), b"keep");
+            for i in 0..40 {
+                write(&t.s(&format!("big-dir/f{i}")), &noise(20_000, i));
+            }
+            write(&t.s("renamed-file"), &noise(100_000, 99));
+            // Enough else that deleting big-dir later is an ordinary delete, not a mass one.
+            for i in 0..60 {
+                write(&t.s(&format!("other/o{i}")), b"o");
+            }
+        },
+        &[],
+    );
+    r.converge();
+
+    // A directory created and filled faster than its watch could be added.
+    std::fs::create_dir_all(r.s("fresh/a/b/c")).unwrap();
+    for i in 0..30 {
+        write(
+            &r.s(&format!("fresh/a/b/c/f{i}")),
+            format!("{i}").as_bytes(),
+        );
+        write(&r.s(&format!("fresh/a/g{i}")), b"g");
+    }
+    r.converge();
+
+    // Renames of a file and of a whole directory arrive as renames: no data re-sent.
+    let mark = r.events();
+    std::fs::rename(r.s("renamed-file"), r.s("now-named")).unwrap();
+    std::fs::rename(r.s("big-dir"), r.s("moved-dir")).unwrap();
+    r.converge();
+    assert!(
+        r.literal_since(mark) < 20_000,
+        "renames re-sent data: {:?}",
+        &r.watch.events.lock().unwrap()[mark..]
+    );
+    r.watch.wait_event("renames", Duration::from_secs(5), |e| {
+        e[mark..]
+            .iter()
+            .map(|e| e["renamed"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+            >= 2
+    });
+
+    // Out of the tree is a delete, into it a create.
+    let outside = r.t.dir.path().join("outside");
+    std::fs::create_dir_all(outside.join("incoming")).unwrap();
+    write(&outside.join("incoming/x"), b"from outside");
+    std::fs::rename(r.s("keep.txt"), outside.join("keep.txt")).unwrap();
+    std::fs::rename(outside.join("incoming"), r.s("incoming")).unwrap();
+    r.converge();
+
+    // Type changes.
+    std::fs::remove_file(r.s("now-named")).unwrap();
+    write(&r.s("now-named/inside"), b"was a file");
+    std::fs::remove_dir_all(r.s("fresh/a/b")).unwrap();
+    write(&r.s("fresh/a/b"), b"was a dir");
+    symlink(b"incoming", &r.s("link"));
+    r.converge();
+    std::fs::remove_file(r.s("link")).unwrap();
+    write(&r.s("link/now-dir"), b"was a symlink");
+    r.converge();
+
+    // Attributes only, and a whole tree deleted.
+    chmod(&r.s("incoming/x"), 0o600);
+    set_mtime(&r.s("fresh/a/g1"), 1_500_000_000, 7);
+    std::fs::remove_dir_all(r.s("moved-dir")).unwrap();
+    r.converge();
+    let mut w = r.watch;
+    assert_eq!(w.stop(Duration::from_secs(2)).code(), Some(0));
+}
+
+#[test]
+fn local_watch_handles_every_trap() {
+    traps(false);
+}
+
+#[test]
+fn remote_watch_handles_every_trap() {
+    traps(true);
+}
+
+#[test]
+fn a_slow_appender_is_only_ever_seen_in_states_it_had() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(
+        false,
+        |t| write(&t.s("log"), b""),
+        &["--max-delay", "200ms"],
+    );
+    let path = r.s("log");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    // Appends one whole record per write, never closing the file in between.
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut n = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            f.write_all(format!("record {n:06}\n").as_bytes()).unwrap();
+            n += 1;
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    });
+    let standby = r.t.d("log");
+    let start = Instant::now();
+    let mut seen = 0;
+    let mut last_len = 0;
+    while start.elapsed() < Duration::from_secs(3) {
+        if let Ok(d) = std::fs::read(&standby) {
+            // Whole records, numbered from 0 without a gap: a state the primary had.
+            assert!(
+                d.is_empty() || d.ends_with(b"\n"),
+                "a torn record on the standby"
+            );
+            for (i, line) in d
+                .split(|&b| b == b'\n')
+                .filter(|l| !l.is_empty())
+                .enumerate()
+            {
+                assert_eq!(line, format!("record {i:06}").as_bytes());
+            }
+            if d.len() != last_len {
+                seen += 1;
+                last_len = d.len();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(
+        seen >= 3,
+        "the file was replicated while written only {seen} times (max delay 200 ms over 3 s)"
+    );
+    r.converge();
+}
+
+#[test]
+fn a_standby_killed_and_restarted_while_changes_keep_coming() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Rig::new(true, |t| write(&t.s("seed"), b"seed"), &[]);
+    let src = r.t.src.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut i = 0;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            write(&src.join(format!("d{}/f{i}", i % 5)), &noise(3000, i));
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        i
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let m = r.server.as_mut().unwrap();
+    let port = m.server.port;
+    m.server.child.kill().unwrap();
+    m.server.child.wait().unwrap();
+    r.watch
+        .wait_event("a disconnect", Duration::from_secs(15), |e| {
+            e.iter().any(|e| e["event"] == "disconnected")
+        });
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = keygen(&m.primary_home);
+    m.server = Server::start_on(&r.t.dst, &r.t.dir.path().join("server-home"), &[&pid], port);
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written > 100, "{written}");
+    converge(&r.t.src, &r.t.dst, Duration::from_secs(40));
+    assert!(temps(&r.t.dst).is_empty());
+    assert!(r.watch.of("connected").len() >= 2);
+    assert_eq!(r.watch.stop(Duration::from_secs(2)).code(), Some(0));
+}
+
+#[test]
+fn sigterm_stops_watch_within_two_seconds_even_mid_transfer() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Rig::new(true, |t| write(&t.s("a"), b"a"), &[]);
+    write(&r.s("huge.bin"), &noise(300 << 20, 3));
+    // Let the transfer start, then ask to stop.
+    let start = Instant::now();
+    while temps(&r.t.dst).is_empty() && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = r.watch.stop(Duration::from_secs(2));
+    assert_eq!(status.code(), Some(0), "{}", r.watch.log());
+    // No torn file: the big file is whole or absent.
+    if let Ok(d) = std::fs::read(r.t.d("huge.bin")) {
+        assert_eq!(d.len(), 300 << 20);
+    }
+}
+
+#[test]
+fn an_emptied_source_never_empties_the_standby() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(
+        false,
+        |t| {
+            for i in 0..20 {
+                write(&t.s(&format!("f{i}")), b"data");
+            }
+        },
+        &[],
+    );
+    r.converge();
+    // Deleting files one by one is ordinary work, until the source is left empty.
+    for i in 0..20 {
+        std::fs::remove_file(r.s(&format!("f{i}"))).unwrap();
+    }
+    r.watch.wait_event("a pause", Duration::from_secs(10), |e| {
+        e.iter().any(|e| e["event"] == "paused")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let left = std::fs::read_dir(&r.t.dst).unwrap().count() - 1;
+    assert!(left >= 1, "the standby was emptied");
+    assert!(r.watch.log().contains("is empty"), "{}", r.watch.log());
+    // The source has content again: replication resumes, but removing nearly all of the
+    // standby still takes an explicit --force.
+    write(&r.s("back"), b"back");
+    let start = Instant::now();
+    while !r.t.d("back").exists() {
+        assert!(
+            start.elapsed() < CONVERGE,
+            "did not resume: {}",
+            r.watch.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.watch
+        .wait_event("a refusal", Duration::from_secs(5), |_| {
+            r.watch.log().contains("--force")
+        });
+    let mut w = r.watch;
+    assert_eq!(w.stop(Duration::from_secs(2)).code(), Some(0));
+    sync_ok(&r.t.src, &r.t.dst, &["--force"]);
+    assert_same_tree(&r.t.src, &r.t.dst);
+}
+
+#[test]
+fn an_unmounted_source_pauses_and_resumes_when_mounted_again() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !is_root() {
+        return; // mounting needs root
+    }
+    let r = Rig::new(
+        false,
+        |t| {
+            for i in 0..20 {
+                write(&t.s(&format!("d/f{i}")), b"precious");
+            }
+        },
+        &[],
+    );
+    r.converge();
+    // An empty filesystem over SRC: what the watch sees when the real disk goes away.
+    let src = r.t.src.to_str().unwrap().to_string();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs", &src])
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let guard = Unmount(src);
+    r.watch.wait_event("a pause", Duration::from_secs(10), |e| {
+        e.iter().any(|e| e["event"] == "paused")
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        std::fs::read_dir(r.t.d("d")).unwrap().count(),
+        20,
+        "nothing deleted on the standby"
+    );
+    drop(guard);
+    // The disk is back: a change made now replicates.
+    write(&r.s("d/after"), b"after");
+    r.converge();
+}
+
+#[test]
+fn a_replaced_source_root_pauses_then_resumes() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(false, |t| write(&t.s("a"), b"a"), &[]);
+    r.converge();
+    let old = r.t.dir.path().join("src-old");
+    std::fs::rename(&r.t.src, &old).unwrap();
+    std::fs::create_dir(&r.t.src).unwrap();
+    r.watch.wait_event("a pause", Duration::from_secs(10), |e| {
+        e.iter().any(|e| e["event"] == "paused")
+    });
+    assert!(
+        r.t.d("a").exists(),
+        "nothing deleted while the source was away"
+    );
+    // A new, non-empty source root at the same path: it is the primary now.
+    write(&r.s("b"), b"b");
+    write(&r.s("a"), b"a");
+    r.converge();
+}
+
+#[test]
+fn the_inotify_watch_limit_is_named_and_periodic_rescans_fill_the_gap() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let sysctl = "/proc/sys/fs/inotify/max_user_watches";
+    let Ok(old) = std::fs::read_to_string(sysctl) else {
+        return;
+    };
+    if std::fs::write(sysctl, old.trim()).is_err() {
+        eprintln!("skipped: {sysctl} is not writable here");
+        return;
+    }
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write("/proc/sys/fs/inotify/max_user_watches", self.0.trim());
+        }
+    }
+    let _restore = Restore(old);
+    // Room for a few watches only (others on the machine may hold some too).
+    let t = Pair::new();
+    for i in 0..30 {
+        write(&t.s(&format!("d{i}/f")), b"x");
+    }
+    std::fs::write(sysctl, "8").unwrap();
+    let w = Watch::start(&[], &t.src, t.dst.as_os_str(), &["--rescan-every", "1s"]);
+    w.wait_ready();
+    converge(&t.src, &t.dst, CONVERGE);
+    assert!(
+        w.log().contains("fs.inotify.max_user_watches"),
+        "{}",
+        w.log()
+    );
+    // A change in a directory that has no watch still reaches the standby.
+    write(&t.s("d29/new"), b"new");
+    converge(&t.src, &t.dst, CONVERGE);
+}
