@@ -204,6 +204,7 @@ const HS: &str = "hotsync";
 const CP: &str = "cp -a && sync";
 const RSYNC: &str = "rsync (daemon)";
 const RSYNC_FSYNC: &str = "rsync --fsync (daemon)";
+const LSYNCD: &str = "lsyncd delay=0 + rsync (daemon)";
 
 impl Bench {
     fn new(cfg: Config, hotsync: PathBuf) -> Bench {
@@ -240,6 +241,15 @@ impl Bench {
             b.start_rsyncd();
         }
         b
+    }
+
+    /// Generated data, apart for quick and full runs so neither regenerates the other's.
+    fn data(&self) -> PathBuf {
+        self.cfg.work.join(if self.cfg.quick {
+            "data-quick"
+        } else {
+            "data-full"
+        })
     }
 
     fn wants(&self, w: &str) -> bool {
@@ -284,7 +294,7 @@ impl Bench {
 
     /// Deterministic data: a tree of small files and a base/new pair of big files.
     fn generate(&self) {
-        let data = self.cfg.work.join("data");
+        let data = self.data();
         let stamp = data.join(format!(
             "stamp-{}-{}-{}",
             self.cfg.files, self.cfg.dirs, self.cfg.big
@@ -458,12 +468,7 @@ impl Bench {
             self.delta();
         }
         if self.wants("latency") {
-            self.workloads.push(Workload {
-                name: "latency".into(),
-                unit: "ms".into(),
-                note: Some("needs `hotsync watch`, which this build does not have yet".into()),
-                ..Default::default()
-            });
+            self.latency();
         }
         if self.wants("verify") {
             self.workloads.push(Workload {
@@ -485,7 +490,7 @@ impl Bench {
 
     /// initial: the small-file tree into an empty standby; noop: the same again.
     fn tree_workloads(&mut self) {
-        let src = self.cfg.work.join("data/tree");
+        let src = self.data().join("tree");
         let tools = self.tools_for_copy();
         let mut initial = Runs::default();
         let mut noop = Runs::default();
@@ -543,7 +548,7 @@ impl Bench {
 
     /// new-1GiB: one new big file into an empty standby.
     fn new_big(&mut self) {
-        let src = self.cfg.work.join("data/big-base");
+        let src = self.data().join("big-base");
         let mut runs = Runs::default();
         let tools = self.tools_for_copy();
         for rep in 0..self.cfg.reps {
@@ -590,8 +595,8 @@ impl Bench {
 
     /// delta: the edited big file against a standby holding the base version.
     fn delta(&mut self) {
-        let src = self.cfg.work.join("data/big-new");
-        let base = self.cfg.work.join("data/big-base/data.bin");
+        let src = self.data().join("big-new");
+        let base = self.data().join("big-base/data.bin");
         let mut time = Runs::default();
         let mut bytes = Runs::default();
         let mut tools = vec![HS];
@@ -637,6 +642,149 @@ impl Bench {
         println!();
         self.finish("delta", "s", time, Some(RSYNC_FSYNC));
         self.finish("delta-bytes-on-wire", "bytes", bytes, Some(RSYNC_FSYNC));
+    }
+
+    /// latency: watch mode, a 4 KiB file written on the primary until it is whole on the
+    /// standby (seen by inotify there), one write at a time; and the time to mirror the
+    /// rename of a 2,000-file directory.
+    fn latency(&mut self) {
+        let writes = if self.cfg.quick { 30 } else { 100 };
+        let mut lat: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut rename: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut rss = Runs::default();
+        let mut tools = vec![HS];
+        if self.lsyncd && self.rsync {
+            tools.push(LSYNCD);
+        }
+        for &tool in &tools {
+            let src = self.fresh("lat-src");
+            std::fs::create_dir_all(&src).unwrap();
+            std::fs::write(src.join("seed"), b"seed").unwrap();
+            let dest = self.fresh("lat-dest");
+            let standby = if tool == HS {
+                dest.clone()
+            } else {
+                self.cfg.work.join("rsd").join(dest.file_name().unwrap())
+            };
+            std::fs::create_dir_all(&standby).unwrap();
+            let (mut procs, serve) = match tool {
+                HS => {
+                    let (srv, port) = self.serve(&standby);
+                    let mut w = Command::new(&self.hotsync)
+                        .arg("--home")
+                        .arg(self.keys.join("primary"))
+                        .arg("watch")
+                        .arg(&src)
+                        .arg(format!("quic://127.0.0.1:{port}"))
+                        .args(["--server-id", &self.server_id, "--json", "-q"])
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .unwrap();
+                    // Ready after the first reconcile.
+                    let mut out = std::io::BufReader::new(w.stdout.take().unwrap());
+                    let mut line = String::new();
+                    while out.read_line(&mut line).unwrap() > 0 && !line.contains("\"replicated\"")
+                    {
+                        line.clear();
+                    }
+                    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+                    (vec![w], Some(srv))
+                }
+                _ => (vec![self.start_lsyncd(&src, &dest)], None),
+            };
+            wait_for(&standby.join("seed"), 4, Duration::from_secs(30));
+            let seen = StandbyEvents::new(&standby);
+            let data = vec![7u8; 4096];
+            for i in 0..writes {
+                let name = format!("f{i:03}");
+                let start = Instant::now();
+                std::fs::write(src.join(&name), &data).unwrap();
+                let ok = seen.wait(&name, &standby, 4096, Duration::from_secs(10));
+                let ms = start.elapsed().as_secs_f64() * 1000.0;
+                lat.entry(tool)
+                    .or_default()
+                    .push(if ok { ms } else { f64::INFINITY });
+                std::thread::sleep(Duration::from_millis(15));
+                if i % 10 == 0 {
+                    self.progress();
+                }
+            }
+            // A directory of 2,000 files, replicated, then renamed.
+            let dir = src.join("many");
+            std::fs::create_dir(&dir).unwrap();
+            for k in 0..2000 {
+                std::fs::write(dir.join(format!("m{k:04}")), b"small file").unwrap();
+            }
+            wait_for_count(&standby.join("many"), 2000, Duration::from_secs(60));
+            let start = Instant::now();
+            std::fs::rename(&dir, src.join("renamed")).unwrap();
+            wait_for_count(&standby.join("renamed"), 2000, Duration::from_secs(60));
+            rename
+                .entry(tool)
+                .or_default()
+                .push(start.elapsed().as_secs_f64() * 1000.0);
+            if let Some(srv) = serve {
+                rss.rss("serve", self.stop_serve(srv));
+            }
+            for p in &mut procs {
+                if tool == HS {
+                    let hwm = proc_hwm(p.id());
+                    rss.rss("watch", hwm);
+                }
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(p.id() as i32).unwrap(),
+                    rustix::process::Signal::TERM,
+                );
+                let _ = p.wait();
+            }
+        }
+        println!();
+        let pct = |v: &Vec<f64>, q: f64| {
+            let mut s = v.clone();
+            s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            s[((s.len() as f64 - 1.0) * q).round() as usize]
+        };
+        for (name, q) in [("latency-p50", 0.5), ("latency-p99", 0.99)] {
+            let mut runs = Runs::default();
+            for (tool, v) in &lat {
+                runs.add(tool, pct(v, q), None);
+            }
+            if name == "latency-p50" {
+                runs.rss = rss.rss.clone();
+            }
+            self.finish(name, "ms", runs, Some(LSYNCD));
+        }
+        let mut runs = Runs::default();
+        for (tool, v) in &rename {
+            runs.add(tool, v[0], None);
+        }
+        self.finish("rename-2000-files", "ms", runs, Some(LSYNCD));
+    }
+
+    /// lsyncd with `delay = 0`, syncing `src` through rsync to the daemon module `dest`.
+    fn start_lsyncd(&self, src: &Path, dest: &Path) -> Child {
+        let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
+        let conf = self.cfg.work.join(format!("lsyncd-{sub}.lua"));
+        std::fs::write(
+            &conf,
+            format!(
+                "settings {{ nodaemon = true, logfile = \"{log}\", statusFile = \"{status}\", insist = true }}\n\
+                 sync {{ default.rsync, source = \"{src}\", target = \"{url}\", delay = 0,\n\
+                   rsync = {{ archive = true }} }}\n",
+                log = self.cfg.work.join(format!("lsyncd-{sub}.log")).display(),
+                status = self.cfg.work.join(format!("lsyncd-{sub}.status")).display(),
+                src = src.display(),
+                url = self.rsync_url(&sub),
+            ),
+        )
+        .unwrap();
+        Command::new("lsyncd")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     fn progress(&self) {
@@ -734,6 +882,68 @@ fn in_turn(tools: &[&'static str], rep: usize) -> Vec<&'static str> {
         t.reverse();
     }
     t
+}
+
+/// Peak RSS (KiB) of a running process.
+fn proc_hwm(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until `path` is a file of `len` bytes.
+fn wait_for(path: &Path, len: u64, limit: Duration) {
+    let start = Instant::now();
+    while std::fs::metadata(path).map(|m| m.len()).ok() != Some(len) {
+        assert!(start.elapsed() < limit, "{} did not appear", path.display());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until directory `dir` holds `n` entries.
+fn wait_for_count(dir: &Path, n: usize, limit: Duration) {
+    let start = Instant::now();
+    while std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0) < n {
+        assert!(start.elapsed() < limit, "{} did not fill", dir.display());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Names appearing in a standby directory, from inotify (no polling delay).
+struct StandbyEvents {
+    _w: notify::RecommendedWatcher,
+    rx: std::sync::mpsc::Receiver<notify::Result<notify::Event>>,
+}
+
+impl StandbyEvents {
+    fn new(dir: &Path) -> Self {
+        use notify::Watcher;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut w = notify::recommended_watcher(tx).unwrap();
+        w.watch(dir, notify::RecursiveMode::NonRecursive).unwrap();
+        StandbyEvents { _w: w, rx }
+    }
+
+    /// Waits until `name` in `dir` is a file of `len` bytes (it arrives by rename or write).
+    fn wait(&self, name: &str, dir: &Path, len: u64, limit: Duration) -> bool {
+        let path = dir.join(name);
+        let start = Instant::now();
+        loop {
+            if std::fs::metadata(&path).map(|m| m.len()).ok() == Some(len) {
+                return true;
+            }
+            let left = limit.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = self.rx.recv_timeout(left.min(Duration::from_millis(50)));
+        }
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
