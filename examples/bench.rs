@@ -990,7 +990,7 @@ fn print_workload(w: &Workload) {
         let ratio = w
             .ratios
             .get(tool)
-            .map(|r| format!("   hotsync/this = {r:.2}"))
+            .map(|r| format!("   hotsync/this = {r:.3}"))
             .unwrap_or_default();
         println!(
             "  {tool:24} {:>12}  (min {}, max {}){ratio}",
