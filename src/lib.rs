@@ -23,6 +23,7 @@ pub mod sender;
 pub mod server;
 pub mod summary;
 pub mod transport;
+pub mod verify;
 pub mod watch;
 
 pub use error::{Error, Result};
@@ -117,6 +118,64 @@ pub fn prepare_local_dest(src: &Path, dest: &Path, create: bool) -> Result<()> {
     }
 }
 
+/// Runs `f` as the primary against an in-process receiver serving the local directory
+/// `dest`: the same protocol a remote standby speaks.
+fn with_local<T>(
+    dest: &Path,
+    f: impl FnOnce(&dyn transport::Connection) -> Result<T>,
+) -> Result<T> {
+    use transport::Connection;
+    let (primary, standby) = transport::local::pair();
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let r = receiver::serve(&standby, dest);
+            if r.is_err() {
+                // The primary may be waiting for an answer that will not come.
+                standby.close("receiver failed");
+            }
+            r
+        });
+        let done = f(&primary);
+        if done.is_err() {
+            primary.close("primary failed");
+        }
+        let received = receiver.join().expect("receiver thread panicked");
+        match (done, received) {
+            (Ok(v), _) => Ok(v),
+            // A refusal or failure on the standby side explains a broken connection best.
+            (Err(e), Err(r)) if e.is_retryable() => Err(r),
+            (Err(e), _) => Err(e),
+        }
+    })
+}
+
+/// Runs `f` as the primary against the standby at `dest` (`quic://HOST:PORT`), which must
+/// present the certificate of `server`.
+fn with_remote<T>(
+    dest: &str,
+    server: identity::NodeId,
+    me: &identity::Identity,
+    f: impl FnOnce(&dyn transport::Connection) -> Result<T>,
+) -> Result<T> {
+    use transport::Connection;
+    let rt =
+        transport::quic::runtime().map_err(|e| Error::io("cannot start the network runtime", e))?;
+    let conn = transport::quic::connect(rt.handle(), dest, server, me)?;
+    match f(&conn) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            // Why the connection ended says more than the broken stream it caused.
+            let err = match (&e, conn.failure()) {
+                (Error::Protocol(p), Some(f)) if p.is_transport() => f,
+                (Error::Unreachable(_) | Error::Io { .. }, Some(f)) => f,
+                _ => e,
+            };
+            conn.abort("primary failed");
+            Err(err)
+        }
+    }
+}
+
 /// Mirrors `src` into the local directory `dest`: the receiver runs in-process, behind the
 /// same protocol a remote standby speaks.
 pub fn sync_local(
@@ -127,30 +186,7 @@ pub fn sync_local(
 ) -> Result<Outcome> {
     let root = open_source(src)?;
     prepare_local_dest(src, dest, !opts.dry_run)?;
-    let (primary, standby) = transport::local::pair();
-    std::thread::scope(|s| {
-        let receiver = s.spawn(|| {
-            let r = receiver::serve(&standby, dest);
-            if r.is_err() {
-                // The primary may be waiting for an answer that will not come.
-                use transport::Connection;
-                standby.close("receiver failed");
-            }
-            r
-        });
-        let sent = sender::sync(&root, &primary, opts, monitor);
-        if sent.is_err() {
-            use transport::Connection;
-            primary.close("sender failed");
-        }
-        let received = receiver.join().expect("receiver thread panicked");
-        match (sent, received) {
-            (Ok(outcome), _) => Ok(outcome),
-            // A refusal or failure on the standby side explains a broken connection best.
-            (Err(e), Err(r)) if e.is_retryable() => Err(r),
-            (Err(e), _) => Err(e),
-        }
-    })
+    with_local(dest, |conn| sender::sync(&root, conn, opts, monitor))
 }
 
 /// Mirrors `src` to the standby at `dest` (`quic://HOST:PORT`), which must present the
@@ -164,21 +200,28 @@ pub fn sync_remote(
     monitor: &dyn Monitor,
 ) -> Result<Outcome> {
     let root = open_source(src)?;
-    let rt =
-        transport::quic::runtime().map_err(|e| Error::io("cannot start the network runtime", e))?;
-    let conn = transport::quic::connect(rt.handle(), dest, server, me)?;
-    match sender::sync(&root, &conn, opts, monitor) {
-        Ok(outcome) => Ok(outcome),
-        Err(e) => {
-            // Why the connection ended says more than the broken stream it caused.
-            let err = match (&e, conn.failure()) {
-                (Error::Protocol(p), Some(f)) if p.is_transport() => f,
-                (Error::Unreachable(_) | Error::Io { .. }, Some(f)) => f,
-                _ => e,
-            };
-            use transport::Connection;
-            conn.abort("primary failed");
-            Err(err)
-        }
-    }
+    with_remote(dest, server, me, |conn| {
+        sender::sync(&root, conn, opts, monitor)
+    })
+}
+
+/// Verifies the local directory `dest` against `src`.
+pub fn verify_local(src: &Path, dest: &Path, excludes: &[String]) -> Result<verify::Report> {
+    let root = open_source(src)?;
+    prepare_local_dest(src, dest, false)?;
+    with_local(dest, |conn| verify::verify(&root, conn, excludes))
+}
+
+/// Verifies the standby at `dest` (`quic://HOST:PORT`) against `src`.
+pub fn verify_remote(
+    src: &Path,
+    dest: &str,
+    server: identity::NodeId,
+    me: &identity::Identity,
+    excludes: &[String],
+) -> Result<verify::Report> {
+    let root = open_source(src)?;
+    with_remote(dest, server, me, |conn| {
+        verify::verify(&root, conn, excludes)
+    })
 }

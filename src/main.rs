@@ -5,7 +5,7 @@ mod cli;
 
 use anyhow::bail;
 use clap::Parser;
-use cli::{Cli, Command, Common, ServeArgs, SyncArgs, WatchArgs};
+use cli::{Cli, Command, Common, ServeArgs, SyncArgs, VerifyArgs, WatchArgs};
 use hotsync::identity::{self, NodeId};
 use hotsync::plan::Plan;
 use hotsync::summary::Summary;
@@ -85,9 +85,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         }
         Command::Serve(args) => serve(cli, args),
         Command::Watch(args) => watch(cli, args),
-        Command::Verify(_) => {
-            bail!("this command is not available in this build yet")
-        }
+        Command::Verify(args) => verify(cli, args),
     }
 }
 
@@ -364,6 +362,114 @@ impl hotsync::watch::Observer for WatchStatus {
         match &self.bar {
             Some(b) => b.println(format!("PAUSED: {why}")),
             None => tracing::error!("paused: {why}"),
+        }
+    }
+}
+
+fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
+    let remote = if args.dest.starts_with("quic://") {
+        let Some(server) = &args.server_id else {
+            bail!("a quic:// DEST needs --server-id ID (the standby's ID: run `hotsync id` there)");
+        };
+        let server = NodeId::parse(server).map_err(anyhow::Error::msg)?;
+        let home = identity::home_dir(cli.home.as_deref())?;
+        Some((server, identity::load(&home)?))
+    } else {
+        None
+    };
+    let check = || match &remote {
+        Some((server, me)) => {
+            hotsync::verify_remote(&args.src, &args.dest, *server, me, &args.exclude)
+        }
+        None => hotsync::verify_local(&args.src, args.dest.as_ref(), &args.exclude),
+    };
+    let before = check()?;
+    if !args.repair || before.identical {
+        if args.json {
+            println!("{}", serde_json::to_string(&before)?);
+        } else if !cli.quiet || !before.identical {
+            print_report(&before);
+        }
+        return Ok(before.exit_code() as u8);
+    }
+    // Repair through the normal sync path, comparing content, then prove the result.
+    let opts = SyncOptions {
+        checksum: true,
+        excludes: args.exclude.clone(),
+        ..SyncOptions::default()
+    };
+    let repaired = match &remote {
+        Some((server, me)) => hotsync::sync_remote(
+            &args.src,
+            &args.dest,
+            *server,
+            me,
+            &opts,
+            &hotsync::progress::Silent,
+        ),
+        None => hotsync::sync_local(
+            &args.src,
+            args.dest.as_ref(),
+            &opts,
+            &hotsync::progress::Silent,
+        ),
+    }?;
+    let after = check()?;
+    if args.json {
+        let mut v = serde_json::to_value(&after)?;
+        v["before"] = serde_json::to_value(&before)?;
+        v["repair"] = serde_json::to_value(&repaired.summary)?;
+        println!("{v}");
+    } else {
+        println!("before repair:");
+        print_report(&before);
+        println!("repair: {}", summary_line(&repaired.summary));
+        println!("after repair:");
+        print_report(&after);
+    }
+    Ok(after.exit_code() as u8)
+}
+
+/// The human verify report: the verdict and totals first, then each category.
+fn print_report(r: &hotsync::verify::Report) {
+    let mut out = std::io::stdout().lock();
+    let secs = r.elapsed_ms as f64 / 1000.0;
+    let verdict = if r.identical {
+        "IDENTICAL"
+    } else {
+        "DIFFERENT"
+    };
+    let _ = writeln!(
+        out,
+        "verify: {verdict}: {} entries checked, {} hashed in {secs:.2} s ({}/s)",
+        r.files_checked,
+        human_bytes(r.bytes_hashed),
+        human_bytes((r.bytes_hashed as f64 / secs.max(0.001)) as u64)
+    );
+    let detail = |p: &str| {
+        r.details
+            .iter()
+            .find(|d| d.path == p)
+            .map(|d| format!(": {}", d.detail))
+            .unwrap_or_default()
+    };
+    for (title, list) in [
+        ("missing on standby", &r.missing),
+        ("extra on standby", &r.extra),
+        ("content differs", &r.content_differs),
+        ("metadata differs", &r.metadata_differs),
+    ] {
+        if !list.is_empty() {
+            let _ = writeln!(out, "{title} ({}):", list.len());
+            for p in list {
+                let _ = writeln!(out, "  {p}{}", detail(p));
+            }
+        }
+    }
+    if !r.errors.is_empty() {
+        let _ = writeln!(out, "errors ({}):", r.errors.len());
+        for e in &r.errors {
+            let _ = writeln!(out, "  {}: {}", e.path, e.error);
         }
     }
 }

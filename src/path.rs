@@ -118,6 +118,9 @@ impl RelPath {
     /// A printable form: UTF-8 as is, other bytes as `\xNN`, control characters escaped,
     /// so a name with a newline cannot forge a line in a report.
     pub fn display(&self) -> String {
+        if self.0.is_empty() {
+            return ".".into();
+        }
         escape_bytes(&self.0)
     }
 }

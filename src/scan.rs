@@ -404,7 +404,7 @@ mod tests {
         assert_eq!(got(&[(p("d"), Scope::Tree)]), ["d", "d/e", "d/e/f"]);
         assert_eq!(
             got(&[(p("d/e/f"), Scope::Entry), (RelPath::root(), Scope::Entry)]),
-            ["", "d/e/f"]
+            [".", "d/e/f"]
         );
         assert!(got(&[(p("missing/x"), Scope::Tree), (p("g/x"), Scope::Entry)]).is_empty());
         assert_eq!(got(&[(RelPath::root(), Scope::Tree)]).len(), 5);

@@ -195,6 +195,43 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Lists `scopes` on both sides at once (hashing content when `checksum`): the primary's
+    /// manifest and the standby's.
+    pub fn list(
+        &mut self,
+        scopes: &[(RelPath, Scope)],
+        checksum: bool,
+    ) -> Result<(Manifest, Manifest), Error> {
+        let (local, remote, _) = self.list_sides(&normalize_scopes(scopes), checksum)?;
+        Ok((local.manifest, remote))
+    }
+
+    fn list_sides(
+        &mut self,
+        scopes: &[(RelPath, Scope)],
+        checksum: bool,
+    ) -> Result<(crate::scan::ScanOutcome, Manifest, u64), Error> {
+        self.w.send(&Message::List {
+            scopes: scopes.to_vec(),
+            checksum,
+        })?;
+        self.w.flush()?;
+        let scan_opts = ScanOptions {
+            checksum,
+            ..self.scan_opts.clone()
+        };
+        let (root, monitor, r) = (self.root, self.monitor, &mut self.r);
+        let (local, remote) = std::thread::scope(|s| {
+            let local = s.spawn(|| scan_scopes(root, scopes, &scan_opts, &|n| monitor.scanned(n)));
+            let remote = receive_listing(r);
+            (local.join().expect("scan thread panicked"), remote)
+        });
+        let local = local
+            .map_err(|e| Error::io(format!("cannot read SRC {}", self.root.path().display()), e))?;
+        let (remote, temps_removed) = remote.map_err(peer_error)?;
+        Ok((local, remote, temps_removed))
+    }
+
     fn reconcile(
         &mut self,
         renames: &[(RelPath, RelPath)],
@@ -204,16 +241,17 @@ impl<'a> Session<'a> {
         let started = Instant::now();
         let wire_before = self.conn.wire_bytes();
         let empty = Manifest::default();
-        let ex = Exec {
-            conn: self.conn,
-            root: self.root,
-            remote: &empty,
-            tally: Mutex::new(Summary::default()),
-            retries: Mutex::new(Vec::new()),
-            next_id: &self.next_id,
-            monitor: self.monitor,
-        };
+        let mut renamed = 0;
         if !renames.is_empty() && !self.opts.dry_run {
+            let ex = Exec {
+                conn: self.conn,
+                root: self.root,
+                remote: &empty,
+                tally: Mutex::new(Summary::default()),
+                retries: Mutex::new(Vec::new()),
+                next_id: &self.next_id,
+                monitor: self.monitor,
+            };
             let ops = renames
                 .iter()
                 .map(|(from, to)| {
@@ -226,6 +264,7 @@ impl<'a> Session<'a> {
                 })
                 .collect();
             ex.control_batch(&mut self.r, &mut self.w, ops, 1)?;
+            renamed = ex.tally.into_inner().unwrap().renamed;
         }
         // Parents too: a new path may need its directory made, and changes inside a
         // directory change its mtime.
@@ -237,21 +276,8 @@ impl<'a> Session<'a> {
                 wanted.push((q.clone(), Scope::Entry));
             }
         }
-        let scopes = normalize_scopes(&wanted);
-        self.w.send(&Message::List {
-            scopes: scopes.clone(),
-            checksum: self.opts.checksum,
-        })?;
-        self.w.flush()?;
-        let (root, scan_opts, monitor, r) = (self.root, &self.scan_opts, self.monitor, &mut self.r);
-        let (local, remote) = std::thread::scope(|s| {
-            let local = s.spawn(|| scan_scopes(root, &scopes, scan_opts, &|n| monitor.scanned(n)));
-            let remote = receive_listing(r);
-            (local.join().expect("scan thread panicked"), remote)
-        });
-        let local = local
-            .map_err(|e| Error::io(format!("cannot read SRC {}", self.root.path().display()), e))?;
-        let (remote, temps_removed) = remote.map_err(peer_error)?;
+        let (local, remote, temps_removed) =
+            self.list_sides(&normalize_scopes(&wanted), self.opts.checksum)?;
         tracing::debug!("{} ms: both sides listed", started.elapsed().as_millis());
 
         let mut summary = Summary {
@@ -259,7 +285,7 @@ impl<'a> Session<'a> {
             bytes_total: local.manifest.file_bytes(),
             temps_removed,
             dry_run: self.opts.dry_run,
-            renamed: ex.tally.lock().unwrap().renamed,
+            renamed,
             ..Summary::default()
         };
         for sk in &local.skipped {
@@ -327,10 +353,14 @@ impl<'a> Session<'a> {
             summary.files_transferred = plan.transfers.len() as u64;
             summary.files_deleted = plan.removed_entries as u64;
         } else {
-            *ex.tally.lock().unwrap() = summary;
             let ex = Exec {
+                conn: self.conn,
+                root: self.root,
                 remote: &remote,
-                ..ex
+                tally: Mutex::new(summary),
+                retries: Mutex::new(Vec::new()),
+                next_id: &self.next_id,
+                monitor: self.monitor,
             };
             ex.run(&plan, &mut self.r, &mut self.w, &self.opts)?;
             summary = ex.tally.into_inner().unwrap();

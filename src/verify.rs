@@ -1,0 +1,440 @@
+//! `hotsync verify`: prove the standby equal to the primary, or say exactly how it differs.
+//!
+//! Each side hashes its own files (only digests cross the network), then [`compare`], a
+//! pure function, sorts every difference into a category. Differences are checked a
+//! second time before they are reported, so a file that was changing while it was read
+//! is not a false alarm.
+
+use crate::error::Error;
+use crate::fsroot::Root;
+use crate::manifest::{Entry, Kind, Manifest, Scope};
+use crate::path::RelPath;
+use crate::progress::Silent;
+use crate::sender::{Session, SyncOptions};
+use crate::summary::EntryError;
+use crate::transport::Connection;
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+/// One difference, with what differs, for the human report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Difference {
+    pub path: String,
+    pub detail: String,
+}
+
+/// The verify report; `--json` prints it (field names are part of the contract).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Report {
+    pub identical: bool,
+    /// Entries of the primary compared (files, directories, symlinks, the root).
+    pub files_checked: u64,
+    /// File bytes hashed, both sides together.
+    pub bytes_hashed: u64,
+    /// On the primary, not on the standby.
+    pub missing: Vec<String>,
+    /// On the standby, not on the primary.
+    pub extra: Vec<String>,
+    /// Bytes (or symlink target, or type) differ.
+    pub content_differs: Vec<String>,
+    /// Same content; mode, owner or mtime differ.
+    pub metadata_differs: Vec<String>,
+    /// Entries that could not be read, on either side: not compared.
+    pub errors: Vec<EntryError>,
+    pub elapsed_ms: u64,
+    /// What differs, path by path (content and metadata differences).
+    pub details: Vec<Difference>,
+}
+
+impl Report {
+    /// Exit status by the contract: 0 identical, 1 differences (or entries that could not
+    /// be compared), 2 is for a verify that could not run at all.
+    pub fn exit_code(&self) -> i32 {
+        if self.identical { 0 } else { 1 }
+    }
+
+    /// Paths with a difference (not errors), sorted.
+    pub fn differing(&self) -> Vec<RelPath> {
+        let mut v: BTreeSet<&String> = BTreeSet::new();
+        v.extend(&self.missing);
+        v.extend(&self.extra);
+        v.extend(&self.content_differs);
+        v.extend(&self.metadata_differs);
+        v.into_iter().filter_map(|p| unescape(p)).collect()
+    }
+
+    fn finish(&mut self) {
+        for l in [
+            &mut self.missing,
+            &mut self.extra,
+            &mut self.content_differs,
+            &mut self.metadata_differs,
+        ] {
+            l.sort();
+        }
+        self.errors.sort_by(|a, b| a.path.cmp(&b.path));
+        self.identical = self.missing.is_empty()
+            && self.extra.is_empty()
+            && self.content_differs.is_empty()
+            && self.metadata_differs.is_empty()
+            && self.errors.is_empty();
+    }
+}
+
+/// The path of a report line back as a `RelPath` (reports escape control characters and
+/// bytes that are not UTF-8).
+fn unescape(s: &str) -> Option<RelPath> {
+    if s == "." {
+        return Some(RelPath::root());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 1 < b.len() {
+            match b[i + 1] {
+                b'n' => out.push(b'\n'),
+                b't' => out.push(b'\t'),
+                b'r' => out.push(b'\r'),
+                b'\\' => out.push(b'\\'),
+                b'x' if i + 3 < b.len() => {
+                    let hex = std::str::from_utf8(&b[i + 2..i + 4]).ok()?;
+                    out.push(u8::from_str_radix(hex, 16).ok()?);
+                    i += 4;
+                    continue;
+                }
+                _ => return None,
+            }
+            i += 2;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    RelPath::new(out).ok()
+}
+
+fn kind_word(e: &Entry) -> &'static str {
+    match e.kind {
+        Kind::File { .. } => "a file",
+        Kind::Dir => "a directory",
+        Kind::Symlink { .. } => "a symlink",
+    }
+}
+
+/// Compares a primary manifest with a standby manifest, both hashed. `owners`: whether
+/// owner and group count (the standby runs as root).
+pub fn compare(local: &Manifest, remote: &Manifest, owners: bool) -> Report {
+    let mut r = Report::default();
+    // Paths that could not be read on either side are reported once, and nothing under
+    // them is called missing or extra.
+    let mut unknown: Vec<RelPath> = Vec::new();
+    for (side, m) in [("primary", local), ("standby", remote)] {
+        for e in &m.errors {
+            r.errors
+                .push(EntryError::new(&e.path, format!("{side}: {}", e.error)));
+            unknown.push(e.path.clone());
+        }
+    }
+    let unknown_at = |p: &RelPath| unknown.iter().any(|u| p.starts_with(u));
+    let (mut i, mut j) = (0, 0);
+    let (a, b) = (&local.entries, &remote.entries);
+    while i < a.len() || j < b.len() {
+        let order = match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) => x.path.cmp(&y.path),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, _) => std::cmp::Ordering::Greater,
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                let x = &a[i];
+                r.files_checked += 1;
+                if !unknown_at(&x.path) {
+                    r.missing.push(x.path.display());
+                }
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                let y = &b[j];
+                if !unknown_at(&y.path) && !y.path.is_reserved() {
+                    r.extra.push(y.path.display());
+                }
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                r.files_checked += 1;
+                compare_entry(&a[i], &b[j], owners, &mut r);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    for m in [local, remote] {
+        r.bytes_hashed += m
+            .entries
+            .iter()
+            .filter_map(|e| match e.kind {
+                Kind::File {
+                    size,
+                    hash: Some(_),
+                } => Some(size),
+                _ => None,
+            })
+            .sum::<u64>();
+    }
+    r.finish();
+    r
+}
+
+fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report) {
+    let path = x.path.display();
+    let mut content = None;
+    match (&x.kind, &y.kind) {
+        (Kind::File { size: s1, hash: h1 }, Kind::File { size: s2, hash: h2 }) => {
+            if s1 != s2 {
+                content = Some(format!("size {s1} on the primary, {s2} on the standby"));
+            } else if h1 != h2 || h1.is_none() {
+                content = Some("content differs (blake3)".into());
+            }
+        }
+        (Kind::Symlink { target: t1 }, Kind::Symlink { target: t2 }) => {
+            if t1 != t2 {
+                content = Some(format!(
+                    "symlink to {} on the primary, to {} on the standby",
+                    crate::path::escape_bytes(t1),
+                    crate::path::escape_bytes(t2)
+                ));
+            }
+        }
+        (Kind::Dir, Kind::Dir) => {}
+        _ => {
+            content = Some(format!(
+                "{} on the primary, {} on the standby",
+                kind_word(x),
+                kind_word(y)
+            ))
+        }
+    }
+    if let Some(detail) = content {
+        r.content_differs.push(path.clone());
+        r.details.push(Difference { path, detail });
+        return;
+    }
+    let mut what = Vec::new();
+    if !matches!(x.kind, Kind::Symlink { .. }) && x.meta.mode != y.meta.mode {
+        what.push(format!("mode {:o} vs {:o}", x.meta.mode, y.meta.mode));
+    }
+    if owners && (x.meta.uid, x.meta.gid) != (y.meta.uid, y.meta.gid) {
+        what.push(format!(
+            "owner {}:{} vs {}:{}",
+            x.meta.uid, x.meta.gid, y.meta.uid, y.meta.gid
+        ));
+    }
+    if x.meta.mtime != y.meta.mtime {
+        what.push(format!(
+            "mtime {}.{:09} vs {}.{:09}",
+            x.meta.mtime.sec, x.meta.mtime.nsec, y.meta.mtime.sec, y.meta.mtime.nsec
+        ));
+    }
+    if !what.is_empty() {
+        r.metadata_differs.push(path.clone());
+        r.details.push(Difference {
+            path,
+            detail: what.join(", "),
+        });
+    }
+}
+
+/// Keeps only the differences of `first` that `second` (a re-check of those paths) still
+/// shows: the others were changes caught in flight.
+pub fn persisting(first: Report, second: &Report) -> Report {
+    let keep = |l: Vec<String>, again: &Vec<String>| -> Vec<String> {
+        l.into_iter().filter(|p| again.contains(p)).collect()
+    };
+    let mut r = Report {
+        missing: keep(first.missing, &second.missing),
+        extra: keep(first.extra, &second.extra),
+        content_differs: keep(first.content_differs, &second.content_differs),
+        metadata_differs: keep(first.metadata_differs, &second.metadata_differs),
+        errors: first.errors,
+        files_checked: first.files_checked,
+        bytes_hashed: first.bytes_hashed + second.bytes_hashed,
+        elapsed_ms: first.elapsed_ms,
+        identical: false,
+        details: Vec::new(),
+    };
+    let still: BTreeSet<&String> = r
+        .missing
+        .iter()
+        .chain(&r.extra)
+        .chain(&r.content_differs)
+        .chain(&r.metadata_differs)
+        .collect();
+    r.details = second
+        .details
+        .iter()
+        .filter(|d| still.contains(&d.path))
+        .cloned()
+        .collect();
+    r.finish();
+    r
+}
+
+/// Verifies the standby at the other end of `conn` against `root`.
+pub fn verify(root: &Root, conn: &dyn Connection, excludes: &[String]) -> Result<Report, Error> {
+    let started = Instant::now();
+    let opts = SyncOptions {
+        dry_run: true, // a read-only session: verify never takes the standby's lock
+        checksum: true,
+        excludes: excludes.to_vec(),
+        ..SyncOptions::default()
+    };
+    let mut session = Session::open(root, conn, &opts, &Silent)?;
+    let (local, remote) = session.list(&[(RelPath::root(), Scope::Tree)], true)?;
+    let mut report = compare(&local, &remote, session.owners);
+    if !report.identical {
+        let again: Vec<(RelPath, Scope)> = report
+            .differing()
+            .into_iter()
+            .map(|p| (p, Scope::Entry))
+            .collect();
+        if !again.is_empty() {
+            let (l2, r2) = session.list(&again, true)?;
+            report = persisting(report, &compare(&l2, &r2, session.owners));
+        }
+    }
+    session.close()?;
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Meta, Mtime, ScanError};
+
+    fn meta(mode: u32, t: i64) -> Meta {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: Mtime { sec: t, nsec: 0 },
+        }
+    }
+    fn file(p: &str, size: u64, h: u8) -> Entry {
+        Entry {
+            path: RelPath::new(p).unwrap(),
+            kind: Kind::File {
+                size,
+                hash: Some([h; 32]),
+            },
+            meta: meta(0o644, 1),
+            link: None,
+        }
+    }
+    fn dir(p: &str) -> Entry {
+        Entry {
+            path: RelPath::new(p).unwrap(),
+            kind: Kind::Dir,
+            meta: meta(0o755, 1),
+            link: None,
+        }
+    }
+    fn m(mut e: Vec<Entry>) -> Manifest {
+        e.push(dir(""));
+        let mut m = Manifest {
+            entries: e,
+            errors: vec![],
+        };
+        m.sort();
+        m
+    }
+
+    #[test]
+    fn identical_trees() {
+        let a = m(vec![dir("d"), file("d/f", 3, 1)]);
+        let r = compare(&a, &a.clone(), true);
+        assert!(r.identical);
+        assert_eq!(r.files_checked, 3);
+        assert_eq!(r.bytes_hashed, 6);
+        assert_eq!(r.exit_code(), 0);
+    }
+
+    #[test]
+    fn every_category() {
+        let mut chmod = file("chmod", 1, 5);
+        chmod.meta.mode = 0o600;
+        let a = m(vec![
+            file("missing", 1, 1),
+            file("flipped", 4, 2),
+            chmod,
+            dir("typed"),
+            file("same", 1, 9),
+        ]);
+        let b = m(vec![
+            file("extra", 1, 1),
+            file("flipped", 4, 3),
+            file("chmod", 1, 5),
+            file("typed", 1, 1),
+            file("same", 1, 9),
+        ]);
+        let r = compare(&a, &b, true);
+        assert_eq!(r.missing, ["missing"]);
+        assert_eq!(r.extra, ["extra"]);
+        assert_eq!(r.content_differs, ["flipped", "typed"]);
+        assert_eq!(r.metadata_differs, ["chmod"]);
+        assert!(!r.identical);
+        assert_eq!(r.exit_code(), 1);
+        assert!(
+            r.details
+                .iter()
+                .any(|d| d.path == "chmod" && d.detail.contains("mode 600 vs 644"))
+        );
+        assert!(
+            r.details
+                .iter()
+                .any(|d| d.path == "typed" && d.detail.contains("a directory on the primary"))
+        );
+    }
+
+    #[test]
+    fn unreadable_entries_are_errors_not_missing() {
+        let mut a = m(vec![dir("locked")]);
+        a.errors.push(ScanError {
+            path: RelPath::new("locked").unwrap(),
+            error: "permission denied".into(),
+        });
+        let b = m(vec![dir("locked"), file("locked/inner", 1, 1)]);
+        let r = compare(&a, &b, true);
+        assert!(r.extra.is_empty() && r.missing.is_empty());
+        assert_eq!(r.errors.len(), 1);
+        assert!(r.errors[0].error.starts_with("primary:"));
+        assert!(!r.identical);
+    }
+
+    #[test]
+    fn the_recheck_drops_changes_caught_in_flight() {
+        let a = m(vec![file("busy", 1, 1), file("broken", 1, 1)]);
+        let b = m(vec![file("busy", 1, 2), file("broken", 1, 2)]);
+        let first = compare(&a, &b, true);
+        let a2 = m(vec![file("busy", 1, 3), file("broken", 1, 1)]);
+        let b2 = m(vec![file("busy", 1, 3), file("broken", 1, 2)]);
+        let r = persisting(first, &compare(&a2, &b2, true));
+        assert_eq!(r.content_differs, ["broken"]);
+    }
+
+    #[test]
+    fn report_paths_round_trip() {
+        for raw in [
+            &b"plain"[..],
+            b"new\nline",
+            b"\xff\xfe",
+            b"back\\slash",
+            b"",
+        ] {
+            let p = RelPath::new(raw.to_vec()).unwrap();
+            assert_eq!(unescape(&p.display()), Some(p));
+        }
+    }
+}
