@@ -103,6 +103,13 @@ pub struct WatchArgs {
     /// unwatched
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub rescan_every: std::time::Duration,
+    /// Verify the whole standby this often (e.g. 1h), in the background, and repair what
+    /// it finds
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub verify_every: Option<std::time::Duration>,
+    /// How fast the background verify may read, on each side, in MiB/s
+    #[arg(long, value_name = "MIB_S", default_value_t = 64)]
+    pub verify_rate: u64,
 }
 
 /// Parses `250ms`, `2s`, `5m`, `1h` (a bare number is seconds).

@@ -182,6 +182,17 @@ pub fn hash_chunks<R: ReadAt + ?Sized>(
     size: u64,
     chunk: u64,
 ) -> io::Result<(Vec<Hash>, Hash)> {
+    hash_chunks_paced(r, size, chunk, &|_| {})
+}
+
+/// [`hash_chunks`], calling `pace` with the bytes of each read (to slow a background
+/// verify down to a rate).
+pub fn hash_chunks_paced<R: ReadAt + ?Sized>(
+    r: &R,
+    size: u64,
+    chunk: u64,
+    pace: &dyn Fn(usize),
+) -> io::Result<(Vec<Hash>, Hash)> {
     let mut h = ChunkedHasher::new(chunk);
     let mut buf = vec![0u8; IO_BUF.min(size as usize).max(1)];
     let mut off = 0u64;
@@ -190,6 +201,7 @@ pub fn hash_chunks<R: ReadAt + ?Sized>(
         r.read_exact_at(&mut buf[..n], off)?;
         h.update(&buf[..n]);
         off += n as u64;
+        pace(n);
     }
     Ok(h.finish())
 }

@@ -209,7 +209,7 @@ pub fn sync_remote(
 pub fn verify_local(src: &Path, dest: &Path, excludes: &[String]) -> Result<verify::Report> {
     let root = open_source(src)?;
     prepare_local_dest(src, dest, false)?;
-    with_local(dest, |conn| verify::verify(&root, conn, excludes))
+    with_local(dest, |conn| verify::verify(&root, conn, excludes, 0))
 }
 
 /// Verifies the standby at `dest` (`quic://HOST:PORT`) against `src`.
@@ -222,6 +222,6 @@ pub fn verify_remote(
 ) -> Result<verify::Report> {
     let root = open_source(src)?;
     with_remote(dest, server, me, |conn| {
-        verify::verify(&root, conn, excludes)
+        verify::verify(&root, conn, excludes, 0)
     })
 }

@@ -207,6 +207,8 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
             ..Default::default()
         },
         fallback_rescan: args.rescan_every,
+        verify_every: args.verify_every,
+        verify_rate: args.verify_rate.max(1) << 20,
     };
     let shutdown = Arc::new(AtomicBool::new(false));
     on_signal(shutdown.clone())?;
@@ -355,6 +357,50 @@ impl hotsync::watch::Observer for WatchStatus {
             .map(|d| format!(" | lag {:.0} ms", d.as_secs_f64() * 1000.0))
             .unwrap_or_default();
         b.set_message(format!("{state} | {changes} queued | {last}{lag}"));
+    }
+
+    fn verified(&self, r: &hotsync::verify::Report, repaired: usize) {
+        if self.json {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["event"] = "verified".into();
+            v["repaired"] = repaired.into();
+            self.event(v);
+        }
+        let secs = r.elapsed_ms as f64 / 1000.0;
+        if r.identical {
+            self.line(&format!(
+                "verify: identical ({} entries, {} hashed in {secs:.1} s)",
+                r.files_checked,
+                human_bytes(r.bytes_hashed)
+            ));
+            return;
+        }
+        let msg = format!(
+            "verify: {} missing, {} extra, {} content differs, {} metadata differs, {} errors; {repaired} repaired",
+            r.missing.len(),
+            r.extra.len(),
+            r.content_differs.len(),
+            r.metadata_differs.len(),
+            r.errors.len()
+        );
+        match &self.bar {
+            Some(b) => b.println(&msg),
+            None => tracing::warn!("{msg}"),
+        }
+        for d in &r.details {
+            tracing::warn!("verify: {}: {}", d.path, d.detail);
+        }
+        for p in r.missing.iter().chain(&r.extra) {
+            tracing::warn!("verify: {p}: missing or extra on the standby");
+        }
+        for e in &r.errors {
+            tracing::warn!("verify: {}: {}", e.path, e.error);
+        }
+    }
+
+    fn verify_failed(&self, why: &str) {
+        self.event(serde_json::json!({"event": "verify_failed", "error": why}));
+        tracing::warn!("background verify failed: {why}");
     }
 
     fn paused(&self, why: &str) {

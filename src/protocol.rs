@@ -46,6 +46,8 @@ pub enum Message {
     List {
         scopes: Vec<(RelPath, Scope)>,
         checksum: bool,
+        /// Bytes per second the standby may read to hash, 0 for no limit.
+        hash_rate: u64,
     },
     /// A batch of the standby's manifest.
     Entries {
@@ -491,6 +493,7 @@ mod tests {
             Message::List {
                 scopes: vec![(p.clone(), Scope::Tree)],
                 checksum: true,
+                hash_rate: 0,
             },
             Message::Entries {
                 entries: vec![Entry {

@@ -279,11 +279,13 @@ impl Session {
         w: &mut FrameWriter<W>,
         scopes: &[(RelPath, Scope)],
         checksum: bool,
+        hash_rate: u64,
     ) -> Result<(), ProtocolError> {
         let listing = match &self.root {
             Some(root) => {
                 let opts = ScanOptions {
                     checksum,
+                    hash_rate,
                     filter: self.filter.clone(),
                     remove_temps: !self.read_only,
                 };
@@ -425,8 +427,12 @@ fn op_loop<R: Read, W: SendHalf>(
             )));
         }
         match msg {
-            Message::List { scopes, checksum } if control => {
-                s.list(&mut w, &scopes, checksum)?;
+            Message::List {
+                scopes,
+                checksum,
+                hash_rate,
+            } if control => {
+                s.list(&mut w, &scopes, checksum, hash_rate)?;
                 continue;
             }
             Message::Rename { id, from, to } => {

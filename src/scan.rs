@@ -2,7 +2,7 @@
 //! `fstatat` with `AT_SYMLINK_NOFOLLOW`), so a symlink is recorded, never followed, and a
 //! rename racing the scan cannot lead it outside the root.
 
-use crate::delta::{chunk_size, hash_chunks};
+use crate::delta::{chunk_size, hash_chunks_paced};
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, link_key, meta_of};
 use crate::manifest::{Entry, Hash, Kind, Manifest, ScanError, Scope};
@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct ScanOptions {
     /// Hash every regular file (for `--checksum` and verify).
     pub checksum: bool,
+    /// Bytes per second hashing may read, 0 for no limit. A limited scan also hashes on
+    /// one thread at the lowest CPU priority: a background verify must not slow replication.
+    pub hash_rate: u64,
     pub filter: Filter,
     /// Delete leftover temporary files (the standby does; the primary only skips them).
     pub remove_temps: bool,
@@ -121,7 +124,7 @@ pub fn scan_scopes(
     }
     out.manifest.sort();
     if opts.checksum {
-        out.bytes_hashed = hash_all(root, &mut out.manifest);
+        out.bytes_hashed = hash_all(root, &mut out.manifest, opts.hash_rate);
     }
     progress(out.manifest.entries.len() as u64);
     Ok(out)
@@ -285,14 +288,19 @@ fn walk(
 
 /// Hashes every regular file in the manifest, in parallel; a file that cannot be read
 /// moves to `errors` (and out of the entries, so it is neither sent nor deleted).
-fn hash_all(root: &Root, m: &mut Manifest) -> u64 {
+fn hash_all(root: &Root, m: &mut Manifest, rate: u64) -> u64 {
     let next = AtomicU64::new(0);
     let bytes = AtomicU64::new(0);
     let failed = Mutex::new(Vec::new());
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .min(4);
+    let threads = if rate > 0 {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .min(4)
+    };
+    let pacer = Pacer::new(rate);
     let entries = Mutex::new(&mut m.entries);
     let todo: Vec<(usize, RelPath)> = entries
         .lock()
@@ -305,10 +313,14 @@ fn hash_all(root: &Root, m: &mut Manifest) -> u64 {
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
+                if rate > 0 {
+                    // Linux applies this to the calling thread only.
+                    let _ = rustix::process::setpriority_process(None, 19);
+                }
                 loop {
                     let k = next.fetch_add(1, Ordering::Relaxed) as usize;
                     let Some((i, path)) = todo.get(k) else { break };
-                    match hash_file(root, path) {
+                    match hash_file_paced(root, path, &|n| pacer.spend(n)) {
                         Ok((st, hash)) => {
                             bytes.fetch_add(st.st_size as u64, Ordering::Relaxed);
                             let mut e = entries.lock().unwrap();
@@ -340,13 +352,49 @@ fn hash_all(root: &Root, m: &mut Manifest) -> u64 {
     bytes.into_inner()
 }
 
+/// Keeps reading at or below a byte rate, by sleeping.
+struct Pacer {
+    rate: u64,
+    start: std::time::Instant,
+    done: AtomicU64,
+}
+
+impl Pacer {
+    fn new(rate: u64) -> Self {
+        Pacer {
+            rate,
+            start: std::time::Instant::now(),
+            done: AtomicU64::new(0),
+        }
+    }
+
+    fn spend(&self, n: usize) {
+        if self.rate == 0 {
+            return;
+        }
+        let done = self.done.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        let due = std::time::Duration::from_secs_f64(done as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 /// Hashes one file, re-reading it if it changed while being read.
 pub fn hash_file(root: &Root, path: &RelPath) -> io::Result<(rustix::fs::Stat, Hash)> {
+    hash_file_paced(root, path, &|_| {})
+}
+
+fn hash_file_paced(
+    root: &Root,
+    path: &RelPath,
+    pace: &dyn Fn(usize),
+) -> io::Result<(rustix::fs::Stat, Hash)> {
     let f = root.open_file(path)?;
     for _ in 0..5 {
         let before = rustix::fs::fstat(&f)?;
         let size = before.st_size as u64;
-        let (_, digest) = hash_chunks(&f, size, chunk_size(size))?;
+        let (_, digest) = hash_chunks_paced(&f, size, chunk_size(size), pace)?;
         let after = rustix::fs::fstat(&f)?;
         if !changed(&before, &after) {
             return Ok((after, digest));

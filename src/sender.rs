@@ -39,6 +39,8 @@ pub struct SyncOptions {
     pub big_streams: usize,
     /// What a plan that trips the mass-delete guard does.
     pub on_mass_delete: MassDelete,
+    /// Bytes per second hashing may read on each side, 0 for no limit (background verify).
+    pub hash_rate: u64,
 }
 
 /// What to do when a plan would delete more than the guard allows.
@@ -62,6 +64,7 @@ impl Default for SyncOptions {
             lanes: 2,
             big_streams: 2,
             on_mass_delete: MassDelete::Refuse,
+            hash_rate: 0,
         }
     }
 }
@@ -161,6 +164,7 @@ impl<'a> Session<'a> {
             opts: opts.clone(),
             scan_opts: ScanOptions {
                 checksum: opts.checksum,
+                hash_rate: opts.hash_rate,
                 filter,
                 remove_temps: false,
             },
@@ -186,6 +190,15 @@ impl<'a> Session<'a> {
         scopes: &[(RelPath, Scope)],
     ) -> Result<Outcome, Error> {
         self.reconcile(renames, scopes, false)
+    }
+
+    /// Reconciles `scopes` comparing content by digest, whatever `--checksum` says: the
+    /// repair of what a verify found (same size and mtime, other bytes).
+    pub fn repair(&mut self, scopes: &[(RelPath, Scope)]) -> Result<Outcome, Error> {
+        let checksum = std::mem::replace(&mut self.opts.checksum, true);
+        let out = self.reconcile(&[], scopes, false);
+        self.opts.checksum = checksum;
+        out
     }
 
     /// Ends the session cleanly.
@@ -214,10 +227,12 @@ impl<'a> Session<'a> {
         self.w.send(&Message::List {
             scopes: scopes.to_vec(),
             checksum,
+            hash_rate: self.opts.hash_rate,
         })?;
         self.w.flush()?;
         let scan_opts = ScanOptions {
             checksum,
+            hash_rate: self.opts.hash_rate,
             ..self.scan_opts.clone()
         };
         let (root, monitor, r) = (self.root, self.monitor, &mut self.r);

@@ -64,6 +64,23 @@ impl Report {
         v.into_iter().filter_map(|p| unescape(p)).collect()
     }
 
+    /// The report without the paths `skip` names (changes still in flight, in watch).
+    pub fn without(mut self, skip: impl Fn(&RelPath) -> bool) -> Report {
+        let drop = |p: &String| unescape(p).is_some_and(|p| skip(&p));
+        for l in [
+            &mut self.missing,
+            &mut self.extra,
+            &mut self.content_differs,
+            &mut self.metadata_differs,
+        ] {
+            l.retain(|p| !drop(p));
+        }
+        self.errors.retain(|e| !drop(&e.path));
+        self.details.retain(|d| !drop(&d.path));
+        self.finish();
+        self
+    }
+
     fn finish(&mut self) {
         for l in [
             &mut self.missing,
@@ -281,13 +298,20 @@ pub fn persisting(first: Report, second: &Report) -> Report {
     r
 }
 
-/// Verifies the standby at the other end of `conn` against `root`.
-pub fn verify(root: &Root, conn: &dyn Connection, excludes: &[String]) -> Result<Report, Error> {
+/// Verifies the standby at the other end of `conn` against `root`. `hash_rate` bounds the
+/// bytes per second each side reads to hash (0: as fast as it can).
+pub fn verify(
+    root: &Root,
+    conn: &dyn Connection,
+    excludes: &[String],
+    hash_rate: u64,
+) -> Result<Report, Error> {
     let started = Instant::now();
     let opts = SyncOptions {
         dry_run: true, // a read-only session: verify never takes the standby's lock
         checksum: true,
         excludes: excludes.to_vec(),
+        hash_rate,
         ..SyncOptions::default()
     };
     let mut session = Session::open(root, conn, &opts, &Silent)?;

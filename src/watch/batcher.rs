@@ -133,6 +133,21 @@ impl Batcher {
         self.items.values().map(|it| it.first).min()
     }
 
+    /// Whether a change to `path` is waiting (queued for it, or for a tree that covers it).
+    pub fn pending(&self, path: &RelPath) -> bool {
+        if self.full || self.items.contains_key(path) {
+            return true;
+        }
+        let mut p = path.clone();
+        while !p.is_root() {
+            p = p.split().0;
+            if self.items.get(&p).is_some_and(|it| it.scope == Scope::Tree) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Whether a full re-scan is pending.
     pub fn full_pending(&self) -> bool {
         self.full

@@ -18,6 +18,7 @@ use crate::progress::Silent;
 use crate::sender::{Session, SyncOptions};
 use crate::summary::Summary;
 use crate::transport::Connection;
+use crate::verify::Report;
 use batcher::{Batcher, Hint};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where the standby is.
+#[derive(Clone)]
 pub enum Target {
     Local(PathBuf),
     Remote {
@@ -52,6 +54,10 @@ pub struct WatchOptions {
     /// How often everything is re-scanned when the inotify watch limit leaves parts of the
     /// tree unwatched.
     pub fallback_rescan: Duration,
+    /// Run a full verify this often, in the background, and repair what it finds.
+    pub verify_every: Option<Duration>,
+    /// Bytes per second the background verify may read on each side.
+    pub verify_rate: u64,
 }
 
 /// Hears what a watch does: for a status line, logs, or a test.
@@ -64,6 +70,11 @@ pub trait Observer: Sync {
     fn queued(&self, _changes: usize, _oldest: Option<Duration>) {}
     /// Replication stopped for a reason someone must look at; it resumes by itself.
     fn paused(&self, _why: &str) {}
+    /// A background verify finished: its report (changes still in flight left out), and
+    /// how many differences were repaired.
+    fn verified(&self, _report: &Report, _repaired: usize) {}
+    /// A background verify could not run.
+    fn verify_failed(&self, _why: &str) {}
 }
 
 /// How often the loop wakes when nothing happens.
@@ -78,7 +89,7 @@ struct Link {
 }
 
 impl Link {
-    fn connect(target: &Target, rt: Option<&tokio::runtime::Runtime>) -> Result<Link, Error> {
+    fn connect(target: &Target, rt: Option<&tokio::runtime::Handle>) -> Result<Link, Error> {
         match target {
             Target::Local(dest) => {
                 let (primary, standby) = crate::transport::local::pair();
@@ -99,7 +110,7 @@ impl Link {
             }
             Target::Remote { dest, server, me } => {
                 let rt = rt.expect("a runtime for QUIC");
-                let conn = crate::transport::quic::connect(rt.handle(), dest, *server, me)?;
+                let conn = crate::transport::quic::connect(rt, dest, *server, me)?;
                 Ok(Link {
                     conn: Arc::new(conn),
                     receiver: None,
@@ -166,6 +177,21 @@ fn open_source(src: &Path) -> Result<(Root, Identity2), String> {
     Ok((root, (md.dev(), md.ino())))
 }
 
+/// A full verify of `src` against `target` on a connection of its own (a read-only session:
+/// it never competes for the standby's lock), reading at most `rate` bytes per second.
+fn background_verify(
+    src: &Path,
+    target: &Target,
+    rt: Option<&tokio::runtime::Handle>,
+    excludes: &[String],
+    rate: u64,
+) -> Result<Report, Error> {
+    let root =
+        Root::open(src).map_err(|e| Error::io(format!("cannot open SRC {}", src.display()), e))?;
+    let link = Link::connect(target, rt)?;
+    crate::verify::verify(&root, &*link.conn, excludes, rate)
+}
+
 /// Why the source root is no longer the one being watched, if it is not.
 fn source_moved(src: &Path, id: Identity2) -> Option<String> {
     match std::fs::metadata(src) {
@@ -221,12 +247,13 @@ pub fn watch(
                 }
             }
         });
+        let handle = rt.as_ref().map(|r| r.handle().clone());
         let result = run(
             src,
             target,
             opts,
             &sync_opts,
-            rt.as_ref(),
+            handle.as_ref(),
             shutdown,
             obs,
             &current,
@@ -243,7 +270,7 @@ fn run(
     target: &Target,
     opts: &WatchOptions,
     sync_opts: &SyncOptions,
-    rt: Option<&tokio::runtime::Runtime>,
+    rt: Option<&tokio::runtime::Handle>,
     shutdown: &AtomicBool,
     obs: &dyn Observer,
     current: &Mutex<Option<Arc<dyn Connection>>>,
@@ -253,6 +280,9 @@ fn run(
     let mut batcher = Batcher::new(opts.batcher);
     let mut paused: Option<String> = None;
     let silent = Silent;
+    let (verified_tx, verified) = std::sync::mpsc::channel::<Result<Report, Error>>();
+    let mut verify_due = opts.verify_every.map(|d| Instant::now() + d);
+    let mut verifying = false;
     'outer: loop {
         if shutdown.load(Ordering::Relaxed) {
             return Ok(());
@@ -360,6 +390,57 @@ fn run(
                 paused = Some(why);
                 let _ = session.close();
                 continue 'outer;
+            }
+            if !verifying && verify_due.is_some_and(|t| Instant::now() >= t) {
+                verifying = true;
+                let (src, target, rt, tx) = (
+                    src.to_path_buf(),
+                    target.clone(),
+                    rt.cloned(),
+                    verified_tx.clone(),
+                );
+                let (excludes, rate) = (opts.sync.excludes.clone(), opts.verify_rate);
+                std::thread::spawn(move || {
+                    let _ = tx.send(background_verify(
+                        &src,
+                        &target,
+                        rt.as_ref(),
+                        &excludes,
+                        rate,
+                    ));
+                });
+            }
+            if let Ok(result) = verified.try_recv() {
+                verifying = false;
+                verify_due = opts.verify_every.map(|d| Instant::now() + d);
+                match result {
+                    Ok(report) => {
+                        // A path with a change still queued is not a false alarm to report.
+                        let report = report.without(|p| batcher.pending(p));
+                        let diffs = report.differing();
+                        let repaired = if diffs.is_empty() {
+                            Ok(0)
+                        } else {
+                            let scopes: Vec<_> = diffs
+                                .iter()
+                                .map(|p| (p.clone(), crate::manifest::Scope::Entry))
+                                .collect();
+                            session.repair(&scopes).map(|_| diffs.len())
+                        };
+                        match repaired {
+                            Ok(n) => obs.verified(&report, n),
+                            Err(e) => {
+                                obs.verify_failed(&format!("repair failed: {e}"));
+                                let d = backoff.next();
+                                obs.disconnected(&e.to_string(), d);
+                                drop(session);
+                                nap(d, shutdown);
+                                continue 'outer;
+                            }
+                        }
+                    }
+                    Err(e) => obs.verify_failed(&e.to_string()),
+                }
             }
             let oldest = batcher.oldest();
             obs.queued(batcher.queued(), oldest.map(|t| t.elapsed()));

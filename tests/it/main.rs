@@ -5,4 +5,5 @@ mod helpers;
 mod local;
 mod remote;
 mod safety;
+mod verify;
 mod watch;

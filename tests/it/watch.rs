@@ -416,3 +416,78 @@ fn the_inotify_watch_limit_is_named_and_periodic_rescans_fill_the_gap() {
     write(&t.s("d29/new"), b"new");
     converge(&t.src, &t.dst, CONVERGE);
 }
+
+#[test]
+fn a_background_verify_finds_and_repairs_silent_corruption() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(
+        false,
+        |t| {
+            write(&t.s("data.bin"), &noise(200_000, 5));
+            write(&t.s("other"), b"other");
+        },
+        &["--verify-every", "500ms"],
+    );
+    r.converge();
+    // Rot on the standby that no event reports: size and mtime kept.
+    let victim = r.t.d("data.bin");
+    let meta = std::fs::metadata(&victim).unwrap();
+    let mut d = std::fs::read(&victim).unwrap();
+    d[77_777] ^= 0x80;
+    std::fs::write(&victim, &d).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    set_mtime(&victim, meta.mtime(), meta.mtime_nsec() as u32);
+    r.watch
+        .wait_event("a verify that repaired", Duration::from_secs(15), |e| {
+            e.iter().any(|e| {
+                e["event"] == "verified"
+                    && e["content_differs"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|p| p == "data.bin"))
+                    && e["repaired"].as_u64() >= Some(1)
+            })
+        });
+    r.converge();
+    assert!(r.watch.log().contains("data.bin"), "{}", r.watch.log());
+}
+
+#[test]
+fn a_background_verify_does_not_report_a_file_being_written() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(
+        false,
+        |t| write(&t.s("busy.log"), b""),
+        &["--verify-every", "300ms"],
+    );
+    let path = r.s("busy.log");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            f.write_all(&noise(4096, 1)).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    r.watch
+        .wait_event("several verifies", Duration::from_secs(20), |e| {
+            e.iter().filter(|e| e["event"] == "verified").count() >= 4
+        });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    for v in r.watch.of("verified") {
+        let named = |k: &str| v[k].to_string().contains("busy.log");
+        assert!(
+            !named("content_differs")
+                && !named("errors")
+                && !named("missing")
+                && !named("metadata_differs"),
+            "a file being written was reported: {v}"
+        );
+    }
+    r.converge();
+}
