@@ -205,6 +205,9 @@ const CP: &str = "cp -a && sync";
 const RSYNC: &str = "rsync (daemon)";
 const RSYNC_FSYNC: &str = "rsync --fsync (daemon)";
 const LSYNCD: &str = "lsyncd delay=0 + rsync (daemon)";
+const RSYNC_CHECKSUM: &str = "rsync -a -c -n (daemon)";
+const RSYNC_MD5: &str = "rsync -a -c -n md5 (daemon)";
+const B3SUM: &str = "b3sum, both trees";
 
 impl Bench {
     fn new(cfg: Config, hotsync: PathBuf) -> Bench {
@@ -471,12 +474,7 @@ impl Bench {
             self.latency();
         }
         if self.wants("verify") {
-            self.workloads.push(Workload {
-                name: "verify".into(),
-                unit: "s".into(),
-                note: Some("needs `hotsync verify`, which this build does not have yet".into()),
-                ..Default::default()
-            });
+            self.verify();
         }
     }
 
@@ -760,6 +758,87 @@ impl Bench {
             runs.add(tool, v[0], None);
         }
         self.finish("rename-2000-files", "ms", runs, Some(LSYNCD));
+    }
+
+    /// verify: the small-file tree plus the big file, identical on both sides; hotsync
+    /// verify over QUIC against `rsync -a -c -n` to the daemon and b3sum over both trees.
+    fn verify(&mut self) {
+        let src = self.data().join("verify-src");
+        let copy = |from: &Path, to: &Path| {
+            let ok = Command::new("cp")
+                .arg("-a")
+                .arg(from)
+                .arg(to)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "cp -a {} {}", from.display(), to.display());
+        };
+        if !src.exists() {
+            std::fs::create_dir_all(&src).unwrap();
+            copy(&self.data().join("tree"), &src.join("tree"));
+            copy(
+                &self.data().join("big-base/data.bin"),
+                &src.join("data.bin"),
+            );
+        }
+        let standby = self.fresh("verify-standby");
+        copy(&src, &standby);
+        let module_copy = self.cfg.work.join("rsd").join(standby.file_name().unwrap());
+        if self.rsync {
+            copy(&src, &module_copy);
+        }
+        let (srv, port) = self.serve(&standby);
+        let mut tools = vec![HS];
+        if self.rsync {
+            tools.extend([RSYNC_CHECKSUM, RSYNC_MD5]);
+        }
+        if self.b3sum {
+            tools.push(B3SUM);
+        }
+        let mut runs = Runs::default();
+        for rep in 0..self.cfg.reps {
+            for tool in in_turn(&tools, rep) {
+                match tool {
+                    HS => {
+                        let mut c = Command::new(&self.hotsync);
+                        c.arg("--home")
+                            .arg(self.keys.join("primary"))
+                            .arg("verify")
+                            .arg(&src)
+                            .arg(format!("quic://127.0.0.1:{port}"))
+                            .args(["--server-id", &self.server_id, "--json"]);
+                        let t = timed(&mut c);
+                        let j: serde_json::Value = serde_json::from_str(t.stdout.trim()).unwrap();
+                        assert_eq!(j["identical"], true, "the bench copies must verify: {j}");
+                        runs.add(tool, t.secs, Some(("verify", t.rss_kib)));
+                    }
+                    RSYNC_CHECKSUM | RSYNC_MD5 => {
+                        let sub = standby.file_name().unwrap().to_string_lossy().into_owned();
+                        let mut c = Command::new("rsync");
+                        c.args(["-a", "-c", "-n"]);
+                        if tool == RSYNC_MD5 {
+                            c.arg("--checksum-choice=md5");
+                        }
+                        c.arg(format!("{}/", src.display()))
+                            .arg(self.rsync_url(&sub));
+                        runs.add(tool, timed(&mut c).secs, None);
+                    }
+                    _ => {
+                        // Both trees at once, as hotsync hashes both sides at once.
+                        let script = "find \"$1\" -type f -print0 | xargs -0 b3sum >/dev/null & \
+                                      find \"$2\" -type f -print0 | xargs -0 b3sum >/dev/null; wait";
+                        let mut c = Command::new("sh");
+                        c.args(["-c", script, "sh"]).arg(&src).arg(&standby);
+                        runs.add(tool, timed(&mut c).secs, None);
+                    }
+                }
+                self.progress();
+            }
+        }
+        runs.rss("serve", self.stop_serve(srv));
+        println!();
+        self.finish("verify", "s", runs, Some(RSYNC_CHECKSUM));
     }
 
     /// lsyncd with `delay = 0`, syncing `src` through rsync to the daemon module `dest`.
