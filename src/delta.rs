@@ -168,13 +168,6 @@ impl ChunkedHasher {
     }
 }
 
-/// The chunked digest of a whole in-memory buffer.
-pub fn digest_of(data: &[u8]) -> Hash {
-    let mut h = ChunkedHasher::new(chunk_size(data.len() as u64));
-    h.update(data);
-    h.finish().1
-}
-
 /// Reads `size` bytes of `r` from the start, returning the per-chunk digests and the
 /// chunked digest (pass 1 on the sender, and the receiver's look at its base).
 pub fn hash_chunks<R: ReadAt + ?Sized>(

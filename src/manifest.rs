@@ -65,13 +65,6 @@ impl Entry {
             _ => None,
         }
     }
-    pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            Kind::File { .. } => "file",
-            Kind::Dir => "dir",
-            Kind::Symlink { .. } => "symlink",
-        }
-    }
 }
 
 /// How much of a path a scan covers: the entry alone, or it and everything beneath it.

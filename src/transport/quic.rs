@@ -193,12 +193,6 @@ impl QuicConnection {
         self.conn.remote_address()
     }
 
-    /// The path MTU in use and the UDP datagrams sent so far (for diagnostics).
-    pub fn path_stats(&self) -> (u16, u64) {
-        let s = self.conn.stats();
-        (s.path.current_mtu, s.udp_tx.datagrams)
-    }
-
     fn stream(&self, (send, recv): (quinn::SendStream, quinn::RecvStream)) -> Stream {
         Stream {
             recv: Box::new(CountedRead {

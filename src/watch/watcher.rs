@@ -7,7 +7,7 @@ use crate::path::{RelPath, is_temp_name};
 use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
 use notify::{Event, EventKind, RecursiveMode, Watcher as _};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
@@ -170,11 +170,6 @@ pub fn hints_of(root: &Path, ev: &Event) -> Vec<Hint> {
     }
 }
 
-/// The canonical form of a watched root, as events name it.
-pub fn canonical(root: &Path) -> PathBuf {
-    root.canonicalize().unwrap_or_else(|_| root.to_path_buf())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,7 +178,7 @@ mod tests {
     fn ev(kind: EventKind, paths: &[&str]) -> Event {
         let mut e = Event::new(kind);
         for p in paths {
-            e = e.add_path(PathBuf::from(p));
+            e = e.add_path(std::path::PathBuf::from(p));
         }
         e
     }
