@@ -159,6 +159,15 @@ fn wait_rusage(child: &Child) -> (i32, u64) {
     (code, ru.ru_maxrss as u64)
 }
 
+/// `cp -a SRC DEST && sync`: the local floor.
+fn cp_sync(src: &Path, dest: &Path) -> Command {
+    let mut c = Command::new("sh");
+    c.args(["-c", "cp -a \"$1\" \"$2\" && sync", "sh"])
+        .arg(src)
+        .arg(dest);
+    c
+}
+
 fn noise(mut x: u64, out: &mut [u8]) {
     x = x.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     for chunk in out.chunks_mut(8) {
@@ -391,6 +400,18 @@ impl Bench {
         self.rsyncd = Some((child, port));
     }
 
+    /// `rsync -a [--fsync] [--stats] SRC/` to the daemon module named like `dest`.
+    fn rsync(&self, src: &Path, dest: &Path, tool: &str, stats: bool) -> Command {
+        let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
+        let mut c = Command::new("rsync");
+        c.arg("-a")
+            .args((tool == RSYNC_FSYNC).then_some("--fsync"))
+            .args(stats.then_some("--stats"))
+            .arg(format!("{}/", src.display()))
+            .arg(self.rsync_url(&sub));
+        c
+    }
+
     fn rsync_url(&self, sub: &str) -> String {
         format!(
             "rsync://127.0.0.1:{}/bench/{sub}/",
@@ -506,30 +527,20 @@ impl Bench {
                         initial.rss("serve", hwm);
                     }
                     CP => {
-                        let t = timed(
-                            Command::new("sh")
-                                .args(["-c", "cp -a \"$1\" \"$2\" && sync", "sh"])
-                                .arg(&src)
-                                .arg(&dest),
-                        );
+                        let t = timed(&mut cp_sync(&src, &dest));
                         initial.add(tool, t.secs, None);
                     }
                     _ => {
-                        let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
-                        let url = self.rsync_url(&sub);
-                        let fsync = tool == RSYNC_FSYNC;
-                        let mut c = Command::new("rsync");
-                        c.arg("-a")
-                            .args(fsync.then_some("--fsync"))
-                            .arg(format!("{}/", src.display()))
-                            .arg(&url);
-                        initial.add(tool, timed(&mut c).secs, None);
-                        let mut c = Command::new("rsync");
-                        c.arg("-a")
-                            .args(fsync.then_some("--fsync"))
-                            .arg(format!("{}/", src.display()))
-                            .arg(&url);
-                        noop.add(tool, timed(&mut c).secs, None);
+                        initial.add(
+                            tool,
+                            timed(&mut self.rsync(&src, &dest, tool, false)).secs,
+                            None,
+                        );
+                        noop.add(
+                            tool,
+                            timed(&mut self.rsync(&src, &dest, tool, false)).secs,
+                            None,
+                        );
                     }
                 }
                 self.progress();
@@ -561,22 +572,15 @@ impl Bench {
                         runs.rss("serve", hwm);
                     }
                     CP => {
-                        let t = timed(
-                            Command::new("sh")
-                                .args(["-c", "cp -a \"$1\" \"$2\" && sync", "sh"])
-                                .arg(&src)
-                                .arg(&dest),
-                        );
+                        let t = timed(&mut cp_sync(&src, &dest));
                         runs.add(tool, t.secs, None);
                     }
                     _ => {
-                        let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
-                        let mut c = Command::new("rsync");
-                        c.arg("-a")
-                            .args((tool == RSYNC_FSYNC).then_some("--fsync"))
-                            .arg(format!("{}/", src.display()))
-                            .arg(self.rsync_url(&sub));
-                        runs.add(tool, timed(&mut c).secs, None);
+                        runs.add(
+                            tool,
+                            timed(&mut self.rsync(&src, &dest, tool, false)).secs,
+                            None,
+                        );
                     }
                 }
                 // One inode each: deleting big files does not slow later creates.
@@ -622,13 +626,7 @@ impl Bench {
                         time.rss("serve", hwm);
                     }
                     _ => {
-                        let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
-                        let mut c = Command::new("rsync");
-                        c.args(["-a", "--stats"])
-                            .args((tool == RSYNC_FSYNC).then_some("--fsync"))
-                            .arg(format!("{}/", src.display()))
-                            .arg(self.rsync_url(&sub));
-                        let t = timed(&mut c);
+                        let t = timed(&mut self.rsync(&src, &dest, tool, true));
                         time.add(tool, t.secs, None);
                         bytes.add(tool, rsync_total_bytes(&t.stdout), None);
                     }

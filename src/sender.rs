@@ -587,14 +587,12 @@ impl<'a> Exec<'a> {
         // 1. Out of the way, then directories, parents first.
         let mut ops = Vec::new();
         for p in &plan.clear {
-            let entries = self.remote_count_under(p);
-            ops.push((
+            ops.push(self.removal(
                 Message::Clear {
                     id: 0,
                     path: p.clone(),
                 },
-                p.clone(),
-                Op::Remove { entries },
+                p,
             ));
         }
         for p in &plan.mkdirs {
@@ -677,20 +675,24 @@ impl<'a> Exec<'a> {
         // 4. Deletes, deepest first, then directory attributes, deepest first.
         let mut ops = Vec::new();
         for p in &plan.deletes {
-            let entries = self.remote_count_under(p);
-            ops.push((
+            ops.push(self.removal(
                 Message::Delete {
                     id: 0,
                     path: p.clone(),
                 },
-                p.clone(),
-                Op::Remove { entries },
+                p,
             ));
         }
         for m in &plan.dir_metas {
             ops.push((set_meta(m), m.path.clone(), Op::Meta));
         }
         self.control_batch(r, w, ops, 3)
+    }
+
+    /// A removal to send, accounted as the standby entries it takes away.
+    fn removal(&self, msg: Message, p: &RelPath) -> (Message, RelPath, Op) {
+        let entries = self.remote_count_under(p);
+        (msg, p.clone(), Op::Remove { entries })
     }
 
     fn remote_count_under(&self, p: &RelPath) -> u64 {

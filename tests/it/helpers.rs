@@ -548,6 +548,17 @@ pub struct Server {
 impl Server {
     /// Starts a server for `root` allowing `allow`; its identity lives in `home`.
     pub fn start(root: &Path, home: &Path, allow: &[&str]) -> Server {
+        Server::spawn(root, home, allow, 0)
+    }
+
+    /// Like [`Server::start`], on a given port (to restart a standby where it was).
+    pub fn start_on(root: &Path, home: &Path, allow: &[&str], port: u16) -> Server {
+        let s = Server::spawn(root, home, allow, port);
+        assert_eq!(s.port, port);
+        s
+    }
+
+    fn spawn(root: &Path, home: &Path, allow: &[&str], port: u16) -> Server {
         let id = keygen(home);
         let log = home.join(format!(
             "serve-{}.log",
@@ -559,7 +570,7 @@ impl Server {
             .arg("serve")
             .arg("--root")
             .arg(root);
-        cmd.args(["--listen", "127.0.0.1:0"]);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
         for a in allow {
             cmd.args(["--allow", a]);
         }
@@ -813,49 +824,5 @@ pub fn converge(primary: &Path, standby: &Path, limit: Duration) {
             panic!("not converged within {limit:?}:\n  {}", d.join("\n  "));
         }
         std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
-impl Server {
-    /// Like [`Server::start`], on a given port (to restart a standby where it was).
-    pub fn start_on(root: &Path, home: &Path, allow: &[&str], port: u16) -> Server {
-        let id = keygen(home);
-        let log = home.join(format!(
-            "serve-{}.log",
-            std::process::id() as u64 * 1000 + rand_suffix()
-        ));
-        let mut cmd = Command::new(bin());
-        cmd.arg("--home")
-            .arg(home)
-            .arg("serve")
-            .arg("--root")
-            .arg(root);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
-        for a in allow {
-            cmd.args(["--allow", a]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        use std::io::BufRead;
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.contains(&format!(":{port}")),
-            "{line}: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        Server {
-            child,
-            port,
-            id,
-            home: home.to_path_buf(),
-            log,
-        }
     }
 }
