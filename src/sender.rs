@@ -956,22 +956,7 @@ impl<'a> Exec<'a> {
             meta,
             size,
         })?;
-        let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
-        let mut off = 0u64;
-        let mut problem: Option<(String, bool)> = None;
-        while off < size {
-            let n = buf.len().min((size - off) as usize);
-            if problem.is_none()
-                && let Err(e) = delta::ReadAt::read_exact_at(&f, &mut buf[..n], off)
-            {
-                problem = Some(read_problem(&e));
-            }
-            if problem.is_some() {
-                buf[..n].fill(0);
-            }
-            w.write_raw(&buf[..n])?;
-            off += n as u64;
-        }
+        let mut problem = read_through(&f, size, |piece| w.write_raw(piece))?;
         let after = rustix::fs::fstat(&f).map_err(io::Error::from)?;
         if problem.is_none() && changed(&before, &after) {
             problem = Some(("changed while being read".into(), true));
@@ -1093,28 +1078,16 @@ impl<'a> Exec<'a> {
             })?;
             // The standby starts hashing its base now, while we hash the new version.
             w.flush()?;
-            let mut problem: Option<(String, bool)> = None;
             let mut hasher = delta::ChunkedHasher::new(chunk);
             let mut sent = 0;
-            let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
-            let mut off = 0u64;
-            while off < size {
-                let n = buf.len().min((size - off) as usize);
-                if problem.is_none()
-                    && let Err(e) = delta::ReadAt::read_exact_at(&f, &mut buf[..n], off)
-                {
-                    problem = Some(read_problem(&e));
-                }
-                if problem.is_some() {
-                    buf[..n].fill(0);
-                }
-                hasher.update(&buf[..n]);
+            let mut problem = read_through(&f, size, |piece| {
+                hasher.update(piece);
                 for c in &hasher.completed()[sent..] {
                     w.write_raw(&c[..COARSE_HASH_LEN])?;
                 }
                 sent = hasher.completed().len();
-                off += n as u64;
-            }
+                Ok(())
+            })?;
             let (chunks, digest) = hasher.finish();
             for c in &chunks[sent..] {
                 w.write_raw(&c[..COARSE_HASH_LEN])?;
@@ -1213,6 +1186,33 @@ impl<'a> Exec<'a> {
             Err(e) => Err(peer_error(e)),
         }
     }
+}
+
+/// Reads `size` bytes of `f` in pieces and hands each to `each`. After a failed read the
+/// rest comes as zeros, so a stream promised `size` bytes still gets them; the failure is
+/// returned, and the file must then be abandoned.
+fn read_through(
+    f: &std::fs::File,
+    size: u64,
+    mut each: impl FnMut(&[u8]) -> Result<(), ProtocolError>,
+) -> Result<Option<(String, bool)>, ProtocolError> {
+    let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
+    let mut off = 0u64;
+    let mut problem = None;
+    while off < size {
+        let n = buf.len().min((size - off) as usize);
+        if problem.is_none()
+            && let Err(e) = delta::ReadAt::read_exact_at(f, &mut buf[..n], off)
+        {
+            problem = Some(read_problem(&e));
+        }
+        if problem.is_some() {
+            buf[..n].fill(0);
+        }
+        each(&buf[..n])?;
+        off += n as u64;
+    }
+    Ok(problem)
 }
 
 /// What a failed read of a file being sent means for it: a file that shrank changed while
