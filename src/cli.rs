@@ -68,7 +68,7 @@ pub struct Common {
     /// Override the safety guards (empty source, mass deletion)
     #[arg(long)]
     pub force: bool,
-    /// Print a JSON summary on stdout
+    /// Print JSON on stdout: a summary (sync), one object per event (watch)
     #[arg(long)]
     pub json: bool,
     /// The standby's pinned ID (required for a quic:// DEST)
@@ -81,7 +81,9 @@ pub struct Common {
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
+    /// The primary's tree
     pub src: PathBuf,
+    /// The standby: a local directory, or quic://HOST:PORT (with --server-id)
     pub dest: String,
     #[command(flatten)]
     pub common: Common,
@@ -92,7 +94,9 @@ pub struct SyncArgs {
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
+    /// The primary's tree
     pub src: PathBuf,
+    /// The standby: a local directory, or quic://HOST:PORT (with --server-id)
     pub dest: String,
     #[command(flatten)]
     pub common: Common,
@@ -141,7 +145,9 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
+    /// The primary's tree
     pub src: PathBuf,
+    /// The standby: a local directory, or quic://HOST:PORT (with --server-id)
     pub dest: String,
     /// Fix every difference from the primary, then verify again
     #[arg(long)]
