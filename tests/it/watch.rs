@@ -417,11 +417,10 @@ fn the_inotify_watch_limit_is_named_and_periodic_rescans_fill_the_gap() {
     converge(&t.src, &t.dst, CONVERGE);
 }
 
-#[test]
-fn a_background_verify_finds_and_repairs_silent_corruption() {
+fn background_verify_repairs(remote: bool) {
     let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let r = Rig::new(
-        false,
+        remote,
         |t| {
             write(&t.s("data.bin"), &noise(200_000, 5));
             write(&t.s("other"), b"other");
@@ -449,6 +448,16 @@ fn a_background_verify_finds_and_repairs_silent_corruption() {
         });
     r.converge();
     assert!(r.watch.log().contains("data.bin"), "{}", r.watch.log());
+}
+
+#[test]
+fn a_background_verify_finds_and_repairs_silent_corruption() {
+    background_verify_repairs(false);
+}
+
+#[test]
+fn a_background_verify_over_quic_finds_and_repairs_silent_corruption() {
+    background_verify_repairs(true);
 }
 
 #[test]
