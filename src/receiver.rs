@@ -997,6 +997,13 @@ fn receive_delta<R: Read, W: Write>(
                 "not a regular file",
             ));
         }
+        // A base far larger than the new file (which sets the chunk size) would cost more
+        // to sign than to resend: the file goes whole.
+        if (st.st_size as u64).div_ceil(chunk) > 4 * MAX_CHUNKS {
+            return Err(io::Error::other(
+                "the standby's version is too large to serve as a delta base",
+            ));
+        }
         Ok((File::from(f), st.st_size as u64))
     });
     // Hash the base while the primary is still hashing (and sending) its new version.

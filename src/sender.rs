@@ -1100,9 +1100,16 @@ impl<'a> Exec<'a> {
                     matched_len,
                     fine_len,
                 } => {
+                    // Bounded before anything is allocated: a base may not have more chunks
+                    // than a file of this chunk size can (64 Ki) times a margin, and its
+                    // fine signature (one entry per block of at least 512 bytes) may not
+                    // exceed 256 MiB.
                     let expect_matched = base_size.div_ceil(chunk).div_ceil(8);
-                    let max_fine = (base_size / 256 + 1) * 12;
-                    if matched_len != expect_matched || fine_len > max_fine {
+                    let max_fine = ((base_size / 512 + 1) * 12).min(256 << 20);
+                    if base_size.div_ceil(chunk) > 16 * delta::MAX_CHUNKS
+                        || matched_len != expect_matched
+                        || fine_len > max_fine
+                    {
                         return Err(ProtocolError::Invalid(
                             "base signature sizes do not fit the base".into(),
                         ));
