@@ -338,11 +338,14 @@ impl<'a> Session<'a> {
             .iter()
             .filter(|e| remote.get(&e.path).is_none())
             .count();
-        let source_empty = if full {
-            local.manifest.children().is_empty()
-        } else {
-            root_is_empty(self.root).map_err(|e| Error::io("cannot read SRC", e))?
-        };
+        // Only a plan that removes something needs to know (and a batch should not list
+        // the whole source root for nothing).
+        let source_empty = plan.removed_entries > 0
+            && if full {
+                local.manifest.children().is_empty()
+            } else {
+                root_is_empty(self.root).map_err(|e| Error::io("cannot read SRC", e))?
+            };
         if let Err(refusal) = guard(
             self.root,
             source_empty,
@@ -520,7 +523,6 @@ enum Op {
     Abandoned {
         reason: String,
         retry: bool,
-        size: u64,
     },
     Mkdir,
     Remove {
@@ -540,8 +542,8 @@ struct Exec<'a> {
     root: &'a Root,
     remote: &'a Manifest,
     tally: Mutex<Summary>,
-    /// Files to send again, whole: (path, size).
-    retries: Mutex<Vec<(RelPath, u64)>>,
+    /// Files to send again, whole.
+    retries: Mutex<Vec<RelPath>>,
     next_id: &'a AtomicU64,
     monitor: &'a dyn Monitor,
 }
@@ -650,8 +652,8 @@ impl<'a> Exec<'a> {
         result.into_inner().unwrap()?;
         tracing::debug!("{} ms: transfers done", t.elapsed().as_millis());
         // Files the standby could not make durable, or that changed while read: once more, whole.
-        for (path, size) in std::mem::take(&mut *self.retries.lock().unwrap()) {
-            self.whole_stream(&path, size, false)?;
+        for path in std::mem::take(&mut *self.retries.lock().unwrap()) {
+            self.whole_stream(&path, false)?;
         }
 
         // 3. Hard links, now that their targets are durable.
@@ -691,16 +693,8 @@ impl<'a> Exec<'a> {
 
     /// A removal to send, accounted as the standby entries it takes away.
     fn removal(&self, msg: Message, p: &RelPath) -> (Message, RelPath, Op) {
-        let entries = self.remote_count_under(p);
+        let entries = count_under(self.remote, p);
         (msg, p.clone(), Op::Remove { entries })
-    }
-
-    fn remote_count_under(&self, p: &RelPath) -> u64 {
-        let start = self.remote.entries.partition_point(|e| e.path < *p);
-        self.remote.entries[start..]
-            .iter()
-            .take_while(|e| e.path.starts_with(p))
-            .count() as u64
     }
 
     /// Sends operations on the control stream and waits until they are durable.
@@ -790,19 +784,12 @@ impl<'a> Exec<'a> {
 
     fn account(&self, path: RelPath, op: Op, error: Option<String>, retry: bool) {
         match (op, error) {
-            (
-                Op::Abandoned {
-                    retry: true, size, ..
-                },
-                _,
-            ) => self.retries.lock().unwrap().push((path, size)),
+            (Op::Abandoned { retry: true, .. }, _) => self.retries.lock().unwrap().push(path),
             (Op::Abandoned { reason, .. }, _) => self.error(&path, reason),
             (Op::Rename, Some(e)) => {
                 tracing::debug!("rename to {path} not applied ({e}); rescanning")
             }
-            (Op::Transfer { bytes }, Some(_)) if retry => {
-                self.retries.lock().unwrap().push((path, bytes))
-            }
+            (Op::Transfer { .. }, Some(_)) if retry => self.retries.lock().unwrap().push(path),
             (op, Some(e)) => {
                 let what = match op {
                     Op::Transfer { .. } | Op::Abandoned { .. } => "cannot write on the standby",
@@ -968,17 +955,10 @@ impl<'a> Exec<'a> {
                 digest: None,
             })?,
             Some((reason, retry)) => {
-                pending.lock().unwrap().insert(
-                    id,
-                    (
-                        path.clone(),
-                        Op::Abandoned {
-                            reason,
-                            retry,
-                            size,
-                        },
-                    ),
-                );
+                pending
+                    .lock()
+                    .unwrap()
+                    .insert(id, (path.clone(), Op::Abandoned { reason, retry }));
                 w.send(&Message::FileEnd {
                     complete: false,
                     digest: None,
@@ -993,13 +973,13 @@ impl<'a> Exec<'a> {
         if t.basis.is_some_and(|b| b > 0) {
             self.delta_stream(t)
         } else {
-            self.whole_stream(&t.path, t.size, true)
+            self.whole_stream(&t.path, true)
         }
     }
 
     /// Sends one file whole on a new stream and waits for its acknowledgement; retries a
     /// file that changed while read (`allow_retry`) a few times.
-    fn whole_stream(&self, path: &RelPath, _size: u64, allow_retry: bool) -> Result<(), Error> {
+    fn whole_stream(&self, path: &RelPath, allow_retry: bool) -> Result<(), Error> {
         for attempt in 0..3 {
             let Stream { recv, send } = self.conn.open().map_err(ProtocolError::Io)?;
             let mut r = FrameReader::new(recv);
@@ -1034,7 +1014,6 @@ impl<'a> Exec<'a> {
                 Op::Abandoned { reason, .. } => Op::Abandoned {
                     reason,
                     retry: false,
-                    size: 0,
                 },
                 other => other,
             };
@@ -1176,11 +1155,11 @@ impl<'a> Exec<'a> {
             }
             Ok((_, _, Some((_, true)))) => {
                 tracing::debug!("{}: changed while read; sending it again", t.path);
-                self.whole_stream(&t.path, size, true)
+                self.whole_stream(&t.path, true)
             }
             Ok((_, true, _)) => {
                 tracing::debug!("{}: delta not accepted; sending it whole", t.path);
-                self.whole_stream(&t.path, size, true)
+                self.whole_stream(&t.path, true)
             }
             Ok((error, _, problem)) => {
                 let msg = match problem {
