@@ -84,6 +84,14 @@ impl Root {
         Ok((self.open_dir(&parent)?, name.to_vec()))
     }
 
+    /// Whether the root holds nothing that is mirrored (an unmounted disk looks so).
+    pub fn is_empty(&self) -> io::Result<bool> {
+        let names = list_dir(self.fd())?;
+        Ok(names
+            .iter()
+            .all(|n| n.as_slice() == crate::path::RESERVED || crate::path::is_temp_name(n)))
+    }
+
     /// `lstat` of `rel`.
     pub fn stat(&self, rel: &RelPath) -> io::Result<Stat> {
         if rel.is_root() {

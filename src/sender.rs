@@ -344,7 +344,9 @@ impl<'a> Session<'a> {
             && if full {
                 local.manifest.children().is_empty()
             } else {
-                root_is_empty(self.root).map_err(|e| Error::io("cannot read SRC", e))?
+                self.root
+                    .is_empty()
+                    .map_err(|e| Error::io("cannot read SRC", e))?
             };
         if let Err(refusal) = guard(
             self.root,
@@ -396,14 +398,6 @@ impl<'a> Session<'a> {
         tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
         Ok(Outcome { summary, plan })
     }
-}
-
-/// Whether the source root holds nothing hotsync would mirror (an unmounted disk looks so).
-fn root_is_empty(root: &Root) -> io::Result<bool> {
-    let names = crate::fsroot::list_dir(root.fd())?;
-    Ok(names
-        .iter()
-        .all(|n| n.as_slice() == crate::path::RESERVED || crate::path::is_temp_name(n)))
 }
 
 /// Entries at or under `p` in `m`.

@@ -157,24 +157,19 @@ fn nap(d: Duration, shutdown: &AtomicBool) {
 type Identity2 = (u64, u64);
 
 /// Opens the source root if it is usable: a directory with something in it.
-fn open_source(src: &Path) -> Result<(Root, Identity2), String> {
+fn usable_source(src: &Path) -> Result<(Root, Identity2), String> {
     let shown = src.display();
-    let md = std::fs::metadata(src).map_err(|e| format!("SRC {shown} is not available ({e})"))?;
-    if !md.is_dir() {
-        return Err(format!("SRC {shown} is not a directory"));
-    }
-    let root = Root::open(src).map_err(|e| format!("cannot open SRC {shown}: {e}"))?;
-    let names =
-        crate::fsroot::list_dir(root.fd()).map_err(|e| format!("cannot list SRC {shown}: {e}"))?;
-    if names
-        .iter()
-        .all(|n| n.as_slice() == crate::path::RESERVED || crate::path::is_temp_name(n))
-    {
+    let root = crate::open_source(src).map_err(|e| e.to_string())?;
+    let empty = root
+        .is_empty()
+        .map_err(|e| format!("cannot list SRC {shown}: {e}"))?;
+    if empty {
         return Err(format!(
             "SRC {shown} is empty (is a disk not mounted?): replication paused, nothing is deleted on the standby"
         ));
     }
-    Ok((root, (md.dev(), md.ino())))
+    let st = rustix::fs::fstat(root.fd()).map_err(|e| format!("cannot stat SRC {shown}: {e}"))?;
+    Ok((root, (st.st_dev, st.st_ino)))
 }
 
 /// A full verify of `src` against `target` on a connection of its own (a read-only session:
@@ -287,7 +282,7 @@ fn run(
         if shutdown.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let (root, identity) = match open_source(src) {
+        let (root, identity) = match usable_source(src) {
             Ok(x) => x,
             Err(why) => {
                 if paused.as_deref() != Some(why.as_str()) {

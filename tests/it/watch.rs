@@ -7,6 +7,38 @@ use std::time::{Duration, Instant};
 
 const CONVERGE: Duration = Duration::from_secs(20);
 
+/// A thread appending `record(n)` to a file every `every`, without closing it, until stopped.
+struct Appender {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Appender {
+    fn start(path: std::path::PathBuf, every: Duration, record: fn(u64) -> Vec<u8>) -> Appender {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let mut n = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all(&record(n)).unwrap();
+                n += 1;
+                std::thread::sleep(every);
+            }
+        });
+        Appender { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
+}
+
 /// A watch of `t.src` to a local DEST or a `hotsync serve` on loopback.
 struct Rig {
     t: Pair,
@@ -159,22 +191,9 @@ fn a_slow_appender_is_only_ever_seen_in_states_it_had() {
         |t| write(&t.s("log"), b""),
         &["--max-delay", "200ms"],
     );
-    let path = r.s("log");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    // Appends one whole record per write, never closing the file in between.
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
-        let mut n = 0;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            f.write_all(format!("record {n:06}\n").as_bytes()).unwrap();
-            n += 1;
-            std::thread::sleep(Duration::from_millis(3));
-        }
+    // One whole record per write, never closing the file in between.
+    let writer = Appender::start(r.s("log"), Duration::from_millis(3), |n| {
+        format!("record {n:06}\n").into_bytes()
     });
     let standby = r.t.d("log");
     let start = Instant::now();
@@ -201,8 +220,7 @@ fn a_slow_appender_is_only_ever_seen_in_states_it_had() {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().unwrap();
+    writer.stop();
     assert!(
         seen >= 3,
         "the file was replicated while written only {seen} times (max delay 200 ms over 3 s)"
@@ -468,26 +486,14 @@ fn a_background_verify_does_not_report_a_file_being_written() {
         |t| write(&t.s("busy.log"), b""),
         &["--verify-every", "300ms"],
     );
-    let path = r.s("busy.log");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let writer = std::thread::spawn(move || {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            f.write_all(&noise(4096, 1)).unwrap();
-            std::thread::sleep(Duration::from_millis(2));
-        }
+    let writer = Appender::start(r.s("busy.log"), Duration::from_millis(2), |_| {
+        noise(4096, 1)
     });
     r.watch
         .wait_event("several verifies", Duration::from_secs(20), |e| {
             e.iter().filter(|e| e["event"] == "verified").count() >= 4
         });
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().unwrap();
+    writer.stop();
     for v in r.watch.of("verified") {
         let named = |k: &str| v[k].to_string().contains("busy.log");
         assert!(
