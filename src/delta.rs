@@ -210,7 +210,8 @@ pub struct BaseSignature {
     pub fine: Vec<u8>,
 }
 
-fn bit(bits: &[u8], i: usize) -> bool {
+/// Bit `i` of a bitmap, LSB first (as in [`BaseSignature::matched`]).
+pub fn bit(bits: &[u8], i: usize) -> bool {
     bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
@@ -304,6 +305,29 @@ const OP_ABORT: u8 = 3;
 /// Ends an op stream early: the file is abandoned (see [`DeltaError::Aborted`]).
 pub fn write_abort(out: &mut impl Write) -> io::Result<()> {
     out.write_all(&[OP_ABORT])
+}
+
+/// An op stream of literals only: the whole file, for a receiver without a usable base.
+pub fn encode_literal<R: ReadAt + ?Sized>(
+    f: &R,
+    size: u64,
+    out: &mut impl Write,
+) -> Result<DeltaStats, DeltaError> {
+    let mut buf = vec![0u8; IO_BUF.min(size as usize).max(1)];
+    let mut off = 0;
+    while off < size {
+        let n = buf.len().min((size - off) as usize);
+        f.read_exact_at(&mut buf[..n], off)?;
+        out.write_all(&[OP_LITERAL])?;
+        write_varint(out, n as u64)?;
+        out.write_all(&buf[..n])?;
+        off += n as u64;
+    }
+    out.write_all(&[OP_END])?;
+    Ok(DeltaStats {
+        literal: size,
+        matched: 0,
+    })
 }
 
 /// Where an applied delta goes. `copy_range` may copy `len` bytes of the base at `offset`
@@ -722,6 +746,26 @@ mod tests {
         new.extend_from_slice(&base);
         let (_, stats) = round_trip(&base, &new);
         assert!(stats.literal < 64 * 1024, "{stats:?}");
+    }
+
+    #[test]
+    fn a_literal_only_stream_rebuilds_the_file_without_a_base() {
+        for new in [pseudo_random(IO_BUF * 2 + 17, 9), Vec::new()] {
+            let mut ops = Vec::new();
+            let stats = encode_literal(&new[..], new.len() as u64, &mut ops).unwrap();
+            assert_eq!((stats.literal, stats.matched), (new.len() as u64, 0));
+            let mut out = Vec::new();
+            let (digest, literal) =
+                apply(&mut &ops[..], &[][..], 0, &mut out, new.len() as u64, &[]).unwrap();
+            assert_eq!(out, new);
+            assert_eq!(literal, new.len() as u64);
+            assert_eq!(
+                digest,
+                hash_chunks(&new[..], new.len() as u64, chunk_size(new.len() as u64))
+                    .unwrap()
+                    .1
+            );
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod delta;
 pub mod error;
 pub mod filter;
 pub mod fsroot;
+pub mod guard;
 pub mod identity;
 pub mod manifest;
 pub mod path;

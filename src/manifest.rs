@@ -67,11 +67,42 @@ impl Entry {
     }
 }
 
+/// What kind of entry a metadata fix applies to (symlinks have no mode of their own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum MetaTarget {
+    File,
+    Symlink,
+    Dir,
+}
+
 /// How much of a path a scan covers: the entry alone, or it and everything beneath it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Scope {
     Entry,
     Tree,
+}
+
+/// Drops duplicates and scopes inside a `Tree` scope that is also listed; sorted.
+pub fn normalize_scopes(scopes: &[(RelPath, Scope)]) -> Vec<(RelPath, Scope)> {
+    let mut v: Vec<(RelPath, Scope)> = scopes.to_vec();
+    // Sorted by path, a tree comes before what it covers; the widest scope of a path wins.
+    v.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    v.dedup_by(|b, a| a.0 == b.0);
+    let mut out: Vec<(RelPath, Scope)> = Vec::with_capacity(v.len());
+    let mut trees: Vec<RelPath> = Vec::new();
+    for (p, sc) in v {
+        while trees.last().is_some_and(|t| !p.starts_with(t)) {
+            trees.pop();
+        }
+        if trees.last().is_some_and(|t| p.starts_with(t)) {
+            continue;
+        }
+        if sc == Scope::Tree {
+            trees.push(p.clone());
+        }
+        out.push((p, sc));
+    }
+    out
 }
 
 /// A scan problem tied to one path: the entry (and, for a directory, everything under it)
@@ -120,5 +151,90 @@ impl Manifest {
     /// Total size of regular files.
     pub fn file_bytes(&self) -> u64 {
         self.entries.iter().filter_map(Entry::file_size).sum()
+    }
+}
+
+impl Manifest {
+    /// Entries at or under `p`.
+    pub fn count_under(&self, p: &RelPath) -> u64 {
+        let start = self.entries.partition_point(|e| e.path < *p);
+        self.entries[start..]
+            .iter()
+            .take_while(|e| e.path.starts_with(p))
+            .count() as u64
+    }
+}
+
+/// Builders for manifests in unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn meta(mode: u32, t: i64) -> Meta {
+        Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime: Mtime { sec: t, nsec: 5 },
+        }
+    }
+    /// A regular file of `size` bytes with mtime `t` and content digest `hash`.
+    pub fn file_with(path: &str, size: u64, t: i64, hash: Option<Hash>) -> Entry {
+        Entry {
+            path: RelPath::new(path).unwrap(),
+            kind: Kind::File { size, hash },
+            meta: meta(0o644, t),
+            link: None,
+        }
+    }
+    pub fn file(path: &str, size: u64) -> Entry {
+        file_with(path, size, 1, None)
+    }
+    pub fn dir(path: &str) -> Entry {
+        Entry {
+            path: RelPath::new(path).unwrap(),
+            kind: Kind::Dir,
+            meta: meta(0o755, 1),
+            link: None,
+        }
+    }
+    /// A sorted manifest of `entries` and the root directory.
+    pub fn manifest(mut entries: Vec<Entry>) -> Manifest {
+        entries.push(dir(""));
+        let mut m = Manifest {
+            entries,
+            errors: vec![],
+        };
+        m.sort();
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn scopes_are_normalised() {
+        let n = normalize_scopes(&[
+            (p("a/b"), Scope::Entry),
+            (p("a"), Scope::Tree),
+            (p("c"), Scope::Entry),
+            (p("c"), Scope::Tree),
+            (p("ab"), Scope::Entry),
+            (p("c/d"), Scope::Tree),
+        ]);
+        assert_eq!(
+            n,
+            vec![
+                (p("a"), Scope::Tree),
+                (p("ab"), Scope::Entry),
+                (p("c"), Scope::Tree)
+            ]
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The planner: a pure function from (primary manifest, standby manifest, options) to the
 //! list of operations that make the standby equal to the primary. No I/O here.
 
-use crate::manifest::{Entry, Hash, Kind, LinkKey, Manifest, Meta};
+use crate::manifest::{Entry, Hash, Kind, LinkKey, Manifest, Meta, MetaTarget};
 use crate::path::RelPath;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -32,14 +32,6 @@ pub struct SymlinkOp {
     pub path: RelPath,
     pub target: Vec<u8>,
     pub meta: Meta,
-}
-
-/// What kind of entry a metadata fix applies to (symlinks have no mode of their own).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum MetaTarget {
-    File,
-    Symlink,
-    Dir,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -326,42 +318,15 @@ fn link_groups(m: &Manifest) -> HashMap<LinkKey, Vec<RelPath>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Mtime, ScanError};
+    use crate::manifest::ScanError;
 
-    fn meta(mode: u32, t: i64) -> Meta {
-        Meta {
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime: Mtime { sec: t, nsec: 5 },
-        }
-    }
+    use crate::manifest::testing::{dir, manifest, meta};
+
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
     }
-    fn root() -> Entry {
-        Entry {
-            path: RelPath::root(),
-            kind: Kind::Dir,
-            meta: meta(0o755, 1),
-            link: None,
-        }
-    }
     fn file(path: &str, size: u64, t: i64) -> Entry {
-        Entry {
-            path: p(path),
-            kind: Kind::File { size, hash: None },
-            meta: meta(0o644, t),
-            link: None,
-        }
-    }
-    fn dir(path: &str) -> Entry {
-        Entry {
-            path: p(path),
-            kind: Kind::Dir,
-            meta: meta(0o755, 1),
-            link: None,
-        }
+        crate::manifest::testing::file_with(path, size, t, None)
     }
     fn link(path: &str, target: &str) -> Entry {
         Entry {
@@ -372,15 +337,6 @@ mod tests {
             meta: meta(0o777, 1),
             link: None,
         }
-    }
-    fn manifest(mut entries: Vec<Entry>) -> Manifest {
-        entries.push(root());
-        let mut m = Manifest {
-            entries,
-            errors: vec![],
-        };
-        m.sort();
-        m
     }
     const OPTS: PlanOptions = PlanOptions {
         checksum: false,

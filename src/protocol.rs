@@ -9,9 +9,8 @@
 //!   durable, with `Flush` barriers;
 //! - one stream per large file: `BigFile` or `Delta`, answered by one `Ack`.
 
-use crate::manifest::{Entry, Hash, Meta, ScanError, Scope};
+use crate::manifest::{Entry, Hash, Meta, MetaTarget, ScanError, Scope};
 use crate::path::RelPath;
-use crate::plan::MetaTarget;
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
@@ -169,7 +168,7 @@ pub enum Message {
 impl Message {
     /// The operation id of a message that is acknowledged, `None` for the others. No
     /// wildcard here: a new message must say which it is.
-    pub fn id_mut(&mut self) -> Option<&mut u64> {
+    pub fn op_id(&self) -> Option<u64> {
         match self {
             Message::Clear { id, .. }
             | Message::Mkdir { id, .. }
@@ -181,7 +180,7 @@ impl Message {
             | Message::SmallFile { id, .. }
             | Message::BigFile { id, .. }
             | Message::Delta { id, .. }
-            | Message::Ack { id, .. } => Some(id),
+            | Message::Ack { id, .. } => Some(*id),
             Message::Open { .. }
             | Message::Opened { .. }
             | Message::List { .. }
@@ -196,6 +195,12 @@ impl Message {
             | Message::Closed
             | Message::Error { .. } => None,
         }
+    }
+
+    /// True for the messages that change the standby tree: exactly those that carry an
+    /// operation id, less the acknowledgement.
+    pub fn writes_tree(&self) -> bool {
+        !matches!(self, Message::Ack { .. }) && self.op_id().is_some()
     }
 
     /// A short name for errors and logs.
@@ -274,6 +279,14 @@ impl From<io::Error> for ProtocolError {
 }
 
 impl ProtocolError {
+    /// `got` arrived where `expected` should have.
+    pub fn unexpected(got: &Message, expected: &'static str) -> Self {
+        ProtocolError::Unexpected {
+            got: got.name(),
+            expected,
+        }
+    }
+
     /// True when the byte stream itself failed (the session may work again later), as
     /// opposed to a peer that sent something wrong.
     pub fn is_transport(&self) -> bool {

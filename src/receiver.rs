@@ -7,9 +7,9 @@ use crate::atomic::{Batch, Outcome, Staged};
 use crate::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
 use crate::filter::Filter;
 use crate::fsroot::{self, Root, create_temp, remove_tree, set_meta_at, set_meta_fd};
+use crate::manifest::MetaTarget;
 use crate::manifest::{Entry, Meta, ScanError, Scope};
 use crate::path::{RESERVED, RelPath};
-use crate::plan::MetaTarget;
 use crate::protocol::{self, FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
 use crate::scan::{ScanOptions, scan_scopes};
 use crate::transport::{Connection, SendHalf, Stream};
@@ -48,7 +48,7 @@ struct Session {
 
 /// Serves one connection from a primary against the standby tree at `dest`, until the
 /// primary closes the session or the connection fails.
-pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate::Error> {
+pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate::error::Error> {
     let Some(ctrl) = conn.accept().map_err(ProtocolError::Io)? else {
         return Err(ProtocolError::Closed.into());
     };
@@ -60,14 +60,14 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
     r.greeting()?;
     let (excludes, dry_run) = match r.recv()? {
         Message::Open { excludes, dry_run } => (excludes, dry_run),
-        other => return Err(unexpected(other, "Open").into()),
+        other => return Err(ProtocolError::unexpected(&other, "Open").into()),
     };
-    let refuse = |w: &mut FrameWriter<_>, message: String| -> crate::Error {
+    let refuse = |w: &mut FrameWriter<_>, message: String| -> crate::error::Error {
         let _ = w.send(&Message::Error {
             message: message.clone(),
         });
         let _ = w.flush();
-        crate::Error::Refused(message)
+        crate::error::Error::Refused(message)
     };
     if let Err(e) = protocol::check_excludes(&excludes) {
         return Err(refuse(&mut w, e.to_string()));
@@ -134,13 +134,6 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
     match fatal.into_inner().unwrap() {
         Some(e) => Err(e.into()),
         None => Ok(report),
-    }
-}
-
-fn unexpected(got: Message, expected: &'static str) -> ProtocolError {
-    ProtocolError::Unexpected {
-        got: got.name(),
-        expected,
     }
 }
 
@@ -386,23 +379,6 @@ fn commit(s: &Session, batch: &mut Batch) -> Vec<Outcome> {
     }
 }
 
-/// True for the messages that change the standby tree.
-fn writes(msg: &Message) -> bool {
-    matches!(
-        msg,
-        Message::Clear { .. }
-            | Message::Delete { .. }
-            | Message::Mkdir { .. }
-            | Message::SetMeta { .. }
-            | Message::Symlink { .. }
-            | Message::Link { .. }
-            | Message::Rename { .. }
-            | Message::SmallFile { .. }
-            | Message::BigFile { .. }
-            | Message::Delta { .. }
-    )
-}
-
 /// Reads and applies operations until the stream ends (or `Close`, on the control stream).
 fn op_loop<R: Read, W: SendHalf>(
     s: &Session,
@@ -420,7 +396,7 @@ fn op_loop<R: Read, W: SendHalf>(
             w.get_mut().finish()?;
             return Ok(());
         };
-        if s.read_only && writes(&msg) {
+        if s.read_only && msg.writes_tree() {
             return Err(ProtocolError::Invalid(format!(
                 "{} in a dry run",
                 msg.name()
@@ -574,7 +550,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 w.get_mut().wait_delivered();
                 return Ok(());
             }
-            other => return Err(unexpected(other, "an operation")),
+            other => return Err(ProtocolError::unexpected(&other, "an operation")),
         }
         if batch.should_commit() {
             send_acks(s, &mut w, commit(s, &mut batch))?;
@@ -929,7 +905,7 @@ fn file_end<R: Read>(
 ) -> Result<(bool, Option<crate::manifest::Hash>), ProtocolError> {
     match r.recv()? {
         Message::FileEnd { complete, digest } => Ok((complete, digest)),
-        other => Err(unexpected(other, "FileEnd")),
+        other => Err(ProtocolError::unexpected(&other, "FileEnd")),
     }
 }
 
@@ -1044,7 +1020,7 @@ fn receive_delta<R: Read, W: Write>(
             known = digests
                 .into_iter()
                 .enumerate()
-                .map(|(i, d)| (sig.matched[i / 8] & (1 << (i % 8)) != 0).then_some(d))
+                .map(|(i, d)| delta::bit(&sig.matched, i).then_some(d))
                 .collect();
         }
         Err(e) => w.send(&Message::NoBase {

@@ -52,29 +52,6 @@ pub fn scan(
     scan_scopes(root, &[(RelPath::root(), Scope::Tree)], opts, progress)
 }
 
-/// Drops duplicates and scopes inside a `Tree` scope that is also listed; sorted.
-pub fn normalize_scopes(scopes: &[(RelPath, Scope)]) -> Vec<(RelPath, Scope)> {
-    let mut v: Vec<(RelPath, Scope)> = scopes.to_vec();
-    // Sorted by path, a tree comes before what it covers; the widest scope of a path wins.
-    v.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-    v.dedup_by(|b, a| a.0 == b.0);
-    let mut out: Vec<(RelPath, Scope)> = Vec::with_capacity(v.len());
-    let mut trees: Vec<RelPath> = Vec::new();
-    for (p, sc) in v {
-        while trees.last().is_some_and(|t| !p.starts_with(t)) {
-            trees.pop();
-        }
-        if trees.last().is_some_and(|t| p.starts_with(t)) {
-            continue;
-        }
-        if sc == Scope::Tree {
-            trees.push(p.clone());
-        }
-        out.push((p, sc));
-    }
-    out
-}
-
 /// Scans only the given paths: each one's own entry, and for a `Tree` scope everything
 /// beneath it. A path that does not exist (or lies under an excluded or missing parent)
 /// contributes nothing, which is how the caller learns it is gone.
@@ -85,7 +62,7 @@ pub fn scan_scopes(
     progress: &(dyn Fn(u64) + Sync),
 ) -> io::Result<ScanOutcome> {
     let mut out = ScanOutcome::default();
-    for (path, scope) in normalize_scopes(scopes) {
+    for (path, scope) in crate::manifest::normalize_scopes(scopes) {
         if path.is_root() {
             let st = rustix::fs::fstat(root.fd())?;
             out.manifest.entries.push(Entry {
@@ -409,26 +386,6 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
-    }
-
-    #[test]
-    fn scopes_are_normalised() {
-        let n = normalize_scopes(&[
-            (p("a/b"), Scope::Entry),
-            (p("a"), Scope::Tree),
-            (p("c"), Scope::Entry),
-            (p("c"), Scope::Tree),
-            (p("ab"), Scope::Entry),
-            (p("c/d"), Scope::Tree),
-        ]);
-        assert_eq!(
-            n,
-            vec![
-                (p("a"), Scope::Tree),
-                (p("ab"), Scope::Entry),
-                (p("c"), Scope::Tree)
-            ]
-        );
     }
 
     #[test]

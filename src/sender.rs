@@ -7,12 +7,14 @@ use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, meta_of};
+use crate::guard::{self, MassDelete};
+use crate::manifest::normalize_scopes;
 use crate::manifest::{Manifest, Scope};
 use crate::path::RelPath;
 use crate::plan::{self, MetaFix, Plan, PlanOptions, SymlinkOp, Transfer};
 use crate::progress::Monitor;
 use crate::protocol::{FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
-use crate::scan::{ScanOptions, normalize_scopes, scan_scopes};
+use crate::scan::{ScanOptions, scan_scopes};
 use crate::summary::{EntryError, Summary};
 use crate::transport::{Connection, SendHalf, Stream};
 use rustix::io::Errno;
@@ -43,15 +45,6 @@ pub struct SyncOptions {
     pub hash_rate: u64,
 }
 
-/// What to do when a plan would delete more than the guard allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MassDelete {
-    /// Refuse the whole sync (exit 2): `sync`.
-    Refuse,
-    /// Carry out everything else and log the refusal: `watch`, which must keep replicating.
-    SkipDeletes,
-}
-
 impl Default for SyncOptions {
     fn default() -> Self {
         SyncOptions {
@@ -68,9 +61,6 @@ impl Default for SyncOptions {
         }
     }
 }
-
-/// Below this many removals the percentage guard does not apply.
-pub const GUARD_MIN_REMOVALS: usize = 10;
 
 /// The result of a sync: its summary, and the plan it carried out (or would, in a dry run).
 #[derive(Debug)]
@@ -146,11 +136,7 @@ impl<'a> Session<'a> {
         let owners = match opened {
             Message::Opened { owners } => owners,
             other => {
-                return Err(ProtocolError::Unexpected {
-                    got: other.name(),
-                    expected: "Opened",
-                }
-                .into());
+                return Err(ProtocolError::unexpected(&other, "Opened").into());
             }
         };
         if !owners {
@@ -271,7 +257,7 @@ impl<'a> Session<'a> {
                 .iter()
                 .map(|(from, to)| {
                     let msg = Message::Rename {
-                        id: 0,
+                        id: ex.id(),
                         from: from.clone(),
                         to: to.clone(),
                     };
@@ -348,24 +334,19 @@ impl<'a> Session<'a> {
                     .is_empty()
                     .map_err(|e| Error::io("cannot read SRC", e))?
             };
-        if let Err(refusal) = guard(
-            self.root,
-            source_empty,
-            &plan,
-            self.remote_total,
-            &self.opts,
-        ) {
+        let limits = guard::Limits {
+            force: self.opts.force,
+            max_delete_percent: self.opts.max_delete_percent,
+            on_mass_delete: self.opts.on_mass_delete,
+        };
+        let shown = self.root.path().display().to_string();
+        if let Err(refusal) = guard::check(&shown, source_empty, &plan, self.remote_total, limits) {
             if source_empty || self.opts.on_mass_delete == MassDelete::Refuse {
                 return Err(refusal);
             }
             // Watch mode: replicate everything but the deletions, and say so loudly.
             tracing::error!("{refusal}; replicating other changes, not the deletions");
-            plan.removed_entries -= plan
-                .deletes
-                .iter()
-                .map(|p| count_under(&remote, p))
-                .sum::<u64>() as usize;
-            plan.deletes.clear();
+            guard::skip_deletes(&mut plan, &remote);
         }
         self.monitor
             .planned(plan.transfers.len() as u64, plan.transfer_bytes());
@@ -400,15 +381,6 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Entries at or under `p` in `m`.
-fn count_under(m: &Manifest, p: &RelPath) -> u64 {
-    let start = m.entries.partition_point(|e| e.path < *p);
-    m.entries[start..]
-        .iter()
-        .take_while(|e| e.path.starts_with(p))
-        .count() as u64
-}
-
 /// Ends the session on the control stream: `Close`, then wait for `Closed`.
 fn close_session<R: Read, W: Write + crate::transport::SendHalf>(
     r: &mut FrameReader<R>,
@@ -421,10 +393,7 @@ fn close_session<R: Read, W: Write + crate::transport::SendHalf>(
             Message::Closed => break,
             Message::Ack { .. } => {}
             other => {
-                return Err(ProtocolError::Unexpected {
-                    got: other.name(),
-                    expected: "Closed",
-                });
+                return Err(ProtocolError::unexpected(&other, "Closed"));
             }
         }
     }
@@ -460,51 +429,10 @@ fn receive_listing<R: Read>(r: &mut FrameReader<R>) -> Result<(Manifest, u64), P
                 return Ok((m, temps_removed));
             }
             other => {
-                return Err(ProtocolError::Unexpected {
-                    got: other.name(),
-                    expected: "Entries",
-                });
+                return Err(ProtocolError::unexpected(&other, "Entries"));
             }
         }
     }
-}
-
-/// The mass-delete guards: an empty source, or a plan removing a large share of the standby,
-/// is refused unless `--force`. An unmounted disk must never wipe the standby.
-fn guard(
-    src: &Root,
-    source_empty: bool,
-    plan: &Plan,
-    remote_total: usize,
-    opts: &SyncOptions,
-) -> Result<(), Error> {
-    if plan.removed_entries == 0 {
-        return Ok(());
-    }
-    let src = src.path().display();
-    // Watch never empties the standby, even with --force: a disk that goes away must not
-    // take the standby's copy with it.
-    let watching = opts.on_mass_delete == MassDelete::SkipDeletes;
-    if source_empty && (!opts.force || watching) {
-        return Err(Error::Refused(format!(
-            "SRC {src} is empty but the standby holds {} entries: refusing to delete them all \
-             (is a disk not mounted?); use --force if the source really is empty",
-            remote_total.max(plan.remote_entries)
-        )));
-    }
-    if opts.force {
-        return Ok(());
-    }
-    let pct = opts.max_delete_percent as usize;
-    let total = remote_total.max(plan.remote_entries);
-    if plan.removed_entries >= GUARD_MIN_REMOVALS && plan.removed_entries * 100 > pct * total {
-        return Err(Error::Refused(format!(
-            "the plan removes {} of the standby's {} entries, more than --max-delete {pct}%: \
-             refusing (is part of SRC {src} missing?); use --force to remove them",
-            plan.removed_entries, total
-        )));
-    }
-    Ok(())
 }
 
 /// What an operation in flight was, to account for its acknowledgement.
@@ -585,7 +513,7 @@ impl<'a> Exec<'a> {
         for p in &plan.clear {
             ops.push(self.removal(
                 Message::Clear {
-                    id: 0,
+                    id: self.id(),
                     path: p.clone(),
                 },
                 p,
@@ -594,7 +522,7 @@ impl<'a> Exec<'a> {
         for p in &plan.mkdirs {
             ops.push((
                 Message::Mkdir {
-                    id: 0,
+                    id: self.id(),
                     path: p.clone(),
                 },
                 p.clone(),
@@ -657,7 +585,7 @@ impl<'a> Exec<'a> {
             .map(|l| {
                 (
                     Message::Link {
-                        id: 0,
+                        id: self.id(),
                         path: l.path.clone(),
                         target: l.target.clone(),
                     },
@@ -673,21 +601,21 @@ impl<'a> Exec<'a> {
         for p in &plan.deletes {
             ops.push(self.removal(
                 Message::Delete {
-                    id: 0,
+                    id: self.id(),
                     path: p.clone(),
                 },
                 p,
             ));
         }
         for m in &plan.dir_metas {
-            ops.push((set_meta(m), m.path.clone(), Op::Meta));
+            ops.push((set_meta(m, self.id()), m.path.clone(), Op::Meta));
         }
         self.control_batch(r, w, ops, 3)
     }
 
     /// A removal to send, accounted as the standby entries it takes away.
     fn removal(&self, msg: Message, p: &RelPath) -> (Message, RelPath, Op) {
-        let entries = count_under(self.remote, p);
+        let entries = self.remote.count_under(p);
         (msg, p.clone(), Op::Remove { entries })
     }
 
@@ -704,9 +632,8 @@ impl<'a> Exec<'a> {
         }
         let pending = Pending::default();
         self.pipelined(r, &pending, seq, || {
-            for (mut msg, path, op) in ops {
-                let id = self.id();
-                set_id(&mut msg, id);
+            for (msg, path, op) in ops {
+                let id = msg.op_id().expect("control operations carry an id");
                 pending.lock().unwrap().insert(id, (path, op));
                 w.send(&msg)?;
             }
@@ -767,10 +694,7 @@ impl<'a> Exec<'a> {
                 }
                 Message::Flushed { seq: s } if s == seq => return Ok(()),
                 other => {
-                    return Err(ProtocolError::Unexpected {
-                        got: other.name(),
-                        expected: "Ack",
-                    });
+                    return Err(ProtocolError::unexpected(&other, "Ack"));
                 }
             }
         }
@@ -845,9 +769,7 @@ impl<'a> Exec<'a> {
                             .lock()
                             .unwrap()
                             .insert(id, (m.path.clone(), Op::Meta));
-                        let mut msg = set_meta(m);
-                        set_id(&mut msg, id);
-                        w.send(&msg)?;
+                        w.send(&set_meta(m, id))?;
                     }
                 }
             }
@@ -1106,16 +1028,13 @@ impl<'a> Exec<'a> {
                     None
                 }
                 other => {
-                    return Err(ProtocolError::Unexpected {
-                        got: other.name(),
-                        expected: "BaseSig",
-                    });
+                    return Err(ProtocolError::unexpected(&other, "BaseSig"));
                 }
             };
             if problem.is_none() {
                 let stats = match &encoder {
                     Some(enc) => enc.encode(&f, size, w.raw()),
-                    None => encode_literal(&f, size, w.raw()),
+                    None => delta::encode_literal(&f, size, w.raw()),
                 };
                 match stats {
                     Ok(stats) => {
@@ -1216,43 +1135,8 @@ fn read_one_ack<R: Read>(
             error,
             retry,
         } if got == id => Ok((error, retry)),
-        other => Err(ProtocolError::Unexpected {
-            got: other.name(),
-            expected: "Ack",
-        }),
+        other => Err(ProtocolError::unexpected(&other, "Ack")),
     }
-}
-
-/// An op stream of literals only: the whole file, for a standby without a usable base.
-fn encode_literal(
-    f: &std::fs::File,
-    size: u64,
-    out: &mut impl Write,
-) -> Result<delta::DeltaStats, delta::DeltaError> {
-    let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
-    let mut off = 0;
-    while off < size {
-        let n = buf.len().min((size - off) as usize);
-        delta::ReadAt::read_exact_at(f, &mut buf[..n], off)?;
-        out.write_all(&[1])?;
-        let mut v = n as u64;
-        loop {
-            let b = (v & 0x7f) as u8;
-            v >>= 7;
-            if v == 0 {
-                out.write_all(&[b])?;
-                break;
-            }
-            out.write_all(&[b | 0x80])?;
-        }
-        out.write_all(&buf[..n])?;
-        off += n as u64;
-    }
-    out.write_all(&[0])?;
-    Ok(delta::DeltaStats {
-        literal: size,
-        matched: 0,
-    })
 }
 
 enum LaneItem<'p> {
@@ -1261,19 +1145,12 @@ enum LaneItem<'p> {
     Meta(&'p MetaFix),
 }
 
-fn set_meta(m: &MetaFix) -> Message {
+fn set_meta(m: &MetaFix, id: u64) -> Message {
     Message::SetMeta {
-        id: 0,
+        id,
         path: m.path.clone(),
         meta: m.meta,
         target: m.target,
-    }
-}
-
-fn set_id(msg: &mut Message, new: u64) {
-    match msg.id_mut() {
-        Some(id) => *id = new,
-        None => unreachable!("{} carries no operation id", msg.name()),
     }
 }
 

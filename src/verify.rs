@@ -336,43 +336,12 @@ pub fn verify(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{Meta, Mtime, ScanError};
+    use crate::manifest::ScanError;
 
-    fn meta(mode: u32, t: i64) -> Meta {
-        Meta {
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime: Mtime { sec: t, nsec: 0 },
-        }
-    }
+    use crate::manifest::testing::{dir, file_with, manifest as m};
+
     fn file(p: &str, size: u64, h: u8) -> Entry {
-        Entry {
-            path: RelPath::new(p).unwrap(),
-            kind: Kind::File {
-                size,
-                hash: Some([h; 32]),
-            },
-            meta: meta(0o644, 1),
-            link: None,
-        }
-    }
-    fn dir(p: &str) -> Entry {
-        Entry {
-            path: RelPath::new(p).unwrap(),
-            kind: Kind::Dir,
-            meta: meta(0o755, 1),
-            link: None,
-        }
-    }
-    fn m(mut e: Vec<Entry>) -> Manifest {
-        e.push(dir(""));
-        let mut m = Manifest {
-            entries: e,
-            errors: vec![],
-        };
-        m.sort();
-        m
+        file_with(p, size, 1, Some([h; 32]))
     }
 
     #[test]

@@ -333,7 +333,7 @@ impl Batcher {
                 .into_iter()
                 .map(|(f, t, _)| (f, t))
                 .collect(),
-            paths: crate::scan::normalize_scopes(&paths),
+            paths: crate::manifest::normalize_scopes(&paths),
         })
     }
 

@@ -221,7 +221,7 @@ pub fn watch(
         Target::Local(_) => None,
     };
     let mut sync_opts = opts.sync.clone();
-    sync_opts.on_mass_delete = crate::sender::MassDelete::SkipDeletes;
+    sync_opts.on_mass_delete = crate::guard::MassDelete::SkipDeletes;
     let current: Mutex<Option<Arc<dyn Connection>>> = Mutex::new(None);
     let busy_since: Mutex<Option<Instant>> = Mutex::new(None);
     let finished = AtomicBool::new(false);
