@@ -6,10 +6,11 @@ mod cli;
 use anyhow::bail;
 use clap::Parser;
 use cli::{Cli, Command, Common, ServeArgs, SyncArgs, VerifyArgs, WatchArgs};
+use hotsync::Target;
 use hotsync::identity::{self, NodeId};
 use hotsync::plan::Plan;
 use hotsync::summary::Summary;
-use hotsync::watch::{Target, WatchOptions};
+use hotsync::watch::WatchOptions;
 use hotsync::{Monitor, SyncOptions};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
@@ -149,26 +150,30 @@ fn sync_options(c: &Common, dry_run: bool) -> SyncOptions {
     }
 }
 
-/// The standby's pinned ID and our identity, for a quic:// DEST.
-fn remote_ids(cli: &Cli, c: &Common) -> anyhow::Result<(NodeId, identity::Identity)> {
-    let Some(server) = &c.server_id else {
+/// The standby a DEST argument names: a local directory, or a quic:// standby with its
+/// pinned ID and our identity.
+fn target(cli: &Cli, dest: &str, server_id: Option<&str>) -> anyhow::Result<Target> {
+    if !Target::is_remote(dest) {
+        return Ok(Target::Local(dest.into()));
+    }
+    let Some(server) = server_id else {
         bail!("a quic:// DEST needs --server-id ID (the standby's ID: run `hotsync id` there)");
     };
     let server = NodeId::parse(server).map_err(anyhow::Error::msg)?;
     let home = identity::home_dir(cli.home.as_deref())?;
-    Ok((server, identity::load(&home)?))
+    Ok(Target::Remote {
+        dest: dest.to_string(),
+        server,
+        me: identity::load(&home)?,
+    })
 }
 
 fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
     let c = &args.common;
     let opts = sync_options(c, args.dry_run);
+    let target = target(cli, &args.dest, c.server_id.as_deref())?;
     let bars = Bars::new(cli, c.json || args.dry_run);
-    let outcome = if args.dest.starts_with("quic://") {
-        let (server, me) = remote_ids(cli, c)?;
-        hotsync::sync_remote(&args.src, &args.dest, server, &me, &opts, &bars)
-    } else {
-        hotsync::sync_local(&args.src, args.dest.as_ref(), &opts, &bars)
-    };
+    let outcome = hotsync::sync(&args.src, &target, &opts, &bars);
     bars.finished();
     let outcome = outcome?;
     let s = &outcome.summary;
@@ -190,16 +195,7 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
 
 fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
     let c = &args.common;
-    let target = if args.dest.starts_with("quic://") {
-        let (server, me) = remote_ids(cli, c)?;
-        Target::Remote {
-            dest: args.dest.clone(),
-            server,
-            me,
-        }
-    } else {
-        Target::Local(args.dest.clone().into())
-    };
+    let target = target(cli, &args.dest, c.server_id.as_deref())?;
     let opts = WatchOptions {
         sync: sync_options(c, false),
         batcher: hotsync::watch::batcher::Config {
@@ -413,22 +409,8 @@ impl hotsync::watch::Observer for WatchStatus {
 }
 
 fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
-    let remote = if args.dest.starts_with("quic://") {
-        let Some(server) = &args.server_id else {
-            bail!("a quic:// DEST needs --server-id ID (the standby's ID: run `hotsync id` there)");
-        };
-        let server = NodeId::parse(server).map_err(anyhow::Error::msg)?;
-        let home = identity::home_dir(cli.home.as_deref())?;
-        Some((server, identity::load(&home)?))
-    } else {
-        None
-    };
-    let check = || match &remote {
-        Some((server, me)) => {
-            hotsync::verify_remote(&args.src, &args.dest, *server, me, &args.exclude)
-        }
-        None => hotsync::verify_local(&args.src, args.dest.as_ref(), &args.exclude),
-    };
+    let target = target(cli, &args.dest, args.server_id.as_deref())?;
+    let check = || hotsync::verify(&args.src, &target, &args.exclude);
     let before = check()?;
     if !args.repair || before.identical {
         if args.json {
@@ -444,22 +426,7 @@ fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
         excludes: args.exclude.clone(),
         ..SyncOptions::default()
     };
-    let repaired = match &remote {
-        Some((server, me)) => hotsync::sync_remote(
-            &args.src,
-            &args.dest,
-            *server,
-            me,
-            &opts,
-            &hotsync::progress::Silent,
-        ),
-        None => hotsync::sync_local(
-            &args.src,
-            args.dest.as_ref(),
-            &opts,
-            &hotsync::progress::Silent,
-        ),
-    }?;
+    let repaired = hotsync::sync(&args.src, &target, &opts, &hotsync::progress::Silent)?;
     let after = check()?;
     if args.json {
         let mut v = serde_json::to_value(&after)?;

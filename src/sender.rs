@@ -3,11 +3,13 @@
 //! lanes, each large file on a stream of its own, with nothing waiting on a round trip
 //! per file.
 
+use crate::channel::Channel;
 use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, meta_of};
 use crate::guard::{self, MassDelete};
+use crate::link::Link;
 use crate::manifest::normalize_scopes;
 use crate::manifest::{Manifest, Scope};
 use crate::path::RelPath;
@@ -20,8 +22,8 @@ use crate::transport::{Connection, SendHalf, Stream};
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// What a `sync` may do.
@@ -69,15 +71,16 @@ pub struct Outcome {
     pub plan: Plan,
 }
 
-/// Mirrors the tree at `src` to the standby at the other end of `conn`.
+/// Mirrors the tree at `src` to the standby at the other end of `link`, then closes the
+/// session.
 pub fn sync(
-    src: &Root,
-    conn: &dyn Connection,
+    src: Arc<Root>,
+    link: Link,
     opts: &SyncOptions,
     monitor: &dyn Monitor,
 ) -> Result<Outcome, Error> {
     let started = Instant::now();
-    let mut session = Session::open(src, conn, opts, monitor)?;
+    let mut session = Session::open(src, link, opts, monitor)?;
     let mut outcome = match session.sync_all() {
         Ok(o) => o,
         Err(e) => {
@@ -87,26 +90,25 @@ pub fn sync(
             return Err(e);
         }
     };
-    session.close()?;
-    outcome.summary.bytes_on_wire = conn.wire_bytes();
+    outcome.summary.bytes_on_wire = session.close()?;
     outcome.summary.elapsed_ms = started.elapsed().as_millis() as u64;
     monitor.finished();
     Ok(outcome)
 }
 
-type CtrlReader = FrameReader<Box<dyn Read + Send>>;
-type CtrlWriter = FrameWriter<Box<dyn SendHalf>>;
-
 /// One session with a standby over one connection: a full reconcile, any number of partial
-/// ones (watch mode: only the paths that changed), then `close`.
-pub struct Session<'a> {
-    conn: &'a dyn Connection,
-    root: &'a Root,
+/// ones (watch mode: only the paths that changed), then `close`. It owns its link: dropping
+/// a session that was not closed aborts the connection.
+pub struct Session<'m> {
+    link: Link,
+    root: Arc<Root>,
     opts: SyncOptions,
     scan_opts: ScanOptions,
-    monitor: &'a dyn Monitor,
-    r: CtrlReader,
-    w: CtrlWriter,
+    monitor: &'m dyn Monitor,
+    /// The control stream.
+    ch: Channel,
+    /// The protocol version both sides speak.
+    pub version: u16,
     /// Whether the standby preserves owner and group (it runs as root).
     pub owners: bool,
     next_id: AtomicU64,
@@ -114,38 +116,40 @@ pub struct Session<'a> {
     remote_total: usize,
 }
 
-impl<'a> Session<'a> {
+impl<'m> Session<'m> {
     /// Opens the control stream and the session (the standby takes its lock).
+    ///
+    /// # Errors
+    /// The standby's refusal ([`Error::Standby`]), a version mismatch, or why the
+    /// connection failed.
     pub fn open(
-        root: &'a Root,
-        conn: &'a dyn Connection,
+        root: Arc<Root>,
+        link: Link,
         opts: &SyncOptions,
-        monitor: &'a dyn Monitor,
-    ) -> Result<Session<'a>, Error> {
+        monitor: &'m dyn Monitor,
+    ) -> Result<Session<'m>, Error> {
         let filter = Filter::new(&opts.excludes).map_err(|e| Error::Usage(e.to_string()))?;
-        let Stream { recv, send } = conn.open().map_err(ProtocolError::Io)?;
-        let mut r = FrameReader::new(recv);
-        let mut w = FrameWriter::new(send);
-        w.greeting()?;
-        w.send(&Message::Open {
+        let open = Message::Open {
             excludes: opts.excludes.clone(),
             dry_run: opts.dry_run,
-        })?;
-        w.flush()?;
-        let opened = r.greeting().and_then(|_| r.recv()).map_err(peer_error)?;
-        let owners = match opened {
-            Message::Opened { owners } => owners,
-            other => {
-                return Err(ProtocolError::unexpected(&other, "Opened").into());
-            }
         };
+        let handshake = || -> Result<(Channel, u16, bool), Error> {
+            let mut ch = Channel::open(&**link.conn())?;
+            let version = ch.open_session(&open)?;
+            let owners = match ch.recv().map_err(peer_error)? {
+                Message::Opened { owners } => owners,
+                other => return Err(ProtocolError::unexpected(&other, "Opened").into()),
+            };
+            Ok((ch, version, owners))
+        };
+        let (ch, version, owners) = handshake().map_err(|e| link.explain(e))?;
         if !owners {
             tracing::warn!(
                 "the standby does not run as root: owner and group are not preserved there"
             );
         }
         Ok(Session {
-            conn,
+            link,
             root,
             opts: opts.clone(),
             scan_opts: ScanOptions {
@@ -155,17 +159,27 @@ impl<'a> Session<'a> {
                 remove_temps: false,
             },
             monitor,
-            r,
-            w,
+            ch,
+            version,
             owners,
             next_id: AtomicU64::new(1),
             remote_total: 0,
         })
     }
 
+    fn conn(&self) -> &dyn Connection {
+        &**self.link.conn()
+    }
+
+    /// Encoded protocol bytes carried so far, both ways.
+    pub fn wire_bytes(&self) -> u64 {
+        self.conn().wire_bytes()
+    }
+
     /// Reconciles the whole tree.
     pub fn sync_all(&mut self) -> Result<Outcome, Error> {
-        self.reconcile(&[], &[(RelPath::root(), Scope::Tree)], true)
+        let r = self.reconcile(&[], &[(RelPath::root(), Scope::Tree)], true);
+        r.map_err(|e| self.link.explain(e))
     }
 
     /// Applies `renames` on the standby as renames, then reconciles only `scopes` (and their
@@ -175,7 +189,8 @@ impl<'a> Session<'a> {
         renames: &[(RelPath, RelPath)],
         scopes: &[(RelPath, Scope)],
     ) -> Result<Outcome, Error> {
-        self.reconcile(renames, scopes, false)
+        let r = self.reconcile(renames, scopes, false);
+        r.map_err(|e| self.link.explain(e))
     }
 
     /// Reconciles `scopes` comparing content by digest, whatever `--checksum` says: the
@@ -184,14 +199,18 @@ impl<'a> Session<'a> {
         let checksum = std::mem::replace(&mut self.opts.checksum, true);
         let out = self.reconcile(&[], scopes, false);
         self.opts.checksum = checksum;
-        out
+        out.map_err(|e| self.link.explain(e))
     }
 
-    /// Ends the session cleanly.
-    pub fn close(mut self) -> Result<(), Error> {
-        close_session(&mut self.r, &mut self.w).map_err(peer_error)?;
-        self.conn.close("session complete");
-        Ok(())
+    /// Ends the session cleanly; returns the protocol bytes it carried, both ways.
+    pub fn close(mut self) -> Result<u64, Error> {
+        if let Err(e) = close_session(&mut self.ch).map_err(peer_error) {
+            return Err(self.link.explain(e));
+        }
+        let bytes = self.wire_bytes();
+        self.conn().close("session complete");
+        self.link.closed_cleanly();
+        Ok(bytes)
     }
 
     /// Lists `scopes` on both sides at once (hashing content when `checksum`): the primary's
@@ -201,7 +220,8 @@ impl<'a> Session<'a> {
         scopes: &[(RelPath, Scope)],
         checksum: bool,
     ) -> Result<(Manifest, Manifest), Error> {
-        let (local, remote, _) = self.list_sides(&normalize_scopes(scopes), checksum)?;
+        let listed = self.list_sides(&normalize_scopes(scopes), checksum);
+        let (local, remote, _) = listed.map_err(|e| self.link.explain(e))?;
         Ok((local.manifest, remote))
     }
 
@@ -210,18 +230,18 @@ impl<'a> Session<'a> {
         scopes: &[(RelPath, Scope)],
         checksum: bool,
     ) -> Result<(crate::scan::ScanOutcome, Manifest, u64), Error> {
-        self.w.send(&Message::List {
+        self.ch.send(&Message::List {
             scopes: scopes.to_vec(),
             checksum,
             hash_rate: self.opts.hash_rate,
         })?;
-        self.w.flush()?;
+        self.ch.flush()?;
         let scan_opts = ScanOptions {
             checksum,
             hash_rate: self.opts.hash_rate,
             ..self.scan_opts.clone()
         };
-        let (root, monitor, r) = (self.root, self.monitor, &mut self.r);
+        let (root, monitor, r) = (&*self.root, self.monitor, &mut self.ch.r);
         let (local, remote) = std::thread::scope(|s| {
             let local = s.spawn(|| scan_scopes(root, scopes, &scan_opts, &|n| monitor.scanned(n)));
             let remote = receive_listing(r);
@@ -240,13 +260,13 @@ impl<'a> Session<'a> {
         full: bool,
     ) -> Result<Outcome, Error> {
         let started = Instant::now();
-        let wire_before = self.conn.wire_bytes();
+        let wire_before = self.wire_bytes();
         let empty = Manifest::default();
         let mut renamed = 0;
         if !renames.is_empty() && !self.opts.dry_run {
             let ex = Exec {
-                conn: self.conn,
-                root: self.root,
+                conn: &**self.link.conn(),
+                root: &self.root,
                 remote: &empty,
                 tally: Mutex::new(Summary::default()),
                 retries: Mutex::new(Vec::new()),
@@ -264,7 +284,7 @@ impl<'a> Session<'a> {
                     (msg, to.clone(), Op::Rename)
                 })
                 .collect();
-            ex.control_batch(&mut self.r, &mut self.w, ops, 1)?;
+            ex.control_batch(&mut self.ch, ops, 1)?;
             renamed = ex.tally.into_inner().unwrap().renamed;
         }
         // Parents too: a new path may need its directory made, and changes inside a
@@ -355,15 +375,15 @@ impl<'a> Session<'a> {
             summary.files_deleted = plan.removed_entries as u64;
         } else {
             let ex = Exec {
-                conn: self.conn,
-                root: self.root,
+                conn: &**self.link.conn(),
+                root: &self.root,
                 remote: &remote,
                 tally: Mutex::new(summary),
                 retries: Mutex::new(Vec::new()),
                 next_id: &self.next_id,
                 monitor: self.monitor,
             };
-            ex.run(&plan, &mut self.r, &mut self.w, &self.opts)?;
+            ex.run(&plan, &mut self.ch, &self.opts)?;
             summary = ex.tally.into_inner().unwrap();
         }
         if !self.opts.dry_run {
@@ -374,7 +394,7 @@ impl<'a> Session<'a> {
             self.remote_total,
             plan.removed_entries
         );
-        summary.bytes_on_wire = self.conn.wire_bytes() - wire_before;
+        summary.bytes_on_wire = self.wire_bytes() - wire_before;
         summary.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
         Ok(Outcome { summary, plan })
@@ -382,14 +402,11 @@ impl<'a> Session<'a> {
 }
 
 /// Ends the session on the control stream: `Close`, then wait for `Closed`.
-fn close_session<R: Read, W: Write + crate::transport::SendHalf>(
-    r: &mut FrameReader<R>,
-    w: &mut FrameWriter<W>,
-) -> Result<(), ProtocolError> {
-    w.send(&Message::Close)?;
-    w.flush()?;
+fn close_session(ch: &mut Channel) -> Result<(), ProtocolError> {
+    ch.send(&Message::Close)?;
+    ch.flush()?;
     loop {
-        match r.recv()? {
+        match ch.recv()? {
             Message::Closed => break,
             Message::Ack { .. } => {}
             other => {
@@ -398,7 +415,7 @@ fn close_session<R: Read, W: Write + crate::transport::SendHalf>(
         }
     }
     // The standby may already have closed the connection after `Closed`.
-    let _ = w.get_mut().finish();
+    let _ = ch.finish();
     Ok(())
 }
 
@@ -501,13 +518,7 @@ impl<'a> Exec<'a> {
             .push(EntryError::new(path, msg));
     }
 
-    fn run<R: Read + Send, W: Write>(
-        &self,
-        plan: &Plan,
-        r: &mut FrameReader<R>,
-        w: &mut FrameWriter<W>,
-        opts: &SyncOptions,
-    ) -> Result<(), Error> {
+    fn run(&self, plan: &Plan, ch: &mut Channel, opts: &SyncOptions) -> Result<(), Error> {
         // 1. Out of the way, then directories, parents first.
         let mut ops = Vec::new();
         for p in &plan.clear {
@@ -529,7 +540,7 @@ impl<'a> Exec<'a> {
                 Op::Mkdir,
             ));
         }
-        self.control_batch(r, w, ops, 1)?;
+        self.control_batch(ch, ops, 1)?;
         let t = std::time::Instant::now();
 
         // 2. Content and attributes, many streams at once.
@@ -594,7 +605,7 @@ impl<'a> Exec<'a> {
                 )
             })
             .collect();
-        self.control_batch(r, w, ops, 2)?;
+        self.control_batch(ch, ops, 2)?;
 
         // 4. Deletes, deepest first, then directory attributes, deepest first.
         let mut ops = Vec::new();
@@ -610,7 +621,7 @@ impl<'a> Exec<'a> {
         for m in &plan.dir_metas {
             ops.push((set_meta(m, self.id()), m.path.clone(), Op::Meta));
         }
-        self.control_batch(r, w, ops, 3)
+        self.control_batch(ch, ops, 3)
     }
 
     /// A removal to send, accounted as the standby entries it takes away.
@@ -620,10 +631,9 @@ impl<'a> Exec<'a> {
     }
 
     /// Sends operations on the control stream and waits until they are durable.
-    fn control_batch<R: Read + Send, W: Write>(
+    fn control_batch(
         &self,
-        r: &mut FrameReader<R>,
-        w: &mut FrameWriter<W>,
+        ch: &mut Channel,
         ops: Vec<(Message, RelPath, Op)>,
         seq: u64,
     ) -> Result<(), Error> {
@@ -631,6 +641,7 @@ impl<'a> Exec<'a> {
             return Ok(());
         }
         let pending = Pending::default();
+        let Channel { r, w } = ch;
         self.pipelined(r, &pending, seq, || {
             for (msg, path, op) in ops {
                 let id = msg.op_id().expect("control operations carry an id");

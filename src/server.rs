@@ -18,27 +18,7 @@ pub struct ServeOptions {
 
 /// Checks what `serve` needs before it binds: a root directory and at least one primary.
 pub fn check(root: &Path, allow: &[NodeId]) -> Result<(), Error> {
-    match std::fs::metadata(root) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::Usage(format!(
-                "--root {} does not exist",
-                root.display()
-            )));
-        }
-        Err(e) => {
-            return Err(Error::Usage(format!(
-                "cannot access --root {}: {e}",
-                root.display()
-            )));
-        }
-        Ok(m) if !m.is_dir() => {
-            return Err(Error::Usage(format!(
-                "--root {} is not a directory",
-                root.display()
-            )));
-        }
-        Ok(_) => {}
-    }
+    crate::check::check_dir("--root", root)?;
     if allow.is_empty() {
         return Err(Error::Usage(
             "no --allow ID given: name each primary that may connect (run `hotsync id` on it)"

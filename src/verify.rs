@@ -7,14 +7,15 @@
 
 use crate::error::Error;
 use crate::fsroot::Root;
+use crate::link::Link;
 use crate::manifest::{Entry, Kind, Manifest, Scope};
 use crate::path::RelPath;
 use crate::progress::Silent;
 use crate::sender::{Session, SyncOptions};
 use crate::summary::EntryError;
-use crate::transport::Connection;
 use serde::Serialize;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// One difference, with what differs, for the human report.
@@ -301,8 +302,8 @@ pub fn persisting(first: Report, second: &Report) -> Report {
 /// Verifies the standby at the other end of `conn` against `root`. `hash_rate` bounds the
 /// bytes per second each side reads to hash (0: as fast as it can).
 pub fn verify(
-    root: &Root,
-    conn: &dyn Connection,
+    root: Arc<Root>,
+    link: Link,
     excludes: &[String],
     hash_rate: u64,
 ) -> Result<Report, Error> {
@@ -314,7 +315,7 @@ pub fn verify(
         hash_rate,
         ..SyncOptions::default()
     };
-    let mut session = Session::open(root, conn, &opts, &Silent)?;
+    let mut session = Session::open(root, link, &opts, &Silent)?;
     let (local, remote) = session.list(&[(RelPath::root(), Scope::Tree)], true)?;
     let mut report = compare(&local, &remote, session.owners);
     if !report.identical {

@@ -133,12 +133,16 @@ struct Shared {
     cond: Condvar,
     closed: Mutex<bool>,
     pipes: Mutex<Vec<Weak<Pipe>>>,
+    /// Which end aborted (true: the opening end, the primary), and why.
+    aborted: Mutex<Option<(bool, String)>>,
 }
 
 /// One end of an in-memory connection.
 pub struct LocalConnection {
     shared: Arc<Shared>,
     counter: Arc<AtomicU64>,
+    /// The end that opens streams (the primary's).
+    opener: bool,
 }
 
 /// A connected pair: the first end opens streams, the second accepts them.
@@ -149,8 +153,13 @@ pub fn pair() -> (LocalConnection, LocalConnection) {
         LocalConnection {
             shared: shared.clone(),
             counter: counter.clone(),
+            opener: true,
         },
-        LocalConnection { shared, counter },
+        LocalConnection {
+            shared,
+            counter,
+            opener: false,
+        },
     )
 }
 
@@ -205,6 +214,30 @@ impl Connection for LocalConnection {
 
     fn wire_bytes(&self) -> u64 {
         self.counter.load(Ordering::Relaxed)
+    }
+
+    fn abort(&self, reason: &str) {
+        self.shared
+            .aborted
+            .lock()
+            .unwrap()
+            .get_or_insert((self.opener, reason.to_string()));
+        self.close(reason);
+    }
+
+    /// The other end's reason, when it aborted: the in-process standby's failure explains
+    /// a broken stream on the primary.
+    fn failure(&self) -> Option<crate::error::Error> {
+        let aborted = self.shared.aborted.lock().unwrap();
+        let (by_opener, reason) = aborted.as_ref()?;
+        if *by_opener == self.opener {
+            return None;
+        }
+        Some(if self.opener {
+            crate::error::Error::Standby(reason.clone())
+        } else {
+            crate::error::Error::Unreachable(format!("the primary failed: {reason}"))
+        })
     }
 
     fn close(&self, _reason: &str) {

@@ -5,6 +5,7 @@ pub mod local;
 pub mod quic;
 pub mod tls;
 
+use crate::error::Error;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +32,8 @@ pub struct Stream {
     pub send: Box<dyn SendHalf>,
 }
 
-/// A connection carrying many independent streams.
+/// A connection carrying many independent streams. Every method may block (the QUIC
+/// transport drives an async runtime underneath): never call one from async code.
 pub trait Connection: Send + Sync {
     /// Opens a new stream (the primary does this).
     fn open(&self) -> io::Result<Stream>;
@@ -44,6 +46,12 @@ pub trait Connection: Send + Sync {
     /// Closes the connection because this side failed; `reason` may reach the peer.
     fn abort(&self, reason: &str) {
         self.close(reason)
+    }
+    /// Why the peer or the network ended the connection, as an error for the user; `None`
+    /// while it is open, or when this side closed it. It explains a broken stream better
+    /// than the stream's own error.
+    fn failure(&self) -> Option<Error> {
+        None
     }
 }
 

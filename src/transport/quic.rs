@@ -217,10 +217,31 @@ impl QuicConnection {
             self.ended.lock().unwrap().get_or_insert(r);
         }
     }
+}
 
-    /// Why the connection ended, as an error for the user, when the peer or the network
-    /// ended it (`None` while it is open or when we closed it).
-    pub fn failure(&self) -> Option<Error> {
+impl Connection for QuicConnection {
+    fn open(&self) -> io::Result<Stream> {
+        let pair = self
+            .rt
+            .block_on(self.conn.open_bi())
+            .map_err(io::Error::from)?;
+        Ok(self.stream(pair))
+    }
+
+    fn accept(&self) -> io::Result<Option<Stream>> {
+        match self.rt.block_on(self.conn.accept_bi()) {
+            Ok(pair) => Ok(Some(self.stream(pair))),
+            Err(ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed) => Ok(None),
+            Err(e) => Err(io::Error::from(e)),
+        }
+    }
+
+    fn wire_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// How the peer or the network ended the connection (kept before any local close).
+    fn failure(&self) -> Option<Error> {
         let addr = self.remote();
         let reason = self
             .ended
@@ -254,28 +275,6 @@ impl QuicConnection {
                 "connection to the standby at {addr} failed: {other}"
             )),
         })
-    }
-}
-
-impl Connection for QuicConnection {
-    fn open(&self) -> io::Result<Stream> {
-        let pair = self
-            .rt
-            .block_on(self.conn.open_bi())
-            .map_err(io::Error::from)?;
-        Ok(self.stream(pair))
-    }
-
-    fn accept(&self) -> io::Result<Option<Stream>> {
-        match self.rt.block_on(self.conn.accept_bi()) {
-            Ok(pair) => Ok(Some(self.stream(pair))),
-            Err(ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed) => Ok(None),
-            Err(e) => Err(io::Error::from(e)),
-        }
-    }
-
-    fn wire_bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
     }
 
     /// A clean end: the standby closes too once the session is over, so nothing waits

@@ -13,7 +13,7 @@ pub mod watcher;
 
 use crate::error::Error;
 use crate::fsroot::Root;
-use crate::identity::{Identity, NodeId};
+use crate::link::Connector;
 use crate::progress::Silent;
 use crate::sender::{Session, SyncOptions};
 use crate::summary::Summary;
@@ -21,31 +21,13 @@ use crate::transport::Connection;
 use crate::verify::Report;
 use batcher::{Batcher, Hint};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Where the standby is.
-#[derive(Clone)]
-pub enum Target {
-    Local(PathBuf),
-    Remote {
-        dest: String,
-        server: NodeId,
-        me: Identity,
-    },
-}
-
-impl Target {
-    pub fn describe(&self) -> String {
-        match self {
-            Target::Local(p) => p.display().to_string(),
-            Target::Remote { dest, .. } => dest.clone(),
-        }
-    }
-}
+pub use crate::link::Target;
 
 #[derive(Clone)]
 pub struct WatchOptions {
@@ -82,53 +64,6 @@ const TICK: Duration = Duration::from_millis(250);
 /// How long a batch in flight may run on after a shutdown request before it is abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(1200);
 
-/// A connection to the standby; for a local DEST, also the receiver thread serving it.
-struct Link {
-    conn: Arc<dyn Connection>,
-    receiver: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Link {
-    fn connect(target: &Target, rt: Option<&tokio::runtime::Handle>) -> Result<Link, Error> {
-        match target {
-            Target::Local(dest) => {
-                let (primary, standby) = crate::transport::local::pair();
-                let dest = dest.clone();
-                let receiver = std::thread::Builder::new()
-                    .name("hotsync-receiver".into())
-                    .spawn(move || {
-                        if let Err(e) = crate::receiver::serve(&standby, &dest) {
-                            tracing::debug!("standby session ended: {e}");
-                            standby.close("receiver failed");
-                        }
-                    })
-                    .map_err(|e| Error::io("cannot start the receiver", e))?;
-                Ok(Link {
-                    conn: Arc::new(primary),
-                    receiver: Some(receiver),
-                })
-            }
-            Target::Remote { dest, server, me } => {
-                let rt = rt.expect("a runtime for QUIC");
-                let conn = crate::transport::quic::connect(rt, dest, *server, me)?;
-                Ok(Link {
-                    conn: Arc::new(conn),
-                    receiver: None,
-                })
-            }
-        }
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.conn.abort("watch reconnecting");
-        if let Some(r) = self.receiver.take() {
-            let _ = r.join();
-        }
-    }
-}
-
 /// Doubling delays between reconnection attempts, 100 ms to 10 s.
 struct Backoff(Duration);
 
@@ -157,9 +92,9 @@ fn nap(d: Duration, shutdown: &AtomicBool) {
 type Identity2 = (u64, u64);
 
 /// Opens the source root if it is usable: a directory with something in it.
-fn usable_source(src: &Path) -> Result<(Root, Identity2), String> {
+fn usable_source(src: &Path) -> Result<(Arc<Root>, Identity2), String> {
     let shown = src.display();
-    let root = crate::open_source(src).map_err(|e| e.to_string())?;
+    let root = crate::check::open_source(src).map_err(|e| e.to_string())?;
     let empty = root
         .is_empty()
         .map_err(|e| format!("cannot list SRC {shown}: {e}"))?;
@@ -169,22 +104,19 @@ fn usable_source(src: &Path) -> Result<(Root, Identity2), String> {
         ));
     }
     let st = rustix::fs::fstat(root.fd()).map_err(|e| format!("cannot stat SRC {shown}: {e}"))?;
-    Ok((root, (st.st_dev, st.st_ino)))
+    Ok((Arc::new(root), (st.st_dev, st.st_ino)))
 }
 
 /// A full verify of `src` against `target` on a connection of its own (a read-only session:
 /// it never competes for the standby's lock), reading at most `rate` bytes per second.
 fn background_verify(
     src: &Path,
-    target: &Target,
-    rt: Option<&tokio::runtime::Handle>,
+    connector: &Connector,
     excludes: &[String],
     rate: u64,
 ) -> Result<Report, Error> {
-    let root =
-        Root::open(src).map_err(|e| Error::io(format!("cannot open SRC {}", src.display()), e))?;
-    let link = Link::connect(target, rt)?;
-    crate::verify::verify(&root, &*link.conn, excludes, rate)
+    let root = Arc::new(crate::check::open_source(src)?);
+    crate::verify::verify(root, connector.connect()?, excludes, rate)
 }
 
 /// Why the source root is no longer the one being watched, if it is not.
@@ -210,16 +142,10 @@ pub fn watch(
 ) -> Result<(), Error> {
     crate::fsroot::raise_fd_limit();
     if let Target::Local(dest) = target {
-        crate::open_source(src)?;
-        crate::prepare_local_dest(src, dest, true)?;
+        crate::check::open_source(src)?;
+        crate::check::prepare_local_dest(src, dest, true)?;
     }
-    let rt = match target {
-        Target::Remote { .. } => Some(
-            crate::transport::quic::runtime()
-                .map_err(|e| Error::io("cannot start the network runtime", e))?,
-        ),
-        Target::Local(_) => None,
-    };
+    let connector = Arc::new(Connector::new(target.clone())?);
     let mut sync_opts = opts.sync.clone();
     sync_opts.on_mass_delete = crate::guard::MassDelete::SkipDeletes;
     let current: Mutex<Option<Arc<dyn Connection>>> = Mutex::new(None);
@@ -242,13 +168,11 @@ pub fn watch(
                 }
             }
         });
-        let handle = rt.as_ref().map(|r| r.handle().clone());
         let result = run(
             src,
-            target,
+            &connector,
             opts,
             &sync_opts,
-            handle.as_ref(),
             shutdown,
             obs,
             &current,
@@ -262,10 +186,9 @@ pub fn watch(
 #[allow(clippy::too_many_arguments)]
 fn run(
     src: &Path,
-    target: &Target,
+    connector: &Arc<Connector>,
     opts: &WatchOptions,
     sync_opts: &SyncOptions,
-    rt: Option<&tokio::runtime::Handle>,
     shutdown: &AtomicBool,
     obs: &dyn Observer,
     current: &Mutex<Option<Arc<dyn Connection>>>,
@@ -302,7 +225,7 @@ fn run(
                 continue;
             }
         };
-        let link = match Link::connect(target, rt) {
+        let link = match connector.connect() {
             Ok(l) => l,
             Err(e) if matches!(e, Error::Usage(_)) => return Err(e),
             Err(e) => {
@@ -312,18 +235,17 @@ fn run(
                 continue;
             }
         };
-        *current.lock().unwrap() = Some(link.conn.clone());
-        let mut session = match Session::open(&root, &*link.conn, sync_opts, &silent) {
+        *current.lock().unwrap() = Some(link.conn().clone());
+        let mut session = match Session::open(root.clone(), link, sync_opts, &silent) {
             Ok(s) => s,
             Err(e) => {
                 let d = backoff.next();
                 obs.disconnected(&e.to_string(), d);
-                drop(link);
                 nap(d, shutdown);
                 continue;
             }
         };
-        obs.connected(&target.describe());
+        obs.connected(&connector.target().describe());
         paused = None;
         let started = Instant::now();
         *busy_since.lock().unwrap() = Some(started);
@@ -388,21 +310,11 @@ fn run(
             }
             if !verifying && verify_due.is_some_and(|t| Instant::now() >= t) {
                 verifying = true;
-                let (src, target, rt, tx) = (
-                    src.to_path_buf(),
-                    target.clone(),
-                    rt.cloned(),
-                    verified_tx.clone(),
-                );
+                let (src, connector, tx) =
+                    (src.to_path_buf(), connector.clone(), verified_tx.clone());
                 let (excludes, rate) = (opts.sync.excludes.clone(), opts.verify_rate);
                 std::thread::spawn(move || {
-                    let _ = tx.send(background_verify(
-                        &src,
-                        &target,
-                        rt.as_ref(),
-                        &excludes,
-                        rate,
-                    ));
+                    let _ = tx.send(background_verify(&src, &connector, &excludes, rate));
                 });
             }
             if let Ok(result) = verified.try_recv() {

@@ -1,0 +1,157 @@
+//! How the primary reaches one standby: a local directory served by an in-process receiver,
+//! or a `hotsync serve` over QUIC. Either way the engine gets a [`Link`] that owns the
+//! connection; the [`Connector`] holds what every new link needs (the network runtime).
+
+use crate::error::{Error, Result};
+use crate::identity::{Identity, NodeId};
+use crate::transport::{self, Connection};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where a standby is.
+#[derive(Clone)]
+pub enum Target {
+    /// A local directory (the receiver runs in this process).
+    Local(PathBuf),
+    /// `quic://HOST:PORT`, which must present the certificate of `server`; `me` is the
+    /// identity this primary shows.
+    Remote {
+        dest: String,
+        server: NodeId,
+        me: Identity,
+    },
+}
+
+impl Target {
+    /// True for a DEST argument that names a remote standby.
+    pub fn is_remote(dest: &str) -> bool {
+        dest.starts_with("quic://")
+    }
+
+    /// The standby as the user named it.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Local(p) => p.display().to_string(),
+            Target::Remote { dest, .. } => dest.clone(),
+        }
+    }
+
+    /// The standby's pinned ID, for a remote one.
+    pub fn server_id(&self) -> Option<NodeId> {
+        match self {
+            Target::Local(_) => None,
+            Target::Remote { server, .. } => Some(*server),
+        }
+    }
+}
+
+/// Makes links to one standby, as often as needed (watch reconnects through it).
+pub struct Connector {
+    target: Target,
+    /// Drives QUIC for a remote target (each link keeps it alive too).
+    rt: Option<Arc<tokio::runtime::Runtime>>,
+}
+
+impl Connector {
+    pub fn new(target: Target) -> Result<Connector> {
+        let rt = match target {
+            Target::Remote { .. } => Some(Arc::new(
+                transport::quic::runtime()
+                    .map_err(|e| Error::io("cannot start the network runtime", e))?,
+            )),
+            Target::Local(_) => None,
+        };
+        Ok(Connector { target, rt })
+    }
+
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// Connects: a new in-process receiver for a local directory, a QUIC handshake with
+    /// the pinned standby for a remote one.
+    ///
+    /// # Errors
+    /// For a remote standby: [`Error::Unreachable`] (no answer, bad address),
+    /// [`Error::Auth`] (wrong server ID, this primary not allowed).
+    pub fn connect(&self) -> Result<Link> {
+        match &self.target {
+            Target::Local(dest) => {
+                let (primary, standby) = transport::local::pair();
+                let dest = dest.clone();
+                let receiver = std::thread::Builder::new()
+                    .name("hotsync-receiver".into())
+                    .spawn(move || {
+                        if let Err(e) = crate::receiver::serve(&standby, &dest) {
+                            tracing::debug!("standby session ended: {e}");
+                            // The primary may be waiting for an answer that will not come.
+                            standby.abort(&e.to_string());
+                        }
+                    })
+                    .map_err(|e| Error::io("cannot start the receiver", e))?;
+                Ok(Link {
+                    conn: Arc::new(primary),
+                    receiver: Some(receiver),
+                    clean: false,
+                    _rt: None,
+                })
+            }
+            Target::Remote { dest, server, me } => {
+                let rt = self.rt.as_ref().expect("a runtime for a remote target");
+                let conn = transport::quic::connect(rt.handle(), dest, *server, me)?;
+                Ok(Link {
+                    conn: Arc::new(conn),
+                    receiver: None,
+                    clean: false,
+                    _rt: Some(rt.clone()),
+                })
+            }
+        }
+    }
+}
+
+/// One connection to a standby, owned. Dropping it aborts the connection unless the session
+/// on it ended cleanly ([`Link::closed_cleanly`]), and waits for a local receiver to finish.
+pub struct Link {
+    conn: Arc<dyn Connection>,
+    receiver: Option<std::thread::JoinHandle<()>>,
+    clean: bool,
+    /// Declared last: dropped after the connection it drives.
+    _rt: Option<Arc<tokio::runtime::Runtime>>,
+}
+
+impl Link {
+    pub fn conn(&self) -> &Arc<dyn Connection> {
+        &self.conn
+    }
+
+    /// The better account of a failure: why the connection ended (the standby's reason, a
+    /// timeout) says more than the broken stream it caused.
+    pub fn explain(&self, e: Error) -> Error {
+        let broken = match &e {
+            Error::Protocol(p) => p.is_transport(),
+            Error::Unreachable(_) | Error::Io { .. } => true,
+            _ => false,
+        };
+        match self.conn.failure() {
+            Some(f) if broken => f,
+            _ => e,
+        }
+    }
+
+    /// The session on this link has ended cleanly: drop without aborting.
+    pub fn closed_cleanly(&mut self) {
+        self.clean = true;
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.conn.abort("primary closing the connection");
+        }
+        if let Some(r) = self.receiver.take() {
+            let _ = r.join();
+        }
+    }
+}
