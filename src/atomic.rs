@@ -156,6 +156,24 @@ impl Batch {
     }
 }
 
+/// Replaces the file `name` in `dir` with `data`, atomically and durably: a temp beside it
+/// is written and fsynced, renamed over `name`, then the directory is fsynced. A crash
+/// leaves the old content or the new, never a mix (a leftover temp carries the usual
+/// prefix).
+pub fn replace_file(dir: BorrowedFd<'_>, name: &[u8], data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let (mut f, temp) = crate::fsroot::create_temp(dir)?;
+    let done = f
+        .write_all(data)
+        .and_then(|_| Ok(rustix::fs::fsync(&f)?))
+        .and_then(|_| Ok(rustix::fs::renameat(dir, temp.as_slice(), dir, name)?));
+    if let Err(e) = done {
+        let _ = rustix::fs::unlinkat(dir, temp.as_slice(), rustix::fs::AtFlags::empty());
+        return Err(e);
+    }
+    Ok(rustix::fs::fsync(dir)?)
+}
+
 fn finish(
     mut out: Vec<Outcome>,
     items: Vec<Staged>,
@@ -234,6 +252,17 @@ mod tests {
             }
             assert_eq!(leftovers(t.path()), 0);
         }
+    }
+
+    #[test]
+    fn replace_file_swaps_content_whole_and_leaves_no_temp() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open(t.path()).unwrap();
+        for data in [&b"first version"[..], b"2nd", b""] {
+            replace_file(root.fd(), b"state", data).unwrap();
+            assert_eq!(std::fs::read(t.path().join("state")).unwrap(), data);
+        }
+        assert_eq!(leftovers(t.path()), 0);
     }
 
     #[test]

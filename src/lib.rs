@@ -10,6 +10,7 @@ pub mod atomic;
 pub mod bytes;
 pub mod channel;
 pub mod check;
+pub mod clock;
 pub mod delta;
 pub mod error;
 pub mod filter;
@@ -26,6 +27,7 @@ pub mod receiver;
 pub mod scan;
 pub mod sender;
 pub mod server;
+pub mod standby;
 pub mod summary;
 pub mod transport;
 pub mod verify;
@@ -54,7 +56,12 @@ pub fn sync(
     if let Target::Local(dest) = target {
         check::prepare_local_dest(src, dest, !opts.dry_run)?;
     }
-    let link = link::Connector::new(target.clone())?.connect()?;
+    let access = if opts.dry_run {
+        standby::Access::ReadOnly
+    } else {
+        standby::Access::Write
+    };
+    let link = link::Connector::new(target.clone(), access)?.connect()?;
     sender::sync(root, link, opts, monitor)
 }
 
@@ -67,6 +74,6 @@ pub fn verify(src: &Path, target: &Target, excludes: &[String]) -> Result<verify
     if let Target::Local(dest) = target {
         check::prepare_local_dest(src, dest, false)?;
     }
-    let link = link::Connector::new(target.clone())?.connect()?;
+    let link = link::Connector::new(target.clone(), standby::Access::ReadOnly)?.connect()?;
     verify::verify(root, link, excludes, 0)
 }

@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::identity::{Identity, NodeId};
+use crate::standby::{Access, Peer, Standby};
 use crate::transport::{self, Connection};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,18 +51,27 @@ pub struct Connector {
     target: Target,
     /// Drives QUIC for a remote target (each link keeps it alive too).
     rt: Option<Arc<tokio::runtime::Runtime>>,
+    /// A local DEST, held (and for writing, locked) as long as this connector lives.
+    local: Option<Arc<Standby>>,
 }
 
 impl Connector {
-    pub fn new(target: Target) -> Result<Connector> {
-        let rt = match target {
-            Target::Remote { .. } => Some(Arc::new(
-                transport::quic::runtime()
-                    .map_err(|e| Error::io("cannot start the network runtime", e))?,
-            )),
-            Target::Local(_) => None,
+    /// Prepares to reach `target`; a local DEST is opened here with `access` (for
+    /// [`Access::Write`] its lock is held until the connector is dropped).
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for a local DEST another hotsync writes, or whose state is damaged.
+    pub fn new(target: Target, access: Access) -> Result<Connector> {
+        let (rt, local) = match &target {
+            Target::Remote { .. } => (
+                Some(Arc::new(transport::quic::runtime().map_err(|e| {
+                    Error::io("cannot start the network runtime", e)
+                })?)),
+                None,
+            ),
+            Target::Local(dest) => (None, Some(Arc::new(Standby::open(dest, access)?))),
         };
-        Ok(Connector { target, rt })
+        Ok(Connector { target, rt, local })
     }
 
     pub fn target(&self) -> &Target {
@@ -76,16 +86,18 @@ impl Connector {
     /// [`Error::Auth`] (wrong server ID, this primary not allowed).
     pub fn connect(&self) -> Result<Link> {
         match &self.target {
-            Target::Local(dest) => {
-                let (primary, standby) = transport::local::pair();
-                let dest = dest.clone();
+            Target::Local(_) => {
+                let (primary, end) = transport::local::pair();
+                let end: Arc<dyn Connection> = Arc::new(end);
+                let standby = self.local.clone().expect("a local target has its standby");
                 let receiver = std::thread::Builder::new()
                     .name("hotsync-receiver".into())
                     .spawn(move || {
-                        if let Err(e) = crate::receiver::serve(&standby, &dest) {
+                        let served = crate::receiver::serve(end.clone(), &standby, Peer::local());
+                        if let Err(e) = served {
                             tracing::debug!("standby session ended: {e}");
                             // The primary may be waiting for an answer that will not come.
-                            standby.abort(&e.to_string());
+                            end.abort(&e.to_string());
                         }
                     })
                     .map_err(|e| Error::io("cannot start the receiver", e))?;

@@ -103,6 +103,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let me = identity::load(&home)?;
     let rt = hotsync::transport::quic::runtime()?;
     let server = hotsync::transport::quic::bind(rt.handle(), &args.listen, &me)?;
+    let standby = hotsync::standby::Standby::open(&args.root, hotsync::standby::Access::Write)?;
     // Signal handlers before the announcement: a SIGTERM right after it must stop us cleanly.
     let shutdown = {
         let _guard = rt.enter();
@@ -117,7 +118,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         if allow.len() == 1 { "y" } else { "ies" }
     );
     let opts = hotsync::server::ServeOptions {
-        root: args.root.clone(),
+        standby: Arc::new(standby),
         allow: allow.into_iter().collect(),
     };
     rt.block_on(hotsync::server::run(server, opts, shutdown));

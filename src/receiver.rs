@@ -4,86 +4,94 @@
 //! ends the connection.
 
 use crate::atomic::{Batch, Outcome, Staged};
+use crate::channel::Channel;
 use crate::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
+use crate::error::Error;
 use crate::filter::Filter;
 use crate::fsroot::{self, Root, create_temp, remove_tree, set_meta_at, set_meta_fd};
 use crate::manifest::MetaTarget;
 use crate::manifest::{Entry, Meta, ScanError, Scope};
-use crate::path::{RESERVED, RelPath};
+use crate::path::RelPath;
 use crate::protocol::{self, FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
 use crate::scan::{ScanOptions, scan_scopes};
+use crate::standby::{Peer, SessionEntry, Standby};
 use crate::transport::{Connection, SendHalf, Stream};
-use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// What one session did, for the standby's log.
-#[derive(Debug, Default, Clone)]
-pub struct SessionReport {
-    pub files_written: u64,
-    pub bytes_written: u64,
-    pub entries_removed: u64,
-    pub failed_ops: u64,
-}
+pub use crate::standby::SessionReport;
 
 /// The state shared by all streams of one session.
-struct Session {
-    /// `None` only in a dry run against a DEST that does not exist yet.
-    root: Option<Root>,
-    /// A dry run: list, never write.
+struct Session<'s> {
+    standby: &'s Standby,
+    /// A dry run or a verify: list, never write.
     read_only: bool,
-    owners: bool,
     filter: Filter,
     /// Bumped whenever directories may have been removed, so cached handles are dropped.
     generation: AtomicU64,
-    report: Mutex<SessionReport>,
-    _lock: Option<File>,
+    /// This session in the standby's registry (its counters are read live by `status`).
+    entry: Arc<SessionEntry>,
 }
 
-/// Serves one connection from a primary against the standby tree at `dest`, until the
-/// primary closes the session or the connection fails.
-pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate::error::Error> {
+/// Serves one connection from `peer` against `standby`, until the primary closes the
+/// session or the connection fails.
+///
+/// # Errors
+/// [`Error::Refused`] when the session was refused (the primary was told why), or the
+/// protocol error that ended it.
+pub fn serve(
+    conn: Arc<dyn Connection>,
+    standby: &Standby,
+    peer: Peer,
+) -> Result<SessionReport, Error> {
     let Some(ctrl) = conn.accept().map_err(ProtocolError::Io)? else {
         return Err(ProtocolError::Closed.into());
     };
-    let Stream { recv, send } = ctrl;
-    let mut r = FrameReader::new(recv);
-    let mut w = FrameWriter::new(send);
-    w.greeting()?;
-    w.flush()?;
-    r.greeting()?;
-    let (excludes, dry_run) = match r.recv()? {
+    let mut ch = Channel::new(ctrl);
+    ch.accept_session()?;
+    let (excludes, dry_run) = match ch.recv()? {
         Message::Open { excludes, dry_run } => (excludes, dry_run),
         other => return Err(ProtocolError::unexpected(&other, "Open").into()),
     };
-    let refuse = |w: &mut FrameWriter<_>, message: String| -> crate::error::Error {
-        let _ = w.send(&Message::Error {
+    let refuse = |ch: &mut Channel, message: String| -> Error {
+        let _ = ch.send(&Message::Error {
             message: message.clone(),
         });
-        let _ = w.flush();
-        crate::error::Error::Refused(message)
+        let _ = ch.flush();
+        Error::Refused(message)
     };
     if let Err(e) = protocol::check_excludes(&excludes) {
-        return Err(refuse(&mut w, e.to_string()));
+        return Err(refuse(&mut ch, e.to_string()));
     }
     let filter = match Filter::new(&excludes) {
         Ok(f) => f,
-        Err(e) => return Err(refuse(&mut w, e.to_string())),
+        Err(e) => return Err(refuse(&mut ch, e.to_string())),
     };
-    let session = match Session::open(dest, filter, dry_run) {
-        Ok(s) => Arc::new(s),
-        Err(message) => return Err(refuse(&mut w, message)),
+    let abort = {
+        let conn = conn.clone();
+        Box::new(move |why: &str| conn.abort(why))
     };
-    w.send(&Message::Opened {
-        owners: session.owners,
+    let admission = match standby.admit(peer, !dry_run, abort) {
+        Ok(a) => a,
+        Err(refusal) => return Err(refuse(&mut ch, refusal.message)),
+    };
+    let session = Session {
+        standby,
+        read_only: dry_run,
+        filter,
+        generation: AtomicU64::new(0),
+        entry: admission.entry.clone(),
+    };
+    ch.send(&Message::Opened {
+        owners: standby.owners(),
     })?;
-    w.flush()?;
+    ch.flush()?;
 
     let fatal: Mutex<Option<ProtocolError>> = Mutex::new(None);
     // Set once the primary has closed the session cleanly: later stream errors are only the
@@ -98,21 +106,19 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
         fatal.lock().unwrap().get_or_insert(e);
     };
     std::thread::scope(|s| {
-        let session2 = session.clone();
-        let fail2 = &fail;
+        let (session, fail, conn) = (&session, &fail, &conn);
         s.spawn(move || {
             let mut handles = Vec::new();
             while let Ok(Some(stream)) = conn.accept() {
-                let session = session2.clone();
                 handles.push(s.spawn(move || {
                     let Stream { recv, send } = stream;
                     if let Err(e) = op_loop(
-                        &session,
+                        session,
                         &mut FrameReader::new(recv),
-                        FrameWriter::new(send),
+                        &mut FrameWriter::new(send),
                         false,
                     ) {
-                        fail2(e);
+                        fail(e);
                     }
                 }));
             }
@@ -122,7 +128,8 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
         });
         // `Closed` has reached the primary: closing now ends the accept loop above
         // without making either side wait for the other's close.
-        match op_loop(&session, &mut r, w, true) {
+        let Channel { r, w } = &mut ch;
+        match op_loop(session, r, w, true) {
             Ok(()) => {
                 done.store(true, Ordering::Relaxed);
                 conn.close("session complete");
@@ -130,7 +137,7 @@ pub fn serve(conn: &dyn Connection, dest: &Path) -> Result<SessionReport, crate:
             Err(e) => fail(e),
         }
     });
-    let report = session.report.lock().unwrap().clone();
+    let report = session.entry.stats.report();
     match fatal.into_inner().unwrap() {
         Some(e) => Err(e.into()),
         None => Ok(report),
@@ -179,91 +186,14 @@ fn send_manifest<W: Write>(
     })
 }
 
-impl Session {
-    /// Opens the standby tree: takes the session lock and checks that it is writable. A
-    /// dry run only looks (and a DEST that does not exist yet lists as empty).
-    fn open(dest: &Path, filter: Filter, read_only: bool) -> Result<Session, String> {
-        let shown = dest.display();
-        let root = match Root::open(dest) {
-            Ok(r) => Some(r),
-            Err(e) if read_only && e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => {
-                return Err(match e.raw_os_error() {
-                    Some(c) if c == Errno::NOENT.raw_os_error() => {
-                        format!("DEST {shown} does not exist")
-                    }
-                    Some(c) if c == Errno::NOTDIR.raw_os_error() => {
-                        format!("DEST {shown} is not a directory")
-                    }
-                    _ => format!("cannot open DEST {shown}: {e}"),
-                });
-            }
-        };
-        let lock = match &root {
-            Some(root) if !read_only => Some(Self::lock(root, dest)?),
-            _ => None,
-        };
-        fsroot::raise_fd_limit();
-        Ok(Session {
-            root,
-            read_only,
-            owners: fsroot::can_chown(),
-            filter,
-            generation: AtomicU64::new(0),
-            report: Mutex::new(SessionReport::default()),
-            _lock: lock,
-        })
-    }
-
-    /// Takes the lock in `.hotsync/` (one writing session per root) and probes writability.
-    fn lock(root: &Root, dest: &Path) -> Result<File, String> {
-        let shown = dest.display();
-        let not_writable = |e: io::Error| format!("DEST {shown} is not writable: {e}");
-        match rustix::fs::mkdirat(root.fd(), RESERVED, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(not_writable(e.into())),
-        }
-        let state = root
-            .open_dir(&RelPath::new(RESERVED).unwrap())
-            .map_err(|e| format!("DEST {shown}/.hotsync is not a usable directory: {e}"))?;
-        let lock = rustix::fs::openat(
-            &state,
-            c"lock",
-            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| not_writable(e.into()))?;
-        rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
-            format!(
-                "DEST {shown} is in use by another hotsync session (lock {shown}/.hotsync/lock)"
-            )
-        })?;
-        // Find a read-only DEST now, with one clear message, rather than once per file;
-        // without touching the root, whose mtime is mirrored.
-        rustix::fs::accessat(
-            root.fd(),
-            c".",
-            rustix::fs::Access::WRITE_OK,
-            AtFlags::EACCESS,
-        )
-        .map_err(|e| not_writable(e.into()))?;
-        // A fixed name, under the lock: a probe left by a kill is reused, never piles up.
-        rustix::fs::openat(
-            &state,
-            c"write-probe",
-            OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| not_writable(e.into()))?;
-        let _ = rustix::fs::unlinkat(&state, c"write-probe", AtFlags::empty());
-        Ok(File::from(lock))
-    }
-
+impl Session<'_> {
     /// The tree root; only a dry run against a missing DEST has none.
     fn root(&self) -> io::Result<&Root> {
-        self.root
-            .as_ref()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "DEST does not exist"))
+        self.standby.root()
+    }
+
+    fn owners(&self) -> bool {
+        self.standby.owners()
     }
 
     /// Lists `scopes` for the primary: entries, then `ListEnd`.
@@ -274,7 +204,7 @@ impl Session {
         checksum: bool,
         hash_rate: u64,
     ) -> Result<(), ProtocolError> {
-        let listing = match &self.root {
+        let listing = match self.standby.root().ok() {
             Some(root) => {
                 let opts = ScanOptions {
                     checksum,
@@ -297,6 +227,12 @@ impl Session {
         w.flush()
     }
 
+    fn wrote(&self, bytes: u64) {
+        let st = &self.entry.stats;
+        st.files_written.fetch_add(1, Ordering::Relaxed);
+        st.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     fn tree_changed(&self) {
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
@@ -304,13 +240,13 @@ impl Session {
 
 /// Cached handles of parent directories, dropped whenever directories may have moved.
 struct Dirs<'a> {
-    s: &'a Session,
+    s: &'a Session<'a>,
     generation: u64,
     map: HashMap<Vec<u8>, Arc<OwnedFd>>,
 }
 
 impl<'a> Dirs<'a> {
-    fn new(s: &'a Session) -> Self {
+    fn new(s: &'a Session<'a>) -> Self {
         Dirs {
             s,
             generation: s.generation.load(Ordering::Relaxed),
@@ -373,9 +309,9 @@ fn temp_in(dir: &OwnedFd) -> io::Result<(File, Vec<u8>)> {
 
 /// Commits a batch (nothing is ever staged in a dry run, which may have no root).
 fn commit(s: &Session, batch: &mut Batch) -> Vec<Outcome> {
-    match &s.root {
-        Some(root) => batch.commit(root.fd()),
-        None => Vec::new(),
+    match s.root() {
+        Ok(root) => batch.commit(root.fd()),
+        Err(_) => Vec::new(),
     }
 }
 
@@ -383,7 +319,7 @@ fn commit(s: &Session, batch: &mut Batch) -> Vec<Outcome> {
 fn op_loop<R: Read, W: SendHalf>(
     s: &Session,
     r: &mut FrameReader<R>,
-    mut w: FrameWriter<W>,
+    w: &mut FrameWriter<W>,
     control: bool,
 ) -> Result<(), ProtocolError> {
     let mut batch = Batch::new();
@@ -391,7 +327,7 @@ fn op_loop<R: Read, W: SendHalf>(
     let mut buf = Vec::new();
     loop {
         let Some(msg) = r.recv_opt()? else {
-            send_acks(s, &mut w, commit(s, &mut batch))?;
+            send_acks(s, w, commit(s, &mut batch))?;
             w.flush()?;
             w.get_mut().finish()?;
             return Ok(());
@@ -408,7 +344,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 checksum,
                 hash_rate,
             } if control => {
-                s.list(&mut w, &scopes, checksum, hash_rate)?;
+                s.list(w, &scopes, checksum, hash_rate)?;
                 continue;
             }
             Message::Rename { id, from, to } => {
@@ -430,7 +366,10 @@ fn op_loop<R: Read, W: SendHalf>(
                     .and_then(|(d, name)| remove_tree(d.as_fd(), name))
                 {
                     Ok(n) => {
-                        s.report.lock().unwrap().entries_removed += n;
+                        s.entry
+                            .stats
+                            .entries_removed
+                            .fetch_add(n, Ordering::Relaxed);
                         batch.applied(id);
                     }
                     Err(e) => batch.failed(id, reason(&e), false),
@@ -457,7 +396,7 @@ fn op_loop<R: Read, W: SendHalf>(
                         d.as_fd(),
                         name,
                         &meta,
-                        s.owners,
+                        s.owners(),
                         target != MetaTarget::Symlink,
                     )
                 });
@@ -529,20 +468,20 @@ fn op_loop<R: Read, W: SendHalf>(
                 check_writable(&path)?;
                 let keep = batch.keep_fd();
                 match receive_delta(
-                    s, &mut dirs, r, &mut w, id, &path, &meta, size, chunk, chunks, keep,
+                    s, &mut dirs, r, w, id, &path, &meta, size, chunk, chunks, keep,
                 )? {
                     Ok(st) => batch.stage(st),
                     Err((e, retry)) => batch.failed(id, e, retry),
                 }
             }
             Message::Flush { seq } => {
-                send_acks(s, &mut w, commit(s, &mut batch))?;
+                send_acks(s, w, commit(s, &mut batch))?;
                 w.send(&Message::Flushed { seq })?;
                 w.flush()?;
                 continue;
             }
             Message::Close if control => {
-                send_acks(s, &mut w, commit(s, &mut batch))?;
+                send_acks(s, w, commit(s, &mut batch))?;
                 w.send(&Message::Closed)?;
                 w.flush()?;
                 // Once the primary has `Closed`, the session is over for both sides.
@@ -553,7 +492,7 @@ fn op_loop<R: Read, W: SendHalf>(
             other => return Err(ProtocolError::unexpected(&other, "an operation")),
         }
         if batch.should_commit() {
-            send_acks(s, &mut w, commit(s, &mut batch))?;
+            send_acks(s, w, commit(s, &mut batch))?;
             w.flush()?;
         }
     }
@@ -565,9 +504,10 @@ fn send_acks<W: Write>(
     outcomes: Vec<Outcome>,
 ) -> Result<(), ProtocolError> {
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count() as u64;
-    if failed > 0 {
-        s.report.lock().unwrap().failed_ops += failed;
-    }
+    s.entry
+        .stats
+        .failed_ops
+        .fetch_add(failed, Ordering::Relaxed);
     for (id, res) in outcomes {
         let (error, retry) = match res {
             Ok(()) => (None, false),
@@ -642,14 +582,12 @@ fn stage_bytes(
     let (mut f, temp) = temp_in(&dir)?;
     let res = f
         .write_all(data)
-        .and_then(|_| set_meta_fd(f.as_fd(), meta, s.owners));
+        .and_then(|_| set_meta_fd(f.as_fd(), meta, s.owners()));
     if let Err(e) = res {
         let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
         return Err(e);
     }
-    let mut rep = s.report.lock().unwrap();
-    rep.files_written += 1;
-    rep.bytes_written += data.len() as u64;
+    s.wrote(data.len() as u64);
     Ok(Staged {
         id,
         dir,
@@ -677,7 +615,7 @@ fn stage_symlink(
             Err(e) => return Err(e.into()),
         }
     };
-    if let Err(e) = set_meta_at(dir.as_fd(), &temp, meta, s.owners, false) {
+    if let Err(e) = set_meta_at(dir.as_fd(), &temp, meta, s.owners(), false) {
         let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
         return Err(e);
     }
@@ -789,15 +727,13 @@ impl TempSink {
             None => w
                 .into_inner()
                 .map_err(|e| e.into_error())
-                .and_then(|f| set_meta_fd(f.as_fd(), meta, s.owners).map(|_| f))
+                .and_then(|f| set_meta_fd(f.as_fd(), meta, s.owners()).map(|_| f))
                 .map_err(|e| reason(&e)),
             Some(e) => Err(e),
         };
         match file {
             Ok(f) => {
-                let mut rep = s.report.lock().unwrap();
-                rep.files_written += 1;
-                rep.bytes_written += size;
+                s.wrote(size);
                 Ok(Staged {
                     id,
                     dir,

@@ -3,16 +3,18 @@
 
 use crate::error::Error;
 use crate::identity::NodeId;
+use crate::standby::{Peer, Standby};
 use crate::transport::quic::{CLOSE_REFUSED, CLOSE_SHUTDOWN, QuicConnection, Server};
 use crate::transport::{Connection, tls};
 use quinn::VarInt;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct ServeOptions {
-    pub root: PathBuf,
+    /// The tree, held for the life of the server.
+    pub standby: Arc<Standby>,
     pub allow: HashSet<NodeId>,
 }
 
@@ -89,10 +91,14 @@ async fn session(incoming: quinn::Incoming, opts: Arc<ServeOptions>) {
         return;
     }
     let started = Instant::now();
-    let qc = QuicConnection::new(conn, tokio::runtime::Handle::current());
-    let root = opts.root.clone();
+    let qc: Arc<dyn Connection> =
+        Arc::new(QuicConnection::new(conn, tokio::runtime::Handle::current()));
+    let peer = Peer {
+        id: Some(id),
+        addr: Some(addr),
+    };
     let result = tokio::task::spawn_blocking(move || {
-        let r = crate::receiver::serve(&qc, &root);
+        let r = crate::receiver::serve(qc.clone(), &opts.standby, peer);
         if let Err(e) = &r {
             qc.abort(&e.to_string());
         }

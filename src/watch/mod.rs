@@ -145,7 +145,10 @@ pub fn watch(
         crate::check::open_source(src)?;
         crate::check::prepare_local_dest(src, dest, true)?;
     }
-    let connector = Arc::new(Connector::new(target.clone())?);
+    let connector = Arc::new(Connector::new(
+        target.clone(),
+        crate::standby::Access::Write,
+    )?);
     let mut sync_opts = opts.sync.clone();
     sync_opts.on_mass_delete = crate::guard::MassDelete::SkipDeletes;
     let current: Mutex<Option<Arc<dyn Connection>>> = Mutex::new(None);
