@@ -24,14 +24,15 @@ pub mod plan;
 pub mod progress;
 pub mod protocol;
 pub mod receiver;
+pub mod replicate;
 pub mod scan;
 pub mod sender;
 pub mod server;
 pub mod standby;
+pub mod status;
 pub mod summary;
 pub mod transport;
 pub mod verify;
-pub mod watch;
 
 pub use error::{Error, Result};
 pub use link::Target;

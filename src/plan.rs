@@ -27,6 +27,31 @@ pub struct Transfer {
     pub hash: Option<Hash>,
 }
 
+/// How a file's content travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// Whole and inline on a lane (a small file).
+    Small,
+    /// Whole, on a stream of its own.
+    Whole,
+    /// As a delta against the standby's version, on a stream of its own.
+    Delta,
+}
+
+impl Transfer {
+    /// How this file is sent: small files whole on a lane; larger ones as a delta when the
+    /// standby has a non-empty version, else whole.
+    pub fn method(&self) -> Method {
+        if self.size <= crate::protocol::SMALL_FILE {
+            Method::Small
+        } else if self.basis.is_some_and(|b| b > 0) {
+            Method::Delta
+        } else {
+            Method::Whole
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SymlinkOp {
     pub path: RelPath,

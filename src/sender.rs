@@ -13,7 +13,7 @@ use crate::link::Link;
 use crate::manifest::normalize_scopes;
 use crate::manifest::{Manifest, Scope};
 use crate::path::RelPath;
-use crate::plan::{self, MetaFix, Plan, PlanOptions, SymlinkOp, Transfer};
+use crate::plan::{self, MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
 use crate::progress::Monitor;
 use crate::protocol::{FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
 use crate::scan::{ScanOptions, scan_scopes};
@@ -509,6 +509,13 @@ impl<'a> Exec<'a> {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// A file gone (or of another type) since the scan: a routine race on a live tree; the
+    /// next look at the path sees its new state.
+    fn vanished(&self, path: &RelPath) {
+        tracing::debug!("{path}: vanished or changed type since the scan; skipped");
+        self.tally.lock().unwrap().vanished += 1;
+    }
+
     fn error(&self, path: &RelPath, msg: String) {
         tracing::warn!("{path}: {msg}");
         self.tally
@@ -544,8 +551,10 @@ impl<'a> Exec<'a> {
         let t = std::time::Instant::now();
 
         // 2. Content and attributes, many streams at once.
-        let (small, big): (Vec<&Transfer>, Vec<&Transfer>) =
-            plan.transfers.iter().partition(|t| t.size <= SMALL_FILE);
+        let (small, big): (Vec<&Transfer>, Vec<&Transfer>) = plan
+            .transfers
+            .iter()
+            .partition(|t| t.method() == Method::Small);
         let mut items: Vec<LaneItem> = small.into_iter().map(LaneItem::File).collect();
         items.extend(plan.symlinks.iter().map(LaneItem::Symlink));
         items.extend(plan.metas.iter().map(LaneItem::Meta));
@@ -823,10 +832,7 @@ impl<'a> Exec<'a> {
             // It grew past the small-file size since the scan: send it whole, inline.
             Ok(None) => self.send_whole(w, pending, id, &t.path).map(|_| ()),
             Err(ReadError::Vanished) => {
-                tracing::info!(
-                    "{}: vanished or changed type since the scan; skipped",
-                    t.path
-                );
+                self.vanished(&t.path);
                 Ok(())
             }
             Err(ReadError::Other(e)) => {
@@ -849,9 +855,7 @@ impl<'a> Exec<'a> {
             Ok(f) => f,
             Err(e) => {
                 match read_error(e) {
-                    ReadError::Vanished => {
-                        tracing::info!("{path}: vanished since the scan; skipped")
-                    }
+                    ReadError::Vanished => self.vanished(path),
                     ReadError::Other(e) => self.error(path, format!("cannot read: {e}")),
                 }
                 return Ok(false);
@@ -897,7 +901,7 @@ impl<'a> Exec<'a> {
 
     /// A large file on a stream of its own: a delta when the standby has a version of it.
     fn big_file(&self, t: &Transfer) -> Result<(), Error> {
-        if t.basis.is_some_and(|b| b > 0) {
+        if t.method() == Method::Delta {
             self.delta_stream(t)
         } else {
             self.whole_stream(&t.path, true)
@@ -955,9 +959,7 @@ impl<'a> Exec<'a> {
             Ok(f) => f,
             Err(e) => {
                 match read_error(e) {
-                    ReadError::Vanished => {
-                        tracing::info!("{}: vanished since the scan; skipped", t.path)
-                    }
+                    ReadError::Vanished => self.vanished(&t.path),
                     ReadError::Other(e) => self.error(&t.path, format!("cannot read: {e}")),
                 }
                 return Ok(());

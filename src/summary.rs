@@ -45,6 +45,9 @@ pub struct Summary {
     pub metadata_updated: u64,
     /// Leftover temporary files of an interrupted run, removed from the standby.
     pub temps_removed: u64,
+    /// Files that vanished or changed type between the scan (or event) and the read: routine
+    /// races on a live tree, counted rather than reported one by one.
+    pub vanished: u64,
     /// Entries skipped on the primary (sockets, fifos, devices).
     pub skipped: Vec<EntryError>,
     pub dry_run: bool,

@@ -50,7 +50,10 @@ fn an_unlisted_primary_is_refused_and_nothing_is_touched() {
         .map(|e| e.unwrap().file_name())
         .filter(|n| n != ".hotsync")
         .collect();
-    assert!(written.is_empty(), "written for a refused peer: {written:?}");
+    assert!(
+        written.is_empty(),
+        "written for a refused peer: {written:?}"
+    );
     assert!(
         m.server.log().contains(&format!("primary {stranger}")),
         "{}",

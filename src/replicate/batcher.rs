@@ -4,6 +4,9 @@
 //! Rules:
 //! - A file closed after writing, an attribute change, a removal, a new or moved-in
 //!   directory, a rename: ready at once.
+//! - A name moved away or moved in waits `rename_window` for the other half of a rename
+//!   (inotify reports the halves as separate events): moved within the tree, it is a
+//!   rename; out of it a removal, into it a new tree.
 //! - A file written but not closed (or created and not yet closed) waits until it has been
 //!   quiet for `quiet`, and never longer than `max_delay` after its first change, so a file
 //!   written continuously is still replicated at a bounded delay.
@@ -57,6 +60,8 @@ pub struct Config {
     pub dir_burst: usize,
     /// Queued paths beyond which a full re-scan replaces them.
     pub max_queued: usize,
+    /// How long a name moved away waits for the rename that may follow.
+    pub rename_window: Duration,
 }
 
 impl Default for Config {
@@ -66,6 +71,7 @@ impl Default for Config {
             max_delay: Duration::from_secs(1),
             dir_burst: 512,
             max_queued: 100_000,
+            rename_window: Duration::from_millis(10),
         }
     }
 }
@@ -79,6 +85,9 @@ pub struct Batch {
     pub renames: Vec<(RelPath, RelPath)>,
     /// Paths to examine, sorted.
     pub paths: Vec<(RelPath, Scope)>,
+    /// When the oldest change the batch carries was first seen: the replication lag runs
+    /// from there until the batch is durable.
+    pub oldest: Option<Instant>,
 }
 
 impl Batch {
@@ -96,6 +105,8 @@ struct Item {
     first: Instant,
     last: Instant,
     ready: bool,
+    /// Not ready before then, unless made ready (a name moved away, awaiting its rename).
+    hold: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -105,7 +116,10 @@ pub struct Batcher {
     /// Renames in order, with when they were seen.
     renames: Vec<(RelPath, RelPath, Instant)>,
     full: bool,
+    /// When the pending full re-scan was asked for: what a reconcile started later covers.
     full_since: Option<Instant>,
+    /// The oldest change the pending full re-scan stands for.
+    full_oldest: Option<Instant>,
 }
 
 impl Batcher {
@@ -116,6 +130,7 @@ impl Batcher {
             renames: Vec::new(),
             full: false,
             full_since: None,
+            full_oldest: None,
         }
     }
 
@@ -128,9 +143,15 @@ impl Batcher {
         }
     }
 
-    /// When the oldest change still waiting was seen (the replication lag starts there).
+    /// When the oldest change still waiting was seen (the replication lag starts there);
+    /// a pending full re-scan waits since the events were lost.
     pub fn oldest(&self) -> Option<Instant> {
-        self.items.values().map(|it| it.first).min()
+        let items = self.items.values().map(|it| it.first).min();
+        let renames = self.renames.iter().map(|r| r.2).min();
+        [items, renames, self.full_oldest]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Whether a change to `path` is waiting (queued for it, or for a tree that covers it).
@@ -159,11 +180,14 @@ impl Batcher {
             return; // a full re-scan covers everything
         }
         match hint {
-            Hint::Modified(p) | Hint::Created(p) => self.upsert(p, Scope::Entry, false, now),
-            Hint::Written(p) | Hint::Attrib(p) | Hint::Removed(p) | Hint::MovedFrom(p) => {
-                self.upsert(p, Scope::Entry, true, now)
+            Hint::Modified(p) | Hint::Created(p) => self.upsert(p, Scope::Entry, false, now, now),
+            Hint::Written(p) | Hint::Attrib(p) | Hint::Removed(p) => {
+                self.upsert(p, Scope::Entry, true, now, now)
             }
-            Hint::DirAppeared(p) | Hint::MovedTo(p) => self.upsert(p, Scope::Tree, true, now),
+            // Either half of a rename waits for the other, which inotify reports apart.
+            Hint::MovedFrom(p) => self.hold(p, Scope::Entry, now),
+            Hint::MovedTo(p) => self.hold(p, Scope::Tree, now),
+            Hint::DirAppeared(p) => self.upsert(p, Scope::Tree, true, now, now),
             Hint::Renamed { from, to } => {
                 // Changes queued under the old name now live under the new one.
                 let moved: Vec<RelPath> = self
@@ -182,17 +206,21 @@ impl Batcher {
                     }
                 }
                 self.renames.push((from.clone(), to.clone(), now));
-                self.upsert(from, Scope::Entry, true, now);
-                self.upsert(to, Scope::Tree, true, now);
+                self.upsert(from, Scope::Entry, true, now, now);
+                self.upsert(to, Scope::Tree, true, now, now);
             }
-            Hint::RescanDir(p) => self.upsert(p, Scope::Tree, false, now),
-            Hint::RescanAll => self.go_full(now),
+            Hint::RescanDir(p) => self.upsert(p, Scope::Tree, false, now, now),
+            Hint::RescanAll => self.go_full(now, now),
         }
     }
 
-    fn go_full(&mut self, now: Instant) {
+    /// Replaces everything queued by one full re-scan, requested at `now`, standing for
+    /// changes since `oldest` at the latest.
+    fn go_full(&mut self, now: Instant, oldest: Instant) {
+        let oldest = self.oldest().map_or(oldest, |o| o.min(oldest));
         self.full = true;
         self.full_since.get_or_insert(now);
+        self.full_oldest = Some(oldest);
         self.items.clear();
         self.renames.clear();
     }
@@ -205,10 +233,21 @@ impl Batcher {
         if self.full_since.is_some_and(|t| t < start) {
             self.full = false;
             self.full_since = None;
+            self.full_oldest = None;
         }
     }
 
-    fn upsert(&mut self, path: RelPath, scope: Scope, ready: bool, now: Instant) {
+    /// Queues `path`, not ready before the rename window has passed.
+    fn hold(&mut self, path: RelPath, scope: Scope, now: Instant) {
+        let until = now + self.cfg.rename_window;
+        self.upsert(path.clone(), scope, false, now, now);
+        if let Some(it) = self.items.get_mut(&path) {
+            it.hold = Some(until);
+        }
+    }
+
+    /// Queues `path`, changed first at `first` and last at `now`.
+    fn upsert(&mut self, path: RelPath, scope: Scope, ready: bool, first: Instant, now: Instant) {
         if path.is_reserved() {
             return;
         }
@@ -216,6 +255,7 @@ impl Batcher {
         match self.items.get_mut(&path) {
             Some(it) => {
                 it.scope = it.scope.max(scope);
+                it.first = it.first.min(first);
                 it.last = now;
                 it.ready |= ready;
             }
@@ -224,13 +264,14 @@ impl Batcher {
                     path,
                     Item {
                         scope,
-                        first: now,
+                        first,
                         last: now,
                         ready,
+                        hold: None,
                     },
                 );
                 if self.items.len() > self.cfg.max_queued {
-                    self.go_full(now);
+                    self.go_full(now, now);
                     return;
                 }
                 self.collapse_burst(&parent, now);
@@ -264,6 +305,7 @@ impl Batcher {
             first,
             last: now,
             ready: false,
+            hold: None,
         });
         it.scope = Scope::Tree;
         it.last = now;
@@ -271,6 +313,9 @@ impl Batcher {
     }
 
     fn due(&self, it: &Item) -> Instant {
+        if let (false, Some(h)) = (it.ready, it.hold) {
+            return h;
+        }
         if it.ready {
             it.first.min(it.last)
         } else {
@@ -293,6 +338,7 @@ impl Batcher {
             self.full_since = None;
             return Some(Batch {
                 full: true,
+                oldest: self.full_oldest.take(),
                 ..Batch::default()
             });
         }
@@ -306,8 +352,10 @@ impl Batcher {
             return None;
         }
         let mut paths: Vec<(RelPath, Scope)> = Vec::with_capacity(ready.len());
+        let mut oldest = self.renames.iter().map(|r| r.2).min();
         for k in ready {
             let it = self.items.remove(&k).unwrap();
+            oldest = Some(oldest.map_or(it.first, |o| o.min(it.first)));
             paths.push((k, it.scope));
         }
         // A tree that is examined now covers whatever waits beneath it.
@@ -324,11 +372,13 @@ impl Batcher {
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in under {
-                self.items.remove(&k);
+                let it = self.items.remove(&k).unwrap();
+                oldest = Some(oldest.map_or(it.first, |o| o.min(it.first)));
             }
         }
         Some(Batch {
             full: false,
+            oldest,
             renames: std::mem::take(&mut self.renames)
                 .into_iter()
                 .map(|(f, t, _)| (f, t))
@@ -337,15 +387,17 @@ impl Batcher {
         })
     }
 
-    /// Puts a batch that could not be carried out back in the queue (ready again).
+    /// Puts a batch that could not be carried out back in the queue (ready again), still
+    /// dated from its oldest change.
     pub fn requeue(&mut self, batch: Batch, now: Instant) {
+        let first = batch.oldest.unwrap_or(now).min(now);
         if batch.full {
-            self.go_full(now);
+            self.go_full(now, first);
             return;
         }
         // Renames that did not happen: the re-scan of both names covers them.
         for (p, scope) in batch.paths {
-            self.upsert(p, scope, true, now);
+            self.upsert(p, scope, true, first, now);
         }
     }
 }
@@ -366,6 +418,7 @@ mod tests {
             max_delay: ms(1000),
             dir_burst: 4,
             max_queued: 100,
+            rename_window: ms(10),
         }
     }
 
@@ -453,6 +506,42 @@ mod tests {
     }
 
     #[test]
+    fn a_name_moved_away_waits_briefly_for_its_rename() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::MovedFrom(p("a")), t0);
+        assert_eq!(b.poll(t0 + ms(5)), None, "the other half may be on its way");
+        b.push(Hint::MovedTo(p("b")), t0 + ms(6));
+        assert_eq!(
+            b.poll(t0 + ms(6)),
+            None,
+            "nor is a name moved in a new tree yet"
+        );
+        b.push(
+            Hint::Renamed {
+                from: p("a"),
+                to: p("b"),
+            },
+            t0 + ms(6),
+        );
+        let batch = b.poll(t0 + ms(6)).unwrap();
+        assert_eq!(batch.renames, vec![(p("a"), p("b"))]);
+        // Moved out of the tree: a removal once the window has passed.
+        b.push(Hint::MovedFrom(p("gone")), t0 + ms(20));
+        assert_eq!(b.next_deadline(), Some(t0 + ms(30)));
+        assert_eq!(b.poll(t0 + ms(29)), None);
+        assert_eq!(
+            b.poll(t0 + ms(30)).unwrap().paths,
+            vec![(p("gone"), Scope::Entry)]
+        );
+        b.push(Hint::MovedTo(p("came")), t0 + ms(40));
+        assert_eq!(
+            b.poll(t0 + ms(50)).unwrap().paths,
+            vec![(p("came"), Scope::Tree)]
+        );
+    }
+
+    #[test]
     fn a_burst_in_one_directory_collapses_to_a_rescan() {
         let t0 = Instant::now();
         let mut b = Batcher::new(cfg());
@@ -486,13 +575,45 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_batch_can_be_requeued() {
+    fn a_failed_batch_can_be_requeued_and_keeps_its_age() {
         let t0 = Instant::now();
         let mut b = Batcher::new(cfg());
         b.push(Hint::Written(p("a")), t0);
         let batch = b.poll(t0).unwrap();
+        assert_eq!(batch.oldest, Some(t0));
+        assert_eq!(b.oldest(), None);
         b.requeue(batch.clone(), t0 + ms(5));
-        assert_eq!(b.poll(t0 + ms(5)).unwrap().paths, batch.paths);
+        assert_eq!(
+            b.oldest(),
+            Some(t0),
+            "the lag still runs from the first change"
+        );
+        let again = b.poll(t0 + ms(5)).unwrap();
+        assert_eq!((again.paths, again.oldest), (batch.paths, Some(t0)));
+        // A full re-scan that failed is dated from what it replaced.
+        b.push(Hint::Written(p("b")), t0 + ms(6));
+        b.push(Hint::RescanAll, t0 + ms(7));
+        assert_eq!(b.oldest(), Some(t0 + ms(6)));
+        let full = b.poll(t0 + ms(8)).unwrap();
+        assert_eq!(full.oldest, Some(t0 + ms(6)));
+        b.requeue(full, t0 + ms(9));
+        assert!(b.full_pending());
+        assert_eq!(b.oldest(), Some(t0 + ms(6)));
+    }
+
+    #[test]
+    fn events_lost_after_a_reconcile_started_are_not_forgotten_by_it() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Written(p("old")), t0);
+        // A reconcile starts at t0+10; the queue overflows at t0+20, after it started.
+        b.push(Hint::RescanAll, t0 + ms(20));
+        b.forget_before(t0 + ms(10));
+        assert!(
+            b.full_pending(),
+            "the overflow came after the reconcile began"
+        );
+        assert_eq!(b.oldest(), Some(t0));
     }
 
     #[test]

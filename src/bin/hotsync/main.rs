@@ -1,0 +1,256 @@
+//! The `hotsync` command: parses arguments, calls the library, reports, maps errors to the
+//! exit codes of the contract (0 ok, 1 some entries failed or differ, 2 fatal).
+
+mod args;
+mod bars;
+mod report;
+mod signals;
+mod watching;
+
+use anyhow::bail;
+use args::{Cli, Command, Common, ServeArgs, SyncArgs, VerifyArgs, WatchArgs};
+use bars::Bars;
+use clap::Parser;
+use hotsync::identity::{self, NodeId};
+use hotsync::replicate::{Watch, WatchOptions};
+use hotsync::{Monitor, SyncOptions, Target};
+use report::{print_plan, print_report, summary_line};
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    match run(&cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            // One line: the outermost context and its causes.
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ");
+            eprintln!("hotsync: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    // A server's one line per connection is its main output.
+    let base = if matches!(cli.command, Command::Serve(_) | Command::Watch(_)) {
+        1
+    } else {
+        0
+    };
+    let level = if cli.quiet {
+        "error"
+    } else {
+        match cli.verbose + base {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .init();
+}
+
+fn run(cli: &Cli) -> anyhow::Result<u8> {
+    match &cli.command {
+        Command::Sync(args) => sync(cli, args),
+        Command::Keygen => {
+            let home = identity::home_dir(cli.home.as_deref())?;
+            let (me, created) = identity::keygen(&home)?;
+            if !cli.quiet {
+                if created {
+                    eprintln!("created a new identity in {}", home.display());
+                } else {
+                    eprintln!("an identity already exists in {}", home.display());
+                }
+            }
+            println!("{}", me.id);
+            Ok(0)
+        }
+        Command::Id => {
+            let home = identity::home_dir(cli.home.as_deref())?;
+            println!("{}", identity::load(&home)?.id);
+            Ok(0)
+        }
+        Command::Serve(args) => serve(cli, args),
+        Command::Watch(args) => watch(cli, args),
+        Command::Verify(args) => verify(cli, args),
+    }
+}
+
+fn parse_ids(ids: &[String]) -> anyhow::Result<Vec<NodeId>> {
+    ids.iter()
+        .map(|s| NodeId::parse(s).map_err(anyhow::Error::msg))
+        .collect()
+}
+
+fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
+    let allow = parse_ids(&args.allow)?;
+    hotsync::server::check(&args.root, &allow)?;
+    let home = identity::home_dir(cli.home.as_deref())?;
+    let me = identity::load(&home)?;
+    let rt = hotsync::transport::quic::runtime()?;
+    let server = hotsync::transport::quic::bind(rt.handle(), &args.listen, &me)?;
+    let standby = hotsync::standby::Standby::open(&args.root, hotsync::standby::Access::Write)?;
+    // Signal handlers before the announcement: a SIGTERM right after it must stop us cleanly.
+    let shutdown = {
+        let _guard = rt.enter();
+        signals::shutdown_signal()?
+    };
+    println!("listening on {} as {}", server.addr, me.id);
+    std::io::stdout().flush()?;
+    tracing::info!(
+        "serving {} to {} allowed primar{}",
+        args.root.display(),
+        allow.len(),
+        if allow.len() == 1 { "y" } else { "ies" }
+    );
+    let opts = hotsync::server::ServeOptions {
+        standby: Arc::new(standby),
+        allow: allow.into_iter().collect(),
+    };
+    rt.block_on(hotsync::server::run(server, opts, shutdown));
+    tracing::info!("stopped");
+    Ok(0)
+}
+
+fn sync_options(c: &Common, dry_run: bool) -> SyncOptions {
+    SyncOptions {
+        checksum: c.checksum,
+        delete: !c.no_delete,
+        force: c.force,
+        dry_run,
+        excludes: c.exclude.clone(),
+        max_delete_percent: c.max_delete,
+        ..SyncOptions::default()
+    }
+}
+
+/// The standby a DEST argument names: a local directory, or a quic:// standby with its
+/// pinned ID and our identity.
+fn target(cli: &Cli, dest: &str, server_id: Option<&str>) -> anyhow::Result<Target> {
+    if !Target::is_remote(dest) {
+        return Ok(Target::Local(dest.into()));
+    }
+    let Some(server) = server_id else {
+        bail!("a quic:// DEST needs --server-id ID (the standby's ID: run `hotsync id` there)");
+    };
+    let server = NodeId::parse(server).map_err(anyhow::Error::msg)?;
+    let home = identity::home_dir(cli.home.as_deref())?;
+    Ok(Target::Remote {
+        dest: dest.to_string(),
+        server,
+        me: identity::load(&home)?,
+    })
+}
+
+fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
+    let c = &args.common;
+    let opts = sync_options(c, args.dry_run);
+    let target = target(cli, &args.dest, c.server_id.as_deref())?;
+    let bars = Bars::new(cli, c.json || args.dry_run);
+    let outcome = hotsync::sync(&args.src, &target, &opts, &bars);
+    bars.finished();
+    let outcome = outcome?;
+    let s = &outcome.summary;
+    if args.dry_run && !c.json {
+        print_plan(&outcome.plan);
+    }
+    if c.json {
+        println!("{}", serde_json::to_string(s)?);
+    } else {
+        for e in &s.errors {
+            eprintln!("hotsync: {}: {}", e.path, e.error);
+        }
+        if !cli.quiet {
+            println!("{}", summary_line(s));
+        }
+    }
+    Ok(s.exit_code() as u8)
+}
+
+fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
+    let c = &args.common;
+    let target = target(cli, &args.dest, c.server_id.as_deref())?;
+    let opts = WatchOptions {
+        sync: sync_options(c, false),
+        batcher: hotsync::replicate::batcher::Config {
+            max_delay: args.max_delay,
+            ..Default::default()
+        },
+        fallback_rescan: args.rescan_every,
+        verify_every: args.verify_every,
+        verify_rate: args.verify_rate.max(1) << 20,
+        thresholds: Default::default(),
+    };
+    let w = Watch::new(&args.src, vec![target], opts)?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    signals::on_signal(shutdown.clone())?;
+    let view = watching::WatchView::new(cli, c.json);
+    let result = std::thread::scope(|s| {
+        if view.has_status_line() {
+            s.spawn(|| {
+                while !shutdown.load(Ordering::Relaxed) {
+                    view.show(&w.status());
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+            });
+        }
+        let r = w.run(&shutdown, &view);
+        shutdown.store(true, Ordering::Relaxed);
+        r
+    });
+    view.finish();
+    result?;
+    tracing::info!("stopped");
+    Ok(0)
+}
+
+fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
+    let target = target(cli, &args.dest, args.server_id.as_deref())?;
+    let check = || hotsync::verify(&args.src, &target, &args.exclude);
+    let before = check()?;
+    if !args.repair || before.identical {
+        if args.json {
+            println!("{}", serde_json::to_string(&before)?);
+        } else if !cli.quiet || !before.identical {
+            print_report(&before);
+        }
+        return Ok(before.exit_code() as u8);
+    }
+    // Repair through the normal sync path, comparing content, then prove the result.
+    let opts = SyncOptions {
+        checksum: true,
+        excludes: args.exclude.clone(),
+        ..SyncOptions::default()
+    };
+    let repaired = hotsync::sync(&args.src, &target, &opts, &hotsync::progress::Silent)?;
+    let after = check()?;
+    if args.json {
+        let mut v = serde_json::to_value(&after)?;
+        v["before"] = serde_json::to_value(&before)?;
+        v["repair"] = serde_json::to_value(&repaired.summary)?;
+        println!("{v}");
+    } else {
+        println!("before repair:");
+        print_report(&before);
+        println!("repair: {}", summary_line(&repaired.summary));
+        println!("after repair:");
+        print_report(&after);
+    }
+    Ok(after.exit_code() as u8)
+}

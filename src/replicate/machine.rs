@@ -1,0 +1,919 @@
+//! One standby as its primary sees it, as a state machine: the connection and its backoff,
+//! the queue of changes (a [`Batcher`]), the position and the lag, the verify schedule and
+//! the standby's liveness. It does no I/O and reads no clock: like quinn-proto's
+//! `Connection`, it takes time and results as arguments and answers with what to do next
+//! ([`ReplicaMachine::poll`]) and what happened ([`ReplicaMachine::poll_event`]), so every
+//! rule is unit-tested by stepping a clock. The driver in `replica.rs` does the I/O.
+
+use super::batcher::{self, Batch, Batcher, Hint};
+use crate::manifest::Scope;
+use crate::path::RelPath;
+use crate::standby::Position;
+use crate::status::{ReplicaState, Space};
+use crate::summary::Summary;
+use crate::verify::Report;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// The rules one replica follows.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    pub batcher: batcher::Config,
+    /// Verify the whole standby this often (in the background).
+    pub verify_every: Option<Duration>,
+    /// A standby silent this long is gone.
+    pub idle: Duration,
+    /// How often a heartbeat goes out.
+    pub heartbeat: Duration,
+    /// Reconnection delays double from `backoff_min` to `backoff_max`.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            batcher: batcher::Config::default(),
+            verify_every: None,
+            idle: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the driver should do next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Connect and open a session; report [`ReplicaMachine::connected`] or
+    /// [`ReplicaMachine::failed`].
+    Connect,
+    /// Reconcile the whole tree; report [`ReplicaMachine::done`] or `failed`.
+    Reconcile,
+    /// Replicate one batch; report `done` or `failed`.
+    Send(Batch),
+    /// Reconcile these paths by content (what a verify found); report `repaired`.
+    Repair(Vec<(RelPath, Scope)>),
+    /// Start a background verify; report [`ReplicaMachine::verified`] when it ends.
+    StartVerify,
+    /// Close the session (paused or stopping); report [`ReplicaMachine::disconnected`].
+    Disconnect,
+    /// Nothing to do until then (`None`: until something happens).
+    Wait(Option<Instant>),
+    /// Stopped: the driver ends.
+    Stop,
+}
+
+/// Why an action failed, as far as the replica's next step is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection or the standby failed: reconnect with backoff.
+    Link(String),
+    /// The source is not fit to mirror (it emptied: an unmounted disk?): pause until it is.
+    Source(String),
+    /// The standby could not store the changes (its disk is full): keep the connection,
+    /// keep the changes queued, try again with backoff.
+    StandbyFull(String),
+}
+
+/// What happened, for logs, JSON events and alerts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Connected,
+    Disconnected {
+        why: String,
+        retry_in: Duration,
+    },
+    /// A batch (or a full reconcile, with `changes` 0) is durable on the standby.
+    Replicated {
+        summary: Summary,
+        changes: usize,
+        lag: Duration,
+    },
+    /// The standby could not store a batch; it stays queued.
+    Full {
+        why: String,
+        retry_in: Duration,
+    },
+    Paused {
+        why: String,
+    },
+    Verified {
+        report: Report,
+        repaired: usize,
+    },
+    VerifyFailed {
+        why: String,
+    },
+}
+
+/// What the heartbeat thread should do now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tick {
+    /// Send this heartbeat.
+    Beat(Beat),
+    /// The standby has been silent too long: cut the connection, for this reason.
+    Gone(String),
+    /// No connection to beat on.
+    Idle,
+}
+
+/// What the primary tells its standby in a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Beat {
+    /// The last batch durable on the standby.
+    pub position: Position,
+    /// Changes seen and not yet durable there.
+    pub pending: u64,
+    /// How long the oldest of them has waited (`None`: caught up).
+    pub lag: Option<Duration>,
+}
+
+/// What a standby's heartbeat says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heard {
+    pub space: Option<Space>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Conn {
+    /// Not connected; connect at `retry_at`.
+    Down { retry_at: Instant },
+    /// Connected since `since`; `reconciled` once a full reconcile has made it current.
+    Up { reconciled: bool },
+}
+
+/// A batch being carried out.
+#[derive(Debug, Clone)]
+struct InFlight {
+    batch: Option<Batch>,
+    /// When the oldest change it carries was seen.
+    oldest: Option<Instant>,
+    started: Instant,
+    seq: u64,
+}
+
+/// Doubling delays between attempts.
+#[derive(Debug, Clone)]
+struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn take(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// One standby's replication, decisions only.
+#[derive(Debug)]
+pub struct ReplicaMachine {
+    cfg: Config,
+    conn: Conn,
+    /// When `conn` last changed between up and down.
+    conn_since: Instant,
+    batcher: Batcher,
+    backoff: Backoff,
+    in_flight: Option<InFlight>,
+    /// The standby's content is unknown since then (start, or events lost while paused),
+    /// until a full reconcile that began after it succeeds.
+    unsynced_since: Option<Instant>,
+    /// Held back from sending until then (the standby's disk was full).
+    hold_until: Option<Instant>,
+    paused: Option<String>,
+    /// False until the replicator hands over a usable source ([`ReplicaMachine::resume`]).
+    source_ready: bool,
+    stopping: bool,
+    /// Position of the last batch durable on the standby, and the last one numbered.
+    epoch: u64,
+    durable: u64,
+    seq: u64,
+    verify_due: Option<Instant>,
+    verifying: bool,
+    /// A verify's findings waiting for their repair.
+    to_repair: Option<(Report, Vec<RelPath>)>,
+    last_heard: Option<Instant>,
+    standby_space: Option<Space>,
+    /// Why the connection is being cut, when this side decided it (silence): it explains
+    /// the broken stream that follows.
+    cut: Option<String>,
+    ever_connected: bool,
+    events: VecDeque<Event>,
+    // Counters for the status.
+    pub reconnects: u64,
+    pub files_replicated: u64,
+    pub bytes_replicated: u64,
+    pub vanished: u64,
+    pub last_replicated: Option<Instant>,
+    pub last_error: Option<String>,
+    pub last_verify: Option<(Instant, Report, usize, Option<String>)>,
+}
+
+impl ReplicaMachine {
+    /// A replica that starts now, with nothing known about the standby.
+    pub fn new(cfg: Config, now: Instant) -> ReplicaMachine {
+        ReplicaMachine {
+            cfg,
+            conn: Conn::Down { retry_at: now },
+            conn_since: now,
+            batcher: Batcher::new(cfg.batcher),
+            backoff: Backoff {
+                next: cfg.backoff_min,
+                min: cfg.backoff_min,
+                max: cfg.backoff_max,
+            },
+            in_flight: None,
+            unsynced_since: Some(now),
+            hold_until: None,
+            paused: None,
+            source_ready: false,
+            stopping: false,
+            epoch: 1,
+            durable: 0,
+            seq: 0,
+            verify_due: cfg.verify_every.map(|d| now + d),
+            verifying: false,
+            to_repair: None,
+            last_heard: None,
+            standby_space: None,
+            cut: None,
+            ever_connected: false,
+            events: VecDeque::new(),
+            reconnects: 0,
+            files_replicated: 0,
+            bytes_replicated: 0,
+            vanished: 0,
+            last_replicated: None,
+            last_error: None,
+            last_verify: None,
+        }
+    }
+
+    /// A change the watcher saw.
+    pub fn push(&mut self, hint: Hint, now: Instant) {
+        self.batcher.push(hint, now);
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// What to do next.
+    pub fn poll(&mut self, now: Instant) -> Action {
+        // The driver is single-threaded: it asks only once the last action has reported.
+        debug_assert!(
+            self.in_flight.is_none(),
+            "poll while an action is in flight"
+        );
+        let up = matches!(self.conn, Conn::Up { .. });
+        if self.stopping || self.paused.is_some() || !self.source_ready {
+            return match (up, self.stopping) {
+                (true, _) => Action::Disconnect,
+                (false, true) => Action::Stop,
+                (false, false) => Action::Wait(None),
+            };
+        }
+        if let Some(t) = self.hold_until {
+            if up && now < t {
+                return Action::Wait(Some(t));
+            }
+            self.hold_until = None;
+        }
+        match self.conn {
+            Conn::Down { retry_at } if now >= retry_at => Action::Connect,
+            Conn::Down { retry_at } => Action::Wait(Some(retry_at)),
+            Conn::Up { reconciled: false } => {
+                let oldest = [self.batcher.oldest(), self.unsynced_since]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                self.begin(None, oldest, now);
+                Action::Reconcile
+            }
+            Conn::Up { reconciled: true } => {
+                if let Some((_, paths)) = &self.to_repair {
+                    let scopes = paths.iter().map(|p| (p.clone(), Scope::Entry)).collect();
+                    return Action::Repair(scopes);
+                }
+                if !self.verifying && self.verify_due.is_some_and(|t| now >= t) {
+                    self.verifying = true;
+                    return Action::StartVerify;
+                }
+                match self.batcher.poll(now) {
+                    Some(batch) => {
+                        let oldest = batch.oldest;
+                        self.begin(Some(batch.clone()), oldest, now);
+                        Action::Send(batch)
+                    }
+                    None => {
+                        let verify = (!self.verifying).then_some(self.verify_due).flatten();
+                        Action::Wait(self.earliest([self.batcher.next_deadline(), verify]))
+                    }
+                }
+            }
+        }
+    }
+
+    fn earliest<const N: usize>(&self, ts: [Option<Instant>; N]) -> Option<Instant> {
+        ts.into_iter().flatten().min()
+    }
+
+    fn begin(&mut self, batch: Option<Batch>, oldest: Option<Instant>, now: Instant) {
+        self.seq += 1;
+        self.in_flight = Some(InFlight {
+            batch,
+            oldest,
+            started: now,
+            seq: self.seq,
+        });
+    }
+
+    /// The connection and session are up.
+    pub fn connected(&mut self, now: Instant) {
+        if self.ever_connected {
+            self.reconnects += 1;
+        }
+        self.ever_connected = true;
+        self.conn = Conn::Up { reconciled: false };
+        self.conn_since = now;
+        self.last_heard = Some(now);
+        self.cut = None;
+        self.events.push_back(Event::Connected);
+    }
+
+    /// The standby's last durable position, as it told us when the session opened: the
+    /// sequence goes on from there.
+    pub fn resume_from(&mut self, pos: Position) {
+        if pos.epoch == self.epoch && pos.seq > self.seq {
+            self.seq = pos.seq;
+            self.durable = pos.seq;
+        }
+    }
+
+    /// The last action succeeded: a batch or a reconcile is durable on the standby.
+    pub fn done(&mut self, summary: Summary, now: Instant) {
+        let Some(f) = self.in_flight.take() else {
+            return;
+        };
+        self.durable = f.seq;
+        self.files_replicated += summary.files_transferred;
+        self.bytes_replicated += summary.bytes_literal + summary.bytes_matched;
+        self.vanished += summary.vanished;
+        self.last_replicated = Some(now);
+        let full = f.batch.as_ref().is_none_or(|b| b.full);
+        let changes = f.batch.as_ref().map_or(0, |b| b.len());
+        if full {
+            // Everything seen before it started is on the standby now.
+            self.batcher.forget_before(f.started);
+            if self.unsynced_since.is_some_and(|t| t <= f.started) {
+                self.unsynced_since = None;
+            }
+        }
+        if f.batch.is_none() {
+            self.conn = Conn::Up { reconciled: true };
+            self.backoff.reset();
+            self.last_error = None;
+        }
+        let lag = if f.batch.is_none() {
+            Duration::ZERO
+        } else {
+            now.saturating_duration_since(f.oldest.unwrap_or(f.started))
+        };
+        self.events.push_back(Event::Replicated {
+            summary,
+            changes,
+            lag,
+        });
+    }
+
+    /// The last action (connect, reconcile, batch) failed. A batch goes back in the queue,
+    /// still dated from its oldest change.
+    pub fn failed(&mut self, failure: Failure, now: Instant) {
+        if let Some(f) = self.in_flight.take()
+            && let Some(b) = f.batch
+        {
+            self.batcher.requeue(b, now);
+        }
+        match failure {
+            Failure::Link(why) => {
+                let why = self.cut.take().unwrap_or(why);
+                self.down(why, now);
+            }
+            Failure::Source(why) => self.pause(why),
+            Failure::StandbyFull(why) => {
+                let d = self.backoff.take();
+                self.hold_until = Some(now + d);
+                self.last_error = Some(why.clone());
+                // A full reconcile that failed is still owed.
+                self.events.push_back(Event::Full { why, retry_in: d });
+            }
+        }
+    }
+
+    fn down(&mut self, why: String, now: Instant) {
+        let d = self.backoff.take();
+        if matches!(self.conn, Conn::Up { .. }) {
+            self.conn_since = now;
+        }
+        self.conn = Conn::Down { retry_at: now + d };
+        self.last_heard = None;
+        self.hold_until = None;
+        self.last_error = Some(why.clone());
+        self.events
+            .push_back(Event::Disconnected { why, retry_in: d });
+    }
+
+    /// The session was closed as asked ([`Action::Disconnect`]).
+    pub fn disconnected(&mut self, now: Instant) {
+        if matches!(self.conn, Conn::Up { .. }) {
+            self.conn_since = now;
+        }
+        self.conn = Conn::Down { retry_at: now };
+        self.last_heard = None;
+    }
+
+    /// Stops replicating for a reason someone must look at (the source is unusable); the
+    /// session is closed. Nothing is deleted on the standby meanwhile.
+    pub fn pause(&mut self, why: String) {
+        if self.paused.as_deref() != Some(why.as_str()) {
+            self.events.push_back(Event::Paused { why: why.clone() });
+        }
+        self.last_error = Some(why.clone());
+        self.paused = Some(why);
+    }
+
+    /// The source is usable again (a new watcher runs since `now`): reconnect, and
+    /// reconcile everything, since changes made while paused may not have been seen.
+    pub fn resume(&mut self, now: Instant, paused_since: Instant) {
+        self.source_ready = true;
+        if self.paused.take().is_some() || matches!(self.conn, Conn::Down { .. }) {
+            self.unsynced_since = Some(
+                self.unsynced_since
+                    .map_or(paused_since, |t| t.min(paused_since)),
+            );
+        }
+        if let Conn::Down { retry_at } = &mut self.conn {
+            *retry_at = (*retry_at).min(now);
+        } else {
+            self.conn = Conn::Up { reconciled: false };
+        }
+        self.backoff.reset();
+    }
+
+    /// Whether replication is paused, and why.
+    pub fn paused(&self) -> Option<&str> {
+        self.paused.as_deref()
+    }
+
+    /// Ends the replica: the session is closed, then [`Action::Stop`].
+    pub fn stop(&mut self) {
+        self.stopping = true;
+    }
+
+    /// A repair asked for by [`Action::Repair`] ended.
+    pub fn repaired(&mut self, result: Result<usize, Failure>, now: Instant) {
+        let Some((report, _)) = self.to_repair.take() else {
+            return;
+        };
+        match result {
+            Ok(n) => {
+                self.last_verify = Some((now, report.clone(), n, None));
+                self.events.push_back(Event::Verified {
+                    report,
+                    repaired: n,
+                });
+            }
+            Err(f) => {
+                let why = match &f {
+                    Failure::Link(w) | Failure::Source(w) | Failure::StandbyFull(w) => w.clone(),
+                };
+                self.last_verify = Some((now, report, 0, Some(why.clone())));
+                self.events.push_back(Event::VerifyFailed {
+                    why: format!("repair failed: {why}"),
+                });
+                self.failed(f, now);
+            }
+        }
+    }
+
+    /// A background verify ended. Paths with a change still queued are left out of its
+    /// report (they are not false alarms to report: they are on their way); the rest are
+    /// repaired.
+    pub fn verified(&mut self, result: Result<Report, String>, now: Instant) {
+        self.verifying = false;
+        self.verify_due = self.cfg.verify_every.map(|d| now + d);
+        match result {
+            Ok(report) => {
+                let report = report.without(|p| self.batcher.pending(p));
+                let diffs = report.differing();
+                if diffs.is_empty() {
+                    self.last_verify = Some((now, report.clone(), 0, None));
+                    self.events.push_back(Event::Verified {
+                        report,
+                        repaired: 0,
+                    });
+                } else {
+                    self.to_repair = Some((report, diffs));
+                }
+            }
+            Err(why) => {
+                self.events
+                    .push_back(Event::VerifyFailed { why: why.clone() });
+                if let Some((at, r, n, _)) = self.last_verify.take() {
+                    self.last_verify = Some((at, r, n, Some(why)));
+                }
+            }
+        }
+    }
+
+    /// A heartbeat arrived from the standby.
+    pub fn heard(&mut self, heard: Heard, now: Instant) {
+        if matches!(self.conn, Conn::Up { .. }) {
+            self.last_heard = Some(now);
+            if heard.space.is_some() {
+                self.standby_space = heard.space;
+            }
+        }
+    }
+
+    /// What the heartbeat thread does at `now`: beat, or give the standby up after `idle`
+    /// of silence.
+    pub fn tick(&mut self, now: Instant) -> Tick {
+        let Some(heard) = self.last_heard else {
+            return Tick::Idle;
+        };
+        let silent = now.saturating_duration_since(heard);
+        if silent > self.cfg.idle {
+            let why = format!(
+                "the standby has been silent for {:.0} s (no heartbeat): giving it up",
+                silent.as_secs_f64()
+            );
+            self.cut = Some(why.clone());
+            self.last_heard = None;
+            return Tick::Gone(why);
+        }
+        Tick::Beat(self.beat(now))
+    }
+
+    /// This side's heartbeat.
+    pub fn beat(&self, now: Instant) -> Beat {
+        Beat {
+            position: self.position(),
+            pending: self.pending() as u64,
+            lag: self
+                .oldest_pending()
+                .map(|t| now.saturating_duration_since(t)),
+        }
+    }
+
+    /// The last batch durable on the standby.
+    pub fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch,
+            seq: self.durable,
+        }
+    }
+
+    /// When the oldest change not yet durable on the standby was seen.
+    fn oldest_pending(&self) -> Option<Instant> {
+        let in_flight = self.in_flight.as_ref().and_then(|f| f.oldest);
+        [self.batcher.oldest(), in_flight, self.unsynced_since]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Replication lag: how old the oldest change not yet durable on the standby is (what
+    /// a failover at `now` would lose); zero when caught up.
+    pub fn lag(&self, now: Instant) -> Duration {
+        self.oldest_pending()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
+
+    /// Changes seen and not yet durable on the standby.
+    pub fn pending(&self) -> usize {
+        let in_flight = self
+            .in_flight
+            .as_ref()
+            .and_then(|f| f.batch.as_ref())
+            .map_or(0, |b| b.len());
+        self.batcher.queued() + in_flight
+    }
+
+    /// Whether a change to `path` waits (for a background verify's report).
+    pub fn change_pending(&self, path: &RelPath) -> bool {
+        self.batcher.pending(path)
+    }
+
+    pub fn state(&self) -> ReplicaState {
+        if self.stopping {
+            return ReplicaState::Stopped;
+        }
+        if self.paused.is_some() {
+            return ReplicaState::Paused;
+        }
+        match self.conn {
+            Conn::Down { .. } => ReplicaState::Connecting,
+            Conn::Up { reconciled: false } => ReplicaState::Reconciling,
+            Conn::Up { reconciled: true } => ReplicaState::Streaming,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        matches!(self.conn, Conn::Up { .. })
+    }
+
+    /// Since when the connection has been up (or down).
+    pub fn conn_since(&self) -> Instant {
+        self.conn_since
+    }
+
+    pub fn last_heard(&self) -> Option<Instant> {
+        self.last_heard
+    }
+
+    pub fn standby_space(&self) -> Option<Space> {
+        self.standby_space
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+    fn machine(t0: Instant) -> ReplicaMachine {
+        ReplicaMachine::new(Config::default(), t0)
+    }
+    fn events(m: &mut ReplicaMachine) -> Vec<Event> {
+        std::iter::from_fn(|| m.poll_event()).collect()
+    }
+    /// Connects and completes the first full reconcile at `t`.
+    fn streaming(m: &mut ReplicaMachine, t: Instant) {
+        m.resume(t, t);
+        assert_eq!(m.poll(t), Action::Connect);
+        m.connected(t);
+        assert_eq!(m.poll(t), Action::Reconcile);
+        m.done(Summary::default(), t);
+        assert_eq!(m.state(), ReplicaState::Streaming);
+    }
+
+    #[test]
+    fn connect_reconcile_then_stream_batches() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        assert_eq!(m.state(), ReplicaState::Connecting);
+        // Nothing is known about the standby yet: the lag runs from the start.
+        assert_eq!(m.lag(t0 + ms(500)), ms(500));
+        streaming(&mut m, t0 + ms(500));
+        assert_eq!(m.lag(t0 + ms(600)), Duration::ZERO);
+        assert_eq!(m.position().seq, 1);
+        m.push(Hint::Written(p("a")), t0 + ms(700));
+        assert_eq!(m.lag(t0 + ms(710)), ms(10));
+        let Action::Send(b) = m.poll(t0 + ms(710)) else {
+            panic!()
+        };
+        assert_eq!(b.paths, vec![(p("a"), Scope::Entry)]);
+        // In flight, the change still counts as pending.
+        assert_eq!((m.pending(), m.lag(t0 + ms(712))), (1, ms(12)));
+        m.done(
+            Summary {
+                files_transferred: 1,
+                bytes_literal: 4096,
+                ..Summary::default()
+            },
+            t0 + ms(713),
+        );
+        assert_eq!(m.lag(t0 + ms(713)), Duration::ZERO);
+        assert_eq!(m.position().seq, 2);
+        assert_eq!((m.files_replicated, m.bytes_replicated), (1, 4096));
+        let ev = events(&mut m);
+        assert!(matches!(ev[0], Event::Connected));
+        assert!(
+            matches!(ev.last(), Some(Event::Replicated { changes: 1, lag, .. }) if *lag == ms(13))
+        );
+        assert_eq!(m.poll(t0 + ms(714)), Action::Wait(None));
+    }
+
+    #[test]
+    fn failures_back_off_doubling_and_reset_after_a_reconcile() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        assert_eq!(m.poll(t0), Action::Wait(None), "no source yet");
+        m.resume(t0, t0);
+        let mut t = t0;
+        let mut delays = Vec::new();
+        for _ in 0..9 {
+            assert_eq!(m.poll(t), Action::Connect);
+            m.failed(Failure::Link("unreachable".into()), t);
+            let Some(Event::Disconnected { retry_in, .. }) = m.poll_event() else {
+                panic!()
+            };
+            delays.push(retry_in.as_millis());
+            // Not before the delay.
+            assert_eq!(
+                m.poll(t + retry_in - ms(1)),
+                Action::Wait(Some(t + retry_in))
+            );
+            t += retry_in;
+        }
+        assert_eq!(
+            delays,
+            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]
+        );
+        assert_eq!(m.last_error.as_deref(), Some("unreachable"));
+        streaming(&mut m, t);
+        assert_eq!(m.reconnects, 0, "the first connection is not a reconnect");
+        assert!(m.last_error.is_none());
+        // A broken batch: requeued, dated from its change, reconnect after the reset delay.
+        m.push(Hint::Written(p("x")), t);
+        assert!(matches!(m.poll(t), Action::Send(_)));
+        m.failed(Failure::Link("connection lost".into()), t + ms(5));
+        assert_eq!(m.state(), ReplicaState::Connecting);
+        assert_eq!((m.pending(), m.lag(t + ms(50))), (1, ms(50)));
+        assert_eq!(m.poll(t + ms(105)), Action::Connect);
+        m.connected(t + ms(105));
+        assert_eq!(m.reconnects, 1);
+        // The reconnect's full reconcile covers the requeued change.
+        assert_eq!(m.poll(t + ms(105)), Action::Reconcile);
+        m.done(Summary::default(), t + ms(110));
+        assert_eq!((m.pending(), m.lag(t + ms(110))), (0, Duration::ZERO));
+    }
+
+    #[test]
+    fn a_silent_standby_is_given_up_after_the_idle_limit() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        assert_eq!(m.tick(t0), Tick::Idle, "no connection, no heartbeat");
+        streaming(&mut m, t0);
+        assert!(matches!(m.tick(t0 + ms(1000)), Tick::Beat(_)));
+        m.heard(Heard { space: None }, t0 + ms(5000));
+        assert!(matches!(m.tick(t0 + ms(15_000)), Tick::Beat(_)));
+        let Tick::Gone(why) = m.tick(t0 + ms(15_001)) else {
+            panic!()
+        };
+        assert!(why.contains("silent for 10 s"), "{why}");
+        // The broken stream that follows is explained by the silence.
+        m.failed(
+            Failure::Link("connection lost: closed".into()),
+            t0 + ms(15_002),
+        );
+        assert!(matches!(
+            m.poll_event().into_iter().chain(events(&mut m)).last(),
+            Some(Event::Disconnected { why, .. }) if why.contains("silent")
+        ));
+        assert_eq!(m.tick(t0 + ms(15_003)), Tick::Idle);
+    }
+
+    #[test]
+    fn heartbeats_carry_position_pending_and_lag() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        m.push(Hint::Modified(p("log")), t0 + ms(100));
+        let Tick::Beat(b) = m.tick(t0 + ms(400)) else {
+            panic!()
+        };
+        assert_eq!(b.position, Position { epoch: 1, seq: 1 });
+        assert_eq!((b.pending, b.lag), (1, Some(ms(300))));
+        m.heard(
+            Heard {
+                space: Some(Space {
+                    free_bytes: 7,
+                    ..Space::default()
+                }),
+            },
+            t0 + ms(401),
+        );
+        assert_eq!(m.standby_space().unwrap().free_bytes, 7);
+        // A standby that restarted from a later position: numbering goes on from there.
+        m.resume_from(Position { epoch: 1, seq: 40 });
+        assert_eq!(m.position().seq, 40);
+    }
+
+    #[test]
+    fn pause_closes_the_session_and_resume_reconciles_everything() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        m.pause("SRC is gone".into());
+        m.pause("SRC is gone".into());
+        assert_eq!(m.state(), ReplicaState::Paused);
+        assert_eq!(m.poll(t0 + ms(1)), Action::Disconnect);
+        m.disconnected(t0 + ms(1));
+        assert_eq!(m.poll(t0 + ms(2)), Action::Wait(None));
+        let paused: Vec<_> = events(&mut m)
+            .into_iter()
+            .filter(|e| matches!(e, Event::Paused { .. }))
+            .collect();
+        assert_eq!(paused.len(), 1, "one event per reason");
+        // Changes made while paused may have been missed: the lag runs from the pause.
+        m.resume(t0 + ms(3000), t0 + ms(1));
+        assert_eq!(m.lag(t0 + ms(3000)), ms(2999));
+        assert_eq!(m.poll(t0 + ms(3000)), Action::Connect);
+        m.connected(t0 + ms(3000));
+        assert_eq!(m.poll(t0 + ms(3000)), Action::Reconcile);
+        m.done(Summary::default(), t0 + ms(3100));
+        assert_eq!(m.lag(t0 + ms(3100)), Duration::ZERO);
+        // An emptied source refuses a batch: paused, the batch kept.
+        m.push(Hint::Removed(p("all")), t0 + ms(3200));
+        assert!(matches!(m.poll(t0 + ms(3200)), Action::Send(_)));
+        m.failed(Failure::Source("SRC is empty".into()), t0 + ms(3201));
+        assert_eq!(m.paused(), Some("SRC is empty"));
+        assert_eq!(m.pending(), 1);
+    }
+
+    #[test]
+    fn a_full_standby_holds_batches_back_without_dropping_the_connection() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        m.push(Hint::Written(p("big")), t0 + ms(10));
+        assert!(matches!(m.poll(t0 + ms(10)), Action::Send(_)));
+        m.failed(Failure::StandbyFull("no space".into()), t0 + ms(20));
+        assert_eq!(m.state(), ReplicaState::Streaming);
+        assert!(
+            matches!(events(&mut m).last(), Some(Event::Full { retry_in, .. }) if *retry_in == ms(100))
+        );
+        assert_eq!(m.poll(t0 + ms(50)), Action::Wait(Some(t0 + ms(120))));
+        let Action::Send(again) = m.poll(t0 + ms(120)) else {
+            panic!()
+        };
+        assert_eq!(again.oldest, Some(t0 + ms(10)));
+        m.failed(Failure::StandbyFull("no space".into()), t0 + ms(130));
+        assert_eq!(m.poll(t0 + ms(200)), Action::Wait(Some(t0 + ms(330))));
+        assert_eq!(m.lag(t0 + ms(330)), ms(320));
+        assert!(matches!(m.poll(t0 + ms(330)), Action::Send(_)));
+        m.done(Summary::default(), t0 + ms(340));
+        assert_eq!(m.lag(t0 + ms(340)), Duration::ZERO);
+    }
+
+    #[test]
+    fn verify_on_schedule_leaves_out_pending_paths_and_repairs_the_rest() {
+        let t0 = Instant::now();
+        let cfg = Config {
+            verify_every: Some(Duration::from_secs(60)),
+            ..Config::default()
+        };
+        let mut m = ReplicaMachine::new(cfg, t0);
+        streaming(&mut m, t0);
+        assert_eq!(
+            m.poll(t0 + ms(1)),
+            Action::Wait(Some(t0 + Duration::from_secs(60)))
+        );
+        let t = t0 + Duration::from_secs(60);
+        assert_eq!(m.poll(t), Action::StartVerify);
+        m.push(Hint::Modified(p("busy")), t);
+        let report = Report {
+            content_differs: vec!["busy".into(), "rotten".into()],
+            ..Report::default()
+        };
+        m.verified(Ok(report), t + ms(10));
+        assert_eq!(
+            m.poll(t + ms(10)),
+            Action::Repair(vec![(p("rotten"), Scope::Entry)])
+        );
+        m.repaired(Ok(1), t + ms(20));
+        let v = events(&mut m)
+            .into_iter()
+            .find_map(|e| match e {
+                Event::Verified { report, repaired } => Some((report, repaired)),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(v.0.content_differs, ["rotten"]);
+        assert_eq!(v.1, 1);
+        assert!(m.last_verify.is_some());
+        // The next one is due a period after this one ended.
+        assert!(matches!(
+            m.poll(t + ms(100)),
+            Action::Send(_) | Action::Wait(_)
+        ));
+    }
+
+    #[test]
+    fn stopping_closes_the_session_first() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        m.stop();
+        assert_eq!(m.poll(t0), Action::Disconnect);
+        m.disconnected(t0);
+        assert_eq!(m.poll(t0), Action::Stop);
+        assert_eq!(m.state(), ReplicaState::Stopped);
+    }
+}

@@ -1,0 +1,330 @@
+//! `hotsync watch`: reconcile once, then replicate every change within milliseconds, over
+//! one long-lived connection per standby, through restarts, bursts, renames and network
+//! loss.
+//!
+//! The [`Watch`] (the replicator) watches the source once and feeds every [`Replica`]: the
+//! watcher's events are hints ([`batcher`]); each replica's batches re-examine the paths
+//! they name on both sides, so a lost or odd event costs a re-scan, never a wrong copy.
+//! Each replica is a pure state machine ([`machine`]) run by its own thread: when its
+//! standby goes away, changes keep queueing (bounded), the connection is retried with
+//! backoff, and a full reconcile runs on return. A source root that disappears, is replaced
+//! (an unmounted disk) or empties pauses replication: nothing is ever deleted on the
+//! standby because of it.
+
+pub mod batcher;
+pub mod machine;
+pub mod replica;
+pub mod watcher;
+
+use crate::error::Error;
+use crate::fsroot::Root;
+use crate::link::{Connector, Target};
+use crate::sender::SyncOptions;
+use crate::standby::{Access, Role};
+use crate::status::{Instance, Thresholds};
+pub use machine::Event;
+use replica::{Replica, VerifyPlan};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant, SystemTime};
+
+#[derive(Clone)]
+pub struct WatchOptions {
+    pub sync: SyncOptions,
+    pub batcher: batcher::Config,
+    /// How often everything is re-scanned when the inotify watch limit leaves parts of the
+    /// tree unwatched.
+    pub fallback_rescan: Duration,
+    /// Run a full verify this often, in the background, and repair what it finds.
+    pub verify_every: Option<Duration>,
+    /// Bytes per second the background verify may read on each side.
+    pub verify_rate: u64,
+    /// The thresholds `status` judges by (and alerts fire on).
+    pub thresholds: Thresholds,
+}
+
+/// Hears what a watch does: for logs, JSON lines, alerts, or a test.
+pub trait Observer: Sync {
+    /// Something happened to the replication to `standby`.
+    fn event(&self, _standby: &str, _event: &Event) {}
+}
+
+/// How often the replicator wakes when nothing happens.
+const TICK: Duration = Duration::from_millis(250);
+/// How long a batch in flight may run on after a shutdown request before it is abandoned.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1200);
+
+/// The source root's identity, to notice it being unmounted or replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SourceId {
+    dev: u64,
+    ino: u64,
+}
+
+/// Opens the source root if it is usable: a directory with something in it.
+fn usable_source(src: &Path) -> Result<(Arc<Root>, SourceId), String> {
+    let shown = src.display();
+    let root = crate::check::open_source(src).map_err(|e| e.to_string())?;
+    let empty = root
+        .is_empty()
+        .map_err(|e| format!("cannot list SRC {shown}: {e}"))?;
+    if empty {
+        return Err(format!(
+            "SRC {shown} is empty (is a disk not mounted?): replication paused, nothing is deleted on the standby"
+        ));
+    }
+    let st = rustix::fs::fstat(root.fd()).map_err(|e| format!("cannot stat SRC {shown}: {e}"))?;
+    Ok((
+        Arc::new(root),
+        SourceId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        },
+    ))
+}
+
+/// Why the source root is no longer the one being watched, if it is not.
+fn source_moved(src: &Path, id: SourceId) -> Option<String> {
+    match std::fs::metadata(src) {
+        Ok(md) if (md.dev(), md.ino()) == (id.dev, id.ino) => None,
+        Ok(_) => Some(format!(
+            "SRC {} was replaced (unmounted or remounted?)",
+            src.display()
+        )),
+        Err(e) => Some(format!("SRC {} is gone ({e})", src.display())),
+    }
+}
+
+/// A running watch of one source and its replicas.
+pub struct Watch {
+    src: PathBuf,
+    opts: WatchOptions,
+    replicas: Vec<Arc<Replica>>,
+    started: Instant,
+    started_at: SystemTime,
+}
+
+impl Watch {
+    /// Sets up a watch of `src` towards `targets`: checks the source and every local DEST
+    /// (a local DEST is locked for the life of the watch).
+    ///
+    /// # Errors
+    /// [`Error::Usage`] for a bad SRC or DEST.
+    pub fn new(src: &Path, targets: Vec<Target>, opts: WatchOptions) -> Result<Watch, Error> {
+        crate::fsroot::raise_fd_limit();
+        let now = Instant::now();
+        let mut sync = opts.sync.clone();
+        sync.on_mass_delete = crate::guard::MassDelete::SkipDeletes;
+        let mut replicas = Vec::new();
+        for target in targets {
+            if let Target::Local(dest) = &target {
+                crate::check::open_source(src)?;
+                crate::check::prepare_local_dest(src, dest, true)?;
+            }
+            let name = target.describe();
+            let connector = Arc::new(Connector::new(target, Access::Write)?);
+            let cfg = machine::Config {
+                batcher: opts.batcher,
+                verify_every: opts.verify_every,
+                ..machine::Config::default()
+            };
+            replicas.push(Arc::new(Replica::new(
+                name,
+                src.to_path_buf(),
+                connector,
+                sync.clone(),
+                VerifyPlan {
+                    excludes: opts.sync.excludes.clone(),
+                    rate: opts.verify_rate,
+                },
+                machine::ReplicaMachine::new(cfg, now),
+            )));
+        }
+        Ok(Watch {
+            src: src.to_path_buf(),
+            opts,
+            replicas,
+            started: now,
+            started_at: SystemTime::now(),
+        })
+    }
+
+    /// A snapshot of this watch and its replicas.
+    pub fn status(&self) -> Instance {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let tree = std::fs::canonicalize(&self.src).unwrap_or_else(|_| self.src.clone());
+        let mut i = Instance {
+            pid: std::process::id(),
+            command: "watch".into(),
+            role: Role::Primary,
+            tree: tree.display().to_string(),
+            node_id: None,
+            listen: None,
+            started_at: crate::clock::rfc3339(self.started_at),
+            uptime_seconds: now.duration_since(self.started).as_secs_f64(),
+            protocol: crate::protocol::VERSION,
+            epoch: 1,
+            health: crate::status::Health {
+                state: crate::status::HealthState::Healthy,
+                reasons: vec![],
+            },
+            thresholds: self.opts.thresholds,
+            replicas: self.replicas.iter().map(|r| r.status(now, wall)).collect(),
+            primaries: vec![],
+            space: None,
+            alerts: vec![],
+        };
+        i.assess();
+        i
+    }
+
+    /// Watches and replicates until `shutdown` is set. Returns `Ok` on a clean shutdown;
+    /// an error only for problems that retrying cannot fix.
+    pub fn run(&self, shutdown: &AtomicBool, obs: &dyn Observer) -> Result<(), Error> {
+        let fatal = AtomicBool::new(false);
+        let finished = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let (fatal, finished) = (&fatal, &finished);
+            let drivers: Vec<_> = self
+                .replicas
+                .iter()
+                .map(|r| {
+                    s.spawn(move || {
+                        let result = r.run(obs);
+                        if result.is_err() {
+                            fatal.store(true, Ordering::Relaxed);
+                        }
+                        result
+                    })
+                })
+                .collect();
+            // Abandons a batch still running well after a shutdown request.
+            s.spawn(|| {
+                while !finished.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if shutdown.load(Ordering::Relaxed) {
+                        for r in &self.replicas {
+                            r.abort_if_busy(SHUTDOWN_GRACE);
+                        }
+                    }
+                }
+            });
+            let pumped = self.pump(shutdown, fatal);
+            for r in &self.replicas {
+                r.stop();
+            }
+            let mut result = pumped;
+            for d in drivers {
+                let r = d.join().expect("replica thread panicked");
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            finished.store(true, Ordering::Relaxed);
+            result
+        })
+    }
+
+    /// The replicator: keeps the source healthy and watched, and feeds every replica, until
+    /// `shutdown`, or until a replica has failed for good (`fatal`: a bad DEST).
+    fn pump(&self, shutdown: &AtomicBool, fatal: &AtomicBool) -> Result<(), Error> {
+        let stop = || shutdown.load(Ordering::Relaxed) || fatal.load(Ordering::Relaxed);
+        let mut paused: Option<(String, Instant)> = None;
+        let pause = |why: String, paused: &mut Option<(String, Instant)>| {
+            if paused.as_ref().map(|p| p.0.as_str()) != Some(why.as_str()) {
+                for r in &self.replicas {
+                    r.pause(&why);
+                }
+            }
+            let since = paused.as_ref().map_or_else(Instant::now, |p| p.1);
+            *paused = Some((why, since));
+        };
+        let nap = |d: Duration| {
+            let end = Instant::now() + d;
+            while !stop() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        'outer: loop {
+            if stop() {
+                return Ok(());
+            }
+            let (root, id) = match usable_source(&self.src) {
+                Ok(x) => x,
+                Err(why) => {
+                    pause(why, &mut paused);
+                    nap(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            // Watch before reconciling, so nothing that changes meanwhile is missed.
+            let watcher = match watcher::start(&self.src) {
+                Ok(w) => w,
+                Err(e) => {
+                    pause(e.to_string(), &mut paused);
+                    nap(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            let since = paused.take().map_or(now, |p| p.1);
+            for r in &self.replicas {
+                r.resume(root.clone(), now, since);
+            }
+            let mut last_rescan = Instant::now();
+            loop {
+                if stop() {
+                    return Ok(());
+                }
+                match watcher.hints.recv_timeout(TICK) {
+                    Ok(h) => {
+                        // Everything that came together goes in together: a rename's
+                        // MovedFrom must not leave as a delete before its Renamed arrives.
+                        let mut hints = vec![h];
+                        hints.extend(watcher.hints.try_iter());
+                        self.push(hints, Instant::now());
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        pause("the watcher stopped".into(), &mut paused);
+                        continue 'outer;
+                    }
+                }
+                if watcher.overflowed.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "the watcher lost events (queue overflow): re-scanning everything"
+                    );
+                    self.push(vec![batcher::Hint::RescanAll], Instant::now());
+                }
+                if watcher.limited.load(Ordering::Relaxed)
+                    && last_rescan.elapsed() >= self.opts.fallback_rescan
+                {
+                    last_rescan = Instant::now();
+                    self.push(vec![batcher::Hint::RescanAll], last_rescan);
+                }
+                if let Some(why) = source_moved(&self.src, id) {
+                    pause(why, &mut paused);
+                    continue 'outer;
+                }
+                if let Some(why) = self.replicas.iter().find_map(|r| r.source_refused()) {
+                    // Only an emptied source refuses a batch: wait for it to come back.
+                    pause(why, &mut paused);
+                    nap(Duration::from_secs(1));
+                    continue 'outer;
+                }
+            }
+        }
+    }
+
+    fn push(&self, hints: Vec<batcher::Hint>, now: Instant) {
+        if let Some((last, rest)) = self.replicas.split_last() {
+            for r in rest {
+                r.push(hints.clone(), now);
+            }
+            last.push(hints, now);
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The driver of one [`ReplicaMachine`]: a thread that carries out its actions (connect,
+//! reconcile, send a batch, verify, repair) and reports the results back, plus what the
+//! rest of the process needs from it (hints in, status and heartbeats out).
+
+use super::Observer;
+use super::batcher::Hint;
+use super::machine::{Action, Beat, Failure, Heard, ReplicaMachine, Tick};
+use crate::error::Error;
+use crate::fsroot::Root;
+use crate::link::Connector;
+use crate::progress::Silent;
+use crate::sender::{Session, SyncOptions};
+use crate::status::{ReplicaStatus, VerifyStatus};
+use crate::transport::Connection;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long the driver sleeps at most when told to wait for nothing in particular (so a
+/// lost wake-up costs this much, never a hang).
+const IDLE_WAKE: Duration = Duration::from_millis(500);
+
+/// Background verify settings.
+#[derive(Debug, Clone)]
+pub struct VerifyPlan {
+    pub excludes: Vec<String>,
+    /// Bytes per second each side may read.
+    pub rate: u64,
+}
+
+/// The connection in use, and since when the action on it has been running (for the
+/// shutdown watchdog).
+struct Current {
+    conn: Arc<dyn Connection>,
+    busy_since: Option<Instant>,
+}
+
+/// One standby: its machine, its connector, and the session the driver holds.
+pub struct Replica {
+    /// The standby as named on the command line.
+    pub name: String,
+    src: PathBuf,
+    connector: Arc<Connector>,
+    sync_opts: SyncOptions,
+    verify: VerifyPlan,
+    machine: Mutex<ReplicaMachine>,
+    wake: Condvar,
+    /// The source root to read; replaced when the source comes back after a pause.
+    root: Mutex<Option<Arc<Root>>>,
+    current: Mutex<Option<Current>>,
+    /// Why the source refused a batch, for the replicator to pause everything.
+    source_refused: Mutex<Option<String>>,
+    /// Protocol bytes of the sessions that ended, and the current session's version.
+    wire: Mutex<(u64, Option<u16>)>,
+}
+
+impl Replica {
+    pub fn new(
+        name: String,
+        src: PathBuf,
+        connector: Arc<Connector>,
+        sync_opts: SyncOptions,
+        verify: VerifyPlan,
+        machine: ReplicaMachine,
+    ) -> Replica {
+        Replica {
+            name,
+            src,
+            connector,
+            sync_opts,
+            verify,
+            machine: Mutex::new(machine),
+            wake: Condvar::new(),
+            root: Mutex::new(None),
+            current: Mutex::new(None),
+            source_refused: Mutex::new(None),
+            wire: Mutex::new((0, None)),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut ReplicaMachine) -> T) -> T {
+        let r = f(&mut self.machine.lock().unwrap());
+        self.wake.notify_all();
+        r
+    }
+
+    /// Changes the watcher saw, all at once.
+    pub fn push(&self, hints: Vec<Hint>, now: Instant) {
+        self.with(|m| hints.into_iter().for_each(|h| m.push(h, now)));
+    }
+
+    /// Pauses replication (the source is unusable).
+    pub fn pause(&self, why: &str) {
+        self.with(|m| m.pause(why.to_string()));
+    }
+
+    /// Resumes with the source `root`, watched since `now`; changes since `paused_since`
+    /// may have been missed.
+    pub fn resume(&self, root: Arc<Root>, now: Instant, paused_since: Instant) {
+        *self.root.lock().unwrap() = Some(root);
+        *self.source_refused.lock().unwrap() = None;
+        self.with(|m| m.resume(now, paused_since));
+    }
+
+    pub fn stop(&self) {
+        self.with(|m| m.stop());
+    }
+
+    /// Why the source refused a batch since the last resume (an emptied source).
+    pub fn source_refused(&self) -> Option<String> {
+        self.source_refused.lock().unwrap().clone()
+    }
+
+    /// Aborts the connection if an action has run on it longer than `grace` (shutdown).
+    pub fn abort_if_busy(&self, grace: Duration) {
+        if let Some(Current {
+            conn,
+            busy_since: Some(since),
+        }) = &*self.current.lock().unwrap()
+            && since.elapsed() > grace
+        {
+            conn.abort("primary shutting down");
+        }
+    }
+
+    /// The heartbeat's view: what to send, or that the standby is gone.
+    pub fn tick(&self, now: Instant) -> Tick {
+        self.machine.lock().unwrap().tick(now)
+    }
+
+    pub fn beat(&self, now: Instant) -> Beat {
+        self.machine.lock().unwrap().beat(now)
+    }
+
+    pub fn heard(&self, heard: Heard, now: Instant) {
+        self.machine.lock().unwrap().heard(heard, now);
+    }
+
+    /// A snapshot for `status`, metrics and the status line.
+    pub fn status(&self, now: Instant, wall: SystemTime) -> ReplicaStatus {
+        let m = self.machine.lock().unwrap();
+        let at = |t: Instant| crate::clock::rfc3339(wall - now.saturating_duration_since(t));
+        let since = m.conn_since();
+        let (ended_wire, protocol) = *self.wire.lock().unwrap();
+        let live_wire = self
+            .current
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map_or(0, |c| c.conn.wire_bytes());
+        ReplicaStatus {
+            standby: self.name.clone(),
+            server_id: self.connector.target().server_id().map(|id| id.to_string()),
+            state: m.state(),
+            connected: m.is_connected(),
+            since: at(since),
+            since_seconds: now.saturating_duration_since(since).as_secs_f64(),
+            last_heartbeat_age_seconds: m
+                .last_heard()
+                .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+            lag_seconds: m.lag(now).as_secs_f64(),
+            pending_changes: m.pending() as u64,
+            position: m.position(),
+            files_replicated: m.files_replicated,
+            bytes_replicated: m.bytes_replicated,
+            wire_bytes: ended_wire + live_wire,
+            reconnects: m.reconnects,
+            vanished: m.vanished,
+            last_replicated: m.last_replicated.map(at),
+            last_error: m.last_error.clone(),
+            last_verify: m.last_verify.as_ref().map(|(t, r, n, e)| VerifyStatus {
+                at: at(*t),
+                identical: r.identical && e.is_none(),
+                differences: r.differing().len() as u64,
+                repaired: *n as u64,
+                error: e.clone(),
+            }),
+            standby_space: m.standby_space(),
+            protocol: m.is_connected().then_some(protocol).flatten(),
+        }
+    }
+
+    /// Runs the replica until it is stopped. Returns an error only for a problem retrying
+    /// cannot fix (a bad DEST).
+    pub fn run(self: &Arc<Self>, obs: &dyn Observer) -> Result<(), Error> {
+        let mut session: Option<Session<'static>> = None;
+        loop {
+            let (action, events) = {
+                let mut m = self.machine.lock().unwrap();
+                let a = m.poll(Instant::now());
+                (a, std::iter::from_fn(|| m.poll_event()).collect::<Vec<_>>())
+            };
+            for e in &events {
+                obs.event(&self.name, e);
+            }
+            match action {
+                Action::Stop => {
+                    self.close(session.take());
+                    self.drain(obs);
+                    return Ok(());
+                }
+                Action::Wait(until) => {
+                    let m = self.machine.lock().unwrap();
+                    let d = until.map_or(IDLE_WAKE, |t| {
+                        t.saturating_duration_since(Instant::now()).min(IDLE_WAKE)
+                    });
+                    if !d.is_zero() {
+                        let _ = self.wake.wait_timeout(m, d).unwrap();
+                    }
+                }
+                Action::Disconnect => {
+                    self.close(session.take());
+                    self.with(|m| m.disconnected(Instant::now()));
+                }
+                Action::Connect => match self.connect() {
+                    Ok(s) => {
+                        let now = Instant::now();
+                        self.wire.lock().unwrap().1 = Some(s.version);
+                        session = Some(s);
+                        self.with(|m| m.connected(now));
+                    }
+                    Err(e @ Error::Usage(_)) => return Err(e),
+                    Err(e) => self.report(Err(e), &mut session),
+                },
+                Action::Reconcile => {
+                    let r = self.busy(&mut session, |s| s.sync_all());
+                    self.report(r, &mut session);
+                }
+                Action::Send(batch) => {
+                    let r = self.busy(&mut session, |s| {
+                        if batch.full {
+                            s.sync_all()
+                        } else {
+                            s.sync_paths(&batch.renames, &batch.paths)
+                        }
+                    });
+                    self.report(r, &mut session);
+                }
+                Action::Repair(scopes) => {
+                    let r = self.busy(&mut session, |s| s.repair(&scopes).map(|_| scopes.len()));
+                    let now = Instant::now();
+                    let failure = r.as_ref().err().map(failure_of);
+                    if failure.is_some() {
+                        self.close_broken(session.take());
+                    }
+                    self.with(|m| m.repaired(r.map_err(|e| failure_of(&e)), now));
+                }
+                Action::StartVerify => self.start_verify(),
+            }
+        }
+    }
+
+    /// Forwards what is left to tell.
+    fn drain(&self, obs: &dyn Observer) {
+        let events: Vec<_> = {
+            let mut m = self.machine.lock().unwrap();
+            std::iter::from_fn(|| m.poll_event()).collect()
+        };
+        for e in &events {
+            obs.event(&self.name, e);
+        }
+    }
+
+    fn connect(&self) -> Result<Session<'static>, Error> {
+        let root = self
+            .root
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| Error::Refused("no usable source".into()))?;
+        let link = self.connector.connect()?;
+        *self.current.lock().unwrap() = Some(Current {
+            conn: link.conn().clone(),
+            busy_since: Some(Instant::now()),
+        });
+        let s = Session::open(root, link, &self.sync_opts, &Silent);
+        if let Some(c) = &mut *self.current.lock().unwrap() {
+            c.busy_since = None;
+        }
+        if s.is_err() {
+            *self.current.lock().unwrap() = None;
+        }
+        s
+    }
+
+    /// Runs `f` on the session, marked busy for the shutdown watchdog.
+    fn busy<T>(
+        &self,
+        session: &mut Option<Session<'static>>,
+        f: impl FnOnce(&mut Session<'static>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let Some(s) = session.as_mut() else {
+            return Err(Error::Unreachable("not connected".into()));
+        };
+        let mark = |v: Option<Instant>| {
+            if let Some(c) = &mut *self.current.lock().unwrap() {
+                c.busy_since = v;
+            }
+        };
+        mark(Some(Instant::now()));
+        let r = f(s);
+        mark(None);
+        r
+    }
+
+    /// Reports a reconcile's or a batch's outcome to the machine.
+    fn report(
+        &self,
+        r: Result<crate::sender::Outcome, Error>,
+        session: &mut Option<Session<'static>>,
+    ) {
+        let now = Instant::now();
+        match r {
+            Ok(out) => self.with(|m| m.done(out.summary, now)),
+            Err(e) => {
+                let f = failure_of(&e);
+                match &f {
+                    Failure::Source(why) => {
+                        *self.source_refused.lock().unwrap() = Some(why.clone());
+                    }
+                    Failure::Link(_) => self.close_broken(session.take()),
+                    Failure::StandbyFull(_) => {}
+                }
+                self.with(|m| m.failed(f, now));
+            }
+        }
+    }
+
+    fn close(&self, session: Option<Session<'static>>) {
+        if let Some(s) = session {
+            let bytes = s.wire_bytes();
+            let _ = s.close();
+            self.ended(bytes);
+        }
+    }
+
+    /// Drops a session whose connection failed (its link aborts).
+    fn close_broken(&self, session: Option<Session<'static>>) {
+        if let Some(s) = session {
+            self.ended(s.wire_bytes());
+        }
+    }
+
+    fn ended(&self, bytes: u64) {
+        *self.current.lock().unwrap() = None;
+        let mut w = self.wire.lock().unwrap();
+        w.0 += bytes;
+        w.1 = None;
+    }
+
+    /// A full verify on a connection of its own (a read-only session, which never competes
+    /// with replication for the standby's lock), reading at most the verify rate.
+    fn start_verify(self: &Arc<Self>) {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let result = (|| {
+                let root = Arc::new(crate::check::open_source(&me.src)?);
+                let link = me.connector.connect()?;
+                crate::verify::verify(root, link, &me.verify.excludes, me.verify.rate)
+            })();
+            me.with(|m| m.verified(result.map_err(|e| e.to_string()), Instant::now()));
+        });
+    }
+}
+
+/// How a failed action affects the replica.
+fn failure_of(e: &Error) -> Failure {
+    match e {
+        Error::Refused(why) => Failure::Source(why.clone()),
+        other => Failure::Link(other.to_string()),
+    }
+}
