@@ -31,6 +31,8 @@ struct Config {
     files: usize,
     dirs: usize,
     big: u64,
+    /// Another hotsync build measured beside this one (before/after a change).
+    baseline: Option<PathBuf>,
 }
 
 fn main() {
@@ -40,6 +42,7 @@ fn main() {
     let mut only = None;
     let mut work = None;
     let mut keep = false;
+    let mut baseline = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
@@ -51,8 +54,11 @@ fn main() {
             }
             "--work" => work = args.next().map(PathBuf::from),
             "--keep" => keep = true,
+            "--baseline" => baseline = args.next().map(PathBuf::from),
             "-h" | "--help" => {
-                println!("usage: bench [--quick] [--reps N] [--only w1,w2] [--work DIR] [--keep]");
+                println!(
+                    "usage: bench [--quick] [--reps N] [--only w1,w2] [--work DIR] [--keep] [--baseline HOTSYNC]"
+                );
                 println!("workloads: initial noop new-1GiB delta latency verify");
                 return;
             }
@@ -72,6 +78,7 @@ fn main() {
         files: if quick { 4_000 } else { 20_000 },
         dirs: if quick { 40 } else { 200 },
         big: if quick { 256 << 20 } else { 1 << 30 },
+        baseline,
     };
     let hotsync = build_hotsync(&target);
     let mut b = Bench::new(cfg, hotsync);
@@ -210,6 +217,8 @@ struct Bench {
 }
 
 const HS: &str = "hotsync";
+/// The build given with `--baseline`, run exactly as `hotsync` is.
+const BASE: &str = "hotsync (baseline)";
 const CP: &str = "cp -a && sync";
 const RSYNC: &str = "rsync (daemon)";
 const RSYNC_FSYNC: &str = "rsync --fsync (daemon)";
@@ -419,10 +428,27 @@ impl Bench {
         )
     }
 
-    /// A `hotsync serve` for `root`, returned with its port.
-    fn serve(&self, root: &Path) -> (Child, u16) {
+    /// The binary behind a hotsync tool name.
+    fn bin(&self, tool: &str) -> &Path {
+        match (tool, &self.cfg.baseline) {
+            (BASE, Some(b)) => b,
+            _ => &self.hotsync,
+        }
+    }
+
+    /// The hotsync builds under test: this one, and the baseline if given.
+    fn hotsyncs(&self) -> Vec<&'static str> {
+        let mut t = vec![HS];
+        if self.cfg.baseline.is_some() {
+            t.push(BASE);
+        }
+        t
+    }
+
+    /// A `hotsync serve` of `tool`'s build for `root`, returned with its port.
+    fn serve_with(&self, tool: &str, root: &Path) -> (Child, u16) {
         std::fs::create_dir_all(root).unwrap();
-        let mut child = Command::new(&self.hotsync)
+        let mut child = Command::new(self.bin(tool))
             .arg("--home")
             .arg(self.keys.join("standby"))
             .args([
@@ -470,8 +496,13 @@ impl Bench {
         hwm
     }
 
-    fn hotsync_sync(&self, src: &Path, port: u16) -> Command {
-        let mut c = Command::new(&self.hotsync);
+    /// A `hotsync serve` for `root`, returned with its port.
+    fn serve(&self, root: &Path) -> (Child, u16) {
+        self.serve_with(HS, root)
+    }
+
+    fn hotsync_sync(&self, tool: &str, src: &Path, port: u16) -> Command {
+        let mut c = Command::new(self.bin(tool));
         c.arg("--home")
             .arg(self.keys.join("primary"))
             .arg("sync")
@@ -500,7 +531,8 @@ impl Bench {
     }
 
     fn tools_for_copy(&self) -> Vec<&'static str> {
-        let mut t = vec![HS, CP];
+        let mut t = self.hotsyncs();
+        t.push(CP);
         if self.rsync {
             t.extend([RSYNC, RSYNC_FSYNC]);
         }
@@ -517,14 +549,14 @@ impl Bench {
             for tool in in_turn(&tools, rep) {
                 let dest = self.fresh("tree");
                 match tool {
-                    HS => {
-                        let (srv, port) = self.serve(&dest);
-                        let t = timed(&mut self.hotsync_sync(&src, port));
-                        initial.add(tool, t.secs, Some(("sync", t.rss_kib)));
-                        let n = timed(&mut self.hotsync_sync(&src, port));
-                        noop.add(tool, n.secs, Some(("sync", n.rss_kib)));
+                    HS | BASE => {
+                        let (srv, port) = self.serve_with(tool, &dest);
+                        let t = timed(&mut self.hotsync_sync(tool, &src, port));
+                        initial.add(tool, t.secs, rss_of(tool, "sync", t.rss_kib));
+                        let n = timed(&mut self.hotsync_sync(tool, &src, port));
+                        noop.add(tool, n.secs, rss_of(tool, "sync", n.rss_kib));
                         let hwm = self.stop_serve(srv);
-                        initial.rss("serve", hwm);
+                        initial.rss(rss_name(tool, "serve"), hwm);
                     }
                     CP => {
                         let t = timed(&mut cp_sync(&src, &dest));
@@ -564,12 +596,12 @@ impl Bench {
             for tool in in_turn(&tools, rep) {
                 let dest = self.fresh("big");
                 match tool {
-                    HS => {
-                        let (srv, port) = self.serve(&dest);
-                        let t = timed(&mut self.hotsync_sync(&src, port));
-                        runs.add(tool, t.secs, Some(("sync", t.rss_kib)));
+                    HS | BASE => {
+                        let (srv, port) = self.serve_with(tool, &dest);
+                        let t = timed(&mut self.hotsync_sync(tool, &src, port));
+                        runs.add(tool, t.secs, rss_of(tool, "sync", t.rss_kib));
                         let hwm = self.stop_serve(srv);
-                        runs.rss("serve", hwm);
+                        runs.rss(rss_name(tool, "serve"), hwm);
                     }
                     CP => {
                         let t = timed(&mut cp_sync(&src, &dest));
@@ -601,14 +633,14 @@ impl Bench {
         let base = self.data().join("big-base/data.bin");
         let mut time = Runs::default();
         let mut bytes = Runs::default();
-        let mut tools = vec![HS];
+        let mut tools = self.hotsyncs();
         if self.rsync {
             tools.extend([RSYNC_FSYNC, RSYNC]);
         }
         for rep in 0..self.cfg.reps {
             for tool in in_turn(&tools, rep) {
                 let dest = self.fresh("delta");
-                let standby_dir = if tool == HS {
+                let standby_dir = if tool == HS || tool == BASE {
                     dest.clone()
                 } else {
                     self.cfg.work.join("rsd").join(dest.file_name().unwrap())
@@ -616,14 +648,14 @@ impl Bench {
                 std::fs::create_dir_all(&standby_dir).unwrap();
                 std::fs::copy(&base, standby_dir.join("data.bin")).unwrap();
                 match tool {
-                    HS => {
-                        let (srv, port) = self.serve(&dest);
-                        let t = timed(&mut self.hotsync_sync(&src, port));
+                    HS | BASE => {
+                        let (srv, port) = self.serve_with(tool, &dest);
+                        let t = timed(&mut self.hotsync_sync(tool, &src, port));
                         let j: serde_json::Value = serde_json::from_str(t.stdout.trim()).unwrap();
-                        time.add(tool, t.secs, Some(("sync", t.rss_kib)));
+                        time.add(tool, t.secs, rss_of(tool, "sync", t.rss_kib));
                         bytes.add(tool, j["bytes_on_wire"].as_f64().unwrap(), None);
                         let hwm = self.stop_serve(srv);
-                        time.rss("serve", hwm);
+                        time.rss(rss_name(tool, "serve"), hwm);
                     }
                     _ => {
                         let t = timed(&mut self.rsync(&src, &dest, tool, true));
@@ -648,7 +680,7 @@ impl Bench {
         let mut lat: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut rename: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut rss = Runs::default();
-        let mut tools = vec![HS];
+        let mut tools = self.hotsyncs();
         if self.lsyncd && self.rsync {
             tools.push(LSYNCD);
         }
@@ -657,16 +689,17 @@ impl Bench {
             std::fs::create_dir_all(&src).unwrap();
             std::fs::write(src.join("seed"), b"seed").unwrap();
             let dest = self.fresh("lat-dest");
-            let standby = if tool == HS {
+            let hotsync = tool == HS || tool == BASE;
+            let standby = if hotsync {
                 dest.clone()
             } else {
                 self.cfg.work.join("rsd").join(dest.file_name().unwrap())
             };
             std::fs::create_dir_all(&standby).unwrap();
             let (mut procs, serve) = match tool {
-                HS => {
-                    let (srv, port) = self.serve(&standby);
-                    let mut w = Command::new(&self.hotsync)
+                HS | BASE => {
+                    let (srv, port) = self.serve_with(tool, &standby);
+                    let mut w = Command::new(self.bin(tool))
                         .arg("--home")
                         .arg(self.keys.join("primary"))
                         .arg("watch")
@@ -721,12 +754,12 @@ impl Bench {
                 .or_default()
                 .push(start.elapsed().as_secs_f64() * 1000.0);
             if let Some(srv) = serve {
-                rss.rss("serve", self.stop_serve(srv));
+                rss.rss(rss_name(tool, "serve"), self.stop_serve(srv));
             }
             for p in &mut procs {
-                if tool == HS {
+                if hotsync {
                     let hwm = proc_hwm(p.id());
-                    rss.rss("watch", hwm);
+                    rss.rss(rss_name(tool, "watch"), hwm);
                 }
                 let _ = rustix::process::kill_process(
                     rustix::process::Pid::from_raw(p.id() as i32).unwrap(),
@@ -948,6 +981,21 @@ impl Runs {
     fn rss(&mut self, which: &str, kib: u64) {
         let e = self.rss.entry(which.into()).or_default();
         *e = (*e).max(kib);
+    }
+}
+
+/// The peak-RSS entry of a hotsync process: `which` for this build, `which (baseline)` for
+/// the other.
+fn rss_of(tool: &str, which: &'static str, kib: u64) -> Option<(&'static str, u64)> {
+    Some((rss_name(tool, which), kib))
+}
+
+fn rss_name(tool: &str, which: &'static str) -> &'static str {
+    match (tool, which) {
+        (BASE, "sync") => "sync (baseline)",
+        (BASE, "serve") => "serve (baseline)",
+        (BASE, "watch") => "watch (baseline)",
+        _ => which,
     }
 }
 
