@@ -7,6 +7,7 @@
 //! the whole batch instead of thousands of `fsync`s. A `kill -9` at any moment leaves each
 //! target either old or new; leftover temps are removed by the next scan.
 
+use crate::protocol::OpError;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -28,8 +29,16 @@ pub struct Staged {
     pub bytes: u64,
 }
 
-/// The outcome of one operation: `Err((reason, retry))`; `retry` means "send it again".
-pub type Outcome = (u64, Result<(), (String, bool)>);
+/// The outcome of one operation.
+pub type Outcome = (u64, Result<(), OpError>);
+
+/// True for the errors of a full disk (blocks, inodes or quota).
+pub fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(c) if c == rustix::io::Errno::NOSPC.raw_os_error() || c == rustix::io::Errno::DQUOT.raw_os_error()
+    )
+}
 
 #[derive(Default)]
 pub struct Batch {
@@ -54,15 +63,15 @@ impl Batch {
         self.applied.push(id);
     }
 
-    pub fn failed(&mut self, id: u64, error: String, retry: bool) {
-        self.failed.push((id, Err((error, retry))));
+    pub fn failed(&mut self, id: u64, error: OpError) {
+        self.failed.push((id, Err(error)));
     }
 
     /// Records an in-place operation's result: applied (awaiting the sync) or failed.
-    pub fn record(&mut self, id: u64, result: Result<(), String>) {
+    pub fn record(&mut self, id: u64, result: Result<(), OpError>) {
         match result {
             Ok(()) => self.applied(id),
-            Err(e) => self.failed(id, e, false),
+            Err(e) => self.failed(id, e),
         }
     }
 
@@ -89,19 +98,28 @@ impl Batch {
             return out;
         }
         let per_file = applied.is_empty() && items.iter().all(|i| i.file.is_some());
-        let mut result: Vec<Result<(), String>> = vec![Ok(()); items.len()];
+        let mut result: Vec<Result<(), OpError>> = vec![Ok(()); items.len()];
+        // Not durable: never retry-and-trust, send it again (or wait for space).
+        let not_durable = |what: &str, e: rustix::io::Errno| {
+            let e = std::io::Error::from(e);
+            OpError {
+                message: format!("not durable: {what} failed: {e}"),
+                retry: true,
+                no_space: is_no_space(&e),
+            }
+        };
 
         // 1. The temps' data.
         if per_file {
             for (i, it) in items.iter().enumerate() {
                 if let Err(e) = rustix::fs::fsync(it.file.as_ref().unwrap()) {
-                    result[i] = Err(format!("not durable: fsync failed: {e}"));
+                    result[i] = Err(not_durable("fsync", e));
                 }
             }
         } else if let Err(e) = rustix::fs::syncfs(root) {
             result
                 .iter_mut()
-                .for_each(|r| *r = Err(format!("not durable: syncfs failed: {e}")));
+                .for_each(|r| *r = Err(not_durable("syncfs", e)));
         }
         // 2. The renames.
         for (i, it) in items.iter().enumerate() {
@@ -109,10 +127,13 @@ impl Batch {
                 && let Err(e) =
                     rustix::fs::renameat(&*it.dir, it.temp.as_slice(), &*it.dir, it.name.as_slice())
             {
-                result[i] = Err(format!(
-                    "cannot rename into place: {}",
-                    std::io::Error::from(e)
-                ));
+                // A rename refused by the filesystem is not worth a resend.
+                let e = std::io::Error::from(e);
+                result[i] = Err(OpError {
+                    message: format!("cannot rename into place: {e}"),
+                    retry: false,
+                    no_space: is_no_space(&e),
+                });
             }
             if result[i].is_err() {
                 let _ = rustix::fs::unlinkat(
@@ -134,7 +155,7 @@ impl Batch {
                 if let Err(e) = rustix::fs::fsync(it.dir.as_fd()) {
                     for (j, other) in items.iter().enumerate() {
                         if Arc::ptr_eq(&other.dir, &it.dir) && result[j].is_ok() {
-                            result[j] = Err(format!("not durable: directory fsync failed: {e}"));
+                            result[j] = Err(not_durable("directory fsync", e));
                         }
                     }
                 }
@@ -143,12 +164,10 @@ impl Batch {
             result
                 .iter_mut()
                 .filter(|r| r.is_ok())
-                .for_each(|r| *r = Err(format!("not durable: syncfs failed: {e}")));
-            out.extend(
-                applied
-                    .iter()
-                    .map(|&id| (id, Err((format!("not durable: syncfs failed: {e}"), false)))),
-            );
+                .for_each(|r| *r = Err(not_durable("syncfs", e)));
+            let mut failed = not_durable("syncfs", e);
+            failed.retry = false;
+            out.extend(applied.iter().map(|&id| (id, Err(failed.clone()))));
             return finish(out, items, result);
         }
         out.extend(applied.into_iter().map(|id| (id, Ok(()))));
@@ -177,18 +196,9 @@ pub fn replace_file(dir: BorrowedFd<'_>, name: &[u8], data: &[u8]) -> std::io::R
 fn finish(
     mut out: Vec<Outcome>,
     items: Vec<Staged>,
-    result: Vec<Result<(), String>>,
+    result: Vec<Result<(), OpError>>,
 ) -> Vec<Outcome> {
-    for (it, r) in items.into_iter().zip(result) {
-        // Durability failures are worth a resend; a rename refused by the filesystem is not.
-        out.push((
-            it.id,
-            r.map_err(|e| {
-                let retry = e.starts_with("not durable");
-                (e, retry)
-            }),
-        ));
-    }
+    out.extend(items.into_iter().zip(result).map(|(it, r)| (it.id, r)));
     out
 }
 
@@ -274,7 +284,7 @@ mod tests {
         let mut b = Batch::new();
         stage(&mut b, &root, 1, "d", b"file over a non-empty dir");
         stage(&mut b, &root, 2, "ok", b"fine");
-        b.failed(3, "unreadable".into(), false);
+        b.failed(3, OpError::new("unreadable", false));
         let acks = b.commit(root.fd());
         assert_eq!(acks.len(), 3);
         let get = |id| acks.iter().find(|(i, _)| *i == id).unwrap().1.clone();

@@ -16,6 +16,7 @@ pub mod error;
 pub mod filter;
 pub mod fsroot;
 pub mod guard;
+pub mod heartbeat;
 pub mod identity;
 pub mod link;
 pub mod manifest;

@@ -5,18 +5,29 @@
 //! Streams, all opened by the primary:
 //! - the control stream (the first): handshake, `Open`, the standby's manifest, tree
 //!   operations, `Flush` barriers and `Close`;
+//! - the heartbeat stream (the second, from version 2): `Heartbeat`s both ways every second,
+//!   so an idle session still proves each side alive and the standby knows its lag;
 //! - lanes: small files, symlinks and metadata fixes, each acknowledged once
 //!   durable, with `Flush` barriers;
 //! - one stream per large file: `BigFile` or `Delta`, answered by one `Ack`.
+//!
+//! Versions: the greeting carries the newest and oldest version each side speaks; the
+//! session uses the newest both speak. The QUIC ALPN name (`hotsync/1`) names the transport
+//! and stays fixed, so a peer of another protocol version still reaches the greeting and
+//! is told exactly which versions differ.
 
 use crate::manifest::{Entry, Hash, Meta, MetaTarget, ScanError, Scope};
 use crate::path::RelPath;
+use crate::standby::Position;
+use crate::status::Space;
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
-/// Protocol version spoken by this build, and the oldest one it still accepts.
-pub const VERSION: u16 = 1;
-pub const MIN_VERSION: u16 = 1;
+/// Protocol version spoken by this build, and the oldest one it still accepts. Version 2
+/// added heartbeats, coded errors, session modes and positions; version 1 peers are refused
+/// at the greeting with both versions named.
+pub const VERSION: u16 = 2;
+pub const MIN_VERSION: u16 = 2;
 /// The first bytes each side sends, so a stray client is recognised at once.
 pub const MAGIC: &[u8; 8] = b"hotsync\0";
 /// Largest encoded control message.
@@ -27,19 +38,85 @@ pub const SMALL_FILE: u64 = 64 * 1024;
 pub const MAX_EXCLUDES: usize = 4096;
 pub const MAX_PATTERN: usize = 4096;
 
+/// What a session may do on the standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SessionMode {
+    /// Mirror into the tree (one writer at a time).
+    Write,
+    /// Only list and hash (a dry run, a verify): no clean-up, no writes, never busy.
+    ReadOnly,
+}
+
+/// What a peer's `Error` is about, so the other side can act on it without parsing prose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The session was refused (bad options, a tree that cannot be written).
+    Refused,
+    /// Another primary is writing this tree: try again later.
+    Busy,
+    /// The peers speak no common protocol version.
+    Version,
+    /// The primary's epoch is older than the standby's: it has been fenced.
+    StaleEpoch,
+    /// The peer broke the protocol.
+    Invalid,
+    /// The peer failed on its side.
+    Failed,
+}
+
+/// Why one operation failed on the standby.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpError {
+    pub message: String,
+    /// Send the file again, whole (it was not made durable, or a delta did not check out).
+    pub retry: bool,
+    /// The standby's disk is full (ENOSPC, EDQUOT): the change must wait for space.
+    pub no_space: bool,
+}
+
+impl OpError {
+    pub fn new(message: impl Into<String>, retry: bool) -> OpError {
+        OpError {
+            message: message.into(),
+            retry,
+            no_space: false,
+        }
+    }
+}
+
+/// One side's heartbeat (the same message both ways; each side fills what it knows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub epoch: u64,
+    /// Primary: the last batch durable on the standby. Standby: the last it was told of.
+    pub seq: u64,
+    /// When it was sent, in milliseconds since the Unix epoch (the sender's clock).
+    pub sent_at_ms: u64,
+    /// Primary: when the oldest change not yet durable on the standby was seen (sender's
+    /// clock), `None` when caught up.
+    pub oldest_pending_ms: Option<u64>,
+    /// Primary: changes queued.
+    pub pending: u64,
+    /// Standby: its filesystem's free and total space.
+    pub space: Option<Space>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
-    /// Primary → standby, first message on the control stream.
-    /// In a dry run the standby only lists its tree: no lock, no clean-up, no writes.
+    /// Primary → standby, first message on the control stream, with the primary's epoch.
     Open {
         excludes: Vec<String>,
-        dry_run: bool,
+        mode: SessionMode,
+        epoch: u64,
     },
     /// Standby → primary: the session is set up; `owners` says whether owner and group are
-    /// preserved (the receiver runs as root).
+    /// preserved (the receiver runs as root); `position` is the last batch known durable
+    /// there, from which the primary numbers on.
     Opened {
         owners: bool,
+        position: Position,
     },
+    Heartbeat(Heartbeat),
     /// Primary → standby on the control stream: list these paths (with content digests
     /// when `checksum`); answered by `Entries` batches and `ListEnd`.
     List {
@@ -143,11 +220,9 @@ pub enum Message {
     },
 
     /// Outcome of one operation, sent once the change is durable (or has failed).
-    /// `retry` asks the primary to send the file again, whole.
     Ack {
         id: u64,
-        error: Option<String>,
-        retry: bool,
+        error: Option<OpError>,
     },
     /// Commit everything staged on this stream, then answer `Flushed`.
     Flush {
@@ -161,6 +236,7 @@ pub enum Message {
     Closed,
     /// A fatal error; the sender closes the connection after it.
     Error {
+        code: ErrorCode,
         message: String,
     },
 }
@@ -183,6 +259,7 @@ impl Message {
             | Message::Ack { id, .. } => Some(*id),
             Message::Open { .. }
             | Message::Opened { .. }
+            | Message::Heartbeat(_)
             | Message::List { .. }
             | Message::Entries { .. }
             | Message::ListEnd { .. }
@@ -208,6 +285,7 @@ impl Message {
         match self {
             Message::Open { .. } => "Open",
             Message::Opened { .. } => "Opened",
+            Message::Heartbeat(_) => "Heartbeat",
             Message::Entries { .. } => "Entries",
             Message::ListEnd { .. } => "ListEnd",
             Message::Clear { .. } => "Clear",
@@ -254,7 +332,9 @@ pub enum ProtocolError {
     #[error("not a hotsync peer (bad greeting)")]
     BadMagic,
     #[error(
-        "version mismatch: we speak {ours_min}..={ours}, the peer speaks {theirs_min}..={theirs}"
+        "protocol version mismatch: this hotsync speaks protocol {ours} (accepts {ours_min} to {ours}), \
+         the peer speaks {theirs} (accepts {theirs_min} to {theirs}): run the same hotsync \
+         release on both nodes"
     )]
     Version {
         ours: u16,
@@ -262,8 +342,8 @@ pub enum ProtocolError {
         theirs: u16,
         theirs_min: u16,
     },
-    #[error("peer reported: {0}")]
-    Peer(String),
+    #[error("peer reported: {message}")]
+    Peer { code: ErrorCode, message: String },
 }
 
 impl From<postcard::Error> for ProtocolError {
@@ -390,8 +470,8 @@ impl<R: Read> FrameReader<R> {
         self.body.resize(len, 0);
         self.r.read_exact(&mut self.body).map_err(eof_is_closed)?;
         let msg = decode(&self.body)?;
-        if let Message::Error { message } = msg {
-            return Err(ProtocolError::Peer(message));
+        if let Message::Error { code, message } = msg {
+            return Err(ProtocolError::Peer { code, message });
         }
         Ok(Some(msg))
     }
@@ -501,8 +581,22 @@ mod tests {
         vec![
             Message::Open {
                 excludes: vec!["*.tmp".into()],
-                dry_run: false,
+                mode: SessionMode::Write,
+                epoch: 3,
             },
+            Message::Heartbeat(Heartbeat {
+                epoch: 2,
+                seq: u64::MAX,
+                sent_at_ms: 1_764_572_297_123,
+                oldest_pending_ms: Some(1_764_572_297_000),
+                pending: 7,
+                space: Some(Space {
+                    free_bytes: 1,
+                    total_bytes: 2,
+                    free_inodes: 3,
+                    total_inodes: 4,
+                }),
+            }),
             Message::List {
                 scopes: vec![(p.clone(), Scope::Tree)],
                 checksum: true,
@@ -538,8 +632,11 @@ mod tests {
             },
             Message::Ack {
                 id: u64::MAX,
-                error: Some("x".into()),
-                retry: true,
+                error: Some(OpError {
+                    message: "x".into(),
+                    retry: true,
+                    no_space: true,
+                }),
             },
             Message::FileEnd {
                 complete: true,
@@ -575,6 +672,7 @@ mod tests {
         let err = FrameReader::new(&wire[..]).recv().unwrap_err();
         assert!(matches!(err, ProtocolError::FrameTooLarge(_)), "{err}");
         let big = Message::Error {
+            code: ErrorCode::Failed,
             message: "x".repeat(MAX_FRAME + 1),
         };
         assert!(matches!(
@@ -650,6 +748,12 @@ mod tests {
             negotiate(0, 0),
             Err(ProtocolError::Version { .. })
         ));
+        // A version 1 peer is refused, and told both sides' versions.
+        let e = negotiate(1, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("speaks protocol 2") && e.contains("the peer speaks 1"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -657,12 +761,20 @@ mod tests {
         let mut wire = Vec::new();
         encode(
             &Message::Error {
-                message: "disk full".into(),
+                code: ErrorCode::Busy,
+                message: "in use".into(),
             },
             &mut wire,
         )
         .unwrap();
         let err = FrameReader::new(&wire[..]).recv().unwrap_err();
-        assert_eq!(err.to_string(), "peer reported: disk full");
+        assert_eq!(err.to_string(), "peer reported: in use");
+        assert!(matches!(
+            err,
+            ProtocolError::Peer {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ));
     }
 }

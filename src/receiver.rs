@@ -9,13 +9,18 @@ use crate::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::fsroot::{self, Root, create_temp, remove_tree, set_meta_at, set_meta_fd};
+use crate::heartbeat;
 use crate::manifest::MetaTarget;
 use crate::manifest::{Entry, Meta, ScanError, Scope};
 use crate::path::RelPath;
-use crate::protocol::{self, FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
+use crate::protocol::{
+    self, FrameReader, FrameWriter, Message, OpError, ProtocolError, SMALL_FILE,
+};
+use crate::protocol::{ErrorCode, SessionMode};
 use crate::scan::{ScanOptions, scan_scopes};
-use crate::standby::{Peer, SessionEntry, Standby};
-use crate::transport::{Connection, SendHalf, Stream};
+use crate::standby::{Peer, SessionEntry, SessionPulse, Standby};
+use crate::status::Space;
+use crate::transport::{Connection, SendHalf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::collections::HashMap;
@@ -55,43 +60,56 @@ pub fn serve(
     };
     let mut ch = Channel::new(ctrl);
     ch.accept_session()?;
-    let (excludes, dry_run) = match ch.recv()? {
-        Message::Open { excludes, dry_run } => (excludes, dry_run),
+    let (excludes, read_only) = match ch.recv()? {
+        Message::Open { excludes, mode, .. } => (excludes, mode == SessionMode::ReadOnly),
         other => return Err(ProtocolError::unexpected(&other, "Open").into()),
     };
-    let refuse = |ch: &mut Channel, message: String| -> Error {
+    let refuse = |ch: &mut Channel, code: ErrorCode, message: String| -> Error {
         let _ = ch.send(&Message::Error {
+            code,
             message: message.clone(),
         });
         let _ = ch.flush();
         Error::Refused(message)
     };
     if let Err(e) = protocol::check_excludes(&excludes) {
-        return Err(refuse(&mut ch, e.to_string()));
+        return Err(refuse(&mut ch, ErrorCode::Invalid, e.to_string()));
     }
     let filter = match Filter::new(&excludes) {
         Ok(f) => f,
-        Err(e) => return Err(refuse(&mut ch, e.to_string())),
+        Err(e) => return Err(refuse(&mut ch, ErrorCode::Refused, e.to_string())),
     };
     let abort = {
         let conn = conn.clone();
         Box::new(move |why: &str| conn.abort(why))
     };
-    let admission = match standby.admit(peer, !dry_run, abort) {
+    let admission = match standby.admit(peer, !read_only, abort) {
         Ok(a) => a,
-        Err(refusal) => return Err(refuse(&mut ch, refusal.message)),
+        Err(r) => {
+            let code = if r.busy {
+                ErrorCode::Busy
+            } else {
+                ErrorCode::Refused
+            };
+            return Err(refuse(&mut ch, code, r.message));
+        }
     };
     let session = Session {
         standby,
-        read_only: dry_run,
+        read_only,
         filter,
         generation: AtomicU64::new(0),
         entry: admission.entry.clone(),
     };
     ch.send(&Message::Opened {
         owners: standby.owners(),
+        position: standby.state().position,
     })?;
     ch.flush()?;
+    let pulse = SessionPulse {
+        standby,
+        entry: admission.entry.clone(),
+    };
 
     let fatal: Mutex<Option<ProtocolError>> = Mutex::new(None);
     // Set once the primary has closed the session cleanly: later stream errors are only the
@@ -106,18 +124,23 @@ pub fn serve(
         fatal.lock().unwrap().get_or_insert(e);
     };
     std::thread::scope(|s| {
-        let (session, fail, conn) = (&session, &fail, &conn);
+        let (session, fail, conn, pulse) = (&session, &fail, &conn, &pulse);
         s.spawn(move || {
             let mut handles = Vec::new();
             while let Ok(Some(stream)) = conn.accept() {
                 handles.push(s.spawn(move || {
-                    let Stream { recv, send } = stream;
-                    if let Err(e) = op_loop(
-                        session,
-                        &mut FrameReader::new(recv),
-                        &mut FrameWriter::new(send),
-                        false,
-                    ) {
+                    let mut ch = Channel::new(stream);
+                    // A stream says what it is with its first message.
+                    let first = match ch.recv_opt() {
+                        Ok(Some(Message::Heartbeat(b))) => {
+                            heartbeat::answer(&**conn, ch, &b, pulse);
+                            return;
+                        }
+                        Ok(first) => first,
+                        Err(e) => return fail(e),
+                    };
+                    let Channel { r, w } = &mut ch;
+                    if let Err(e) = op_loop(session, r, w, first, false) {
                         fail(e);
                     }
                 }));
@@ -129,7 +152,7 @@ pub fn serve(
         // `Closed` has reached the primary: closing now ends the accept loop above
         // without making either side wait for the other's close.
         let Channel { r, w } = &mut ch;
-        match op_loop(session, r, w, true) {
+        match op_loop(session, r, w, None, true) {
             Ok(()) => {
                 done.store(true, Ordering::Relaxed);
                 conn.close("session complete");
@@ -138,7 +161,9 @@ pub fn serve(
         }
     });
     let report = session.entry.stats.report();
-    match fatal.into_inner().unwrap() {
+    let fatal = fatal.into_inner().unwrap();
+    admission.finish(fatal.as_ref().map(|e| e.to_string()));
+    match fatal {
         Some(e) => Err(e.into()),
         None => Ok(report),
     }
@@ -278,6 +303,15 @@ impl<'a> Dirs<'a> {
     }
 }
 
+/// An entry's failure as the primary is told it.
+fn op_error(e: &io::Error) -> OpError {
+    OpError {
+        message: reason(e),
+        retry: false,
+        no_space: crate::atomic::is_no_space(e),
+    }
+}
+
 /// A readable reason for an error with one entry.
 fn reason(e: &io::Error) -> String {
     match e.raw_os_error() {
@@ -320,13 +354,18 @@ fn op_loop<R: Read, W: SendHalf>(
     s: &Session,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
+    mut first: Option<Message>,
     control: bool,
 ) -> Result<(), ProtocolError> {
     let mut batch = Batch::new();
     let mut dirs = Dirs::new(s);
     let mut buf = Vec::new();
     loop {
-        let Some(msg) = r.recv_opt()? else {
+        let next = match first.take() {
+            Some(m) => Some(m),
+            None => r.recv_opt()?,
+        };
+        let Some(msg) = next else {
             send_acks(s, w, commit(s, &mut batch))?;
             w.flush()?;
             w.get_mut().finish()?;
@@ -354,7 +393,7 @@ fn op_loop<R: Read, W: SendHalf>(
                     let (td, tname) = dirs.parent(&to)?;
                     Ok(rustix::fs::renameat(&*fd, fname, &*td, tname)?)
                 });
-                batch.record(id, res.map_err(|e| reason(&e)));
+                batch.record(id, res.map_err(|e| op_error(&e)));
                 s.tree_changed();
             }
             Message::Clear { id, path } | Message::Delete { id, path } => {
@@ -372,14 +411,14 @@ fn op_loop<R: Read, W: SendHalf>(
                             .fetch_add(n, Ordering::Relaxed);
                         batch.applied(id);
                     }
-                    Err(e) => batch.failed(id, reason(&e), false),
+                    Err(e) => batch.failed(id, op_error(&e)),
                 }
                 s.tree_changed();
             }
             Message::Mkdir { id, path } => {
                 check_writable(&path)?;
                 let res = dirs.parent(&path).and_then(|(d, name)| mkdir(&d, name));
-                batch.record(id, res.map_err(|e| reason(&e)));
+                batch.record(id, res.map_err(|e| op_error(&e)));
             }
             Message::SetMeta {
                 id,
@@ -400,7 +439,7 @@ fn op_loop<R: Read, W: SendHalf>(
                         target != MetaTarget::Symlink,
                     )
                 });
-                batch.record(id, res.map_err(|e| reason(&e)));
+                batch.record(id, res.map_err(|e| op_error(&e)));
             }
             Message::Symlink {
                 id,
@@ -415,7 +454,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 }
                 match stage_symlink(s, &mut dirs, id, &path, &target, &meta) {
                     Ok(st) => batch.stage(st),
-                    Err(e) => batch.failed(id, reason(&e), false),
+                    Err(e) => batch.failed(id, op_error(&e)),
                 }
             }
             Message::Link { id, path, target } => {
@@ -423,7 +462,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 check_writable(&target)?;
                 match stage_link(&mut dirs, id, &path, &target) {
                     Ok(st) => batch.stage(st),
-                    Err(e) => batch.failed(id, reason(&e), false),
+                    Err(e) => batch.failed(id, op_error(&e)),
                 }
             }
             Message::SmallFile {
@@ -441,7 +480,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 let keep = batch.keep_fd();
                 match stage_bytes(s, &mut dirs, id, &path, &meta, &buf, keep) {
                     Ok(st) => batch.stage(st),
-                    Err(e) => batch.failed(id, reason(&e), false),
+                    Err(e) => batch.failed(id, op_error(&e)),
                 }
             }
             Message::BigFile {
@@ -454,7 +493,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 let keep = batch.keep_fd();
                 match receive_big(s, &mut dirs, r, id, &path, &meta, size, keep)? {
                     Ok(st) => batch.stage(st),
-                    Err((e, retry)) => batch.failed(id, e, retry),
+                    Err(e) => batch.failed(id, e),
                 }
             }
             Message::Delta {
@@ -471,7 +510,7 @@ fn op_loop<R: Read, W: SendHalf>(
                     s, &mut dirs, r, w, id, &path, &meta, size, chunk, chunks, keep,
                 )? {
                     Ok(st) => batch.stage(st),
-                    Err((e, retry)) => batch.failed(id, e, retry),
+                    Err(e) => batch.failed(id, e),
                 }
             }
             Message::Flush { seq } => {
@@ -508,12 +547,20 @@ fn send_acks<W: Write>(
         .stats
         .failed_ops
         .fetch_add(failed, Ordering::Relaxed);
+    let mut space = None;
     for (id, res) in outcomes {
-        let (error, retry) = match res {
-            Ok(()) => (None, false),
-            Err((e, retry)) => (Some(e), retry),
-        };
-        w.send(&Message::Ack { id, error, retry })?;
+        let error = res.err().map(|mut e| {
+            if e.no_space {
+                // Say how full: the primary reports it, and waits for space.
+                let sp = *space
+                    .get_or_insert_with(|| s.root().ok().and_then(|r| Space::of(r.fd()).ok()));
+                if let Some(sp) = sp {
+                    e.message = format!("{} ({})", e.message, sp.describe());
+                }
+            }
+            e
+        });
+        w.send(&Message::Ack { id, error })?;
     }
     Ok(())
 }
@@ -657,7 +704,7 @@ fn stage_link(dirs: &mut Dirs, id: u64, path: &RelPath, target: &RelPath) -> io:
     })
 }
 
-type EntryResult = Result<Staged, (String, bool)>;
+type EntryResult = Result<Staged, OpError>;
 
 /// Where a temp lives: its directory, the final name, the writer, the temp name.
 type TempTarget = (Arc<OwnedFd>, Vec<u8>, BufWriter<File>, Vec<u8>);
@@ -666,7 +713,7 @@ type TempTarget = (Arc<OwnedFd>, Vec<u8>, BufWriter<File>, Vec<u8>);
 /// always read to the end of the file and stays in step; the file is then reported failed.
 struct TempSink {
     target: Option<TempTarget>,
-    err: Option<String>,
+    err: Option<OpError>,
     /// The delta's base, for copying unchanged chunks in the kernel.
     base: Option<File>,
 }
@@ -690,7 +737,7 @@ impl TempSink {
             },
             Err(e) => TempSink {
                 target: None,
-                err: Some(reason(&e)),
+                err: Some(op_error(&e)),
                 base: None,
             },
         }
@@ -710,25 +757,28 @@ impl TempSink {
         size: u64,
         keep: bool,
     ) -> EntryResult {
-        let mut retry = false;
         if self.err.is_none() {
             if !complete {
-                self.err = Some("the file changed on the primary while it was read".into());
-                retry = true;
+                self.err = Some(OpError::new(
+                    "the file changed on the primary while it was read",
+                    true,
+                ));
             } else if proof.is_some_and(|(theirs, ours)| theirs != ours) {
-                self.err = Some("content digest mismatch".into());
-                retry = true;
+                self.err = Some(OpError::new("content digest mismatch", true));
             }
         }
         let Some((dir, name, w, temp)) = self.target.take() else {
-            return Err((self.err.take().unwrap_or_default(), retry));
+            return Err(self
+                .err
+                .take()
+                .unwrap_or_else(|| OpError::new("no temp file", false)));
         };
         let file = match self.err.take() {
             None => w
                 .into_inner()
                 .map_err(|e| e.into_error())
                 .and_then(|f| set_meta_fd(f.as_fd(), meta, s.owners()).map(|_| f))
-                .map_err(|e| reason(&e)),
+                .map_err(|e| op_error(&e)),
             Some(e) => Err(e),
         };
         match file {
@@ -745,7 +795,7 @@ impl TempSink {
             }
             Err(e) => {
                 let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
-                Err((e, retry))
+                Err(e)
             }
         }
     }
@@ -766,7 +816,7 @@ impl Write for TempSink {
             && let Some((_, _, w, _)) = self.target.as_mut()
             && let Err(e) = w.write_all(buf)
         {
-            self.err = Some(reason(&e));
+            self.err = Some(op_error(&e));
         }
         Ok(buf.len())
     }
@@ -786,7 +836,7 @@ impl delta::DeltaSink for TempSink {
             return Ok(false);
         };
         if let Err(e) = w.flush() {
-            self.err = Some(reason(&e));
+            self.err = Some(op_error(&e));
             return Ok(true);
         }
         let (mut off, mut left, mut first) = (offset, len, true);
@@ -799,7 +849,7 @@ impl delta::DeltaSink for TempSink {
                 left as usize,
             ) {
                 Ok(0) => {
-                    self.err = Some("the base file shrank during the delta".into());
+                    self.err = Some(OpError::new("the base file shrank during the delta", false));
                     return Ok(true);
                 }
                 Ok(n) => left -= n as u64,
@@ -808,7 +858,7 @@ impl delta::DeltaSink for TempSink {
                     return Ok(false);
                 }
                 Err(e) => {
-                    self.err = Some(reason(&e.into()));
+                    self.err = Some(op_error(&e.into()));
                     return Ok(true);
                 }
             }

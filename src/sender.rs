@@ -9,14 +9,18 @@ use crate::error::Error;
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, meta_of};
 use crate::guard::{self, MassDelete};
+use crate::heartbeat::{self, Beating, Pulse};
 use crate::link::Link;
 use crate::manifest::normalize_scopes;
 use crate::manifest::{Manifest, Scope};
 use crate::path::RelPath;
 use crate::plan::{self, MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
 use crate::progress::Monitor;
-use crate::protocol::{FrameReader, FrameWriter, Message, ProtocolError, SMALL_FILE};
+use crate::protocol::{
+    FrameReader, FrameWriter, Message, OpError, ProtocolError, SMALL_FILE, SessionMode,
+};
 use crate::scan::{ScanOptions, scan_scopes};
+use crate::standby::Position;
 use crate::summary::{EntryError, Summary};
 use crate::transport::{Connection, SendHalf, Stream};
 use rustix::io::Errno;
@@ -101,6 +105,11 @@ pub fn sync(
 /// a session that was not closed aborts the connection.
 pub struct Session<'m> {
     link: Link,
+    /// The heartbeat, stopped when the session is dropped (after the link: a link that
+    /// aborts ends the heartbeat's reading side first).
+    _beating: Option<Beating>,
+    /// The last batch the standby holds durable, as it said when the session opened.
+    pub position: Position,
     root: Arc<Root>,
     opts: SyncOptions,
     scan_opts: ScanOptions,
@@ -117,7 +126,7 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    /// Opens the control stream and the session (the standby takes its lock).
+    /// Opens the control stream and the session, with the heartbeat of a one-off session.
     ///
     /// # Errors
     /// The standby's refusal ([`Error::Standby`]), a version mismatch, or why the
@@ -128,21 +137,46 @@ impl<'m> Session<'m> {
         opts: &SyncOptions,
         monitor: &'m dyn Monitor,
     ) -> Result<Session<'m>, Error> {
+        Session::open_with(
+            root,
+            link,
+            opts,
+            monitor,
+            Arc::new(heartbeat::Simple::new(1)),
+        )
+    }
+
+    /// Opens the session with `pulse` deciding its heartbeats (a watch's replica).
+    pub fn open_with(
+        root: Arc<Root>,
+        link: Link,
+        opts: &SyncOptions,
+        monitor: &'m dyn Monitor,
+        pulse: Arc<dyn Pulse>,
+    ) -> Result<Session<'m>, Error> {
         let filter = Filter::new(&opts.excludes).map_err(|e| Error::Usage(e.to_string()))?;
         let open = Message::Open {
             excludes: opts.excludes.clone(),
-            dry_run: opts.dry_run,
+            mode: if opts.dry_run {
+                SessionMode::ReadOnly
+            } else {
+                SessionMode::Write
+            },
+            epoch: pulse.beat(Instant::now()).epoch,
         };
-        let handshake = || -> Result<(Channel, u16, bool), Error> {
+        let handshake = || -> Result<(Channel, u16, bool, Position, Option<Beating>), Error> {
             let mut ch = Channel::open(&**link.conn())?;
             let version = ch.open_session(&open)?;
-            let owners = match ch.recv().map_err(peer_error)? {
-                Message::Opened { owners } => owners,
+            let (owners, position) = match ch.recv().map_err(peer_error)? {
+                Message::Opened { owners, position } => (owners, position),
                 other => return Err(ProtocolError::unexpected(&other, "Opened").into()),
             };
-            Ok((ch, version, owners))
+            let beating = (version >= 2)
+                .then(|| heartbeat::start(link.conn().clone(), pulse.clone()))
+                .transpose()?;
+            Ok((ch, version, owners, position, beating))
         };
-        let (ch, version, owners) = handshake().map_err(|e| link.explain(e))?;
+        let (ch, version, owners, position, beating) = handshake().map_err(|e| link.explain(e))?;
         if !owners {
             tracing::warn!(
                 "the standby does not run as root: owner and group are not preserved there"
@@ -150,6 +184,8 @@ impl<'m> Session<'m> {
         }
         Ok(Session {
             link,
+            _beating: beating,
+            position,
             root,
             opts: opts.clone(),
             scan_opts: ScanOptions {
@@ -421,7 +457,7 @@ fn close_session(ch: &mut Channel) -> Result<(), ProtocolError> {
 
 fn peer_error(e: ProtocolError) -> Error {
     match e {
-        ProtocolError::Peer(m) => Error::Standby(m),
+        ProtocolError::Peer { message, .. } => Error::Standby(message),
         other => other.into(),
     }
 }
@@ -704,13 +740,13 @@ impl<'a> Exec<'a> {
                 r.recv()?
             };
             match msg {
-                Message::Ack { id, error, retry } => {
+                Message::Ack { id, error } => {
                     let Some((path, op)) = pending.lock().unwrap().remove(&id) else {
                         return Err(ProtocolError::Invalid(format!(
                             "ack for unknown operation {id}"
                         )));
                     };
-                    self.account(path, op, error, retry);
+                    self.account(path, op, error);
                 }
                 Message::Flushed { seq: s } if s == seq => return Ok(()),
                 other => {
@@ -720,15 +756,21 @@ impl<'a> Exec<'a> {
         }
     }
 
-    fn account(&self, path: RelPath, op: Op, error: Option<String>, retry: bool) {
+    fn account(&self, path: RelPath, op: Op, error: Option<OpError>) {
         match (op, error) {
             (Op::Abandoned { retry: true, .. }, _) => self.retries.lock().unwrap().push(path),
             (Op::Abandoned { reason, .. }, _) => self.error(&path, reason),
             (Op::Rename, Some(e)) => {
-                tracing::debug!("rename to {path} not applied ({e}); rescanning")
+                tracing::debug!("rename to {path} not applied ({}); rescanning", e.message)
             }
-            (Op::Transfer { .. }, Some(_)) if retry => self.retries.lock().unwrap().push(path),
+            (Op::Transfer { .. }, Some(e)) if e.retry && !e.no_space => {
+                self.retries.lock().unwrap().push(path)
+            }
             (op, Some(e)) => {
+                if e.no_space {
+                    self.tally.lock().unwrap().no_space += 1;
+                }
+                let e = e.message;
                 let what = match op {
                     Op::Transfer { .. } | Op::Abandoned { .. } => "cannot write on the standby",
                     Op::Mkdir => "cannot create directory on the standby",
@@ -932,10 +974,10 @@ impl<'a> Exec<'a> {
                 .unwrap()
                 .remove(&id)
                 .expect("registered above");
-            let (error, retry) = read_one_ack(&mut r, id).map_err(peer_error)?;
+            let error = read_one_ack(&mut r, id).map_err(peer_error)?;
             let again = match &op {
                 Op::Abandoned { retry, .. } => *retry,
-                Op::Transfer { .. } => retry && error.is_some(),
+                Op::Transfer { .. } => error.as_ref().is_some_and(|e| e.retry && !e.no_space),
                 _ => false,
             };
             if again && attempt < 2 && (allow_retry || attempt == 0) {
@@ -948,7 +990,8 @@ impl<'a> Exec<'a> {
                 },
                 other => other,
             };
-            self.account(p, op, error, false);
+            let error = error.map(|e| OpError { retry: false, ..e });
+            self.account(p, op, error);
             return Ok(());
         }
         Ok(())
@@ -974,7 +1017,8 @@ impl<'a> Exec<'a> {
         let mut w = FrameWriter::new(send);
         let id = self.id();
         // (the standby's error, its retry request, our own problem with the file)
-        type Exchange = (Option<String>, bool, Option<(String, bool)>);
+        // (the standby's error, our own problem with the file and whether to retry it)
+        type Exchange = (Option<OpError>, Option<(String, bool)>);
         let exchange = (|| -> Result<Exchange, ProtocolError> {
             w.send(&Message::Delta {
                 id,
@@ -1071,28 +1115,24 @@ impl<'a> Exec<'a> {
             })?;
             w.flush()?;
             w.get_mut().finish()?;
-            let (error, retry) = read_one_ack(&mut r, id)?;
-            Ok((error, retry, problem))
+            let error = read_one_ack(&mut r, id)?;
+            Ok((error, problem))
         })();
         match exchange {
-            Ok((None, _, None)) => {
-                self.account(t.path.clone(), Op::Transfer { bytes: size }, None, false);
-                Ok(())
-            }
-            Ok((_, _, Some((_, true)))) => {
+            Ok((_, Some((_, true)))) => {
                 tracing::debug!("{}: changed while read; sending it again", t.path);
                 self.whole_stream(&t.path, true)
             }
-            Ok((_, true, _)) => {
+            Ok((Some(e), None)) if e.retry && !e.no_space => {
                 tracing::debug!("{}: delta not accepted; sending it whole", t.path);
                 self.whole_stream(&t.path, true)
             }
-            Ok((error, _, problem)) => {
-                let msg = match problem {
-                    Some((p, _)) => p,
-                    None => format!("cannot write on the standby: {}", error.unwrap_or_default()),
-                };
-                self.error(&t.path, msg);
+            Ok((_, Some((p, false)))) => {
+                self.error(&t.path, p);
+                Ok(())
+            }
+            Ok((error, None)) => {
+                self.account(t.path.clone(), Op::Transfer { bytes: size }, error);
                 Ok(())
             }
             Err(e) => Err(peer_error(e)),
@@ -1141,13 +1181,9 @@ fn read_problem(e: &io::Error) -> (String, bool) {
 fn read_one_ack<R: Read>(
     r: &mut FrameReader<R>,
     id: u64,
-) -> Result<(Option<String>, bool), ProtocolError> {
+) -> Result<Option<OpError>, ProtocolError> {
     match r.recv()? {
-        Message::Ack {
-            id: got,
-            error,
-            retry,
-        } if got == id => Ok((error, retry)),
+        Message::Ack { id: got, error } if got == id => Ok(error),
         other => Err(ProtocolError::unexpected(&other, "Ack")),
     }
 }

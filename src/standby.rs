@@ -5,8 +5,11 @@
 
 use crate::error::{Error, Result};
 use crate::fsroot::{self, Root};
+use crate::heartbeat::{Pulse, silence};
 use crate::identity::NodeId;
 use crate::path::{RESERVED, RelPath};
+use crate::protocol::Heartbeat;
+use crate::status::{PrimaryStatus, Space};
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
@@ -17,7 +20,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// What a process may do with a standby tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +158,14 @@ impl SessionStats {
     }
 }
 
+/// What a session's heartbeats have told the standby.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Heard {
+    pub last: Option<Instant>,
+    /// The primary's last heartbeat, and when it arrived.
+    pub beat: Option<(Heartbeat, Instant)>,
+}
+
 /// An admitted session, as the registry sees it.
 pub struct SessionEntry {
     pub serial: u64,
@@ -164,6 +175,7 @@ pub struct SessionEntry {
     pub started: Instant,
     pub started_at: SystemTime,
     pub stats: SessionStats,
+    pub heard: Mutex<Heard>,
     /// Ends the session's connection (promotion fences a stale primary through it).
     abort: Box<dyn Fn(&str) + Send + Sync>,
 }
@@ -173,6 +185,33 @@ impl SessionEntry {
     pub fn abort(&self, reason: &str) {
         (self.abort)(reason)
     }
+
+    /// The primary's replication lag as of `now`: what its last heartbeat reported, aged
+    /// by the time since (the primary's own clock measured both ends of the first part, so
+    /// a clock difference between the nodes does not enter). `None` before a heartbeat.
+    pub fn lag(&self, now: Instant) -> Option<Duration> {
+        let (beat, at) = self.heard.lock().unwrap().beat?;
+        Some(match beat.oldest_pending_ms {
+            None => Duration::ZERO,
+            Some(oldest) => {
+                Duration::from_millis(beat.sent_at_ms.saturating_sub(oldest))
+                    + now.saturating_duration_since(at)
+            }
+        })
+    }
+}
+
+/// What the standby keeps of each primary it has served (for `status`).
+#[derive(Debug, Clone, Default)]
+struct PeerRecord {
+    key: String,
+    addr: Option<SocketAddr>,
+    sessions: u64,
+    ended_at: Option<SystemTime>,
+    last_error: Option<String>,
+    /// Totals of the sessions that ended.
+    totals: SessionReport,
+    position: Position,
 }
 
 /// Why a session was not admitted.
@@ -193,7 +232,10 @@ pub struct Standby {
     lock: Mutex<Option<File>>,
     owners: bool,
     state: Mutex<TreeState>,
+    /// Position changes not yet written to the state file, and when it was last written.
+    unsaved: Mutex<(bool, Option<Instant>)>,
     sessions: Mutex<Vec<Arc<SessionEntry>>>,
+    peers: Mutex<Vec<PeerRecord>>,
     next_serial: AtomicU64,
 }
 
@@ -230,7 +272,9 @@ impl Standby {
             lock: Mutex::new(None),
             owners: fsroot::can_chown(),
             state: Mutex::new(TreeState::fresh(Role::Standby)),
+            unsaved: Mutex::new((false, None)),
             sessions: Mutex::new(Vec::new()),
+            peers: Mutex::new(Vec::new()),
             next_serial: AtomicU64::new(1),
         };
         if access == Access::Write {
@@ -312,6 +356,22 @@ impl Standby {
                 ),
             });
         }
+        if writer {
+            let key = peer_key(&peer);
+            let mut peers = self.peers.lock().unwrap();
+            let rec = match peers.iter_mut().position(|p| p.key == key) {
+                Some(i) => &mut peers[i],
+                None => {
+                    peers.push(PeerRecord {
+                        key,
+                        ..PeerRecord::default()
+                    });
+                    peers.last_mut().unwrap()
+                }
+            };
+            rec.sessions += 1;
+            rec.addr = peer.addr;
+        }
         let entry = Arc::new(SessionEntry {
             serial: self.next_serial.fetch_add(1, Ordering::Relaxed),
             peer,
@@ -319,12 +379,14 @@ impl Standby {
             started: Instant::now(),
             started_at: SystemTime::now(),
             stats: SessionStats::default(),
+            heard: Mutex::new(Heard::default()),
             abort,
         });
         sessions.push(entry.clone());
         Ok(Admission {
             standby: self,
             entry,
+            error: None,
         })
     }
 
@@ -423,6 +485,111 @@ impl Standby {
         TreeState::parse(&bytes, &self.state_shown()).map(Some)
     }
 
+    /// A writing session's primary says batch `pos` is durable here (its heartbeat): kept
+    /// in memory at once, written to the state file at most once a second.
+    pub fn note_position(&self, pos: Position, primary: Option<NodeId>, now: Instant) {
+        {
+            let mut st = self.state.lock().unwrap();
+            if pos.epoch != st.epoch || pos <= st.position {
+                return;
+            }
+            st.position = pos;
+            st.primary = primary.map(|id| id.to_string()).or(st.primary.take());
+        }
+        self.unsaved.lock().unwrap().0 = true;
+        self.save_if_due(now, false);
+    }
+
+    /// Writes the state file if positions changed since it was last written, at most once
+    /// a second unless `force`. A failure (a full or read-only disk) is logged: the file is
+    /// a record, replication does not depend on it.
+    pub fn save_if_due(&self, now: Instant, force: bool) {
+        let mut unsaved = self.unsaved.lock().unwrap();
+        let due = unsaved
+            .1
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1));
+        if !unsaved.0 || !(due || force) || self.access != Access::Write {
+            return;
+        }
+        let mut st = self.state();
+        st.updated = crate::clock::now_rfc3339();
+        match self.write_state(&st) {
+            Ok(()) => *unsaved = (false, Some(now)),
+            Err(e) => tracing::warn!("cannot write {}: {e}", self.state_shown()),
+        }
+    }
+
+    /// The primaries served since the process started, as `status` shows them.
+    pub fn primaries(&self, now: Instant, wall: SystemTime) -> Vec<PrimaryStatus> {
+        let at = |t: SystemTime| {
+            (
+                crate::clock::rfc3339(t),
+                wall.duration_since(t).unwrap_or_default().as_secs_f64(),
+            )
+        };
+        let live = self.sessions();
+        self.peers
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|rec| {
+                let session = live
+                    .iter()
+                    .find(|s| s.writer && peer_key(&s.peer) == rec.key);
+                let (since, since_seconds) = match (session, rec.ended_at) {
+                    (Some(s), _) => at(s.started_at),
+                    (None, Some(t)) => at(t),
+                    (None, None) => at(wall),
+                };
+                let heard = session
+                    .map(|s| *s.heard.lock().unwrap())
+                    .unwrap_or_default();
+                let mut totals = rec.totals.clone();
+                if let Some(s) = session {
+                    let r = s.stats.report();
+                    totals.files_written += r.files_written;
+                    totals.bytes_written += r.bytes_written;
+                    totals.entries_removed += r.entries_removed;
+                    totals.failed_ops += r.failed_ops;
+                }
+                PrimaryStatus {
+                    primary: rec.key.clone(),
+                    addr: rec.addr.map(|a| a.to_string()),
+                    connected: session.is_some(),
+                    since,
+                    since_seconds,
+                    last_heartbeat_age_seconds: heard
+                        .last
+                        .map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                    lag_seconds: session.and_then(|s| s.lag(now)).map(|d| d.as_secs_f64()),
+                    pending_changes: heard.beat.map(|(b, _)| b.pending),
+                    position: heard
+                        .beat
+                        .map(|(b, _)| Position {
+                            epoch: b.epoch,
+                            seq: b.seq,
+                        })
+                        .unwrap_or(rec.position),
+                    sessions: rec.sessions,
+                    files_written: totals.files_written,
+                    bytes_written: totals.bytes_written,
+                    entries_removed: totals.entries_removed,
+                    failed_ops: totals.failed_ops,
+                    last_error: if session.is_some() {
+                        None
+                    } else {
+                        rec.last_error.clone()
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// The tree's filesystem.
+    pub fn space(&self) -> Option<Space> {
+        self.root.as_ref().and_then(|r| Space::of(r.fd()).ok())
+    }
+
     /// Writes `st` as the tree's state, atomically and durably.
     pub fn write_state(&self, st: &TreeState) -> io::Result<()> {
         let root = self.root()?;
@@ -447,16 +614,95 @@ impl LockError {
     }
 }
 
+/// The key a primary is recorded under: its ID, or `local`.
+fn peer_key(peer: &Peer) -> String {
+    peer.id
+        .map_or_else(|| "local".to_string(), |id| id.to_string())
+}
+
 /// A session's place in the registry; dropping it ends the session there.
 pub struct Admission<'s> {
     standby: &'s Standby,
     pub entry: Arc<SessionEntry>,
+    /// Why the session failed, if it did (set by [`Admission::finish`]).
+    error: Option<String>,
+}
+
+impl Admission<'_> {
+    /// Ends the session, recording why it failed, if it did.
+    pub fn finish(mut self, error: Option<String>) {
+        self.error = error;
+    }
 }
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        let mut sessions = self.standby.sessions.lock().unwrap();
-        sessions.retain(|s| s.serial != self.entry.serial);
+        let e = &self.entry;
+        self.standby
+            .sessions
+            .lock()
+            .unwrap()
+            .retain(|s| s.serial != e.serial);
+        if e.writer {
+            let key = peer_key(&e.peer);
+            let mut peers = self.standby.peers.lock().unwrap();
+            if let Some(rec) = peers.iter_mut().find(|p| p.key == key) {
+                let r = e.stats.report();
+                rec.totals.files_written += r.files_written;
+                rec.totals.bytes_written += r.bytes_written;
+                rec.totals.entries_removed += r.entries_removed;
+                rec.totals.failed_ops += r.failed_ops;
+                rec.ended_at = Some(SystemTime::now());
+                rec.last_error = self.error.take();
+                if let Some((b, _)) = e.heard.lock().unwrap().beat {
+                    rec.position = Position {
+                        epoch: b.epoch,
+                        seq: b.seq,
+                    };
+                }
+            }
+            drop(peers);
+            self.standby.save_if_due(Instant::now(), true);
+        }
+    }
+}
+
+/// The standby's side of one session's heartbeat.
+pub struct SessionPulse<'s> {
+    pub standby: &'s Standby,
+    pub entry: Arc<SessionEntry>,
+}
+
+impl Pulse for SessionPulse<'_> {
+    fn beat(&self, _now: Instant) -> Heartbeat {
+        let st = self.standby.state();
+        Heartbeat {
+            epoch: st.epoch,
+            seq: st.position.seq,
+            sent_at_ms: crate::clock::unix_ms(SystemTime::now()),
+            oldest_pending_ms: None,
+            pending: 0,
+            space: self.standby.space(),
+        }
+    }
+
+    fn silent(&self, now: Instant) -> Option<String> {
+        let last = self.entry.heard.lock().unwrap().last;
+        silence(last.unwrap_or(self.entry.started), now, "the primary")
+    }
+
+    fn heard(&self, beat: &Heartbeat, now: Instant) {
+        *self.entry.heard.lock().unwrap() = Heard {
+            last: Some(now),
+            beat: Some((*beat, now)),
+        };
+        if self.entry.writer {
+            let pos = Position {
+                epoch: beat.epoch,
+                seq: beat.seq,
+            };
+            self.standby.note_position(pos, self.entry.peer.id, now);
+        }
     }
 }
 

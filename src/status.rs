@@ -31,6 +31,17 @@ impl Space {
         }
     }
 
+    /// "1.2 GiB free of 64.0 GiB, 5000 of 4194304 inodes free".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} free of {}, {} of {} inodes free",
+            human_bytes(self.free_bytes),
+            human_bytes(self.total_bytes),
+            self.free_inodes,
+            self.total_inodes
+        )
+    }
+
     /// The space of the filesystem holding `fd`.
     pub fn of(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Space> {
         let s = rustix::fs::fstatvfs(fd)?;
@@ -40,6 +51,22 @@ impl Space {
             free_inodes: s.f_favail,
             total_inodes: s.f_files,
         })
+    }
+}
+
+/// A byte count for people: `512 B`, `1.5 KiB`, `3.2 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }
 

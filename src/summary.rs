@@ -45,6 +45,9 @@ pub struct Summary {
     pub metadata_updated: u64,
     /// Leftover temporary files of an interrupted run, removed from the standby.
     pub temps_removed: u64,
+    /// Entries the standby could not store because its disk is full (each also in
+    /// `errors`).
+    pub no_space: u64,
     /// Files that vanished or changed type between the scan (or event) and the read: routine
     /// races on a live tree, counted rather than reported one by one.
     pub vanished: u64,

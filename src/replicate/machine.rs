@@ -108,17 +108,6 @@ pub enum Event {
     },
 }
 
-/// What the heartbeat thread should do now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Tick {
-    /// Send this heartbeat.
-    Beat(Beat),
-    /// The standby has been silent too long: cut the connection, for this reason.
-    Gone(String),
-    /// No connection to beat on.
-    Idle,
-}
-
 /// What the primary tells its standby in a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Beat {
@@ -545,23 +534,21 @@ impl ReplicaMachine {
         }
     }
 
-    /// What the heartbeat thread does at `now`: beat, or give the standby up after `idle`
-    /// of silence.
-    pub fn tick(&mut self, now: Instant) -> Tick {
-        let Some(heard) = self.last_heard else {
-            return Tick::Idle;
-        };
+    /// Whether the standby has been silent longer than `idle` (then the connection is to be
+    /// cut, for the reason returned, which also explains the failure that follows).
+    pub fn silent(&mut self, now: Instant) -> Option<String> {
+        let heard = self.last_heard?;
         let silent = now.saturating_duration_since(heard);
-        if silent > self.cfg.idle {
-            let why = format!(
-                "the standby has been silent for {:.0} s (no heartbeat): giving it up",
-                silent.as_secs_f64()
-            );
-            self.cut = Some(why.clone());
-            self.last_heard = None;
-            return Tick::Gone(why);
+        if silent <= self.cfg.idle {
+            return None;
         }
-        Tick::Beat(self.beat(now))
+        let why = format!(
+            "the standby has been silent for {:.0} s (no heartbeat): giving it up",
+            silent.as_secs_f64()
+        );
+        self.cut = Some(why.clone());
+        self.last_heard = None;
+        Some(why)
     }
 
     /// This side's heartbeat.
@@ -758,14 +745,12 @@ mod tests {
     fn a_silent_standby_is_given_up_after_the_idle_limit() {
         let t0 = Instant::now();
         let mut m = machine(t0);
-        assert_eq!(m.tick(t0), Tick::Idle, "no connection, no heartbeat");
+        assert_eq!(m.silent(t0 + ms(60_000)), None, "no connection, no silence");
         streaming(&mut m, t0);
-        assert!(matches!(m.tick(t0 + ms(1000)), Tick::Beat(_)));
+        assert_eq!(m.silent(t0 + ms(1000)), None);
         m.heard(Heard { space: None }, t0 + ms(5000));
-        assert!(matches!(m.tick(t0 + ms(15_000)), Tick::Beat(_)));
-        let Tick::Gone(why) = m.tick(t0 + ms(15_001)) else {
-            panic!()
-        };
+        assert_eq!(m.silent(t0 + ms(15_000)), None);
+        let why = m.silent(t0 + ms(15_001)).unwrap();
         assert!(why.contains("silent for 10 s"), "{why}");
         // The broken stream that follows is explained by the silence.
         m.failed(
@@ -776,7 +761,11 @@ mod tests {
             m.poll_event().into_iter().chain(events(&mut m)).last(),
             Some(Event::Disconnected { why, .. }) if why.contains("silent")
         ));
-        assert_eq!(m.tick(t0 + ms(15_003)), Tick::Idle);
+        assert_eq!(
+            m.silent(t0 + ms(25_003)),
+            None,
+            "silence is judged per connection"
+        );
     }
 
     #[test]
@@ -785,9 +774,7 @@ mod tests {
         let mut m = machine(t0);
         streaming(&mut m, t0);
         m.push(Hint::Modified(p("log")), t0 + ms(100));
-        let Tick::Beat(b) = m.tick(t0 + ms(400)) else {
-            panic!()
-        };
+        let b = m.beat(t0 + ms(400));
         assert_eq!(b.position, Position { epoch: 1, seq: 1 });
         assert_eq!((b.pending, b.lag), (1, Some(ms(300))));
         m.heard(

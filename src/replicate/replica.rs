@@ -4,11 +4,13 @@
 
 use super::Observer;
 use super::batcher::Hint;
-use super::machine::{Action, Beat, Failure, Heard, ReplicaMachine, Tick};
+use super::machine::{Action, Failure, Heard, ReplicaMachine};
 use crate::error::Error;
 use crate::fsroot::Root;
+use crate::heartbeat::Pulse;
 use crate::link::Connector;
 use crate::progress::Silent;
+use crate::protocol::Heartbeat;
 use crate::sender::{Session, SyncOptions};
 use crate::status::{ReplicaStatus, VerifyStatus};
 use crate::transport::Connection;
@@ -123,19 +125,6 @@ impl Replica {
         }
     }
 
-    /// The heartbeat's view: what to send, or that the standby is gone.
-    pub fn tick(&self, now: Instant) -> Tick {
-        self.machine.lock().unwrap().tick(now)
-    }
-
-    pub fn beat(&self, now: Instant) -> Beat {
-        self.machine.lock().unwrap().beat(now)
-    }
-
-    pub fn heard(&self, heard: Heard, now: Instant) {
-        self.machine.lock().unwrap().heard(heard, now);
-    }
-
     /// A snapshot for `status`, metrics and the status line.
     pub fn status(&self, now: Instant, wall: SystemTime) -> ReplicaStatus {
         let m = self.machine.lock().unwrap();
@@ -216,8 +205,12 @@ impl Replica {
                     Ok(s) => {
                         let now = Instant::now();
                         self.wire.lock().unwrap().1 = Some(s.version);
+                        let position = s.position;
                         session = Some(s);
-                        self.with(|m| m.connected(now));
+                        self.with(|m| {
+                            m.connected(now);
+                            m.resume_from(position);
+                        });
                     }
                     Err(e @ Error::Usage(_)) => return Err(e),
                     Err(e) => self.report(Err(e), &mut session),
@@ -261,7 +254,7 @@ impl Replica {
         }
     }
 
-    fn connect(&self) -> Result<Session<'static>, Error> {
+    fn connect(self: &Arc<Self>) -> Result<Session<'static>, Error> {
         let root = self
             .root
             .lock()
@@ -273,7 +266,8 @@ impl Replica {
             conn: link.conn().clone(),
             busy_since: Some(Instant::now()),
         });
-        let s = Session::open(root, link, &self.sync_opts, &Silent);
+        let pulse: Arc<dyn Pulse> = self.clone();
+        let s = Session::open_with(root, link, &self.sync_opts, &Silent, pulse);
         if let Some(c) = &mut *self.current.lock().unwrap() {
             c.busy_since = None;
         }
@@ -311,6 +305,20 @@ impl Replica {
     ) {
         let now = Instant::now();
         match r {
+            Ok(out) if out.summary.no_space > 0 => {
+                // Nothing is lost: the changes stay queued until the standby has room.
+                let s = &out.summary;
+                let why = format!(
+                    "the standby {} is full: {} change(s) could not be stored ({})",
+                    self.name,
+                    s.no_space,
+                    s.errors
+                        .iter()
+                        .find(|e| e.error.contains("space") || e.error.contains("quota"))
+                        .map_or("no space left", |e| e.error.as_str())
+                );
+                self.with(|m| m.failed(Failure::StandbyFull(why), now));
+            }
             Ok(out) => self.with(|m| m.done(out.summary, now)),
             Err(e) => {
                 let f = failure_of(&e);
@@ -368,5 +376,31 @@ fn failure_of(e: &Error) -> Failure {
     match e {
         Error::Refused(why) => Failure::Source(why.clone()),
         other => Failure::Link(other.to_string()),
+    }
+}
+
+/// The replica's heartbeat: its position, queue and lag go to the standby; the standby's
+/// free space comes back; its silence cuts the connection.
+impl Pulse for Replica {
+    fn beat(&self, now: Instant) -> Heartbeat {
+        let b = self.machine.lock().unwrap().beat(now);
+        let wall = SystemTime::now();
+        Heartbeat {
+            epoch: b.position.epoch,
+            seq: b.position.seq,
+            sent_at_ms: crate::clock::unix_ms(wall),
+            oldest_pending_ms: b.lag.map(|l| crate::clock::unix_ms(wall - l)),
+            pending: b.pending,
+            space: None,
+        }
+    }
+
+    fn silent(&self, now: Instant) -> Option<String> {
+        self.machine.lock().unwrap().silent(now)
+    }
+
+    fn heard(&self, beat: &Heartbeat, now: Instant) {
+        let heard = Heard { space: beat.space };
+        self.machine.lock().unwrap().heard(heard, now);
     }
 }

@@ -135,6 +135,8 @@ struct Shared {
     pipes: Mutex<Vec<Weak<Pipe>>>,
     /// Which end aborted (true: the opening end, the primary), and why.
     aborted: Mutex<Option<(bool, String)>>,
+    /// An end that gave the other up (it fell silent), and why.
+    gave_up: Mutex<Option<(bool, String)>>,
 }
 
 /// One end of an in-memory connection.
@@ -227,7 +229,21 @@ impl Connection for LocalConnection {
 
     /// The other end's reason, when it aborted: the in-process standby's failure explains
     /// a broken stream on the primary.
+    fn give_up(&self, reason: &str) {
+        self.shared
+            .gave_up
+            .lock()
+            .unwrap()
+            .get_or_insert((self.opener, reason.to_string()));
+        self.abort(reason);
+    }
+
     fn failure(&self) -> Option<crate::error::Error> {
+        if let Some((by, why)) = &*self.shared.gave_up.lock().unwrap()
+            && *by == self.opener
+        {
+            return Some(crate::error::Error::Unreachable(why.clone()));
+        }
         let aborted = self.shared.aborted.lock().unwrap();
         let (by_opener, reason) = aborted.as_ref()?;
         if *by_opener == self.opener {

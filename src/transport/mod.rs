@@ -47,9 +47,14 @@ pub trait Connection: Send + Sync {
     fn abort(&self, reason: &str) {
         self.close(reason)
     }
-    /// Why the peer or the network ended the connection, as an error for the user; `None`
-    /// while it is open, or when this side closed it. It explains a broken stream better
-    /// than the stream's own error.
+    /// Closes the connection because the peer is gone (silent too long); from then on
+    /// [`Connection::failure`] says so.
+    fn give_up(&self, reason: &str) {
+        self.abort(reason)
+    }
+    /// Why the peer or the network ended the connection (or this side gave the peer up), as
+    /// an error for the user; `None` while it is open, or when this side closed it. It
+    /// explains a broken stream better than the stream's own error.
     fn failure(&self) -> Option<Error> {
         None
     }

@@ -172,6 +172,8 @@ pub struct QuicConnection {
     /// How the peer or the network ended the connection, kept before any local close
     /// (which would otherwise be all `close_reason` reports).
     ended: std::sync::Mutex<Option<ConnectionError>>,
+    /// Why this side gave the peer up (it fell silent).
+    gave_up: std::sync::Mutex<Option<String>>,
     rt: Handle,
     bytes: Arc<AtomicU64>,
     /// The client's own endpoint, drained on close so the close reaches the peer.
@@ -183,6 +185,7 @@ impl QuicConnection {
         QuicConnection {
             conn,
             ended: Default::default(),
+            gave_up: Default::default(),
             rt,
             bytes: Arc::new(AtomicU64::new(0)),
             endpoint: None,
@@ -242,6 +245,9 @@ impl Connection for QuicConnection {
 
     /// How the peer or the network ended the connection (kept before any local close).
     fn failure(&self) -> Option<Error> {
+        if let Some(why) = self.gave_up.lock().unwrap().clone() {
+            return Some(Error::Unreachable(why));
+        }
         let addr = self.remote();
         let reason = self
             .ended
@@ -291,6 +297,14 @@ impl Connection for QuicConnection {
         }
         self.conn
             .close(VarInt::from_u32(CLOSE_OK), reason.as_bytes());
+    }
+
+    fn give_up(&self, reason: &str) {
+        self.gave_up
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| reason.to_string());
+        self.abort(reason);
     }
 
     fn abort(&self, reason: &str) {
@@ -368,6 +382,7 @@ pub fn connect(
     Ok(QuicConnection {
         conn,
         ended: Default::default(),
+        gave_up: Default::default(),
         rt: rt.clone(),
         bytes: Arc::new(AtomicU64::new(0)),
         endpoint: Some(ep),

@@ -230,22 +230,21 @@ impl Hostile {
         let conn =
             hotsync::transport::quic::connect(self.rt.handle(), &self.url, self.server, &self.me)
                 .unwrap();
-        let s = conn.open().unwrap();
-        let mut r = FrameReader::new(s.recv);
-        let mut w = FrameWriter::new(s.send);
-        w.greeting().unwrap();
-        if !raw {
-            w.send(&Message::Open {
+        let mut ch = hotsync::channel::Channel::open(&conn).unwrap();
+        if raw {
+            ch.w.greeting().unwrap();
+        } else {
+            let open = Message::Open {
                 excludes: vec![],
-                dry_run: false,
-            })
-            .unwrap();
-            w.flush().unwrap();
-            r.greeting().unwrap();
-            assert!(matches!(r.recv().unwrap(), Message::Opened { .. }));
+                mode: hotsync::protocol::SessionMode::Write,
+                epoch: 1,
+            };
+            ch.open_session(&open).unwrap();
+            assert!(matches!(ch.recv().unwrap(), Message::Opened { .. }));
         }
-        f(&mut r, &mut w);
-        let _ = w.flush();
+        let hotsync::channel::Channel { r, w } = &mut ch;
+        f(r, w);
+        let _ = ch.flush();
         // Give the standby a moment to react, then hang up.
         std::thread::sleep(Duration::from_millis(200));
         conn.abort("hostile test done");
@@ -313,8 +312,7 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
             Message::Ack {
                 id: 7,
                 error: Some(e),
-                ..
-            } => assert!(e.contains("symlink"), "{e}"),
+            } => assert!(e.message.contains("symlink"), "{e:?}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
     });

@@ -1,6 +1,7 @@
 //! Human reports: the sync summary line, the dry-run plan, the verify report.
 
 use hotsync::plan::Plan;
+pub use hotsync::status::human_bytes;
 use hotsync::summary::Summary;
 use std::io::Write;
 
@@ -94,20 +95,5 @@ pub fn print_plan(p: &Plan) {
     }
     for d in &p.deletes {
         let _ = writeln!(out, "delete    {d}");
-    }
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
