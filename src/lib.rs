@@ -6,11 +6,13 @@
 //! in-process over [`transport::local`], the same bytes QUIC carries for a remote one; a
 //! [`link`] is either.
 
+pub mod alert;
 pub mod atomic;
 pub mod bytes;
 pub mod channel;
 pub mod check;
 pub mod clock;
+pub mod control;
 pub mod delta;
 pub mod error;
 pub mod filter;
@@ -20,6 +22,7 @@ pub mod heartbeat;
 pub mod identity;
 pub mod link;
 pub mod manifest;
+pub mod metrics;
 pub mod path;
 pub mod plan;
 pub mod progress;

@@ -1,21 +1,81 @@
 //! `hotsync serve`: accepts primaries on a QUIC endpoint, admits only allowed IDs, and runs
 //! one receiver session per connection, each isolated from the others.
 
+use crate::alert::{AlertConfig, Alerts};
+use crate::control::Control;
 use crate::error::Error;
 use crate::identity::NodeId;
 use crate::standby::{Peer, Standby};
+use crate::status::{Health, Instance};
 use crate::transport::quic::{CLOSE_REFUSED, CLOSE_SHUTDOWN, QuicConnection, Server};
 use crate::transport::{Connection, tls};
 use quinn::VarInt;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 pub struct ServeOptions {
     /// The tree, held for the life of the server.
     pub standby: Arc<Standby>,
     pub allow: HashSet<NodeId>,
+}
+
+/// A running `serve`, as `status` and the metrics see it.
+pub struct Serving {
+    pub standby: Arc<Standby>,
+    pub listen: std::net::SocketAddr,
+    pub node_id: NodeId,
+    pub alerts: Arc<Alerts>,
+    started: Instant,
+    started_at: SystemTime,
+}
+
+impl Serving {
+    pub fn new(
+        standby: Arc<Standby>,
+        listen: std::net::SocketAddr,
+        node_id: NodeId,
+        alerts: AlertConfig,
+    ) -> Serving {
+        Serving {
+            standby,
+            listen,
+            node_id,
+            alerts: Arc::new(Alerts::new(alerts)),
+            started: Instant::now(),
+            started_at: SystemTime::now(),
+        }
+    }
+}
+
+impl Control for Serving {
+    fn status(&self) -> Instance {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let st = self.standby.state();
+        let tree = std::fs::canonicalize(self.standby.path())
+            .unwrap_or_else(|_| self.standby.path().to_path_buf());
+        let mut i = Instance {
+            pid: std::process::id(),
+            command: "serve".into(),
+            role: st.role,
+            tree: tree.display().to_string(),
+            node_id: Some(self.node_id.to_string()),
+            listen: Some(self.listen.to_string()),
+            started_at: crate::clock::rfc3339(self.started_at),
+            uptime_seconds: now.duration_since(self.started).as_secs_f64(),
+            protocol: crate::protocol::VERSION,
+            epoch: st.epoch,
+            health: Health::default(),
+            thresholds: self.alerts.thresholds(),
+            replicas: vec![],
+            primaries: self.standby.primaries(now, wall),
+            space: self.standby.space(),
+            alerts: self.alerts.statuses(),
+        };
+        i.assess();
+        i
+    }
 }
 
 /// Checks what `serve` needs before it binds: a root directory and at least one primary.

@@ -89,8 +89,9 @@ pub enum ReplicaState {
 /// The last background verify.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VerifyStatus {
-    /// When it finished (RFC 3339).
+    /// When it finished (RFC 3339, and seconds since the Unix epoch).
     pub at: String,
+    pub at_unix: f64,
     pub identical: bool,
     pub differences: u64,
     pub repaired: u64,
@@ -133,6 +134,8 @@ pub struct ReplicaStatus {
     pub last_verify: Option<VerifyStatus>,
     /// The standby's filesystem, from its heartbeats.
     pub standby_space: Option<Space>,
+    /// The standby could not store the last batch: its disk is full (changes stay queued).
+    pub standby_full: bool,
     /// The protocol version of the current connection.
     pub protocol: Option<u16>,
 }
@@ -189,6 +192,15 @@ pub struct Health {
     pub reasons: Vec<String>,
 }
 
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            state: HealthState::Healthy,
+            reasons: Vec::new(),
+        }
+    }
+}
+
 /// An alert's state, as the hook was last told.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertStatus {
@@ -237,7 +249,16 @@ impl Instance {
     pub fn assess(&mut self) {
         let mut reasons = Vec::new();
         let t = self.thresholds;
+        // Three missed heartbeats are worth a look long before the idle limit gives up.
+        let stale = |age: Option<f64>| age.is_some_and(|a| a > 3.0);
         for r in &self.replicas {
+            if r.connected && stale(r.last_heartbeat_age_seconds) {
+                reasons.push(format!(
+                    "{}: no heartbeat for {:.1} s",
+                    r.standby,
+                    r.last_heartbeat_age_seconds.unwrap_or_default()
+                ));
+            }
             match r.state {
                 ReplicaState::Streaming => {}
                 ReplicaState::Paused => reasons.push(format!(
@@ -280,6 +301,23 @@ impl Instance {
         if self.role == Role::Standby && self.command == "serve" {
             if !self.primaries.iter().any(|p| p.connected) {
                 reasons.push("no primary connected".into());
+            }
+            for p in self.primaries.iter().filter(|p| p.connected) {
+                if stale(p.last_heartbeat_age_seconds) {
+                    reasons.push(format!(
+                        "primary {}: no heartbeat for {:.1} s",
+                        p.primary,
+                        p.last_heartbeat_age_seconds.unwrap_or_default()
+                    ));
+                }
+                if let (Some(max), Some(lag)) = (t.alert_lag_seconds, p.lag_seconds)
+                    && lag > max
+                {
+                    reasons.push(format!(
+                        "primary {}: lag {lag:.1} s is above --alert-lag {max} s",
+                        p.primary
+                    ));
+                }
             }
             if let (Some(min), Some(sp)) = (t.alert_free_percent, self.space)
                 && sp.free_percent() < min

@@ -177,6 +177,8 @@ pub struct ReplicaMachine {
     unsynced_since: Option<Instant>,
     /// Held back from sending until then (the standby's disk was full).
     hold_until: Option<Instant>,
+    /// The standby's disk was full at the last attempt.
+    pub full: bool,
     paused: Option<String>,
     /// False until the replicator hands over a usable source ([`ReplicaMachine::resume`]).
     source_ready: bool,
@@ -222,6 +224,7 @@ impl ReplicaMachine {
             in_flight: None,
             unsynced_since: Some(now),
             hold_until: None,
+            full: false,
             paused: None,
             source_ready: false,
             stopping: false,
@@ -354,6 +357,7 @@ impl ReplicaMachine {
             return;
         };
         self.durable = f.seq;
+        self.full = false;
         self.files_replicated += summary.files_transferred;
         self.bytes_replicated += summary.bytes_literal + summary.bytes_matched;
         self.vanished += summary.vanished;
@@ -401,6 +405,7 @@ impl ReplicaMachine {
             Failure::StandbyFull(why) => {
                 let d = self.backoff.take();
                 self.hold_until = Some(now + d);
+                self.full = true;
                 self.last_error = Some(why.clone());
                 // A full reconcile that failed is still owed.
                 self.events.push_back(Event::Full { why, retry_in: d });

@@ -16,12 +16,13 @@ pub mod machine;
 pub mod replica;
 pub mod watcher;
 
+use crate::alert::{AlertConfig, Alerts};
 use crate::error::Error;
 use crate::fsroot::Root;
 use crate::link::{Connector, Target};
 use crate::sender::SyncOptions;
 use crate::standby::{Access, Role};
-use crate::status::{Instance, Thresholds};
+use crate::status::Instance;
 pub use machine::Event;
 use replica::{Replica, VerifyPlan};
 use std::os::unix::fs::MetadataExt;
@@ -42,8 +43,8 @@ pub struct WatchOptions {
     pub verify_every: Option<Duration>,
     /// Bytes per second the background verify may read on each side.
     pub verify_rate: u64,
-    /// The thresholds `status` judges by (and alerts fire on).
-    pub thresholds: Thresholds,
+    /// What alerts fire on (and `status` judges by).
+    pub alerts: AlertConfig,
 }
 
 /// Hears what a watch does: for logs, JSON lines, alerts, or a test.
@@ -103,6 +104,7 @@ pub struct Watch {
     src: PathBuf,
     opts: WatchOptions,
     replicas: Vec<Arc<Replica>>,
+    alerts: Arc<Alerts>,
     started: Instant,
     started_at: SystemTime,
 }
@@ -145,6 +147,7 @@ impl Watch {
         }
         Ok(Watch {
             src: src.to_path_buf(),
+            alerts: Arc::new(Alerts::new(opts.alerts.clone())),
             opts,
             replicas,
             started: now,
@@ -152,8 +155,15 @@ impl Watch {
         })
     }
 
+    /// The watch's alerts (judged by an [`crate::alert::Evaluator`]).
+    pub fn alerts(&self) -> Arc<Alerts> {
+        self.alerts.clone()
+    }
+}
+
+impl crate::control::Control for Watch {
     /// A snapshot of this watch and its replicas.
-    pub fn status(&self) -> Instance {
+    fn status(&self) -> Instance {
         let (now, wall) = (Instant::now(), SystemTime::now());
         let tree = std::fs::canonicalize(&self.src).unwrap_or_else(|_| self.src.clone());
         let mut i = Instance {
@@ -167,20 +177,19 @@ impl Watch {
             uptime_seconds: now.duration_since(self.started).as_secs_f64(),
             protocol: crate::protocol::VERSION,
             epoch: 1,
-            health: crate::status::Health {
-                state: crate::status::HealthState::Healthy,
-                reasons: vec![],
-            },
-            thresholds: self.opts.thresholds,
+            health: crate::status::Health::default(),
+            thresholds: self.alerts.thresholds(),
             replicas: self.replicas.iter().map(|r| r.status(now, wall)).collect(),
             primaries: vec![],
             space: None,
-            alerts: vec![],
+            alerts: self.alerts.statuses(),
         };
         i.assess();
         i
     }
+}
 
+impl Watch {
     /// Watches and replicates until `shutdown` is set. Returns `Ok` on a clean shutdown;
     /// an error only for problems that retrying cannot fix.
     pub fn run(&self, shutdown: &AtomicBool, obs: &dyn Observer) -> Result<(), Error> {

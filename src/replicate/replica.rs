@@ -159,12 +159,15 @@ impl Replica {
             last_error: m.last_error.clone(),
             last_verify: m.last_verify.as_ref().map(|(t, r, n, e)| VerifyStatus {
                 at: at(*t),
+                at_unix: crate::clock::unix_ms(wall - now.saturating_duration_since(*t)) as f64
+                    / 1000.0,
                 identical: r.identical && e.is_none(),
                 differences: r.differing().len() as u64,
                 repaired: *n as u64,
                 error: e.clone(),
             }),
             standby_space: m.standby_space(),
+            standby_full: m.full,
             protocol: m.is_connected().then_some(protocol).flatten(),
         }
     }

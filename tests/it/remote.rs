@@ -217,11 +217,33 @@ impl Hostile {
         }
     }
 
-    /// Connects, opens a session (greeting, `Open`, the listing) unless `raw`, then lets
-    /// `f` misbehave on the control stream.
+    /// Connects, opens a session (greeting, `Open`) unless `raw` (then only the greeting),
+    /// then lets `f` misbehave on the control stream.
     fn session(
         &self,
         raw: bool,
+        f: impl FnOnce(
+            &mut FrameReader<Box<dyn std::io::Read + Send>>,
+            &mut FrameWriter<Box<dyn hotsync::transport::SendHalf>>,
+        ),
+    ) {
+        self.stream(Some(raw), f)
+    }
+
+    /// Connects and lets `f` speak first on the control stream, greeting included.
+    fn bare(
+        &self,
+        f: impl FnOnce(
+            &mut FrameReader<Box<dyn std::io::Read + Send>>,
+            &mut FrameWriter<Box<dyn hotsync::transport::SendHalf>>,
+        ),
+    ) {
+        self.stream(None, f)
+    }
+
+    fn stream(
+        &self,
+        raw: Option<bool>,
         f: impl FnOnce(
             &mut FrameReader<Box<dyn std::io::Read + Send>>,
             &mut FrameWriter<Box<dyn hotsync::transport::SendHalf>>,
@@ -231,9 +253,9 @@ impl Hostile {
             hotsync::transport::quic::connect(self.rt.handle(), &self.url, self.server, &self.me)
                 .unwrap();
         let mut ch = hotsync::channel::Channel::open(&conn).unwrap();
-        if raw {
+        if raw == Some(true) {
             ch.w.greeting().unwrap();
-        } else {
+        } else if raw == Some(false) {
             let open = Message::Open {
                 excludes: vec![],
                 mode: hotsync::protocol::SessionMode::Write,
@@ -446,4 +468,106 @@ fn serve_stops_cleanly_on_sigterm() {
         .expect("serve did not stop on SIGTERM");
     assert_eq!(status.code(), Some(0));
     assert!(s.log().contains("stopped"), "{}", s.log());
+}
+
+/// A greeting as a protocol-1 hotsync sends it.
+fn v1_greeting() -> Vec<u8> {
+    let mut g = hotsync::protocol::MAGIC.to_vec();
+    g.extend_from_slice(&1u16.to_le_bytes());
+    g.extend_from_slice(&1u16.to_le_bytes());
+    g
+}
+
+#[test]
+fn a_version_1_primary_is_refused_with_both_versions_named() {
+    let t = Pair::new();
+    write(&t.s("f"), b"f");
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    let h = Hostile::new(&m);
+    h.bare(|r, w| {
+        w.write_raw(&v1_greeting()).unwrap();
+        w.flush().unwrap();
+        // The standby's own greeting (what a version 1 peer reads, and refuses by itself),
+        // unless its close, which names both versions too, overtook it.
+        let mut g = [0u8; 12];
+        match r.read_raw(&mut g) {
+            Ok(()) => {
+                assert_eq!(&g[..8], hotsync::protocol::MAGIC);
+                assert_eq!((g[8], g[10]), (2, 2), "the standby speaks 2 and accepts 2");
+            }
+            Err(e) => assert!(e.to_string().contains("the peer speaks 1"), "{e}"),
+        }
+    });
+    let start = Instant::now();
+    while !m.server.log().contains("protocol version mismatch") {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{}",
+            m.server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = m.server.log();
+    assert!(
+        log.contains("speaks protocol 2") && log.contains("the peer speaks 1"),
+        "{log}"
+    );
+    // Nothing written, and a current primary is served as ever.
+    assert!(!t.d("f").exists());
+    m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+}
+
+#[test]
+fn a_version_1_standby_is_refused_with_both_versions_named() {
+    let t = Pair::new();
+    write(&t.s("f"), b"f");
+    // A standby that answers as protocol 1 would: the real QUIC endpoint, a v1 greeting.
+    let home = t.dir.path().join("old-standby");
+    let standby_id = keygen(&home);
+    let primary_home = t.dir.path().join("p");
+    keygen(&primary_home);
+    let rt = hotsync::transport::quic::runtime().unwrap();
+    let me = identity::load(&home).unwrap();
+    let server = hotsync::transport::quic::bind(rt.handle(), "127.0.0.1:0", &me).unwrap();
+    let port = server.addr.port();
+    let handle = rt.handle().clone();
+    let old = std::thread::spawn(move || {
+        let conn = handle.block_on(async {
+            let inc = server.endpoint.accept().await.unwrap();
+            inc.await.unwrap()
+        });
+        let qc = hotsync::transport::quic::QuicConnection::new(conn, handle.clone());
+        let s = qc.accept().unwrap().unwrap();
+        let mut w = FrameWriter::new(s.send);
+        w.write_raw(&v1_greeting()).unwrap();
+        w.flush().unwrap();
+        let mut r = FrameReader::new(s.recv);
+        let mut g = [0u8; 12];
+        let _ = r.read_raw(&mut g);
+        std::thread::sleep(Duration::from_millis(300));
+        g
+    });
+    let r = run([
+        "--home".as_ref(),
+        primary_home.as_os_str(),
+        "sync".as_ref(),
+        t.src.as_os_str(),
+        format!("quic://127.0.0.1:{port}").as_ref(),
+        "--server-id".as_ref(),
+        standby_id.as_ref(),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("speaks protocol 2") && r.stderr.contains("the peer speaks 1"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    let g = old.join().unwrap();
+    assert_eq!(
+        (g[8], g[10]),
+        (2, 2),
+        "the old standby heard our versions too"
+    );
 }

@@ -39,6 +39,49 @@ pub enum Command {
     Watch(WatchArgs),
     /// Compare SRC and DEST and report every difference
     Verify(VerifyArgs),
+    /// Show the health of the watch and serve processes running on this node
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Monitoring and alerting, for `watch` and `serve`.
+#[derive(Args, Debug, Clone)]
+pub struct Monitoring {
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9478)
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+    /// Alert when the replication lag exceeds DURATION (e.g. 30s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub alert_lag: Option<std::time::Duration>,
+    /// Alert when the standby's free space (bytes or inodes) falls below PERCENT
+    #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+    pub alert_free: Option<f64>,
+    /// Run this program when an alert fires and when it clears (no shell: the program and
+    /// its arguments, split on spaces; HOTSYNC_ALERT, HOTSYNC_STATE, HOTSYNC_VALUE and
+    /// HOTSYNC_STANDBY in its environment)
+    #[arg(long, value_name = "CMD")]
+    pub on_alert: Option<String>,
+}
+
+/// Parses a percentage, 0 to 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("bad percentage {s:?}: expected a number from 0 to 100"))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(format!(
+            "bad percentage {s:?}: expected a number from 0 to 100"
+        ));
+    }
+    Ok(v)
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +95,8 @@ pub struct ServeArgs {
     /// A primary ID allowed to connect (repeatable)
     #[arg(long, value_name = "ID")]
     pub allow: Vec<String>,
+    #[command(flatten)]
+    pub monitoring: Monitoring,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -114,6 +159,8 @@ pub struct WatchArgs {
     /// How fast the background verify may read, on each side, in MiB/s
     #[arg(long, value_name = "MIB_S", default_value_t = 64)]
     pub verify_rate: u64,
+    #[command(flatten)]
+    pub monitoring: Monitoring,
 }
 
 /// Parses `250ms`, `2s`, `5m`, `1h` (a bare number is seconds).

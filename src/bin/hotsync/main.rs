@@ -5,12 +5,14 @@ mod args;
 mod bars;
 mod report;
 mod signals;
+mod status;
 mod watching;
 
 use anyhow::bail;
-use args::{Cli, Command, Common, ServeArgs, SyncArgs, VerifyArgs, WatchArgs};
+use args::{Cli, Command, Common, Monitoring, ServeArgs, SyncArgs, VerifyArgs, WatchArgs};
 use bars::Bars;
 use clap::Parser;
+use hotsync::control::Control;
 use hotsync::identity::{self, NodeId};
 use hotsync::replicate::{Watch, WatchOptions};
 use hotsync::{Monitor, SyncOptions, Target};
@@ -89,6 +91,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Serve(args) => serve(cli, args),
         Command::Watch(args) => watch(cli, args),
         Command::Verify(args) => verify(cli, args),
+        Command::Status(args) => status::status(cli, args),
     }
 }
 
@@ -105,7 +108,24 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let me = identity::load(&home)?;
     let rt = hotsync::transport::quic::runtime()?;
     let server = hotsync::transport::quic::bind(rt.handle(), &args.listen, &me)?;
-    let standby = hotsync::standby::Standby::open(&args.root, hotsync::standby::Access::Write)?;
+    let standby = Arc::new(hotsync::standby::Standby::open(
+        &args.root,
+        hotsync::standby::Access::Write,
+    )?);
+    let serving = Arc::new(hotsync::server::Serving::new(
+        standby.clone(),
+        server.addr,
+        me.id,
+        alert_config(&args.monitoring)?,
+    ));
+    let monitor = start_monitoring(
+        &home,
+        "serve",
+        &args.monitoring,
+        serving.clone(),
+        serving.alerts.clone(),
+        None,
+    )?;
     // Signal handlers before the announcement: a SIGTERM right after it must stop us cleanly.
     let shutdown = {
         let _guard = rt.enter();
@@ -120,12 +140,66 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         if allow.len() == 1 { "y" } else { "ies" }
     );
     let opts = hotsync::server::ServeOptions {
-        standby: Arc::new(standby),
+        standby,
         allow: allow.into_iter().collect(),
     };
     rt.block_on(hotsync::server::run(server, opts, shutdown));
+    drop(monitor);
     tracing::info!("stopped");
     Ok(0)
+}
+
+/// `--alert-*` and `--on-alert` as the library takes them.
+fn alert_config(m: &Monitoring) -> anyhow::Result<hotsync::alert::AlertConfig> {
+    let hook = m
+        .on_alert
+        .as_deref()
+        .map(hotsync::alert::AlertConfig::parse_hook)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    Ok(hotsync::alert::AlertConfig {
+        lag: m.alert_lag,
+        free_percent: m.alert_free,
+        hook,
+    })
+}
+
+/// What keeps a running instance observable: its control socket, its metrics endpoint,
+/// and the alert evaluator. Dropping it stops them.
+struct Observability {
+    _socket: hotsync::control::ControlSocket,
+    _metrics: Option<hotsync::metrics::MetricsServer>,
+    _alerts: hotsync::alert::Evaluator,
+}
+
+fn start_monitoring(
+    home: &std::path::Path,
+    command: &str,
+    m: &Monitoring,
+    control: Arc<dyn hotsync::control::Control>,
+    alerts: Arc<hotsync::alert::Alerts>,
+    view: Option<Arc<watching::WatchView>>,
+) -> anyhow::Result<Observability> {
+    let socket = hotsync::control::listen(home, command, control.clone())?;
+    tracing::debug!("control socket {}", socket.path().display());
+    let metrics = match &m.metrics {
+        Some(addr) => {
+            let s = hotsync::metrics::serve(addr, control.clone())?;
+            tracing::info!("metrics at http://{}/metrics", s.addr);
+            Some(s)
+        }
+        None => None,
+    };
+    let on_fired = Box::new(move |f: &hotsync::alert::Fired| match &view {
+        Some(v) => v.alert(f),
+        None => watching::log_alert(f),
+    });
+    let evaluator = hotsync::alert::Evaluator::start(control, alerts, on_fired);
+    Ok(Observability {
+        _socket: socket,
+        _metrics: metrics,
+        _alerts: evaluator,
+    })
 }
 
 fn sync_options(c: &Common, dry_run: bool) -> SyncOptions {
@@ -195,12 +269,21 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
         fallback_rescan: args.rescan_every,
         verify_every: args.verify_every,
         verify_rate: args.verify_rate.max(1) << 20,
-        thresholds: Default::default(),
+        alerts: alert_config(&args.monitoring)?,
     };
-    let w = Watch::new(&args.src, vec![target], opts)?;
+    let w = Arc::new(Watch::new(&args.src, vec![target], opts)?);
     let shutdown = Arc::new(AtomicBool::new(false));
     signals::on_signal(shutdown.clone())?;
-    let view = watching::WatchView::new(cli, c.json);
+    let view = Arc::new(watching::WatchView::new(cli, c.json));
+    let home = identity::home_dir(cli.home.as_deref())?;
+    let monitor = start_monitoring(
+        &home,
+        "watch",
+        &args.monitoring,
+        w.clone(),
+        w.alerts(),
+        Some(view.clone()),
+    )?;
     let result = std::thread::scope(|s| {
         if view.has_status_line() {
             s.spawn(|| {
@@ -210,10 +293,11 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
                 }
             });
         }
-        let r = w.run(&shutdown, &view);
+        let r = w.run(&shutdown, &*view);
         shutdown.store(true, Ordering::Relaxed);
         r
     });
+    drop(monitor);
     view.finish();
     result?;
     tracing::info!("stopped");

@@ -3,6 +3,7 @@
 
 use crate::args::Cli;
 use crate::report::human_bytes;
+use hotsync::alert::Fired;
 use hotsync::replicate::{Event, Observer};
 use hotsync::status::{Instance, ReplicaState, ReplicaStatus};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -61,10 +62,32 @@ impl WatchView {
         }
     }
 
+    /// An alert changed state: a JSON event and a log line.
+    pub fn alert(&self, f: &Fired) {
+        self.emit(
+            &f.standby,
+            serde_json::json!({"event": "alert", "alert": f.alert, "state": f.state(),
+                "value": f.value, "message": f.message}),
+        );
+        match &self.bar {
+            Some(b) => b.println(format!("ALERT {} {}: {}", f.alert, f.state(), f.message)),
+            None => log_alert(f),
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+/// An alert changed state: a log line.
+pub fn log_alert(f: &Fired) {
+    if f.firing {
+        tracing::warn!("ALERT {} firing: {}", f.alert, f.message);
+    } else {
+        tracing::info!("alert {} resolved: {}", f.alert, f.message);
     }
 }
 

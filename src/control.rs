@@ -1,0 +1,176 @@
+//! The control socket: every running `watch` and `serve` answers on a Unix socket in the
+//! home directory (`run/<command>-<pid>.sock`, mode 0600 in a 0700 directory), one JSON
+//! request line in, one JSON answer line out. `hotsync status` asks each of them; later
+//! `flush`, `promote` and `check` speak the same way.
+
+use crate::error::{Error, Result};
+use crate::status::Instance;
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest request or answer line.
+const MAX_LINE: u64 = 16 << 20;
+/// How long a peer on the socket may take to speak.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+}
+
+/// What a running instance answers to.
+pub trait Control: Send + Sync {
+    fn status(&self) -> Instance;
+}
+
+/// The directory holding the sockets of a home directory.
+pub fn run_dir(home: &Path) -> PathBuf {
+    home.join("run")
+}
+
+/// A listening control socket; the socket file is removed when this is dropped.
+pub struct ControlSocket {
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Starts answering on `<home>/run/<command>-<pid>.sock`.
+///
+/// # Errors
+/// [`Error::Usage`] when the socket cannot be made (a home path too long for a Unix
+/// socket, an unwritable home), naming the path.
+pub fn listen(home: &Path, command: &str, control: Arc<dyn Control>) -> Result<ControlSocket> {
+    let dir = run_dir(home);
+    let made = std::fs::create_dir_all(&dir)
+        .and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)));
+    if let Err(e) = made {
+        return Err(Error::Usage(format!(
+            "cannot make the control directory {}: {e}",
+            dir.display()
+        )));
+    }
+    let path = dir.join(format!("{command}-{}.sock", std::process::id()));
+    // A socket left by an earlier process with our pid is stale.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).map_err(|e| {
+        Error::Usage(format!(
+            "cannot listen on the control socket {} ({e}): use a shorter --home path",
+            path.display()
+        ))
+    })?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(format!("cannot restrict {}", path.display()), e))?;
+    std::thread::Builder::new()
+        .name("hotsync-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let control = control.clone();
+                // One thread per client: a slow one never holds up the next.
+                let _ = std::thread::Builder::new()
+                    .name("hotsync-control-client".into())
+                    .spawn(move || {
+                        if let Err(e) = answer(conn, &*control) {
+                            tracing::debug!("control socket client: {e}");
+                        }
+                    });
+            }
+        })
+        .map_err(|e| Error::io("cannot start the control socket thread", e))?;
+    Ok(ControlSocket { path })
+}
+
+fn answer(conn: UnixStream, control: &dyn Control) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new((&conn).take(MAX_LINE)).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(Request::Status) => serde_json::to_value(control.status())?,
+        Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    (&conn).write_all(&out)
+}
+
+/// What one socket said.
+#[derive(Debug)]
+pub enum Answer {
+    /// The instance's answer.
+    Status(Box<Instance>),
+    /// The socket exists and its process lives, but it did not answer properly.
+    Unresponsive { socket: PathBuf, why: String },
+}
+
+/// Asks every instance running with this home directory for its status. Sockets left by
+/// processes that are gone are removed.
+pub fn status_all(home: &Path) -> Vec<Answer> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(run_dir(home)) else {
+        return out;
+    };
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+        .collect();
+    paths.sort();
+    for p in paths {
+        match ask(&p, &Request::Status) {
+            Ok(v) => match serde_json::from_value::<Instance>(v) {
+                Ok(i) => out.push(Answer::Status(Box::new(i))),
+                Err(e) => out.push(Answer::Unresponsive {
+                    socket: p,
+                    why: format!("an answer this hotsync does not understand ({e})"),
+                }),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                // Nobody listens: the process died without cleaning up.
+                let _ = std::fs::remove_file(&p);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => out.push(Answer::Unresponsive {
+                socket: p,
+                why: e.to_string(),
+            }),
+        }
+    }
+    out
+}
+
+/// Sends `req` to the socket at `path` and reads the answer.
+pub fn ask(path: &Path, req: &Request) -> std::io::Result<serde_json::Value> {
+    let conn = UnixStream::connect(path)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    (&conn).write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new((&conn).take(MAX_LINE)).read_line(&mut answer)?;
+    if answer.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "no answer",
+        ));
+    }
+    Ok(serde_json::from_str(answer.trim())?)
+}
