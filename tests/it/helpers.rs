@@ -548,17 +548,22 @@ pub struct Server {
 impl Server {
     /// Starts a server for `root` allowing `allow`; its identity lives in `home`.
     pub fn start(root: &Path, home: &Path, allow: &[&str]) -> Server {
-        Server::spawn(root, home, allow, 0)
+        Server::spawn(root, home, allow, 0, &[])
+    }
+
+    /// Like [`Server::start`], with more `serve` options.
+    pub fn start_with(root: &Path, home: &Path, allow: &[&str], extra: &[&str]) -> Server {
+        Server::spawn(root, home, allow, 0, extra)
     }
 
     /// Like [`Server::start`], on a given port (to restart a standby where it was).
     pub fn start_on(root: &Path, home: &Path, allow: &[&str], port: u16) -> Server {
-        let s = Server::spawn(root, home, allow, port);
+        let s = Server::spawn(root, home, allow, port, &[]);
         assert_eq!(s.port, port);
         s
     }
 
-    fn spawn(root: &Path, home: &Path, allow: &[&str], port: u16) -> Server {
+    fn spawn(root: &Path, home: &Path, allow: &[&str], port: u16, extra: &[&str]) -> Server {
         let id = keygen(home);
         let log = home.join(format!(
             "serve-{}.log",
@@ -574,6 +579,7 @@ impl Server {
         for a in allow {
             cmd.args(["--allow", a]);
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -628,6 +634,70 @@ impl Server {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    pub fn pid(&self) -> rustix::process::Pid {
+        rustix::process::Pid::from_raw(self.child.id() as i32).unwrap()
+    }
+}
+
+/// `hotsync --home HOME status --json`: its exit code and answer.
+pub fn status(home: &Path) -> (i32, serde_json::Value) {
+    let r = run([
+        "--home".as_ref(),
+        home.as_os_str(),
+        "status".as_ref(),
+        "--json".as_ref(),
+    ]);
+    (r.code, r.json())
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `limit` with `what`.
+#[track_caller]
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "no {what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The address a process logged for its metrics (`metrics at http://ADDR/metrics`).
+pub fn metrics_addr(log: impl Fn() -> String) -> String {
+    wait_for(
+        "metrics address in the log",
+        Duration::from_secs(10),
+        || {
+            let l = log();
+            let at = l.find("metrics at http://")? + "metrics at http://".len();
+            let end = l[at..].find("/metrics")?;
+            Some(l[at..at + end].to_string())
+        },
+    )
+}
+
+/// `GET path` over plain HTTP/1.1: the status line and the body.
+pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }
 
 impl Drop for Server {

@@ -3,6 +3,7 @@
 mod faults;
 mod helpers;
 mod local;
+mod monitoring;
 mod remote;
 mod safety;
 mod verify;
