@@ -781,6 +781,40 @@ mod tests {
     }
 
     #[test]
+    fn the_standby_s_lag_is_the_primary_s_aged_by_the_time_since_its_heartbeat() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Standby::open(t.path(), Access::Write).unwrap();
+        let a = s.admit(Peer::local(), true, noop()).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(a.entry.lag(t0), None, "no heartbeat yet");
+        let beat = |oldest: Option<u64>| Heartbeat {
+            epoch: 1,
+            seq: 7,
+            // The primary's clock, far from ours: only differences of it are used.
+            sent_at_ms: 5_000_000_000_000,
+            oldest_pending_ms: oldest,
+            pending: 3,
+            space: None,
+        };
+        let pulse = SessionPulse {
+            standby: &s,
+            entry: a.entry.clone(),
+        };
+        pulse.heard(&beat(Some(5_000_000_000_000 - 1500)), t0);
+        assert_eq!(a.entry.lag(t0), Some(Duration::from_millis(1500)));
+        // Between heartbeats the pending change keeps ageing.
+        let later = t0 + Duration::from_millis(700);
+        assert_eq!(a.entry.lag(later), Some(Duration::from_millis(2200)));
+        // Caught up: zero, however old the heartbeat.
+        pulse.heard(&beat(None), t0);
+        assert_eq!(a.entry.lag(later), Some(Duration::ZERO));
+        // The writer's heartbeat carried its position.
+        assert_eq!(s.state().position, Position { epoch: 1, seq: 7 });
+        assert_eq!(pulse.silent(t0 + Duration::from_secs(5)), None);
+        assert!(pulse.silent(t0 + Duration::from_secs(11)).is_some());
+    }
+
+    #[test]
     fn a_missing_tree_is_an_error_unless_only_read() {
         let t = tempfile::tempdir().unwrap();
         let missing = t.path().join("nope");

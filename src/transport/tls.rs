@@ -13,7 +13,8 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use std::sync::{Arc, Mutex};
 
-/// The ALPN protocol name; a peer speaking another major version fails the handshake.
+/// The ALPN protocol name. It names the transport and stays fixed: protocol versions are
+/// negotiated in the greeting that follows, so a peer of another version is told which.
 pub const ALPN: &[u8] = b"hotsync/1";
 
 pub fn provider() -> Arc<CryptoProvider> {
