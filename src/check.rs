@@ -43,6 +43,14 @@ fn absolute(p: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
+/// `p` as an absolute path for people (as given when it cannot be resolved).
+pub fn shown_absolute(p: &Path) -> String {
+    absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
 /// Checks a local DEST against SRC and, when `create`, creates it if missing (its parent
 /// must exist).
 pub fn prepare_local_dest(src: &Path, dest: &Path, create: bool) -> Result<()> {

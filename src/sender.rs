@@ -105,9 +105,9 @@ pub fn sync(
 /// a session that was not closed aborts the connection.
 pub struct Session<'m> {
     link: Link,
-    /// The heartbeat, stopped when the session is dropped (after the link: a link that
-    /// aborts ends the heartbeat's reading side first).
-    _beating: Option<Beating>,
+    /// The heartbeat: stopped before a clean close; on a failure, dropped after the link,
+    /// whose abort unblocks it.
+    beating: Option<Beating>,
     /// The last batch the standby holds durable, as it said when the session opened.
     pub position: Position,
     root: Arc<Root>,
@@ -184,7 +184,7 @@ impl<'m> Session<'m> {
         }
         Ok(Session {
             link,
-            _beating: beating,
+            beating,
             position,
             root,
             opts: opts.clone(),
@@ -244,6 +244,7 @@ impl<'m> Session<'m> {
             return Err(self.link.explain(e));
         }
         let bytes = self.wire_bytes();
+        drop(self.beating.take());
         self.conn().close("session complete");
         self.link.closed_cleanly();
         Ok(bytes)

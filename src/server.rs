@@ -27,6 +27,7 @@ pub struct Serving {
     pub listen: std::net::SocketAddr,
     pub node_id: NodeId,
     pub alerts: Arc<Alerts>,
+    tree: String,
     started: Instant,
     started_at: SystemTime,
 }
@@ -39,6 +40,7 @@ impl Serving {
         alerts: AlertConfig,
     ) -> Serving {
         Serving {
+            tree: crate::check::shown_absolute(standby.path()),
             standby,
             listen,
             node_id,
@@ -53,13 +55,11 @@ impl Control for Serving {
     fn status(&self) -> Instance {
         let (now, wall) = (Instant::now(), SystemTime::now());
         let st = self.standby.state();
-        let tree = std::fs::canonicalize(self.standby.path())
-            .unwrap_or_else(|_| self.standby.path().to_path_buf());
         let mut i = Instance {
             pid: std::process::id(),
             command: "serve".into(),
             role: st.role,
-            tree: tree.display().to_string(),
+            tree: self.tree.clone(),
             node_id: Some(self.node_id.to_string()),
             listen: Some(self.listen.to_string()),
             started_at: crate::clock::rfc3339(self.started_at),

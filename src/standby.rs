@@ -429,8 +429,24 @@ impl Standby {
 
     /// `.hotsync/`, made if missing.
     fn state_dir(&self, root: &Root) -> io::Result<OwnedFd> {
+        let before = rustix::fs::fstat(root.fd())?;
         match rustix::fs::mkdirat(root.fd(), RESERVED, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(Errno::EXIST) => {}
+            // Making it changed the root's mtime, which is mirrored data: a `serve` that
+            // starts must not make a verify see a difference. Put it back.
+            Ok(()) => {
+                let ts = rustix::fs::Timestamps {
+                    last_access: rustix::fs::Timespec {
+                        tv_sec: before.st_atime,
+                        tv_nsec: before.st_atime_nsec as _,
+                    },
+                    last_modification: rustix::fs::Timespec {
+                        tv_sec: before.st_mtime,
+                        tv_nsec: before.st_mtime_nsec as _,
+                    },
+                };
+                let _ = rustix::fs::futimens(root.fd(), &ts);
+            }
+            Err(Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
         root.open_dir(&RelPath::new(RESERVED).unwrap())
@@ -812,6 +828,29 @@ mod tests {
         assert_eq!(s.state().position, Position { epoch: 1, seq: 7 });
         assert_eq!(pulse.silent(t0 + Duration::from_secs(5)), None);
         assert!(pulse.silent(t0 + Duration::from_secs(11)).is_some());
+    }
+
+    #[test]
+    fn opening_a_tree_leaves_its_mtime_alone() {
+        let t = tempfile::tempdir().unwrap();
+        let at = rustix::fs::Timespec {
+            tv_sec: 1_500_000_000,
+            tv_nsec: 5,
+        };
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            t.path(),
+            &rustix::fs::Timestamps {
+                last_access: at,
+                last_modification: at,
+            },
+            AtFlags::empty(),
+        )
+        .unwrap();
+        let _s = Standby::open(t.path(), Access::Write).unwrap();
+        assert!(t.path().join(".hotsync/lock").exists());
+        let st = rustix::fs::stat(t.path()).unwrap();
+        assert_eq!((st.st_mtime, st.st_mtime_nsec), (1_500_000_000, 5));
     }
 
     #[test]

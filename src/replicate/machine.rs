@@ -372,9 +372,15 @@ impl ReplicaMachine {
             }
         }
         if f.batch.is_none() {
-            self.conn = Conn::Up { reconciled: true };
             self.backoff.reset();
             self.last_error = None;
+        }
+        // Current now, unless changes may have been missed after it began (the watcher was
+        // restarted meanwhile): then another full reconcile is owed.
+        if f.batch.is_none() || self.unsynced_since.is_some() {
+            self.conn = Conn::Up {
+                reconciled: self.unsynced_since.is_none(),
+            };
         }
         let lag = if f.batch.is_none() {
             Duration::ZERO
@@ -827,6 +833,28 @@ mod tests {
         m.failed(Failure::Source("SRC is empty".into()), t0 + ms(3201));
         assert_eq!(m.paused(), Some("SRC is empty"));
         assert_eq!(m.pending(), 1);
+    }
+
+    #[test]
+    fn a_reconcile_that_began_before_a_watcher_restart_is_followed_by_another() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        m.push(Hint::RescanAll, t0 + ms(10));
+        let Action::Send(b) = m.poll(t0 + ms(10)) else {
+            panic!()
+        };
+        assert!(b.full);
+        // While it runs, the source is paused and resumed (a new watcher): events between
+        // the two may be lost.
+        m.pause("SRC was replaced".into());
+        m.resume(t0 + ms(30), t0 + ms(20));
+        m.done(Summary::default(), t0 + ms(40));
+        assert_eq!(m.lag(t0 + ms(40)), ms(20), "still unsure since the pause");
+        assert_eq!(m.poll(t0 + ms(40)), Action::Reconcile);
+        m.done(Summary::default(), t0 + ms(50));
+        assert_eq!(m.lag(t0 + ms(50)), Duration::ZERO);
+        assert_eq!(m.state(), ReplicaState::Streaming);
     }
 
     #[test]

@@ -102,6 +102,8 @@ fn source_moved(src: &Path, id: SourceId) -> Option<String> {
 /// A running watch of one source and its replicas.
 pub struct Watch {
     src: PathBuf,
+    /// SRC as an absolute path, for status.
+    tree: String,
     opts: WatchOptions,
     replicas: Vec<Arc<Replica>>,
     alerts: Arc<Alerts>,
@@ -147,6 +149,7 @@ impl Watch {
         }
         Ok(Watch {
             src: src.to_path_buf(),
+            tree: crate::check::shown_absolute(src),
             alerts: Arc::new(Alerts::new(opts.alerts.clone())),
             opts,
             replicas,
@@ -165,12 +168,11 @@ impl crate::control::Control for Watch {
     /// A snapshot of this watch and its replicas.
     fn status(&self) -> Instance {
         let (now, wall) = (Instant::now(), SystemTime::now());
-        let tree = std::fs::canonicalize(&self.src).unwrap_or_else(|_| self.src.clone());
         let mut i = Instance {
             pid: std::process::id(),
             command: "watch".into(),
             role: Role::Primary,
-            tree: tree.display().to_string(),
+            tree: self.tree.clone(),
             node_id: None,
             listen: None,
             started_at: crate::clock::rfc3339(self.started_at),

@@ -15,6 +15,7 @@ use crate::sender::{Session, SyncOptions};
 use crate::status::{ReplicaStatus, VerifyStatus};
 use crate::transport::Connection;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -46,6 +47,9 @@ pub struct Replica {
     sync_opts: SyncOptions,
     verify: VerifyPlan,
     machine: Mutex<ReplicaMachine>,
+    /// Set (under `machine`'s lock) when something the driver waits for happened, so a
+    /// wake-up that comes between its `poll` and its wait is not lost.
+    woken: std::sync::atomic::AtomicBool,
     wake: Condvar,
     /// The source root to read; replaced when the source comes back after a pause.
     root: Mutex<Option<Arc<Root>>>,
@@ -72,6 +76,7 @@ impl Replica {
             sync_opts,
             verify,
             machine: Mutex::new(machine),
+            woken: std::sync::atomic::AtomicBool::new(false),
             wake: Condvar::new(),
             root: Mutex::new(None),
             current: Mutex::new(None),
@@ -81,7 +86,10 @@ impl Replica {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut ReplicaMachine) -> T) -> T {
-        let r = f(&mut self.machine.lock().unwrap());
+        let mut m = self.machine.lock().unwrap();
+        let r = f(&mut m);
+        self.woken.store(true, Ordering::Relaxed);
+        drop(m);
         self.wake.notify_all();
         r
     }
@@ -179,6 +187,7 @@ impl Replica {
         loop {
             let (action, events) = {
                 let mut m = self.machine.lock().unwrap();
+                self.woken.store(false, Ordering::Relaxed);
                 let a = m.poll(Instant::now());
                 (a, std::iter::from_fn(|| m.poll_event()).collect::<Vec<_>>())
             };
@@ -196,9 +205,10 @@ impl Replica {
                     let d = until.map_or(IDLE_WAKE, |t| {
                         t.saturating_duration_since(Instant::now()).min(IDLE_WAKE)
                     });
-                    if !d.is_zero() {
-                        let _ = self.wake.wait_timeout(m, d).unwrap();
-                    }
+                    let _ = self
+                        .wake
+                        .wait_timeout_while(m, d, |_| !self.woken.load(Ordering::Relaxed))
+                        .unwrap();
                 }
                 Action::Disconnect => {
                     self.close(session.take());

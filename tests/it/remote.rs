@@ -5,6 +5,7 @@ use crate::local::{edits_of_every_kind, every_kind_round_trips};
 use hotsync::identity;
 use hotsync::protocol::{FrameReader, FrameWriter, Message};
 use hotsync::transport::Connection;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -570,4 +571,38 @@ fn a_version_1_standby_is_refused_with_both_versions_named() {
         (2, 2),
         "the old standby heard our versions too"
     );
+}
+
+#[test]
+fn starting_serve_does_not_make_an_identical_copy_differ() {
+    // serve keeps its lock and state in `.hotsync` from the start; making that directory must
+    // not change the root's mtime, which is mirrored data.
+    let t = Pair::new();
+    write(&t.s("d/f"), b"f");
+    write(&t.s("g"), b"g");
+    set_mtime(&t.s("d"), 1_600_000_000, 1);
+    set_mtime(&t.src, 1_600_000_000, 2);
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(&t.src)
+        .arg(&t.dst)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    assert_same_tree(&t.src, &t.dst);
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    assert!(t.d(".hotsync/lock").exists());
+    let r = run([
+        "--home".as_ref(),
+        m.primary_home.as_os_str(),
+        "verify".as_ref(),
+        t.src.as_os_str(),
+        m.server.url().as_ref(),
+        "--server-id".as_ref(),
+        m.server.id.as_ref(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.json()["identical"], true);
 }
