@@ -280,15 +280,19 @@ impl Bench {
             .is_none_or(|o| o.iter().any(|x| x == w))
     }
 
+    /// A destination no run has used: names left by an interrupted bench are skipped (not
+    /// deleted now, which would slow the file creation being timed).
     fn fresh(&mut self, what: &str) -> PathBuf {
-        self.seq += 1;
-        let p = self
-            .cfg
-            .work
-            .join("runs")
-            .join(format!("{what}-{}", self.seq));
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        p
+        loop {
+            self.seq += 1;
+            let name = format!("{what}-{}", self.seq);
+            let p = self.cfg.work.join("runs").join(&name);
+            if p.exists() || self.cfg.work.join("rsd").join(&name).exists() {
+                continue;
+            }
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            return p;
+        }
     }
 
     fn print_header(&self) {
