@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 /// How often a heartbeat goes out.
 pub const INTERVAL: Duration = Duration::from_secs(1);
-/// A peer silent this long is gone (the QUIC idle timeout is the same).
-pub const IDLE: Duration = crate::transport::quic::IDLE_TIMEOUT;
+/// A peer silent this long is gone: the idle limit (QUIC's own idle timeout is longer, so
+/// this clearer verdict comes first).
+pub const IDLE: Duration = Duration::from_secs(10);
 /// How often silence is checked.
 const CHECK: Duration = Duration::from_millis(250);
 

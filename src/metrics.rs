@@ -266,58 +266,83 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Serves `control`'s status as metrics on `addr`.
+/// A metrics address, bound and not yet serving: binding comes first, so a taken port is
+/// refused before anything else starts.
+pub struct Bound {
+    listener: std::net::TcpListener,
+    pub addr: std::net::SocketAddr,
+}
+
+/// Binds the metrics endpoint's address.
 ///
 /// # Errors
-/// [`crate::Error::Usage`] when `addr` is not an address or cannot be bound.
-pub fn serve(addr: &str, control: Arc<dyn Control>) -> crate::Result<MetricsServer> {
+/// [`crate::Error::Usage`] when `addr` is not an address or cannot be bound, saying which.
+pub fn bind(addr: &str) -> crate::Result<Bound> {
     let bad = |e: String| crate::Error::Usage(format!("--metrics {addr}: {e}"));
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| bad(e.to_string()))?;
-    let local = listener.local_addr().map_err(|e| bad(e.to_string()))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| bad(e.to_string()))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| crate::Error::io("cannot start the metrics runtime", e))?;
-    let listener = {
-        let _guard = rt.enter();
-        tokio::net::TcpListener::from_std(listener).map_err(|e| bad(e.to_string()))?
-    };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    // The thread owns the runtime: only `Runtime::block_on` drives a current-thread
-    // runtime's I/O.
-    std::thread::Builder::new()
-        .name("hotsync-metrics".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let accepting = async {
-                    loop {
-                        let Ok((conn, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let control = control.clone();
-                        tokio::spawn(async move {
-                            let _ = tokio::time::timeout(
-                                Duration::from_secs(10),
-                                respond(conn, control),
-                            )
-                            .await;
-                        });
+    let sock = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| bad("expected ADDR:PORT, e.g. 127.0.0.1:9478".into()))?;
+    let listener = std::net::TcpListener::bind(sock).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            bad("the address is already in use: choose another port".into())
+        }
+        _ => bad(e.to_string()),
+    })?;
+    let addr = listener.local_addr().map_err(|e| bad(e.to_string()))?;
+    Ok(Bound { listener, addr })
+}
+
+impl Bound {
+    /// Serves `control`'s status as metrics until the returned server is dropped.
+    ///
+    /// # Errors
+    /// The runtime or its thread could not be started.
+    pub fn serve(self, control: Arc<dyn Control>) -> crate::Result<MetricsServer> {
+        let io = |e| crate::Error::io("cannot start the metrics endpoint", e);
+        self.listener.set_nonblocking(true).map_err(io)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io)?;
+        let listener = {
+            let _guard = rt.enter();
+            tokio::net::TcpListener::from_std(self.listener).map_err(io)?
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // The thread owns the runtime: only `Runtime::block_on` drives a current-thread
+        // runtime's I/O.
+        std::thread::Builder::new()
+            .name("hotsync-metrics".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let accepting = async {
+                        loop {
+                            let Ok((conn, _)) = listener.accept().await else {
+                                continue;
+                            };
+                            let control = control.clone();
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(
+                                    Duration::from_secs(10),
+                                    respond(conn, control),
+                                )
+                                .await;
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        _ = accepting => {}
+                        _ = stopped => {}
                     }
-                };
-                tokio::select! {
-                    _ = accepting => {}
-                    _ = stopped => {}
-                }
+                })
             })
+            .map_err(io)?;
+        Ok(MetricsServer {
+            addr: self.addr,
+            stop: Some(stop),
         })
-        .map_err(|e| crate::Error::io("cannot start the metrics thread", e))?;
-    Ok(MetricsServer {
-        addr: local,
-        stop: Some(stop),
-    })
+    }
 }
 
 /// Answers one HTTP request (and closes the connection).

@@ -23,8 +23,6 @@ pub struct Config {
     pub verify_every: Option<Duration>,
     /// A standby silent this long is gone.
     pub idle: Duration,
-    /// How often a heartbeat goes out.
-    pub heartbeat: Duration,
     /// Reconnection delays double from `backoff_min` to `backoff_max`.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
@@ -35,8 +33,7 @@ impl Default for Config {
         Config {
             batcher: batcher::Config::default(),
             verify_every: None,
-            idle: Duration::from_secs(10),
-            heartbeat: Duration::from_secs(1),
+            idle: crate::heartbeat::IDLE,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
         }

@@ -28,8 +28,10 @@ pub const CLOSE_FAILED: u32 = 2;
 /// The standby is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 3;
 
-/// How long a silent peer is waited for before the connection is declared lost.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a silent peer is waited for before QUIC declares the connection lost: a
+/// safety net behind the heartbeats, which give a silent peer up sooner
+/// ([`crate::heartbeat::IDLE`]) and say so.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// How long the handshake with a standby may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -57,7 +59,7 @@ pub fn transport_config() -> TransportConfig {
         .send_window(16 << 20)
         .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(
-            IdleTimeout::try_from(IDLE_TIMEOUT).expect("10 s fits"),
+            IdleTimeout::try_from(IDLE_TIMEOUT).expect("15 s fits"),
         ));
     let mut mtu = MtuDiscoveryConfig::default();
     // Probe up to jumbo frames; paths with a smaller MTU stop the search where they must.

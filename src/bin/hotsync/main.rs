@@ -108,6 +108,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let me = identity::load(&home)?;
     let rt = hotsync::transport::quic::runtime()?;
     let server = hotsync::transport::quic::bind(rt.handle(), &args.listen, &me)?;
+    let metrics = bind_metrics(&args.monitoring)?;
     let standby = Arc::new(hotsync::standby::Standby::open(
         &args.root,
         hotsync::standby::Access::Write,
@@ -121,7 +122,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     let monitor = start_monitoring(
         &home,
         "serve",
-        &args.monitoring,
+        metrics,
         serving.clone(),
         serving.alerts.clone(),
         None,
@@ -172,19 +173,27 @@ struct Observability {
     _alerts: hotsync::alert::Evaluator,
 }
 
+/// Binds `--metrics` (first, so a taken port is refused before anything starts).
+fn bind_metrics(m: &Monitoring) -> anyhow::Result<Option<hotsync::metrics::Bound>> {
+    Ok(m.metrics
+        .as_deref()
+        .map(hotsync::metrics::bind)
+        .transpose()?)
+}
+
 fn start_monitoring(
     home: &std::path::Path,
     command: &str,
-    m: &Monitoring,
+    metrics: Option<hotsync::metrics::Bound>,
     control: Arc<dyn hotsync::control::Control>,
     alerts: Arc<hotsync::alert::Alerts>,
     view: Option<Arc<watching::WatchView>>,
 ) -> anyhow::Result<Observability> {
     let socket = hotsync::control::listen(home, command, control.clone())?;
     tracing::debug!("control socket {}", socket.path().display());
-    let metrics = match &m.metrics {
-        Some(addr) => {
-            let s = hotsync::metrics::serve(addr, control.clone())?;
+    let metrics = match metrics {
+        Some(bound) => {
+            let s = bound.serve(control.clone())?;
             tracing::info!("metrics at http://{}/metrics", s.addr);
             Some(s)
         }
@@ -271,6 +280,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
         verify_rate: args.verify_rate.max(1) << 20,
         alerts: alert_config(&args.monitoring)?,
     };
+    let metrics = bind_metrics(&args.monitoring)?;
     let w = Arc::new(Watch::new(&args.src, vec![target], opts)?);
     let shutdown = Arc::new(AtomicBool::new(false));
     signals::on_signal(shutdown.clone())?;
@@ -279,7 +289,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
     let monitor = start_monitoring(
         &home,
         "watch",
-        &args.monitoring,
+        metrics,
         w.clone(),
         w.alerts(),
         Some(view.clone()),
