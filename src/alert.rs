@@ -98,10 +98,6 @@ impl Alerts {
         }
     }
 
-    pub fn config(&self) -> &AlertConfig {
-        &self.cfg
-    }
-
     /// The thresholds, as `status` shows them.
     pub fn thresholds(&self) -> Thresholds {
         Thresholds {

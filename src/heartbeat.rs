@@ -173,17 +173,17 @@ impl Pulse for Simple {
         }
     }
     fn silent(&self, now: Instant) -> Option<String> {
-        silence(*self.last_heard.lock().unwrap(), now, "the standby")
+        silence(*self.last_heard.lock().unwrap(), now, IDLE, "the standby")
     }
     fn heard(&self, _beat: &Heartbeat, now: Instant) {
         *self.last_heard.lock().unwrap() = now;
     }
 }
 
-/// The verdict on a peer last heard at `last`: gone after [`IDLE`] of silence.
-pub fn silence(last: Instant, now: Instant, who: &str) -> Option<String> {
+/// The verdict on a peer (`who`) last heard at `last`: gone after `idle` of silence.
+pub fn silence(last: Instant, now: Instant, idle: Duration, who: &str) -> Option<String> {
     let silent = now.saturating_duration_since(last);
-    (silent > IDLE).then(|| {
+    (silent > idle).then(|| {
         format!(
             "{who} has been silent for {:.0} s (no heartbeat): giving it up",
             silent.as_secs_f64()
@@ -198,8 +198,9 @@ mod tests {
     #[test]
     fn silence_is_judged_against_the_idle_limit() {
         let t0 = Instant::now();
-        assert_eq!(silence(t0, t0 + IDLE, "x"), None);
-        let why = silence(t0, t0 + IDLE + Duration::from_millis(1), "the primary").unwrap();
+        assert_eq!(silence(t0, t0 + IDLE, IDLE, "x"), None);
+        let late = t0 + IDLE + Duration::from_millis(1);
+        let why = silence(t0, late, IDLE, "the primary").unwrap();
         assert!(
             why.starts_with("the primary has been silent for 10 s"),
             "{why}"

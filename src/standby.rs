@@ -147,6 +147,15 @@ pub struct SessionReport {
     pub failed_ops: u64,
 }
 
+impl std::ops::AddAssign for SessionReport {
+    fn add_assign(&mut self, r: SessionReport) {
+        self.files_written += r.files_written;
+        self.bytes_written += r.bytes_written;
+        self.entries_removed += r.entries_removed;
+        self.failed_ops += r.failed_ops;
+    }
+}
+
 impl SessionStats {
     pub fn report(&self) -> SessionReport {
         SessionReport {
@@ -301,11 +310,6 @@ impl Standby {
         self.root
             .as_ref()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "DEST does not exist"))
-    }
-
-    /// Whether the tree exists (a read-only standby may not have one yet).
-    pub fn exists(&self) -> bool {
-        self.root.is_some()
     }
 
     /// Whether owner and group are preserved here (this process runs as root).
@@ -562,11 +566,7 @@ impl Standby {
                     .unwrap_or_default();
                 let mut totals = rec.totals.clone();
                 if let Some(s) = session {
-                    let r = s.stats.report();
-                    totals.files_written += r.files_written;
-                    totals.bytes_written += r.bytes_written;
-                    totals.entries_removed += r.entries_removed;
-                    totals.failed_ops += r.failed_ops;
+                    totals += s.stats.report();
                 }
                 PrimaryStatus {
                     primary: rec.key.clone(),
@@ -663,11 +663,7 @@ impl Drop for Admission<'_> {
             let key = peer_key(&e.peer);
             let mut peers = self.standby.peers.lock().unwrap();
             if let Some(rec) = peers.iter_mut().find(|p| p.key == key) {
-                let r = e.stats.report();
-                rec.totals.files_written += r.files_written;
-                rec.totals.bytes_written += r.bytes_written;
-                rec.totals.entries_removed += r.entries_removed;
-                rec.totals.failed_ops += r.failed_ops;
+                rec.totals += e.stats.report();
                 rec.ended_at = Some(SystemTime::now());
                 rec.last_error = self.error.take();
                 if let Some((b, _)) = e.heard.lock().unwrap().beat {
@@ -704,7 +700,12 @@ impl Pulse for SessionPulse<'_> {
 
     fn silent(&self, now: Instant) -> Option<String> {
         let last = self.entry.heard.lock().unwrap().last;
-        silence(last.unwrap_or(self.entry.started), now, "the primary")
+        silence(
+            last.unwrap_or(self.entry.started),
+            now,
+            crate::heartbeat::IDLE,
+            "the primary",
+        )
     }
 
     fn heard(&self, beat: &Heartbeat, now: Instant) {
@@ -860,7 +861,7 @@ mod tests {
         let e = Standby::open(&missing, Access::Write).err().unwrap();
         assert!(e.to_string().contains("does not exist"), "{e}");
         let s = Standby::open(&missing, Access::ReadOnly).unwrap();
-        assert!(!s.exists());
+        assert!(s.root().is_err(), "no tree yet");
         assert!(s.admit(Peer::local(), true, noop()).is_err());
         assert!(s.admit(Peer::local(), false, noop()).is_ok());
     }

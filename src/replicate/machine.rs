@@ -545,15 +545,7 @@ impl ReplicaMachine {
     /// Whether the standby has been silent longer than `idle` (then the connection is to be
     /// cut, for the reason returned, which also explains the failure that follows).
     pub fn silent(&mut self, now: Instant) -> Option<String> {
-        let heard = self.last_heard?;
-        let silent = now.saturating_duration_since(heard);
-        if silent <= self.cfg.idle {
-            return None;
-        }
-        let why = format!(
-            "the standby has been silent for {:.0} s (no heartbeat): giving it up",
-            silent.as_secs_f64()
-        );
+        let why = crate::heartbeat::silence(self.last_heard?, now, self.cfg.idle, "the standby")?;
         self.cut = Some(why.clone());
         self.last_heard = None;
         Some(why)
@@ -602,11 +594,6 @@ impl ReplicaMachine {
             .and_then(|f| f.batch.as_ref())
             .map_or(0, |b| b.len());
         self.batcher.queued() + in_flight
-    }
-
-    /// Whether a change to `path` waits (for a background verify's report).
-    pub fn change_pending(&self, path: &RelPath) -> bool {
-        self.batcher.pending(path)
     }
 
     pub fn state(&self) -> ReplicaState {
