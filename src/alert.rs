@@ -47,7 +47,7 @@ impl AlertConfig {
 /// A change of an alert's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fired {
-    /// `lag`, `free`, `disconnected`, `disk_full` or `verify`.
+    /// `lag`, `free`, `disconnected`, `disk_full`, `verify` or `fenced`.
     pub alert: &'static str,
     pub standby: String,
     pub firing: bool,
@@ -291,11 +291,21 @@ impl Alerts {
 
     /// Runs the hook for `f`, in the background; a failure is logged.
     pub fn run_hook(&self, f: &Fired) {
-        let Some(argv) = self.cfg.hook.clone() else {
-            return;
-        };
+        let _ = self.spawn_hook(f);
+    }
+
+    /// Runs the hook for `f` and waits for it (bounded): for the last thing a process does
+    /// before it exits, such as being fenced.
+    pub fn run_hook_and_wait(&self, f: &Fired) {
+        if let Some(t) = self.spawn_hook(f) {
+            let _ = t.join();
+        }
+    }
+
+    fn spawn_hook(&self, f: &Fired) -> Option<std::thread::JoinHandle<()>> {
+        let argv = self.cfg.hook.clone()?;
         let f = f.clone();
-        let _ = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("hotsync-alert-hook".into())
             .spawn(move || {
                 let child = Command::new(&argv[0])
@@ -345,7 +355,8 @@ impl Alerts {
                         }
                     }
                 }
-            });
+            })
+            .ok()
     }
 }
 

@@ -21,6 +21,12 @@ pub enum Error {
     /// The standby reported a fatal problem of its own (its message is in the text).
     #[error("standby: {0}")]
     Standby(String),
+    /// A newer epoch took over: this primary must stop writing (and be rejoined).
+    #[error("fenced: {0}")]
+    Fenced(String),
+    /// Two nodes were primary in the same epoch: refused until one is rejoined.
+    #[error("{0}")]
+    SplitBrain(String),
     /// The connection failed or the peer broke the protocol.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),

@@ -14,6 +14,7 @@ pub mod check;
 pub mod clock;
 pub mod control;
 pub mod delta;
+pub mod epoch;
 pub mod error;
 pub mod filter;
 pub mod fsroot;
@@ -25,10 +26,12 @@ pub mod manifest;
 pub mod metrics;
 pub mod path;
 pub mod plan;
+pub mod primary;
 pub mod progress;
 pub mod protocol;
 pub mod receiver;
 pub mod replicate;
+pub mod reserved;
 pub mod scan;
 pub mod sender;
 pub mod server;
@@ -58,6 +61,12 @@ pub fn sync(
     monitor: &dyn Monitor,
 ) -> Result<Outcome> {
     let root = Arc::new(check::open_source(src)?);
+    // Its epoch is what the standby admits it by.
+    let tree = primary::PrimaryTree::open(src, primary::Hold::Once, opts.force)?;
+    let opts = &SyncOptions {
+        epoch: tree.epoch(),
+        ..opts.clone()
+    };
     if let Target::Local(dest) = target {
         check::prepare_local_dest(src, dest, !opts.dry_run)?;
     }
@@ -67,7 +76,11 @@ pub fn sync(
         standby::Access::Write
     };
     let link = link::Connector::new(target.clone(), access)?.connect()?;
-    sender::sync(root, link, opts, monitor)
+    let done = sender::sync(root, link, opts, monitor);
+    if let Err(Error::Fenced(why)) = &done {
+        tree.fence(why);
+    }
+    done
 }
 
 /// Hashes both trees and compares them: the proof that the standby equals `src`.

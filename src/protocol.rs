@@ -58,6 +58,8 @@ pub enum ErrorCode {
     Version,
     /// The primary's epoch is older than the standby's: it has been fenced.
     StaleEpoch,
+    /// Both sides were primary in the same epoch: refused until the operator rejoins one.
+    SplitBrain,
     /// The peer broke the protocol.
     Invalid,
     /// The peer failed on its side.

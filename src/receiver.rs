@@ -18,7 +18,7 @@ use crate::protocol::{
 };
 use crate::protocol::{ErrorCode, SessionMode};
 use crate::scan::{ScanOptions, scan_scopes};
-use crate::standby::{Peer, SessionEntry, SessionPulse, Standby};
+use crate::standby::{CutKind, Peer, SessionEntry, SessionPulse, Standby};
 use crate::status::Space;
 use crate::transport::{Connection, SendHalf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -60,8 +60,12 @@ pub fn serve(
     };
     let mut ch = Channel::new(ctrl);
     ch.accept_session()?;
-    let (excludes, read_only) = match ch.recv()? {
-        Message::Open { excludes, mode, .. } => (excludes, mode == SessionMode::ReadOnly),
+    let (excludes, read_only, epoch) = match ch.recv()? {
+        Message::Open {
+            excludes,
+            mode,
+            epoch,
+        } => (excludes, mode == SessionMode::ReadOnly, epoch),
         other => return Err(ProtocolError::unexpected(&other, "Open").into()),
     };
     let refuse = |ch: &mut Channel, code: ErrorCode, message: String| -> Error {
@@ -79,20 +83,16 @@ pub fn serve(
         Ok(f) => f,
         Err(e) => return Err(refuse(&mut ch, ErrorCode::Refused, e.to_string())),
     };
-    let abort = {
+    let cut = {
         let conn = conn.clone();
-        Box::new(move |why: &str| conn.abort(why))
+        Box::new(move |how: CutKind, why: &str| match how {
+            CutKind::Abort => conn.abort(why),
+            CutKind::Fence => conn.fence(why),
+        })
     };
-    let admission = match standby.admit(peer, !read_only, abort) {
+    let admission = match standby.admit(peer, (!read_only).then_some(epoch), cut) {
         Ok(a) => a,
-        Err(r) => {
-            let code = if r.busy {
-                ErrorCode::Busy
-            } else {
-                ErrorCode::Refused
-            };
-            return Err(refuse(&mut ch, code, r.message));
-        }
+        Err(r) => return Err(refuse(&mut ch, r.code, r.message)),
     };
     let session = Session {
         standby,

@@ -17,7 +17,7 @@ use crate::path::RelPath;
 use crate::plan::{self, MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
 use crate::progress::Monitor;
 use crate::protocol::{
-    FrameReader, FrameWriter, Message, OpError, ProtocolError, SMALL_FILE, SessionMode,
+    ErrorCode, FrameReader, FrameWriter, Message, OpError, ProtocolError, SMALL_FILE, SessionMode,
 };
 use crate::scan::{ScanOptions, scan_scopes};
 use crate::standby::Position;
@@ -49,6 +49,8 @@ pub struct SyncOptions {
     pub on_mass_delete: MassDelete,
     /// Bytes per second hashing may read on each side, 0 for no limit (background verify).
     pub hash_rate: u64,
+    /// The epoch this primary writes in (its tree's, see [`crate::primary`]).
+    pub epoch: u64,
 }
 
 impl Default for SyncOptions {
@@ -64,6 +66,7 @@ impl Default for SyncOptions {
             big_streams: 2,
             on_mass_delete: MassDelete::Refuse,
             hash_rate: 0,
+            epoch: 1,
         }
     }
 }
@@ -142,7 +145,7 @@ impl<'m> Session<'m> {
             link,
             opts,
             monitor,
-            Arc::new(heartbeat::Simple::new(1)),
+            Arc::new(heartbeat::Simple::new(opts.epoch)),
         )
     }
 
@@ -162,7 +165,7 @@ impl<'m> Session<'m> {
             } else {
                 SessionMode::Write
             },
-            epoch: pulse.beat(Instant::now()).epoch,
+            epoch: opts.epoch,
         };
         let handshake = || -> Result<(Channel, u16, bool, Position, Option<Beating>), Error> {
             let mut ch = Channel::open(&**link.conn())?;
@@ -458,6 +461,14 @@ fn close_session(ch: &mut Channel) -> Result<(), ProtocolError> {
 
 fn peer_error(e: ProtocolError) -> Error {
     match e {
+        ProtocolError::Peer {
+            code: ErrorCode::StaleEpoch,
+            message,
+        } => Error::Fenced(message),
+        ProtocolError::Peer {
+            code: ErrorCode::SplitBrain,
+            message,
+        } => Error::SplitBrain(message),
         ProtocolError::Peer { message, .. } => Error::Standby(message),
         other => other.into(),
     }

@@ -3,20 +3,20 @@
 //! other hotsync from writing it, the durable state file `.hotsync/state`, and the registry
 //! of the sessions it has admitted, which is what its status reports.
 
+use crate::epoch::Admission as Admission2;
 use crate::error::{Error, Result};
 use crate::fsroot::{self, Root};
 use crate::heartbeat::{Pulse, silence};
 use crate::identity::NodeId;
-use crate::path::{RESERVED, RelPath};
+use crate::protocol::ErrorCode;
 use crate::protocol::Heartbeat;
+use crate::reserved::{Area, STANDBY_LOCK};
 use crate::status::{PrimaryStatus, Space};
-use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
-use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,77 +31,7 @@ pub enum Access {
     ReadOnly,
 }
 
-/// A position in the primary's sequence of changes: batch `seq` of `epoch`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Position {
-    pub epoch: u64,
-    pub seq: u64,
-}
-
-/// The role a node has for a tree.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Primary,
-    Standby,
-}
-
-/// The durable state of a tree, `.hotsync/state` (JSON).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TreeState {
-    /// The file's format; a newer one is refused rather than misread.
-    pub format: u32,
-    pub role: Role,
-    /// Grows by one at every promotion; a fresh tree is at epoch 1.
-    pub epoch: u64,
-    /// The last position known durable here.
-    pub position: Position,
-    /// The ID of the primary that last wrote here, when it came over QUIC.
-    pub primary: Option<String>,
-    /// When this was written (RFC 3339).
-    pub updated: String,
-}
-
-/// The state file format this build writes and reads.
-pub const STATE_FORMAT: u32 = 1;
-const STATE_FILE: &[u8] = b"state";
-
-impl TreeState {
-    /// A tree that has never been written by hotsync.
-    pub fn fresh(role: Role) -> TreeState {
-        TreeState {
-            format: STATE_FORMAT,
-            role,
-            epoch: 1,
-            position: Position { epoch: 1, seq: 0 },
-            primary: None,
-            updated: crate::clock::now_rfc3339(),
-        }
-    }
-
-    /// Parses a state file; `shown` names it in errors.
-    ///
-    /// # Errors
-    /// [`Error::Usage`]: the file is torn, from a newer hotsync, or not hotsync's; the
-    /// message says what to do. Never a silent reset.
-    pub fn parse(bytes: &[u8], shown: &str) -> Result<TreeState> {
-        let st: TreeState = serde_json::from_slice(bytes).map_err(|e| {
-            Error::Usage(format!(
-                "{shown} is damaged ({e}): hotsync will not guess this tree's role and epoch; \
-                 check it, or move it away to start this tree afresh at epoch 1"
-            ))
-        })?;
-        if st.format != STATE_FORMAT {
-            return Err(Error::Usage(format!(
-                "{shown} has format {}, this hotsync reads format {STATE_FORMAT}: \
-                 run the hotsync release that wrote it",
-                st.format
-            )));
-        }
-        Ok(st)
-    }
-}
+pub use crate::epoch::{Position, Role, TreeState};
 
 /// Who is at the other end of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,13 +116,30 @@ pub struct SessionEntry {
     pub stats: SessionStats,
     pub heard: Mutex<Heard>,
     /// Ends the session's connection (promotion fences a stale primary through it).
-    abort: Box<dyn Fn(&str) + Send + Sync>,
+    cut: Cut,
 }
+
+/// How a session's connection is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CutKind {
+    /// This side failed.
+    Abort,
+    /// The primary was fenced by a newer epoch (it must stop writing).
+    Fence,
+}
+
+/// Cuts a session's connection, telling the peer why.
+pub type Cut = Box<dyn Fn(CutKind, &str) + Send + Sync>;
 
 impl SessionEntry {
     /// Cuts the session's connection, telling the peer `reason`.
     pub fn abort(&self, reason: &str) {
-        (self.abort)(reason)
+        (self.cut)(CutKind::Abort, reason)
+    }
+
+    /// Cuts the session because its primary has been fenced.
+    pub fn fence(&self, reason: &str) {
+        (self.cut)(CutKind::Fence, reason)
     }
 
     /// The primary's replication lag as of `now`: what its last heartbeat reported, aged
@@ -226,7 +173,7 @@ struct PeerRecord {
 /// Why a session was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    pub busy: bool,
+    pub code: ErrorCode,
     pub message: String,
 }
 
@@ -237,8 +184,9 @@ pub struct Standby {
     root: Option<Root>,
     access: Access,
     /// Held while we may write: no other hotsync process writes this tree meanwhile. Taken
-    /// at open, or at the first writing session if the tree was not writable then.
-    lock: Mutex<Option<File>>,
+    /// at open, or at the first writing session if the tree was not writable then; with it,
+    /// the tree's `.hotsync/`.
+    lock: Mutex<Option<(Area, File)>>,
     owners: bool,
     state: Mutex<TreeState>,
     /// Position changes not yet written to the state file, and when it was last written.
@@ -280,7 +228,7 @@ impl Standby {
             access,
             lock: Mutex::new(None),
             owners: fsroot::can_chown(),
-            state: Mutex::new(TreeState::fresh(Role::Standby)),
+            state: Mutex::new(TreeState::fresh(Role::Standby, None)),
             unsaved: Mutex::new((false, None)),
             sessions: Mutex::new(Vec::new()),
             peers: Mutex::new(Vec::new()),
@@ -294,7 +242,8 @@ impl Standby {
                 // session will try again, and be refused with this reason meanwhile.
                 Err(LockError::NotWritable(m)) => tracing::warn!("{m}"),
             }
-            if let Some(st) = standby.read_state()? {
+            let read = standby.with_area(|a| a.read_state());
+            if let Some(st) = read.transpose()?.flatten() {
                 *standby.state.lock().unwrap() = st;
             }
         }
@@ -323,18 +272,20 @@ impl Standby {
     }
 
     /// Admits a session from `peer`. A writer needs the tree's lock, a writable tree, and
-    /// no other writer; readers are always admitted. `abort` cuts the session's connection.
+    /// no other writer; readers are always admitted. `cut` cuts the session's connection.
     /// The session stays in the registry until the returned guard is dropped.
     pub fn admit(
         &self,
         peer: Peer,
-        writer: bool,
-        abort: Box<dyn Fn(&str) + Send + Sync>,
+        writer: Option<u64>,
+        cut: Cut,
     ) -> std::result::Result<Admission<'_>, Refusal> {
         let refused = |message: String| Refusal {
-            busy: false,
+            code: ErrorCode::Refused,
             message,
         };
+        let epoch = writer;
+        let writer = writer.is_some();
         if writer {
             if self.access != Access::Write || self.root.is_none() {
                 return Err(refused(format!(
@@ -351,7 +302,7 @@ impl Standby {
         let mut sessions = self.sessions.lock().unwrap();
         if writer && let Some(w) = sessions.iter().find(|s| s.writer) {
             return Err(Refusal {
-                busy: true,
+                code: ErrorCode::Busy,
                 message: format!(
                     "DEST {} is in use by {} (since {}): one primary writes a tree at a time",
                     self.path.display(),
@@ -359,6 +310,9 @@ impl Standby {
                     crate::clock::rfc3339(w.started_at)
                 ),
             });
+        }
+        if let Some(epoch) = epoch {
+            self.admit_epoch(epoch, &peer)?;
         }
         if writer {
             let key = peer_key(&peer);
@@ -384,7 +338,7 @@ impl Standby {
             started_at: SystemTime::now(),
             stats: SessionStats::default(),
             heard: Mutex::new(Heard::default()),
-            abort,
+            cut,
         });
         sessions.push(entry.clone());
         Ok(Admission {
@@ -408,52 +362,53 @@ impl Standby {
             .root
             .as_ref()
             .ok_or_else(|| LockError::NotWritable(format!("DEST {shown} does not exist")))?;
-        let state = self.state_dir(root).map_err(not_writable)?;
-        let lock = rustix::fs::openat(
-            &state,
-            c"lock",
-            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| not_writable(e.into()))?;
-        rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
-            LockError::InUse(format!(
+        let area = Area::open(root, &self.path).map_err(not_writable)?;
+        let Some(lock) = area.try_lock(STANDBY_LOCK).map_err(not_writable)? else {
+            return Err(LockError::InUse(format!(
                 "DEST {shown} is in use by another hotsync process (lock {shown}/.hotsync/lock)"
-            ))
-        })?;
-        // Temps of a state file write cut short by a kill (the tree's scans never look here).
-        for name in fsroot::list_dir(state.as_fd()).unwrap_or_default() {
-            if crate::path::is_temp_name(&name) {
-                let _ = rustix::fs::unlinkat(&state, name.as_slice(), AtFlags::empty());
-            }
-        }
-        *self.lock.lock().unwrap() = Some(File::from(lock));
+            )));
+        };
+        area.remove_temps();
+        *self.lock.lock().unwrap() = Some((area, lock));
         Ok(())
     }
 
-    /// `.hotsync/`, made if missing.
-    fn state_dir(&self, root: &Root) -> io::Result<OwnedFd> {
-        let before = rustix::fs::fstat(root.fd())?;
-        match rustix::fs::mkdirat(root.fd(), RESERVED, Mode::from_raw_mode(0o700)) {
-            // Making it changed the root's mtime, which is mirrored data: a `serve` that
-            // starts must not make a verify see a difference. Put it back.
-            Ok(()) => {
-                let ts = rustix::fs::Timestamps {
-                    last_access: rustix::fs::Timespec {
-                        tv_sec: before.st_atime,
-                        tv_nsec: before.st_atime_nsec as _,
-                    },
-                    last_modification: rustix::fs::Timespec {
-                        tv_sec: before.st_mtime,
-                        tv_nsec: before.st_mtime_nsec as _,
-                    },
-                };
-                let _ = rustix::fs::futimens(root.fd(), &ts);
+    /// Runs `f` on the tree's `.hotsync/`, when this standby holds it.
+    fn with_area<T>(&self, f: impl FnOnce(&Area) -> T) -> Option<T> {
+        self.lock.lock().unwrap().as_ref().map(|(a, _)| f(a))
+    }
+
+    /// Applies the epoch rules to a writer at `epoch`; a newer epoch is adopted, durably,
+    /// before the primary writes anything.
+    fn admit_epoch(&self, epoch: u64, peer: &Peer) -> std::result::Result<(), Refusal> {
+        let who = peer.id.map(|id| id.to_string());
+        let shown = format!("the standby {}", self.path.display());
+        let mut st = self.state.lock().unwrap();
+        match crate::epoch::admit(&st, epoch, who.as_deref(), &shown) {
+            Admission2::Refuse { code, message } => Err(Refusal { code, message }),
+            Admission2::Admit { adopt } => {
+                let before = st.clone();
+                st.adopt(epoch, who);
+                if adopt || *st != before {
+                    st.updated = crate::clock::now_rfc3339();
+                    let written = self.with_area(|a| a.write_state(&st)).unwrap_or(Ok(()));
+                    if let Err(e) = written {
+                        *st = before;
+                        return Err(Refusal {
+                            code: ErrorCode::Refused,
+                            message: format!(
+                                "cannot record epoch {epoch} in {}/.hotsync/state: {e}",
+                                self.path.display()
+                            ),
+                        });
+                    }
+                    if adopt {
+                        tracing::info!("entered epoch {epoch} with {}", peer.describe());
+                    }
+                }
+                Ok(())
             }
-            Err(Errno::EXIST) => {}
-            Err(e) => return Err(e.into()),
         }
-        root.open_dir(&RelPath::new(RESERVED).unwrap())
     }
 
     /// Finds a read-only tree now, with one clear message, rather than once per file.
@@ -469,16 +424,16 @@ impl Standby {
             AtFlags::EACCESS,
         )
         .map_err(|e| not_writable(e.into()))?;
-        let state = self.state_dir(root).map_err(not_writable)?;
+        let area = Area::open(root, &self.path).map_err(not_writable)?;
         // A fixed name, under the lock: a probe left by a kill is reused, never piles up.
         rustix::fs::openat(
-            &state,
+            area.fd(),
             c"write-probe",
             OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| not_writable(e.into()))?;
-        let _ = rustix::fs::unlinkat(&state, c"write-probe", AtFlags::empty());
+        let _ = rustix::fs::unlinkat(area.fd(), c"write-probe", AtFlags::empty());
         Ok(())
     }
 
@@ -486,35 +441,16 @@ impl Standby {
         format!("{}/.hotsync/state", self.path.display())
     }
 
-    /// Reads `.hotsync/state`; `None` when there is none yet.
-    fn read_state(&self) -> Result<Option<TreeState>> {
-        let Some(root) = &self.root else {
-            return Ok(None);
-        };
-        let path = RelPath::new(format!("{}/state", String::from_utf8_lossy(RESERVED))).unwrap();
-        let mut f = match root.open_file(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(Error::io(format!("cannot read {}", self.state_shown()), e));
-            }
-        };
-        let mut bytes = Vec::new();
-        io::Read::read_to_end(&mut f, &mut bytes)
-            .map_err(|e| Error::io(format!("cannot read {}", self.state_shown()), e))?;
-        TreeState::parse(&bytes, &self.state_shown()).map(Some)
-    }
-
     /// A writing session's primary says batch `pos` is durable here (its heartbeat): kept
     /// in memory at once, written to the state file at most once a second.
     pub fn note_position(&self, pos: Position, primary: Option<NodeId>, now: Instant) {
         {
             let mut st = self.state.lock().unwrap();
-            if pos.epoch != st.epoch || pos <= st.position {
+            if pos.epoch != st.epoch || pos <= st.position || st.role != Role::Standby {
                 return;
             }
-            st.position = pos;
-            st.primary = primary.map(|id| id.to_string()).or(st.primary.take());
+            st.acknowledge(pos);
+            st.adopt(pos.epoch, primary.map(|id| id.to_string()));
         }
         self.unsaved.lock().unwrap().0 = true;
         self.save_if_due(now, false);
@@ -608,10 +544,12 @@ impl Standby {
 
     /// Writes `st` as the tree's state, atomically and durably.
     pub fn write_state(&self, st: &TreeState) -> io::Result<()> {
-        let root = self.root()?;
-        let dir = self.state_dir(root)?;
-        let json = serde_json::to_vec_pretty(st).map_err(io::Error::other)?;
-        crate::atomic::replace_file(dir.as_fd(), STATE_FILE, &json)?;
+        self.with_area(|a| a.write_state(st)).unwrap_or_else(|| {
+            Err(io::Error::other(format!(
+                "{} is not held for writing",
+                self.path.display()
+            )))
+        })?;
         *self.state.lock().unwrap() = st.clone();
         Ok(())
     }
@@ -727,22 +665,45 @@ impl Pulse for SessionPulse<'_> {
 mod tests {
     use super::*;
 
-    fn noop() -> Box<dyn Fn(&str) + Send + Sync> {
-        Box::new(|_| {})
+    fn noop() -> Cut {
+        Box::new(|_, _| {})
     }
 
     #[test]
     fn one_writer_at_a_time_and_any_number_of_readers() {
         let t = tempfile::tempdir().unwrap();
         let s = Standby::open(t.path(), Access::Write).unwrap();
-        let a = s.admit(Peer::local(), true, noop()).unwrap();
-        let busy = s.admit(Peer::local(), true, noop()).err().unwrap();
-        assert!(busy.busy && busy.message.contains("in use"), "{busy:?}");
-        let _r1 = s.admit(Peer::local(), false, noop()).unwrap();
-        let _r2 = s.admit(Peer::local(), false, noop()).unwrap();
+        let a = s.admit(Peer::local(), Some(1), noop()).unwrap();
+        let busy = s.admit(Peer::local(), Some(1), noop()).err().unwrap();
+        assert!(
+            busy.code == ErrorCode::Busy && busy.message.contains("in use"),
+            "{busy:?}"
+        );
+        let _r1 = s.admit(Peer::local(), None, noop()).unwrap();
+        let _r2 = s.admit(Peer::local(), None, noop()).unwrap();
         assert_eq!(s.sessions().len(), 3);
         drop(a);
-        assert!(s.admit(Peer::local(), true, noop()).is_ok());
+        assert!(s.admit(Peer::local(), Some(1), noop()).is_ok());
+    }
+
+    #[test]
+    fn writers_are_admitted_by_epoch_and_a_new_epoch_is_durable_first() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Standby::open(t.path(), Access::Write).unwrap();
+        let a = s.admit(Peer::local(), Some(3), noop()).unwrap();
+        drop(a);
+        // Entered epoch 3 on disk before the writer could write.
+        let on_disk = Standby::open(t.path(), Access::ReadOnly).unwrap();
+        let again = std::fs::read(t.path().join(".hotsync/state")).unwrap();
+        let st = TreeState::parse(&again, "s").unwrap();
+        assert_eq!((st.epoch, st.history.len()), (3, 2));
+        drop(on_disk);
+        let stale = s.admit(Peer::local(), Some(2), noop()).err().unwrap();
+        assert_eq!(stale.code, ErrorCode::StaleEpoch, "{stale:?}");
+        assert!(stale.message.contains("epoch 2") && stale.message.contains("epoch 3"));
+        // Readers need no epoch.
+        assert!(s.admit(Peer::local(), None, noop()).is_ok());
+        assert!(s.admit(Peer::local(), Some(3), noop()).is_ok());
     }
 
     #[test]
@@ -768,8 +729,7 @@ mod tests {
             let s = Standby::open(t.path(), Access::Write).unwrap();
             assert_eq!(s.state().epoch, 1);
             let mut st = s.state();
-            st.position = Position { epoch: 1, seq: 42 };
-            st.primary = Some("P".into());
+            st.acknowledge(Position { epoch: 1, seq: 42 });
             s.write_state(&st).unwrap();
         }
         let s = Standby::open(t.path(), Access::Write).unwrap();
@@ -801,7 +761,7 @@ mod tests {
     fn the_standby_s_lag_is_the_primary_s_aged_by_the_time_since_its_heartbeat() {
         let t = tempfile::tempdir().unwrap();
         let s = Standby::open(t.path(), Access::Write).unwrap();
-        let a = s.admit(Peer::local(), true, noop()).unwrap();
+        let a = s.admit(Peer::local(), Some(1), noop()).unwrap();
         let t0 = Instant::now();
         assert_eq!(a.entry.lag(t0), None, "no heartbeat yet");
         let beat = |oldest: Option<u64>| Heartbeat {
@@ -862,7 +822,7 @@ mod tests {
         assert!(e.to_string().contains("does not exist"), "{e}");
         let s = Standby::open(&missing, Access::ReadOnly).unwrap();
         assert!(s.root().is_err(), "no tree yet");
-        assert!(s.admit(Peer::local(), true, noop()).is_err());
-        assert!(s.admit(Peer::local(), false, noop()).is_ok());
+        assert!(s.admit(Peer::local(), Some(1), noop()).is_err());
+        assert!(s.admit(Peer::local(), None, noop()).is_ok());
     }
 }

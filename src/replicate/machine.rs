@@ -72,6 +72,8 @@ pub enum Failure {
     /// The standby could not store the changes (its disk is full): keep the connection,
     /// keep the changes queued, try again with backoff.
     StandbyFull(String),
+    /// A newer epoch took over: stop at once and for good.
+    Fenced(String),
 }
 
 /// What happened, for logs, JSON events and alerts.
@@ -103,6 +105,10 @@ pub enum Event {
     VerifyFailed {
         why: String,
     },
+    /// A newer epoch took over: this primary stopped writing.
+    Fenced {
+        why: String,
+    },
 }
 
 /// What the primary tells its standby in a heartbeat.
@@ -120,6 +126,8 @@ pub struct Beat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Heard {
     pub space: Option<Space>,
+    /// The standby's epoch: newer than ours means we have been fenced.
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +188,8 @@ pub struct ReplicaMachine {
     /// False until the replicator hands over a usable source ([`ReplicaMachine::resume`]).
     source_ready: bool,
     stopping: bool,
+    /// Why a newer epoch took over, once one did: nothing is written any more.
+    fenced: Option<String>,
     /// Position of the last batch durable on the standby, and the last one numbered.
     epoch: u64,
     durable: u64,
@@ -225,6 +235,7 @@ impl ReplicaMachine {
             paused: None,
             source_ready: false,
             stopping: false,
+            fenced: None,
             epoch: 1,
             durable: 0,
             seq: 0,
@@ -264,8 +275,9 @@ impl ReplicaMachine {
             "poll while an action is in flight"
         );
         let up = matches!(self.conn, Conn::Up { .. });
-        if self.stopping || self.paused.is_some() || !self.source_ready {
-            return match (up, self.stopping) {
+        let stopping = self.stopping || self.fenced.is_some();
+        if stopping || self.paused.is_some() || !self.source_ready {
+            return match (up, stopping) {
                 (true, _) => Action::Disconnect,
                 (false, true) => Action::Stop,
                 (false, false) => Action::Wait(None),
@@ -399,7 +411,16 @@ impl ReplicaMachine {
         {
             self.batcher.requeue(b, now);
         }
+        if self.fenced.is_some() {
+            // Whatever broke, it broke because the standby fenced us.
+            self.conn = Conn::Down { retry_at: now };
+            return;
+        }
         match failure {
+            Failure::Fenced(why) => {
+                self.fence(why);
+                self.conn = Conn::Down { retry_at: now };
+            }
             Failure::Link(why) => {
                 let why = self.cut.take().unwrap_or(why);
                 self.down(why, now);
@@ -466,6 +487,34 @@ impl ReplicaMachine {
         self.backoff.reset();
     }
 
+    fn fence(&mut self, why: String) {
+        if self.fenced.is_none() {
+            self.last_error = Some(why.clone());
+            self.events.push_back(Event::Fenced { why: why.clone() });
+            self.fenced = Some(why);
+        }
+    }
+
+    /// Why a newer epoch took over, if one did.
+    pub fn fenced(&self) -> Option<&str> {
+        self.fenced.as_deref()
+    }
+
+    /// The epoch this primary writes in (from its tree's state).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        if epoch != self.epoch {
+            self.epoch = epoch;
+            self.seq = 0;
+            self.durable = 0;
+        }
+    }
+
+    /// The last durable position, and the moment before which every change seen is durable
+    /// on the standby (what the primary's tree records for a later `rejoin`).
+    pub fn acked(&self, now: Instant) -> (Position, Instant) {
+        (self.position(), self.oldest_pending().unwrap_or(now))
+    }
+
     /// Whether replication is paused, and why.
     pub fn paused(&self) -> Option<&str> {
         self.paused.as_deref()
@@ -491,7 +540,10 @@ impl ReplicaMachine {
             }
             Err(f) => {
                 let why = match &f {
-                    Failure::Link(w) | Failure::Source(w) | Failure::StandbyFull(w) => w.clone(),
+                    Failure::Link(w)
+                    | Failure::Source(w)
+                    | Failure::StandbyFull(w)
+                    | Failure::Fenced(w) => w.clone(),
                 };
                 self.last_verify = Some((now, report, 0, Some(why.clone())));
                 self.events.push_back(Event::VerifyFailed {
@@ -534,6 +586,12 @@ impl ReplicaMachine {
 
     /// A heartbeat arrived from the standby.
     pub fn heard(&mut self, heard: Heard, now: Instant) {
+        if heard.epoch > self.epoch {
+            self.fence(format!(
+                "the standby is at epoch {}, newer than this primary's epoch {}: it was promoted",
+                heard.epoch, self.epoch
+            ));
+        }
         if matches!(self.conn, Conn::Up { .. }) {
             self.last_heard = Some(now);
             if heard.space.is_some() {
@@ -545,6 +603,9 @@ impl ReplicaMachine {
     /// Whether the standby has been silent longer than `idle` (then the connection is to be
     /// cut, for the reason returned, which also explains the failure that follows).
     pub fn silent(&mut self, now: Instant) -> Option<String> {
+        if let Some(f) = &self.fenced {
+            return Some(f.clone());
+        }
         let why = crate::heartbeat::silence(self.last_heard?, now, self.cfg.idle, "the standby")?;
         self.cut = Some(why.clone());
         self.last_heard = None;
@@ -597,7 +658,7 @@ impl ReplicaMachine {
     }
 
     pub fn state(&self) -> ReplicaState {
-        if self.stopping {
+        if self.stopping || self.fenced.is_some() {
             return ReplicaState::Stopped;
         }
         if self.paused.is_some() {
@@ -743,7 +804,13 @@ mod tests {
         assert_eq!(m.silent(t0 + ms(60_000)), None, "no connection, no silence");
         streaming(&mut m, t0);
         assert_eq!(m.silent(t0 + ms(1000)), None);
-        m.heard(Heard { space: None }, t0 + ms(5000));
+        m.heard(
+            Heard {
+                space: None,
+                epoch: 1,
+            },
+            t0 + ms(5000),
+        );
         assert_eq!(m.silent(t0 + ms(15_000)), None);
         let why = m.silent(t0 + ms(15_001)).unwrap();
         assert!(why.contains("silent for 10 s"), "{why}");
@@ -778,6 +845,7 @@ mod tests {
                     free_bytes: 7,
                     ..Space::default()
                 }),
+                epoch: 1,
             },
             t0 + ms(401),
         );
@@ -907,6 +975,49 @@ mod tests {
             m.poll(t + ms(100)),
             Action::Send(_) | Action::Wait(_)
         ));
+    }
+
+    #[test]
+    fn a_newer_epoch_fences_the_primary_for_good() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        m.push(Hint::Written(p("late")), t0 + ms(1));
+        // Told at connect or mid-session by the standby's refusal or cut.
+        let Action::Send(_) = m.poll(t0 + ms(1)) else {
+            panic!()
+        };
+        m.failed(Failure::Fenced("epoch 2 took over".into()), t0 + ms(2));
+        assert_eq!(m.fenced(), Some("epoch 2 took over"));
+        assert_eq!(m.poll(t0 + ms(4)), Action::Stop, "never reconnects");
+        assert_eq!(
+            m.pending(),
+            1,
+            "the change it could not send is still known"
+        );
+        m.resume(t0 + ms(5), t0 + ms(5));
+        assert_eq!(m.poll(t0 + ms(6)), Action::Stop);
+        assert_eq!(
+            events(&mut m)
+                .iter()
+                .filter(|e| matches!(e, Event::Fenced { .. }))
+                .count(),
+            1
+        );
+        // Or told by a heartbeat: the standby's epoch is newer.
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        m.heard(
+            Heard {
+                space: None,
+                epoch: 2,
+            },
+            t0 + ms(10),
+        );
+        let why = m.silent(t0 + ms(11)).unwrap();
+        assert!(why.contains("epoch 2") && why.contains("epoch 1"), "{why}");
+        m.failed(Failure::Link("connection lost".into()), t0 + ms(12));
+        assert_eq!(m.poll(t0 + ms(13)), Action::Stop);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::alert::{AlertConfig, Alerts};
 use crate::error::Error;
 use crate::fsroot::Root;
 use crate::link::{Connector, Target};
+use crate::primary::{Hold, PrimaryTree};
 use crate::sender::SyncOptions;
 use crate::standby::{Access, Role};
 use crate::status::Instance;
@@ -102,6 +103,8 @@ fn source_moved(src: &Path, id: SourceId) -> Option<String> {
 /// A running watch of one source and its replicas.
 pub struct Watch {
     src: PathBuf,
+    /// The source tree's state, while a source is open.
+    primary: std::sync::Mutex<Option<Arc<PrimaryTree>>>,
     /// SRC as an absolute path, for status.
     tree: String,
     opts: WatchOptions,
@@ -149,6 +152,7 @@ impl Watch {
         }
         Ok(Watch {
             src: src.to_path_buf(),
+            primary: std::sync::Mutex::new(None),
             tree: crate::check::shown_absolute(src),
             alerts: Arc::new(Alerts::new(opts.alerts.clone())),
             opts,
@@ -178,7 +182,12 @@ impl crate::control::Control for Watch {
             started_at: crate::clock::rfc3339(self.started_at),
             uptime_seconds: now.duration_since(self.started).as_secs_f64(),
             protocol: crate::protocol::VERSION,
-            epoch: 1,
+            epoch: self
+                .primary
+                .lock()
+                .unwrap()
+                .as_ref()
+                .map_or(1, |t| t.epoch()),
             health: crate::status::Health::default(),
             thresholds: self.alerts.thresholds(),
             replicas: self.replicas.iter().map(|r| r.status(now, wall)).collect(),
@@ -235,6 +244,11 @@ impl Watch {
                 }
             }
             finished.store(true, Ordering::Relaxed);
+            let tree = self.primary.lock().unwrap().take();
+            if let (Err(Error::Fenced(why)), Some(tree)) = (&result, &tree) {
+                // Recorded before anything else: this tree must not replicate again.
+                tree.fence(why);
+            }
             result
         })
     }
@@ -280,10 +294,18 @@ impl Watch {
                     continue;
                 }
             };
+            // The tree's own state, opened anew with each source root (a remounted disk is
+            // another tree): its epoch, and where acknowledgements are recorded.
+            *self.primary.lock().unwrap() = None; // its lock first
+            let tree = match PrimaryTree::open(&self.src, Hold::Replicate, self.opts.sync.force) {
+                Ok(t) => Arc::new(t),
+                Err(e) => return Err(e),
+            };
+            *self.primary.lock().unwrap() = Some(tree.clone());
             let now = Instant::now();
             let since = paused.take().map_or(now, |p| p.1);
             for r in &self.replicas {
-                r.resume(root.clone(), now, since);
+                r.resume(root.clone(), tree.epoch(), now, since);
             }
             let mut last_rescan = Instant::now();
             loop {
@@ -320,6 +342,7 @@ impl Watch {
                     pause(why, &mut paused);
                     continue 'outer;
                 }
+                self.record_acks(&tree);
                 if let Some(why) = self.replicas.iter().find_map(|r| r.source_refused()) {
                     // Only an emptied source refuses a batch: wait for it to come back.
                     pause(why, &mut paused);
@@ -327,6 +350,16 @@ impl Watch {
                     continue 'outer;
                 }
             }
+        }
+    }
+
+    /// Writes down (at most once a second) what every standby has acknowledged: the least
+    /// advanced one's position, and the moment before which all changes are durable on all.
+    fn record_acks(&self, tree: &PrimaryTree) {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let acked = self.replicas.iter().map(|r| r.acked(now, wall));
+        if let Some((pos, before)) = acked.min() {
+            tree.acknowledged(pos, before, now);
         }
     }
 

@@ -58,6 +58,8 @@ pub struct Replica {
     source_refused: Mutex<Option<String>>,
     /// Protocol bytes of the sessions that ended, and the current session's version.
     wire: Mutex<(u64, Option<u16>)>,
+    /// The epoch sessions open with (the source tree's).
+    sync_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Replica {
@@ -82,6 +84,7 @@ impl Replica {
             current: Mutex::new(None),
             source_refused: Mutex::new(None),
             wire: Mutex::new((0, None)),
+            sync_epoch: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -104,12 +107,23 @@ impl Replica {
         self.with(|m| m.pause(why.to_string()));
     }
 
-    /// Resumes with the source `root`, watched since `now`; changes since `paused_since`
-    /// may have been missed.
-    pub fn resume(&self, root: Arc<Root>, now: Instant, paused_since: Instant) {
+    /// Resumes with the source `root` at `epoch`, watched since `now`; changes since
+    /// `paused_since` may have been missed.
+    pub fn resume(&self, root: Arc<Root>, epoch: u64, now: Instant, paused_since: Instant) {
         *self.root.lock().unwrap() = Some(root);
         *self.source_refused.lock().unwrap() = None;
-        self.with(|m| m.resume(now, paused_since));
+        self.sync_epoch.store(epoch, Ordering::Relaxed);
+        self.with(|m| {
+            m.set_epoch(epoch);
+            m.resume(now, paused_since)
+        });
+    }
+
+    /// The last position the standby acknowledged, and the moment (this node's clock) before
+    /// which everything seen is durable on it.
+    pub fn acked(&self, now: Instant, wall: SystemTime) -> (crate::epoch::Position, SystemTime) {
+        let (pos, before) = self.machine.lock().unwrap().acked(now);
+        (pos, wall - now.saturating_duration_since(before))
     }
 
     pub fn stop(&self) {
@@ -198,7 +212,11 @@ impl Replica {
                 Action::Stop => {
                     self.close(session.take());
                     self.drain(obs);
-                    return Ok(());
+                    let fenced = self.machine.lock().unwrap().fenced().map(String::from);
+                    return match fenced {
+                        Some(why) => Err(Error::Fenced(why)),
+                        None => Ok(()),
+                    };
                 }
                 Action::Wait(until) => {
                     let m = self.machine.lock().unwrap();
@@ -225,7 +243,8 @@ impl Replica {
                             m.resume_from(position);
                         });
                     }
-                    Err(e @ Error::Usage(_)) => return Err(e),
+                    // Retrying cannot help: a bad DEST, two primaries of one epoch.
+                    Err(e @ (Error::Usage(_) | Error::SplitBrain(_))) => return Err(e),
                     Err(e) => self.report(Err(e), &mut session),
                 },
                 Action::Reconcile => {
@@ -280,7 +299,11 @@ impl Replica {
             busy_since: Some(Instant::now()),
         });
         let pulse: Arc<dyn Pulse> = self.clone();
-        let s = Session::open_with(root, link, &self.sync_opts, &Silent, pulse);
+        let opts = SyncOptions {
+            epoch: self.sync_epoch.load(Ordering::Relaxed),
+            ..self.sync_opts.clone()
+        };
+        let s = Session::open_with(root, link, &opts, &Silent, pulse);
         if let Some(c) = &mut *self.current.lock().unwrap() {
             c.busy_since = None;
         }
@@ -339,7 +362,7 @@ impl Replica {
                     Failure::Source(why) => {
                         *self.source_refused.lock().unwrap() = Some(why.clone());
                     }
-                    Failure::Link(_) => self.close_broken(session.take()),
+                    Failure::Link(_) | Failure::Fenced(_) => self.close_broken(session.take()),
                     Failure::StandbyFull(_) => {}
                 }
                 self.with(|m| m.failed(f, now));
@@ -388,6 +411,7 @@ impl Replica {
 fn failure_of(e: &Error) -> Failure {
     match e {
         Error::Refused(why) => Failure::Source(why.clone()),
+        Error::Fenced(why) => Failure::Fenced(why.clone()),
         other => Failure::Link(other.to_string()),
     }
 }
@@ -413,7 +437,10 @@ impl Pulse for Replica {
     }
 
     fn heard(&self, beat: &Heartbeat, now: Instant) {
-        let heard = Heard { space: beat.space };
+        let heard = Heard {
+            space: beat.space,
+            epoch: beat.epoch,
+        };
         self.machine.lock().unwrap().heard(heard, now);
     }
 }

@@ -137,6 +137,8 @@ struct Shared {
     aborted: Mutex<Option<(bool, String)>>,
     /// An end that gave the other up (it fell silent), and why.
     gave_up: Mutex<Option<(bool, String)>>,
+    /// Why the standby end fenced the primary end.
+    fenced: Mutex<Option<String>>,
 }
 
 /// One end of an in-memory connection.
@@ -229,6 +231,15 @@ impl Connection for LocalConnection {
 
     /// The other end's reason, when it aborted: the in-process standby's failure explains
     /// a broken stream on the primary.
+    fn fence(&self, reason: &str) {
+        self.shared
+            .fenced
+            .lock()
+            .unwrap()
+            .get_or_insert_with(|| reason.to_string());
+        self.abort(reason);
+    }
+
     fn give_up(&self, reason: &str) {
         self.shared
             .gave_up
@@ -239,6 +250,11 @@ impl Connection for LocalConnection {
     }
 
     fn failure(&self) -> Option<crate::error::Error> {
+        if self.opener
+            && let Some(why) = &*self.shared.fenced.lock().unwrap()
+        {
+            return Some(crate::error::Error::Fenced(why.clone()));
+        }
         if let Some((by, why)) = &*self.shared.gave_up.lock().unwrap()
             && *by == self.opener
         {

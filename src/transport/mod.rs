@@ -47,6 +47,11 @@ pub trait Connection: Send + Sync {
     fn abort(&self, reason: &str) {
         self.close(reason)
     }
+    /// Closes the connection because the peer (a primary) has been fenced by a newer epoch;
+    /// the peer's [`Connection::failure`] is then [`Error::Fenced`] with `reason`.
+    fn fence(&self, reason: &str) {
+        self.abort(reason)
+    }
     /// Closes the connection because the peer is gone (silent too long); from then on
     /// [`Connection::failure`] says so.
     fn give_up(&self, reason: &str) {

@@ -27,6 +27,8 @@ pub const CLOSE_REFUSED: u32 = 1;
 pub const CLOSE_FAILED: u32 = 2;
 /// The standby is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 3;
+/// The primary has been fenced: a newer epoch took over (the reason says which).
+pub const CLOSE_FENCED: u32 = 4;
 
 /// How long a silent peer is waited for before QUIC declares the connection lost: a
 /// safety net behind the heartbeats, which give a silent peer up sooner
@@ -267,6 +269,7 @@ impl Connection for QuicConnection {
                     CLOSE_SHUTDOWN => {
                         Error::Unreachable(format!("the standby at {addr} shut down"))
                     }
+                    CLOSE_FENCED => Error::Fenced(text),
                     CLOSE_OK => return None,
                     _ => Error::Standby(text),
                 }
@@ -299,6 +302,12 @@ impl Connection for QuicConnection {
         }
         self.conn
             .close(VarInt::from_u32(CLOSE_OK), reason.as_bytes());
+    }
+
+    fn fence(&self, reason: &str) {
+        self.remember_end();
+        let r = &reason.as_bytes()[..reason.len().min(512)];
+        self.conn.close(VarInt::from_u32(CLOSE_FENCED), r);
     }
 
     fn give_up(&self, reason: &str) {

@@ -309,6 +309,18 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
     });
     drop(monitor);
     view.finish();
+    if let Err(hotsync::Error::Fenced(why)) = &result {
+        // The last word before exit 2: the hook is told, and waited for.
+        let f = hotsync::alert::Fired {
+            alert: "fenced",
+            standby: args.dest.clone(),
+            firing: true,
+            value: "fenced".into(),
+            message: why.clone(),
+        };
+        view.alert(&f);
+        w.alerts().run_hook_and_wait(&f);
+    }
     result?;
     tracing::info!("stopped");
     Ok(0)

@@ -225,6 +225,16 @@ impl Observer for WatchView {
                     tracing::warn!("verify: {}: {}", e.path, e.error);
                 }
             }
+            Event::Fenced { why } => {
+                self.emit(
+                    standby,
+                    serde_json::json!({"event": "fenced", "reason": why}),
+                );
+                match &self.bar {
+                    Some(b) => b.println(format!("FENCED: {why}")),
+                    None => tracing::error!("fenced: {why}"),
+                }
+            }
             Event::VerifyFailed { why } => {
                 self.emit(
                     standby,

@@ -1,0 +1,181 @@
+//! The reserved area `.hotsync/` at the root of a tree (never mirrored, compared or
+//! deleted): its lock files and its durable state file. Shared by the standby side (`serve`,
+//! a local DEST) and the primary side (`watch`, `promote`, `rejoin`).
+
+use crate::epoch::TreeState;
+use crate::error::{Error, Result};
+use crate::fsroot::{self, Root};
+use crate::path::{RESERVED, RelPath};
+use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+use std::ffi::CStr;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// The state file's name in the area.
+pub const STATE_FILE: &[u8] = b"state";
+/// Held by the one process that writes the tree as a standby (`serve`, a local DEST).
+pub const STANDBY_LOCK: &CStr = c"lock";
+/// Held by the one process that replicates the tree as a primary (`watch`).
+pub const PRIMARY_LOCK: &CStr = c"primary.lock";
+
+/// An open `.hotsync/` of one tree.
+pub struct Area {
+    dir: OwnedFd,
+    /// The tree, for messages.
+    shown: String,
+}
+
+impl Area {
+    /// Opens `.hotsync/` in `root` (shown as `tree`), making it if missing. Making it would
+    /// change the root's mtime, which is mirrored data: it is put back.
+    pub fn open(root: &Root, tree: &Path) -> io::Result<Area> {
+        let before = rustix::fs::fstat(root.fd())?;
+        match rustix::fs::mkdirat(root.fd(), RESERVED, Mode::from_raw_mode(0o700)) {
+            Ok(()) => {
+                let at = |sec, nsec| rustix::fs::Timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec as _,
+                };
+                let ts = rustix::fs::Timestamps {
+                    last_access: at(before.st_atime, before.st_atime_nsec),
+                    last_modification: at(before.st_mtime, before.st_mtime_nsec),
+                };
+                let _ = rustix::fs::futimens(root.fd(), &ts);
+            }
+            Err(Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Area {
+            dir: root.open_dir(&RelPath::new(RESERVED).unwrap())?,
+            shown: tree.display().to_string(),
+        })
+    }
+
+    /// Opens `.hotsync/` in `root` if it exists (a tree hotsync has never written has none).
+    pub fn open_existing(root: &Root, tree: &Path) -> io::Result<Option<Area>> {
+        match root.open_dir(&RelPath::new(RESERVED).unwrap()) {
+            Ok(dir) => Ok(Some(Area {
+                dir,
+                shown: tree.display().to_string(),
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    /// The state file, for messages.
+    pub fn state_shown(&self) -> String {
+        format!("{}/.hotsync/state", self.shown)
+    }
+
+    fn lock_file(&self, name: &CStr) -> io::Result<OwnedFd> {
+        Ok(rustix::fs::openat(
+            &self.dir,
+            name,
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?)
+    }
+
+    /// Takes the lock `name` without waiting: `None` while another process holds it.
+    pub fn try_lock(&self, name: &CStr) -> io::Result<Option<File>> {
+        let f = self.lock_file(name)?;
+        match rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(File::from(f))),
+            Err(Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Takes the lock `name`, waiting up to `limit` for another holder to let go.
+    pub fn lock_within(&self, name: &CStr, limit: Duration) -> io::Result<Option<File>> {
+        let start = Instant::now();
+        loop {
+            if let Some(f) = self.try_lock(name)? {
+                return Ok(Some(f));
+            }
+            if start.elapsed() >= limit {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Removes the temps of a state file write cut short by a kill (call under a lock).
+    pub fn remove_temps(&self) {
+        for name in fsroot::list_dir(self.fd()).unwrap_or_default() {
+            if crate::path::is_temp_name(&name) {
+                let _ = rustix::fs::unlinkat(&self.dir, name.as_slice(), AtFlags::empty());
+            }
+        }
+    }
+
+    /// Reads the state file; `None` when there is none yet.
+    ///
+    /// # Errors
+    /// A damaged or foreign state file ([`Error::Usage`]), or a read failure.
+    pub fn read_state(&self) -> Result<Option<TreeState>> {
+        let shown = self.state_shown();
+        let fd = match rustix::fs::openat(
+            &self.dir,
+            STATE_FILE,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(Error::io(format!("cannot read {shown}"), e.into())),
+        };
+        let mut bytes = Vec::new();
+        File::from(fd)
+            .take(1 << 20)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io(format!("cannot read {shown}"), e))?;
+        TreeState::parse(&bytes, &shown).map(Some)
+    }
+
+    /// Writes `st` as the state, atomically and durably.
+    pub fn write_state(&self, st: &TreeState) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(st).map_err(io::Error::other)?;
+        crate::atomic::replace_file(self.fd(), STATE_FILE, &json)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locks_exclude_other_holders_until_released() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let a = Area::open(&root, t.path()).unwrap();
+        let held = a.try_lock(PRIMARY_LOCK).unwrap().unwrap();
+        assert!(a.try_lock(PRIMARY_LOCK).unwrap().is_none());
+        assert!(
+            a.try_lock(STANDBY_LOCK).unwrap().is_some(),
+            "another lock is free"
+        );
+        let start = Instant::now();
+        assert!(
+            a.lock_within(PRIMARY_LOCK, Duration::from_millis(100))
+                .unwrap()
+                .is_none()
+        );
+        assert!(start.elapsed() >= Duration::from_millis(100));
+        drop(held);
+        assert!(
+            a.lock_within(PRIMARY_LOCK, Duration::from_secs(1))
+                .unwrap()
+                .is_some()
+        );
+    }
+}
