@@ -295,7 +295,8 @@ mod tests {
         let b = Some("B");
         let mut primary2 = standby(1, a);
         primary2.promote(Some("B".into()));
-        let table: Vec<(&str, TreeState, u64, Option<&str>, Result<bool, ErrorCode>)> = vec![
+        type Case<'a> = (&'a str, TreeState, u64, Option<&'a str>, Result<bool, ErrorCode>);
+        let table: Vec<Case> = vec![
             ("same epoch, same primary", standby(1, a), 1, a, Ok(false)),
             (
                 "same epoch, primary not yet known",
