@@ -407,13 +407,18 @@ impl Drop for Evaluator {
     }
 }
 
+/// Status builders for unit tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::standby::Position;
-    use crate::status::{Health, ReplicaStatus, Space};
+pub(crate) mod tests_support {
+    use crate::epoch::Position;
+    use crate::status::{ReplicaState, ReplicaStatus, Space};
 
-    fn replica(lag: f64, free: u64) -> ReplicaStatus {
+    /// A streaming replica with `lag` and half its disk free.
+    pub fn replica(lag: f64) -> ReplicaStatus {
+        build(lag, 50)
+    }
+
+    pub(super) fn build(lag: f64, free: u64) -> ReplicaStatus {
         ReplicaStatus {
             standby: "s1".into(),
             server_id: None,
@@ -442,6 +447,16 @@ mod tests {
             standby_full: false,
             protocol: Some(2),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::{Health, ReplicaStatus};
+
+    pub(crate) fn replica(lag: f64, free: u64) -> ReplicaStatus {
+        super::tests_support::build(lag, free)
     }
     fn instance(r: ReplicaStatus) -> Instance {
         Instance {

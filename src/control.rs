@@ -23,11 +23,31 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
+    /// Promote the standby tree this `serve` holds.
+    Promote {
+        force: bool,
+    },
+    /// Turn the former primary tree this `serve` holds into a standby.
+    Rejoin {
+        excludes: Vec<String>,
+    },
 }
 
 /// What a running instance answers to.
 pub trait Control: Send + Sync {
     fn status(&self) -> Instance;
+    /// Promotes the tree this instance holds (only a `serve` can).
+    fn promote(&self, _force: bool) -> Result<serde_json::Value> {
+        Err(Error::Usage(
+            "only a running serve can promote its tree".into(),
+        ))
+    }
+    /// Rejoins the tree this instance holds (only a `serve` can).
+    fn rejoin(&self, _excludes: &[String]) -> Result<serde_json::Value> {
+        Err(Error::Usage(
+            "only a running serve can rejoin its tree".into(),
+        ))
+    }
 }
 
 /// The directory holding the sockets of a home directory.
@@ -105,6 +125,14 @@ fn answer(conn: UnixStream, control: &dyn Control) -> std::io::Result<()> {
     BufReader::new((&conn).take(MAX_LINE)).read_line(&mut line)?;
     let reply = match serde_json::from_str::<Request>(line.trim()) {
         Ok(Request::Status) => serde_json::to_value(control.status())?,
+        Ok(Request::Promote { force }) => match control.promote(force) {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        },
+        Ok(Request::Rejoin { excludes }) => match control.rejoin(&excludes) {
+            Ok(v) => v,
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        },
         Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
     };
     let mut out = serde_json::to_vec(&reply)?;
@@ -154,6 +182,30 @@ pub fn status_all(home: &Path) -> Vec<Answer> {
         }
     }
     out
+}
+
+/// The socket of the running instance whose tree is `tree` (by canonical path), with its
+/// status.
+pub fn find(home: &Path, command: &str, tree: &Path) -> Option<(PathBuf, Box<Instance>)> {
+    let want = crate::check::shown_absolute(tree);
+    let Ok(entries) = std::fs::read_dir(run_dir(home)) else {
+        return None;
+    };
+    let prefix = format!("{command}-");
+    for e in entries.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) || !name.ends_with(".sock") {
+            continue;
+        }
+        if let Ok(v) = ask(&p, &Request::Status)
+            && let Ok(i) = serde_json::from_value::<Instance>(v)
+            && i.tree == want
+        {
+            return Some((p, Box::new(i)));
+        }
+    }
+    None
 }
 
 /// Sends `req` to the socket at `path` and reads the answer.

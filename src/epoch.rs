@@ -295,7 +295,13 @@ mod tests {
         let b = Some("B");
         let mut primary2 = standby(1, a);
         primary2.promote(Some("B".into()));
-        type Case<'a> = (&'a str, TreeState, u64, Option<&'a str>, Result<bool, ErrorCode>);
+        type Case<'a> = (
+            &'a str,
+            TreeState,
+            u64,
+            Option<&'a str>,
+            Result<bool, ErrorCode>,
+        );
         let table: Vec<Case> = vec![
             ("same epoch, same primary", standby(1, a), 1, a, Ok(false)),
             (

@@ -543,6 +543,9 @@ fn send_acks<W: Write>(
     outcomes: Vec<Outcome>,
 ) -> Result<(), ProtocolError> {
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count() as u64;
+    if (failed as usize) < outcomes.len() {
+        s.standby.committed();
+    }
     s.entry
         .stats
         .failed_ops

@@ -52,6 +52,16 @@ impl Serving {
 }
 
 impl Control for Serving {
+    fn promote(&self, force: bool) -> crate::Result<serde_json::Value> {
+        let r = self.standby.promote(force, Some(self.node_id))?;
+        serde_json::to_value(r).map_err(|e| Error::Usage(e.to_string()))
+    }
+
+    fn rejoin(&self, excludes: &[String]) -> crate::Result<serde_json::Value> {
+        let r = self.standby.rejoin(excludes)?;
+        serde_json::to_value(r).map_err(|e| Error::Usage(e.to_string()))
+    }
+
     fn status(&self) -> Instance {
         let (now, wall) = (Instant::now(), SystemTime::now());
         let st = self.standby.state();

@@ -132,6 +132,14 @@ pub enum CutKind {
 pub type Cut = Box<dyn Fn(CutKind, &str) + Send + Sync>;
 
 impl SessionEntry {
+    /// The lag the primary's last heartbeat reported, as it was then.
+    pub fn reported_lag(&self) -> Option<Duration> {
+        let (beat, _) = self.heard.lock().unwrap().beat?;
+        Some(beat.oldest_pending_ms.map_or(Duration::ZERO, |oldest| {
+            Duration::from_millis(beat.sent_at_ms.saturating_sub(oldest))
+        }))
+    }
+
     /// Cuts the session's connection, telling the peer `reason`.
     pub fn abort(&self, reason: &str) {
         (self.cut)(CutKind::Abort, reason)
@@ -168,6 +176,8 @@ struct PeerRecord {
     /// Totals of the sessions that ended.
     totals: SessionReport,
     position: Position,
+    /// The lag the primary reported in its last heartbeat (seconds).
+    last_lag: Option<f64>,
 }
 
 /// Why a session was not admitted.
@@ -194,6 +204,33 @@ pub struct Standby {
     sessions: Mutex<Vec<Arc<SessionEntry>>>,
     peers: Mutex<Vec<PeerRecord>>,
     next_serial: AtomicU64,
+    /// When a change was last made durable here.
+    committed_at: Mutex<Option<(Instant, SystemTime)>>,
+}
+
+/// What a promotion did, and what the failover cost (its RPO).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PromoteReport {
+    pub tree: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// The epoch the tree is now the primary of.
+    pub epoch: u64,
+    pub previous_epoch: u64,
+    pub previous_primary: Option<String>,
+    /// It was a primary already: nothing was done.
+    pub already: bool,
+    /// The last position durable here.
+    pub position: Position,
+    /// How old the newest change made durable here is (when this process saw it).
+    pub newest_change_age_seconds: Option<f64>,
+    /// What the old primary last said: how long ago, its lag and its queue then. Its lag,
+    /// aged, bounds what the failover lost.
+    pub primary_last_heard_seconds_ago: Option<f64>,
+    pub primary_last_lag_seconds: Option<f64>,
+    pub primary_last_pending: Option<u64>,
+    /// Sessions of the old primary cut with the fencing error.
+    pub fenced_sessions: u64,
 }
 
 impl Standby {
@@ -205,6 +242,12 @@ impl Standby {
     /// [`Error::Usage`]: the directory is missing or not one, another hotsync process holds
     /// its lock, or its state file is damaged.
     pub fn open(path: &Path, access: Access) -> Result<Standby> {
+        Standby::open_within(path, access, Duration::ZERO)
+    }
+
+    /// [`Standby::open`], waiting up to `wait` for another process to let go of the lock
+    /// (`promote` and `rejoin`, which Keepalived may run twice at once).
+    pub fn open_within(path: &Path, access: Access, wait: Duration) -> Result<Standby> {
         let shown = path.display();
         let root = match Root::open(path) {
             Ok(r) => Some(r),
@@ -233,9 +276,10 @@ impl Standby {
             sessions: Mutex::new(Vec::new()),
             peers: Mutex::new(Vec::new()),
             next_serial: AtomicU64::new(1),
+            committed_at: Mutex::new(None),
         };
         if access == Access::Write {
-            match standby.take_lock() {
+            match standby.take_lock(wait) {
                 Ok(()) => {}
                 Err(LockError::InUse(m)) => return Err(Error::Usage(m)),
                 // A tree that cannot be written now may be later (a remount): each writing
@@ -295,7 +339,8 @@ impl Standby {
             }
             let locked = self.lock.lock().unwrap().is_some();
             if !locked {
-                self.take_lock().map_err(|e| refused(e.message()))?;
+                self.take_lock(Duration::ZERO)
+                    .map_err(|e| refused(e.message()))?;
             }
             self.probe_writable().map_err(refused)?;
         }
@@ -354,7 +399,7 @@ impl Standby {
     }
 
     /// Takes the lock in `.hotsync/` (one writing process per tree).
-    fn take_lock(&self) -> std::result::Result<(), LockError> {
+    fn take_lock(&self, wait: Duration) -> std::result::Result<(), LockError> {
         let shown = self.path.display();
         let not_writable =
             |e: io::Error| LockError::NotWritable(format!("DEST {shown} is not writable: {e}"));
@@ -363,7 +408,7 @@ impl Standby {
             .as_ref()
             .ok_or_else(|| LockError::NotWritable(format!("DEST {shown} does not exist")))?;
         let area = Area::open(root, &self.path).map_err(not_writable)?;
-        let Some(lock) = area.try_lock(STANDBY_LOCK).map_err(not_writable)? else {
+        let Some(lock) = area.lock_within(STANDBY_LOCK, wait).map_err(not_writable)? else {
             return Err(LockError::InUse(format!(
                 "DEST {shown} is in use by another hotsync process (lock {shown}/.hotsync/lock)"
             )));
@@ -513,7 +558,11 @@ impl Standby {
                     last_heartbeat_age_seconds: heard
                         .last
                         .map(|t| now.saturating_duration_since(t).as_secs_f64()),
-                    lag_seconds: session.and_then(|s| s.lag(now)).map(|d| d.as_secs_f64()),
+                    // Gone: the lag it last reported, for judging a promotion.
+                    lag_seconds: match session {
+                        Some(s) => s.lag(now).map(|d| d.as_secs_f64()),
+                        None => rec.last_lag,
+                    },
                     pending_changes: heard.beat.map(|(b, _)| b.pending),
                     position: heard
                         .beat
@@ -535,6 +584,179 @@ impl Standby {
                 }
             })
             .collect()
+    }
+
+    /// Changes were made durable here just now (for the age of the newest one).
+    pub fn committed(&self) {
+        *self.committed_at.lock().unwrap() = Some((Instant::now(), SystemTime::now()));
+    }
+
+    /// Makes this standby the primary of a new epoch, `me` (this node's ID) its primary:
+    /// refused while a primary is still heartbeating (unless `force`), recorded durably,
+    /// then every writing session is fenced. Running it again changes nothing.
+    ///
+    /// # Errors
+    /// [`Error::Refused`]: a primary is alive and `force` was not given, or the state
+    /// cannot be written (nothing changed then).
+    pub fn promote(&self, force: bool, me: Option<NodeId>) -> Result<PromoteReport> {
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap();
+        let writers: Vec<Arc<SessionEntry>> =
+            self.sessions().into_iter().filter(|s| s.writer).collect();
+        let shown = self.path.display();
+        let mut report = PromoteReport {
+            tree: crate::check::shown_absolute(&self.path),
+            at: crate::clock::now_rfc3339(),
+            epoch: st.epoch,
+            previous_epoch: st.epoch,
+            previous_primary: st.primary().map(String::from),
+            already: st.role == Role::Primary,
+            position: st.position,
+            newest_change_age_seconds: self
+                .committed_at
+                .lock()
+                .unwrap()
+                .map(|(t, _)| now.duration_since(t).as_secs_f64()),
+            primary_last_heard_seconds_ago: None,
+            primary_last_lag_seconds: None,
+            primary_last_pending: None,
+            fenced_sessions: 0,
+        };
+        if let Some(w) = writers.first() {
+            let heard = *w.heard.lock().unwrap();
+            report.primary_last_heard_seconds_ago =
+                heard.last.map(|t| now.duration_since(t).as_secs_f64());
+            report.primary_last_lag_seconds = w.lag(now).map(|d| d.as_secs_f64());
+            report.primary_last_pending = heard.beat.map(|(b, _)| b.pending);
+        }
+        if report.already {
+            return Ok(report);
+        }
+        if self.access != Access::Write {
+            return Err(Error::Refused(format!("{shown} is open read-only here")));
+        }
+        // Two missed heartbeats: not heartbeating any more (Keepalived takes 3 s or more
+        // to decide the primary is gone).
+        let alive = writers.iter().find(|w| {
+            let heard = w.heard.lock().unwrap().last;
+            heard.is_some_and(|t| now.duration_since(t) < 2 * crate::heartbeat::INTERVAL)
+        });
+        if let (Some(w), false) = (alive, force) {
+            return Err(Error::Refused(format!(
+                "refusing to promote {shown}: {} is still connected and heartbeating (last \
+                 heartbeat {:.1} s ago): stop it first (a promotion must not race a live \
+                 primary), or use --force to fence it",
+                w.peer.describe(),
+                report.primary_last_heard_seconds_ago.unwrap_or_default()
+            )));
+        }
+        let before = st.clone();
+        st.promote(me.map(|id| id.to_string()));
+        st.updated = crate::clock::now_rfc3339();
+        let written = self.with_area(|a| a.write_state(&st));
+        match written {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                *st = before;
+                return Err(Error::Refused(format!(
+                    "cannot promote {shown}: cannot write {}: {e}",
+                    self.state_shown()
+                )));
+            }
+            None => {
+                *st = before;
+                return Err(Error::Refused(format!(
+                    "cannot promote {shown}: it is not held for writing (is it writable?)"
+                )));
+            }
+        }
+        report.epoch = st.epoch;
+        drop(st);
+        for w in &writers {
+            w.fence(&format!(
+                "the standby {shown} was promoted to primary at epoch {}: this primary (epoch \
+                 {}) is fenced; make it a standby with `hotsync rejoin`",
+                report.epoch, report.previous_epoch
+            ));
+            report.fenced_sessions += 1;
+        }
+        tracing::warn!(
+            "promoted {shown} to primary at epoch {} (was epoch {}{}); {} session(s) fenced",
+            report.epoch,
+            report.previous_epoch,
+            report
+                .previous_primary
+                .as_ref()
+                .map(|p| format!(", primary {p}"))
+                .unwrap_or_default(),
+            report.fenced_sessions
+        );
+        Ok(report)
+    }
+
+    /// Turns this tree, a former primary, into a standby: what it changed after its standby
+    /// last confirmed it is moved to `.hotsync/diverged/EPOCH/` first (entries matching
+    /// `excludes` stay), then the role is recorded. Safe to run again.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] while a watch still replicates the tree, or when moving or
+    /// recording fails (the role is then unchanged).
+    pub fn rejoin(&self, excludes: &[String]) -> Result<crate::rejoin::RejoinReport> {
+        let shown = self.path.display();
+        let filter =
+            crate::filter::Filter::new(excludes).map_err(|e| Error::Usage(e.to_string()))?;
+        let mut st = self.state.lock().unwrap();
+        let root = self
+            .root()
+            .map_err(|e| Error::io(format!("cannot open {shown}"), e))?;
+        if st.role == Role::Standby {
+            return Ok(crate::rejoin::RejoinReport {
+                tree: crate::check::shown_absolute(&self.path),
+                already: true,
+                epoch: st.epoch,
+                kept_in: String::new(),
+                diverged: vec![],
+                changed_dirs: vec![],
+                no_record: false,
+            });
+        }
+        let guard = self.lock.lock().unwrap();
+        let Some((area, _)) = guard.as_ref() else {
+            return Err(Error::Refused(format!(
+                "cannot rejoin {shown}: it is not held for writing (is it writable?)"
+            )));
+        };
+        // No watch may replicate the tree while it turns into a standby.
+        let watch = area
+            .try_lock(crate::reserved::PRIMARY_LOCK)
+            .map_err(|e| Error::io(format!("cannot lock {shown}/.hotsync/primary.lock"), e))?;
+        if watch.is_none() {
+            return Err(Error::Refused(format!(
+                "cannot rejoin {shown}: a hotsync watch still replicates it as a primary; stop it first"
+            )));
+        }
+        let report = crate::rejoin::keep_diverged(root, area, &st, &filter).map_err(|e| {
+            Error::Refused(format!(
+                "cannot rejoin {shown}: keeping its diverged files failed: {e}"
+            ))
+        })?;
+        let before = st.clone();
+        st.rejoin();
+        st.updated = crate::clock::now_rfc3339();
+        if let Err(e) = area.write_state(&st) {
+            *st = before;
+            return Err(Error::Refused(format!(
+                "cannot rejoin {shown}: cannot write {}: {e}",
+                self.state_shown()
+            )));
+        }
+        tracing::warn!(
+            "{shown} is a standby now (it was the primary of epoch {}); {} diverged entries kept in {}",
+            report.epoch,
+            report.diverged.len(),
+            report.kept_in
+        );
+        Ok(report)
     }
 
     /// The tree's filesystem.
@@ -604,6 +826,7 @@ impl Drop for Admission<'_> {
                 rec.totals += e.stats.report();
                 rec.ended_at = Some(SystemTime::now());
                 rec.last_error = self.error.take();
+                rec.last_lag = e.reported_lag().map(|d| d.as_secs_f64()).or(rec.last_lag);
                 if let Some((b, _)) = e.heard.lock().unwrap().beat {
                     rec.position = Position {
                         epoch: b.epoch,

@@ -150,7 +150,8 @@ pub struct PrimaryStatus {
     pub since: String,
     pub since_seconds: f64,
     pub last_heartbeat_age_seconds: Option<f64>,
-    /// The lag the primary reports, aged by the time since its heartbeat.
+    /// The lag the primary reports, aged by the time since its heartbeat; for a primary no
+    /// longer connected, the lag its last heartbeat reported.
     pub lag_seconds: Option<f64>,
     /// Changes the primary has queued, as of its last heartbeat.
     pub pending_changes: Option<u64>,

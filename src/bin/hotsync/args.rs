@@ -41,6 +41,58 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show the health of the watch and serve processes running on this node
     Status(StatusArgs),
+    /// Turn this standby into the primary: a new epoch, the old primary fenced
+    Promote(PromoteArgs),
+    /// Turn a former primary into a standby, keeping what it wrote since its last
+    /// acknowledged position under .hotsync/diverged
+    Rejoin(RejoinArgs),
+    /// Exit 0 when this node is healthy in a role (for Keepalived's vrrp_script)
+    Check(CheckArgs),
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleArg {
+    Primary,
+    Standby,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The role to check this node for
+    #[arg(long, value_enum)]
+    pub role: RoleArg,
+    /// The tree (the watch's SRC, or the serve's --root)
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// The largest lag that is still healthy
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub max_lag: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct RejoinArgs {
+    /// The former primary's tree (it then runs `serve --root DIR`)
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Leave entries matching GLOB where they are (the new primary's --exclude patterns)
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Print one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// The standby tree (the --root of its serve)
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Promote even while the primary still heartbeats (it is fenced at once)
+    #[arg(long)]
+    pub force: bool,
+    /// Print one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -1,0 +1,208 @@
+//! `promote` (and `rejoin`): turning a standby into the primary and a former primary into
+//! a standby. Through the running `serve` when there is one (it holds the tree and fences
+//! its sessions), else on the tree directly.
+
+use crate::args::{CheckArgs, Cli, PromoteArgs, RejoinArgs, RoleArg};
+use hotsync::control::{self, Request};
+use hotsync::rejoin::RejoinReport;
+use hotsync::standby::{Access, PromoteReport, Standby};
+use std::time::Duration;
+
+/// How long `promote` and `rejoin` wait for another one holding the tree (Keepalived may
+/// run its notify scripts twice at once).
+const WAIT: Duration = Duration::from_secs(30);
+
+pub fn promote(cli: &Cli, args: &PromoteArgs) -> anyhow::Result<u8> {
+    hotsync::check::check_dir("--root", &args.root)?;
+    let home = hotsync::identity::home_dir(cli.home.as_deref())?;
+    let report: PromoteReport = match control::find(&home, "serve", &args.root) {
+        Some((socket, _)) => {
+            let v =
+                control::ask(&socket, &Request::Promote { force: args.force }).map_err(|e| {
+                    anyhow::anyhow!("the serve of {} did not answer: {e}", args.root.display())
+                })?;
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                anyhow::bail!("{e}");
+            }
+            serde_json::from_value(v)?
+        }
+        None => {
+            let me = hotsync::identity::load(&home).ok().map(|i| i.id);
+            let standby = Standby::open_within(&args.root, Access::Write, WAIT)?;
+            standby.promote(args.force, me)?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_promotion(&report);
+    }
+    Ok(0)
+}
+
+fn print_promotion(r: &PromoteReport) {
+    if r.already {
+        println!("{} is already the primary, at epoch {}", r.tree, r.epoch);
+        return;
+    }
+    println!(
+        "promoted {} to primary at epoch {} (it followed {} in epoch {})",
+        r.tree,
+        r.epoch,
+        r.previous_primary.as_deref().unwrap_or("a primary"),
+        r.previous_epoch
+    );
+    let age = r
+        .newest_change_age_seconds
+        .map(|a| format!(", newest replicated change {a:.1} s old"))
+        .unwrap_or_default();
+    println!(
+        "  last durable position {}:{}{age}",
+        r.position.epoch, r.position.seq
+    );
+    match (r.primary_last_heard_seconds_ago, r.primary_last_lag_seconds) {
+        (Some(ago), Some(lag)) => println!(
+            "  the old primary was last heard {ago:.1} s ago, reporting a lag of {lag:.3} s and {} \
+             pending change(s): at most that was lost (RPO)",
+            r.primary_last_pending.unwrap_or(0)
+        ),
+        _ => println!("  the old primary was not connected when promoted"),
+    }
+    if r.fenced_sessions > 0 {
+        println!(
+            "  fenced {} session(s) of the old primary; it must `hotsync rejoin` before it \
+             serves as a standby",
+            r.fenced_sessions
+        );
+    }
+}
+
+pub fn rejoin(cli: &Cli, args: &RejoinArgs) -> anyhow::Result<u8> {
+    hotsync::check::check_dir("--root", &args.root)?;
+    let home = hotsync::identity::home_dir(cli.home.as_deref())?;
+    let report: RejoinReport = match control::find(&home, "serve", &args.root) {
+        Some((socket, _)) => {
+            let req = Request::Rejoin {
+                excludes: args.exclude.clone(),
+            };
+            let v = control::ask(&socket, &req).map_err(|e| {
+                anyhow::anyhow!("the serve of {} did not answer: {e}", args.root.display())
+            })?;
+            if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+                anyhow::bail!("{e}");
+            }
+            serde_json::from_value(v)?
+        }
+        None => Standby::open_within(&args.root, Access::Write, WAIT)?.rejoin(&args.exclude)?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(0);
+    }
+    if report.already {
+        println!(
+            "{} is already a standby (epoch {})",
+            report.tree, report.epoch
+        );
+        return Ok(0);
+    }
+    println!(
+        "{} is a standby now (it was the primary of epoch {}); run `hotsync serve --root {}` for \
+         the new primary",
+        report.tree,
+        report.epoch,
+        args.root.display()
+    );
+    if report.no_record {
+        println!(
+            "  it had no record of what its standby confirmed: every entry was kept aside, and \
+             the new primary sends the whole tree"
+        );
+    }
+    if report.diverged.is_empty() {
+        println!("  nothing it wrote after its last acknowledged position was left unconfirmed");
+    } else {
+        println!(
+            "  {} entr{} written after its last acknowledged position, kept in {}:",
+            report.diverged.len(),
+            if report.diverged.len() == 1 {
+                "y"
+            } else {
+                "ies"
+            },
+            report.kept_in
+        );
+        for d in &report.diverged {
+            println!(
+                "    {} ({}, {} bytes, changed {})",
+                d.path, d.kind, d.size, d.changed
+            );
+        }
+    }
+    for d in &report.changed_dirs {
+        println!(
+            "  directory {d} changed after that too: an entry deleted or renamed there comes back \
+             from the new primary"
+        );
+    }
+    Ok(0)
+}
+
+/// `check`: one line, exit 0 healthy or 1 not.
+pub fn check(cli: &Cli, args: &CheckArgs) -> anyhow::Result<u8> {
+    let home = hotsync::identity::home_dir(cli.home.as_deref())?;
+    let root = hotsync::fsroot::Root::open(&args.root);
+    let state = root.as_ref().ok().and_then(|r| {
+        let area = hotsync::reserved::Area::open_existing(r, &args.root).ok()??;
+        area.read_state().map_err(|e| e.to_string()).transpose()
+    });
+    let state = match state {
+        Some(Err(e)) => {
+            println!("unhealthy: {e}");
+            return Ok(1);
+        }
+        Some(Ok(st)) => Some(st),
+        None => None,
+    };
+    let shown = args.root.display();
+    let usable = match (&root, args.role) {
+        (Err(e), _) => Err(format!("cannot open {shown}: {e}")),
+        (Ok(r), RoleArg::Primary) => match r.is_empty() {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(format!("{shown} is empty (is a disk not mounted?)")),
+            Err(e) => Err(format!("cannot list {shown}: {e}")),
+        },
+        (Ok(r), RoleArg::Standby) => rustix::fs::accessat(
+            r.fd(),
+            c".",
+            rustix::fs::Access::WRITE_OK,
+            rustix::fs::AtFlags::EACCESS,
+        )
+        .map_err(|e| format!("{shown} is not writable: {e}")),
+    };
+    let command = match args.role {
+        RoleArg::Primary => "watch",
+        RoleArg::Standby => "serve",
+    };
+    let instance = control::find(&home, command, &args.root).map(|(_, i)| i);
+    let facts = hotsync::health::Facts {
+        state: state.as_ref(),
+        instance: instance.as_deref(),
+        usable,
+        max_lag: args.max_lag.as_secs_f64(),
+    };
+    let verdict = match args.role {
+        RoleArg::Primary => hotsync::health::primary(&facts),
+        RoleArg::Standby => hotsync::health::standby(&facts),
+    };
+    match verdict {
+        Ok(why) => {
+            println!("healthy: {why}");
+            Ok(0)
+        }
+        Err(why) => {
+            println!("unhealthy: {why}");
+            Ok(1)
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! `hotsync check --role primary|standby`: whether this node is fit for a role, for
+//! Keepalived's `vrrp_script` (exit 0 healthy). Pure verdicts over what the running
+//! instance reports and what the tree records; the command gathers them.
+
+use crate::epoch::{Role, TreeState};
+use crate::status::{Instance, ReplicaState};
+
+/// What a check looks at.
+pub struct Facts<'a> {
+    /// The tree's recorded state (`None`: hotsync never wrote it).
+    pub state: Option<&'a TreeState>,
+    /// The running watch (primary) or serve (standby) of the tree, if one answers.
+    pub instance: Option<&'a Instance>,
+    /// Whether the tree is usable: a source with entries, or a writable standby root.
+    pub usable: Result<(), String>,
+    /// The largest acceptable lag, in seconds.
+    pub max_lag: f64,
+}
+
+/// Healthy as the primary: a usable source, recorded as primary and not fenced, its watch
+/// running, and each standby connected or (if not) behind by no more than the lag limit.
+pub fn primary(f: &Facts) -> Result<String, String> {
+    f.usable.clone()?;
+    if let Some(st) = f.state {
+        if let Some(fence) = &st.fenced {
+            return Err(format!(
+                "fenced at {} ({}): rejoin it as a standby",
+                fence.at, fence.reason
+            ));
+        }
+        if st.role == Role::Standby {
+            return Err(format!("the tree is a standby (epoch {})", st.epoch));
+        }
+    }
+    let Some(i) = f.instance else {
+        return Err("no hotsync watch runs for this tree".into());
+    };
+    for r in &i.replicas {
+        let connected = r.state == ReplicaState::Streaming;
+        if !connected && r.lag_seconds > f.max_lag {
+            return Err(format!(
+                "standby {} is {} with a lag of {:.1} s (limit {:.1} s)",
+                r.standby,
+                state_word(r.state),
+                r.lag_seconds,
+                f.max_lag
+            ));
+        }
+    }
+    Ok(format!(
+        "primary of epoch {}, {} standby(s) within {:.1} s",
+        i.epoch,
+        i.replicas.len(),
+        f.max_lag
+    ))
+}
+
+fn state_word(s: ReplicaState) -> &'static str {
+    match s {
+        ReplicaState::Streaming => "streaming",
+        ReplicaState::Reconciling => "reconciling",
+        ReplicaState::Connecting => "disconnected",
+        ReplicaState::Paused => "paused",
+        ReplicaState::Stopped => "stopped",
+    }
+}
+
+/// Healthy as a standby: its serve running, the root writable, recorded as a standby, and
+/// either a primary heard recently with a lag within the limit, or (no primary) fit to be
+/// promoted: it was replicated, and current within the limit when last heard. A node still
+/// catching up fails, so it never takes over onto stale data.
+pub fn standby(f: &Facts) -> Result<String, String> {
+    f.usable.clone()?;
+    let Some(i) = f.instance else {
+        return Err("no hotsync serve runs for this tree".into());
+    };
+    if let Some(st) = f.state
+        && st.role == Role::Primary
+    {
+        return Err(format!(
+            "the tree is a primary (epoch {}): rejoin it to serve as a standby",
+            st.epoch
+        ));
+    }
+    if let Some(p) = i.primaries.iter().find(|p| p.connected) {
+        let lag = p.lag_seconds.unwrap_or(f64::INFINITY);
+        let heard = p.last_heartbeat_age_seconds.unwrap_or(f64::INFINITY);
+        if heard > 3.0 {
+            return Err(format!(
+                "primary {} connected but silent for {heard:.1} s",
+                p.primary
+            ));
+        }
+        if lag > f.max_lag {
+            return Err(format!(
+                "still catching up: primary {} reports a lag of {lag:.1} s (limit {:.1} s)",
+                p.primary, f.max_lag
+            ));
+        }
+        return Ok(format!(
+            "standby of {} in epoch {}, lag {lag:.1} s",
+            p.primary, i.epoch
+        ));
+    }
+    let last = i
+        .primaries
+        .iter()
+        .filter(|p| p.position.seq > 0)
+        .filter_map(|p| p.lag_seconds.map(|l| (p, l)))
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    match last {
+        Some((p, lag)) if lag <= f.max_lag => Ok(format!(
+            "no primary connected; fit to be promoted: current within {lag:.1} s when {} was last \
+             heard, position {}:{}",
+            p.primary, p.position.epoch, p.position.seq
+        )),
+        Some((p, lag)) => Err(format!(
+            "no primary connected, and it was {lag:.1} s behind {} when last heard: not fit to \
+             be promoted",
+            p.primary
+        )),
+        None => Err("no primary has replicated to it yet: not fit to be promoted".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::epoch::Position;
+    use crate::status::{Health, PrimaryStatus, ReplicaStatus, Thresholds};
+
+    fn instance(command: &str) -> Instance {
+        Instance {
+            pid: 1,
+            command: command.into(),
+            role: if command == "watch" {
+                Role::Primary
+            } else {
+                Role::Standby
+            },
+            tree: "/t".into(),
+            node_id: None,
+            listen: None,
+            started_at: String::new(),
+            uptime_seconds: 1.0,
+            protocol: 2,
+            epoch: 2,
+            health: Health::default(),
+            thresholds: Thresholds::default(),
+            replicas: vec![],
+            primaries: vec![],
+            space: None,
+            alerts: vec![],
+        }
+    }
+    fn replica(state: ReplicaState, lag: f64) -> ReplicaStatus {
+        let mut r = crate::alert::tests_support::replica(lag);
+        r.state = state;
+        r.connected = state == ReplicaState::Streaming;
+        r
+    }
+    fn primary_seen(connected: bool, lag: Option<f64>, heard: f64, seq: u64) -> PrimaryStatus {
+        PrimaryStatus {
+            primary: "P".into(),
+            addr: None,
+            connected,
+            since: String::new(),
+            since_seconds: 0.0,
+            last_heartbeat_age_seconds: connected.then_some(heard),
+            lag_seconds: lag,
+            pending_changes: None,
+            position: Position { epoch: 1, seq },
+            sessions: 1,
+            files_written: 0,
+            bytes_written: 0,
+            entries_removed: 0,
+            failed_ops: 0,
+            last_error: None,
+        }
+    }
+    fn facts<'a>(i: Option<&'a Instance>, st: Option<&'a TreeState>) -> Facts<'a> {
+        Facts {
+            state: st,
+            instance: i,
+            usable: Ok(()),
+            max_lag: 10.0,
+        }
+    }
+
+    #[test]
+    fn a_primary_is_healthy_with_its_standbys_connected_or_close() {
+        let mut i = instance("watch");
+        assert!(primary(&facts(Some(&i), None)).is_ok());
+        i.replicas = vec![replica(ReplicaState::Streaming, 50.0)];
+        assert!(
+            primary(&facts(Some(&i), None)).is_ok(),
+            "connected, catching up"
+        );
+        i.replicas = vec![replica(ReplicaState::Connecting, 5.0)];
+        assert!(primary(&facts(Some(&i), None)).is_ok(), "down, but close");
+        i.replicas = vec![replica(ReplicaState::Connecting, 50.0)];
+        assert!(
+            primary(&facts(Some(&i), None))
+                .unwrap_err()
+                .contains("lag of 50.0 s")
+        );
+        assert!(
+            primary(&facts(None, None))
+                .unwrap_err()
+                .contains("no hotsync watch")
+        );
+        let mut fenced = TreeState::fresh(Role::Primary, None);
+        fenced.fenced = Some(crate::epoch::Fence {
+            at: "t".into(),
+            reason: "epoch 2".into(),
+        });
+        let i = instance("watch");
+        assert!(
+            primary(&facts(Some(&i), Some(&fenced)))
+                .unwrap_err()
+                .contains("fenced")
+        );
+        let mut f = facts(Some(&i), None);
+        f.usable = Err("SRC is empty".into());
+        assert_eq!(primary(&f).unwrap_err(), "SRC is empty");
+    }
+
+    #[test]
+    fn a_standby_is_healthy_when_current_or_fit_to_be_promoted() {
+        let mut i = instance("serve");
+        i.primaries = vec![primary_seen(true, Some(0.2), 0.5, 9)];
+        assert!(standby(&facts(Some(&i), None)).is_ok());
+        i.primaries = vec![primary_seen(true, Some(40.0), 0.5, 9)];
+        assert!(
+            standby(&facts(Some(&i), None))
+                .unwrap_err()
+                .contains("catching up")
+        );
+        i.primaries = vec![primary_seen(true, Some(0.0), 5.0, 9)];
+        assert!(
+            standby(&facts(Some(&i), None))
+                .unwrap_err()
+                .contains("silent")
+        );
+        // The primary is gone: fit if it was current when last heard.
+        i.primaries = vec![primary_seen(false, Some(0.3), 0.0, 9)];
+        assert!(
+            standby(&facts(Some(&i), None))
+                .unwrap()
+                .contains("fit to be promoted")
+        );
+        i.primaries = vec![primary_seen(false, Some(30.0), 0.0, 9)];
+        assert!(
+            standby(&facts(Some(&i), None))
+                .unwrap_err()
+                .contains("not fit")
+        );
+        i.primaries = vec![];
+        assert!(
+            standby(&facts(Some(&i), None))
+                .unwrap_err()
+                .contains("no primary has replicated")
+        );
+        let promoted = {
+            let mut t = TreeState::fresh(Role::Standby, None);
+            t.promote(None);
+            t
+        };
+        assert!(
+            standby(&facts(Some(&i), Some(&promoted)))
+                .unwrap_err()
+                .contains("rejoin")
+        );
+    }
+}

@@ -1,0 +1,297 @@
+//! `rejoin`: a former primary becomes a standby of the new one. Before the new primary's
+//! mirror may overwrite or delete anything, every entry this node changed after its standby
+//! last confirmed it is moved to `.hotsync/diverged/EPOCH/<path>` and listed, so nothing it
+//! accepted is lost silently. What changed is judged on this node's own clock and records
+//! (the inode change time against the moment its state says everything before was
+//! durable), so a clock difference between the nodes cannot hide a diverged file.
+
+use crate::epoch::{Divergence, TreeState};
+use crate::filter::Filter;
+use crate::fsroot::{Root, list_dir};
+use crate::path::{RESERVED, RelPath, is_temp_name};
+use crate::reserved::Area;
+use rustix::fs::{AtFlags, FileType, Mode};
+use rustix::io::Errno;
+use serde::{Deserialize, Serialize};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+/// One entry moved aside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diverged {
+    /// The entry's path in the tree (escaped like every path hotsync prints).
+    pub path: String,
+    /// `file` or `symlink`.
+    pub kind: String,
+    pub size: u64,
+    /// When its inode last changed, RFC 3339 (this node's clock).
+    pub changed: String,
+}
+
+/// What a rejoin did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejoinReport {
+    pub tree: String,
+    /// It was a standby already: nothing was done.
+    pub already: bool,
+    /// The epoch this tree was the primary of.
+    pub epoch: u64,
+    /// Where the diverged entries are kept.
+    pub kept_in: String,
+    /// Entries moved aside (this run and earlier, interrupted ones).
+    pub diverged: Vec<Diverged>,
+    /// Directories changed after the last confirmation: an entry may have been deleted or
+    /// renamed there, which the new primary's mirror will bring back.
+    pub changed_dirs: Vec<String>,
+    /// The tree had no record of what its standby confirmed: everything counted as diverged.
+    pub no_record: bool,
+}
+
+const LIST: &[u8] = b"diverged.json";
+
+/// What the walk found and did.
+struct Walk<'a> {
+    filter: &'a Filter,
+    divergence: Option<Divergence>,
+    keep: OwnedFd,
+    moved: Vec<Diverged>,
+    dirs: Vec<String>,
+}
+
+// The stat fields' integer types differ between platforms.
+#[allow(clippy::useless_conversion)]
+fn ctime_ms(st: &rustix::fs::Stat) -> u64 {
+    let secs = u64::try_from(st.st_ctime).unwrap_or(0);
+    let nsecs = u64::try_from(st.st_ctime_nsec).unwrap_or(0);
+    secs * 1000 + nsecs / 1_000_000
+}
+
+impl Walk<'_> {
+    fn diverged(&self, st: &rustix::fs::Stat) -> bool {
+        self.divergence.is_none_or(|d| d.diverged(ctime_ms(st)))
+    }
+
+    /// Walks the directory `dir` (at `rel`), moving diverged files and symlinks aside.
+    fn dir(&mut self, dir: BorrowedFd<'_>, rel: &RelPath) -> io::Result<()> {
+        for name in list_dir(dir)? {
+            if (rel.is_root() && name == RESERVED) || is_temp_name(&name) {
+                continue;
+            }
+            let path = rel
+                .join(&name)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            let st = match rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let ft = FileType::from_raw_mode(st.st_mode);
+            let is_dir = ft == FileType::Directory;
+            if self.filter.excludes(&path, is_dir) {
+                continue;
+            }
+            match ft {
+                FileType::Directory => {
+                    if self.diverged(&st) {
+                        self.dirs.push(path.display());
+                    }
+                    let sub = crate::fsroot::resolve(
+                        dir,
+                        &name,
+                        rustix::fs::OFlags::RDONLY
+                            | rustix::fs::OFlags::DIRECTORY
+                            | rustix::fs::OFlags::NOFOLLOW
+                            | rustix::fs::OFlags::CLOEXEC,
+                    )?;
+                    self.dir(sub.as_fd(), &path)?;
+                }
+                FileType::RegularFile | FileType::Symlink if self.diverged(&st) => {
+                    self.keep_aside(dir, &name, &path)?;
+                    self.moved.push(Diverged {
+                        path: path.display(),
+                        kind: if ft == FileType::Symlink {
+                            "symlink"
+                        } else {
+                            "file"
+                        }
+                        .into(),
+                        size: st.st_size.max(0) as u64,
+                        changed: crate::clock::rfc3339(crate::clock::from_unix_ms(ctime_ms(&st))),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `name` in `dir` to the same relative path under the keeping directory.
+    fn keep_aside(&self, dir: BorrowedFd<'_>, name: &[u8], path: &RelPath) -> io::Result<()> {
+        let mut at = rustix::io::fcntl_dupfd_cloexec(&self.keep, 0)?;
+        let (parent, _) = path.split();
+        for part in parent
+            .as_bytes()
+            .split(|&b| b == b'/')
+            .filter(|p| !p.is_empty())
+        {
+            match rustix::fs::mkdirat(&at, part, Mode::from_raw_mode(0o700)) {
+                Ok(()) | Err(Errno::EXIST) => {}
+                Err(e) => return Err(e.into()),
+            }
+            at = crate::fsroot::resolve(
+                at.as_fd(),
+                part,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+            )?;
+        }
+        // A name kept by an earlier rejoin of the same epoch is not overwritten.
+        let mut target = name.to_vec();
+        let mut n = 1;
+        loop {
+            match rustix::fs::renameat_with(
+                dir,
+                name,
+                &at,
+                target.as_slice(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EXIST) => {
+                    target = [name, format!(".{n}").as_bytes()].concat();
+                    n += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Moves aside what this former primary changed after its standby last confirmed it, as
+/// recorded in `state`, into `.hotsync/diverged/EPOCH/`; entries matching `filter` stay.
+/// Safe to run again after an interruption: what was moved stays listed.
+pub fn keep_diverged(
+    root: &Root,
+    area: &Area,
+    state: &TreeState,
+    filter: &Filter,
+) -> io::Result<RejoinReport> {
+    let divergence = state.acked_before_ms.map(|ms| Divergence {
+        acked_before_ms: ms,
+        margin_ms: Divergence::MARGIN_MS,
+    });
+    let epoch_dir = state.epoch.to_string();
+    let base = ensure_dir(area.fd(), b"diverged")?;
+    let keep = ensure_dir(base.as_fd(), epoch_dir.as_bytes())?;
+    let mut earlier: Vec<Diverged> = read_list(keep.as_fd()).unwrap_or_default();
+    let mut w = Walk {
+        filter,
+        divergence,
+        keep,
+        moved: Vec::new(),
+        dirs: Vec::new(),
+    };
+    w.dir(root.fd(), &RelPath::root())?;
+    earlier.extend(w.moved);
+    let list = serde_json::to_vec_pretty(&earlier).map_err(io::Error::other)?;
+    crate::atomic::replace_file(w.keep.as_fd(), LIST, &list)?;
+    Ok(RejoinReport {
+        tree: crate::check::shown_absolute(root.path()),
+        already: false,
+        epoch: state.epoch,
+        kept_in: format!(
+            "{}/.hotsync/diverged/{epoch_dir}",
+            crate::check::shown_absolute(root.path())
+        ),
+        diverged: earlier,
+        changed_dirs: w.dirs,
+        no_record: divergence.is_none(),
+    })
+}
+
+fn ensure_dir(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(at, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    crate::fsroot::resolve(
+        at,
+        name,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+    )
+}
+
+fn read_list(dir: BorrowedFd<'_>) -> Option<Vec<Diverged>> {
+    let fd = rustix::fs::openat(
+        dir,
+        LIST,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::epoch::Role;
+
+    #[test]
+    fn entries_changed_after_the_watermark_are_kept_aside_and_listed() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path();
+        std::fs::create_dir_all(p.join("d/e")).unwrap();
+        std::fs::write(p.join("old"), b"confirmed").unwrap();
+        std::fs::write(p.join("d/e/old2"), b"confirmed").unwrap();
+        // (ctime cannot be set back: the test moves the watermark instead.) Everything so
+        // far was confirmed: the watermark is after it, beyond the margin.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let watermark = crate::clock::unix_ms(std::time::SystemTime::now());
+        let mut state = TreeState::fresh(Role::Primary, None);
+        state.acked_before_ms = Some(watermark + Divergence::MARGIN_MS);
+        let root = Root::open(p).unwrap();
+        let area = Area::open(&root, p).unwrap();
+        let none = Filter::new(&[]).unwrap();
+        let r = keep_diverged(&root, &area, &state, &none).unwrap();
+        assert!(r.diverged.is_empty(), "{:?}", r.diverged);
+        std::fs::write(p.join("d/new"), b"unconfirmed").unwrap();
+        std::os::unix::fs::symlink("old", p.join("d/e/link")).unwrap();
+        std::fs::write(p.join("skip.tmp"), b"excluded").unwrap();
+        state.acked_before_ms = Some(watermark);
+        let filter = Filter::new(&["*.tmp".to_string()]).unwrap();
+        let r = keep_diverged(&root, &area, &state, &filter).unwrap();
+        let mut got: Vec<_> = r.diverged.iter().map(|d| d.path.as_str()).collect();
+        got.sort();
+        // (Within the margin, the confirmed ones count too: a false alarm costs a resend.)
+        assert!(
+            got.contains(&"d/new") && got.contains(&"d/e/link"),
+            "{got:?}"
+        );
+        assert!(!got.contains(&"skip.tmp"));
+        let kept = p.join(".hotsync/diverged/1");
+        assert_eq!(std::fs::read(kept.join("d/new")).unwrap(), b"unconfirmed");
+        assert!(!p.join("d/new").exists());
+        assert!(kept.join("diverged.json").exists());
+        assert!(
+            r.changed_dirs.contains(&"d".to_string()),
+            "{:?}",
+            r.changed_dirs
+        );
+        // Again (an interrupted rejoin rerun): nothing new, the list kept.
+        let again = keep_diverged(&root, &area, &state, &filter).unwrap();
+        assert!(again.diverged.len() >= r.diverged.len());
+        // No record at all: everything is kept aside.
+        state.acked_before_ms = None;
+        let all = keep_diverged(&root, &area, &state, &filter).unwrap();
+        assert!(all.no_record);
+        assert!(!p.join("old").exists());
+    }
+}
