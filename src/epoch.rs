@@ -36,6 +36,11 @@ pub struct EpochRecord {
     pub started: String,
     /// The last position acknowledged durable in that epoch, as this tree knows it.
     pub last_acked: Option<Position>,
+    /// This tree was that epoch's primary and was rejoined: its writes there were set aside
+    /// (`.hotsync/diverged`), so another primary of the same epoch may write it (the
+    /// operator named this side to discard, ending a split brain).
+    #[serde(default)]
+    pub discarded: bool,
 }
 
 /// How this tree's primary was fenced: a newer epoch took over.
@@ -86,6 +91,7 @@ impl TreeState {
                 primary,
                 started: now.clone(),
                 last_acked: None,
+                discarded: false,
             }],
             position: Position { epoch: 1, seq: 0 },
             acked_before_ms: None,
@@ -156,6 +162,7 @@ impl TreeState {
             primary,
             started: crate::clock::now_rfc3339(),
             last_acked: None,
+            discarded: false,
         });
     }
 
@@ -178,14 +185,19 @@ impl TreeState {
             primary: me,
             started: crate::clock::now_rfc3339(),
             last_acked: None,
+            discarded: false,
         });
     }
 
-    /// Turns a former primary into a standby (of the next primary it admits).
+    /// Turns a former primary into a standby (of the next primary it admits, even one of
+    /// its own epoch: its writes there were set aside).
     pub fn rejoin(&mut self) {
         self.role = Role::Standby;
         self.fenced = None;
         self.acked_before_ms = None;
+        if let Some(h) = self.history.last_mut() {
+            h.discarded = true;
+        }
     }
 }
 
@@ -240,6 +252,9 @@ pub fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str) -> Ad
             ),
         },
         Role::Standby if epoch > tree.epoch => Admission::Admit { adopt: true },
+        Role::Standby if tree.history.last().is_some_and(|h| h.discarded) => {
+            Admission::Admit { adopt: false }
+        }
         Role::Standby => match (tree.primary(), who) {
             (Some(known), Some(who)) if known != who => Admission::Refuse {
                 code: ErrorCode::SplitBrain,
@@ -265,9 +280,10 @@ pub struct Divergence {
 }
 
 impl Divergence {
-    /// The margin used by `rejoin`: generous, because a false alarm only costs a file moved
-    /// aside and sent again, and a miss costs a write.
-    pub const MARGIN_MS: u64 = 5_000;
+    /// The margin used by `rejoin`: generous (events arrive within milliseconds of their
+    /// change), because a false alarm only costs a file moved aside and sent again, and a
+    /// miss costs a write.
+    pub const MARGIN_MS: u64 = 2_000;
 
     /// Whether an entry whose inode last changed at `ctime_ms` (this node's clock: the
     /// ctime, which no user can set back) may hold unconfirmed writes.
@@ -295,6 +311,8 @@ mod tests {
         let b = Some("B");
         let mut primary2 = standby(1, a);
         primary2.promote(Some("B".into()));
+        let mut rejoined = primary2.clone();
+        rejoined.rejoin();
         type Case<'a> = (
             &'a str,
             TreeState,

@@ -471,6 +471,7 @@ mod tests {
         };
         let text = render(&inst, false);
         assert!(text.contains("hotsync_epoch 3.0"), "{text}");
+        assert!(text.contains("role=\"standby\""), "{text}");
         assert!(
             text.contains("hotsync_standby_free_bytes{standby=\"/srv/standby\"} 10.0"),
             "{text}"

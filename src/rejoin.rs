@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-/// One entry moved aside.
+/// One entry kept aside.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Diverged {
     /// The entry's path in the tree (escaped like every path hotsync prints).
@@ -24,8 +24,8 @@ pub struct Diverged {
     /// `file` or `symlink`.
     pub kind: String,
     pub size: u64,
-    /// When its inode last changed, RFC 3339 (this node's clock).
-    pub changed: String,
+    /// Its modification time, RFC 3339.
+    pub modified: String,
 }
 
 /// What a rejoin did.
@@ -54,7 +54,6 @@ struct Walk<'a> {
     filter: &'a Filter,
     divergence: Option<Divergence>,
     keep: OwnedFd,
-    moved: Vec<Diverged>,
     dirs: Vec<String>,
 }
 
@@ -107,17 +106,6 @@ impl Walk<'_> {
                 }
                 FileType::RegularFile | FileType::Symlink if self.diverged(&st) => {
                     self.keep_aside(dir, &name, &path)?;
-                    self.moved.push(Diverged {
-                        path: path.display(),
-                        kind: if ft == FileType::Symlink {
-                            "symlink"
-                        } else {
-                            "file"
-                        }
-                        .into(),
-                        size: st.st_size.max(0) as u64,
-                        changed: crate::clock::rfc3339(crate::clock::from_unix_ms(ctime_ms(&st))),
-                    });
                 }
                 _ => {}
             }
@@ -185,17 +173,18 @@ pub fn keep_diverged(
     let epoch_dir = state.epoch.to_string();
     let base = ensure_dir(area.fd(), b"diverged")?;
     let keep = ensure_dir(base.as_fd(), epoch_dir.as_bytes())?;
-    let mut earlier: Vec<Diverged> = read_list(keep.as_fd()).unwrap_or_default();
     let mut w = Walk {
         filter,
         divergence,
         keep,
-        moved: Vec::new(),
         dirs: Vec::new(),
     };
     w.dir(root.fd(), &RelPath::root())?;
-    earlier.extend(w.moved);
-    let list = serde_json::to_vec_pretty(&earlier).map_err(io::Error::other)?;
+    // The list is what is kept, however many runs (a rejoin killed mid-way) put it there.
+    let mut kept = Vec::new();
+    list_kept(w.keep.as_fd(), &RelPath::root(), &mut kept)?;
+    kept.sort_by(|a, b| a.path.cmp(&b.path));
+    let list = serde_json::to_vec_pretty(&kept).map_err(io::Error::other)?;
     crate::atomic::replace_file(w.keep.as_fd(), LIST, &list)?;
     Ok(RejoinReport {
         tree: crate::check::shown_absolute(root.path()),
@@ -205,7 +194,7 @@ pub fn keep_diverged(
             "{}/.hotsync/diverged/{epoch_dir}",
             crate::check::shown_absolute(root.path())
         ),
-        diverged: earlier,
+        diverged: kept,
         changed_dirs: w.dirs,
         no_record: divergence.is_none(),
     })
@@ -226,17 +215,47 @@ fn ensure_dir(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
     )
 }
 
-fn read_list(dir: BorrowedFd<'_>) -> Option<Vec<Diverged>> {
-    let fd = rustix::fs::openat(
-        dir,
-        LIST,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .ok()?;
-    let mut bytes = Vec::new();
-    io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// Every file and symlink under the keeping directory `dir` (at `rel`).
+fn list_kept(dir: BorrowedFd<'_>, rel: &RelPath, out: &mut Vec<Diverged>) -> io::Result<()> {
+    for name in list_dir(dir)? {
+        if (rel.is_root() && name == LIST) || is_temp_name(&name) {
+            continue;
+        }
+        let path = rel
+            .join(&name)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let st = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
+        let modified = crate::fsroot::meta_of(&st).mtime;
+        let kind = match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => {
+                let sub = crate::fsroot::resolve(
+                    dir,
+                    &name,
+                    rustix::fs::OFlags::RDONLY
+                        | rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::NOFOLLOW
+                        | rustix::fs::OFlags::CLOEXEC,
+                )?;
+                list_kept(sub.as_fd(), &path, out)?;
+                continue;
+            }
+            FileType::Symlink => "symlink",
+            _ => "file",
+        };
+        out.push(Diverged {
+            path: path.display(),
+            kind: kind.into(),
+            size: u64::try_from(st.st_size).unwrap_or(0),
+            modified: crate::clock::rfc3339(
+                std::time::UNIX_EPOCH
+                    + std::time::Duration::new(
+                        u64::try_from(modified.sec).unwrap_or(0),
+                        modified.nsec,
+                    ),
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -167,8 +167,9 @@ async fn session(incoming: quinn::Incoming, opts: Arc<ServeOptions>) {
         id: Some(id),
         addr: Some(addr),
     };
+    let opts2 = opts.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let r = crate::receiver::serve(qc.clone(), &opts.standby, peer);
+        let r = crate::receiver::serve(qc.clone(), &opts2.standby, peer);
         if let Err(e) = &r {
             qc.abort(&e.to_string());
         }
@@ -176,6 +177,20 @@ async fn session(incoming: quinn::Incoming, opts: Arc<ServeOptions>) {
     })
     .await;
     let secs = started.elapsed().as_secs_f64();
+    let (outcome, error) = match &result {
+        Ok(Ok(_)) => ("ok", None),
+        Ok(Err(e)) => ("failed", Some(e.to_string())),
+        Err(e) => ("crashed", Some(e.to_string())),
+    };
+    let mut ev = serde_json::json!({"primary": id.to_string(), "addr": addr.to_string(),
+        "result": outcome, "error": error, "seconds": secs});
+    if let Ok(Ok(rep)) = &result {
+        ev["files_written"] = rep.files_written.into();
+        ev["bytes_written"] = rep.bytes_written.into();
+        ev["entries_removed"] = rep.entries_removed.into();
+        ev["failed_ops"] = rep.failed_ops.into();
+    }
+    opts.standby.event("session", ev);
     match result {
         Ok(Ok(rep)) => tracing::info!(
             "primary {id} from {addr}: ok: {} files ({} bytes) written, {} entries removed, {} failed, {secs:.2} s",

@@ -206,7 +206,12 @@ pub struct Standby {
     next_serial: AtomicU64,
     /// When a change was last made durable here.
     committed_at: Mutex<Option<(Instant, SystemTime)>>,
+    /// Told of what happens to the tree (a `serve --json` prints it).
+    events: std::sync::OnceLock<EventSink>,
 }
+
+/// Receives a standby's events: a name and its details.
+pub type EventSink = Box<dyn Fn(&str, serde_json::Value) + Send + Sync>;
 
 /// What a promotion did, and what the failover cost (its RPO).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -277,6 +282,7 @@ impl Standby {
             peers: Mutex::new(Vec::new()),
             next_serial: AtomicU64::new(1),
             committed_at: Mutex::new(None),
+            events: std::sync::OnceLock::new(),
         };
         if access == Access::Write {
             match standby.take_lock(wait) {
@@ -449,6 +455,10 @@ impl Standby {
                     }
                     if adopt {
                         tracing::info!("entered epoch {epoch} with {}", peer.describe());
+                        self.event(
+                            "epoch",
+                            serde_json::json!({"epoch": epoch, "primary": st.primary()}),
+                        );
                     }
                 }
                 Ok(())
@@ -586,6 +596,18 @@ impl Standby {
             .collect()
     }
 
+    /// Sends this standby's events (sessions, epochs, promotion, fences, rejoin) to `sink`.
+    pub fn on_events(&self, sink: EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    /// Tells the event sink, if there is one.
+    pub fn event(&self, name: &str, details: serde_json::Value) {
+        if let Some(sink) = self.events.get() {
+            sink(name, details);
+        }
+    }
+
     /// Changes were made durable here just now (for the age of the newest one).
     pub fn committed(&self) {
         *self.committed_at.lock().unwrap() = Some((Instant::now(), SystemTime::now()));
@@ -673,13 +695,22 @@ impl Standby {
         report.epoch = st.epoch;
         drop(st);
         for w in &writers {
-            w.fence(&format!(
+            let why = format!(
                 "the standby {shown} was promoted to primary at epoch {}: this primary (epoch \
                  {}) is fenced; make it a standby with `hotsync rejoin`",
                 report.epoch, report.previous_epoch
-            ));
+            );
+            w.fence(&why);
             report.fenced_sessions += 1;
+            self.event(
+                "fenced",
+                serde_json::json!({"primary": w.peer.describe(), "reason": why}),
+            );
         }
+        self.event(
+            "promoted",
+            serde_json::to_value(&report).unwrap_or_default(),
+        );
         tracing::warn!(
             "promoted {shown} to primary at epoch {} (was epoch {}{}); {} session(s) fenced",
             report.epoch,
@@ -750,6 +781,10 @@ impl Standby {
                 self.state_shown()
             )));
         }
+        self.event(
+            "rejoined",
+            serde_json::to_value(&report).unwrap_or_default(),
+        );
         tracing::warn!(
             "{shown} is a standby now (it was the primary of epoch {}); {} diverged entries kept in {}",
             report.epoch,

@@ -58,6 +58,19 @@ pub struct Summary {
 
 impl Summary {
     /// Exit status by the contract: 0 all done, 1 some entries failed.
+    /// Whether the run changed anything on the standby or met an error.
+    pub fn did_something(&self) -> bool {
+        self.files_transferred
+            + self.files_deleted
+            + self.renamed
+            + self.metadata_updated
+            + self.dirs_created
+            + self.symlinks_written
+            + self.hard_links_made
+            > 0
+            || !self.errors.is_empty()
+    }
+
     pub fn exit_code(&self) -> i32 {
         if self.errors.is_empty() { 0 } else { 1 }
     }

@@ -14,6 +14,9 @@
 //!   queued changes than `max_queued`, or lost events, into one full re-scan. Memory stays
 //!   bounded whatever the event rate.
 //! - Renames are kept in order and come out with the batch that re-examines both names.
+//! - A directory that appears is walked at once and walked again `settle` later: the
+//!   watcher hands over its event before it has watched the new directory, so whatever is
+//!   created in it between the first walk and the new watch is reported by nobody.
 
 use crate::manifest::Scope;
 use crate::path::RelPath;
@@ -62,6 +65,8 @@ pub struct Config {
     pub max_queued: usize,
     /// How long a name moved away waits for the rename that may follow.
     pub rename_window: Duration,
+    /// When a directory that appeared is walked the second time.
+    pub settle: Duration,
 }
 
 impl Default for Config {
@@ -72,6 +77,7 @@ impl Default for Config {
             dir_burst: 512,
             max_queued: 100_000,
             rename_window: Duration::from_millis(10),
+            settle: Duration::from_millis(250),
         }
     }
 }
@@ -120,6 +126,8 @@ pub struct Batcher {
     full_since: Option<Instant>,
     /// The oldest change the pending full re-scan stands for.
     full_oldest: Option<Instant>,
+    /// Directories that appeared, to walk again when due.
+    second_walks: BTreeMap<RelPath, Instant>,
 }
 
 impl Batcher {
@@ -131,6 +139,7 @@ impl Batcher {
             full: false,
             full_since: None,
             full_oldest: None,
+            second_walks: BTreeMap::new(),
         }
     }
 
@@ -186,8 +195,14 @@ impl Batcher {
             }
             // Either half of a rename waits for the other, which inotify reports apart.
             Hint::MovedFrom(p) => self.hold(p, Scope::Entry, now),
-            Hint::MovedTo(p) => self.hold(p, Scope::Tree, now),
-            Hint::DirAppeared(p) => self.upsert(p, Scope::Tree, true, now, now),
+            Hint::MovedTo(p) => {
+                self.walk_again(&p, now);
+                self.hold(p, Scope::Tree, now)
+            }
+            Hint::DirAppeared(p) => {
+                self.walk_again(&p, now);
+                self.upsert(p, Scope::Tree, true, now, now)
+            }
             Hint::Renamed { from, to } => {
                 // Changes queued under the old name now live under the new one.
                 let moved: Vec<RelPath> = self
@@ -234,6 +249,13 @@ impl Batcher {
             self.full = false;
             self.full_since = None;
             self.full_oldest = None;
+        }
+    }
+
+    /// Walks `dir` again `settle` after `now`, when its watch is surely in place.
+    fn walk_again(&mut self, dir: &RelPath, now: Instant) {
+        if !dir.is_reserved() {
+            self.second_walks.insert(dir.clone(), now + self.cfg.settle);
         }
     }
 
@@ -325,14 +347,28 @@ impl Batcher {
 
     /// When the next not-yet-ready path becomes ready, if any is waiting.
     pub fn next_deadline(&self) -> Option<Instant> {
+        let walks = self.second_walks.values().min().copied();
         if self.full {
-            return None;
+            return walks;
         }
-        self.items.values().map(|it| self.due(it)).min()
+        let items = self.items.values().map(|it| self.due(it)).min();
+        items.into_iter().chain(walks).min()
     }
 
     /// The batch of everything ready at `now`, if anything is.
     pub fn poll(&mut self, now: Instant) -> Option<Batch> {
+        let due: Vec<RelPath> = self
+            .second_walks
+            .iter()
+            .filter(|(_, t)| **t <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in due {
+            self.second_walks.remove(&p);
+            if !self.full {
+                self.upsert(p, Scope::Tree, true, now, now);
+            }
+        }
         if self.full {
             self.full = false;
             self.full_since = None;
@@ -419,6 +455,7 @@ mod tests {
             dir_burst: 4,
             max_queued: 100,
             rename_window: ms(10),
+            settle: ms(200),
         }
     }
 
@@ -479,6 +516,29 @@ mod tests {
                 (p("newdir"), Scope::Tree)
             ]
         );
+    }
+
+    #[test]
+    fn a_new_dir_is_walked_again_once_its_watch_is_surely_there() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::DirAppeared(p("new")), t0);
+        b.push(Hint::MovedTo(p("moved-in")), t0);
+        let first = b.poll(t0 + ms(10)).unwrap();
+        assert_eq!(
+            first.paths,
+            vec![(p("moved-in"), Scope::Tree), (p("new"), Scope::Tree)]
+        );
+        assert_eq!(b.queued(), 0, "a second walk is not a change waiting");
+        assert_eq!(b.next_deadline(), Some(t0 + ms(200)));
+        assert_eq!(b.poll(t0 + ms(199)), None);
+        let second = b.poll(t0 + ms(200)).unwrap();
+        assert_eq!(
+            second.paths,
+            vec![(p("moved-in"), Scope::Tree), (p("new"), Scope::Tree)]
+        );
+        assert_eq!(b.next_deadline(), None, "once");
+        assert_eq!(b.poll(t0 + ms(5000)), None);
     }
 
     #[test]

@@ -31,28 +31,45 @@ pub fn hotsync(unprivileged: bool) -> Command {
     }
 }
 
-/// Runs to completion within `limit`, or kills it and panics.
+/// Runs to completion within `limit`, or kills it and panics. Its output is read as it
+/// comes (a child writing more than a pipe holds must not block).
 pub fn run_limited(cmd: &mut Command, limit: Duration) -> Output {
+    use std::io::Read;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn hotsync");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
     let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
         }
         if start.elapsed() > limit {
             let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+            let _ = child.wait();
+            let stderr = err.join().unwrap();
             panic!(
                 "command did not finish within {limit:?}: {cmd:?}\nstderr: {}",
-                String::from_utf8_lossy(&out.stderr)
+                String::from_utf8_lossy(&stderr)
             );
         }
         std::thread::sleep(Duration::from_millis(5));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
     }
 }
 
@@ -543,6 +560,8 @@ pub struct Server {
     pub id: String,
     pub home: PathBuf,
     pub log: PathBuf,
+    /// Its `--json` events, when started with `--json`.
+    pub events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
 }
 
 impl Server {
@@ -590,9 +609,13 @@ impl Server {
         use std::io::BufRead;
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         out.read_line(&mut line).unwrap();
-        let port = line
-            .split_whitespace()
-            .nth(2)
+        // "listening on ADDR as ID", or with --json {"event":"listening","addr":ADDR,...}.
+        let addr = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(v) => v["addr"].as_str().map(String::from),
+            Err(_) => line.split_whitespace().nth(2).map(String::from),
+        };
+        let port = addr
+            .as_deref()
             .and_then(|a| a.rsplit(':').next())
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| {
@@ -601,12 +624,23 @@ impl Server {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 )
             });
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ev = events.clone();
+        std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    ev.lock().unwrap().push(v);
+                }
+            }
+        });
         Server {
             child,
             port,
             id,
             home: home.to_path_buf(),
             log,
+            events,
         }
     }
 
@@ -698,6 +732,34 @@ pub fn http_get(addr: &str, path: &str, accept: Option<&str>) -> (String, String
         head.lines().next().unwrap_or("").to_string(),
         body.to_string(),
     )
+}
+
+/// An `--on-alert` program that appends its HOTSYNC_ environment to `alerts.log` beside it.
+pub fn hook(dir: &Path) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let script = dir.join("on-alert");
+    let log = dir.join("alerts.log");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n\
+         out=\"$(dirname \"$0\")/alerts.log\"\n\
+         echo \"$HOTSYNC_ALERT|$HOTSYNC_STATE|$HOTSYNC_VALUE|$HOTSYNC_STANDBY\" >> \"$out\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script, log)
+}
+
+/// The hook's lines for `alert`: (state, value, standby).
+pub fn hook_lines(log: &Path, alert: &str) -> Vec<(String, String, String)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let p: Vec<&str> = l.split('|').collect();
+            (p.len() == 4 && p[0] == alert).then(|| (p[1].into(), p[2].into(), p[3].into()))
+        })
+        .collect()
 }
 
 impl Drop for Server {

@@ -322,34 +322,6 @@ fn metrics_are_valid_prometheus_and_so_are_the_shipped_rules() {
     );
 }
 
-/// An `--on-alert` program that appends its HOTSYNC_ environment to `alerts.log` beside it.
-fn hook(dir: &Path) -> (PathBuf, PathBuf) {
-    use std::os::unix::fs::PermissionsExt;
-    let script = dir.join("on-alert");
-    let log = dir.join("alerts.log");
-    std::fs::write(
-        &script,
-        "#!/bin/sh\n\
-         out=\"$(dirname \"$0\")/alerts.log\"\n\
-         echo \"$HOTSYNC_ALERT|$HOTSYNC_STATE|$HOTSYNC_VALUE|$HOTSYNC_STANDBY\" >> \"$out\"\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
-    (script, log)
-}
-
-/// The hook's lines for `alert`: (state, value, standby).
-fn hook_lines(log: &Path, alert: &str) -> Vec<(String, String, String)> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let p: Vec<&str> = l.split('|').collect();
-            (p.len() == 4 && p[0] == alert).then(|| (p[1].into(), p[2].into(), p[3].into()))
-        })
-        .collect()
-}
-
 #[test]
 fn the_alert_hook_fires_once_and_clears_once_on_a_lag_threshold() {
     let t = Pair::new();

@@ -147,6 +147,9 @@ pub struct ServeArgs {
     /// A primary ID allowed to connect (repeatable)
     #[arg(long, value_name = "ID")]
     pub allow: Vec<String>,
+    /// Print one JSON object per event on stdout (the first says where it listens)
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub monitoring: Monitoring,
 }

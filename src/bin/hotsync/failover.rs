@@ -134,8 +134,8 @@ pub fn rejoin(cli: &Cli, args: &RejoinArgs) -> anyhow::Result<u8> {
         );
         for d in &report.diverged {
             println!(
-                "    {} ({}, {} bytes, changed {})",
-                d.path, d.kind, d.size, d.changed
+                "    {} ({}, {} bytes, modified {})",
+                d.path, d.kind, d.size, d.modified
             );
         }
     }

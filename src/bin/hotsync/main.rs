@@ -136,7 +136,23 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         let _guard = rt.enter();
         signals::shutdown_signal()?
     };
-    println!("listening on {} as {}", server.addr, me.id);
+    if args.json {
+        let line = |name: &str, mut v: serde_json::Value| {
+            v["event"] = name.into();
+            v["ts"] = hotsync::clock::now_rfc3339().into();
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{v}");
+            let _ = out.flush();
+        };
+        line(
+            "listening",
+            serde_json::json!({"addr": server.addr.to_string(), "id": me.id.to_string(),
+                "tree": hotsync::check::shown_absolute(&args.root)}),
+        );
+        standby.on_events(Box::new(line));
+    } else {
+        println!("listening on {} as {}", server.addr, me.id);
+    }
     std::io::stdout().flush()?;
     tracing::info!(
         "serving {} to {} allowed primar{}",

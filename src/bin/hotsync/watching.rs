@@ -159,7 +159,8 @@ impl Observer for WatchView {
                 for e in &s.errors {
                     tracing::warn!("{}: {}", e.path, e.error);
                 }
-                let busy = *changes > 0 || s.files_transferred > 0 || s.files_deleted > 0;
+                // A look that found nothing to do (a second walk of a new directory) is not news.
+                let busy = s.did_something();
                 if self.bar.is_none() && busy {
                     let what = if *changes == 0 {
                         "reconciled".to_string()
