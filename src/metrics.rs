@@ -114,6 +114,15 @@ pub fn render(inst: &Instance, openmetrics: bool) -> String {
         "The tree's epoch (it grows by one at every promotion)",
     );
     set(&epoch, &vec![], inst.epoch as f64);
+    // A state set: one series per role, 1 for the tree's role, so a change of role shows
+    // as a change of value, not as a series appearing.
+    let roles = s.gauge(
+        "role",
+        "1 for the role the tree has (primary or standby), 0 for the other",
+    );
+    for r in ["primary", "standby"] {
+        set(&roles, &labels(&[("role", r)]), f64::from(r == role));
+    }
     let healthy = s.gauge("healthy", "1 when hotsync status would say healthy, else 0");
     set(
         &healthy,
@@ -471,7 +480,8 @@ mod tests {
         };
         let text = render(&inst, false);
         assert!(text.contains("hotsync_epoch 3.0"), "{text}");
-        assert!(text.contains("role=\"standby\""), "{text}");
+        assert!(text.contains("hotsync_role{role=\"standby\"} 1"), "{text}");
+        assert!(text.contains("hotsync_role{role=\"primary\"} 0"), "{text}");
         assert!(
             text.contains("hotsync_standby_free_bytes{standby=\"/srv/standby\"} 10.0"),
             "{text}"

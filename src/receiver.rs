@@ -74,6 +74,7 @@ pub fn serve(
             message: message.clone(),
         });
         let _ = ch.flush();
+        conn.refuse(code, &message);
         Error::Refused(message)
     };
     if let Err(e) = protocol::check_excludes(&excludes) {

@@ -6,6 +6,7 @@ pub mod quic;
 pub mod tls;
 
 use crate::error::Error;
+use crate::protocol::ErrorCode;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +51,13 @@ pub trait Connection: Send + Sync {
     /// Closes the connection because the peer (a primary) has been fenced by a newer epoch;
     /// the peer's [`Connection::failure`] is then [`Error::Fenced`] with `reason`.
     fn fence(&self, reason: &str) {
+        self.abort(reason)
+    }
+    /// Closes the connection after refusing the peer's session with `code`: the close says
+    /// what the refusal said, since it may reach the peer before the refusal's message
+    /// does (a fenced primary must learn it is fenced, not that something failed).
+    fn refuse(&self, code: ErrorCode, reason: &str) {
+        let _ = code;
         self.abort(reason)
     }
     /// Closes the connection because the peer is gone (silent too long); from then on

@@ -7,6 +7,7 @@ use super::tls::{self, PinnedServer};
 use super::{Connection, Counted, SendHalf, Stream};
 use crate::error::Error;
 use crate::identity::{Identity, NodeId};
+use crate::protocol::ErrorCode;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{
     ConnectionError, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig,
@@ -29,6 +30,8 @@ pub const CLOSE_FAILED: u32 = 2;
 pub const CLOSE_SHUTDOWN: u32 = 3;
 /// The primary has been fenced: a newer epoch took over (the reason says which).
 pub const CLOSE_FENCED: u32 = 4;
+/// The primary was refused: it and the standby were both primary in one epoch.
+pub const CLOSE_SPLIT_BRAIN: u32 = 5;
 
 /// How long a silent peer is waited for before QUIC declares the connection lost: a
 /// safety net behind the heartbeats, which give a silent peer up sooner
@@ -270,6 +273,7 @@ impl Connection for QuicConnection {
                         Error::Unreachable(format!("the standby at {addr} shut down"))
                     }
                     CLOSE_FENCED => Error::Fenced(text),
+                    CLOSE_SPLIT_BRAIN => Error::SplitBrain(text),
                     CLOSE_OK => return None,
                     _ => Error::Standby(text),
                 }
@@ -308,6 +312,18 @@ impl Connection for QuicConnection {
         self.remember_end();
         let r = &reason.as_bytes()[..reason.len().min(512)];
         self.conn.close(VarInt::from_u32(CLOSE_FENCED), r);
+    }
+
+    fn refuse(&self, code: ErrorCode, reason: &str) {
+        match code {
+            ErrorCode::StaleEpoch => self.fence(reason),
+            ErrorCode::SplitBrain => {
+                self.remember_end();
+                let r = &reason.as_bytes()[..reason.len().min(512)];
+                self.conn.close(VarInt::from_u32(CLOSE_SPLIT_BRAIN), r);
+            }
+            _ => self.abort(reason),
+        }
     }
 
     fn give_up(&self, reason: &str) {

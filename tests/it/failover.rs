@@ -77,9 +77,18 @@ fn heard_caught_up(n: &Node) {
 
 /// Waits until `w` has exited; its exit code.
 fn exited(w: &mut Watch, limit: Duration) -> i32 {
-    wait_for("the watch to exit", limit, || {
-        w.child.try_wait().unwrap().map(|s| s.code().unwrap_or(-1))
-    })
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = w.child.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the watch still runs after {limit:?}:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until `s` has reported event `name`.
@@ -160,6 +169,14 @@ fn failover_fences_the_old_primary_and_failback_keeps_what_it_wrote_late() {
         (Some("primary"), Some(2))
     );
     assert_eq!(st["history"][1]["primary"], b.id);
+    // The running serve says so too.
+    let (_, v) = status(&b.home);
+    let me = &v["instances"][0];
+    assert_eq!(
+        (me["role"].as_str(), me["epoch"].as_u64()),
+        (Some("primary"), Some(2)),
+        "{v}"
+    );
     // Twice is the same as once (Keepalived may run it again).
     let again = b.promote(&[]);
     assert_eq!(again.code, 0, "{}", again.stderr);
