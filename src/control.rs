@@ -30,6 +30,9 @@ pub enum Request {
     /// Turn the former primary tree this `serve` holds into a standby.
     Rejoin {
         excludes: Vec<String>,
+        /// Only if the tree is fenced.
+        #[serde(default)]
+        if_fenced: bool,
     },
 }
 
@@ -43,7 +46,7 @@ pub trait Control: Send + Sync {
         ))
     }
     /// Rejoins the tree this instance holds (only a `serve` can).
-    fn rejoin(&self, _excludes: &[String]) -> Result<serde_json::Value> {
+    fn rejoin(&self, _excludes: &[String], _if_fenced: bool) -> Result<serde_json::Value> {
         Err(Error::Usage(
             "only a running serve can rejoin its tree".into(),
         ))
@@ -129,7 +132,10 @@ fn answer(conn: UnixStream, control: &dyn Control) -> std::io::Result<()> {
             Ok(v) => v,
             Err(e) => serde_json::json!({"error": e.to_string()}),
         },
-        Ok(Request::Rejoin { excludes }) => match control.rejoin(&excludes) {
+        Ok(Request::Rejoin {
+            excludes,
+            if_fenced,
+        }) => match control.rejoin(&excludes, if_fenced) {
             Ok(v) => v,
             Err(e) => serde_json::json!({"error": e.to_string()}),
         },

@@ -189,6 +189,12 @@ impl TreeState {
         });
     }
 
+    /// Whether a primary of `epoch` knocking proves this tree stale: it is a primary of an
+    /// older epoch, so a standby was promoted while it was away.
+    pub fn superseded_by(&self, epoch: u64) -> bool {
+        self.role == Role::Primary && epoch > self.epoch
+    }
+
     /// Turns a former primary into a standby (of the next primary it admits, even one of
     /// its own epoch: its writes there were set aside).
     pub fn rejoin(&mut self) {
@@ -380,6 +386,22 @@ mod tests {
             };
             assert_eq!(got, want, "{what}");
         }
+    }
+
+    #[test]
+    fn only_a_newer_primary_proves_a_primary_tree_stale() {
+        let mut t = TreeState::fresh(Role::Standby, None);
+        t.promote(Some("A".into()));
+        assert!(t.superseded_by(t.epoch + 1));
+        assert!(
+            !t.superseded_by(t.epoch),
+            "the same epoch is a split brain, not proof"
+        );
+        assert!(!t.superseded_by(t.epoch - 1));
+        assert!(
+            !standby(1, None).superseded_by(5),
+            "a standby just adopts it"
+        );
     }
 
     #[test]

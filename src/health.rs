@@ -55,6 +55,36 @@ pub fn primary(f: &Facts) -> Result<String, String> {
     ))
 }
 
+/// Fit to hold the service address in the role the tree records (Keepalived's question):
+/// a standby as [`standby`] judges it; a primary when its tree is usable, recorded as primary
+/// and not fenced. A primary's standbys do not count here: one whose standby died or lags
+/// still holds the newest data, and giving up the address would turn that failure into an
+/// outage. [`primary`] answers the stricter question of whether it also replicates well.
+pub fn current(f: &Facts) -> Result<String, String> {
+    let Some(st) = f.state.filter(|st| st.role == Role::Primary) else {
+        return standby(f);
+    };
+    f.usable.clone()?;
+    if let Some(fence) = &st.fenced {
+        return Err(format!(
+            "fenced at {} ({}): rejoin it as a standby",
+            fence.at, fence.reason
+        ));
+    }
+    let replicating = match f.instance {
+        None => "no watch runs".to_string(),
+        Some(i) => {
+            let up = i
+                .replicas
+                .iter()
+                .filter(|r| r.state == ReplicaState::Streaming)
+                .count();
+            format!("{up} of {} standby(s) streaming", i.replicas.len())
+        }
+    };
+    Ok(format!("primary of epoch {}, {replicating}", st.epoch))
+}
+
 fn state_word(s: ReplicaState) -> &'static str {
     match s {
         ReplicaState::Streaming => "streaming",
@@ -271,5 +301,42 @@ mod tests {
                 .unwrap_err()
                 .contains("rejoin")
         );
+    }
+
+    #[test]
+    fn the_current_role_is_judged_as_keepalived_needs_it() {
+        let mut prim = TreeState::fresh(Role::Standby, None);
+        prim.promote(Some("A".into()));
+        // A primary whose standby is gone keeps the address; no watch is needed yet either
+        // (Keepalived starts it once the node holds the address).
+        let mut w = instance("watch");
+        w.replicas = vec![replica(ReplicaState::Connecting, 500.0)];
+        let ok = current(&facts(Some(&w), Some(&prim))).unwrap();
+        assert!(ok.contains("0 of 1 standby(s) streaming"), "{ok}");
+        assert!(current(&facts(None, Some(&prim))).is_ok());
+        let mut f = facts(None, Some(&prim));
+        f.usable = Err("SRC is empty".into());
+        assert_eq!(current(&f).unwrap_err(), "SRC is empty");
+        let mut fenced = prim.clone();
+        fenced.fenced = Some(crate::epoch::Fence {
+            at: "t".into(),
+            reason: "epoch 3".into(),
+        });
+        assert!(
+            current(&facts(None, Some(&fenced)))
+                .unwrap_err()
+                .contains("rejoin")
+        );
+        // A standby, or a tree hotsync never recorded, is judged as a standby.
+        let mut s = instance("serve");
+        s.primaries = vec![primary_seen(true, Some(40.0), 0.5, 9)];
+        let stb = TreeState::fresh(Role::Standby, None);
+        assert!(
+            current(&facts(Some(&s), Some(&stb)))
+                .unwrap_err()
+                .contains("catching up")
+        );
+        s.primaries = vec![primary_seen(false, Some(0.1), 0.0, 9)];
+        assert!(current(&facts(Some(&s), None)).is_ok());
     }
 }

@@ -45,6 +45,10 @@ pub struct RejoinReport {
     pub changed_dirs: Vec<String>,
     /// The tree had no record of what its standby confirmed: everything counted as diverged.
     pub no_record: bool,
+    /// Asked to act only on a fenced tree, and this one is not: it is still the primary,
+    /// and nothing was done.
+    #[serde(default)]
+    pub still_primary: bool,
 }
 
 const LIST: &[u8] = b"diverged.json";
@@ -197,6 +201,7 @@ pub fn keep_diverged(
         diverged: kept,
         changed_dirs: w.dirs,
         no_record: divergence.is_none(),
+        still_primary: false,
     })
 }
 

@@ -57,8 +57,8 @@ impl Control for Serving {
         serde_json::to_value(r).map_err(|e| Error::Usage(e.to_string()))
     }
 
-    fn rejoin(&self, excludes: &[String]) -> crate::Result<serde_json::Value> {
-        let r = self.standby.rejoin(excludes)?;
+    fn rejoin(&self, excludes: &[String], if_fenced: bool) -> crate::Result<serde_json::Value> {
+        let r = self.standby.rejoin(excludes, if_fenced)?;
         serde_json::to_value(r).map_err(|e| Error::Usage(e.to_string()))
     }
 

@@ -436,7 +436,12 @@ impl Standby {
         let shown = format!("the standby {}", self.path.display());
         let mut st = self.state.lock().unwrap();
         match crate::epoch::admit(&st, epoch, who.as_deref(), &shown) {
-            Admission2::Refuse { code, message } => Err(Refusal { code, message }),
+            Admission2::Refuse { code, message } => {
+                if st.superseded_by(epoch) {
+                    self.record_superseded(&mut st, epoch, peer);
+                }
+                Err(Refusal { code, message })
+            }
             Admission2::Admit { adopt } => {
                 let before = st.clone();
                 st.adopt(epoch, who);
@@ -463,6 +468,56 @@ impl Standby {
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Records on this primary tree that a primary of the newer `epoch` exists: the tree is
+    /// fenced, so `check` calls it unfit and `rejoin --if-fenced` acts on it. Only while no
+    /// watch holds the tree: a running watch owns the primary's record (and learns of the
+    /// new epoch itself when it meets the new primary's standbys).
+    fn record_superseded(&self, st: &mut TreeState, epoch: u64, peer: &Peer) {
+        let reason = format!(
+            "{} is the primary of epoch {epoch}, newer than this tree's {}",
+            peer.describe(),
+            st.epoch
+        );
+        let recorded = self.with_area(|a| -> io::Result<bool> {
+            let Some(_watch) = a.try_lock(crate::reserved::PRIMARY_LOCK)? else {
+                return Ok(false);
+            };
+            // The watch that ran last may have recorded more than this process knows.
+            let mut disk = match a.read_state() {
+                Ok(Some(d)) => d,
+                _ => st.clone(),
+            };
+            if disk.fenced.is_some() || !disk.superseded_by(epoch) {
+                *st = disk;
+                return Ok(false);
+            }
+            disk.fenced = Some(crate::epoch::Fence {
+                at: crate::clock::now_rfc3339(),
+                reason: reason.clone(),
+            });
+            disk.updated = crate::clock::now_rfc3339();
+            a.write_state(&disk)?;
+            *st = disk;
+            Ok(true)
+        });
+        match recorded {
+            Some(Ok(true)) => {
+                tracing::warn!(
+                    "{} is fenced: {reason}; run `hotsync rejoin` to make it a standby",
+                    self.path.display()
+                );
+                self.event(
+                    "superseded",
+                    serde_json::json!({"epoch": epoch, "reason": reason}),
+                );
+            }
+            Some(Err(e)) => {
+                tracing::warn!("cannot record the fence in {}: {e}", self.state_shown())
+            }
+            _ => {}
         }
     }
 
@@ -623,6 +678,20 @@ impl Standby {
     pub fn promote(&self, force: bool, me: Option<NodeId>) -> Result<PromoteReport> {
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
+        if st.role == Role::Primary
+            && let Some(Ok(Some(disk))) = self.with_area(|a| a.read_state())
+        {
+            // A watch of this primary tree may have recorded a fence since.
+            *st = disk;
+        }
+        if let (Role::Primary, Some(fence)) = (st.role, &st.fenced) {
+            return Err(Error::Refused(format!(
+                "refusing to promote {}: it is a fenced former primary ({}, at {}), so a newer                  epoch holds writes this tree lacks; run `hotsync rejoin` and let it catch up                  first",
+                self.path.display(),
+                fence.reason,
+                fence.at
+            )));
+        }
         let writers: Vec<Arc<SessionEntry>> =
             self.sessions().into_iter().filter(|s| s.writer).collect();
         let shown = self.path.display();
@@ -732,7 +801,16 @@ impl Standby {
     /// # Errors
     /// [`Error::Refused`] while a watch still replicates the tree, or when moving or
     /// recording fails (the role is then unchanged).
-    pub fn rejoin(&self, excludes: &[String]) -> Result<crate::rejoin::RejoinReport> {
+    ///
+    /// With `if_fenced`, only a tree known to be superseded (a watch or this serve met a
+    /// newer epoch) is turned; another primary is left as it is (`still_primary`). That is
+    /// what Keepalived's `notify_backup` runs, which also fires on the rightful primary
+    /// every time Keepalived starts.
+    pub fn rejoin(
+        &self,
+        excludes: &[String],
+        if_fenced: bool,
+    ) -> Result<crate::rejoin::RejoinReport> {
         let shown = self.path.display();
         let filter =
             crate::filter::Filter::new(excludes).map_err(|e| Error::Usage(e.to_string()))?;
@@ -740,16 +818,18 @@ impl Standby {
         let root = self
             .root()
             .map_err(|e| Error::io(format!("cannot open {shown}"), e))?;
+        let nothing = |st: &TreeState, still_primary: bool| crate::rejoin::RejoinReport {
+            tree: crate::check::shown_absolute(&self.path),
+            already: !still_primary,
+            epoch: st.epoch,
+            kept_in: String::new(),
+            diverged: vec![],
+            changed_dirs: vec![],
+            no_record: false,
+            still_primary,
+        };
         if st.role == Role::Standby {
-            return Ok(crate::rejoin::RejoinReport {
-                tree: crate::check::shown_absolute(&self.path),
-                already: true,
-                epoch: st.epoch,
-                kept_in: String::new(),
-                diverged: vec![],
-                changed_dirs: vec![],
-                no_record: false,
-            });
+            return Ok(nothing(&st, false));
         }
         let guard = self.lock.lock().unwrap();
         let Some((area, _)) = guard.as_ref() else {
@@ -761,10 +841,27 @@ impl Standby {
         let watch = area
             .try_lock(crate::reserved::PRIMARY_LOCK)
             .map_err(|e| Error::io(format!("cannot lock {shown}/.hotsync/primary.lock"), e))?;
+        if watch.is_none() && if_fenced {
+            // A running watch is not fenced (one that is stops, and records it).
+            return Ok(nothing(&st, true));
+        }
         if watch.is_none() {
             return Err(Error::Refused(format!(
                 "cannot rejoin {shown}: a hotsync watch still replicates it as a primary; stop it first"
             )));
+        }
+        // The watch that ran since this process read the state recorded more: its last
+        // acknowledgement, perhaps a fence.
+        match area.read_state() {
+            Ok(Some(disk)) => *st = disk,
+            Ok(None) => {}
+            Err(e) => return Err(Error::Refused(format!("cannot rejoin {shown}: {e}"))),
+        }
+        if st.role == Role::Standby {
+            return Ok(nothing(&st, false));
+        }
+        if if_fenced && st.fenced.is_none() {
+            return Ok(nothing(&st, true));
         }
         let report = crate::rejoin::keep_diverged(root, area, &st, &filter).map_err(|e| {
             Error::Refused(format!(

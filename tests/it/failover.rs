@@ -510,3 +510,83 @@ fn check_says_which_node_is_fit_for_which_role() {
     assert!(start.elapsed() < Duration::from_secs(5));
     assert_eq!(check(&b, "standby").0, 1);
 }
+
+#[test]
+fn a_returning_primary_learns_it_was_superseded_and_only_then_rejoins_if_fenced() {
+    let base = tempfile::tempdir().unwrap();
+    let base = base.path();
+    let a = Node::new(base, "a");
+    let b = Node::new(base, "b");
+    seed(&a);
+    let check = |n: &Node| {
+        let r = n.run(&["check", "--role", "auto", "--root", n.tree_arg()]);
+        assert_eq!(r.stdout.trim().lines().count(), 1, "{}", r.stdout);
+        (r.code, r.stdout)
+    };
+    let rejoin_if_fenced = |n: &Node| {
+        let r = n.run(&["rejoin", "--root", n.tree_arg(), "--if-fenced", "--json"]);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        r.json()
+    };
+    let sb = b.serve(&a);
+    let mut wa = a.watch(&sb, &[]);
+    wa.wait_ready();
+    // Keepalived runs notify_backup on the rightful primary whenever it starts: nothing
+    // happens to it.
+    let j = rejoin_if_fenced(&a);
+    assert_eq!(j["still_primary"], true, "{j}");
+    assert_eq!(a.state()["role"], "primary");
+    let (code, out) = check(&a);
+    assert_eq!(
+        (code, out.contains("primary of epoch 1")),
+        (0, true),
+        "{out}"
+    );
+
+    heard_caught_up(&b);
+    wa.child.kill().unwrap();
+    wa.child.wait().unwrap();
+    write(&a.tree.join("late.txt"), b"written while cut off\n");
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(b.promote(&[]).code, 0);
+    drop(sb);
+
+    // A comes back as Keepalived's backup: its serve runs, it does not yet know.
+    let sa = a.serve(&b);
+    assert_eq!(rejoin_if_fenced(&a)["still_primary"], true);
+    assert_eq!(check(&a).0, 0);
+    // The new primary's watch knocks: refused (A has not rejoined), and A now knows.
+    let mut wb = b.watch(&sa, &[]);
+    let ev = server_event(&sa, "superseded");
+    assert_eq!(ev["epoch"], 2, "{ev}");
+    assert!(
+        a.state()["fenced"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("epoch 2")
+    );
+    assert!(!b.tree.join("late.txt").exists());
+    let (code, out) = check(&a);
+    assert_eq!((code, out.contains("fenced")), (1, true), "{out}");
+    // Were B to die now, Keepalived's notify_master on A must not bring the stale tree back.
+    let r = a.promote(&[]);
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(r.stderr.contains("fenced former primary"), "{}", r.stderr);
+    // notify_fault's rejoin acts now, keeping the late write; B's watch then gets in.
+    let j = rejoin_if_fenced(&a);
+    assert_eq!(
+        (j["still_primary"].as_bool(), j["already"].as_bool()),
+        (Some(false), Some(false)),
+        "{j}"
+    );
+    assert!(j["diverged"].to_string().contains("late.txt"), "{j}");
+    converge(&b.tree, &a.tree, Duration::from_secs(20));
+    assert_eq!(a.state()["epoch"], 2);
+    let (code, out) = wait_for("A fit as a standby", Duration::from_secs(10), || {
+        let r = check(&a);
+        (r.0 == 0).then_some(r)
+    });
+    assert!(out.contains("standby of"), "{code} {out}");
+    assert_eq!(rejoin_if_fenced(&a)["already"], true);
+    assert_eq!(wb.stop(Duration::from_secs(3)).code(), Some(0));
+}

@@ -52,8 +52,13 @@ pub enum Command {
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoleArg {
+    /// Healthy as the primary, replicating within the lag limit
     Primary,
+    /// Healthy as a standby: current, or fit to be promoted
     Standby,
+    /// Fit for the role the tree records now, as Keepalived needs it (a primary's
+    /// standbys do not count)
+    Auto,
 }
 
 #[derive(Args, Debug)]
@@ -77,6 +82,10 @@ pub struct RejoinArgs {
     /// Leave entries matching GLOB where they are (the new primary's --exclude patterns)
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// Only if the tree is fenced (it met a newer epoch); a primary that is not is left as
+    /// it is. For Keepalived's notify_backup, which also runs on the rightful primary
+    #[arg(long)]
+    pub if_fenced: bool,
     /// Print one JSON object on stdout
     #[arg(long)]
     pub json: bool,

@@ -84,6 +84,7 @@ pub fn rejoin(cli: &Cli, args: &RejoinArgs) -> anyhow::Result<u8> {
         Some((socket, _)) => {
             let req = Request::Rejoin {
                 excludes: args.exclude.clone(),
+                if_fenced: args.if_fenced,
             };
             let v = control::ask(&socket, &req).map_err(|e| {
                 anyhow::anyhow!("the serve of {} did not answer: {e}", args.root.display())
@@ -93,10 +94,18 @@ pub fn rejoin(cli: &Cli, args: &RejoinArgs) -> anyhow::Result<u8> {
             }
             serde_json::from_value(v)?
         }
-        None => Standby::open_within(&args.root, Access::Write, WAIT)?.rejoin(&args.exclude)?,
+        None => Standby::open_within(&args.root, Access::Write, WAIT)?
+            .rejoin(&args.exclude, args.if_fenced)?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
+        return Ok(0);
+    }
+    if report.still_primary {
+        println!(
+            "{} is the primary of epoch {} and not fenced: left as it is (--if-fenced)",
+            report.tree, report.epoch
+        );
         return Ok(0);
     }
     if report.already {
@@ -165,14 +174,19 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> anyhow::Result<u8> {
         None => None,
     };
     let shown = args.root.display();
-    let usable = match (&root, args.role) {
+    let role = match (args.role, &state) {
+        (RoleArg::Auto, Some(st)) if st.role == hotsync::epoch::Role::Primary => RoleArg::Primary,
+        (RoleArg::Auto, _) => RoleArg::Standby,
+        (r, _) => r,
+    };
+    let usable = match (&root, role) {
         (Err(e), _) => Err(format!("cannot open {shown}: {e}")),
         (Ok(r), RoleArg::Primary) => match r.is_empty() {
             Ok(false) => Ok(()),
             Ok(true) => Err(format!("{shown} is empty (is a disk not mounted?)")),
             Err(e) => Err(format!("cannot list {shown}: {e}")),
         },
-        (Ok(r), RoleArg::Standby) => rustix::fs::accessat(
+        (Ok(r), _) => rustix::fs::accessat(
             r.fd(),
             c".",
             rustix::fs::Access::WRITE_OK,
@@ -180,9 +194,9 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> anyhow::Result<u8> {
         )
         .map_err(|e| format!("{shown} is not writable: {e}")),
     };
-    let command = match args.role {
+    let command = match role {
         RoleArg::Primary => "watch",
-        RoleArg::Standby => "serve",
+        _ => "serve",
     };
     let instance = control::find(&home, command, &args.root).map(|(_, i)| i);
     let facts = hotsync::health::Facts {
@@ -194,6 +208,7 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> anyhow::Result<u8> {
     let verdict = match args.role {
         RoleArg::Primary => hotsync::health::primary(&facts),
         RoleArg::Standby => hotsync::health::standby(&facts),
+        RoleArg::Auto => hotsync::health::current(&facts),
     };
     match verdict {
         Ok(why) => {
