@@ -3,7 +3,7 @@
 //! instance reports and what the tree records; the command gathers them.
 
 use crate::epoch::{Role, TreeState};
-use crate::status::{Instance, ReplicaState};
+use crate::status::{Instance, PrimaryStatus, ReplicaState};
 
 /// What a check looks at.
 pub struct Facts<'a> {
@@ -112,15 +112,14 @@ pub fn standby(f: &Facts) -> Result<String, String> {
             st.epoch
         ));
     }
-    if let Some(p) = i.primaries.iter().find(|p| p.connected) {
+    // A primary silent for two heartbeats is taken for gone, as `promote` takes it: its
+    // session lingers until the idle limit, but Keepalived must not wait that long.
+    let silent = |p: &PrimaryStatus| {
+        p.last_heartbeat_age_seconds
+            .is_none_or(|a| a > 2.0 * crate::heartbeat::INTERVAL.as_secs_f64())
+    };
+    if let Some(p) = i.primaries.iter().find(|p| p.connected && !silent(p)) {
         let lag = p.lag_seconds.unwrap_or(f64::INFINITY);
-        let heard = p.last_heartbeat_age_seconds.unwrap_or(f64::INFINITY);
-        if heard > 3.0 {
-            return Err(format!(
-                "primary {} connected but silent for {heard:.1} s",
-                p.primary
-            ));
-        }
         if lag > f.max_lag {
             return Err(format!(
                 "still catching up: primary {} reports a lag of {lag:.1} s (limit {:.1} s)",
@@ -132,21 +131,28 @@ pub fn standby(f: &Facts) -> Result<String, String> {
             p.primary, i.epoch
         ));
     }
+    let gone = |p: &PrimaryStatus| match p.last_heartbeat_age_seconds {
+        Some(a) if p.connected => format!("primary {} silent for {a:.1} s", p.primary),
+        _ => "no primary connected".to_string(),
+    };
     let last = i
         .primaries
         .iter()
         .filter(|p| p.position.seq > 0)
-        .filter_map(|p| p.lag_seconds.map(|l| (p, l)))
+        .filter_map(|p| p.reported_lag_seconds.map(|l| (p, l)))
         .min_by(|a, b| a.1.total_cmp(&b.1));
     match last {
         Some((p, lag)) if lag <= f.max_lag => Ok(format!(
-            "no primary connected; fit to be promoted: current within {lag:.1} s when {} was last \
-             heard, position {}:{}",
-            p.primary, p.position.epoch, p.position.seq
+            "{}; fit to be promoted: current within {lag:.1} s when {} was last heard, position \
+             {}:{}",
+            gone(p),
+            p.primary,
+            p.position.epoch,
+            p.position.seq
         )),
         Some((p, lag)) => Err(format!(
-            "no primary connected, and it was {lag:.1} s behind {} when last heard: not fit to \
-             be promoted",
+            "{}, and it was {lag:.1} s behind {} when last heard: not fit to be promoted",
+            gone(p),
             p.primary
         )),
         None => Err("no primary has replicated to it yet: not fit to be promoted".into()),
@@ -198,6 +204,7 @@ mod tests {
             since_seconds: 0.0,
             last_heartbeat_age_seconds: connected.then_some(heard),
             lag_seconds: lag,
+            reported_lag_seconds: lag,
             pending_changes: None,
             position: Position { epoch: 1, seq },
             sessions: 1,
@@ -266,11 +273,22 @@ mod tests {
                 .unwrap_err()
                 .contains("catching up")
         );
-        i.primaries = vec![primary_seen(true, Some(0.0), 5.0, 9)];
+        // Silent for two heartbeats: gone, as for promote (its session lingers until the
+        // idle limit), and judged by the lag it reported then, not the lag aged since.
+        let mut silent = primary_seen(true, Some(5.2), 5.0, 9);
+        silent.reported_lag_seconds = Some(0.2);
+        i.primaries = vec![silent.clone()];
+        let ok = standby(&facts(Some(&i), None)).unwrap();
         assert!(
-            standby(&facts(Some(&i), None))
-                .unwrap_err()
-                .contains("silent")
+            ok.contains("silent for 5.0 s; fit to be promoted: current within 0.2 s"),
+            "{ok}"
+        );
+        silent.reported_lag_seconds = Some(30.0);
+        i.primaries = vec![silent];
+        let err = standby(&facts(Some(&i), None)).unwrap_err();
+        assert!(
+            err.contains("silent for 5.0 s, and it was 30.0 s behind"),
+            "{err}"
         );
         // The primary is gone: fit if it was current when last heard.
         i.primaries = vec![primary_seen(false, Some(0.3), 0.0, 9)];

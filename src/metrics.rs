@@ -461,6 +461,7 @@ mod tests {
                 since_seconds: 0.0,
                 last_heartbeat_age_seconds: Some(0.5),
                 lag_seconds: Some(0.25),
+                reported_lag_seconds: Some(0.25),
                 pending_changes: Some(1),
                 position: crate::standby::Position { epoch: 3, seq: 9 },
                 sessions: 2,

@@ -628,6 +628,10 @@ impl Standby {
                         Some(s) => s.lag(now).map(|d| d.as_secs_f64()),
                         None => rec.last_lag,
                     },
+                    reported_lag_seconds: match session {
+                        Some(s) => s.reported_lag().map(|d| d.as_secs_f64()),
+                        None => rec.last_lag,
+                    },
                     pending_changes: heard.beat.map(|(b, _)| b.pending),
                     position: heard
                         .beat

@@ -153,6 +153,9 @@ pub struct PrimaryStatus {
     /// The lag the primary reports, aged by the time since its heartbeat; for a primary no
     /// longer connected, the lag its last heartbeat reported.
     pub lag_seconds: Option<f64>,
+    /// The lag the primary's last heartbeat reported, as it was then (what a promotion
+    /// would have lost had the primary died at that moment).
+    pub reported_lag_seconds: Option<f64>,
     /// Changes the primary has queued, as of its last heartbeat.
     pub pending_changes: Option<u64>,
     pub position: Position,
