@@ -78,39 +78,45 @@ struct Node {
 }
 
 impl Node {
-    /// Every process in the namespace dies at once, as in a power loss: all are stopped
-    /// first (SIGSTOP, until no new one appears), then SIGKILLed. Killed one by one, the
-    /// first deaths would be seen by the rest: Keepalived's VRRP process turns its parent's
-    /// death into a SIGTERM, gives the address up cleanly and runs notify_stop.
-    fn kill_all(&mut self) {
-        let pids = || -> Vec<rustix::process::Pid> {
-            cmd("ip", &["netns", "pids", &self.ns])
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .filter_map(rustix::process::Pid::from_raw)
-                .collect()
-        };
-        let signal = |ps: &[rustix::process::Pid], sig| {
-            for &p in ps {
-                let _ = rustix::process::kill_process(p, sig);
-            }
-        };
+    fn pids(&self) -> Vec<rustix::process::Pid> {
+        cmd("ip", &["netns", "pids", &self.ns])
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter_map(rustix::process::Pid::from_raw)
+            .collect()
+    }
+
+    /// Freezes every process in the namespace (SIGSTOP, until no new one appears): the
+    /// first half of a power loss. Killed one by one instead, the first deaths would be
+    /// seen by the rest: Keepalived's VRRP process turns its parent's death into a SIGTERM,
+    /// gives the address up cleanly and runs notify_stop.
+    fn freeze(&self) {
         let mut stopped = Vec::new();
         for _ in 0..50 {
-            let now = pids();
+            let now = self.pids();
             if now.iter().all(|p| stopped.contains(p)) {
                 break;
             }
-            signal(&now, rustix::process::Signal::STOP);
+            for &p in &now {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::STOP);
+            }
             stopped = now;
         }
+    }
+
+    /// Every process in the namespace dies at once, as in a power loss: frozen, then
+    /// SIGKILLed.
+    fn kill_all(&mut self) {
+        self.freeze();
         for _ in 0..50 {
-            let now = pids();
+            let now = self.pids();
             if now.is_empty() {
                 break;
             }
-            signal(&now, rustix::process::Signal::KILL);
+            for p in now {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         for mut c in self.children.drain(..) {
@@ -353,6 +359,15 @@ fn rewrite(text: &str, settings: &[(&str, String)]) -> String {
     out
 }
 
+/// The value of a shell assignment `KEY=VALUE` or `KEY="VALUE"` in `text`.
+fn value_of(text: &str, key: &str) -> String {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(key))
+        .unwrap_or_else(|| panic!("the example has no `{key}` line"));
+    line[key.len()..].trim_matches('"').to_string()
+}
+
 /// The example's env file for `node`, set for the lab.
 fn env_file(node: &Node, peer: &Node) -> String {
     let text =
@@ -365,11 +380,54 @@ fn env_file(node: &Node, peer: &Node) -> String {
         ("VIP=", VIP.to_string()),
         ("PEER_URL=", format!("quic://{}:{PORT}", peer.addr)),
         ("PEER_ID=", peer.id.clone()),
-        ("WATCH_ARGS=", "--json".to_string()),
+        // The example's watch options (its metrics address is the namespace's own
+        // loopback), events on the log, and HOTSYNC_DRILL_WATCH_ARGS to measure with.
+        (
+            "WATCH_ARGS=",
+            format!(
+                "\"{} --json {}\"",
+                value_of(&text, "WATCH_ARGS="),
+                std::env::var("HOTSYNC_DRILL_WATCH_ARGS").unwrap_or_default()
+            ),
+        ),
         ("RUN_DIR=", node.dir.join("run").display().to_string()),
         ("LOG=", node.dir.join("helper.log").display().to_string()),
     ];
     rewrite(&text, &settings)
+}
+
+/// The lines containing `needle` in `path`, or in the `.log` files of directory `path`.
+fn lines_with(path: &Path, needle: &str) -> Vec<String> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Milliseconds since midnight of an RFC 3339 UTC stamp (`2026-12-01T10:29:33.869Z`).
+fn ms_of_day(ts: &str) -> i64 {
+    let t = &ts[11..23];
+    let n = |r: std::ops::Range<usize>| t[r].parse::<i64>().unwrap();
+    ((n(0..2) * 60 + n(3..5)) * 60 + n(6..8)) * 1000 + n(9..12)
 }
 
 /// What the writer wrote: per file, each record's write time.
@@ -511,7 +569,7 @@ fn failover_drill_with_keepalived() {
             if start.elapsed() > LIMIT {
                 panic!("drill: {what} not within {LIMIT:?}{}", lab.logs());
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
     };
     settle(&lab, "A holds the address", &|l| l.nodes[0].holds_vip());
@@ -547,11 +605,13 @@ fn failover_drill_with_keepalived() {
     };
     std::thread::sleep(Duration::from_secs(3));
 
-    // The primary's node dies: the writer stops, and every process in A's namespace is
-    // SIGKILLed.
+    // The primary's node dies under the writer: every process in A's namespace frozen,
+    // then SIGKILLed. The writer (this process, outside the namespace) stops just after;
+    // what it wrote after the freeze could never have been replicated.
+    lab.nodes[0].freeze();
+    let killed = Instant::now();
     stop.store(true, Ordering::SeqCst);
     let written = w.join().unwrap();
-    let killed = Instant::now();
     lab.nodes[0].kill_all();
     s.join().unwrap();
     let sample = last
@@ -571,31 +631,46 @@ fn failover_drill_with_keepalived() {
         b"written on B\n",
     );
     let accepted_at = Instant::now();
+    // Finer than polling: from the notify that Keepalived ran once it had set the address
+    // (the helper logs it) to the promotion (the serve's event), both stamped in ms.
+    let notified = lines_with(&lab.nodes[1].dir.join("helper.log"), "notify master")
+        .last()
+        .map(|l| ms_of_day(&l[..24]));
+    let promoted = lines_with(&lab.nodes[1].dir, "\"event\":\"promoted\"")
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| ms_of_day(v["ts"].as_str().unwrap()));
+    let (Some(notified), Some(promoted)) = (notified, promoted) else {
+        panic!("no notify master or promoted event{}", lab.logs());
+    };
 
     // What B has: whole records only, each file a prefix of A's; nothing lost that was
     // older than the last lag A reported (plus the time from that report to the kill, and
     // inotify's delivery).
-    let mut lost = 0;
+    let (mut lost, mut after) = (0, 0);
     let mut oldest_lost: Option<Instant> = None;
     for (f, times) in written.iter().enumerate() {
         let on_b = records_on(&lab.nodes[1].tree, f);
         assert!(on_b <= times.len());
-        lost += times.len() - on_b;
-        if on_b < times.len() {
+        let late = times.iter().filter(|&&t| t > killed).count();
+        after += late;
+        lost += (times.len() - late).saturating_sub(on_b);
+        if on_b < times.len() && times[on_b] <= killed {
             let t = times[on_b];
             oldest_lost = Some(oldest_lost.map_or(t, |o| o.min(t)));
         }
     }
-    let total: usize = written.iter().map(Vec::len).sum();
+    let total: usize = written.iter().map(Vec::len).sum::<usize>() - after;
     let window = oldest_lost.map_or(0.0, |t| (killed - t).as_secs_f64());
     let bound = sample.lag + (killed - sample.asked).as_secs_f64() + 0.25;
     eprintln!(
         "failover drill: B held the address {:.3} s after the kill; promoted {:.1} ms after \
-         that, writable {:.1} ms after that; {lost} of {total} records lost, the oldest \
-         written {window:.3} s before the kill; A's last status ({:.3} s before the kill) \
-         reported a lag of {:.3} s with {} pending",
+         that ({} ms from the notify to the promotion), writable {:.1} ms after that; {lost} of {total} records lost, the oldest \
+         written {window:.3} s before the kill ({after} more written after it); A's last \
+         status ({:.3} s before the kill) reported a lag of {:.3} s with {} pending",
         (vip_at - killed).as_secs_f64(),
         (promoted_at - vip_at).as_secs_f64() * 1e3,
+        promoted - notified,
         (accepted_at - promoted_at).as_secs_f64() * 1e3,
         (killed - sample.asked).as_secs_f64(),
         sample.lag,
