@@ -272,6 +272,7 @@ impl Drop for Lab {
 /// (the same name on both nodes, as the example's one `$INTERFACE` expects) on a veth pair.
 fn lab(base: &Path) -> Result<Lab, String> {
     let tag = format!("hs{}", std::process::id());
+    remove_stale_labs();
     let mut lab = Lab { nodes: Vec::new() };
     for (i, name) in ["a", "b"].into_iter().enumerate() {
         let ns = format!("{tag}{name}");
@@ -318,6 +319,31 @@ fn lab(base: &Path) -> Result<Lab, String> {
         cmd("ip", &["-n", &n.ns, "link", "set", "lo", "up"])?;
     }
     Ok(lab)
+}
+
+/// Removes the namespaces (and what runs in them) of drills whose test process is gone: one
+/// killed from outside never ran its teardown.
+fn remove_stale_labs() {
+    let list = cmd("ip", &["netns", "list"]).unwrap_or_default();
+    for ns in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(pid) = ns
+            .strip_prefix("hs")
+            .and_then(|r| r.strip_suffix(['a', 'b']))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let pids = cmd("ip", &["netns", "pids", ns]).unwrap_or_default();
+        for p in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+            if let Some(p) = rustix::process::Pid::from_raw(p) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        let _ = cmd("ip", &["netns", "del", ns]);
+    }
 }
 
 /// The example's `keepalived.conf` with its site block set for the lab; every setting it
