@@ -229,11 +229,14 @@ pub struct PromoteReport {
     pub position: Position,
     /// How old the newest change made durable here is (when this process saw it).
     pub newest_change_age_seconds: Option<f64>,
-    /// What the old primary last said: how long ago, its lag and its queue then. Its lag,
-    /// aged, bounds what the failover lost.
+    /// What the old primary last said: how long ago, and its lag and queue then.
     pub primary_last_heard_seconds_ago: Option<f64>,
     pub primary_last_lag_seconds: Option<f64>,
     pub primary_last_pending: Option<u64>,
+    /// The failover's RPO: changes the old primary made in this many seconds before the
+    /// promotion may be missing here (its last heartbeat's age plus the lag it reported;
+    /// what it did after that heartbeat is unknown).
+    pub rpo_seconds: Option<f64>,
     /// Sessions of the old primary cut with the fencing error.
     pub fenced_sessions: u64,
 }
@@ -715,14 +718,20 @@ impl Standby {
             primary_last_heard_seconds_ago: None,
             primary_last_lag_seconds: None,
             primary_last_pending: None,
+            rpo_seconds: None,
             fenced_sessions: 0,
         };
         if let Some(w) = writers.first() {
             let heard = *w.heard.lock().unwrap();
             report.primary_last_heard_seconds_ago =
                 heard.last.map(|t| now.duration_since(t).as_secs_f64());
-            report.primary_last_lag_seconds = w.lag(now).map(|d| d.as_secs_f64());
+            report.primary_last_lag_seconds = w.reported_lag().map(|d| d.as_secs_f64());
             report.primary_last_pending = heard.beat.map(|(b, _)| b.pending);
+            report.rpo_seconds = heard
+                .beat
+                .map(|(_, at)| now.duration_since(at).as_secs_f64())
+                .zip(report.primary_last_lag_seconds)
+                .map(|(ago, lag)| ago + lag);
         }
         if report.already {
             return Ok(report);

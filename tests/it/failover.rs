@@ -162,6 +162,13 @@ fn failover_fences_the_old_primary_and_failback_keeps_what_it_wrote_late() {
         "A had nothing pending: nothing lost: {p}"
     );
     assert!(p["newest_change_age_seconds"].as_f64().is_some(), "{p}");
+    // Nothing pending when last heard (about 2.2 s ago), so what may be missing is what A
+    // did since that heartbeat: the RPO is its age.
+    let (lag, rpo) = (
+        p["primary_last_lag_seconds"].as_f64().unwrap(),
+        p["rpo_seconds"].as_f64().unwrap(),
+    );
+    assert!(lag < 0.5 && (2.0..6.0).contains(&rpo), "{p}");
     assert_eq!(server_event(&sb, "promoted")["epoch"], 2);
     let st = b.state();
     assert_eq!(

@@ -60,10 +60,15 @@ fn print_promotion(r: &PromoteReport) {
         "  last durable position {}:{}{age}",
         r.position.epoch, r.position.seq
     );
-    match (r.primary_last_heard_seconds_ago, r.primary_last_lag_seconds) {
-        (Some(ago), Some(lag)) => println!(
-            "  the old primary was last heard {ago:.1} s ago, reporting a lag of {lag:.3} s and {} \
-             pending change(s): at most that was lost (RPO)",
+    match (
+        r.primary_last_heard_seconds_ago,
+        r.primary_last_lag_seconds,
+        r.rpo_seconds,
+    ) {
+        (Some(ago), Some(lag), Some(rpo)) => println!(
+            "  the old primary was last heard {ago:.1} s ago, with a lag of {lag:.3} s and {} \
+             pending change(s) then: what it changed in the last {rpo:.1} s before this \
+             promotion may be missing here (RPO)",
             r.primary_last_pending.unwrap_or(0)
         ),
         _ => println!("  the old primary was not connected when promoted"),
