@@ -2,6 +2,7 @@
 
 mod drill;
 mod failover;
+mod fanout;
 mod faults;
 mod helpers;
 mod local;

@@ -180,9 +180,10 @@ pub struct Common {
     /// Print JSON on stdout: a summary (sync), one object per event (watch)
     #[arg(long)]
     pub json: bool,
-    /// The standby's pinned ID (required for a quic:// DEST)
+    /// The standby's pinned ID (required for a quic:// DEST; with several, one per quic://
+    /// DEST, in the same order)
     #[arg(long, value_name = "ID")]
-    pub server_id: Option<String>,
+    pub server_id: Vec<String>,
     /// Refuse to remove more than this percentage of the standby's entries (unless --force)
     #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub max_delete: u32,
@@ -205,8 +206,9 @@ pub struct SyncArgs {
 pub struct WatchArgs {
     /// The primary's tree
     pub src: PathBuf,
-    /// The standby: a local directory, or quic://HOST:PORT (with --server-id)
-    pub dest: String,
+    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id)
+    #[arg(required = true, num_args = 1..)]
+    pub dest: Vec<String>,
     #[command(flatten)]
     pub common: Common,
     /// Longest a file that keeps changing waits before it is replicated (e.g. 500ms, 2s)

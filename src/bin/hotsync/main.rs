@@ -261,10 +261,45 @@ fn target(cli: &Cli, dest: &str, server_id: Option<&str>) -> anyhow::Result<Targ
     })
 }
 
+/// The standbys DEST arguments name, each quic:// one with the next `--server-id`.
+fn targets(cli: &Cli, dests: &[String], server_ids: &[String]) -> anyhow::Result<Vec<Target>> {
+    let remote = dests.iter().filter(|d| Target::is_remote(d)).count();
+    if remote > 0 && server_ids.len() != remote {
+        bail!(
+            "{remote} quic:// DEST(s) but {} --server-id: give one --server-id per quic:// DEST, \
+             in the same order (run `hotsync id` on each standby)",
+            server_ids.len()
+        );
+    }
+    if remote == 0 && !server_ids.is_empty() {
+        bail!("--server-id is only for a quic:// DEST, and no DEST is one");
+    }
+    let mut ids = server_ids.iter();
+    let mut out: Vec<Target> = Vec::new();
+    for d in dests {
+        let id = if Target::is_remote(d) {
+            ids.next().map(String::as_str)
+        } else {
+            None
+        };
+        let t = target(cli, d, id)?;
+        if out.iter().any(|o| o.describe() == t.describe()) {
+            bail!("the standby {} is given twice", t.describe());
+        }
+        out.push(t);
+    }
+    Ok(out)
+}
+
+/// The one standby of a command that takes one DEST.
+fn one_target(cli: &Cli, dest: &str, server_ids: &[String]) -> anyhow::Result<Target> {
+    Ok(targets(cli, std::slice::from_ref(&dest.to_string()), server_ids)?.remove(0))
+}
+
 fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
     let c = &args.common;
     let opts = sync_options(c, args.dry_run);
-    let target = target(cli, &args.dest, c.server_id.as_deref())?;
+    let target = one_target(cli, &args.dest, &c.server_id)?;
     let bars = Bars::new(cli, c.json || args.dry_run);
     let outcome = hotsync::sync(&args.src, &target, &opts, &bars);
     bars.finished();
@@ -288,7 +323,8 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
 
 fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
     let c = &args.common;
-    let target = target(cli, &args.dest, c.server_id.as_deref())?;
+    let targets = targets(cli, &args.dest, &c.server_id)?;
+    let names: Vec<String> = targets.iter().map(Target::describe).collect();
     let opts = WatchOptions {
         sync: sync_options(c, false),
         batcher: hotsync::replicate::batcher::Config {
@@ -301,10 +337,10 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
         alerts: alert_config(&args.monitoring)?,
     };
     let metrics = bind_metrics(&args.monitoring)?;
-    let w = Arc::new(Watch::new(&args.src, vec![target], opts)?);
+    let w = Arc::new(Watch::new(&args.src, targets, opts)?);
     let shutdown = Arc::new(AtomicBool::new(false));
     signals::on_signal(shutdown.clone())?;
-    let view = Arc::new(watching::WatchView::new(cli, c.json));
+    let view = Arc::new(watching::WatchView::new(cli, c.json, names.len() > 1));
     let home = identity::home_dir(cli.home.as_deref())?;
     let monitor = start_monitoring(
         &home,
@@ -333,7 +369,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
         // The last word before exit 2: the hook is told, and waited for.
         let f = hotsync::alert::Fired {
             alert: "fenced",
-            standby: args.dest.clone(),
+            standby: names.join(" "),
             firing: true,
             value: "fenced".into(),
             message: why.clone(),
@@ -347,7 +383,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
 }
 
 fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
-    let target = target(cli, &args.dest, args.server_id.as_deref())?;
+    let target = one_target(cli, &args.dest, args.server_id.as_slice())?;
     let check = || hotsync::verify(&args.src, &target, &args.exclude);
     let before = check()?;
     if !args.repair || before.identical {

@@ -12,17 +12,19 @@ use std::io::{IsTerminal, Write};
 pub struct WatchView {
     bar: Option<ProgressBar>,
     json: bool,
+    /// Several standbys: log lines name theirs.
+    many: bool,
 }
 
 impl WatchView {
-    pub fn new(cli: &Cli, json: bool) -> WatchView {
+    pub fn new(cli: &Cli, json: bool, many: bool) -> WatchView {
         let bar = (!cli.quiet && !json && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(4));
             b.set_style(ProgressStyle::with_template("{spinner} {msg}").unwrap());
             b.enable_steady_tick(std::time::Duration::from_millis(250));
             b
         });
-        WatchView { bar, json }
+        WatchView { bar, json, many }
     }
 
     /// Whether a status line is shown (then [`WatchView::show`] should be fed).
@@ -167,8 +169,13 @@ impl Observer for WatchView {
                     } else {
                         format!("{changes} change(s)")
                     };
+                    let to = if self.many {
+                        format!("{standby}: ")
+                    } else {
+                        String::new()
+                    };
                     tracing::info!(
-                        "{what}: {} files sent ({}), {} removed, {} renamed, {} errors, {} ms (lag {:.1} ms)",
+                        "{to}{what}: {} files sent ({}), {} removed, {} renamed, {} errors, {} ms (lag {:.1} ms)",
                         s.files_transferred,
                         human_bytes(s.bytes_literal),
                         s.files_deleted,

@@ -1,0 +1,135 @@
+//! One `watch` feeding several standbys at once: a local one and two `serve`s over QUIC on
+//! loopback, under a steady writer; a standby stopped (SIGSTOP) stalls nobody else and
+//! catches up after, one killed and restarted catches up too.
+
+use crate::helpers::*;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Writes a new small file every 10 ms, and appends to a log, until `stop`.
+fn writer(src: PathBuf, stop: Arc<AtomicBool>) -> usize {
+    use std::io::Write as _;
+    let mut n = 0;
+    while !stop.load(Ordering::SeqCst) {
+        write(
+            &src.join(format!("w/{:03}/f{n:05}", n / 100)),
+            format!("record {n}\n").as_bytes(),
+        );
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(src.join("log"))
+            .unwrap();
+        log.write_all(format!("{n}\n").as_bytes()).unwrap();
+        n += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    n
+}
+
+/// The watch's status of each standby, by name.
+fn replicas(home: &Path) -> Vec<serde_json::Value> {
+    let (_, v) = status(home);
+    v["instances"]
+        .as_array()
+        .and_then(|is| is.iter().find(|i| i["command"] == "watch"))
+        .map(|w| w["replicas"].as_array().cloned().unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn lag_of(rs: &[serde_json::Value], name: &str) -> f64 {
+    rs.iter()
+        .find(|r| r["standby"] == name)
+        .and_then(|r| r["lag_seconds"].as_f64())
+        .unwrap_or_else(|| panic!("no standby {name} in {rs:?}"))
+}
+
+#[test]
+fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
+    let base = tempfile::tempdir().unwrap();
+    let base = base.path();
+    let src = base.join("src");
+    let home = base.join("primary-home");
+    let me = keygen(&home);
+    write(&src.join("seed/a.txt"), b"seed\n");
+    let local = base.join("local");
+    let (t1, t2) = (base.join("t1"), base.join("t2"));
+    std::fs::create_dir_all(&t1).unwrap();
+    std::fs::create_dir_all(&t2).unwrap();
+    let (h1, h2) = (base.join("h1"), base.join("h2"));
+    let s1 = Server::start(&t1, &h1, &[&me]);
+    let mut s2 = Server::start(&t2, &h2, &[&me]);
+    let (u1, u2) = (s1.url(), s2.url());
+    let pre: Vec<OsString> = vec!["--home".into(), home.clone().into()];
+    let w = Watch::start(
+        &pre,
+        &src,
+        local.as_os_str(),
+        &[&u1, &u2, "--server-id", &s1.id, "--server-id", &s2.id],
+    );
+    let names = [local.display().to_string(), u1.clone(), u2.clone()];
+    w.wait_event("every standby reconciled", Duration::from_secs(30), |e| {
+        names.iter().all(|n| {
+            e.iter()
+                .any(|e| e["event"] == "replicated" && e["standby"] == n.as_str())
+        })
+    });
+    for t in [&local, &t1, &t2] {
+        converge(&src, t, Duration::from_secs(10));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let wr = {
+        let (src, stop) = (src.clone(), stop.clone());
+        std::thread::spawn(move || writer(src, stop))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+
+    // One standby frozen for 10 s (longer than the heartbeat limit): the others keep up.
+    s1.signal(rustix::process::Signal::STOP);
+    let frozen = Instant::now();
+    let mut worst = [0.0f64; 2];
+    let mut stalled = 0.0f64;
+    while frozen.elapsed() < Duration::from_secs(10) {
+        let rs = replicas(&home);
+        worst[0] = worst[0].max(lag_of(&rs, &names[0]));
+        worst[1] = worst[1].max(lag_of(&rs, &names[2]));
+        stalled = stalled.max(lag_of(&rs, &names[1]));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        worst[0] < 1.0 && worst[1] < 1.0,
+        "the other standbys fell behind while one was stopped: lags {worst:?}\n{}",
+        w.log()
+    );
+    assert!(
+        stalled > 5.0,
+        "the stopped standby's lag shows it: {stalled}"
+    );
+    s1.signal(rustix::process::Signal::CONT);
+
+    // One standby killed and started again where it was: it catches up too.
+    std::thread::sleep(Duration::from_millis(500));
+    let port = s2.port;
+    let _ = s2.child.kill();
+    let _ = s2.child.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let s2 = Server::start_on(&t2, &h2, &[&me], port);
+
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    let written = wr.join().unwrap();
+    assert!(written > 500, "the writer wrote {written} files");
+    for t in [&local, &t1, &t2] {
+        converge(&src, t, Duration::from_secs(30));
+    }
+    let rs = replicas(&home);
+    assert_eq!(rs.len(), 3, "{rs:?}");
+    for r in &rs {
+        assert_eq!(r["connected"], true, "{r}");
+    }
+    drop((s1, s2));
+}
