@@ -34,6 +34,12 @@ pub enum Request {
         #[serde(default)]
         if_fenced: bool,
     },
+    /// Answer once every change made before now is durable on `quorum` standbys (default:
+    /// all), or at `timeout_ms`.
+    Flush {
+        quorum: Option<usize>,
+        timeout_ms: u64,
+    },
 }
 
 /// What a running instance answers to.
@@ -44,6 +50,11 @@ pub trait Control: Send + Sync {
         Err(Error::Usage(
             "only a running serve can promote its tree".into(),
         ))
+    }
+    /// Waits until every change made before the call is durable on `quorum` standbys (only
+    /// a `watch` can); the outcome, also when the timeout ended it.
+    fn flush(&self, _quorum: Option<usize>, _timeout: Duration) -> Result<serde_json::Value> {
+        Err(Error::Usage("only a running watch can flush".into()))
     }
     /// Rejoins the tree this instance holds (only a `serve` can).
     fn rejoin(&self, _excludes: &[String], _if_fenced: bool) -> Result<serde_json::Value> {
@@ -139,6 +150,12 @@ fn answer(conn: UnixStream, control: &dyn Control) -> std::io::Result<()> {
             Ok(v) => v,
             Err(e) => serde_json::json!({"error": e.to_string()}),
         },
+        Ok(Request::Flush { quorum, timeout_ms }) => {
+            match control.flush(quorum, Duration::from_millis(timeout_ms)) {
+                Ok(v) => v,
+                Err(e) => serde_json::json!({"error": e.to_string()}),
+            }
+        }
         Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
     };
     let mut out = serde_json::to_vec(&reply)?;
@@ -190,14 +207,14 @@ pub fn status_all(home: &Path) -> Vec<Answer> {
     out
 }
 
-/// The socket of the running instance whose tree is `tree` (by canonical path), with its
+/// The sockets of the running instances of `command` (`watch` or `serve`), with their
 /// status.
-pub fn find(home: &Path, command: &str, tree: &Path) -> Option<(PathBuf, Box<Instance>)> {
-    let want = crate::check::shown_absolute(tree);
+pub fn find_all(home: &Path, command: &str) -> Vec<(PathBuf, Box<Instance>)> {
     let Ok(entries) = std::fs::read_dir(run_dir(home)) else {
-        return None;
+        return Vec::new();
     };
     let prefix = format!("{command}-");
+    let mut out = Vec::new();
     for e in entries.flatten() {
         let p = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
@@ -206,18 +223,36 @@ pub fn find(home: &Path, command: &str, tree: &Path) -> Option<(PathBuf, Box<Ins
         }
         if let Ok(v) = ask(&p, &Request::Status)
             && let Ok(i) = serde_json::from_value::<Instance>(v)
-            && i.tree == want
         {
-            return Some((p, Box::new(i)));
+            out.push((p, Box::new(i)));
         }
     }
-    None
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// The socket of the running instance whose tree is `tree` (by canonical path), with its
+/// status.
+pub fn find(home: &Path, command: &str, tree: &Path) -> Option<(PathBuf, Box<Instance>)> {
+    let want = crate::check::shown_absolute(tree);
+    find_all(home, command)
+        .into_iter()
+        .find(|(_, i)| i.tree == want)
 }
 
 /// Sends `req` to the socket at `path` and reads the answer.
 pub fn ask(path: &Path, req: &Request) -> std::io::Result<serde_json::Value> {
+    ask_within(path, req, IO_TIMEOUT)
+}
+
+/// Like [`ask`], waiting up to `limit` for the answer (a flush takes as long as it takes).
+pub fn ask_within(
+    path: &Path,
+    req: &Request,
+    limit: Duration,
+) -> std::io::Result<serde_json::Value> {
     let conn = UnixStream::connect(path)?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_read_timeout(Some(limit))?;
     conn.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');

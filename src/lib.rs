@@ -17,6 +17,7 @@ pub mod delta;
 pub mod epoch;
 pub mod error;
 pub mod filter;
+pub mod flush;
 pub mod fsroot;
 pub mod guard;
 pub mod health;

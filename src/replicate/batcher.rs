@@ -50,6 +50,25 @@ pub enum Hint {
     RescanDir(RelPath),
     /// Events were lost: everything must be examined again.
     RescanAll,
+    /// A flush's marker: everything seen before it is wanted on the standby now (nothing
+    /// waits for quiet or a rename's other half any more). `owner` is the process that
+    /// placed it.
+    Barrier {
+        owner: u32,
+        id: u64,
+    },
+}
+
+/// The name of flush `id`'s marker in the source's `.hotsync/`, placed by process `owner`.
+pub fn marker_name(owner: u32, id: u64) -> String {
+    format!("flush-{owner}-{id}")
+}
+
+/// The owner and id a marker's name (under `.hotsync/`) carries, if it is one.
+pub fn parse_marker(name: &[u8]) -> Option<(u32, u64)> {
+    let rest = std::str::from_utf8(name).ok()?.strip_prefix("flush-")?;
+    let (owner, id) = rest.split_once('-')?;
+    Some((owner.parse().ok()?, id.parse().ok()?))
 }
 
 /// Tuning of the batcher.
@@ -226,6 +245,20 @@ impl Batcher {
             }
             Hint::RescanDir(p) => self.upsert(p, Scope::Tree, false, now, now),
             Hint::RescanAll => self.go_full(now, now),
+            Hint::Barrier { .. } => self.expedite(now),
+        }
+    }
+
+    /// Makes everything waiting ready now: a flush wants it on the standby. Directories to
+    /// walk a second time are walked now as well (their watches are in place by the time a
+    /// marker placed after them is reported).
+    fn expedite(&mut self, now: Instant) {
+        for it in self.items.values_mut() {
+            it.ready = true;
+            it.hold = None;
+        }
+        for t in self.second_walks.values_mut() {
+            *t = (*t).min(now);
         }
     }
 
@@ -695,5 +728,31 @@ mod tests {
         let mut b = Batcher::new(cfg());
         b.push(Hint::Written(p(".hotsync/lock")), t0);
         assert_eq!(b.poll(t0), None);
+    }
+
+    #[test]
+    fn a_flush_barrier_makes_everything_waiting_ready_at_once() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Modified(p("open.log")), t0);
+        b.push(Hint::MovedFrom(p("gone")), t0);
+        b.push(Hint::DirAppeared(p("new")), t0);
+        let first = b.poll(t0 + ms(1)).unwrap();
+        assert_eq!(first.paths, vec![(p("new"), Scope::Tree)]);
+        // Still open, still held, and the second walk not due: nothing until the barrier.
+        assert_eq!(b.poll(t0 + ms(2)), None);
+        b.push(Hint::Barrier { owner: 1, id: 1 }, t0 + ms(2));
+        let batch = b.poll(t0 + ms(2)).unwrap();
+        let paths: Vec<&RelPath> = batch.paths.iter().map(|(p, _)| p).collect();
+        assert_eq!(paths, vec![&p("gone"), &p("new"), &p("open.log")]);
+        assert_eq!(batch.oldest, Some(t0));
+        assert_eq!(b.poll(t0 + ms(300)), None, "the second walk was done early");
+    }
+
+    #[test]
+    fn marker_names_round_trip() {
+        assert_eq!(parse_marker(marker_name(42, 7).as_bytes()), Some((42, 7)));
+        assert_eq!(parse_marker(b"flush-x-7"), None);
+        assert_eq!(parse_marker(b"state"), None);
     }
 }

@@ -26,6 +26,7 @@ use crate::standby::{Access, Role};
 use crate::status::Instance;
 pub use machine::Event;
 use replica::{Replica, VerifyPlan};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,6 +53,33 @@ pub struct WatchOptions {
 pub trait Observer: Sync {
     /// Something happened to the replication to `standby`.
     fn event(&self, _standby: &str, _event: &Event) {}
+}
+
+/// Tells waiters that something changed: a generation under a lock, and a condvar.
+#[derive(Debug, Default)]
+pub struct Changed {
+    generation: std::sync::Mutex<u64>,
+    cv: std::sync::Condvar,
+}
+
+impl Changed {
+    pub fn bump(&self) {
+        *self.generation.lock().unwrap() += 1;
+        self.cv.notify_all();
+    }
+
+    pub fn current(&self) -> u64 {
+        *self.generation.lock().unwrap()
+    }
+
+    /// Waits until the generation has moved past `seen`, at most `limit`.
+    pub fn wait_past(&self, seen: u64, limit: Duration) {
+        let g = self.generation.lock().unwrap();
+        let _ = self
+            .cv
+            .wait_timeout_while(g, limit, |g| *g == seen)
+            .unwrap();
+    }
 }
 
 /// How often the replicator wakes when nothing happens.
@@ -112,6 +140,9 @@ pub struct Watch {
     alerts: Arc<Alerts>,
     started: Instant,
     started_at: SystemTime,
+    /// Flushes waiting, and what wakes them (a replica's progress, a marker seen).
+    flushes: std::sync::Mutex<crate::flush::Book>,
+    changed: Arc<Changed>,
 }
 
 impl Watch {
@@ -126,6 +157,7 @@ impl Watch {
         let mut sync = opts.sync.clone();
         sync.on_mass_delete = crate::guard::MassDelete::SkipDeletes;
         let mut replicas = Vec::new();
+        let changed = Arc::new(Changed::default());
         for target in targets {
             if let Target::Local(dest) = &target {
                 crate::check::open_source(src)?;
@@ -148,6 +180,7 @@ impl Watch {
                     rate: opts.verify_rate,
                 },
                 machine::ReplicaMachine::new(cfg, now),
+                changed.clone(),
             )));
         }
         Ok(Watch {
@@ -159,6 +192,8 @@ impl Watch {
             replicas,
             started: now,
             started_at: SystemTime::now(),
+            flushes: Default::default(),
+            changed,
         })
     }
 
@@ -197,6 +232,53 @@ impl crate::control::Control for Watch {
         };
         i.assess();
         i
+    }
+
+    /// Drops a marker in the source's `.hotsync/` (its event comes after every earlier
+    /// one), then waits until the quorum has everything seen before the marker.
+    fn flush(&self, quorum: Option<usize>, timeout: Duration) -> crate::Result<serde_json::Value> {
+        let started = Instant::now();
+        let Some(tree) = self.primary.lock().unwrap().clone() else {
+            return Err(Error::Refused(format!(
+                "the watch of {} has no usable source at the moment: nothing to flush",
+                self.tree
+            )));
+        };
+        let id = self
+            .flushes
+            .lock()
+            .unwrap()
+            .begin(quorum, self.replicas.len(), timeout, started)
+            .map_err(Error::Usage)?;
+        let marker = tree
+            .path()
+            .join(std::ffi::OsStr::from_bytes(crate::path::RESERVED))
+            .join(batcher::marker_name(std::process::id(), id));
+        if let Err(e) = std::fs::File::create_new(&marker) {
+            // Without its marker the flush would only be as good as a full re-scan: say so.
+            self.flushes.lock().unwrap().cancel(id);
+            return Err(Error::io(
+                format!("cannot place the flush marker {}", marker.display()),
+                e,
+            ));
+        }
+        let outcome = loop {
+            let seen = self.changed.current();
+            let now = Instant::now();
+            let progress: Vec<crate::flush::Progress> =
+                self.replicas.iter().map(|r| r.progress(now)).collect();
+            let mut book = self.flushes.lock().unwrap();
+            book.step(&progress, now);
+            if let Some(o) = book.take(id) {
+                break o;
+            }
+            let until = book.next_deadline().unwrap_or(now + TICK);
+            drop(book);
+            self.changed
+                .wait_past(seen, until.saturating_duration_since(now).min(TICK));
+        };
+        let _ = std::fs::remove_file(&marker);
+        serde_json::to_value(&outcome).map_err(|e| Error::Usage(e.to_string()))
     }
 }
 
@@ -285,21 +367,23 @@ impl Watch {
                     continue;
                 }
             };
-            // Watch before reconciling, so nothing that changes meanwhile is missed.
-            let watcher = match watcher::start(&self.src) {
-                Ok(w) => w,
-                Err(e) => {
-                    pause(e.to_string(), &mut paused);
-                    nap(Duration::from_secs(1));
-                    continue;
-                }
-            };
             // The tree's own state, opened anew with each source root (a remounted disk is
-            // another tree): its epoch, and where acknowledgements are recorded.
+            // another tree): its epoch, and where acknowledgements are recorded. Before the
+            // watcher starts, so the `.hotsync/` it makes (flush markers go there) is watched.
             *self.primary.lock().unwrap() = None; // its lock first
             let tree = match PrimaryTree::open(&self.src, Hold::Replicate, self.opts.sync.force) {
                 Ok(t) => Arc::new(t),
                 Err(e) => return Err(e),
+            };
+            // Watch before reconciling, so nothing that changes meanwhile is missed.
+            let watcher = match watcher::start(&self.src) {
+                Ok(w) => w,
+                Err(e) => {
+                    drop(tree);
+                    pause(e.to_string(), &mut paused);
+                    nap(Duration::from_secs(1));
+                    continue;
+                }
             };
             *self.primary.lock().unwrap() = Some(tree.clone());
             let now = Instant::now();
@@ -318,13 +402,45 @@ impl Watch {
                         // MovedFrom must not leave as a delete before its Renamed arrives.
                         let mut hints = vec![h];
                         hints.extend(watcher.hints.try_iter());
+                        let me = std::process::id();
+                        // Another process's marker (one that died mid-flush) is nothing.
+                        hints.retain(
+                            |h| !matches!(h, batcher::Hint::Barrier { owner, .. } if *owner != me),
+                        );
+                        let barriers: Vec<u64> = hints
+                            .iter()
+                            .filter_map(|h| match h {
+                                batcher::Hint::Barrier { id, .. } => Some(*id),
+                                _ => None,
+                            })
+                            .collect();
                         self.push(hints, Instant::now());
+                        if !barriers.is_empty() {
+                            // After the push: everything reported before the marker is in.
+                            let at = Instant::now();
+                            let mut book = self.flushes.lock().unwrap();
+                            for id in barriers {
+                                book.barrier(id, at);
+                            }
+                            drop(book);
+                            self.changed.bump();
+                        }
                     }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => {
                         pause("the watcher stopped".into(), &mut paused);
                         continue 'outer;
                     }
+                }
+                let now = Instant::now();
+                if self.flushes.lock().unwrap().marker_overdue(now) {
+                    tracing::debug!("a flush marker was not reported: re-scanning everything");
+                    self.push(vec![batcher::Hint::RescanAll], now);
+                    self.flushes
+                        .lock()
+                        .unwrap()
+                        .markers_lost(now, Instant::now());
+                    self.changed.bump();
                 }
                 if watcher.overflowed.swap(false, Ordering::Relaxed) {
                     tracing::warn!(

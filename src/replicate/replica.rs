@@ -60,6 +60,8 @@ pub struct Replica {
     wire: Mutex<(u64, Option<u16>)>,
     /// The epoch sessions open with (the source tree's).
     sync_epoch: std::sync::atomic::AtomicU64,
+    /// Told of every change to the machine (flushes wait on it).
+    changed: Arc<super::Changed>,
 }
 
 impl Replica {
@@ -70,6 +72,7 @@ impl Replica {
         sync_opts: SyncOptions,
         verify: VerifyPlan,
         machine: ReplicaMachine,
+        changed: Arc<super::Changed>,
     ) -> Replica {
         Replica {
             name,
@@ -85,6 +88,7 @@ impl Replica {
             source_refused: Mutex::new(None),
             wire: Mutex::new((0, None)),
             sync_epoch: std::sync::atomic::AtomicU64::new(1),
+            changed,
         }
     }
 
@@ -94,7 +98,18 @@ impl Replica {
         self.woken.store(true, Ordering::Relaxed);
         drop(m);
         self.wake.notify_all();
+        self.changed.bump();
         r
+    }
+
+    /// What a flush needs to know of this standby at `now`.
+    pub fn progress(&self, now: Instant) -> crate::flush::Progress {
+        let m = self.machine.lock().unwrap();
+        crate::flush::Progress {
+            standby: self.name.clone(),
+            durable_before: m.acked(now).1,
+            lag: m.lag(now),
+        }
     }
 
     /// Changes the watcher saw, all at once.

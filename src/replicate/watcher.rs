@@ -129,6 +129,21 @@ pub fn hints_of(root: &Path, ev: &Event) -> Vec<Hint> {
         return vec![Hint::RescanAll];
     }
     let paths: Vec<RelPath> = ev.paths.iter().filter_map(|p| rel(root, p)).collect();
+    // A flush's marker: its creation is the barrier; anything else done to it is nothing.
+    let markers: Vec<(u32, u64)> = paths
+        .iter()
+        .filter(|p| p.parent_bytes() == crate::path::RESERVED)
+        .filter_map(|p| super::batcher::parse_marker(p.name()))
+        .collect();
+    if !markers.is_empty() {
+        return match ev.kind {
+            EventKind::Create(_) => markers
+                .into_iter()
+                .map(|(owner, id)| Hint::Barrier { owner, id })
+                .collect(),
+            _ => vec![],
+        };
+    }
     let one = |f: fn(RelPath) -> Hint| paths.iter().cloned().map(f).collect::<Vec<_>>();
     // The root itself removed or moved: what is left must be looked at again.
     if ev.paths.iter().any(|p| p == root)
@@ -184,6 +199,30 @@ mod tests {
     }
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_flush_marker_is_a_barrier_when_made_and_nothing_after() {
+        let root = Path::new("/src");
+        let h = |k, ps: &[&str]| hints_of(root, &ev(k, ps));
+        let m = "/src/.hotsync/flush-7-3";
+        assert_eq!(
+            h(EventKind::Create(CreateKind::File), &[m]),
+            vec![Hint::Barrier { owner: 7, id: 3 }]
+        );
+        assert_eq!(
+            h(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                &[m]
+            ),
+            vec![]
+        );
+        assert_eq!(h(EventKind::Remove(RemoveKind::File), &[m]), vec![]);
+        // Elsewhere a file of that name is a file.
+        assert_eq!(
+            h(EventKind::Create(CreateKind::File), &["/src/d/flush-7-3"]),
+            vec![Hint::Created(p("d/flush-7-3"))]
+        );
     }
 
     #[test]

@@ -30,6 +30,13 @@ fn writer(src: PathBuf, stop: Arc<AtomicBool>) -> usize {
     n
 }
 
+/// `hotsync --home HOME flush ARGS...`.
+fn flush(home: &Path, args: &[&str]) -> Run {
+    let mut a: Vec<OsString> = vec!["--home".into(), home.into(), "flush".into()];
+    a.extend(args.iter().map(OsString::from));
+    run(a)
+}
+
 /// The watch's status of each standby, by name.
 fn replicas(home: &Path) -> Vec<serde_json::Value> {
     let (_, v) = status(home);
@@ -93,7 +100,27 @@ fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
     let frozen = Instant::now();
     let mut worst = [0.0f64; 2];
     let mut stalled = 0.0f64;
+    let mut flushed = false;
     while frozen.elapsed() < Duration::from_secs(10) {
+        if !flushed && frozen.elapsed() > Duration::from_secs(2) {
+            flushed = true;
+            // Two of three have everything: a quorum of 2 is met at once, all 3 is not.
+            let t = Instant::now();
+            let r = flush(&home, &["--quorum", "2", "--json"]);
+            assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+            assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+            let j = r.json();
+            assert_eq!(j["confirmed"].as_array().unwrap().len(), 2, "{j}");
+            assert_eq!(j["missing"][0]["standby"], u1.as_str(), "{j}");
+            let r = flush(&home, &["--timeout", "1500ms"]);
+            assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+            assert!(
+                r.stderr.contains("flush timed out after 1.5 s")
+                    && r.stderr.contains(&format!("not confirmed: {u1} (lag")),
+                "{}",
+                r.stderr
+            );
+        }
         let rs = replicas(&home);
         worst[0] = worst[0].max(lag_of(&rs, &names[0]));
         worst[1] = worst[1].max(lag_of(&rs, &names[2]));
@@ -131,5 +158,86 @@ fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
     for r in &rs {
         assert_eq!(r["connected"], true, "{r}");
     }
+    drop((s1, s2));
+}
+
+#[test]
+fn a_flush_right_after_a_write_returns_only_once_the_write_is_on_every_standby() {
+    let base = tempfile::tempdir().unwrap();
+    let base = base.path();
+    let src = base.join("src");
+    let home = base.join("primary-home");
+    let me = keygen(&home);
+    write(&src.join("seed"), b"seed\n");
+
+    // No watch yet: nothing to flush.
+    let r = flush(&home, &[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("no hotsync watch runs"), "{}", r.stderr);
+
+    let local = base.join("local");
+    let (t1, t2) = (base.join("t1"), base.join("t2"));
+    std::fs::create_dir_all(&t1).unwrap();
+    std::fs::create_dir_all(&t2).unwrap();
+    let s1 = Server::start(&t1, &base.join("h1"), &[&me]);
+    let s2 = Server::start(&t2, &base.join("h2"), &[&me]);
+    let pre: Vec<OsString> = vec!["--home".into(), home.clone().into()];
+    let w = Watch::start(
+        &pre,
+        &src,
+        local.as_os_str(),
+        &[
+            &s1.url(),
+            &s2.url(),
+            "--server-id",
+            &s1.id,
+            "--server-id",
+            &s2.id,
+        ],
+    );
+    // As soon as the watch answers (before its first reconcile is done), a flush waits
+    // for the whole initial mirror.
+    wait_for(
+        "the watch's control socket",
+        Duration::from_secs(10),
+        || (!replicas(&home).is_empty()).then_some(()),
+    );
+    let r = flush(&home, &["--timeout", "20s"]);
+    assert_eq!(r.code, 0, "{}{}\n{}", r.stdout, r.stderr, w.log());
+    for t in [&local, &t1, &t2] {
+        assert_eq!(std::fs::read(t.join("seed")).unwrap(), b"seed\n");
+    }
+    assert!(r.stdout.contains("durable on 3 of 3"), "{}", r.stdout);
+
+    // Each write is followed at once by a flush: when it returns, every standby holds the
+    // write, in place and whole. New files, rewrites of one file, and a new directory.
+    for k in 0..40 {
+        let (rel, body) = match k % 3 {
+            0 => (format!("new/f{k}"), format!("new file {k}\n")),
+            1 => ("same".to_string(), format!("version {k}\n").repeat(k + 1)),
+            _ => (format!("d{k}/inner/g"), format!("fresh dir {k}\n")),
+        };
+        write(&src.join(&rel), body.as_bytes());
+        let r = flush(&home, &["--json"]);
+        assert_eq!(r.code, 0, "{}{}\n{}", r.stdout, r.stderr, w.log());
+        for t in [&local, &t1, &t2] {
+            let got = std::fs::read(t.join(&rel)).unwrap_or_default();
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                body,
+                "{rel} on {} when flush returned",
+                t.display()
+            );
+        }
+    }
+
+    // A quorum the watch cannot meet is refused, as one line.
+    let r = flush(&home, &["--quorum", "4"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("this watch has 3 standby(s)"),
+        "{}",
+        r.stderr
+    );
     drop((s1, s2));
 }

@@ -41,6 +41,8 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Show the health of the watch and serve processes running on this node
     Status(StatusArgs),
+    /// Wait until every change made on the primary before now is durable on the standbys
+    Flush(FlushArgs),
     /// Turn this standby into the primary: a new epoch, the old primary fenced
     Promote(PromoteArgs),
     /// Turn a former primary into a standby, keeping what it wrote since its last
@@ -99,6 +101,22 @@ pub struct PromoteArgs {
     /// Promote even while the primary still heartbeats (it is fenced at once)
     #[arg(long)]
     pub force: bool,
+    /// Print one JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct FlushArgs {
+    /// The watch's SRC (needed only when several watches run with this home)
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Give up after DURATION, naming the standbys that did not confirm (exit 1)
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+    /// How many standbys must have the changes (default: all of the watch's)
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub quorum: Option<u64>,
     /// Print one JSON object on stdout
     #[arg(long)]
     pub json: bool,

@@ -4,6 +4,7 @@
 mod args;
 mod bars;
 mod failover;
+mod flushing;
 mod report;
 mod signals;
 mod status;
@@ -93,6 +94,7 @@ fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Watch(args) => watch(cli, args),
         Command::Verify(args) => verify(cli, args),
         Command::Status(args) => status::status(cli, args),
+        Command::Flush(args) => flushing::flush(cli, args),
         Command::Promote(args) => failover::promote(cli, args),
         Command::Rejoin(args) => failover::rejoin(cli, args),
         Command::Check(args) => failover::check(cli, args),

@@ -1,0 +1,300 @@
+//! Synchronous points (`hotsync flush`): the bookkeeping, with no I/O; time and each
+//! standby's progress are passed in.
+//!
+//! A flush asked at some moment must not return before every change made on the primary
+//! until then is durable on its quorum of standbys. Changes the kernel has reported but the
+//! replicator has not yet taken are covered by a barrier: the flush drops a marker in the
+//! source's `.hotsync/`, and inotify reports it after every earlier event; the moment the
+//! replicator sees the marker is the flush's barrier. A standby confirms the flush once
+//! everything seen before the barrier is durable on it.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How long a flush waits for its marker before it takes the marker for lost (an event
+/// queue that overflowed, a directory not watched yet) and asks for a full re-scan instead,
+/// with the barrier at that moment.
+pub const MARKER_WAIT: Duration = Duration::from_millis(250);
+
+/// What a flush needs to know of one standby at a moment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    pub standby: String,
+    /// Every change seen before this moment is durable on the standby.
+    pub durable_before: Instant,
+    /// Its replication lag then, to report a standby that did not confirm.
+    pub lag: Duration,
+}
+
+/// A standby that had not confirmed when a flush ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Missing {
+    pub standby: String,
+    pub lag_seconds: f64,
+}
+
+/// How a flush ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The quorum was reached.
+    pub ok: bool,
+    pub quorum: usize,
+    pub standbys: usize,
+    /// In the order of the watch's standbys.
+    pub confirmed: Vec<String>,
+    pub missing: Vec<Missing>,
+    pub elapsed_ms: f64,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    quorum: usize,
+    started: Instant,
+    deadline: Instant,
+    barrier: Option<Instant>,
+}
+
+/// The flushes of one watch.
+#[derive(Debug, Default)]
+pub struct Book {
+    next: u64,
+    waiting: BTreeMap<u64, Waiting>,
+    done: BTreeMap<u64, Outcome>,
+}
+
+impl Book {
+    /// A flush asked at `now` that must reach `quorum` of `standbys` within `timeout`; its
+    /// id (the marker's name carries it).
+    ///
+    /// # Errors
+    /// A quorum of 0 or above the number of standbys, in words.
+    pub fn begin(
+        &mut self,
+        quorum: Option<usize>,
+        standbys: usize,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<u64, String> {
+        let quorum = quorum.unwrap_or(standbys);
+        if quorum == 0 || quorum > standbys {
+            return Err(format!(
+                "--quorum {quorum} cannot be met: this watch has {standbys} standby(s); give 1 to \
+                 {standbys}"
+            ));
+        }
+        self.next += 1;
+        self.waiting.insert(
+            self.next,
+            Waiting {
+                quorum,
+                started: now,
+                deadline: now + timeout,
+                barrier: None,
+            },
+        );
+        Ok(self.next)
+    }
+
+    /// The replicator saw flush `id`'s marker at `at`: everything seen before is in.
+    pub fn barrier(&mut self, id: u64, at: Instant) {
+        if let Some(w) = self.waiting.get_mut(&id) {
+            w.barrier.get_or_insert(at);
+        }
+    }
+
+    /// Whether a flush has waited [`MARKER_WAIT`] for its marker by `now`: the marker is
+    /// taken for lost (an event queue that overflowed, a directory not watched yet), and the
+    /// caller must ask for a full re-scan, then call [`Book::markers_lost`].
+    pub fn marker_overdue(&self, now: Instant) -> bool {
+        self.waiting.values().any(|w| overdue(w, now))
+    }
+
+    /// The flushes whose marker was overdue at `now` take `at` as their barrier: a moment
+    /// after the full re-scan was asked for, so that re-scan must be durable first.
+    pub fn markers_lost(&mut self, now: Instant, at: Instant) {
+        for w in self.waiting.values_mut() {
+            if overdue(w, now) {
+                w.barrier = Some(at);
+            }
+        }
+    }
+
+    /// Forgets flush `id` (its marker could not be placed).
+    pub fn cancel(&mut self, id: u64) {
+        self.waiting.remove(&id);
+        self.done.remove(&id);
+    }
+
+    /// Whether any flush is waiting.
+    pub fn is_waiting(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Ends the flushes that have their quorum at `now`, or have run out of time.
+    pub fn step(&mut self, standbys: &[Progress], now: Instant) {
+        let ended: Vec<u64> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| now >= w.deadline || confirmed(w, standbys).count() >= w.quorum)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            let w = self.waiting.remove(&id).unwrap();
+            let confirmed: Vec<String> =
+                confirmed(&w, standbys).map(|p| p.standby.clone()).collect();
+            let missing = standbys
+                .iter()
+                .filter(|p| !confirmed.contains(&p.standby))
+                .map(|p| Missing {
+                    standby: p.standby.clone(),
+                    lag_seconds: p.lag.as_secs_f64(),
+                })
+                .collect();
+            self.done.insert(
+                id,
+                Outcome {
+                    ok: confirmed.len() >= w.quorum,
+                    quorum: w.quorum,
+                    standbys: standbys.len(),
+                    confirmed,
+                    missing,
+                    elapsed_ms: now.saturating_duration_since(w.started).as_secs_f64() * 1e3,
+                },
+            );
+        }
+    }
+
+    /// The outcome of flush `id`, once it has ended.
+    pub fn take(&mut self, id: u64) -> Option<Outcome> {
+        self.done.remove(&id)
+    }
+
+    /// When the next waiting flush runs out of time.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.waiting.values().map(|w| w.deadline).min()
+    }
+}
+
+fn overdue(w: &Waiting, now: Instant) -> bool {
+    w.barrier.is_none() && now.saturating_duration_since(w.started) >= MARKER_WAIT
+}
+
+/// The standbys that confirm `w`: all it waited for is durable there. Strictly after the
+/// barrier: a change seen at the barrier's very instant may belong before it.
+fn confirmed<'a>(w: &Waiting, standbys: &'a [Progress]) -> impl Iterator<Item = &'a Progress> {
+    let barrier = w.barrier;
+    standbys
+        .iter()
+        .filter(move |p| barrier.is_some_and(|b| p.durable_before > b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+    fn progress(t0: Instant, name: &str, durable_ms: u64, lag_ms: u64) -> Progress {
+        Progress {
+            standby: name.into(),
+            durable_before: t0 + ms(durable_ms),
+            lag: ms(lag_ms),
+        }
+    }
+
+    #[test]
+    fn a_flush_ends_when_its_quorum_has_everything_seen_before_its_barrier() {
+        let t0 = Instant::now();
+        let mut b = Book::default();
+        let id = b.begin(Some(2), 3, ms(1000), t0).unwrap();
+        // Before the marker arrives nothing confirms, however current the standbys are.
+        let current = |at| {
+            vec![
+                progress(t0, "a", at, 0),
+                progress(t0, "b", at, 0),
+                progress(t0, "c", at, 0),
+            ]
+        };
+        b.step(&current(5), t0 + ms(5));
+        assert_eq!(b.take(id), None);
+        b.barrier(id, t0 + ms(10));
+        // Durable exactly up to the barrier is not enough (strictly after).
+        b.step(&current(10), t0 + ms(11));
+        assert_eq!(b.take(id), None);
+        // Two of three past the barrier: the quorum of 2.
+        let p = vec![
+            progress(t0, "a", 12, 0),
+            progress(t0, "b", 9, 3_000),
+            progress(t0, "c", 13, 0),
+        ];
+        b.step(&p, t0 + ms(13));
+        let o = b.take(id).unwrap();
+        assert!(o.ok);
+        assert_eq!(o.confirmed, vec!["a".to_string(), "c".to_string()]);
+        assert_eq!(
+            o.missing,
+            vec![Missing {
+                standby: "b".into(),
+                lag_seconds: 3.0
+            }]
+        );
+        assert_eq!(o.elapsed_ms, 13.0);
+        assert!(!b.is_waiting());
+    }
+
+    #[test]
+    fn at_its_timeout_a_flush_names_the_standbys_that_did_not_confirm() {
+        let t0 = Instant::now();
+        let mut b = Book::default();
+        // The default quorum is every standby.
+        let id = b.begin(None, 2, ms(200), t0).unwrap();
+        b.barrier(id, t0 + ms(1));
+        let p = vec![progress(t0, "a", 50, 0), progress(t0, "b", 0, 9_500)];
+        b.step(&p, t0 + ms(100));
+        assert_eq!(b.take(id), None, "still in time");
+        assert_eq!(b.next_deadline(), Some(t0 + ms(200)));
+        b.step(&p, t0 + ms(200));
+        let o = b.take(id).unwrap();
+        assert!(!o.ok);
+        assert_eq!((o.quorum, o.standbys), (2, 2));
+        assert_eq!(o.confirmed, vec!["a".to_string()]);
+        assert_eq!(o.missing[0].standby, "b");
+        assert_eq!(o.missing[0].lag_seconds, 9.5);
+    }
+
+    #[test]
+    fn a_lost_marker_becomes_a_barrier_at_the_moment_it_is_given_up() {
+        let t0 = Instant::now();
+        let mut b = Book::default();
+        let id = b.begin(None, 1, ms(5000), t0).unwrap();
+        assert!(!b.marker_overdue(t0 + ms(100)));
+        assert!(b.marker_overdue(t0 + MARKER_WAIT));
+        b.markers_lost(t0 + MARKER_WAIT, t0 + ms(250));
+        assert!(!b.marker_overdue(t0 + ms(300)));
+        // Durable past the moment it was given up: confirmed.
+        let p = |at| vec![progress(t0, "a", at, 0)];
+        b.step(&p(250), t0 + ms(300));
+        assert_eq!(b.take(id), None);
+        b.step(&p(251), t0 + ms(300));
+        assert!(b.take(id).unwrap().ok);
+        // A marker that came in time is kept.
+        let id = b.begin(None, 1, ms(5000), t0).unwrap();
+        b.barrier(id, t0 + ms(2));
+        assert!(!b.marker_overdue(t0 + ms(400)));
+        b.markers_lost(t0 + ms(400), t0 + ms(400));
+        b.step(&p(3), t0 + ms(400));
+        assert!(b.take(id).unwrap().ok);
+    }
+
+    #[test]
+    fn a_quorum_that_cannot_be_met_is_refused() {
+        let mut b = Book::default();
+        let now = Instant::now();
+        let e = b.begin(Some(4), 3, ms(1), now).unwrap_err();
+        assert!(e.contains("3 standby(s)"), "{e}");
+        assert!(b.begin(Some(0), 3, ms(1), now).is_err());
+        assert!(b.begin(Some(3), 3, ms(1), now).is_ok());
+    }
+}
