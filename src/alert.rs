@@ -119,6 +119,21 @@ impl Alerts {
             })
         };
         let free = |pct: f64, min: f64| (pct < min, format!("{pct:.1}%"));
+        if let Some(sync) = &inst.sync {
+            push(
+                "sync",
+                "",
+                sync.degraded,
+                format!("quorum {}", sync.quorum),
+                match &sync.reason {
+                    Some(why) => format!("semi-synchronous replication degraded: {why}"),
+                    None => format!(
+                        "semi-synchronous replication: the quorum of {} is met",
+                        sync.quorum
+                    ),
+                },
+            );
+        }
         for r in &inst.replicas {
             let s = &r.standby;
             if let Some(max) = self.cfg.lag {
@@ -476,6 +491,7 @@ mod tests {
             primaries: vec![],
             space: None,
             alerts: vec![],
+            sync: None,
         }
     }
     fn alerts() -> Alerts {

@@ -21,6 +21,7 @@ pub const MARKER_WAIT: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone, PartialEq)]
 pub struct Progress {
     pub standby: String,
+    pub connected: bool,
     /// Every change seen before this moment is durable on the standby.
     pub durable_before: Instant,
     /// Its replication lag then, to report a standby that did not confirm.
@@ -45,6 +46,17 @@ pub struct Outcome {
     pub confirmed: Vec<String>,
     pub missing: Vec<Missing>,
     pub elapsed_ms: f64,
+    /// Semi-synchronous replication is degraded (the quorum was not met within the watch's
+    /// `--sync-timeout`): this flush did not wait, or was the one that found it so.
+    #[serde(default)]
+    pub degraded: bool,
+}
+
+/// Why semi-synchronous replication is degraded, and since when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Degraded {
+    pub since: Instant,
+    pub why: String,
 }
 
 #[derive(Debug)]
@@ -53,17 +65,64 @@ struct Waiting {
     started: Instant,
     deadline: Instant,
     barrier: Option<Instant>,
+    /// Bound by the semi-synchronous timeout: running out degrades the watch.
+    semi_sync: bool,
+    /// Asked while degraded: ends at its first look.
+    degraded: bool,
 }
 
-/// The flushes of one watch.
+/// The flushes of one watch. With semi-synchronous replication (`watch --sync-timeout D
+/// --quorum K`) a flush waits at most D for K standbys; past that the watch is degraded and
+/// flushes do not wait, until K standbys are connected and within D again.
 #[derive(Debug, Default)]
 pub struct Book {
     next: u64,
     waiting: BTreeMap<u64, Waiting>,
     done: BTreeMap<u64, Outcome>,
+    /// The watch's default quorum (`--quorum`), and its semi-synchronous timeout.
+    quorum: Option<usize>,
+    semi_sync: Option<Duration>,
+    degraded: Option<Degraded>,
 }
 
 impl Book {
+    /// The flushes of a watch with a default `quorum` and, if given, semi-synchronous
+    /// replication with `sync_timeout`.
+    pub fn new(quorum: Option<usize>, sync_timeout: Option<Duration>) -> Book {
+        Book {
+            quorum,
+            semi_sync: sync_timeout,
+            ..Book::default()
+        }
+    }
+
+    /// Why semi-synchronous replication is degraded, if it is.
+    pub fn degraded(&self) -> Option<&Degraded> {
+        self.degraded.as_ref()
+    }
+
+    /// The watch's default quorum among `standbys`.
+    pub fn quorum_of(&self, standbys: usize) -> usize {
+        self.quorum.unwrap_or(standbys).min(standbys)
+    }
+
+    /// While degraded: whether `standbys` bring the quorum back (that many connected, each
+    /// within the semi-synchronous timeout); if so the watch is semi-synchronous again.
+    /// True when it came back.
+    pub fn observe(&mut self, standbys: &[Progress]) -> bool {
+        let (Some(_), Some(limit)) = (&self.degraded, self.semi_sync) else {
+            return false;
+        };
+        let back = standbys
+            .iter()
+            .filter(|p| p.connected && p.lag < limit)
+            .count();
+        if back >= self.quorum_of(standbys.len()) {
+            self.degraded = None;
+            return true;
+        }
+        false
+    }
     /// A flush asked at `now` that must reach `quorum` of `standbys` within `timeout`; its
     /// id (the marker's name carries it).
     ///
@@ -76,21 +135,29 @@ impl Book {
         timeout: Duration,
         now: Instant,
     ) -> Result<u64, String> {
-        let quorum = quorum.unwrap_or(standbys);
+        let quorum = quorum.or(self.quorum).unwrap_or(standbys);
         if quorum == 0 || quorum > standbys {
             return Err(format!(
                 "--quorum {quorum} cannot be met: this watch has {standbys} standby(s); give 1 to \
                  {standbys}"
             ));
         }
+        let degraded = self.degraded.is_some();
+        let deadline = match self.semi_sync {
+            _ if degraded => now,
+            Some(d) => now + d.min(timeout),
+            None => now + timeout,
+        };
         self.next += 1;
         self.waiting.insert(
             self.next,
             Waiting {
                 quorum,
                 started: now,
-                deadline: now + timeout,
+                deadline,
                 barrier: None,
+                semi_sync: self.semi_sync.is_some(),
+                degraded,
             },
         );
         Ok(self.next)
@@ -143,6 +210,25 @@ impl Book {
             let w = self.waiting.remove(&id).unwrap();
             let confirmed: Vec<String> =
                 confirmed(&w, standbys).map(|p| p.standby.clone()).collect();
+            let ok = confirmed.len() >= w.quorum;
+            // Only the watch's own quorum degrades it (a flush may ask for more).
+            let watch_quorum = self.quorum_of(standbys.len());
+            if !ok
+                && w.semi_sync
+                && !w.degraded
+                && w.quorum <= watch_quorum
+                && self.degraded.is_none()
+            {
+                self.degraded = Some(Degraded {
+                    since: now,
+                    why: format!(
+                        "{} of {} standby(s) confirmed a flush within the sync timeout (quorum {})",
+                        confirmed.len(),
+                        standbys.len(),
+                        w.quorum
+                    ),
+                });
+            }
             let missing = standbys
                 .iter()
                 .filter(|p| !confirmed.contains(&p.standby))
@@ -154,12 +240,13 @@ impl Book {
             self.done.insert(
                 id,
                 Outcome {
-                    ok: confirmed.len() >= w.quorum,
+                    ok,
                     quorum: w.quorum,
                     standbys: standbys.len(),
                     confirmed,
                     missing,
                     elapsed_ms: now.saturating_duration_since(w.started).as_secs_f64() * 1e3,
+                    degraded: w.degraded || (!ok && w.semi_sync),
                 },
             );
         }
@@ -199,6 +286,7 @@ mod tests {
     fn progress(t0: Instant, name: &str, durable_ms: u64, lag_ms: u64) -> Progress {
         Progress {
             standby: name.into(),
+            connected: true,
             durable_before: t0 + ms(durable_ms),
             lag: ms(lag_ms),
         }
@@ -286,6 +374,73 @@ mod tests {
         b.markers_lost(t0 + ms(400), t0 + ms(400));
         b.step(&p(3), t0 + ms(400));
         assert!(b.take(id).unwrap().ok);
+    }
+
+    #[test]
+    fn semi_sync_degrades_at_its_timeout_and_waits_again_once_the_quorum_is_back() {
+        let t0 = Instant::now();
+        let mut b = Book::new(Some(2), Some(ms(1000)));
+        let behind = |at| {
+            vec![
+                progress(t0, "a", at, 0),
+                progress(t0, "b", at, 0),
+                progress(t0, "c", 0, 9_000),
+            ]
+        };
+        // The watch's quorum of 2 out of 3: met by a and b.
+        let id = b.begin(None, 3, ms(30_000), t0).unwrap();
+        b.barrier(id, t0 + ms(1));
+        b.step(&behind(5), t0 + ms(5));
+        assert!(b.take(id).unwrap().ok);
+        // Asked for all 3 with a longer timeout of its own: the sync timeout bounds it, but
+        // more than the watch's quorum degrades nothing.
+        let id = b.begin(Some(3), 3, ms(30_000), t0 + ms(10)).unwrap();
+        b.barrier(id, t0 + ms(11));
+        b.step(&behind(20), t0 + ms(900));
+        assert_eq!(b.take(id), None);
+        b.step(&behind(20), t0 + ms(1010));
+        assert!(!b.take(id).unwrap().ok);
+        assert!(b.degraded().is_none());
+        // b falls behind too: the watch's quorum of 2 is not met within 1 s.
+        let two_behind = |at| {
+            vec![
+                progress(t0, "a", at, 0),
+                progress(t0, "b", 0, 9_000),
+                progress(t0, "c", 0, 9_000),
+            ]
+        };
+        let id = b.begin(None, 3, ms(30_000), t0 + ms(1020)).unwrap();
+        b.barrier(id, t0 + ms(1021));
+        b.step(&two_behind(1030), t0 + ms(2020));
+        let o = b.take(id).unwrap();
+        assert_eq!((o.ok, o.degraded), (false, true));
+        let d = b.degraded().unwrap();
+        assert_eq!(d.since, t0 + ms(2020));
+        assert!(d.why.contains("1 of 3"), "{}", d.why);
+        // Degraded: a flush does not wait, even one that the standbys could meet.
+        let id = b.begin(Some(1), 3, ms(30_000), t0 + ms(2100)).unwrap();
+        b.step(&two_behind(2100), t0 + ms(2100));
+        let o = b.take(id).unwrap();
+        assert_eq!((o.ok, o.degraded, o.elapsed_ms), (false, true, 0.0));
+        // b reconnects but is still far behind: still degraded. Within the timeout: back.
+        let mut p = two_behind(2200);
+        assert!(!b.observe(&p));
+        p[1].lag = ms(400);
+        p[1].connected = false;
+        assert!(!b.observe(&p), "within the timeout but not connected");
+        p[1].connected = true;
+        assert!(b.observe(&p));
+        assert!(b.degraded().is_none());
+        let id = b.begin(None, 3, ms(30_000), t0 + ms(2300)).unwrap();
+        b.barrier(id, t0 + ms(2301));
+        b.step(&two_behind(2300), t0 + ms(2350));
+        assert_eq!(b.take(id), None, "waits again");
+        // Without semi-sync a timed-out flush degrades nothing.
+        let mut plain = Book::new(None, None);
+        let id = plain.begin(None, 1, ms(10), t0).unwrap();
+        plain.step(&[progress(t0, "a", 0, 5_000)], t0 + ms(10));
+        assert!(!plain.take(id).unwrap().degraded);
+        assert!(plain.degraded().is_none());
     }
 
     #[test]

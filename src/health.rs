@@ -187,6 +187,7 @@ mod tests {
             primaries: vec![],
             space: None,
             alerts: vec![],
+            sync: None,
         }
     }
     fn replica(state: ReplicaState, lag: f64) -> ReplicaStatus {

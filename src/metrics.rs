@@ -478,6 +478,7 @@ mod tests {
                 total_inodes: 2,
             }),
             alerts: vec![],
+            sync: None,
         };
         let text = render(&inst, false);
         assert!(text.contains("hotsync_epoch 3.0"), "{text}");

@@ -82,6 +82,7 @@ impl Control for Serving {
             primaries: self.standby.primaries(now, wall),
             space: self.standby.space(),
             alerts: self.alerts.statuses(),
+            sync: None,
         };
         i.assess();
         i

@@ -245,6 +245,20 @@ pub struct Instance {
     /// The tree's own filesystem (a standby's).
     pub space: Option<Space>,
     pub alerts: Vec<AlertStatus>,
+    /// Semi-synchronous replication, on a watch with `--sync-timeout`.
+    #[serde(default)]
+    pub sync: Option<SyncStatus>,
+}
+
+/// A watch's semi-synchronous replication (`--sync-timeout D --quorum K`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncStatus {
+    pub quorum: usize,
+    pub timeout_seconds: f64,
+    /// The quorum was not met within the timeout: flushes do not wait until it is back.
+    pub degraded: bool,
+    pub degraded_since: Option<String>,
+    pub reason: Option<String>,
 }
 
 impl Instance {
@@ -301,6 +315,15 @@ impl Instance {
                     sp.free_percent()
                 ));
             }
+        }
+        if let Some(s) = &self.sync
+            && s.degraded
+        {
+            reasons.push(format!(
+                "semi-synchronous replication degraded since {}: {}",
+                s.degraded_since.as_deref().unwrap_or("?"),
+                s.reason.as_deref().unwrap_or("the quorum was not met")
+            ));
         }
         if self.role == Role::Standby && self.command == "serve" {
             if !self.primaries.iter().any(|p| p.connected) {

@@ -250,15 +250,16 @@ impl Batcher {
     }
 
     /// Makes everything waiting ready now: a flush wants it on the standby. Directories to
-    /// walk a second time are walked now as well (their watches are in place by the time a
-    /// marker placed after them is reported).
+    /// walk a second time are queued now as changes (so the flush waits for them): what was
+    /// made in them before their watch existed was never reported, and their watches are
+    /// in place by the time a marker placed after them is reported.
     fn expedite(&mut self, now: Instant) {
         for it in self.items.values_mut() {
             it.ready = true;
             it.hold = None;
         }
-        for t in self.second_walks.values_mut() {
-            *t = (*t).min(now);
+        for (dir, _) in std::mem::take(&mut self.second_walks) {
+            self.upsert(dir, Scope::Tree, true, now, now);
         }
     }
 
@@ -742,6 +743,8 @@ mod tests {
         // Still open, still held, and the second walk not due: nothing until the barrier.
         assert_eq!(b.poll(t0 + ms(2)), None);
         b.push(Hint::Barrier { owner: 1, id: 1 }, t0 + ms(2));
+        // The second walk counts as waiting (a flush must wait for it).
+        assert_eq!(b.queued(), 3);
         let batch = b.poll(t0 + ms(2)).unwrap();
         let paths: Vec<&RelPath> = batch.paths.iter().map(|(p, _)| p).collect();
         assert_eq!(paths, vec![&p("gone"), &p("new"), &p("open.log")]);

@@ -47,6 +47,11 @@ pub struct WatchOptions {
     pub verify_rate: u64,
     /// What alerts fire on (and `status` judges by).
     pub alerts: AlertConfig,
+    /// How many standbys a flush waits for by default (all when `None`).
+    pub quorum: Option<usize>,
+    /// Semi-synchronous replication: the longest a flush waits for its quorum before the
+    /// watch is degraded (flushes then do not wait until the quorum is back).
+    pub sync_timeout: Option<Duration>,
 }
 
 /// Hears what a watch does: for logs, JSON lines, alerts, or a test.
@@ -183,6 +188,16 @@ impl Watch {
                 changed.clone(),
             )));
         }
+        if let Some(k) = opts.quorum
+            && (k == 0 || k > replicas.len())
+        {
+            return Err(Error::Usage(format!(
+                "--quorum {k} cannot be met: the watch has {} standby(s); give 1 to {}",
+                replicas.len(),
+                replicas.len()
+            )));
+        }
+        let book = crate::flush::Book::new(opts.quorum, opts.sync_timeout);
         Ok(Watch {
             src: src.to_path_buf(),
             primary: std::sync::Mutex::new(None),
@@ -192,7 +207,7 @@ impl Watch {
             replicas,
             started: now,
             started_at: SystemTime::now(),
-            flushes: Default::default(),
+            flushes: std::sync::Mutex::new(book),
             changed,
         })
     }
@@ -229,6 +244,19 @@ impl crate::control::Control for Watch {
             primaries: vec![],
             space: None,
             alerts: self.alerts.statuses(),
+            sync: self.opts.sync_timeout.map(|d| {
+                let book = self.flushes.lock().unwrap();
+                let degraded = book.degraded();
+                crate::status::SyncStatus {
+                    quorum: book.quorum_of(self.replicas.len()),
+                    timeout_seconds: d.as_secs_f64(),
+                    degraded: degraded.is_some(),
+                    degraded_since: degraded.map(|g| {
+                        crate::clock::rfc3339(wall - now.saturating_duration_since(g.since))
+                    }),
+                    reason: degraded.map(|g| g.why.clone()),
+                }
+            }),
         };
         i.assess();
         i
@@ -262,6 +290,7 @@ impl crate::control::Control for Watch {
                 e,
             ));
         }
+        let was_degraded = self.flushes.lock().unwrap().degraded().is_some();
         let outcome = loop {
             let seen = self.changed.current();
             let now = Instant::now();
@@ -278,6 +307,13 @@ impl crate::control::Control for Watch {
                 .wait_past(seen, until.saturating_duration_since(now).min(TICK));
         };
         let _ = std::fs::remove_file(&marker);
+        if !was_degraded && let Some(d) = self.flushes.lock().unwrap().degraded() {
+            tracing::warn!(
+                "semi-synchronous replication degraded: {}; flushes do not wait until the \
+                 quorum is back",
+                d.why
+            );
+        }
         serde_json::to_value(&outcome).map_err(|e| Error::Usage(e.to_string()))
     }
 }
@@ -433,6 +469,13 @@ impl Watch {
                     }
                 }
                 let now = Instant::now();
+                if self.flushes.lock().unwrap().degraded().is_some() {
+                    let progress: Vec<crate::flush::Progress> =
+                        self.replicas.iter().map(|r| r.progress(now)).collect();
+                    if self.flushes.lock().unwrap().observe(&progress) {
+                        tracing::info!("semi-synchronous replication is back: the quorum is met");
+                    }
+                }
                 if self.flushes.lock().unwrap().marker_overdue(now) {
                     tracing::debug!("a flush marker was not reported: re-scanning everything");
                     self.push(vec![batcher::Hint::RescanAll], now);

@@ -107,6 +107,7 @@ impl Replica {
         let m = self.machine.lock().unwrap();
         crate::flush::Progress {
             standby: self.name.clone(),
+            connected: m.is_connected(),
             durable_before: m.acked(now).1,
             lag: m.lag(now),
         }

@@ -241,3 +241,114 @@ fn a_flush_right_after_a_write_returns_only_once_the_write_is_on_every_standby()
     );
     drop((s1, s2));
 }
+
+#[test]
+fn semi_sync_degrades_when_the_quorum_is_missed_and_waits_again_once_it_is_back() {
+    let base = tempfile::tempdir().unwrap();
+    let base = base.path();
+    let src = base.join("src");
+    let home = base.join("primary-home");
+    let me = keygen(&home);
+    write(&src.join("seed"), b"seed\n");
+    let (t1, t2) = (base.join("t1"), base.join("t2"));
+    std::fs::create_dir_all(&t1).unwrap();
+    std::fs::create_dir_all(&t2).unwrap();
+    let s1 = Server::start(&t1, &base.join("h1"), &[&me]);
+    let s2 = Server::start(&t2, &base.join("h2"), &[&me]);
+    let (script, alerts) = hook(base);
+    let pre: Vec<OsString> = vec!["--home".into(), home.clone().into()];
+    let w = Watch::start(
+        &pre,
+        &src,
+        s1.url().as_ref(),
+        &[
+            &s2.url(),
+            "--server-id",
+            &s1.id,
+            "--server-id",
+            &s2.id,
+            "--sync-timeout",
+            "1s",
+            "--quorum",
+            "2",
+            "--on-alert",
+            script.to_str().unwrap(),
+        ],
+    );
+    w.wait_ready();
+    wait_for(
+        "the watch's control socket",
+        Duration::from_secs(10),
+        || (replicas(&home).len() == 2).then_some(()),
+    );
+    assert_eq!(flush(&home, &[]).code, 0);
+
+    // One of the two stops: the next flush waits the sync timeout, then degrades the watch.
+    s1.signal(rustix::process::Signal::STOP);
+    write(&src.join("during"), b"while s1 was stopped\n");
+    let t = Instant::now();
+    let r = flush(&home, &["--json"]);
+    let took = t.elapsed();
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    let j = r.json();
+    assert_eq!(
+        (j["degraded"].as_bool(), j["ok"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let (code, st) = status(&home);
+    assert_eq!(code, 1, "{st}");
+    assert_eq!(st["instances"][0]["sync"]["degraded"], true, "{st}");
+    // Degraded: flushes do not wait.
+    let t = Instant::now();
+    let r = flush(&home, &[]);
+    assert_eq!(r.code, 1);
+    assert!(
+        t.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        r.stderr
+            .contains("semi-synchronous replication is degraded"),
+        "{}",
+        r.stderr
+    );
+    wait_for("the sync alert", Duration::from_secs(10), || {
+        hook_lines(&alerts, "sync")
+            .iter()
+            .any(|l| l.0 == "firing")
+            .then_some(())
+    });
+
+    // Back: the quorum returns, the alert resolves, and a flush waits (and succeeds) again.
+    s1.signal(rustix::process::Signal::CONT);
+    wait_for("semi-sync back", Duration::from_secs(20), || {
+        let (_, st) = status(&home);
+        (st["instances"][0]["sync"]["degraded"] == false).then_some(())
+    });
+    write(&src.join("after"), b"after s1 came back\n");
+    let r = flush(&home, &["--json"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.json()["confirmed"].as_array().unwrap().len(), 2);
+    for t in [&t1, &t2] {
+        assert_eq!(
+            std::fs::read(t.join("after")).unwrap(),
+            b"after s1 came back\n"
+        );
+        assert_eq!(
+            std::fs::read(t.join("during")).unwrap(),
+            b"while s1 was stopped\n"
+        );
+    }
+    wait_for("the sync alert resolved", Duration::from_secs(10), || {
+        hook_lines(&alerts, "sync")
+            .iter()
+            .any(|l| l.0 == "resolved")
+            .then_some(())
+    });
+    drop((s1, s2));
+}

@@ -243,6 +243,13 @@ pub struct WatchArgs {
     /// How fast the background verify may read, on each side, in MiB/s
     #[arg(long, value_name = "MIB_S", default_value_t = 64)]
     pub verify_rate: u64,
+    /// How many standbys `hotsync flush` waits for by default (default: all)
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
+    pub quorum: Option<u64>,
+    /// Semi-synchronous: a flush waits at most DURATION for the quorum; past that the watch
+    /// is degraded (alert `sync`) and flushes do not wait until the quorum is back
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub sync_timeout: Option<std::time::Duration>,
     #[command(flatten)]
     pub monitoring: Monitoring,
 }

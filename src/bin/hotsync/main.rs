@@ -337,6 +337,8 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
         verify_every: args.verify_every,
         verify_rate: args.verify_rate.max(1) << 20,
         alerts: alert_config(&args.monitoring)?,
+        quorum: args.quorum.map(|k| k as usize),
+        sync_timeout: args.sync_timeout,
     };
     let metrics = bind_metrics(&args.monitoring)?;
     let w = Arc::new(Watch::new(&args.src, targets, opts)?);
