@@ -492,6 +492,7 @@ mod tests {
             space: None,
             alerts: vec![],
             sync: None,
+            quorum: None,
         }
     }
     fn alerts() -> Alerts {

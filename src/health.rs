@@ -18,7 +18,8 @@ pub struct Facts<'a> {
 }
 
 /// Healthy as the primary: a usable source, recorded as primary and not fenced, its watch
-/// running, and each standby connected or (if not) behind by no more than the lag limit.
+/// running, and each standby (or its `--quorum` of them) connected or (if not) behind by no
+/// more than the lag limit.
 pub fn primary(f: &Facts) -> Result<String, String> {
     f.usable.clone()?;
     if let Some(st) = f.state {
@@ -35,23 +36,37 @@ pub fn primary(f: &Facts) -> Result<String, String> {
     let Some(i) = f.instance else {
         return Err("no hotsync watch runs for this tree".into());
     };
-    for r in &i.replicas {
-        let connected = r.state == ReplicaState::Streaming;
-        if !connected && r.lag_seconds > f.max_lag {
-            return Err(format!(
+    let behind: Vec<String> = i
+        .replicas
+        .iter()
+        .filter(|r| r.state != ReplicaState::Streaming && r.lag_seconds > f.max_lag)
+        .map(|r| {
+            format!(
                 "standby {} is {} with a lag of {:.1} s (limit {:.1} s)",
                 r.standby,
                 state_word(r.state),
                 r.lag_seconds,
                 f.max_lag
-            ));
-        }
+            )
+        })
+        .collect();
+    let n = i.replicas.len();
+    let need = i.quorum.unwrap_or(n).min(n);
+    let fit = n - behind.len();
+    if fit < need {
+        let quorum = match i.quorum {
+            Some(k) => format!(" ({fit} of {n} fit, quorum {k})"),
+            None => String::new(),
+        };
+        return Err(format!("{}{quorum}", behind.join("; ")));
     }
     Ok(format!(
-        "primary of epoch {}, {} standby(s) within {:.1} s",
+        "primary of epoch {}, {fit} of {n} standby(s) within {:.1} s{}",
         i.epoch,
-        i.replicas.len(),
-        f.max_lag
+        f.max_lag,
+        i.quorum
+            .map(|k| format!(" (quorum {k})"))
+            .unwrap_or_default()
     ))
 }
 
@@ -188,6 +203,7 @@ mod tests {
             space: None,
             alerts: vec![],
             sync: None,
+            quorum: None,
         }
     }
     fn replica(state: ReplicaState, lag: f64) -> ReplicaStatus {
@@ -242,6 +258,23 @@ mod tests {
                 .unwrap_err()
                 .contains("lag of 50.0 s")
         );
+        // With a quorum, the standbys beyond it may be down.
+        i.replicas = vec![
+            replica(ReplicaState::Streaming, 0.0),
+            replica(ReplicaState::Connecting, 50.0),
+            replica(ReplicaState::Streaming, 0.0),
+        ];
+        assert!(primary(&facts(Some(&i), None)).is_err(), "all three needed");
+        i.quorum = Some(2);
+        let ok = primary(&facts(Some(&i), None)).unwrap();
+        assert!(
+            ok.contains("2 of 3 standby(s)") && ok.contains("quorum 2"),
+            "{ok}"
+        );
+        i.replicas[2] = replica(ReplicaState::Connecting, 60.0);
+        let err = primary(&facts(Some(&i), None)).unwrap_err();
+        assert!(err.contains("(1 of 3 fit, quorum 2)"), "{err}");
+        i.quorum = None;
         assert!(
             primary(&facts(None, None))
                 .unwrap_err()

@@ -479,6 +479,7 @@ mod tests {
             }),
             alerts: vec![],
             sync: None,
+            quorum: None,
         };
         let text = render(&inst, false);
         assert!(text.contains("hotsync_epoch 3.0"), "{text}");

@@ -83,6 +83,7 @@ impl Control for Serving {
             space: self.standby.space(),
             alerts: self.alerts.statuses(),
             sync: None,
+            quorum: None,
         };
         i.assess();
         i

@@ -248,6 +248,9 @@ pub struct Instance {
     /// Semi-synchronous replication, on a watch with `--sync-timeout`.
     #[serde(default)]
     pub sync: Option<SyncStatus>,
+    /// How many of a watch's standbys it needs (`--quorum`; all when absent).
+    #[serde(default)]
+    pub quorum: Option<usize>,
 }
 
 /// A watch's semi-synchronous replication (`--sync-timeout D --quorum K`).

@@ -257,6 +257,7 @@ impl crate::control::Control for Watch {
                     reason: degraded.map(|g| g.why.clone()),
                 }
             }),
+            quorum: self.opts.quorum,
         };
         i.assess();
         i
