@@ -352,3 +352,73 @@ fn semi_sync_degrades_when_the_quorum_is_missed_and_waits_again_once_it_is_back(
     });
     drop((s1, s2));
 }
+
+#[test]
+fn sync_and_verify_take_several_standbys_and_report_each() {
+    let base = tempfile::tempdir().unwrap();
+    let base = base.path();
+    let src = base.join("src");
+    let home = base.join("primary-home");
+    let me = keygen(&home);
+    build_awkward(&src);
+    let local = base.join("local");
+    let t1 = base.join("t1");
+    std::fs::create_dir_all(&t1).unwrap();
+    let s1 = Server::start(&t1, &base.join("h1"), &[&me]);
+    let h = |args: &[&str]| {
+        let mut a: Vec<OsString> = vec!["--home".into(), home.clone().into()];
+        a.extend(args.iter().map(OsString::from));
+        run(a)
+    };
+    let (srcs, locals, u1) = (src.to_str().unwrap(), local.to_str().unwrap(), s1.url());
+    let r = h(&["sync", srcs, locals, &u1, "--server-id", &s1.id, "--json"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let j = r.json();
+    let each = j["standbys"].as_array().unwrap();
+    assert_eq!(each.len(), 2, "{j}");
+    assert_eq!(each[0]["standby"], locals);
+    assert_eq!(each[1]["standby"], u1.as_str());
+    assert!(
+        each.iter()
+            .all(|s| s["files_transferred"].as_u64() > Some(0)),
+        "{j}"
+    );
+    assert_same_tree(&src, &local);
+    assert_same_tree(&src, &t1);
+
+    // One standby drifts: verify names it, and only it.
+    write(&t1.join("drifted"), b"not on the primary\n");
+    let r = h(&["verify", srcs, locals, &u1, "--server-id", &s1.id, "--json"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    let j = r.json();
+    let each = j["standbys"].as_array().unwrap();
+    assert_eq!(each[0]["identical"], true, "{j}");
+    assert_eq!(each[1]["identical"], false, "{j}");
+    assert_eq!(each[1]["extra"], serde_json::json!(["drifted"]), "{j}");
+    let r = h(&["verify", srcs, locals, &u1, "--server-id", &s1.id]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.contains(&format!("{locals}:")) && r.stdout.contains(&format!("{u1}:")),
+        "{}",
+        r.stdout
+    );
+
+    // A standby that cannot be reached fails alone: the others are still mirrored.
+    let gone = "quic://127.0.0.1:9";
+    write(&src.join("new-file"), b"new\n");
+    let r = h(&["sync", srcs, gone, locals, "--server-id", &s1.id, "--json"]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    let j = r.json();
+    assert!(j["standbys"][0]["error"].is_string(), "{j}");
+    assert!(r.stderr.contains(gone), "{}", r.stderr);
+    assert_eq!(std::fs::read(local.join("new-file")).unwrap(), b"new\n");
+
+    // One --server-id too few is one line, before anything is done.
+    let r = h(&["sync", srcs, &u1, gone]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("2 quic:// DEST(s) but 0 --server-id"),
+        "{}",
+        r.stderr
+    );
+}

@@ -211,8 +211,9 @@ pub struct Common {
 pub struct SyncArgs {
     /// The primary's tree
     pub src: PathBuf,
-    /// The standby: a local directory, or quic://HOST:PORT (with --server-id)
-    pub dest: String,
+    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id)
+    #[arg(required = true, num_args = 1..)]
+    pub dest: Vec<String>,
     #[command(flatten)]
     pub common: Common,
     /// Print what would be done, change nothing
@@ -285,17 +286,19 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 pub struct VerifyArgs {
     /// The primary's tree
     pub src: PathBuf,
-    /// The standby: a local directory, or quic://HOST:PORT (with --server-id)
-    pub dest: String,
+    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id)
+    #[arg(required = true, num_args = 1..)]
+    pub dest: Vec<String>,
     /// Fix every difference from the primary, then verify again
     #[arg(long)]
     pub repair: bool,
     /// Print a JSON report on stdout
     #[arg(long)]
     pub json: bool,
-    /// The standby's pinned ID (required for a quic:// DEST)
+    /// The standby's pinned ID (required for a quic:// DEST; with several, one per quic://
+    /// DEST, in the same order)
     #[arg(long, value_name = "ID")]
-    pub server_id: Option<String>,
+    pub server_id: Vec<String>,
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
 }

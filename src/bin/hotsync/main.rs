@@ -293,17 +293,16 @@ fn targets(cli: &Cli, dests: &[String], server_ids: &[String]) -> anyhow::Result
     Ok(out)
 }
 
-/// The one standby of a command that takes one DEST.
-fn one_target(cli: &Cli, dest: &str, server_ids: &[String]) -> anyhow::Result<Target> {
-    Ok(targets(cli, std::slice::from_ref(&dest.to_string()), server_ids)?.remove(0))
-}
-
 fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
     let c = &args.common;
     let opts = sync_options(c, args.dry_run);
-    let target = one_target(cli, &args.dest, &c.server_id)?;
+    let targets = targets(cli, &args.dest, &c.server_id)?;
+    if targets.len() > 1 {
+        return sync_several(cli, args, &targets, &opts);
+    }
+    let target = &targets[0];
     let bars = Bars::new(cli, c.json || args.dry_run);
-    let outcome = hotsync::sync(&args.src, &target, &opts, &bars);
+    let outcome = hotsync::sync(&args.src, target, &opts, &bars);
     bars.finished();
     let outcome = outcome?;
     let s = &outcome.summary;
@@ -321,6 +320,69 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(s.exit_code() as u8)
+}
+
+/// `sync SRC DEST1 DEST2 ...`: every standby at once, each on its own session, reported
+/// one by one (a standby that fails does not stop the others). Exit: the worst of them.
+fn sync_several(
+    cli: &Cli,
+    args: &SyncArgs,
+    targets: &[Target],
+    opts: &SyncOptions,
+) -> anyhow::Result<u8> {
+    let results: Vec<(String, hotsync::Result<hotsync::sender::Outcome>)> =
+        std::thread::scope(|s| {
+            let handles: Vec<_> = targets
+                .iter()
+                .map(|t| {
+                    s.spawn(move || {
+                        let r = hotsync::sync(&args.src, t, opts, &hotsync::progress::Silent);
+                        (t.describe(), r)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("sync thread panicked"))
+                .collect()
+        });
+    let mut code = 0u8;
+    let mut out = Vec::new();
+    for (name, r) in results {
+        match r {
+            Ok(o) => {
+                let s = &o.summary;
+                code = code.max(s.exit_code() as u8);
+                if args.common.json {
+                    let mut v = serde_json::to_value(s)?;
+                    v["standby"] = name.clone().into();
+                    out.push(v);
+                } else {
+                    if args.dry_run {
+                        println!("{name}:");
+                        print_plan(&o.plan);
+                    }
+                    for e in &s.errors {
+                        eprintln!("hotsync: {name}: {}: {}", e.path, e.error);
+                    }
+                    if !cli.quiet {
+                        println!("{name}: {}", summary_line(s));
+                    }
+                }
+            }
+            Err(e) => {
+                code = 2;
+                if args.common.json {
+                    out.push(serde_json::json!({"standby": name, "error": e.to_string()}));
+                }
+                eprintln!("hotsync: {name}: {e}");
+            }
+        }
+    }
+    if args.common.json {
+        println!("{}", serde_json::json!({ "standbys": out }));
+    }
+    Ok(code)
 }
 
 fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
@@ -387,16 +449,64 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
 }
 
 fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
-    let target = one_target(cli, &args.dest, args.server_id.as_slice())?;
-    let check = || hotsync::verify(&args.src, &target, &args.exclude);
+    let targets = targets(cli, &args.dest, &args.server_id)?;
+    if targets.len() == 1 {
+        let (code, v) = verify_one(cli, args, &targets[0], false)?;
+        if let Some(v) = v {
+            println!("{v}");
+        }
+        return Ok(code);
+    }
+    // Several standbys: one after the other (each reads the whole source), each reported
+    // under its name; a standby that cannot be reached does not stop the others.
+    let mut code = 0u8;
+    let mut out = Vec::new();
+    for t in &targets {
+        let name = t.describe();
+        if !args.json {
+            println!("{name}:");
+        }
+        match verify_one(cli, args, t, true) {
+            Ok((c, v)) => {
+                code = code.max(c);
+                if let Some(mut v) = v {
+                    v["standby"] = name.into();
+                    out.push(v);
+                }
+            }
+            Err(e) => {
+                code = 2;
+                eprintln!("hotsync: {name}: {e:#}");
+                out.push(serde_json::json!({"standby": name, "error": format!("{e:#}")}));
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::json!({ "standbys": out }));
+    }
+    Ok(code)
+}
+
+/// Verifies (and with `--repair`, repairs) one standby; its exit code, and its JSON when
+/// `--json` (printed by the caller). `always` prints the report even when quiet.
+fn verify_one(
+    cli: &Cli,
+    args: &VerifyArgs,
+    target: &Target,
+    always: bool,
+) -> anyhow::Result<(u8, Option<serde_json::Value>)> {
+    let check = || hotsync::verify(&args.src, target, &args.exclude);
     let before = check()?;
     if !args.repair || before.identical {
         if args.json {
-            println!("{}", serde_json::to_string(&before)?);
-        } else if !cli.quiet || !before.identical {
+            return Ok((
+                before.exit_code() as u8,
+                Some(serde_json::to_value(&before)?),
+            ));
+        } else if always || !cli.quiet || !before.identical {
             print_report(&before);
         }
-        return Ok(before.exit_code() as u8);
+        return Ok((before.exit_code() as u8, None));
     }
     // Repair through the normal sync path, comparing content, then prove the result.
     let opts = SyncOptions {
@@ -404,19 +514,18 @@ fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
         excludes: args.exclude.clone(),
         ..SyncOptions::default()
     };
-    let repaired = hotsync::sync(&args.src, &target, &opts, &hotsync::progress::Silent)?;
+    let repaired = hotsync::sync(&args.src, target, &opts, &hotsync::progress::Silent)?;
     let after = check()?;
     if args.json {
         let mut v = serde_json::to_value(&after)?;
         v["before"] = serde_json::to_value(&before)?;
         v["repair"] = serde_json::to_value(&repaired.summary)?;
-        println!("{v}");
-    } else {
-        println!("before repair:");
-        print_report(&before);
-        println!("repair: {}", summary_line(&repaired.summary));
-        println!("after repair:");
-        print_report(&after);
+        return Ok((after.exit_code() as u8, Some(v)));
     }
-    Ok(after.exit_code() as u8)
+    println!("before repair:");
+    print_report(&before);
+    println!("repair: {}", summary_line(&repaired.summary));
+    println!("after repair:");
+    print_report(&after);
+    Ok((after.exit_code() as u8, None))
 }
