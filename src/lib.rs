@@ -12,6 +12,7 @@ pub mod bytes;
 pub mod channel;
 pub mod check;
 pub mod clock;
+pub mod config;
 pub mod control;
 pub mod delta;
 pub mod epoch;

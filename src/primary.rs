@@ -92,6 +92,7 @@ impl PrimaryTree {
             Some(a) => a.read_state()?,
             None => None,
         };
+        let fresh = state.is_none();
         let state = state.unwrap_or_else(|| TreeState::fresh(Role::Primary, None));
         if let Some(f) = &state.fenced {
             return Err(Error::Fenced(format!(
@@ -111,7 +112,7 @@ impl PrimaryTree {
                     .unwrap_or_default()
             )));
         }
-        Ok(PrimaryTree {
+        let tree = PrimaryTree {
             path: src.to_path_buf(),
             root,
             area: Mutex::new(area),
@@ -121,7 +122,14 @@ impl PrimaryTree {
                 dirty: false,
                 last: None,
             }),
-        })
+        };
+        // A tree that becomes a primary says so at once: a `rejoin --if-fenced` or a check
+        // that reads it before the first acknowledgement must not take it for a standby.
+        if fresh && hold == Hold::Replicate {
+            let s = tree.saved.lock().unwrap();
+            tree.write(&s.state);
+        }
+        Ok(tree)
     }
 
     /// The epoch this primary writes in.

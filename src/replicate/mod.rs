@@ -52,6 +52,9 @@ pub struct WatchOptions {
     /// Semi-synchronous replication: the longest a flush waits for its quorum before the
     /// watch is degraded (flushes then do not wait until the quorum is back).
     pub sync_timeout: Option<Duration>,
+    /// Each standby's name in status, metrics and events, in the order of the targets
+    /// (its address when absent).
+    pub names: Vec<String>,
 }
 
 /// Hears what a watch does: for logs, JSON lines, alerts, or a test.
@@ -163,12 +166,16 @@ impl Watch {
         sync.on_mass_delete = crate::guard::MassDelete::SkipDeletes;
         let mut replicas = Vec::new();
         let changed = Arc::new(Changed::default());
-        for target in targets {
+        for (i, target) in targets.into_iter().enumerate() {
             if let Target::Local(dest) = &target {
                 crate::check::open_source(src)?;
                 crate::check::prepare_local_dest(src, dest, true)?;
             }
-            let name = target.describe();
+            let name = opts
+                .names
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| target.describe());
             let connector = Arc::new(Connector::new(target, Access::Write)?);
             let cfg = machine::Config {
                 batcher: opts.batcher,

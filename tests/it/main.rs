@@ -1,5 +1,6 @@
 //! Integration tests: the real `hotsync` binary on real trees.
 
+mod config;
 mod drill;
 mod failover;
 mod fanout;

@@ -1,7 +1,8 @@
 //! Command-line arguments (parsing and validation only; the work is in the library).
 
 use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
+use hotsync::config::{parse_duration, parse_percent};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -15,6 +16,10 @@ pub struct Cli {
     /// Identity and state directory (default: $HOTSYNC_HOME, $XDG_CONFIG_HOME/hotsync, ~/.config/hotsync)
     #[arg(long, global = true, value_name = "DIR")]
     pub home: Option<PathBuf>,
+    /// Read settings from this TOML file (see examples/hotsync.toml); the command line
+    /// overrides it
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Only print errors
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
@@ -148,26 +153,11 @@ pub struct Monitoring {
     pub on_alert: Option<String>,
 }
 
-/// Parses a percentage, 0 to 100.
-fn parse_percent(s: &str) -> Result<f64, String> {
-    let v: f64 = s
-        .trim()
-        .trim_end_matches('%')
-        .parse()
-        .map_err(|_| format!("bad percentage {s:?}: expected a number from 0 to 100"))?;
-    if !(0.0..=100.0).contains(&v) {
-        return Err(format!(
-            "bad percentage {s:?}: expected a number from 0 to 100"
-        ));
-    }
-    Ok(v)
-}
-
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The standby tree
+    /// The standby tree (or `root` in the config file's [serve])
     #[arg(long, value_name = "DIR")]
-    pub root: PathBuf,
+    pub root: Option<PathBuf>,
     /// Address to listen on
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7878")]
     pub listen: String,
@@ -179,6 +169,25 @@ pub struct ServeArgs {
     pub json: bool,
     #[command(flatten)]
     pub monitoring: Monitoring,
+}
+
+/// SRC and DEST, from the command line or the config file.
+pub fn tree_and_standbys<'a>(
+    command: &str,
+    src: &'a Option<PathBuf>,
+    dest: &[String],
+) -> anyhow::Result<&'a Path> {
+    let Some(src) = src else {
+        anyhow::bail!(
+            "{command} needs SRC and a DEST: give them, or `source` and [[standby]] in a --config file"
+        );
+    };
+    if dest.is_empty() {
+        anyhow::bail!(
+            "{command} needs at least one DEST after SRC (or [[standby]] in a --config file)"
+        );
+    }
+    Ok(src)
 }
 
 #[derive(Args, Debug, Clone)]
@@ -209,10 +218,11 @@ pub struct Common {
 
 #[derive(Args, Debug)]
 pub struct SyncArgs {
-    /// The primary's tree
-    pub src: PathBuf,
-    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id)
-    #[arg(required = true, num_args = 1..)]
+    /// The primary's tree (or `source` in the config file)
+    pub src: Option<PathBuf>,
+    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id; or
+    /// the config file's [[standby]] tables)
+    #[arg(num_args = 0..)]
     pub dest: Vec<String>,
     #[command(flatten)]
     pub common: Common,
@@ -223,10 +233,11 @@ pub struct SyncArgs {
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
-    /// The primary's tree
-    pub src: PathBuf,
-    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id)
-    #[arg(required = true, num_args = 1..)]
+    /// The primary's tree (or `source` in the config file)
+    pub src: Option<PathBuf>,
+    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id; or
+    /// the config file's [[standby]] tables)
+    #[arg(num_args = 0..)]
     pub dest: Vec<String>,
     #[command(flatten)]
     pub common: Common,
@@ -247,6 +258,9 @@ pub struct WatchArgs {
     /// How many standbys `hotsync flush` waits for by default (default: all)
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
     pub quorum: Option<u64>,
+    /// The standbys' names from the config file (their label in status and metrics).
+    #[arg(skip)]
+    pub names: Vec<Option<String>>,
     /// Semi-synchronous: a flush waits at most DURATION for the quorum; past that the watch
     /// is degraded (alert `sync`) and flushes do not wait until the quorum is back
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -255,39 +269,13 @@ pub struct WatchArgs {
     pub monitoring: Monitoring,
 }
 
-/// Parses `250ms`, `2s`, `5m`, `1h` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
-        format!("bad duration {s:?}: expected a number and a unit, like 500ms or 2s")
-    })?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "bad duration {s:?}: the unit must be ms, s, m or h"
-            ));
-        }
-    };
-    if !(0.0..=1e9).contains(&secs) {
-        return Err(format!("bad duration {s:?}"));
-    }
-    Ok(std::time::Duration::from_secs_f64(secs))
-}
-
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
-    /// The primary's tree
-    pub src: PathBuf,
-    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id)
-    #[arg(required = true, num_args = 1..)]
+    /// The primary's tree (or `source` in the config file)
+    pub src: Option<PathBuf>,
+    /// The standbys: local directories, or quic://HOST:PORT (each with its --server-id; or
+    /// the config file's [[standby]] tables)
+    #[arg(num_args = 0..)]
     pub dest: Vec<String>,
     /// Fix every difference from the primary, then verify again
     #[arg(long)]

@@ -3,6 +3,7 @@
 
 mod args;
 mod bars;
+mod configured;
 mod failover;
 mod flushing;
 mod report;
@@ -13,7 +14,7 @@ mod watching;
 use anyhow::bail;
 use args::{Cli, Command, Common, Monitoring, ServeArgs, SyncArgs, VerifyArgs, WatchArgs};
 use bars::Bars;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use hotsync::control::Control;
 use hotsync::identity::{self, NodeId};
 use hotsync::replicate::{Watch, WatchOptions};
@@ -25,7 +26,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = configured::apply(&mut cli, &matches) {
+        eprintln!("hotsync: {e}");
+        return ExitCode::from(2);
+    }
     init_logging(&cli);
     match run(&cli) {
         Ok(code) => ExitCode::from(code),
@@ -108,15 +117,18 @@ fn parse_ids(ids: &[String]) -> anyhow::Result<Vec<NodeId>> {
 }
 
 fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
+    let Some(root) = &args.root else {
+        bail!("serve needs --root DIR (or `root` in the [serve] table of a --config file)");
+    };
     let allow = parse_ids(&args.allow)?;
-    hotsync::server::check(&args.root, &allow)?;
+    hotsync::server::check(root, &allow)?;
     let home = identity::home_dir(cli.home.as_deref())?;
     let me = identity::load(&home)?;
     let rt = hotsync::transport::quic::runtime()?;
     let server = hotsync::transport::quic::bind(rt.handle(), &args.listen, &me)?;
     let metrics = bind_metrics(&args.monitoring)?;
     let standby = Arc::new(hotsync::standby::Standby::open(
-        &args.root,
+        root,
         hotsync::standby::Access::Write,
     )?);
     let serving = Arc::new(hotsync::server::Serving::new(
@@ -149,7 +161,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         line(
             "listening",
             serde_json::json!({"addr": server.addr.to_string(), "id": me.id.to_string(),
-                "tree": hotsync::check::shown_absolute(&args.root)}),
+                "tree": hotsync::check::shown_absolute(root)}),
         );
         standby.on_events(Box::new(line));
     } else {
@@ -158,7 +170,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     std::io::stdout().flush()?;
     tracing::info!(
         "serving {} to {} allowed primar{}",
-        args.root.display(),
+        root.display(),
         allow.len(),
         if allow.len() == 1 { "y" } else { "ies" }
     );
@@ -296,13 +308,14 @@ fn targets(cli: &Cli, dests: &[String], server_ids: &[String]) -> anyhow::Result
 fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
     let c = &args.common;
     let opts = sync_options(c, args.dry_run);
+    let src = args::tree_and_standbys("sync", &args.src, &args.dest)?;
     let targets = targets(cli, &args.dest, &c.server_id)?;
     if targets.len() > 1 {
-        return sync_several(cli, args, &targets, &opts);
+        return sync_several(cli, args, src, &targets, &opts);
     }
     let target = &targets[0];
     let bars = Bars::new(cli, c.json || args.dry_run);
-    let outcome = hotsync::sync(&args.src, target, &opts, &bars);
+    let outcome = hotsync::sync(src, target, &opts, &bars);
     bars.finished();
     let outcome = outcome?;
     let s = &outcome.summary;
@@ -327,6 +340,7 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
 fn sync_several(
     cli: &Cli,
     args: &SyncArgs,
+    src: &std::path::Path,
     targets: &[Target],
     opts: &SyncOptions,
 ) -> anyhow::Result<u8> {
@@ -336,7 +350,7 @@ fn sync_several(
                 .iter()
                 .map(|t| {
                     s.spawn(move || {
-                        let r = hotsync::sync(&args.src, t, opts, &hotsync::progress::Silent);
+                        let r = hotsync::sync(src, t, opts, &hotsync::progress::Silent);
                         (t.describe(), r)
                     })
                 })
@@ -387,8 +401,19 @@ fn sync_several(
 
 fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
     let c = &args.common;
+    let src = args::tree_and_standbys("watch", &args.src, &args.dest)?;
     let targets = targets(cli, &args.dest, &c.server_id)?;
-    let names: Vec<String> = targets.iter().map(Target::describe).collect();
+    let names: Vec<String> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            args.names
+                .get(i)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| t.describe())
+        })
+        .collect();
     let opts = WatchOptions {
         sync: sync_options(c, false),
         batcher: hotsync::replicate::batcher::Config {
@@ -401,9 +426,10 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
         alerts: alert_config(&args.monitoring)?,
         quorum: args.quorum.map(|k| k as usize),
         sync_timeout: args.sync_timeout,
+        names: names.clone(),
     };
     let metrics = bind_metrics(&args.monitoring)?;
-    let w = Arc::new(Watch::new(&args.src, targets, opts)?);
+    let w = Arc::new(Watch::new(src, targets, opts)?);
     let shutdown = Arc::new(AtomicBool::new(false));
     signals::on_signal(shutdown.clone())?;
     let view = Arc::new(watching::WatchView::new(cli, c.json, names.len() > 1));
@@ -449,6 +475,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
 }
 
 fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
+    args::tree_and_standbys("verify", &args.src, &args.dest)?;
     let targets = targets(cli, &args.dest, &args.server_id)?;
     if targets.len() == 1 {
         let (code, v) = verify_one(cli, args, &targets[0], false)?;
@@ -495,7 +522,8 @@ fn verify_one(
     target: &Target,
     always: bool,
 ) -> anyhow::Result<(u8, Option<serde_json::Value>)> {
-    let check = || hotsync::verify(&args.src, target, &args.exclude);
+    let src = args::tree_and_standbys("verify", &args.src, &args.dest)?;
+    let check = || hotsync::verify(src, target, &args.exclude);
     let before = check()?;
     if !args.repair || before.identical {
         if args.json {
@@ -514,7 +542,7 @@ fn verify_one(
         excludes: args.exclude.clone(),
         ..SyncOptions::default()
     };
-    let repaired = hotsync::sync(&args.src, target, &opts, &hotsync::progress::Silent)?;
+    let repaired = hotsync::sync(src, target, &opts, &hotsync::progress::Silent)?;
     let after = check()?;
     if args.json {
         let mut v = serde_json::to_value(&after)?;

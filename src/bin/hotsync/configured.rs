@@ -1,0 +1,138 @@
+//! `--config FILE`: the file's settings, under what the command line gives. An option
+//! given on the command line wins; one left at its default takes the file's value.
+
+use crate::args::{Cli, Command, Common, Monitoring};
+use clap::ArgMatches;
+use clap::parser::ValueSource;
+use hotsync::config::{FileConfig, MonitorConfig};
+
+/// Fills `cli` from its `--config` file, if it names one.
+pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
+    let Some(path) = &cli.config else {
+        return Ok(());
+    };
+    let cfg = hotsync::config::load(path)?;
+    if cli.home.is_none() {
+        cli.home = cfg.home.clone();
+    }
+    let Some((_, m)) = matches.subcommand() else {
+        return Ok(());
+    };
+    // Whether the command line itself gave `id`.
+    let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
+    match &mut cli.command {
+        Command::Watch(a) => {
+            standbys(
+                &cfg,
+                &mut a.src,
+                &mut a.dest,
+                &mut a.common.server_id,
+                &given,
+            );
+            if a.dest.len() == cfg.standbys.len() && !given("dest") {
+                a.names = cfg.standbys.iter().map(|s| s.name.clone()).collect();
+            }
+            common(&cfg, &mut a.common, &given);
+            set(&mut a.max_delay, cfg.max_delay, given("max_delay"));
+            set(&mut a.rescan_every, cfg.rescan_every, given("rescan_every"));
+            set_opt(&mut a.verify_every, cfg.verify_every, given("verify_every"));
+            set(&mut a.verify_rate, cfg.verify_rate, given("verify_rate"));
+            set_opt(&mut a.quorum, cfg.quorum, given("quorum"));
+            set_opt(&mut a.sync_timeout, cfg.sync_timeout, given("sync_timeout"));
+            monitoring(&cfg.monitor, &mut a.monitoring, &given);
+        }
+        Command::Sync(a) => {
+            standbys(
+                &cfg,
+                &mut a.src,
+                &mut a.dest,
+                &mut a.common.server_id,
+                &given,
+            );
+            common(&cfg, &mut a.common, &given);
+        }
+        Command::Verify(a) => {
+            standbys(&cfg, &mut a.src, &mut a.dest, &mut a.server_id, &given);
+            if !given("exclude")
+                && let Some(x) = &cfg.exclude
+            {
+                a.exclude = x.clone();
+            }
+        }
+        Command::Flush(a) if a.root.is_none() => a.root = cfg.source.clone(),
+        Command::Serve(a) => {
+            let Some(s) = &cfg.serve else {
+                return Ok(());
+            };
+            if !given("root")
+                && let Some(r) = &s.root
+            {
+                a.root = Some(r.clone());
+            }
+            if !given("listen")
+                && let Some(l) = &s.listen
+            {
+                a.listen = l.clone();
+            }
+            if !given("allow") && !s.allow.is_empty() {
+                a.allow = s.allow.clone();
+            }
+            monitoring(&s.monitor, &mut a.monitoring, &given);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// SRC, and the DESTs with their server IDs, when the command line gives none.
+fn standbys(
+    cfg: &FileConfig,
+    src: &mut Option<std::path::PathBuf>,
+    dest: &mut Vec<String>,
+    server_id: &mut Vec<String>,
+    given: &dyn Fn(&str) -> bool,
+) {
+    if src.is_none() {
+        *src = cfg.source.clone();
+    }
+    if dest.is_empty() && !given("dest") {
+        *dest = cfg.standbys.iter().map(|s| s.address.clone()).collect();
+        if !given("server_id") {
+            *server_id = cfg
+                .standbys
+                .iter()
+                .filter_map(|s| s.server_id.clone())
+                .collect();
+        }
+    }
+}
+
+fn common(cfg: &FileConfig, c: &mut Common, given: &dyn Fn(&str) -> bool) {
+    if !given("exclude")
+        && let Some(x) = &cfg.exclude
+    {
+        c.exclude = x.clone();
+    }
+    set(&mut c.no_delete, cfg.no_delete, given("no_delete"));
+    set(&mut c.checksum, cfg.checksum, given("checksum"));
+    set(&mut c.max_delete, cfg.max_delete, given("max_delete"));
+}
+
+fn monitoring(cfg: &MonitorConfig, m: &mut Monitoring, given: &dyn Fn(&str) -> bool) {
+    set_opt(&mut m.metrics, cfg.metrics.clone(), given("metrics"));
+    set_opt(&mut m.alert_lag, cfg.alert_lag, given("alert_lag"));
+    set_opt(&mut m.alert_free, cfg.alert_free, given("alert_free"));
+    set_opt(&mut m.on_alert, cfg.on_alert.clone(), given("on_alert"));
+}
+
+fn set<T>(slot: &mut T, from_file: Option<T>, given: bool) {
+    if let (Some(v), false) = (from_file, given) {
+        *slot = v;
+    }
+}
+
+fn set_opt<T>(slot: &mut Option<T>, from_file: Option<T>, given: bool) {
+    if let (Some(v), false) = (from_file, given) {
+        *slot = Some(v);
+    }
+}
