@@ -60,6 +60,12 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             }
         }
         Command::Flush(a) if a.root.is_none() => a.root = cfg.source.clone(),
+        // A former primary keeps what its watch excluded where it is.
+        Command::Rejoin(a) if !given("exclude") => {
+            if let Some(x) = &cfg.exclude {
+                a.exclude = x.clone();
+            }
+        }
         Command::Serve(a) => {
             let Some(s) = &cfg.serve else {
                 return Ok(());
