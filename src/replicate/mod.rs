@@ -274,11 +274,21 @@ impl crate::control::Control for Watch {
     /// one), then waits until the quorum has everything seen before the marker.
     fn flush(&self, quorum: Option<usize>, timeout: Duration) -> crate::Result<serde_json::Value> {
         let started = Instant::now();
-        let Some(tree) = self.primary.lock().unwrap().clone() else {
-            return Err(Error::Refused(format!(
-                "the watch of {} has no usable source at the moment: nothing to flush",
-                self.tree
-            )));
+        // A watch still starting (or paused on its source) gets until the timeout.
+        let tree = loop {
+            let seen = self.changed.current();
+            if let Some(t) = self.primary.lock().unwrap().clone() {
+                break t;
+            }
+            if started.elapsed() >= timeout {
+                return Err(Error::Refused(format!(
+                    "the watch of {} has had no usable source for the flush's {:.1} s: nothing \
+                     could be flushed",
+                    self.tree,
+                    timeout.as_secs_f64()
+                )));
+            }
+            self.changed.wait_past(seen, TICK);
         };
         let id = self
             .flushes
@@ -430,6 +440,7 @@ impl Watch {
                 }
             };
             *self.primary.lock().unwrap() = Some(tree.clone());
+            self.changed.bump();
             let now = Instant::now();
             let since = paused.take().map_or(now, |p| p.1);
             for r in &self.replicas {

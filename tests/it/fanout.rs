@@ -30,6 +30,36 @@ fn writer(src: PathBuf, stop: Arc<AtomicBool>) -> usize {
     n
 }
 
+/// A primary's tree and home in a fresh directory.
+struct Rig {
+    dir: tempfile::TempDir,
+    src: PathBuf,
+    home: PathBuf,
+    me: String,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let home = dir.path().join("primary-home");
+        let me = keygen(&home);
+        Rig { dir, src, home, me }
+    }
+
+    fn base(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A standby tree `name`, served over QUIC on loopback to this primary.
+    fn serve(&self, name: &str) -> (PathBuf, Server) {
+        let t = self.base().join(name);
+        std::fs::create_dir_all(&t).unwrap();
+        let s = Server::start(&t, &self.base().join(format!("{name}-home")), &[&self.me]);
+        (t, s)
+    }
+}
+
 /// `hotsync --home HOME flush ARGS...`.
 fn flush(home: &Path, args: &[&str]) -> Run {
     let mut a: Vec<OsString> = vec!["--home".into(), home.into(), "flush".into()];
@@ -56,19 +86,13 @@ fn lag_of(rs: &[serde_json::Value], name: &str) -> f64 {
 
 #[test]
 fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
-    let base = tempfile::tempdir().unwrap();
-    let base = base.path();
-    let src = base.join("src");
-    let home = base.join("primary-home");
-    let me = keygen(&home);
+    let rig = Rig::new();
+    let (src, home, me) = (rig.src.clone(), rig.home.clone(), rig.me.clone());
     write(&src.join("seed/a.txt"), b"seed\n");
-    let local = base.join("local");
-    let (t1, t2) = (base.join("t1"), base.join("t2"));
-    std::fs::create_dir_all(&t1).unwrap();
-    std::fs::create_dir_all(&t2).unwrap();
-    let (h1, h2) = (base.join("h1"), base.join("h2"));
-    let s1 = Server::start(&t1, &h1, &[&me]);
-    let mut s2 = Server::start(&t2, &h2, &[&me]);
+    let local = rig.base().join("local");
+    let (t1, s1) = rig.serve("t1");
+    let (t2, mut s2) = rig.serve("t2");
+    let h2 = rig.base().join("t2-home");
     let (u1, u2) = (s1.url(), s2.url());
     let pre: Vec<OsString> = vec!["--home".into(), home.clone().into()];
     let w = Watch::start(
@@ -163,11 +187,8 @@ fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
 
 #[test]
 fn a_flush_right_after_a_write_returns_only_once_the_write_is_on_every_standby() {
-    let base = tempfile::tempdir().unwrap();
-    let base = base.path();
-    let src = base.join("src");
-    let home = base.join("primary-home");
-    let me = keygen(&home);
+    let rig = Rig::new();
+    let (src, home) = (rig.src.clone(), rig.home.clone());
     write(&src.join("seed"), b"seed\n");
 
     // No watch yet: nothing to flush.
@@ -175,12 +196,9 @@ fn a_flush_right_after_a_write_returns_only_once_the_write_is_on_every_standby()
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("no hotsync watch runs"), "{}", r.stderr);
 
-    let local = base.join("local");
-    let (t1, t2) = (base.join("t1"), base.join("t2"));
-    std::fs::create_dir_all(&t1).unwrap();
-    std::fs::create_dir_all(&t2).unwrap();
-    let s1 = Server::start(&t1, &base.join("h1"), &[&me]);
-    let s2 = Server::start(&t2, &base.join("h2"), &[&me]);
+    let local = rig.base().join("local");
+    let (t1, s1) = rig.serve("t1");
+    let (t2, s2) = rig.serve("t2");
     let pre: Vec<OsString> = vec!["--home".into(), home.clone().into()];
     let w = Watch::start(
         &pre,
@@ -244,18 +262,12 @@ fn a_flush_right_after_a_write_returns_only_once_the_write_is_on_every_standby()
 
 #[test]
 fn semi_sync_degrades_when_the_quorum_is_missed_and_waits_again_once_it_is_back() {
-    let base = tempfile::tempdir().unwrap();
-    let base = base.path();
-    let src = base.join("src");
-    let home = base.join("primary-home");
-    let me = keygen(&home);
+    let rig = Rig::new();
+    let (src, home) = (rig.src.clone(), rig.home.clone());
     write(&src.join("seed"), b"seed\n");
-    let (t1, t2) = (base.join("t1"), base.join("t2"));
-    std::fs::create_dir_all(&t1).unwrap();
-    std::fs::create_dir_all(&t2).unwrap();
-    let s1 = Server::start(&t1, &base.join("h1"), &[&me]);
-    let s2 = Server::start(&t2, &base.join("h2"), &[&me]);
-    let (script, alerts) = hook(base);
+    let (t1, s1) = rig.serve("t1");
+    let (t2, s2) = rig.serve("t2");
+    let (script, alerts) = hook(rig.base());
     let pre: Vec<OsString> = vec!["--home".into(), home.clone().into()];
     let w = Watch::start(
         &pre,
@@ -355,16 +367,11 @@ fn semi_sync_degrades_when_the_quorum_is_missed_and_waits_again_once_it_is_back(
 
 #[test]
 fn sync_and_verify_take_several_standbys_and_report_each() {
-    let base = tempfile::tempdir().unwrap();
-    let base = base.path();
-    let src = base.join("src");
-    let home = base.join("primary-home");
-    let me = keygen(&home);
+    let rig = Rig::new();
+    let (src, home) = (rig.src.clone(), rig.home.clone());
     build_awkward(&src);
-    let local = base.join("local");
-    let t1 = base.join("t1");
-    std::fs::create_dir_all(&t1).unwrap();
-    let s1 = Server::start(&t1, &base.join("h1"), &[&me]);
+    let local = rig.base().join("local");
+    let (t1, s1) = rig.serve("t1");
     let h = |args: &[&str]| {
         let mut a: Vec<OsString> = vec!["--home".into(), home.clone().into()];
         a.extend(args.iter().map(OsString::from));
