@@ -4,7 +4,9 @@
 //!     cargo run --release --example bench -- --quick # smaller, a few minutes on 2 cores
 //!
 //! Options: `--reps N`, `--only initial,delta,...`, `--work DIR` (default target/bench/work),
-//! `--keep` (leave the generated data and copies).
+//! `--keep` (leave the generated data and copies), `--scale` (also the scale rows: a tree of
+//! 1,000,000 small files in 10,000 directories, generated once; `--scale-files N` for
+//! another size; with `--only scale` nothing else runs).
 //!
 //! Each workload runs every tool on the same data in the same run, interleaved (A B C A B C
 //! ...), and reports medians and hotsync/peer ratios. Peers are started here on 127.0.0.1
@@ -33,6 +35,8 @@ struct Config {
     big: u64,
     /// Another hotsync build measured beside this one (before/after a change).
     baseline: Option<PathBuf>,
+    /// Files in the scale tree, when the scale rows run.
+    scale: Option<usize>,
 }
 
 fn main() {
@@ -43,6 +47,7 @@ fn main() {
     let mut work = None;
     let mut keep = false;
     let mut baseline = None;
+    let mut scale = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--quick" => quick = true,
@@ -55,11 +60,13 @@ fn main() {
             "--work" => work = args.next().map(PathBuf::from),
             "--keep" => keep = true,
             "--baseline" => baseline = args.next().map(PathBuf::from),
+            "--scale" => scale = scale.or(Some(1_000_000)),
+            "--scale-files" => scale = args.next().and_then(|v| v.parse().ok()),
             "-h" | "--help" => {
                 println!(
-                    "usage: bench [--quick] [--reps N] [--only w1,w2] [--work DIR] [--keep] [--baseline HOTSYNC]"
+                    "usage: bench [--quick] [--reps N] [--only w1,w2] [--work DIR] [--keep] [--baseline HOTSYNC] [--scale] [--scale-files N]"
                 );
-                println!("workloads: initial noop new-1GiB delta latency verify");
+                println!("workloads: initial noop new-1GiB delta latency verify scale");
                 return;
             }
             other => {
@@ -79,6 +86,7 @@ fn main() {
         dirs: if quick { 40 } else { 200 },
         big: if quick { 256 << 20 } else { 1 << 30 },
         baseline,
+        scale,
     };
     let hotsync = build_hotsync(&target);
     let mut b = Bench::new(cfg, hotsync);
@@ -532,6 +540,116 @@ impl Bench {
         if self.wants("verify") {
             self.verify();
         }
+        if self.cfg.scale.is_some() && self.wants("scale") {
+            self.scale();
+        }
+    }
+
+    /// The scale tree: small files (64 B to 2 KiB) in directories of 100, generated once.
+    fn scale_tree(&self, files: usize) -> PathBuf {
+        let dirs = files.div_ceil(100);
+        let data = self.cfg.work.join(format!("data-scale-{files}"));
+        let tree = data.join("tree");
+        let stamp = data.join("stamp");
+        if stamp.exists() {
+            return tree;
+        }
+        let _ = std::fs::remove_dir_all(&data);
+        print!("generating the scale tree ({files} files in {dirs} directories) ...");
+        std::io::stdout().flush().unwrap();
+        let mut buf = vec![0u8; 2048];
+        for d in 0..dirs {
+            let dir = tree.join(format!("d{:02}/d{d:05}", d % 100));
+            std::fs::create_dir_all(&dir).unwrap();
+            for f in 0..100.min(files - d * 100) {
+                let seed = (d * 100 + f) as u64;
+                let size = 64 + (seed.wrapping_mul(2654435761) % (2048 - 64 + 1)) as usize;
+                noise(seed, &mut buf[..size]);
+                std::fs::write(dir.join(format!("m{f:02}")), &buf[..size]).unwrap();
+            }
+        }
+        std::fs::write(&stamp, b"").unwrap();
+        let _ = Command::new("sync").status();
+        println!(" done");
+        tree
+    }
+
+    /// scale: the initial durable mirror, a no-op re-sync and a verify of a tree of a
+    /// million small files, hotsync over QUIC against the rsync daemon, with the peak RSS
+    /// of each side (the daemon's forked child sampled from /proc).
+    fn scale(&mut self) {
+        if !self.rsync {
+            println!("scale: skipped (needs rsync)");
+            return;
+        }
+        let files = self.cfg.scale.unwrap();
+        let src = self.scale_tree(files);
+        let daemon = self.rsyncd.as_ref().unwrap().0.id();
+        let (mut initial, mut noop, mut verify) =
+            (Runs::default(), Runs::default(), Runs::default());
+        let reps = self.cfg.reps.min(2);
+        for rep in 0..reps {
+            for tool in in_turn(&[HS, RSYNC_FSYNC], rep) {
+                let dest = self.fresh("scale");
+                if tool == HS {
+                    let (srv, port) = self.serve(&dest);
+                    let t = timed(&mut self.hotsync_sync(HS, &src, port));
+                    initial.add(HS, t.secs, Some(("sync", t.rss_kib)));
+                    let n = timed(&mut self.hotsync_sync(HS, &src, port));
+                    noop.add(HS, n.secs, Some(("sync (no-op)", n.rss_kib)));
+                    let mut c = Command::new(&self.hotsync);
+                    c.arg("--home")
+                        .arg(self.keys.join("primary"))
+                        .arg("verify")
+                        .arg(&src)
+                        .arg(format!("quic://127.0.0.1:{port}"))
+                        .args(["--server-id", &self.server_id, "--json"]);
+                    let v = timed(&mut c);
+                    let j: serde_json::Value = serde_json::from_str(v.stdout.trim()).unwrap();
+                    assert_eq!(j["identical"], true, "the scale copy must verify: {j}");
+                    verify.add(HS, v.secs, Some(("verify", v.rss_kib)));
+                    initial.rss("serve", self.stop_serve(srv));
+                } else {
+                    let sampler = ChildPeak::start(daemon);
+                    let t = timed(&mut self.rsync(&src, &dest, RSYNC_FSYNC, false));
+                    initial.add(RSYNC_FSYNC, t.secs, Some(("rsync client", t.rss_kib)));
+                    initial.rss("rsync daemon child", sampler.stop());
+                    let sampler = ChildPeak::start(daemon);
+                    let n = timed(&mut self.rsync(&src, &dest, RSYNC, false));
+                    noop.add(RSYNC, n.secs, Some(("rsync client", n.rss_kib)));
+                    noop.rss("rsync daemon child", sampler.stop());
+                    let sub = dest.file_name().unwrap().to_string_lossy().into_owned();
+                    let mut c = Command::new("rsync");
+                    c.args(["-a", "-c", "-n"])
+                        .arg(format!("{}/", src.display()))
+                        .arg(self.rsync_url(&sub));
+                    let sampler = ChildPeak::start(daemon);
+                    let v = timed(&mut c);
+                    verify.add(RSYNC_CHECKSUM, v.secs, Some(("rsync client", v.rss_kib)));
+                    verify.rss("rsync daemon child", sampler.stop());
+                }
+                self.progress();
+            }
+        }
+        println!();
+        self.finish(
+            &format!("scale-initial ({files} files)"),
+            "s",
+            initial,
+            Some(RSYNC_FSYNC),
+        );
+        self.finish(
+            &format!("scale-noop ({files} files)"),
+            "s",
+            noop,
+            Some(RSYNC),
+        );
+        self.finish(
+            &format!("scale-verify ({files} files)"),
+            "s",
+            verify,
+            Some(RSYNC_CHECKSUM),
+        );
     }
 
     fn tools_for_copy(&self) -> Vec<&'static str> {
@@ -1014,6 +1132,40 @@ fn in_turn(tools: &[&'static str], rep: usize) -> Vec<&'static str> {
 }
 
 /// Peak RSS (KiB) of a running process.
+/// Samples the peak RSS of the children of a process (the rsync daemon forks one per
+/// connection) until stopped: VmHWM only grows, so the last sample before a child exits
+/// is its peak within the sampling interval.
+struct ChildPeak {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl ChildPeak {
+    fn start(parent: u32) -> ChildPeak {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let children =
+                    std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                        .unwrap_or_default();
+                for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                    peak = peak.max(proc_hwm(c));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        });
+        ChildPeak { stop, thread }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 fn proc_hwm(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -1134,7 +1286,7 @@ fn print_workload(w: &Workload) {
             .iter()
             .map(|(k, v)| format!("{k} {:.1} MiB", *v as f64 / 1024.0))
             .collect();
-        println!("  hotsync peak RSS: {}", parts.join(", "));
+        println!("  peak RSS: {}", parts.join(", "));
     }
     if let Some(n) = &w.note {
         println!("  {n}");
