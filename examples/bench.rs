@@ -75,6 +75,14 @@ fn main() {
             }
         }
     }
+    // Asking for the scale rows by name runs them at their default size.
+    if scale.is_none()
+        && only
+            .as_ref()
+            .is_some_and(|o: &Vec<String>| o.iter().any(|w| w == "scale"))
+    {
+        scale = Some(1_000_000);
+    }
     let target = target_dir();
     let cfg = Config {
         quick,
