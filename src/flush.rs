@@ -50,6 +50,13 @@ pub struct Outcome {
     /// `--sync-timeout`): this flush did not wait, or was the one that found it so.
     #[serde(default)]
     pub degraded: bool,
+    /// False when the watch was degraded when asked: the flush did not wait at all.
+    #[serde(default = "yes")]
+    pub waited: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why semi-synchronous replication is degraded, and since when.
@@ -247,6 +254,7 @@ impl Book {
                     missing,
                     elapsed_ms: now.saturating_duration_since(w.started).as_secs_f64() * 1e3,
                     degraded: w.degraded || (!ok && w.semi_sync),
+                    waited: !w.degraded,
                 },
             );
         }
@@ -421,7 +429,7 @@ mod tests {
         let id = b.begin(Some(1), 3, ms(30_000), t0 + ms(2100)).unwrap();
         b.step(&two_behind(2100), t0 + ms(2100));
         let o = b.take(id).unwrap();
-        assert_eq!((o.ok, o.degraded, o.elapsed_ms), (false, true, 0.0));
+        assert_eq!((o.ok, o.degraded, o.waited), (false, true, false));
         // b reconnects but is still far behind: still degraded. Within the timeout: back.
         let mut p = two_behind(2200);
         assert!(!b.observe(&p));

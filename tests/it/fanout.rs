@@ -99,7 +99,18 @@ fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
         &pre,
         &src,
         local.as_os_str(),
-        &[&u1, &u2, "--server-id", &s1.id, "--server-id", &s2.id],
+        // The log is written every 10 ms, so it is never quiet: it goes every --max-delay,
+        // which is then the healthy standbys' lag.
+        &[
+            &u1,
+            &u2,
+            "--server-id",
+            &s1.id,
+            "--server-id",
+            &s2.id,
+            "--max-delay",
+            "200ms",
+        ],
     );
     let names = [local.display().to_string(), u1.clone(), u2.clone()];
     w.wait_event("every standby reconciled", Duration::from_secs(30), |e| {
@@ -119,7 +130,8 @@ fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
     };
     std::thread::sleep(Duration::from_millis(500));
 
-    // One standby frozen for 10 s (longer than the heartbeat limit): the others keep up.
+    // One standby frozen for 10 s (longer than the heartbeat limit): the others keep up
+    // (their lag stays near the 200 ms max-delay; 1.2 s leaves room for a loaded machine).
     s1.signal(rustix::process::Signal::STOP);
     let frozen = Instant::now();
     let mut worst = [0.0f64; 2];
@@ -152,7 +164,7 @@ fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        worst[0] < 1.0 && worst[1] < 1.0,
+        worst[0] < 1.2 && worst[1] < 1.2,
         "the other standbys fell behind while one was stopped: lags {worst:?}\n{}",
         w.log()
     );

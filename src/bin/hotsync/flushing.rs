@@ -49,7 +49,7 @@ pub fn flush(cli: &Cli, args: &FlushArgs) -> anyhow::Result<u8> {
     let o: Outcome = serde_json::from_value(v)?;
     if args.json {
         println!("{}", serde_json::to_string(&o)?);
-    } else if !o.ok && o.degraded && o.elapsed_ms < 1.0 {
+    } else if !o.waited {
         eprintln!(
             "hotsync: not flushed: semi-synchronous replication is degraded (the quorum of {} \
              was not met within the watch's --sync-timeout); flushes wait again once it is back",
