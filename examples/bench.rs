@@ -532,6 +532,18 @@ impl Bench {
         c
     }
 
+    /// `hotsync verify SRC quic://...` of this build, with a JSON report.
+    fn hotsync_verify(&self, src: &Path, port: u16) -> Command {
+        let mut c = Command::new(&self.hotsync);
+        c.arg("--home")
+            .arg(self.keys.join("primary"))
+            .arg("verify")
+            .arg(src)
+            .arg(format!("quic://127.0.0.1:{port}"))
+            .args(["--server-id", &self.server_id, "--json"]);
+        c
+    }
+
     fn run_all(&mut self) {
         if self.wants("initial") || self.wants("noop") {
             self.tree_workloads();
@@ -605,14 +617,7 @@ impl Bench {
                     initial.add(HS, t.secs, Some(("sync", t.rss_kib)));
                     let n = timed(&mut self.hotsync_sync(HS, &src, port));
                     noop.add(HS, n.secs, Some(("sync (no-op)", n.rss_kib)));
-                    let mut c = Command::new(&self.hotsync);
-                    c.arg("--home")
-                        .arg(self.keys.join("primary"))
-                        .arg("verify")
-                        .arg(&src)
-                        .arg(format!("quic://127.0.0.1:{port}"))
-                        .args(["--server-id", &self.server_id, "--json"]);
-                    let v = timed(&mut c);
+                    let v = timed(&mut self.hotsync_verify(&src, port));
                     let j: serde_json::Value = serde_json::from_str(v.stdout.trim()).unwrap();
                     assert_eq!(j["identical"], true, "the scale copy must verify: {j}");
                     verify.add(HS, v.secs, Some(("verify", v.rss_kib)));
@@ -962,14 +967,7 @@ impl Bench {
             for tool in in_turn(&tools, rep) {
                 match tool {
                     HS => {
-                        let mut c = Command::new(&self.hotsync);
-                        c.arg("--home")
-                            .arg(self.keys.join("primary"))
-                            .arg("verify")
-                            .arg(&src)
-                            .arg(format!("quic://127.0.0.1:{port}"))
-                            .args(["--server-id", &self.server_id, "--json"]);
-                        let t = timed(&mut c);
+                        let t = timed(&mut self.hotsync_verify(&src, port));
                         let j: serde_json::Value = serde_json::from_str(t.stdout.trim()).unwrap();
                         assert_eq!(j["identical"], true, "the bench copies must verify: {j}");
                         runs.add(tool, t.secs, Some(("verify", t.rss_kib)));

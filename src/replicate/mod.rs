@@ -299,8 +299,7 @@ impl crate::control::Control for Watch {
         // Degraded: the answer is now, without a marker.
         if self.flushes.lock().unwrap().degraded().is_some() {
             let now = Instant::now();
-            let progress: Vec<crate::flush::Progress> =
-                self.replicas.iter().map(|r| r.progress(now)).collect();
+            let progress = self.progress(now);
             let mut book = self.flushes.lock().unwrap();
             book.step(&progress, now);
             if let Some(o) = book.take(id) {
@@ -323,8 +322,7 @@ impl crate::control::Control for Watch {
         let outcome = loop {
             let seen = self.changed.current();
             let now = Instant::now();
-            let progress: Vec<crate::flush::Progress> =
-                self.replicas.iter().map(|r| r.progress(now)).collect();
+            let progress = self.progress(now);
             let mut book = self.flushes.lock().unwrap();
             book.step(&progress, now);
             if let Some(o) = book.take(id) {
@@ -348,6 +346,11 @@ impl crate::control::Control for Watch {
 }
 
 impl Watch {
+    /// Every standby's progress at `now`, as a flush judges it.
+    fn progress(&self, now: Instant) -> Vec<crate::flush::Progress> {
+        self.replicas.iter().map(|r| r.progress(now)).collect()
+    }
+
     /// Watches and replicates until `shutdown` is set. Returns `Ok` on a clean shutdown;
     /// an error only for problems that retrying cannot fix.
     pub fn run(&self, shutdown: &AtomicBool, obs: &dyn Observer) -> Result<(), Error> {
@@ -500,8 +503,7 @@ impl Watch {
                 }
                 let now = Instant::now();
                 if self.flushes.lock().unwrap().degraded().is_some() {
-                    let progress: Vec<crate::flush::Progress> =
-                        self.replicas.iter().map(|r| r.progress(now)).collect();
+                    let progress = self.progress(now);
                     if self.flushes.lock().unwrap().observe(&progress) {
                         tracing::info!("semi-synchronous replication is back: the quorum is met");
                     }
