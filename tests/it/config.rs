@@ -48,7 +48,14 @@ fn a_config_file_drives_the_commands_and_the_command_line_overrides_it() {
     let c = cfg.to_str().unwrap();
     let r = h(&home, &["--config", c, "sync", "--json"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    assert_eq!(r.json()["standbys"].as_array().unwrap().len(), 2);
+    let j = r.json();
+    let names: Vec<&str> = j["standbys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["standby"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["near", "far"], "{j}");
     let copy = base.join("copy");
     for t in [&copy, &t1] {
         assert!(t.join("keep.txt").exists() && t.join("debug.log").exists());

@@ -211,6 +211,10 @@ pub struct Common {
     /// DEST, in the same order)
     #[arg(long, value_name = "ID")]
     pub server_id: Vec<String>,
+    /// The standbys' names from the config file (their label in reports, status and
+    /// metrics).
+    #[arg(skip)]
+    pub names: Vec<Option<String>>,
     /// Refuse to remove more than this percentage of the standby's entries (unless --force)
     #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub max_delete: u32,
@@ -258,9 +262,6 @@ pub struct WatchArgs {
     /// How many standbys `hotsync flush` waits for by default (default: all)
     #[arg(long, value_name = "K", value_parser = clap::value_parser!(u64).range(1..))]
     pub quorum: Option<u64>,
-    /// The standbys' names from the config file (their label in status and metrics).
-    #[arg(skip)]
-    pub names: Vec<Option<String>>,
     /// Semi-synchronous: a flush waits at most DURATION for the quorum; past that the watch
     /// is degraded (alert `sync`) and flushes do not wait until the quorum is back
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -287,6 +288,9 @@ pub struct VerifyArgs {
     /// DEST, in the same order)
     #[arg(long, value_name = "ID")]
     pub server_id: Vec<String>,
+    /// The standbys' names from the config file.
+    #[arg(skip)]
+    pub names: Vec<Option<String>>,
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
 }

@@ -22,16 +22,13 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
     match &mut cli.command {
         Command::Watch(a) => {
-            standbys(
+            a.common.names = standbys(
                 &cfg,
                 &mut a.src,
                 &mut a.dest,
                 &mut a.common.server_id,
                 &given,
             );
-            if a.dest.len() == cfg.standbys.len() && !given("dest") {
-                a.names = cfg.standbys.iter().map(|s| s.name.clone()).collect();
-            }
             common(&cfg, &mut a.common, &given);
             set(&mut a.max_delay, cfg.max_delay, given("max_delay"));
             set(&mut a.rescan_every, cfg.rescan_every, given("rescan_every"));
@@ -42,7 +39,7 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             monitoring(&cfg.monitor, &mut a.monitoring, &given);
         }
         Command::Sync(a) => {
-            standbys(
+            a.common.names = standbys(
                 &cfg,
                 &mut a.src,
                 &mut a.dest,
@@ -52,7 +49,7 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             common(&cfg, &mut a.common, &given);
         }
         Command::Verify(a) => {
-            standbys(&cfg, &mut a.src, &mut a.dest, &mut a.server_id, &given);
+            a.names = standbys(&cfg, &mut a.src, &mut a.dest, &mut a.server_id, &given);
             if !given("exclude")
                 && let Some(x) = &cfg.exclude
             {
@@ -90,27 +87,30 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SRC, and the DESTs with their server IDs, when the command line gives none.
+/// SRC, and the DESTs with their server IDs, when the command line gives none; the names
+/// of the DESTs that came from the file.
 fn standbys(
     cfg: &FileConfig,
     src: &mut Option<std::path::PathBuf>,
     dest: &mut Vec<String>,
     server_id: &mut Vec<String>,
     given: &dyn Fn(&str) -> bool,
-) {
+) -> Vec<Option<String>> {
     if src.is_none() {
         *src = cfg.source.clone();
     }
-    if dest.is_empty() && !given("dest") {
-        *dest = cfg.standbys.iter().map(|s| s.address.clone()).collect();
-        if !given("server_id") {
-            *server_id = cfg
-                .standbys
-                .iter()
-                .filter_map(|s| s.server_id.clone())
-                .collect();
-        }
+    if !dest.is_empty() || given("dest") {
+        return Vec::new();
     }
+    *dest = cfg.standbys.iter().map(|s| s.address.clone()).collect();
+    if !given("server_id") {
+        *server_id = cfg
+            .standbys
+            .iter()
+            .filter_map(|s| s.server_id.clone())
+            .collect();
+    }
+    cfg.standbys.iter().map(|s| s.name.clone()).collect()
 }
 
 fn common(cfg: &FileConfig, c: &mut Common, given: &dyn Fn(&str) -> bool) {

@@ -275,6 +275,21 @@ fn target(cli: &Cli, dest: &str, server_id: Option<&str>) -> anyhow::Result<Targ
     })
 }
 
+/// What each standby is called in reports: its config file name, else its address.
+fn labels(names: &[Option<String>], targets: &[Target]) -> Vec<String> {
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            names
+                .get(i)
+                .cloned()
+                .flatten()
+                .unwrap_or_else(|| t.describe())
+        })
+        .collect()
+}
+
 /// The standbys DEST arguments name, each quic:// one with the next `--server-id`.
 fn targets(cli: &Cli, dests: &[String], server_ids: &[String]) -> anyhow::Result<Vec<Target>> {
     let remote = dests.iter().filter(|d| Target::is_remote(d)).count();
@@ -344,14 +359,16 @@ fn sync_several(
     targets: &[Target],
     opts: &SyncOptions,
 ) -> anyhow::Result<u8> {
+    let names = labels(&args.common.names, targets);
     let results: Vec<(String, hotsync::Result<hotsync::sender::Outcome>)> =
         std::thread::scope(|s| {
             let handles: Vec<_> = targets
                 .iter()
-                .map(|t| {
+                .zip(names)
+                .map(|(t, name)| {
                     s.spawn(move || {
                         let r = hotsync::sync(src, t, opts, &hotsync::progress::Silent);
-                        (t.describe(), r)
+                        (name, r)
                     })
                 })
                 .collect();
@@ -403,17 +420,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
     let c = &args.common;
     let src = args::tree_and_standbys("watch", &args.src, &args.dest)?;
     let targets = targets(cli, &args.dest, &c.server_id)?;
-    let names: Vec<String> = targets
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            args.names
-                .get(i)
-                .cloned()
-                .flatten()
-                .unwrap_or_else(|| t.describe())
-        })
-        .collect();
+    let names = labels(&c.names, &targets);
     let opts = WatchOptions {
         sync: sync_options(c, false),
         batcher: hotsync::replicate::batcher::Config {
@@ -488,8 +495,7 @@ fn verify(cli: &Cli, args: &VerifyArgs) -> anyhow::Result<u8> {
     // under its name; a standby that cannot be reached does not stop the others.
     let mut code = 0u8;
     let mut out = Vec::new();
-    for t in &targets {
-        let name = t.describe();
+    for (t, name) in targets.iter().zip(labels(&args.names, &targets)) {
         if !args.json {
             println!("{name}:");
         }
