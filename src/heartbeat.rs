@@ -217,24 +217,28 @@ mod tests {
         // Real streams (the in-process transport), real threads.
         let (a, b) = crate::transport::local::pair();
         let (a, b): (Arc<dyn Connection>, Arc<dyn Connection>) = (Arc::new(a), Arc::new(b));
-        /// Counts beats heard; judges the peer gone after `cut_after` of them.
-        struct Count(Mutex<u32>, Option<u32>);
+        /// Counts beats heard; judges the peer gone after `cut_after` of them, once the
+        /// peer (if given) has heard one of ours (so the cut cannot overtake our beat), or
+        /// five beats later regardless.
+        struct Count(Mutex<u32>, Option<u32>, Option<Arc<Count>>);
         impl Pulse for Count {
             fn beat(&self, _: Instant) -> Heartbeat {
                 Simple::new(1).beat(Instant::now())
             }
             fn silent(&self, _: Instant) -> Option<String> {
                 let n = *self.0.lock().unwrap();
+                let answered = self.2.as_ref().is_none_or(|p| *p.0.lock().unwrap() >= 1);
+                // Unanswered for long, cut anyway: the test then fails instead of hanging.
                 self.1
-                    .filter(|&k| n >= k)
+                    .filter(|&k| (n >= k && answered) || n >= k + 5)
                     .map(|_| "heard enough".to_string())
             }
             fn heard(&self, _: &Heartbeat, _: Instant) {
                 *self.0.lock().unwrap() += 1;
             }
         }
-        let primary = Arc::new(Count(Mutex::new(0), None));
-        let standby = Count(Mutex::new(0), Some(2));
+        let primary = Arc::new(Count(Mutex::new(0), None, None));
+        let standby = Count(Mutex::new(0), Some(2), Some(primary.clone()));
         let b2 = b.clone();
         let answering = std::thread::spawn(move || {
             let s = b2.accept().unwrap().unwrap();
