@@ -49,11 +49,7 @@ impl Root {
         if rel.is_root() {
             return Ok(rustix::io::fcntl_dupfd_cloexec(&self.fd, 0)?);
         }
-        resolve(
-            self.fd(),
-            rel.as_bytes(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        )
+        resolve(self.fd(), rel.as_bytes(), DIR_FLAGS)
     }
 
     /// Opens the regular file at `rel` for reading.
@@ -106,6 +102,18 @@ impl Root {
     }
 }
 
+/// How a directory is opened to be walked: read-only, never through a symlink.
+pub const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// Opens the directory `path` (relative, `/`-separated) beneath `dir` to walk it, without
+/// following any symlink.
+pub fn open_subdir(dir: BorrowedFd<'_>, path: &[u8]) -> io::Result<OwnedFd> {
+    resolve(dir, path, DIR_FLAGS)
+}
+
 /// Opens `path` (relative, `/`-separated) beneath `dir` without following any symlink.
 pub fn resolve(dir: BorrowedFd<'_>, path: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
     if !NO_OPENAT2.load(Ordering::Relaxed) {
@@ -140,7 +148,7 @@ fn resolve_walk(dir: BorrowedFd<'_>, path: &[u8], flags: OFlags) -> io::Result<O
         let f = if last {
             flags | OFlags::NOFOLLOW
         } else {
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+            DIR_FLAGS
         };
         cur = Some(rustix::fs::openat(at, *comp, f, Mode::empty())?);
     }
@@ -262,21 +270,11 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<u64> {
         rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
         return Ok(1);
     }
-    let sub = match rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    ) {
+    let sub = match rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty()) {
         Err(Errno::ACCESS) => {
             // A directory we may not read (non-root receiver): make it ours to empty.
             rustix::fs::chmodat(dir, name, Mode::from_raw_mode(0o700), AtFlags::empty())?;
-            rustix::fs::openat(
-                dir,
-                name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?
+            rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty())?
         }
         other => other?,
     };

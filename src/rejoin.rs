@@ -98,14 +98,7 @@ impl Walk<'_> {
                     if self.diverged(&st) {
                         self.dirs.push(path.display());
                     }
-                    let sub = crate::fsroot::resolve(
-                        dir,
-                        &name,
-                        rustix::fs::OFlags::RDONLY
-                            | rustix::fs::OFlags::DIRECTORY
-                            | rustix::fs::OFlags::NOFOLLOW
-                            | rustix::fs::OFlags::CLOEXEC,
-                    )?;
+                    let sub = crate::fsroot::open_subdir(dir, &name)?;
                     self.dir(sub.as_fd(), &path)?;
                 }
                 FileType::RegularFile | FileType::Symlink if self.diverged(&st) => {
@@ -130,14 +123,7 @@ impl Walk<'_> {
                 Ok(()) | Err(Errno::EXIST) => {}
                 Err(e) => return Err(e.into()),
             }
-            at = crate::fsroot::resolve(
-                at.as_fd(),
-                part,
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-            )?;
+            at = crate::fsroot::open_subdir(at.as_fd(), part)?;
         }
         // A name kept by an earlier rejoin of the same epoch is not overwritten.
         let mut target = name.to_vec();
@@ -210,14 +196,7 @@ fn ensure_dir(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
         Ok(()) | Err(Errno::EXIST) => {}
         Err(e) => return Err(e.into()),
     }
-    crate::fsroot::resolve(
-        at,
-        name,
-        rustix::fs::OFlags::RDONLY
-            | rustix::fs::OFlags::DIRECTORY
-            | rustix::fs::OFlags::NOFOLLOW
-            | rustix::fs::OFlags::CLOEXEC,
-    )
+    crate::fsroot::open_subdir(at, name)
 }
 
 /// Every file and symlink under the keeping directory `dir` (at `rel`).
@@ -233,14 +212,7 @@ fn list_kept(dir: BorrowedFd<'_>, rel: &RelPath, out: &mut Vec<Diverged>) -> io:
         let modified = crate::fsroot::meta_of(&st).mtime;
         let kind = match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
-                let sub = crate::fsroot::resolve(
-                    dir,
-                    &name,
-                    rustix::fs::OFlags::RDONLY
-                        | rustix::fs::OFlags::DIRECTORY
-                        | rustix::fs::OFlags::NOFOLLOW
-                        | rustix::fs::OFlags::CLOEXEC,
-                )?;
+                let sub = crate::fsroot::open_subdir(dir, &name)?;
                 list_kept(sub.as_fd(), &path, out)?;
                 continue;
             }

@@ -33,7 +33,7 @@ fn a_config_file_drives_the_commands_and_the_command_line_overrides_it() {
         format!("[serve]\nroot = \"t1\"\nlisten = \"127.0.0.1:0\"\nallow = [\"{me}\"]\n"),
     )
     .unwrap();
-    let server = ServerOf::config(&shome, &scfg);
+    let server = Server::launch(&shome, &["--config".into(), scfg.into(), "serve".into()]);
     let cfg = base.join("hotsync.toml");
     std::fs::write(
         &cfg,
@@ -126,46 +126,4 @@ fn watch_configured(pre: &[OsString]) -> std::process::Child {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap()
-}
-
-/// A `serve` started from a config file's [serve] table.
-struct ServerOf {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl ServerOf {
-    fn config(home: &Path, cfg: &Path) -> ServerOf {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(bin())
-            .arg("--home")
-            .arg(home)
-            .arg("--config")
-            .arg(cfg)
-            .arg("serve")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "listening on ADDR as ID"
-        let port = line
-            .split_whitespace()
-            .nth(2)
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        ServerOf { child, port }
-    }
-}
-
-impl Drop for ServerOf {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -583,22 +583,25 @@ impl Server {
     }
 
     fn spawn(root: &Path, home: &Path, allow: &[&str], port: u16, extra: &[&str]) -> Server {
+        let mut args: Vec<std::ffi::OsString> = vec!["serve".into(), "--root".into(), root.into()];
+        args.extend(["--listen".into(), format!("127.0.0.1:{port}").into()]);
+        for a in allow {
+            args.extend(["--allow".into(), a.into()]);
+        }
+        args.extend(extra.iter().map(Into::into));
+        Server::launch(home, &args)
+    }
+
+    /// `hotsync --home HOME ARGS...`, a serve however its arguments say (a config file's
+    /// [serve], say); it must print where it listens first.
+    pub fn launch(home: &Path, args: &[std::ffi::OsString]) -> Server {
         let id = keygen(home);
         let log = home.join(format!(
             "serve-{}.log",
             std::process::id() as u64 * 1000 + rand_suffix()
         ));
         let mut cmd = Command::new(bin());
-        cmd.arg("--home")
-            .arg(home)
-            .arg("serve")
-            .arg("--root")
-            .arg(root);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}")]);
-        for a in allow {
-            cmd.args(["--allow", a]);
-        }
-        cmd.args(extra);
+        cmd.arg("--home").arg(home).args(args);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -22,14 +22,7 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     let given = |id: &str| m.value_source(id) == Some(ValueSource::CommandLine);
     match &mut cli.command {
         Command::Watch(a) => {
-            a.common.names = standbys(
-                &cfg,
-                &mut a.src,
-                &mut a.dest,
-                &mut a.common.server_id,
-                &given,
-            );
-            common(&cfg, &mut a.common, &given);
+            mirror(&cfg, &mut a.src, &mut a.dest, &mut a.common, &given);
             set(&mut a.max_delay, cfg.max_delay, given("max_delay"));
             set(&mut a.rescan_every, cfg.rescan_every, given("rescan_every"));
             set_opt(&mut a.verify_every, cfg.verify_every, given("verify_every"));
@@ -38,16 +31,7 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             set_opt(&mut a.sync_timeout, cfg.sync_timeout, given("sync_timeout"));
             monitoring(&cfg.monitor, &mut a.monitoring, &given);
         }
-        Command::Sync(a) => {
-            a.common.names = standbys(
-                &cfg,
-                &mut a.src,
-                &mut a.dest,
-                &mut a.common.server_id,
-                &given,
-            );
-            common(&cfg, &mut a.common, &given);
-        }
+        Command::Sync(a) => mirror(&cfg, &mut a.src, &mut a.dest, &mut a.common, &given),
         Command::Verify(a) => {
             a.names = standbys(&cfg, &mut a.src, &mut a.dest, &mut a.server_id, &given);
             if !given("exclude")
@@ -111,6 +95,19 @@ fn standbys(
             .collect();
     }
     cfg.standbys.iter().map(|s| s.name.clone()).collect()
+}
+
+/// What `sync` and `watch` share: the tree, its standbys (and their names), and the
+/// options of [`Common`].
+fn mirror(
+    cfg: &FileConfig,
+    src: &mut Option<std::path::PathBuf>,
+    dest: &mut Vec<String>,
+    c: &mut Common,
+    given: &dyn Fn(&str) -> bool,
+) {
+    c.names = standbys(cfg, src, dest, &mut c.server_id, given);
+    common(cfg, c, given);
 }
 
 fn common(cfg: &FileConfig, c: &mut Common, given: &dyn Fn(&str) -> bool) {
