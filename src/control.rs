@@ -208,25 +208,27 @@ pub fn status_all(home: &Path) -> Vec<Answer> {
 }
 
 /// The sockets of the running instances of `command` (`watch` or `serve`), with their
-/// status.
-pub fn find_all(home: &Path, command: &str) -> Vec<(PathBuf, Box<Instance>)> {
-    let Ok(entries) = std::fs::read_dir(run_dir(home)) else {
-        return Vec::new();
-    };
+/// status, asked one by one as the caller goes.
+fn instances(home: &Path, command: &str) -> impl Iterator<Item = (PathBuf, Box<Instance>)> {
     let prefix = format!("{command}-");
-    let mut out = Vec::new();
-    for e in entries.flatten() {
-        let p = e.path();
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(&prefix) || !name.ends_with(".sock") {
-            continue;
-        }
-        if let Ok(v) = ask(&p, &Request::Status)
-            && let Ok(i) = serde_json::from_value::<Instance>(v)
-        {
-            out.push((p, Box::new(i)));
-        }
-    }
+    std::fs::read_dir(run_dir(home))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(move |e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with(".sock")
+        })
+        .filter_map(|e| {
+            let p = e.path();
+            let i = serde_json::from_value::<Instance>(ask(&p, &Request::Status).ok()?).ok()?;
+            Some((p, Box::new(i)))
+        })
+}
+
+/// The sockets of the running instances of `command`, with their status, by socket name.
+pub fn find_all(home: &Path, command: &str) -> Vec<(PathBuf, Box<Instance>)> {
+    let mut out: Vec<_> = instances(home, command).collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
@@ -235,9 +237,7 @@ pub fn find_all(home: &Path, command: &str) -> Vec<(PathBuf, Box<Instance>)> {
 /// status.
 pub fn find(home: &Path, command: &str, tree: &Path) -> Option<(PathBuf, Box<Instance>)> {
     let want = crate::check::shown_absolute(tree);
-    find_all(home, command)
-        .into_iter()
-        .find(|(_, i)| i.tree == want)
+    instances(home, command).find(|(_, i)| i.tree == want)
 }
 
 /// Sends `req` to the socket at `path` and reads the answer.
