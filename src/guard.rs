@@ -39,7 +39,23 @@ pub fn check(
     remote_total: usize,
     limits: Limits,
 ) -> Result<(), Error> {
-    if plan.removed_entries == 0 {
+    let total = remote_total.max(plan.remote_entries);
+    check_counts(src, source_empty, plan.removed_entries, total, limits)
+}
+
+/// [`check`] for a plan known only by its counts (a streamed reconcile): `removed` standby
+/// entries of its `total`.
+///
+/// # Errors
+/// As [`check`].
+pub fn check_counts(
+    src: &str,
+    source_empty: bool,
+    removed: usize,
+    total: usize,
+    limits: Limits,
+) -> Result<(), Error> {
+    if removed == 0 {
         return Ok(());
     }
     // Watch never empties the standby, even with --force: a disk that goes away must not
@@ -49,19 +65,17 @@ pub fn check(
         return Err(Error::Refused(format!(
             "SRC {src} is empty but the standby holds {} entries: refusing to delete them all \
              (is a disk not mounted?); use --force if the source really is empty",
-            remote_total.max(plan.remote_entries)
+            total
         )));
     }
     if limits.force {
         return Ok(());
     }
     let pct = limits.max_delete_percent as usize;
-    let total = remote_total.max(plan.remote_entries);
-    if plan.removed_entries >= GUARD_MIN_REMOVALS && plan.removed_entries * 100 > pct * total {
+    if removed >= GUARD_MIN_REMOVALS && removed * 100 > pct * total {
         return Err(Error::Refused(format!(
-            "the plan removes {} of the standby's {} entries, more than --max-delete {pct}%: \
-             refusing (is part of SRC {src} missing?); use --force to remove them",
-            plan.removed_entries, total
+            "the plan removes {removed} of the standby's {total} entries, more than --max-delete {pct}%: \
+             refusing (is part of SRC {src} missing?); use --force to remove them"
         )));
     }
     Ok(())

@@ -59,7 +59,7 @@ pub struct SymlinkOp {
     pub meta: Meta,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MetaFix {
     pub path: RelPath,
     pub meta: Meta,

@@ -24,9 +24,10 @@ use serde::{Deserialize, Serialize};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
 /// Protocol version spoken by this build, and the oldest one it still accepts. Version 2
-/// added heartbeats, coded errors, session modes and positions; version 1 peers are refused
-/// at the greeting with both versions named.
-pub const VERSION: u16 = 2;
+/// added heartbeats, coded errors, session modes and positions; version 3 the streamed walk
+/// (`Walk`, `Dir`, `WalkEnd`; a version 2 peer is still listed whole with `List`). Version 1
+/// peers are refused at the greeting with both versions named.
+pub const VERSION: u16 = 3;
 pub const MIN_VERSION: u16 = 2;
 /// The first bytes each side sends, so a stray client is recognised at once.
 pub const MAGIC: &[u8; 8] = b"hotsync\0";
@@ -241,6 +242,29 @@ pub enum Message {
         code: ErrorCode,
         message: String,
     },
+    /// Primary → standby, from version 3, as the first message of a stream of its own:
+    /// walk the whole tree (hashing content when `checksum`) and answer on that stream with
+    /// `Dir`s in walk order ([`crate::walk`]), then `WalkEnd`. The primary reads them while
+    /// it walks its own tree, so neither side holds the whole manifest.
+    Walk {
+        checksum: bool,
+        /// Bytes per second the standby may read to hash, 0 for no limit.
+        hash_rate: u64,
+    },
+    /// One directory of the standby's walk: the directory and its children, sorted by
+    /// name. A large directory comes in parts: `more` says another part follows.
+    Dir {
+        dir: Entry,
+        entries: Vec<Entry>,
+        errors: Vec<ScanError>,
+        more: bool,
+    },
+    /// The end of a walk: `count` entries in all (directories included, the root too), and
+    /// the leftover temporary files it removed.
+    WalkEnd {
+        count: u64,
+        temps_removed: u64,
+    },
 }
 
 impl Message {
@@ -265,6 +289,9 @@ impl Message {
             | Message::List { .. }
             | Message::Entries { .. }
             | Message::ListEnd { .. }
+            | Message::Walk { .. }
+            | Message::Dir { .. }
+            | Message::WalkEnd { .. }
             | Message::BaseSig { .. }
             | Message::NoBase { .. }
             | Message::FileEnd { .. }
@@ -310,6 +337,9 @@ impl Message {
             Message::Close => "Close",
             Message::Closed => "Closed",
             Message::Error { .. } => "Error",
+            Message::Walk { .. } => "Walk",
+            Message::Dir { .. } => "Dir",
+            Message::WalkEnd { .. } => "WalkEnd",
         }
     }
 }
@@ -604,6 +634,25 @@ mod tests {
                 checksum: true,
                 hash_rate: 0,
             },
+            Message::Walk {
+                checksum: true,
+                hash_rate: 5,
+            },
+            Message::Dir {
+                dir: Entry {
+                    path: p.clone(),
+                    kind: Kind::Dir,
+                    meta: meta(),
+                    link: None,
+                },
+                entries: vec![],
+                errors: vec![],
+                more: true,
+            },
+            Message::WalkEnd {
+                count: 3,
+                temps_removed: 1,
+            },
             Message::Entries {
                 entries: vec![Entry {
                     path: p.clone(),
@@ -753,9 +802,11 @@ mod tests {
         // A version 1 peer is refused, and told both sides' versions.
         let e = negotiate(1, 1).unwrap_err().to_string();
         assert!(
-            e.contains("speaks protocol 2") && e.contains("the peer speaks 1"),
+            e.contains("speaks protocol 3 (accepts 2 to 3)") && e.contains("the peer speaks 1"),
             "{e}"
         );
+        // A version 2 peer is still served, at version 2 (it is listed whole).
+        assert_eq!(negotiate(2, 2).unwrap(), 2);
     }
 
     #[test]

@@ -170,25 +170,62 @@ pub fn serve(
     }
 }
 
+/// Entries a walk hashes together, so small directories still keep every core busy.
+pub const WALK_HASH_BATCH: usize = 4096;
+
+/// Bytes of entries (roughly) in one `Entries` or `Dir` message, well under the frame limit.
+const LIST_BATCH_BYTES: usize = 256 * 1024;
+
+/// The encoded size of an entry, roughly, to keep messages under the frame limit.
+pub fn entry_size(e: &Entry) -> usize {
+    e.path.as_bytes().len()
+        + 48
+        + match &e.kind {
+            crate::manifest::Kind::Symlink { target } => target.len(),
+            _ => 0,
+        }
+}
+
+/// Sends one directory of a walk, in parts if it is large.
+fn send_unit<W: Write>(w: &mut FrameWriter<W>, u: crate::walk::Unit) -> Result<(), ProtocolError> {
+    let mut parts: Vec<Vec<Entry>> = vec![Vec::new()];
+    let mut size = 0;
+    for e in u.entries {
+        size += entry_size(&e);
+        parts.last_mut().unwrap().push(e);
+        if size >= LIST_BATCH_BYTES {
+            parts.push(Vec::new());
+            size = 0;
+        }
+    }
+    let mut errors: Vec<Vec<ScanError>> = u.errors.chunks(512).map(<[_]>::to_vec).collect();
+    let n = parts.len().max(errors.len());
+    parts.resize_with(n, Vec::new);
+    errors.resize_with(n, Vec::new);
+    for (i, (entries, errors)) in parts.into_iter().zip(errors).enumerate() {
+        w.send(&Message::Dir {
+            dir: u.dir.clone(),
+            entries,
+            errors,
+            more: i + 1 < n,
+        })?;
+    }
+    Ok(())
+}
+
 fn send_manifest<W: Write>(
     w: &mut FrameWriter<W>,
     entries: Vec<Entry>,
     errors: Vec<ScanError>,
     temps_removed: u64,
 ) -> Result<(), ProtocolError> {
-    const BATCH: usize = 256 * 1024;
     let count = entries.len() as u64;
     let mut batch = Vec::new();
     let mut size = 0;
     for e in entries {
-        size += e.path.as_bytes().len()
-            + 48
-            + match &e.kind {
-                crate::manifest::Kind::Symlink { target } => target.len(),
-                _ => 0,
-            };
+        size += entry_size(&e);
         batch.push(e);
-        if size >= BATCH {
+        if size >= LIST_BATCH_BYTES {
             w.send(&Message::Entries {
                 entries: std::mem::take(&mut batch),
                 errors: vec![],
@@ -251,6 +288,41 @@ impl Session<'_> {
             listing.temps_removed,
         )?;
         w.flush()
+    }
+
+    /// Walks the whole tree for the primary: `Dir`s in walk order, then `WalkEnd`.
+    fn walk<W: SendHalf>(
+        &self,
+        w: &mut FrameWriter<W>,
+        checksum: bool,
+        hash_rate: u64,
+    ) -> Result<(), ProtocolError> {
+        let (mut count, mut temps_removed) = (0, 0);
+        if let Ok(root) = self.standby.root() {
+            let opts = ScanOptions {
+                checksum,
+                hash_rate,
+                filter: self.filter.clone(),
+                remove_temps: !self.read_only,
+            };
+            let mut walker = crate::walk::Walker::new(root, opts);
+            let batch = if checksum { WALK_HASH_BATCH } else { 1 };
+            let cannot =
+                |e: io::Error| ProtocolError::Invalid(format!("cannot scan the standby tree: {e}"));
+            while let Some(units) = walker.next_batch(batch).map_err(cannot)? {
+                for u in units {
+                    count += 1 + u.entries.len() as u64;
+                    send_unit(w, u)?;
+                }
+            }
+            temps_removed = walker.temps_removed;
+        }
+        w.send(&Message::WalkEnd {
+            count,
+            temps_removed,
+        })?;
+        w.flush()?;
+        Ok(w.get_mut().finish()?)
     }
 
     fn wrote(&self, bytes: u64) {
@@ -386,6 +458,20 @@ fn op_loop<R: Read, W: SendHalf>(
             } if control => {
                 s.list(w, &scopes, checksum, hash_rate)?;
                 continue;
+            }
+            Message::Walk {
+                checksum,
+                hash_rate,
+            } if !control => {
+                return match s.walk(w, checksum, hash_rate) {
+                    // The walk changes nothing: a primary that stopped reading it (a guard
+                    // refused, or it failed) leaves nothing to clean up or report here.
+                    Err(ProtocolError::Io(e)) => {
+                        tracing::debug!("the primary stopped reading the walk: {e}");
+                        Ok(())
+                    }
+                    other => other,
+                };
             }
             Message::Rename { id, from, to } => {
                 check_writable(&from)?;

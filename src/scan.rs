@@ -126,65 +126,51 @@ fn excluded_ancestor(filter: &Filter, path: &RelPath) -> bool {
     false
 }
 
-/// Records the entry `name` in `dir` (at `path`), unless it is excluded, vanished or not
-/// mirrorable. For a directory, returns its open handle to walk.
-fn visit(
+/// What one name in a directory is, as the mirror sees it.
+pub(crate) enum Found {
+    Entry(Entry),
+    /// Excluded, or vanished since the listing.
+    Nothing,
+    Skipped(Skipped),
+    Error(ScanError),
+}
+
+/// Looks at the entry `name` in `dir` (at `path`), never following it.
+pub(crate) fn stat_entry(
     dir: BorrowedFd<'_>,
     name: &[u8],
     path: &RelPath,
-    opts: &ScanOptions,
-    out: &mut ScanOutcome,
-) -> Option<OwnedFd> {
+    filter: &Filter,
+) -> Found {
+    let error = |error: String| {
+        Found::Error(ScanError {
+            path: path.clone(),
+            error,
+        })
+    };
     let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => st,
-        Err(Errno::NOENT) => return None, // vanished since the listing
-        Err(e) => {
-            out.manifest.errors.push(ScanError {
-                path: path.clone(),
-                error: io::Error::from(e).to_string(),
-            });
-            return None;
-        }
+        Err(Errno::NOENT) => return Found::Nothing, // vanished since the listing
+        Err(e) => return error(io::Error::from(e).to_string()),
     };
     let ft = FileType::from_raw_mode(st.st_mode);
-    if opts.filter.excludes(path, ft == FileType::Directory) {
-        return None;
+    if filter.excludes(path, ft == FileType::Directory) {
+        return Found::Nothing;
     }
-    let mut sub = None;
     let kind = match ft {
         FileType::RegularFile => Kind::File {
             size: st.st_size as u64,
             hash: None,
         },
-        FileType::Directory => {
-            match rustix::fs::openat(
-                dir,
-                name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => sub = Some(fd),
-                Err(e) => out.manifest.errors.push(ScanError {
-                    path: path.clone(),
-                    error: format!("cannot open directory: {}", io::Error::from(e)),
-                }),
-            }
-            Kind::Dir
-        }
+        FileType::Directory => Kind::Dir,
         FileType::Symlink => match rustix::fs::readlinkat(dir, name, Vec::new()) {
             Ok(t) => Kind::Symlink {
                 target: t.into_bytes(),
             },
-            Err(e) => {
-                out.manifest.errors.push(ScanError {
-                    path: path.clone(),
-                    error: format!("cannot read symlink: {}", io::Error::from(e)),
-                });
-                return None;
-            }
+            Err(e) => return error(format!("cannot read symlink: {}", io::Error::from(e))),
         },
         other => {
-            out.skipped.push(Skipped {
+            return Found::Skipped(Skipped {
                 path: path.clone(),
                 kind: match other {
                     FileType::Socket => "socket",
@@ -194,7 +180,6 @@ fn visit(
                     _ => "special file",
                 },
             });
-            return None;
         }
     };
     let link = if ft == FileType::RegularFile {
@@ -202,12 +187,56 @@ fn visit(
     } else {
         None
     };
-    out.manifest.entries.push(Entry {
+    Found::Entry(Entry {
         path: path.clone(),
         kind,
         meta: meta_of(&st),
         link,
-    });
+    })
+}
+
+/// Opens the directory `name` in `dir` without following a symlink.
+pub(crate) fn open_child_dir(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Records the entry `name` in `dir` (at `path`), unless it is excluded, vanished or not
+/// mirrorable. For a directory, returns its open handle to walk.
+fn visit(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    path: &RelPath,
+    opts: &ScanOptions,
+    out: &mut ScanOutcome,
+) -> Option<OwnedFd> {
+    let entry = match stat_entry(dir, name, path, &opts.filter) {
+        Found::Entry(e) => e,
+        Found::Nothing => return None,
+        Found::Skipped(s) => {
+            out.skipped.push(s);
+            return None;
+        }
+        Found::Error(e) => {
+            out.manifest.errors.push(e);
+            return None;
+        }
+    };
+    let mut sub = None;
+    if entry.is_dir() {
+        match open_child_dir(dir, name) {
+            Ok(fd) => sub = Some(fd),
+            Err(e) => out.manifest.errors.push(ScanError {
+                path: path.clone(),
+                error: format!("cannot open directory: {e}"),
+            }),
+        }
+    }
+    out.manifest.entries.push(entry);
     sub
 }
 
@@ -266,9 +295,32 @@ fn walk(
 /// Hashes every regular file in the manifest, in parallel; a file that cannot be read
 /// moves to `errors` (and out of the entries, so it is neither sent nor deleted).
 fn hash_all(root: &Root, m: &mut Manifest, rate: u64) -> u64 {
+    let (bytes, mut failed) = hash_in_place(root, &mut m.entries, rate);
+    failed.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+    for (i, err) in failed {
+        m.entries.remove(i);
+        m.errors.push(err);
+    }
+    bytes
+}
+
+/// Hashes the regular files among `entries` in parallel, updating their size and
+/// attributes to what was hashed. Returns the bytes read and the entries (by index) that
+/// could not be read, which the caller must drop: nothing about them is known.
+pub(crate) fn hash_in_place(
+    root: &Root,
+    entries: &mut [Entry],
+    rate: u64,
+) -> (u64, Vec<(usize, ScanError)>) {
     let next = AtomicU64::new(0);
     let bytes = AtomicU64::new(0);
     let failed = Mutex::new(Vec::new());
+    let todo: Vec<(usize, RelPath)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| matches!(e.kind, Kind::File { .. }))
+        .map(|(i, e)| (i, e.path.clone()))
+        .collect();
     let threads = if rate > 0 {
         1
     } else {
@@ -276,17 +328,10 @@ fn hash_all(root: &Root, m: &mut Manifest, rate: u64) -> u64 {
             .map(|n| n.get())
             .unwrap_or(2)
             .min(4)
+            .min(todo.len())
     };
     let pacer = Pacer::new(rate);
-    let entries = Mutex::new(&mut m.entries);
-    let todo: Vec<(usize, RelPath)> = entries
-        .lock()
-        .unwrap()
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| matches!(e.kind, Kind::File { .. }))
-        .map(|(i, e)| (i, e.path.clone()))
-        .collect();
+    let entries = Mutex::new(entries);
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
@@ -320,13 +365,7 @@ fn hash_all(root: &Root, m: &mut Manifest, rate: u64) -> u64 {
             });
         }
     });
-    let mut failed = failed.into_inner().unwrap();
-    failed.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-    for (i, err) in failed {
-        m.entries.remove(i);
-        m.errors.push(err);
-    }
-    bytes.into_inner()
+    (bytes.into_inner(), failed.into_inner().unwrap())
 }
 
 /// Keeps reading at or below a byte rate, by sleeping.

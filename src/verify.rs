@@ -13,6 +13,7 @@ use crate::path::RelPath;
 use crate::progress::Silent;
 use crate::sender::{Session, SyncOptions};
 use crate::summary::EntryError;
+use crate::walk::Unit;
 use serde::Serialize;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -46,7 +47,19 @@ pub struct Report {
     pub elapsed_ms: u64,
     /// What differs, path by path (content and metadata differences).
     pub details: Vec<Difference>,
+    /// How many entries each category holds in all. Each list above shows at most
+    /// [`MAX_LISTED`] of them (the first in walk order), so a standby that lost a million
+    /// files gives a report of bounded size; `capped` says a list was cut short.
+    pub missing_count: u64,
+    pub extra_count: u64,
+    pub content_differs_count: u64,
+    pub metadata_differs_count: u64,
+    pub errors_count: u64,
+    pub capped: bool,
 }
+
+/// Paths a category of a [`Report`] lists at most.
+pub const MAX_LISTED: usize = 10_000;
 
 impl Report {
     /// Exit status by the contract: 0 identical, 1 differences (or entries that could not
@@ -55,7 +68,15 @@ impl Report {
         if self.identical { 0 } else { 1 }
     }
 
-    /// Paths with a difference (not errors), sorted.
+    /// Entries that differ (not errors), listed or not.
+    pub fn differences(&self) -> u64 {
+        self.missing_count
+            + self.extra_count
+            + self.content_differs_count
+            + self.metadata_differs_count
+    }
+
+    /// Paths with a difference (not errors), sorted; only those listed (see `capped`).
     pub fn differing(&self) -> Vec<RelPath> {
         let mut v: BTreeSet<&String> = BTreeSet::new();
         v.extend(&self.missing);
@@ -67,16 +88,21 @@ impl Report {
 
     /// The report without the paths `skip` names (changes still in flight, in watch).
     pub fn without(mut self, skip: impl Fn(&RelPath) -> bool) -> Report {
+        self.count_at_least_lists();
         let drop = |p: &String| unescape(p).is_some_and(|p| skip(&p));
-        for l in [
-            &mut self.missing,
-            &mut self.extra,
-            &mut self.content_differs,
-            &mut self.metadata_differs,
+        for (l, n) in [
+            (&mut self.missing, &mut self.missing_count),
+            (&mut self.extra, &mut self.extra_count),
+            (&mut self.content_differs, &mut self.content_differs_count),
+            (&mut self.metadata_differs, &mut self.metadata_differs_count),
         ] {
+            let before = l.len();
             l.retain(|p| !drop(p));
+            *n -= (before - l.len()) as u64;
         }
+        let before = self.errors.len();
         self.errors.retain(|e| !drop(&e.path));
+        self.errors_count -= (before - self.errors.len()) as u64;
         self.details.retain(|d| !drop(&d.path));
         self.finish();
         self
@@ -92,11 +118,70 @@ impl Report {
             l.sort();
         }
         self.errors.sort_by(|a, b| a.path.cmp(&b.path));
-        self.identical = self.missing.is_empty()
-            && self.extra.is_empty()
-            && self.content_differs.is_empty()
-            && self.metadata_differs.is_empty()
-            && self.errors.is_empty();
+        self.capped = self.missing_count > self.missing.len() as u64
+            || self.extra_count > self.extra.len() as u64
+            || self.content_differs_count > self.content_differs.len() as u64
+            || self.metadata_differs_count > self.metadata_differs.len() as u64
+            || self.errors_count > self.errors.len() as u64;
+        self.identical = self.missing_count == 0
+            && self.extra_count == 0
+            && self.content_differs_count == 0
+            && self.metadata_differs_count == 0
+            && self.errors_count == 0;
+    }
+
+    /// Makes each count at least its list's length (a report built by hand lists all).
+    fn count_at_least_lists(&mut self) {
+        let at_least = |n: &mut u64, len: usize| *n = (*n).max(len as u64);
+        at_least(&mut self.missing_count, self.missing.len());
+        at_least(&mut self.extra_count, self.extra.len());
+        at_least(&mut self.content_differs_count, self.content_differs.len());
+        at_least(
+            &mut self.metadata_differs_count,
+            self.metadata_differs.len(),
+        );
+        at_least(&mut self.errors_count, self.errors.len());
+    }
+
+    /// Sets each count to its list's length (a report listing everything).
+    fn count_lists(&mut self) {
+        self.missing_count = self.missing.len() as u64;
+        self.extra_count = self.extra.len() as u64;
+        self.content_differs_count = self.content_differs.len() as u64;
+        self.metadata_differs_count = self.metadata_differs.len() as u64;
+        self.errors_count = self.errors.len() as u64;
+    }
+
+    /// Adds `part` (the comparison of one more directory) to this report, listing at most
+    /// [`MAX_LISTED`] paths per category.
+    fn absorb(&mut self, part: Report) {
+        fn take<T>(into: &mut Vec<T>, n: &mut u64, from: Vec<T>) {
+            *n += from.len() as u64;
+            let room = MAX_LISTED.saturating_sub(into.len());
+            into.extend(from.into_iter().take(room));
+        }
+        self.files_checked += part.files_checked;
+        self.bytes_hashed += part.bytes_hashed;
+        take(&mut self.missing, &mut self.missing_count, part.missing);
+        take(&mut self.extra, &mut self.extra_count, part.extra);
+        take(
+            &mut self.content_differs,
+            &mut self.content_differs_count,
+            part.content_differs,
+        );
+        take(
+            &mut self.metadata_differs,
+            &mut self.metadata_differs_count,
+            part.metadata_differs,
+        );
+        take(&mut self.errors, &mut self.errors_count, part.errors);
+        let mut shown = 0;
+        let room = 2 * MAX_LISTED - self.details.len().min(2 * MAX_LISTED);
+        take(
+            &mut self.details,
+            &mut shown,
+            part.details.into_iter().take(room).collect(),
+        );
     }
 }
 
@@ -144,10 +229,19 @@ fn kind_word(e: &Entry) -> &'static str {
 /// Compares a primary manifest with a standby manifest, both hashed. `owners`: whether
 /// owner and group count (the standby runs as root).
 pub fn compare(local: &Manifest, remote: &Manifest, owners: bool) -> Report {
+    let mut r = compare_known(local, remote, owners, &[]);
+    r.count_lists();
+    r.finish();
+    r
+}
+
+/// The differences of `local` and `remote`, except beneath the paths `unknown` names
+/// (or those either manifest could not read); lists unsorted, counts not set.
+fn compare_known(local: &Manifest, remote: &Manifest, owners: bool, unknown: &[RelPath]) -> Report {
     let mut r = Report::default();
     // Paths that could not be read on either side are reported once, and nothing under
     // them is called missing or extra.
-    let mut unknown: Vec<RelPath> = Vec::new();
+    let mut unknown: Vec<RelPath> = unknown.to_vec();
     for (side, m) in [("primary", local), ("standby", remote)] {
         for e in &m.errors {
             r.errors
@@ -201,8 +295,60 @@ pub fn compare(local: &Manifest, remote: &Manifest, owners: bool) -> Report {
             })
             .sum::<u64>();
     }
-    r.finish();
     r
+}
+
+/// The verify comparison of two walks, one directory at a time ([`crate::walk`]): only
+/// the report, capped, grows, never with the size of the trees.
+pub struct Comparer {
+    owners: bool,
+    /// Paths either side could not read: nothing beneath them is compared.
+    unknown: Vec<RelPath>,
+    report: Report,
+}
+
+impl Comparer {
+    pub fn new(owners: bool) -> Comparer {
+        Comparer {
+            owners,
+            unknown: Vec::new(),
+            report: Report::default(),
+        }
+    }
+
+    /// Compares one directory: the primary's unit, the standby's, or both.
+    pub fn step(&mut self, local: Option<Unit>, remote: Option<Unit>) {
+        let at_root = local
+            .as_ref()
+            .or(remote.as_ref())
+            .is_some_and(|u| u.dir.path.is_root());
+        // A directory's own entry is compared among its parent's children; the root's here.
+        let side = |u: Option<Unit>| match u {
+            Some(u) => {
+                let mut entries = Vec::with_capacity(u.entries.len() + 1);
+                if at_root {
+                    entries.push(u.dir);
+                }
+                entries.extend(u.entries);
+                Manifest {
+                    entries,
+                    errors: u.errors,
+                }
+            }
+            None => Manifest::default(),
+        };
+        let (local, remote) = (side(local), side(remote));
+        let part = compare_known(&local, &remote, self.owners, &self.unknown);
+        for m in [&local, &remote] {
+            self.unknown.extend(m.errors.iter().map(|e| e.path.clone()));
+        }
+        self.report.absorb(part);
+    }
+
+    pub fn finish(mut self) -> Report {
+        self.report.finish();
+        self.report
+    }
 }
 
 fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report) {
@@ -266,20 +412,35 @@ fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report) {
 
 /// Keeps only the differences of `first` that `second` (a re-check of those paths) still
 /// shows: the others were changes caught in flight.
-pub fn persisting(first: Report, second: &Report) -> Report {
+pub fn persisting(mut first: Report, second: &Report) -> Report {
+    first.count_at_least_lists();
     let keep = |l: Vec<String>, again: &Vec<String>| -> Vec<String> {
         l.into_iter().filter(|p| again.contains(p)).collect()
     };
+    // Differences beyond the lists were not checked again: they still count.
+    let gone = |a: &Vec<String>, b: &Vec<String>| (a.len() - b.len()) as u64;
+    let missing = keep(first.missing.clone(), &second.missing);
+    let extra = keep(first.extra.clone(), &second.extra);
+    let content_differs = keep(first.content_differs.clone(), &second.content_differs);
+    let metadata_differs = keep(first.metadata_differs.clone(), &second.metadata_differs);
     let mut r = Report {
-        missing: keep(first.missing, &second.missing),
-        extra: keep(first.extra, &second.extra),
-        content_differs: keep(first.content_differs, &second.content_differs),
-        metadata_differs: keep(first.metadata_differs, &second.metadata_differs),
+        missing_count: first.missing_count - gone(&first.missing, &missing),
+        extra_count: first.extra_count - gone(&first.extra, &extra),
+        content_differs_count: first.content_differs_count
+            - gone(&first.content_differs, &content_differs),
+        metadata_differs_count: first.metadata_differs_count
+            - gone(&first.metadata_differs, &metadata_differs),
+        errors_count: first.errors_count,
+        missing,
+        extra,
+        content_differs,
+        metadata_differs,
         errors: first.errors,
         files_checked: first.files_checked,
         bytes_hashed: first.bytes_hashed + second.bytes_hashed,
         elapsed_ms: first.elapsed_ms,
         identical: false,
+        capped: false,
         details: Vec::new(),
     };
     let still: BTreeSet<&String> = r
@@ -316,8 +477,17 @@ pub fn verify(
         ..SyncOptions::default()
     };
     let mut session = Session::open(root, link, &opts, &Silent)?;
-    let (local, remote) = session.list(&[(RelPath::root(), Scope::Tree)], true)?;
-    let mut report = compare(&local, &remote, session.owners);
+    let mut report = if session.version >= 3 {
+        let mut c = Comparer::new(session.owners);
+        session.walk_both(true, |l, r| {
+            c.step(l, r);
+            Ok(())
+        })?;
+        c.finish()
+    } else {
+        let (local, remote) = session.list(&[(RelPath::root(), Scope::Tree)], true)?;
+        compare(&local, &remote, session.owners)
+    };
     if !report.identical {
         let again: Vec<(RelPath, Scope)> = report
             .differing()
@@ -416,6 +586,81 @@ mod tests {
         let b2 = m(vec![file("busy", 1, 3), file("broken", 1, 2)]);
         let r = persisting(first, &compare(&a2, &b2, true));
         assert_eq!(r.content_differs, ["broken"]);
+    }
+
+    fn unit(d: &str, entries: Vec<Entry>) -> Unit {
+        Unit {
+            dir: dir(d),
+            entries,
+            errors: vec![],
+            skipped: vec![],
+        }
+    }
+
+    #[test]
+    fn the_streamed_comparison_agrees_with_the_whole_one() {
+        let local = vec![
+            unit("", vec![dir("a"), file("f", 1, 1), dir("new")]),
+            unit("a", vec![file("a/same", 2, 2), file("a/flipped", 2, 2)]),
+            unit("new", vec![file("new/x", 1, 1)]),
+        ];
+        let remote = vec![
+            unit("", vec![dir("a"), file("f", 1, 1), dir("old")]),
+            unit("a", vec![file("a/same", 2, 2), file("a/flipped", 2, 3)]),
+            unit("old", vec![file("old/y", 1, 1)]),
+        ];
+        let whole = |units: &[Unit]| {
+            let mut entries = vec![units[0].dir.clone()];
+            for u in units {
+                entries.extend(u.entries.iter().cloned());
+            }
+            m(entries)
+        };
+        let expected = compare(&whole(&local), &whole(&remote), true);
+        let mut c = Comparer::new(true);
+        c.step(Some(local[0].clone()), Some(remote[0].clone()));
+        c.step(Some(local[1].clone()), Some(remote[1].clone()));
+        c.step(Some(local[2].clone()), None);
+        c.step(None, Some(remote[2].clone()));
+        let got = c.finish();
+        assert_eq!(got, expected);
+        assert_eq!(got.missing, ["new", "new/x"]);
+        assert_eq!(got.extra, ["old", "old/y"]);
+        assert_eq!(got.content_differs, ["a/flipped"]);
+        assert_eq!(got.files_checked, 7);
+    }
+
+    #[test]
+    fn a_long_list_is_capped_and_counted() {
+        let files: Vec<Entry> = (0..MAX_LISTED + 5)
+            .map(|i| file(&format!("f{i:06}"), 1, 1))
+            .collect();
+        let mut c = Comparer::new(true);
+        c.step(Some(unit("", files)), Some(unit("", vec![])));
+        let r = c.finish();
+        assert_eq!(r.missing.len(), MAX_LISTED);
+        assert_eq!(r.missing_count, MAX_LISTED as u64 + 5);
+        assert!(r.capped && !r.identical);
+        assert_eq!(r.differences(), MAX_LISTED as u64 + 5);
+        // A re-check that clears the listed ones leaves the unlisted still counted.
+        let again = persisting(r, &Report::default());
+        assert_eq!((again.missing.len(), again.missing_count), (0, 5));
+        assert!(!again.identical);
+    }
+
+    #[test]
+    fn nothing_beneath_an_unreadable_directory_is_extra_in_later_directories() {
+        let mut top = unit("", vec![dir("locked")]);
+        top.errors.push(ScanError {
+            path: RelPath::new("locked").unwrap(),
+            error: "permission denied".into(),
+        });
+        let mut c = Comparer::new(true);
+        c.step(Some(top), Some(unit("", vec![dir("locked")])));
+        c.step(None, Some(unit("locked", vec![file("locked/inner", 1, 1)])));
+        let r = c.finish();
+        assert!(r.extra.is_empty() && r.missing.is_empty());
+        assert_eq!(r.errors_count, 1);
     }
 
     #[test]

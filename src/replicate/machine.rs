@@ -301,8 +301,13 @@ impl ReplicaMachine {
                 Action::Reconcile
             }
             Conn::Up { reconciled: true } => {
-                if let Some((_, paths)) = &self.to_repair {
-                    let scopes = paths.iter().map(|p| (p.clone(), Scope::Entry)).collect();
+                if let Some((report, paths)) = &self.to_repair {
+                    // A capped report does not name every difference: repair it all.
+                    let scopes = if report.capped {
+                        vec![(RelPath::root(), Scope::Tree)]
+                    } else {
+                        paths.iter().map(|p| (p.clone(), Scope::Entry)).collect()
+                    };
                     return Action::Repair(scopes);
                 }
                 if !self.verifying && self.verify_due.is_some_and(|t| now >= t) {

@@ -200,7 +200,7 @@ impl Replica {
                 at_unix: crate::clock::unix_ms(wall - now.saturating_duration_since(*t)) as f64
                     / 1000.0,
                 identical: r.identical && e.is_none(),
-                differences: r.differing().len() as u64,
+                differences: r.differences(),
                 repaired: *n as u64,
                 error: e.clone(),
             }),

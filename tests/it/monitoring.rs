@@ -72,7 +72,7 @@ fn status_on_both_sides_idle_and_under_load() {
         (Some("watch"), Some("primary"))
     );
     assert_eq!(w["health"]["state"], "healthy");
-    assert_eq!(w["protocol"], 2);
+    assert_eq!(w["protocol"], hotsync::protocol::VERSION);
     let r = &w["replicas"][0];
     assert_eq!(r["standby"], l.server.url());
     assert_eq!(r["server_id"], l.server.id);

@@ -494,7 +494,7 @@ fn a_version_1_primary_is_refused_with_both_versions_named() {
         match r.read_raw(&mut g) {
             Ok(()) => {
                 assert_eq!(&g[..8], hotsync::protocol::MAGIC);
-                assert_eq!((g[8], g[10]), (2, 2), "the standby speaks 2 and accepts 2");
+                assert_eq!((g[8], g[10]), (3, 2), "the standby speaks 3 and accepts 2");
             }
             // (The reason is in the close, which only the error's Debug form shows.)
             Err(e) => assert!(format!("{e:?}").contains("the peer speaks 1"), "{e:?}"),
@@ -511,7 +511,7 @@ fn a_version_1_primary_is_refused_with_both_versions_named() {
     }
     let log = m.server.log();
     assert!(
-        log.contains("speaks protocol 2") && log.contains("the peer speaks 1"),
+        log.contains("speaks protocol 3") && log.contains("the peer speaks 1"),
         "{log}"
     );
     // Nothing written, and a current primary is served as ever.
@@ -561,7 +561,7 @@ fn a_version_1_standby_is_refused_with_both_versions_named() {
     ]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
-        r.stderr.contains("speaks protocol 2") && r.stderr.contains("the peer speaks 1"),
+        r.stderr.contains("speaks protocol 3") && r.stderr.contains("the peer speaks 1"),
         "{}",
         r.stderr
     );
@@ -569,7 +569,7 @@ fn a_version_1_standby_is_refused_with_both_versions_named() {
     let g = old.join().unwrap();
     assert_eq!(
         (g[8], g[10]),
-        (2, 2),
+        (3, 2),
         "the old standby heard our versions too"
     );
 }

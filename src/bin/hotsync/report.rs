@@ -21,31 +21,53 @@ pub fn print_report(r: &hotsync::verify::Report) {
         human_bytes(r.bytes_hashed),
         human_bytes((r.bytes_hashed as f64 / secs.max(0.001)) as u64)
     );
-    let detail = |p: &str| {
-        r.details
-            .iter()
-            .find(|d| d.path == p)
-            .map(|d| format!(": {}", d.detail))
-            .unwrap_or_default()
+    let details: std::collections::HashMap<&str, &str> = r
+        .details
+        .iter()
+        .map(|d| (d.path.as_str(), d.detail.as_str()))
+        .collect();
+    let more = |out: &mut std::io::StdoutLock, listed: usize, count: u64| {
+        if count > listed as u64 {
+            let _ = writeln!(
+                out,
+                "  ... and {} more (a report lists {} paths per category)",
+                count - listed as u64,
+                hotsync::verify::MAX_LISTED
+            );
+        }
     };
-    for (title, list) in [
-        ("missing on standby", &r.missing),
-        ("extra on standby", &r.extra),
-        ("content differs", &r.content_differs),
-        ("metadata differs", &r.metadata_differs),
+    for (title, list, count) in [
+        ("missing on standby", &r.missing, r.missing_count),
+        ("extra on standby", &r.extra, r.extra_count),
+        (
+            "content differs",
+            &r.content_differs,
+            r.content_differs_count,
+        ),
+        (
+            "metadata differs",
+            &r.metadata_differs,
+            r.metadata_differs_count,
+        ),
     ] {
-        if !list.is_empty() {
-            let _ = writeln!(out, "{title} ({}):", list.len());
+        if count > 0 {
+            let _ = writeln!(out, "{title} ({count}):");
             for p in list {
-                let _ = writeln!(out, "  {p}{}", detail(p));
+                match details.get(p.as_str()) {
+                    Some(d) => writeln!(out, "  {p}: {d}"),
+                    None => writeln!(out, "  {p}"),
+                }
+                .ok();
             }
+            more(&mut out, list.len(), count);
         }
     }
-    if !r.errors.is_empty() {
-        let _ = writeln!(out, "errors ({}):", r.errors.len());
+    if r.errors_count > 0 {
+        let _ = writeln!(out, "errors ({}):", r.errors_count);
         for e in &r.errors {
             let _ = writeln!(out, "  {}: {}", e.path, e.error);
         }
+        more(&mut out, r.errors.len(), r.errors_count);
     }
 }
 

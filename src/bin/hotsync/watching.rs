@@ -217,11 +217,11 @@ impl Observer for WatchView {
                 }
                 self.warn(&format!(
                     "verify: {} missing, {} extra, {} content differs, {} metadata differs, {} errors; {repaired} repaired",
-                    r.missing.len(),
-                    r.extra.len(),
-                    r.content_differs.len(),
-                    r.metadata_differs.len(),
-                    r.errors.len()
+                    r.missing_count,
+                    r.extra_count,
+                    r.content_differs_count,
+                    r.metadata_differs_count,
+                    r.errors_count
                 ));
                 for d in &r.details {
                     tracing::warn!("verify: {}: {}", d.path, d.detail);

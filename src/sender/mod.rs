@@ -30,6 +30,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+mod streamed;
+
 /// What a `sync` may do.
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
@@ -299,6 +301,13 @@ impl<'m> Session<'m> {
         scopes: &[(RelPath, Scope)],
         full: bool,
     ) -> Result<Outcome, Error> {
+        // The whole tree is walked, not listed: memory stays flat however large it is.
+        if renames.is_empty()
+            && self.version >= 3
+            && normalize_scopes(scopes) == [(RelPath::root(), Scope::Tree)]
+        {
+            return self.reconcile_streamed();
+        }
         let started = Instant::now();
         let wire_before = self.wire_bytes();
         let empty = Manifest::default();
@@ -307,7 +316,7 @@ impl<'m> Session<'m> {
             let ex = Exec {
                 conn: &**self.link.conn(),
                 root: &self.root,
-                remote: &empty,
+                remote: Some(&empty),
                 tally: Mutex::new(Summary::default()),
                 retries: Mutex::new(Vec::new()),
                 next_id: &self.next_id,
@@ -417,7 +426,7 @@ impl<'m> Session<'m> {
             let ex = Exec {
                 conn: &**self.link.conn(),
                 root: &self.root,
-                remote: &remote,
+                remote: Some(&remote),
                 tally: Mutex::new(summary),
                 retries: Mutex::new(Vec::new()),
                 next_id: &self.next_id,
@@ -527,7 +536,9 @@ type Pending = Mutex<HashMap<u64, (RelPath, Op)>>;
 struct Exec<'a> {
     conn: &'a dyn Connection,
     root: &'a Root,
-    remote: &'a Manifest,
+    /// The standby's listing, to count what a removal takes; a streamed reconcile has
+    /// none and counts removals itself.
+    remote: Option<&'a Manifest>,
     tally: Mutex<Summary>,
     /// Files to send again, whole.
     retries: Mutex<Vec<RelPath>>,
@@ -683,7 +694,7 @@ impl<'a> Exec<'a> {
 
     /// A removal to send, accounted as the standby entries it takes away.
     fn removal(&self, msg: Message, p: &RelPath) -> (Message, RelPath, Op) {
-        let entries = self.remote.count_under(p);
+        let entries = self.remote.map_or(1, |r| r.count_under(p));
         (msg, p.clone(), Op::Remove { entries })
     }
 

@@ -1,0 +1,544 @@
+//! The full reconcile, streamed (protocol version 3): both sides walk their trees one
+//! directory at a time in the same order, the standby's walk arriving on a stream of its
+//! own while the primary walks its own; the [`Merger`] compares them as they come, and
+//! the operations they need are carried out window by window. Memory follows the largest
+//! directory and the window, not the tree: a million files cost what a thousand do.
+//!
+//! Three threads and bounded queues between them: the local walk, the standby's walk, and
+//! the window being carried out while the next one is planned. Deletions and directory
+//! attributes wait (in a [`Spill`]) until everything else is durable: deletes last, and
+//! a directory's mtime after its contents.
+
+use super::{Exec, Outcome, Session, peer_error};
+use crate::channel::Channel;
+use crate::error::Error;
+use crate::fsroot::Root;
+use crate::guard::{self, MassDelete};
+use crate::merge::{Merger, Side, next_side};
+use crate::path::RelPath;
+use crate::plan::{MetaFix, Plan, PlanOptions};
+use crate::progress::Monitor;
+use crate::protocol::{Message, ProtocolError};
+use crate::scan::ScanOptions;
+use crate::spill::Spill;
+use crate::summary::{EntryError, Summary};
+use crate::transport::Connection;
+use crate::walk::{Unit, Walker, walk_cmp};
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Mutex;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::time::Instant;
+
+/// Operations a window gathers before it is carried out.
+const WINDOW_OPS: usize = 16 * 1024;
+/// File bytes a window gathers before it is carried out.
+const WINDOW_BYTES: u64 = 256 << 20;
+/// Entries the local walk reads ahead of the planner.
+const WALK_AHEAD: usize = 2048;
+/// Removals and attribute fixes sent per control batch at the end.
+const FINAL_BATCH: usize = 16 * 1024;
+
+/// One item of the standby's walk.
+enum Remote {
+    Unit(Unit),
+    End { temps_removed: u64 },
+}
+
+impl Session<'_> {
+    /// Walks both trees together (hashing content when `checksum`), calling `each` with
+    /// every directory in walk order: the primary's unit, the standby's, or both.
+    ///
+    /// # Errors
+    /// `each`'s, either walk's, or why the connection failed.
+    pub fn walk_both(
+        &mut self,
+        checksum: bool,
+        each: impl FnMut(Option<Unit>, Option<Unit>) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let opts = ScanOptions {
+            checksum,
+            hash_rate: self.opts.hash_rate,
+            ..self.scan_opts.clone()
+        };
+        let walked = walk_both(&**self.link.conn(), &self.root, opts, self.monitor, each);
+        walked.map(drop).map_err(|e| self.link.explain(e))
+    }
+
+    /// Reconciles the whole tree by walking both sides together.
+    pub(super) fn reconcile_streamed(&mut self) -> Result<Outcome, Error> {
+        let started = Instant::now();
+        let wire_before = self.wire_bytes();
+        let checksum = self.opts.checksum;
+        let scan_opts = ScanOptions {
+            checksum,
+            hash_rate: self.opts.hash_rate,
+            ..self.scan_opts.clone()
+        };
+        let plan_opts = PlanOptions {
+            checksum,
+            delete: self.opts.delete,
+            owners: self.owners,
+        };
+        let limits = guard::Limits {
+            force: self.opts.force,
+            max_delete_percent: self.opts.max_delete_percent,
+            on_mass_delete: self.opts.on_mass_delete,
+        };
+        let shown = self.root.path().display().to_string();
+        let dry_run = self.opts.dry_run;
+        let remote_total = self.remote_total;
+
+        let (root, monitor) = (&*self.root, self.monitor);
+        let conn = &**self.link.conn();
+        let ex = Exec {
+            conn,
+            root,
+            remote: None,
+            tally: Mutex::new(Summary {
+                dry_run,
+                ..Summary::default()
+            }),
+            retries: Mutex::new(Vec::new()),
+            next_id: &self.next_id,
+            monitor,
+        };
+        let opts = &self.opts;
+        let mut merger = Merger::new(plan_opts);
+        let mut deletes: Spill<(RelPath, u64)> = Spill::new();
+        let mut dir_metas: Spill<MetaFix> = Spill::new();
+        let mut dry = Plan::default();
+        let mut source_empty = false;
+
+        let walked: Result<u64, Error> = std::thread::scope(|s| {
+            // The window being carried out while the next is planned.
+            let (wtx, wrx) = sync_channel::<Plan>(1);
+            let (ex, ch) = (&ex, &mut self.ch);
+            let executor = s.spawn(move || -> Result<(), Error> {
+                for window in wrx {
+                    ex.run(&window, ch, opts)?;
+                }
+                Ok(())
+            });
+            let mut window = Plan::default();
+            let mut planned = (0u64, 0u64);
+            let mut first = true;
+            let mut send = |window: &mut Plan, dry: &mut Plan| -> bool {
+                planned.0 += window.transfers.len() as u64;
+                planned.1 += window.transfer_bytes();
+                monitor.planned(planned.0, planned.1);
+                let w = std::mem::take(window);
+                if dry_run {
+                    append(dry, w);
+                    true
+                } else {
+                    wtx.send(w).is_ok()
+                }
+            };
+            let walked = walk_both(conn, root, scan_opts, monitor, |lu, ru| {
+                if std::mem::take(&mut first) {
+                    // An empty source facing a full standby is refused before anything is
+                    // touched: an unmounted disk must never wipe the standby.
+                    if let Some(lu) = &lu
+                        && lu.entries.is_empty()
+                        && lu.errors.is_empty()
+                    {
+                        let held = ru.as_ref().map_or(0, |r| r.entries.len());
+                        source_empty = true;
+                        guard::check_counts(&shown, true, held, held, limits)?;
+                    }
+                }
+                if let Some(lu) = &lu {
+                    note_problems(&ex.tally, lu);
+                }
+                let step = merger.step(lu, ru);
+                for d in step.deletes {
+                    deletes.push(d).map_err(spill_error)?;
+                }
+                for m in step.dir_metas {
+                    dir_metas.push(m).map_err(spill_error)?;
+                }
+                append(&mut window, step.plan);
+                let full = ops(&window) >= WINDOW_OPS || window.transfer_bytes() >= WINDOW_BYTES;
+                if full && !send(&mut window, &mut dry) {
+                    // The executor stopped: its error says why.
+                    return Err(Error::Protocol(ProtocolError::Invalid("stopped".into())));
+                }
+                Ok(())
+            });
+            if walked.is_ok() {
+                send(&mut window, &mut dry);
+            }
+            drop(wtx);
+            let executed = executor.join().expect("executor panicked");
+            // The executor's error explains a stop best.
+            executed.and(walked)
+        });
+        let temps_removed = walked?;
+        let counts = merger.counts;
+        let finish = merger.finish();
+
+        // The files with several names, now that every name of each is known.
+        if dry_run {
+            append(&mut dry, finish.plan);
+        } else {
+            ex.run(&finish.plan, &mut self.ch, &self.opts)?;
+        }
+        for d in finish.deletes {
+            deletes.push(d).map_err(spill_error)?;
+        }
+        for m in finish.dir_metas {
+            dir_metas.push(m).map_err(spill_error)?;
+        }
+
+        // Deletions last, once the guard has seen the whole count.
+        let total = remote_total.max(counts.remote_entries as usize);
+        let mut removed = counts.removed_entries;
+        let mut deleting = true;
+        let refused = guard::check_counts(&shown, source_empty, removed as usize, total, limits);
+        if let Err(refusal) = refused {
+            if source_empty || self.opts.on_mass_delete == MassDelete::Refuse {
+                return Err(refusal);
+            }
+            // Watch mode: replicate everything but the deletions, and say so loudly.
+            tracing::error!("{refusal}; replicating other changes, not the deletions");
+            deleting = false;
+        }
+        let mut batch = Vec::new();
+        for d in deletes.drain().map_err(spill_error)? {
+            let (path, entries) = d.map_err(spill_error)?;
+            if !deleting {
+                removed -= entries;
+                continue;
+            }
+            if dry_run {
+                dry.deletes.push(path);
+                continue;
+            }
+            let msg = Message::Delete {
+                id: ex.id(),
+                path: path.clone(),
+            };
+            batch.push((msg, path, super::Op::Remove { entries }));
+            if batch.len() >= FINAL_BATCH {
+                ex.control_batch(&mut self.ch, std::mem::take(&mut batch), 3)?;
+            }
+        }
+        ex.control_batch(&mut self.ch, std::mem::take(&mut batch), 3)?;
+        // Directory attributes after everything inside them.
+        for m in dir_metas.drain().map_err(spill_error)? {
+            let m = m.map_err(spill_error)?;
+            if dry_run {
+                dry.dir_metas.push(m);
+                continue;
+            }
+            let id = ex.id();
+            batch.push((super::set_meta(&m, id), m.path, super::Op::Meta));
+            if batch.len() >= FINAL_BATCH {
+                ex.control_batch(&mut self.ch, std::mem::take(&mut batch), 4)?;
+            }
+        }
+        ex.control_batch(&mut self.ch, batch, 4)?;
+
+        let mut summary = ex.tally.into_inner().unwrap();
+        summary.files_scanned = counts.local_entries;
+        summary.bytes_total = counts.local_bytes;
+        summary.temps_removed = temps_removed;
+        if dry_run {
+            summary.files_transferred = dry.transfers.len() as u64;
+            summary.files_deleted = removed;
+            self.remote_total = counts.remote_entries as usize;
+        } else {
+            summary.files_deleted += counts.cleared_beneath;
+            self.remote_total =
+                (counts.remote_entries + counts.added).saturating_sub(removed) as usize;
+        }
+        dry.removed_entries = removed as usize;
+        dry.remote_entries = counts.remote_entries as usize;
+        tracing::debug!(
+            "standby holds about {} entries (+{} -{removed})",
+            self.remote_total,
+            counts.added
+        );
+        summary.bytes_on_wire = self.wire_bytes() - wire_before;
+        summary.elapsed_ms = started.elapsed().as_millis() as u64;
+        Ok(Outcome { summary, plan: dry })
+    }
+}
+
+/// Walks the primary's tree and, on a stream of its own, the standby's, together: calls
+/// `each` with every directory in walk order, the primary's unit, the standby's, or both.
+/// Returns the leftover temporary files the standby's walk removed.
+///
+/// # Errors
+/// `each`'s, the walks', or the connection's; after any but a guard's refusal the
+/// connection is closed, as the standby may still be sending its walk.
+pub(crate) fn walk_both(
+    conn: &dyn Connection,
+    root: &Root,
+    opts: ScanOptions,
+    monitor: &dyn Monitor,
+    mut each: impl FnMut(Option<Unit>, Option<Unit>) -> Result<(), Error>,
+) -> Result<u64, Error> {
+    let mut walk = Channel::new(conn.open().map_err(ProtocolError::Io)?);
+    walk.send(&Message::Walk {
+        checksum: opts.checksum,
+        hash_rate: opts.hash_rate,
+    })?;
+    walk.flush()?;
+    let done = std::thread::scope(|s| {
+        let (ltx, lrx) = sync_channel::<io::Result<Vec<Unit>>>(2);
+        let (rtx, rrx) = sync_channel::<Result<Remote, ProtocolError>>(64);
+        s.spawn(move || walk_local(root, opts, ltx, monitor));
+        let walk = &mut walk;
+        s.spawn(move || read_remote(walk, rtx));
+        let mut local = Queue::Local(lrx, VecDeque::new(), false);
+        let mut remote = Queue::Remote(rrx, None, None);
+        let mut run = || -> Result<u64, Error> {
+            loop {
+                let (l, r) = (local.peek()?, remote.peek()?);
+                let Some(side) = next_side(l, r) else { break };
+                let lu = matches!(side, Side::Local | Side::Both).then(|| local.take());
+                let ru = matches!(side, Side::Remote | Side::Both).then(|| remote.take());
+                each(lu.flatten(), ru.flatten())?;
+            }
+            Ok(remote.temps_removed())
+        };
+        let done = run();
+        if done
+            .as_ref()
+            .is_err_and(|e| !matches!(e, Error::Refused(_)))
+        {
+            // The walks' threads stop at their next send; the standby's may be waiting
+            // to read: the session is over.
+            conn.close("reconcile failed");
+        }
+        done
+    });
+    let _ = walk.finish();
+    done
+}
+
+/// Where the planner takes units from: the local walk's batches, or the standby's stream.
+enum Queue {
+    Local(Receiver<io::Result<Vec<Unit>>>, VecDeque<Unit>, bool),
+    /// The standby's walk, its next unit, and the temps it removed once it has ended.
+    Remote(
+        Receiver<Result<Remote, ProtocolError>>,
+        Option<Unit>,
+        Option<u64>,
+    ),
+}
+
+impl Queue {
+    fn peek(&mut self) -> Result<Option<&RelPath>, Error> {
+        match self {
+            Queue::Local(rx, q, done) => {
+                while q.is_empty() && !*done {
+                    match rx.recv() {
+                        Ok(Ok(batch)) => q.extend(batch),
+                        Ok(Err(e)) => return Err(Error::io("cannot read SRC", e)),
+                        Err(_) => *done = true,
+                    }
+                }
+                Ok(q.front().map(|u| &u.dir.path))
+            }
+            Queue::Remote(rx, head, end) => {
+                if head.is_none() && end.is_none() {
+                    match rx.recv() {
+                        Ok(Ok(Remote::Unit(u))) => *head = Some(u),
+                        Ok(Ok(Remote::End { temps_removed })) => *end = Some(temps_removed),
+                        Ok(Err(e)) => return Err(peer_error(e)),
+                        Err(_) => {
+                            return Err(Error::Protocol(ProtocolError::Invalid(
+                                "the standby's walk ended early".into(),
+                            )));
+                        }
+                    }
+                }
+                Ok(head.as_ref().map(|u| &u.dir.path))
+            }
+        }
+    }
+
+    fn take(&mut self) -> Option<Unit> {
+        match self {
+            Queue::Local(_, q, _) => q.pop_front(),
+            Queue::Remote(_, head, _) => head.take(),
+        }
+    }
+
+    fn temps_removed(&self) -> u64 {
+        match self {
+            Queue::Remote(_, _, end) => end.unwrap_or(0),
+            Queue::Local(..) => 0,
+        }
+    }
+}
+
+/// Walks the primary's tree into `tx`, a batch at a time.
+fn walk_local(
+    root: &Root,
+    opts: ScanOptions,
+    tx: SyncSender<io::Result<Vec<Unit>>>,
+    monitor: &dyn Monitor,
+) {
+    let mut w = Walker::new(root, opts);
+    let mut seen = 0u64;
+    loop {
+        let batch = w.next_batch(WALK_AHEAD);
+        let end = matches!(batch, Ok(None) | Err(_));
+        let item = match batch {
+            Ok(Some(b)) => {
+                seen += b.iter().map(|u| u.entries.len() as u64).sum::<u64>();
+                monitor.scanned(seen);
+                Ok(b)
+            }
+            Ok(None) => break,
+            Err(e) => Err(e),
+        };
+        if tx.send(item).is_err() || end {
+            break;
+        }
+    }
+}
+
+/// Reads the standby's walk into `tx`, checking it is the walk it claims to be: units in
+/// walk order, each holding only its own children, sorted, the count as announced.
+fn read_remote(walk: &mut Channel, tx: SyncSender<Result<Remote, ProtocolError>>) {
+    let mut check = WalkCheck::default();
+    loop {
+        let item = match walk.r.recv().and_then(|m| check.message(m)) {
+            Ok(None) => continue,
+            Ok(Some(r)) => Ok(r),
+            Err(e) => Err(e),
+        };
+        let end = matches!(item, Ok(Remote::End { .. }) | Err(_));
+        if tx.send(item).is_err() || end {
+            return;
+        }
+    }
+}
+
+/// The checks a standby's walk must pass, message by message.
+#[derive(Default)]
+struct WalkCheck {
+    /// The directory being received (a large one comes in parts).
+    current: Option<Unit>,
+    last_dir: Option<RelPath>,
+    count: u64,
+}
+
+impl WalkCheck {
+    /// Takes one message: a finished unit, the end, or nothing yet.
+    fn message(&mut self, m: Message) -> Result<Option<Remote>, ProtocolError> {
+        let bad = |why: String| Err(ProtocolError::Invalid(format!("the standby's walk {why}")));
+        match m {
+            Message::Dir {
+                dir,
+                entries,
+                errors,
+                more,
+            } => {
+                if !dir.is_dir() {
+                    return bad(format!("lists {} as a directory", dir.path));
+                }
+                let unit = match self.current.take() {
+                    Some(u) if u.dir.path == dir.path => u,
+                    Some(u) => return bad(format!("left {} unfinished", u.dir.path)),
+                    None => {
+                        let in_order = match &self.last_dir {
+                            None => dir.path.is_root(),
+                            Some(last) => walk_cmp(last, &dir.path).is_lt(),
+                        };
+                        if !in_order {
+                            return bad(format!("is out of order at {}", dir.path));
+                        }
+                        self.last_dir = Some(dir.path.clone());
+                        self.count += 1;
+                        Unit {
+                            dir,
+                            entries: Vec::new(),
+                            errors: Vec::new(),
+                            skipped: Vec::new(),
+                        }
+                    }
+                };
+                let mut unit = unit;
+                for e in entries {
+                    if e.path.is_root() || e.path.split().0 != unit.dir.path {
+                        return bad(format!("puts {} in {}", e.path, unit.dir.path));
+                    }
+                    if unit.entries.last().is_some_and(|l| l.path >= e.path) {
+                        return bad(format!("is out of order at {}", e.path));
+                    }
+                    self.count += 1;
+                    unit.entries.push(e);
+                }
+                unit.errors.extend(errors);
+                if more {
+                    self.current = Some(unit);
+                    Ok(None)
+                } else {
+                    Ok(Some(Remote::Unit(unit)))
+                }
+            }
+            Message::WalkEnd {
+                count,
+                temps_removed,
+            } => {
+                if let Some(u) = &self.current {
+                    return bad(format!("left {} unfinished", u.dir.path));
+                }
+                if count != self.count {
+                    return bad(format!("announced {count} entries and sent {}", self.count));
+                }
+                Ok(Some(Remote::End { temps_removed }))
+            }
+            other => Err(ProtocolError::unexpected(&other, "Dir")),
+        }
+    }
+}
+
+fn spill_error(e: io::Error) -> Error {
+    Error::io(
+        "cannot keep the reconcile's pending work in the temporary directory",
+        e,
+    )
+}
+
+/// Records the primary's skipped entries and read errors of one directory.
+fn note_problems(tally: &Mutex<Summary>, u: &Unit) {
+    let mut t = tally.lock().unwrap();
+    for sk in &u.skipped {
+        tracing::warn!(
+            "skipping {} {}: hotsync mirrors files, directories and symlinks only",
+            sk.kind,
+            sk.path
+        );
+        t.skipped
+            .push(EntryError::new(&sk.path, format!("{} skipped", sk.kind)));
+    }
+    for e in &u.errors {
+        t.errors.push(EntryError::new(&e.path, e.error.clone()));
+    }
+}
+
+/// Operations in a window.
+fn ops(p: &Plan) -> usize {
+    p.clear.len() + p.mkdirs.len() + p.transfers.len() + p.symlinks.len() + p.metas.len()
+}
+
+/// Adds `more` to `into`, in order.
+fn append(into: &mut Plan, mut more: Plan) {
+    into.clear.append(&mut more.clear);
+    into.mkdirs.append(&mut more.mkdirs);
+    into.transfers.append(&mut more.transfers);
+    into.symlinks.append(&mut more.symlinks);
+    into.metas.append(&mut more.metas);
+    into.links.append(&mut more.links);
+    into.deletes.append(&mut more.deletes);
+    into.dir_metas.append(&mut more.dir_metas);
+    into.removed_entries += more.removed_entries;
+    into.remote_entries += more.remote_entries;
+}

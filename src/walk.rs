@@ -1,0 +1,305 @@
+//! A tree walked one directory at a time, in an order both sides can reproduce, so a
+//! primary and a standby can stream their listings side by side and compare them as they
+//! go: neither ever holds the whole tree's manifest, only its current directories.
+//!
+//! The order is depth first, each directory's names sorted by their bytes: a directory's
+//! [`Unit`] (its own entry and its children) comes before the units of its subdirectories,
+//! and [`walk_cmp`] is that order on paths.
+
+use crate::fsroot::{Root, meta_of};
+use crate::manifest::{Entry, Kind, ScanError};
+use crate::path::{RESERVED, RelPath, is_temp_name};
+use crate::scan::{Found, ScanOptions, Skipped, hash_in_place, open_child_dir, stat_entry};
+use rustix::fs::AtFlags;
+use rustix::io::Errno;
+use std::cmp::Ordering;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+/// Orders paths as the walk visits directories: a path's own components first, `/` below
+/// every byte a name can hold (names hold no NUL). `a` < `a/x` < `a-b`, where plain byte
+/// order would put `a-b` first.
+pub fn walk_cmp(a: &RelPath, b: &RelPath) -> Ordering {
+    let key = |c: &u8| if *c == b'/' { 0 } else { *c };
+    a.as_bytes()
+        .iter()
+        .map(key)
+        .cmp(b.as_bytes().iter().map(key))
+}
+
+/// One directory as the walk found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unit {
+    /// The directory itself (the root for the first unit).
+    pub dir: Entry,
+    /// Its direct children, sorted by name; excluded ones left out.
+    pub entries: Vec<Entry>,
+    /// Children (or the directory itself) that could not be read: nothing under them is
+    /// known, so nothing there may be deleted on the other side.
+    pub errors: Vec<ScanError>,
+    /// Children the mirror cannot carry (sockets, fifos, devices).
+    pub skipped: Vec<Skipped>,
+}
+
+impl Unit {
+    /// Regular files' bytes in this directory.
+    pub fn file_bytes(&self) -> u64 {
+        self.entries.iter().filter_map(Entry::file_size).sum()
+    }
+}
+
+struct Frame {
+    fd: OwnedFd,
+    /// Subdirectories still to walk, last first.
+    subdirs: Vec<Entry>,
+}
+
+/// Walks a tree one [`Unit`] at a time. It holds open only the directories on the path
+/// from the root to where it is, and the names of their subdirectories still to visit.
+pub struct Walker<'r> {
+    root: &'r Root,
+    opts: ScanOptions,
+    stack: Vec<Frame>,
+    started: bool,
+    /// Leftover temporary files removed so far (when `remove_temps`).
+    pub temps_removed: u64,
+    /// Bytes read to hash content so far.
+    pub bytes_hashed: u64,
+}
+
+impl<'r> Walker<'r> {
+    pub fn new(root: &'r Root, opts: ScanOptions) -> Walker<'r> {
+        Walker {
+            root,
+            opts,
+            stack: Vec::new(),
+            started: false,
+            temps_removed: 0,
+            bytes_hashed: 0,
+        }
+    }
+
+    /// The next directory, or `None` at the end.
+    ///
+    /// # Errors
+    /// Only a failure to read the root itself; any other directory that cannot be read
+    /// is a unit carrying the error.
+    pub fn next_unit(&mut self) -> io::Result<Option<Unit>> {
+        if !self.started {
+            self.started = true;
+            let fd = self.root.open_dir(&RelPath::root())?;
+            let st = rustix::fs::fstat(&fd)?;
+            let dir = Entry {
+                path: RelPath::root(),
+                kind: Kind::Dir,
+                meta: meta_of(&st),
+                link: None,
+            };
+            let names = crate::fsroot::list_dir(fd.as_fd())?;
+            return Ok(Some(self.read(fd, dir, names)));
+        }
+        loop {
+            let Some(top) = self.stack.last_mut() else {
+                return Ok(None);
+            };
+            let Some(dir) = top.subdirs.pop() else {
+                self.stack.pop();
+                continue;
+            };
+            let failed = |dir: Entry, what: &str, e: io::Error| Unit {
+                errors: vec![ScanError {
+                    path: dir.path.clone(),
+                    error: format!("cannot {what} directory: {e}"),
+                }],
+                dir,
+                entries: Vec::new(),
+                skipped: Vec::new(),
+            };
+            let fd = match open_child_dir(top.fd.as_fd(), dir.path.name()) {
+                Ok(fd) => fd,
+                // Gone (or replaced by something else) since its parent was listed.
+                Err(e) if vanished(&e) => continue,
+                Err(e) => return Ok(Some(failed(dir, "open", e))),
+            };
+            match crate::fsroot::list_dir(fd.as_fd()) {
+                Ok(names) => return Ok(Some(self.read(fd, dir, names))),
+                Err(e) => return Ok(Some(failed(dir, "list", e))),
+            }
+        }
+    }
+
+    /// The next units holding at least `min_entries` entries between them (fewer only at
+    /// the end), with content hashed when the options ask for it; `None` at the end.
+    ///
+    /// # Errors
+    /// As [`Walker::next_unit`].
+    pub fn next_batch(&mut self, min_entries: usize) -> io::Result<Option<Vec<Unit>>> {
+        let mut units = Vec::new();
+        let mut n = 0;
+        while n < min_entries {
+            match self.next_unit()? {
+                Some(u) => {
+                    n += u.entries.len() + 1;
+                    units.push(u);
+                }
+                None => break,
+            }
+        }
+        if units.is_empty() {
+            return Ok(None);
+        }
+        if self.opts.checksum {
+            self.hash(&mut units);
+        }
+        Ok(Some(units))
+    }
+
+    /// Hashes the batch's files together, so small directories still keep every core busy.
+    fn hash(&mut self, units: &mut [Unit]) {
+        let mut all = Vec::new();
+        let mut lens = Vec::with_capacity(units.len());
+        for u in units.iter_mut() {
+            lens.push(u.entries.len());
+            all.append(&mut u.entries);
+        }
+        let (bytes, mut failed) = hash_in_place(self.root, &mut all, self.opts.hash_rate);
+        failed.sort_by_key(|(i, _)| *i);
+        self.bytes_hashed += bytes;
+        let mut failed = failed.into_iter().peekable();
+        let mut all = all.into_iter().enumerate();
+        for (u, len) in units.iter_mut().zip(lens) {
+            for (i, e) in all.by_ref().take(len) {
+                match failed.next_if(|(f, _)| *f == i) {
+                    Some((_, err)) => u.errors.push(err),
+                    None => u.entries.push(e),
+                }
+            }
+        }
+    }
+
+    /// Reads the directory `dir` (open as `fd`, holding `names`) into a unit, and makes it
+    /// the place the walk goes on from.
+    fn read(&mut self, fd: OwnedFd, dir: Entry, mut names: Vec<Vec<u8>>) -> Unit {
+        names.sort_unstable();
+        let mut unit = Unit {
+            dir,
+            entries: Vec::with_capacity(names.len()),
+            errors: Vec::new(),
+            skipped: Vec::new(),
+        };
+        let at_root = unit.dir.path.is_root();
+        for name in names {
+            if at_root && name == RESERVED {
+                continue;
+            }
+            if is_temp_name(&name) {
+                if self.opts.remove_temps
+                    && rustix::fs::unlinkat(&fd, name.as_slice(), AtFlags::empty()).is_ok()
+                {
+                    self.temps_removed += 1;
+                }
+                continue;
+            }
+            let Ok(path) = unit.dir.path.join(&name) else {
+                unit.errors.push(ScanError {
+                    path: unit.dir.path.clone(),
+                    error: "a name in this directory is too long to mirror".into(),
+                });
+                continue;
+            };
+            match stat_entry(fd.as_fd(), &name, &path, &self.opts.filter) {
+                Found::Entry(e) => unit.entries.push(e),
+                Found::Nothing => {}
+                Found::Skipped(s) => unit.skipped.push(s),
+                Found::Error(e) => unit.errors.push(e),
+            }
+        }
+        let subdirs = unit
+            .entries
+            .iter()
+            .rev()
+            .filter(|e| e.is_dir())
+            .cloned()
+            .collect();
+        self.stack.push(Frame { fd, subdirs });
+        unit
+    }
+}
+
+fn vanished(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(c) if c == Errno::NOENT.raw_os_error() || c == Errno::NOTDIR.raw_os_error() || c == Errno::LOOP.raw_os_error()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn walk_order_puts_a_directory_before_its_contents_and_its_contents_together() {
+        let mut v = [
+            p("a0"),
+            p("a-b"),
+            p("a/x"),
+            p("a"),
+            p(""),
+            p("a/x/y"),
+            p("b"),
+        ];
+        v.sort_by(walk_cmp);
+        let s: Vec<&[u8]> = v.iter().map(|p| p.as_bytes()).collect();
+        assert_eq!(
+            s,
+            [&b""[..], b"a", b"a/x", b"a/x/y", b"a-b", b"a0", b"b"].to_vec()
+        );
+    }
+
+    #[test]
+    fn units_come_in_walk_order_with_sorted_children() {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["a", "a/x", "a-b", "b", ".hotsync"] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+        }
+        for f in ["a/f", "a-b/g", "z", "a/x/h", "b/.hotsync"] {
+            std::fs::write(t.path().join(f), b"1").unwrap();
+        }
+        std::fs::write(t.path().join("a/.hotsync-tmp.0123456789abcdef"), b"t").unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let mut w = Walker::new(
+            &root,
+            ScanOptions {
+                checksum: true,
+                remove_temps: true,
+                ..Default::default()
+            },
+        );
+        let units = w.next_batch(usize::MAX).unwrap().unwrap();
+        let dirs: Vec<&[u8]> = units.iter().map(|u| u.dir.path.as_bytes()).collect();
+        assert_eq!(dirs, [&b""[..], b"a", b"a/x", b"a-b", b"b"].to_vec());
+        let names = |u: &Unit| -> Vec<Vec<u8>> {
+            u.entries
+                .iter()
+                .map(|e| e.path.as_bytes().to_vec())
+                .collect()
+        };
+        assert_eq!(
+            names(&units[0]),
+            [b"a".to_vec(), b"a-b".to_vec(), b"b".to_vec(), b"z".to_vec()]
+        );
+        assert_eq!(names(&units[1]), [b"a/f".to_vec(), b"a/x".to_vec()]);
+        // The reserved name is reserved at the root only.
+        assert_eq!(names(&units[4]), [b"b/.hotsync".to_vec()]);
+        assert!(matches!(
+            units[1].entries[0].kind,
+            Kind::File { hash: Some(_), .. }
+        ));
+        assert_eq!(w.temps_removed, 1);
+        assert!(w.next_unit().unwrap().is_none());
+    }
+}
