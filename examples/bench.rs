@@ -607,6 +607,7 @@ impl Bench {
         let daemon = self.rsyncd.as_ref().unwrap().0.id();
         let (mut initial, mut noop, mut verify) =
             (Runs::default(), Runs::default(), Runs::default());
+        let (mut watch, mut watch_first) = (Runs::default(), Runs::default());
         let reps = self.cfg.reps.min(2);
         for rep in 0..reps {
             for tool in in_turn(&[HS, RSYNC_FSYNC], rep) {
@@ -621,6 +622,9 @@ impl Bench {
                     let j: serde_json::Value = serde_json::from_str(v.stdout.trim()).unwrap();
                     assert_eq!(j["identical"], true, "the scale copy must verify: {j}");
                     verify.add(HS, v.secs, Some(("verify", v.rss_kib)));
+                    let (ready, first, hwm) = self.watch_scale(&src, &dest, port);
+                    watch.add(HS, ready, Some(("watch", hwm)));
+                    watch_first.add(HS, first, None);
                     initial.rss("serve", self.stop_serve(srv));
                 } else {
                     let sampler = ChildPeak::start(daemon);
@@ -663,6 +667,60 @@ impl Bench {
             verify,
             Some(RSYNC_CHECKSUM),
         );
+        self.finish(
+            &format!("scale-watch-ready ({files} files)"),
+            "s",
+            watch,
+            None,
+        );
+        self.finish(
+            &format!("scale-watch-first-change ({files} files)"),
+            "s",
+            watch_first,
+            None,
+        );
+    }
+
+    /// A watch of the scale tree: seconds until its first reconcile is done, seconds from
+    /// its start until a change made at its start is on the standby, and its peak RSS.
+    fn watch_scale(&self, src: &Path, dest: &Path, port: u16) -> (f64, f64, u64) {
+        let mark = src.join("d00000").join("watch-mark");
+        let _ = std::fs::remove_file(&mark);
+        let start = Instant::now();
+        let mut w = Command::new(self.bin(HS))
+            .arg("--home")
+            .arg(self.keys.join("primary"))
+            .arg("watch")
+            .arg(src)
+            .arg(format!("quic://127.0.0.1:{port}"))
+            .args(["--server-id", &self.server_id, "--json", "-q"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::fs::write(&mark, b"mark").unwrap();
+        let copy = dest.join("d00000").join("watch-mark");
+        let waiter = std::thread::spawn(move || {
+            while !copy.exists() && start.elapsed() < Duration::from_secs(600) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            start.elapsed().as_secs_f64()
+        });
+        let mut out = std::io::BufReader::new(w.stdout.take().unwrap());
+        let mut line = String::new();
+        while out.read_line(&mut line).unwrap() > 0 && !line.contains("\"replicated\"") {
+            line.clear();
+        }
+        let ready = start.elapsed().as_secs_f64();
+        let first = waiter.join().unwrap();
+        let hwm = proc_hwm(w.id());
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(w.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        );
+        let _ = w.wait();
+        let _ = std::fs::remove_file(&mark);
+        (ready, first, hwm)
     }
 
     fn tools_for_copy(&self) -> Vec<&'static str> {

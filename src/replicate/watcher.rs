@@ -1,28 +1,54 @@
-//! The filesystem watcher: notify (inotify) events turned into [`Hint`]s. The handler runs
-//! on notify's thread and never blocks: hints go into a bounded channel, and a full channel
-//! only raises a flag that becomes one full re-scan.
+//! The filesystem watcher: inotify events turned into [`Hint`]s, read on a thread of its
+//! own that never blocks on the replicator: hints go into a bounded channel, and a full
+//! channel only raises a flag that becomes one full re-scan.
+//!
+//! Watches are set one directory at a time by a second thread, while events from the
+//! directories already watched flow: a tree of 100,000 directories starts replicating at
+//! once, not after its whole watch set is up. Each watch remembers only its parent's watch
+//! and its own name, so a renamed directory (however large) is one update, and memory is a
+//! few dozen bytes per directory.
 
 use super::batcher::Hint;
-use crate::path::{RelPath, is_temp_name};
-use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
-use notify::{Event, EventKind, RecursiveMode, Watcher as _};
+use crate::path::{RESERVED, RelPath, is_temp_name};
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+use rustix::fs::{AtFlags, FileType};
+use rustix::io::Errno;
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::mem::MaybeUninit;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError, channel, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Hints buffered between the watcher and the replicator.
 const QUEUE: usize = 1 << 16;
+/// How long `start` waits for the watch set before it lets replication begin anyway.
+const SETUP_WAIT: Duration = Duration::from_secs(1);
 
-/// A running watch of one tree.
+/// A running watch of one tree. Dropping it stops its threads.
 pub struct Watcher {
-    _inner: notify::RecommendedWatcher,
     pub hints: Receiver<Hint>,
     /// Set when hints were dropped (queue full, or the kernel's queue overflowed).
     pub overflowed: Arc<AtomicBool>,
     /// Set when the inotify watch limit was hit: parts of the tree are not watched.
     pub limited: Arc<AtomicBool>,
+    /// Set once every directory that was there at the start is watched.
+    pub ready: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// What stops a watch from starting.
@@ -46,263 +72,618 @@ pub fn limit_message(root: &Path) -> String {
     )
 }
 
-/// Starts watching `root` recursively.
+/// The watched directories: each watch's parent watch and name (the root's parent is -1).
+#[derive(Default)]
+struct Table {
+    dirs: HashMap<i32, (i32, Vec<u8>)>,
+    by_name: HashMap<(i32, Vec<u8>), i32>,
+    root: i32,
+}
+
+impl Table {
+    /// The path of the directory watched as `wd`.
+    fn path(&self, mut wd: i32) -> Option<RelPath> {
+        let mut names: Vec<&[u8]> = Vec::new();
+        while wd != self.root {
+            let (parent, name) = self.dirs.get(&wd)?;
+            names.push(name);
+            wd = *parent;
+        }
+        let mut p = RelPath::root();
+        for n in names.iter().rev() {
+            p = p.join(n).ok()?;
+        }
+        Some(p)
+    }
+
+    fn insert(&mut self, wd: i32, parent: i32, name: Vec<u8>) {
+        if let Some(old) = self.dirs.insert(wd, (parent, name.clone())) {
+            self.by_name.remove(&old);
+        }
+        self.by_name.insert((parent, name), wd);
+    }
+
+    fn forget(&mut self, wd: i32) {
+        if let Some(k) = self.dirs.remove(&wd) {
+            self.by_name.remove(&k);
+        }
+    }
+
+    /// A directory renamed within the tree: its watch (and so all beneath it) follows.
+    fn rename(&mut self, from: (i32, Vec<u8>), to: (i32, Vec<u8>)) {
+        if let Some(wd) = self.by_name.remove(&from) {
+            self.dirs.insert(wd, to.clone());
+            self.by_name.insert(to, wd);
+        }
+    }
+
+    /// The watch of `name` in `parent` and every watch beneath it.
+    fn subtree(&self, parent: i32, name: &[u8]) -> Vec<i32> {
+        let Some(&top) = self.by_name.get(&(parent, name.to_vec())) else {
+            return Vec::new();
+        };
+        let mut out = vec![top];
+        let mut i = 0;
+        while i < out.len() {
+            let d = out[i];
+            out.extend(
+                self.dirs
+                    .iter()
+                    .filter(|(_, (p, _))| *p == d)
+                    .map(|(w, _)| *w),
+            );
+            i += 1;
+        }
+        out
+    }
+}
+
+/// What the two threads share.
+struct Shared {
+    fd: OwnedFd,
+    root: PathBuf,
+    table: Mutex<Table>,
+    tx: SyncSender<Hint>,
+    overflowed: Arc<AtomicBool>,
+    limited: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Shared {
+    fn send(&self, hints: impl IntoIterator<Item = Hint>) -> bool {
+        for h in hints {
+            match self.tx.try_send(h) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => self.overflowed.store(true, Ordering::Relaxed),
+                Err(TrySendError::Disconnected(_)) => return false,
+            }
+        }
+        true
+    }
+
+    /// Watches the directory `path` (under the watch `parent` as `name`), never following
+    /// a symlink; `None` if it is gone or not a directory.
+    fn watch(&self, path: &RelPath, parent: i32, name: &[u8]) -> Option<i32> {
+        let abs = self.root.join(OsStr::from_bytes(path.as_bytes()));
+        let flags = WatchFlags::CREATE
+            | WatchFlags::DELETE
+            | WatchFlags::MODIFY
+            | WatchFlags::CLOSE_WRITE
+            | WatchFlags::ATTRIB
+            | WatchFlags::MOVED_FROM
+            | WatchFlags::MOVED_TO
+            | WatchFlags::DELETE_SELF
+            | WatchFlags::MOVE_SELF
+            | WatchFlags::ONLYDIR
+            | WatchFlags::DONT_FOLLOW
+            | WatchFlags::EXCL_UNLINK;
+        // Added and recorded under the lock, so no event of the new watch is read before
+        // its path is known.
+        let mut table = self.table.lock().unwrap();
+        match inotify::add_watch(&self.fd, &abs, flags) {
+            Ok(wd) => {
+                if path.is_root() {
+                    table.root = wd;
+                } else {
+                    table.insert(wd, parent, name.to_vec());
+                }
+                Some(wd)
+            }
+            Err(Errno::NOSPC) => {
+                if !self.limited.swap(true, Ordering::Relaxed) {
+                    tracing::error!("{}", limit_message(&self.root));
+                }
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Watches `path` and every directory beneath it, depth first; between directories it
+    /// serves `urgent` first (directories that just appeared), so a long first walk never
+    /// delays them. Returns the directories watched.
+    fn watch_tree(&self, path: RelPath, parent: i32, urgent: &Receiver<(RelPath, i32)>) -> u64 {
+        let mut n = 0;
+        let mut stack = vec![(path, parent)];
+        while let Some((p, parent)) = stack.pop() {
+            if self.stop.load(Ordering::Relaxed) {
+                return n;
+            }
+            let Some(wd) = self.watch(&p, parent, p.name()) else {
+                continue;
+            };
+            n += 1;
+            for name in subdirs(&self.root, &p).into_iter().rev() {
+                if let Ok(child) = p.join(&name) {
+                    stack.push((child, wd));
+                }
+            }
+            while let Ok((q, qparent)) = urgent.try_recv() {
+                stack.push((q, qparent));
+            }
+        }
+        n
+    }
+}
+
+/// The subdirectories of `rel` under `root`, sorted; empty if it cannot be read.
+fn subdirs(root: &Path, rel: &RelPath) -> Vec<Vec<u8>> {
+    let Ok(r) = crate::fsroot::Root::open(root) else {
+        return Vec::new();
+    };
+    let Ok(fd) = r.open_dir(rel) else {
+        return Vec::new();
+    };
+    let Ok(mut dir) = rustix::fs::Dir::read_from(&fd) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    while let Some(Ok(e)) = dir.read() {
+        let name = e.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        let is_dir = match e.file_type() {
+            FileType::Directory => true,
+            FileType::Unknown => rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory),
+            _ => false,
+        };
+        if is_dir {
+            out.push(name.to_vec());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Starts watching `root` recursively. The watch set is built in the background; this
+/// waits for it up to a second. Built later than that, a full re-scan follows it, as a
+/// directory read before it was watched may have changed unseen meanwhile.
 pub fn start(root: &Path) -> Result<Watcher, WatchError> {
     let root = root.canonicalize().map_err(|e| WatchError {
         path: root.display().to_string(),
         reason: e.to_string(),
     })?;
-    let (tx, rx) = sync_channel(QUEUE);
-    let overflowed = Arc::new(AtomicBool::new(false));
-    let limited = Arc::new(AtomicBool::new(false));
-    let handler = {
-        let root = root.clone();
-        let overflowed = overflowed.clone();
-        let limited = limited.clone();
-        move |res: notify::Result<Event>| handle(&root, res, &tx, &overflowed, &limited)
-    };
-    let config = notify::Config::default().with_follow_symlinks(false);
-    let mut inner = notify::RecommendedWatcher::new(handler, config).map_err(|e| WatchError {
+    let fail = |reason: String| WatchError {
         path: root.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    match inner.watch(&root, RecursiveMode::Recursive) {
-        Ok(()) => {}
-        Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-            tracing::error!("{}", limit_message(&root));
-            limited.store(true, Ordering::Relaxed);
-        }
-        Err(e) => {
-            return Err(WatchError {
-                path: root.display().to_string(),
-                reason: e.to_string(),
-            });
-        }
+        reason,
+    };
+    let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)
+        .map_err(|e| fail(io_reason(e)))?;
+    let (tx, rx) = sync_channel(QUEUE);
+    let shared = Arc::new(Shared {
+        fd,
+        root: root.clone(),
+        table: Mutex::new(Table::default()),
+        tx,
+        overflowed: Arc::new(AtomicBool::new(false)),
+        limited: Arc::new(AtomicBool::new(false)),
+        stop: Arc::new(AtomicBool::new(false)),
+    });
+    if shared.watch(&RelPath::root(), -1, b"").is_none() && !shared.limited.load(Ordering::Relaxed)
+    {
+        return Err(fail("it is not a directory that can be watched".into()));
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    let (urgent_tx, urgent_rx) = channel::<(RelPath, i32)>();
+    let started = Instant::now();
+    let setup = {
+        let (shared, ready) = (shared.clone(), ready.clone());
+        std::thread::Builder::new()
+            .name("hotsync-watches".into())
+            .spawn(move || set_up(&shared, &ready, urgent_rx, started))
+            .map_err(|e| fail(e.to_string()))?
+    };
+    let reader = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("hotsync-inotify".into())
+            .spawn(move || read_events(&shared, &urgent_tx))
+            .map_err(|e| fail(e.to_string()))?
+    };
+    while !ready.load(Ordering::Relaxed) && started.elapsed() < SETUP_WAIT {
+        std::thread::sleep(Duration::from_millis(2));
     }
     Ok(Watcher {
-        _inner: inner,
         hints: rx,
-        overflowed,
-        limited,
+        overflowed: shared.overflowed.clone(),
+        limited: shared.limited.clone(),
+        ready,
+        stop: shared.stop.clone(),
+        threads: vec![setup, reader],
     })
 }
 
-fn handle(
-    root: &Path,
-    res: notify::Result<Event>,
-    tx: &SyncSender<Hint>,
-    overflowed: &AtomicBool,
-    limited: &AtomicBool,
-) {
-    let hints = match res {
-        Ok(ev) => hints_of(root, &ev),
-        Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-            if !limited.swap(true, Ordering::Relaxed) {
-                tracing::error!("{}", limit_message(root));
+fn io_reason(e: Errno) -> String {
+    std::io::Error::from(e).to_string()
+}
+
+/// The setup thread: the whole tree first, then each directory that appears.
+fn set_up(shared: &Shared, ready: &AtomicBool, urgent: Receiver<(RelPath, i32)>, started: Instant) {
+    let root_wd = shared.table.lock().unwrap().root;
+    let mut n = 1;
+    for name in subdirs(&shared.root, &RelPath::root()) {
+        if let Ok(p) = RelPath::root().join(&name) {
+            n += shared.watch_tree(p, root_wd, &urgent);
+        }
+    }
+    let late = started.elapsed() >= SETUP_WAIT;
+    ready.store(true, Ordering::Relaxed);
+    tracing::debug!(
+        "watching {n} directories ({} ms to set up)",
+        started.elapsed().as_millis()
+    );
+    if late && !shared.stop.load(Ordering::Relaxed) {
+        shared.send([Hint::RescanAll]);
+    }
+    while !shared.stop.load(Ordering::Relaxed) {
+        match urgent.recv_timeout(Duration::from_millis(100)) {
+            Ok((p, parent)) => {
+                shared.watch_tree(p, parent, &urgent);
             }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// A rename's first half, waiting for its second.
+struct MovedFrom {
+    cookie: u32,
+    parent: i32,
+    name: Vec<u8>,
+    path: RelPath,
+    is_dir: bool,
+}
+
+/// The reader thread: events in, hints out.
+fn read_events(shared: &Shared, urgent: &Sender<(RelPath, i32)>) {
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); 64 * 1024];
+    let mut reader = inotify::Reader::new(&shared.fd, &mut buf);
+    let mut pending: Option<MovedFrom> = None;
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
             return;
         }
-        Err(e) => {
-            tracing::warn!("watcher: {e}; re-scanning");
-            vec![Hint::RescanAll]
-        }
-    };
-    for h in hints {
-        match tx.try_send(h) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => overflowed.store(true, Ordering::Relaxed),
-            Err(TrySendError::Disconnected(_)) => return,
+        let ev = match reader.next() {
+            Ok(ev) => ev,
+            Err(Errno::AGAIN) => {
+                // The batch is over: a move with no second half left the tree.
+                if let Some(m) = pending.take() {
+                    moved_out(shared, &m);
+                }
+                let mut fds = [rustix::event::PollFd::new(
+                    &shared.fd,
+                    rustix::event::PollFlags::IN,
+                )];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                let _ = rustix::event::poll(&mut fds, Some(&timeout));
+                continue;
+            }
+            Err(Errno::INTR) => continue,
+            Err(e) => {
+                tracing::warn!("watcher: {}; re-scanning", io_reason(e));
+                shared.send([Hint::RescanAll]);
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let (wd, mask, cookie) = (ev.wd(), ev.events(), ev.cookie());
+        let name = ev.file_name().map(|n| n.to_bytes().to_vec());
+        let hints = {
+            let mut table = shared.table.lock().unwrap();
+            if mask.contains(ReadFlags::QUEUE_OVERFLOW) {
+                vec![Hint::RescanAll]
+            } else if mask.contains(ReadFlags::IGNORED) {
+                let root_gone = wd == table.root;
+                table.forget(wd);
+                if root_gone {
+                    vec![Hint::RescanAll]
+                } else {
+                    vec![]
+                }
+            } else if wd == table.root
+                && name.is_none()
+                && mask
+                    .intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF | ReadFlags::UNMOUNT)
+            {
+                // The root itself removed or moved: what is left must be looked at again.
+                vec![Hint::RescanAll]
+            } else if let Some(dir) = table.path(wd) {
+                let is_dir = mask.contains(ReadFlags::ISDIR);
+                let path = match &name {
+                    Some(n) => dir.join(n).ok(),
+                    None => Some(dir),
+                };
+                match (path, name) {
+                    (None, _) => vec![],
+                    // Its parent's event said it already.
+                    (Some(_), None)
+                        if mask.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF) =>
+                    {
+                        vec![]
+                    }
+                    (Some(path), name) => {
+                        let kind = Kind::of(mask);
+                        if let (Kind::MovedTo, Some(m)) = (kind, pending.as_ref())
+                            && m.cookie == cookie
+                        {
+                            let m = pending.take().unwrap();
+                            if m.is_dir {
+                                table.rename(
+                                    (m.parent, m.name),
+                                    (wd, name.clone().unwrap_or_default()),
+                                );
+                            }
+                            let mut h = translate(Kind::MovedTo, &path, false);
+                            if !is_temp_name(m.path.name()) && !is_temp_name(path.name()) {
+                                h.push(Hint::Renamed {
+                                    from: m.path,
+                                    to: path,
+                                });
+                            }
+                            h
+                        } else {
+                            if let Some(m) = pending.take() {
+                                drop(table);
+                                moved_out(shared, &m);
+                                table = shared.table.lock().unwrap();
+                            }
+                            if kind == Kind::MovedFrom {
+                                pending = Some(MovedFrom {
+                                    cookie,
+                                    parent: wd,
+                                    name: name.clone().unwrap_or_default(),
+                                    path: path.clone(),
+                                    is_dir,
+                                });
+                            }
+                            // A directory made or moved in: watch it (and what it holds).
+                            if is_dir && matches!(kind, Kind::Created | Kind::MovedTo) {
+                                let _ = urgent.send((path.clone(), wd));
+                            }
+                            translate(kind, &path, is_dir)
+                        }
+                    }
+                }
+            } else {
+                vec![]
+            }
+        };
+        if !shared.send(hints) {
+            return;
         }
     }
 }
 
-/// The path relative to the watched root, if it lies inside it.
-fn rel(root: &Path, p: &Path) -> Option<RelPath> {
-    let r = p.strip_prefix(root).ok()?;
-    let rp = RelPath::new(r.as_os_str().as_bytes().to_vec()).ok()?;
-    (!is_temp_name(rp.name())).then_some(rp)
+/// A directory moved out of the tree: its watches (and those beneath) go.
+fn moved_out(shared: &Shared, m: &MovedFrom) {
+    if !m.is_dir {
+        return;
+    }
+    let mut table = shared.table.lock().unwrap();
+    for wd in table.subtree(m.parent, &m.name) {
+        let _ = inotify::remove_watch(&shared.fd, wd);
+        table.forget(wd);
+    }
 }
 
-/// The hints an event carries. Access events (reads, opens) carry none.
-pub fn hints_of(root: &Path, ev: &Event) -> Vec<Hint> {
-    if ev.need_rescan() {
-        return vec![Hint::RescanAll];
+/// What an inotify event says happened, before its path is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Created,
+    Modified,
+    Written,
+    Attrib,
+    Removed,
+    MovedFrom,
+    MovedTo,
+    Other,
+}
+
+impl Kind {
+    fn of(mask: ReadFlags) -> Kind {
+        if mask.contains(ReadFlags::CREATE) {
+            Kind::Created
+        } else if mask.contains(ReadFlags::CLOSE_WRITE) {
+            Kind::Written
+        } else if mask.contains(ReadFlags::MODIFY) {
+            Kind::Modified
+        } else if mask.contains(ReadFlags::ATTRIB) {
+            Kind::Attrib
+        } else if mask.contains(ReadFlags::DELETE) {
+            Kind::Removed
+        } else if mask.contains(ReadFlags::MOVED_FROM) {
+            Kind::MovedFrom
+        } else if mask.contains(ReadFlags::MOVED_TO) {
+            Kind::MovedTo
+        } else {
+            Kind::Other
+        }
     }
-    let paths: Vec<RelPath> = ev.paths.iter().filter_map(|p| rel(root, p)).collect();
+}
+
+/// The hints one event on `path` carries.
+fn translate(kind: Kind, path: &RelPath, is_dir: bool) -> Vec<Hint> {
+    if is_temp_name(path.name()) {
+        return vec![];
+    }
     // A flush's marker: its creation is the barrier; anything else done to it is nothing.
-    let markers: Vec<(u32, u64)> = paths
-        .iter()
-        .filter(|p| p.parent_bytes() == crate::path::RESERVED)
-        .filter_map(|p| super::batcher::parse_marker(p.name()))
-        .collect();
-    if !markers.is_empty() {
-        return match ev.kind {
-            EventKind::Create(_) => markers
-                .into_iter()
-                .map(|(owner, id)| Hint::Barrier { owner, id })
-                .collect(),
+    if path.parent_bytes() == RESERVED
+        && let Some((owner, id)) = super::batcher::parse_marker(path.name())
+    {
+        return match kind {
+            Kind::Created => vec![Hint::Barrier { owner, id }],
             _ => vec![],
         };
     }
-    let one = |f: fn(RelPath) -> Hint| paths.iter().cloned().map(f).collect::<Vec<_>>();
-    // The root itself removed or moved: what is left must be looked at again.
-    if ev.paths.iter().any(|p| p == root)
-        && matches!(
-            ev.kind,
-            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
-        )
-    {
-        return vec![Hint::RescanAll];
-    }
-    match &ev.kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => one(Hint::Written),
-        EventKind::Access(_) => vec![],
-        EventKind::Create(CreateKind::Folder) => one(Hint::DirAppeared),
-        EventKind::Create(_) => one(Hint::Created),
-        EventKind::Modify(ModifyKind::Data(_)) => one(Hint::Modified),
-        EventKind::Modify(ModifyKind::Metadata(_)) => one(Hint::Attrib),
-        EventKind::Modify(ModifyKind::Name(RenameMode::From)) => one(Hint::MovedFrom),
-        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => one(Hint::MovedTo),
-        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-            // Only a rename with both ends inside the tree is a rename for the standby.
-            match (
-                ev.paths.first().and_then(|p| rel(root, p)),
-                ev.paths.get(1).and_then(|p| rel(root, p)),
-            ) {
-                (Some(from), Some(to)) => vec![Hint::Renamed { from, to }],
-                _ => vec![],
-            }
-        }
-        EventKind::Modify(_) => one(Hint::Modified),
-        EventKind::Remove(_) => one(Hint::Removed),
-        EventKind::Any | EventKind::Other => {
-            if paths.is_empty() {
-                vec![Hint::RescanAll]
-            } else {
-                paths.iter().map(|p| Hint::RescanDir(p.split().0)).collect()
-            }
-        }
-    }
+    let p = path.clone();
+    vec![match kind {
+        Kind::Created if is_dir => Hint::DirAppeared(p),
+        Kind::Created => Hint::Created(p),
+        Kind::Modified => Hint::Modified(p),
+        Kind::Written => Hint::Written(p),
+        Kind::Attrib => Hint::Attrib(p),
+        Kind::Removed => Hint::Removed(p),
+        Kind::MovedFrom => Hint::MovedFrom(p),
+        Kind::MovedTo => Hint::MovedTo(p),
+        Kind::Other => Hint::RescanDir(p.split().0),
+    }]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{DataChange, MetadataKind, RemoveKind};
 
-    fn ev(kind: EventKind, paths: &[&str]) -> Event {
-        let mut e = Event::new(kind);
-        for p in paths {
-            e = e.add_path(std::path::PathBuf::from(p));
-        }
-        e
-    }
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
     }
 
     #[test]
     fn a_flush_marker_is_a_barrier_when_made_and_nothing_after() {
-        let root = Path::new("/src");
-        let h = |k, ps: &[&str]| hints_of(root, &ev(k, ps));
-        let m = "/src/.hotsync/flush-7-3";
+        let m = p(".hotsync/flush-7-3");
         assert_eq!(
-            h(EventKind::Create(CreateKind::File), &[m]),
+            translate(Kind::Created, &m, false),
             vec![Hint::Barrier { owner: 7, id: 3 }]
         );
-        assert_eq!(
-            h(
-                EventKind::Access(AccessKind::Close(AccessMode::Write)),
-                &[m]
-            ),
-            vec![]
-        );
-        assert_eq!(h(EventKind::Remove(RemoveKind::File), &[m]), vec![]);
+        assert_eq!(translate(Kind::Written, &m, false), vec![]);
+        assert_eq!(translate(Kind::Removed, &m, false), vec![]);
         // Elsewhere a file of that name is a file.
         assert_eq!(
-            h(EventKind::Create(CreateKind::File), &["/src/d/flush-7-3"]),
+            translate(Kind::Created, &p("d/flush-7-3"), false),
             vec![Hint::Created(p("d/flush-7-3"))]
         );
     }
 
     #[test]
     fn events_become_hints() {
-        let root = Path::new("/src");
-        let h = |k, ps: &[&str]| hints_of(root, &ev(k, ps));
+        let a = p("a");
+        let of = |m: ReadFlags| Kind::of(m);
         assert_eq!(
-            h(
-                EventKind::Access(AccessKind::Close(AccessMode::Write)),
-                &["/src/a"]
-            ),
-            vec![Hint::Written(p("a"))]
+            translate(of(ReadFlags::CLOSE_WRITE), &a, false),
+            vec![Hint::Written(a.clone())]
         );
         assert_eq!(
-            h(
-                EventKind::Access(AccessKind::Close(AccessMode::Read)),
-                &["/src/a"]
-            ),
-            vec![]
-        );
-        assert_eq!(
-            h(EventKind::Create(CreateKind::Folder), &["/src/d"]),
+            translate(of(ReadFlags::CREATE | ReadFlags::ISDIR), &p("d"), true),
             vec![Hint::DirAppeared(p("d"))]
         );
         assert_eq!(
-            h(
-                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
-                &["/src/a"]
-            ),
-            vec![Hint::Modified(p("a"))]
+            translate(of(ReadFlags::MODIFY), &a, false),
+            vec![Hint::Modified(a.clone())]
         );
         assert_eq!(
-            h(
-                EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
-                &["/src/a"]
-            ),
-            vec![Hint::Attrib(p("a"))]
+            translate(of(ReadFlags::ATTRIB), &a, false),
+            vec![Hint::Attrib(a.clone())]
         );
         assert_eq!(
-            h(EventKind::Remove(RemoveKind::File), &["/src/a"]),
-            vec![Hint::Removed(p("a"))]
+            translate(of(ReadFlags::DELETE), &a, false),
+            vec![Hint::Removed(a.clone())]
         );
         assert_eq!(
-            h(
-                EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
-                &["/src/a", "/src/b/c"]
-            ),
-            vec![Hint::Renamed {
+            translate(of(ReadFlags::MOVED_FROM), &a, false),
+            vec![Hint::MovedFrom(a.clone())]
+        );
+        assert_eq!(
+            translate(of(ReadFlags::MOVED_TO), &a, false),
+            vec![Hint::MovedTo(a.clone())]
+        );
+        assert_eq!(
+            translate(Kind::Created, &p(".hotsync-tmp.0123456789abcdef"), false),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_renamed_directory_moves_everything_beneath_it() {
+        let mut t = Table {
+            root: 1,
+            ..Table::default()
+        };
+        t.insert(2, 1, b"a".to_vec());
+        t.insert(3, 2, b"b".to_vec());
+        t.insert(4, 1, b"c".to_vec());
+        assert_eq!(t.path(3), Some(p("a/b")));
+        t.rename((1, b"a".to_vec()), (4, b"x".to_vec()));
+        assert_eq!(t.path(3), Some(p("c/x/b")));
+        let mut sub = t.subtree(4, b"x");
+        sub.sort();
+        assert_eq!(sub, [2, 3]);
+        t.forget(2);
+        assert_eq!(t.path(3), None);
+    }
+
+    fn wait_hint(w: &Watcher, want: impl Fn(&Hint) -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(h) = w.hints.recv_timeout(Duration::from_millis(50))
+                && want(&h)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_real_tree_is_watched_through_renames_and_new_directories() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("a/b")).unwrap();
+        let w = start(t.path()).unwrap();
+        assert!(w.ready.load(Ordering::Relaxed));
+        std::fs::write(t.path().join("a/b/f"), b"1").unwrap();
+        assert!(wait_hint(&w, |h| *h == Hint::Written(p("a/b/f"))));
+        // A renamed directory's contents are reported at their new path.
+        std::fs::rename(t.path().join("a"), t.path().join("z")).unwrap();
+        assert!(wait_hint(&w, |h| *h
+            == Hint::Renamed {
                 from: p("a"),
-                to: p("b/c")
-            }]
-        );
-        // Out of the tree: only the side inside counts (as MovedFrom / MovedTo).
-        assert_eq!(
-            h(
-                EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
-                &["/src/a", "/elsewhere/a"]
-            ),
-            vec![]
-        );
-        assert_eq!(
-            h(
-                EventKind::Modify(ModifyKind::Name(RenameMode::From)),
-                &["/src/a"]
-            ),
-            vec![Hint::MovedFrom(p("a"))]
-        );
-        assert_eq!(h(EventKind::Other, &[]), vec![Hint::RescanAll]);
-        assert_eq!(
-            h(EventKind::Remove(RemoveKind::Folder), &["/src"]),
-            vec![Hint::RescanAll]
-        );
-        assert_eq!(
-            h(
-                EventKind::Create(CreateKind::File),
-                &["/src/.hotsync-tmp.0123456789abcdef"]
-            ),
-            vec![]
-        );
-        let overflow = Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        assert_eq!(hints_of(root, &overflow), vec![Hint::RescanAll]);
+                to: p("z")
+            }));
+        std::fs::write(t.path().join("z/b/g"), b"1").unwrap();
+        assert!(wait_hint(&w, |h| *h == Hint::Written(p("z/b/g"))));
+        // A new directory, and one made inside it at once, are watched.
+        std::fs::create_dir_all(t.path().join("n/m")).unwrap();
+        assert!(wait_hint(&w, |h| *h == Hint::DirAppeared(p("n"))));
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(t.path().join("n/m/h"), b"1").unwrap();
+        assert!(wait_hint(&w, |h| *h == Hint::Written(p("n/m/h"))));
+        // Moved out of the tree: no longer watched, and reported as gone.
+        let out = tempfile::tempdir().unwrap();
+        std::fs::rename(t.path().join("n"), out.path().join("n")).unwrap();
+        assert!(wait_hint(&w, |h| *h == Hint::MovedFrom(p("n"))));
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::write(out.path().join("n/m/lost"), b"1").unwrap();
+        std::fs::write(t.path().join("after"), b"1").unwrap();
+        assert!(wait_hint(&w, |h| {
+            assert!(
+                !matches!(h, Hint::Written(q) if q.name() == b"lost"),
+                "{h:?}"
+            );
+            *h == Hint::Written(p("after"))
+        }));
     }
 }

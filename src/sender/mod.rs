@@ -585,7 +585,13 @@ impl<'a> Exec<'a> {
     }
 
     fn run(&self, plan: &Plan, ch: &mut Channel, opts: &SyncOptions) -> Result<(), Error> {
-        // 1. Out of the way, then directories, parents first.
+        self.prepare(plan, ch)?;
+        self.transfer(plan, opts)?;
+        self.link_and_remove(plan, ch)
+    }
+
+    /// Step 1 of a plan: what is in the way out of it, then directories, parents first.
+    fn prepare(&self, plan: &Plan, ch: &mut Channel) -> Result<(), Error> {
         let mut ops = Vec::new();
         for p in &plan.clear {
             ops.push(self.removal(
@@ -606,10 +612,12 @@ impl<'a> Exec<'a> {
                 Op::Mkdir,
             ));
         }
-        self.control_batch(ch, ops, 1)?;
-        let t = std::time::Instant::now();
+        self.control_batch(ch, ops, 1)
+    }
 
-        // 2. Content and attributes, many streams at once.
+    /// Step 2 of a plan: content and attributes, many streams at once.
+    fn transfer(&self, plan: &Plan, opts: &SyncOptions) -> Result<(), Error> {
+        let t = std::time::Instant::now();
         let (small, big): (Vec<&Transfer>, Vec<&Transfer>) = plan
             .transfers
             .iter()
@@ -652,12 +660,20 @@ impl<'a> Exec<'a> {
         });
         result.into_inner().unwrap()?;
         tracing::debug!("{} ms: transfers done", t.elapsed().as_millis());
-        // Files the standby could not make durable, or that changed while read: once more, whole.
+        self.retry()
+    }
+
+    /// Files the standby could not make durable, or that changed while read: once more, whole.
+    fn retry(&self) -> Result<(), Error> {
         for path in std::mem::take(&mut *self.retries.lock().unwrap()) {
             self.whole_stream(&path, false)?;
         }
+        Ok(())
+    }
 
-        // 3. Hard links, now that their targets are durable.
+    /// Steps 3 and 4 of a plan: hard links, now that their targets are durable; then
+    /// deletes, and directory attributes last.
+    fn link_and_remove(&self, plan: &Plan, ch: &mut Channel) -> Result<(), Error> {
         let ops = plan
             .links
             .iter()
@@ -827,13 +843,27 @@ impl<'a> Exec<'a> {
 
     /// One lane: small files, symlinks and attribute fixes, pipelined; acks read alongside.
     fn lane(&self, items: &[LaneItem]) -> Result<(), Error> {
+        self.lane_with(|send| items.iter().try_for_each(|i| send(Some(*i))))
+    }
+
+    /// A lane fed by `feed`, which hands each item to the function it is given (`None`:
+    /// nothing more for now, send what is buffered).
+    fn lane_with(
+        &self,
+        feed: impl FnOnce(
+            &mut dyn FnMut(Option<LaneItem>) -> Result<(), ProtocolError>,
+        ) -> Result<(), ProtocolError>,
+    ) -> Result<(), Error> {
         let Stream { recv, send } = self.conn.open().map_err(ProtocolError::Io)?;
         let mut r = FrameReader::new(recv);
         let mut w = FrameWriter::new(send);
         let pending = Pending::default();
         self.pipelined(&mut r, &pending, 0, || {
             let mut buf = Vec::new();
-            for item in items {
+            feed(&mut |item| {
+                let Some(item) = item else {
+                    return w.flush();
+                };
                 let id = self.id();
                 match item {
                     LaneItem::File(t) => self.send_small(&mut w, &pending, id, t, &mut buf)?,
@@ -857,7 +887,8 @@ impl<'a> Exec<'a> {
                         w.send(&set_meta(m, id))?;
                     }
                 }
-            }
+                Ok(())
+            })?;
             w.flush()?;
             w.get_mut().finish()?;
             Ok(())
@@ -1211,6 +1242,7 @@ fn read_one_ack<R: Read>(
     }
 }
 
+#[derive(Clone, Copy)]
 enum LaneItem<'p> {
     File(&'p Transfer),
     Symlink(&'p SymlinkOp),

@@ -9,14 +9,14 @@
 //! attributes wait (in a [`Spill`]) until everything else is durable: deletes last, and
 //! a directory's mtime after its contents.
 
-use super::{Exec, Outcome, Session, peer_error};
+use super::{Exec, LaneItem, Outcome, Session, SyncOptions, peer_error};
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::fsroot::Root;
 use crate::guard::{self, MassDelete};
 use crate::merge::{Merger, Side, next_side};
 use crate::path::RelPath;
-use crate::plan::{MetaFix, Plan, PlanOptions};
+use crate::plan::{MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
 use crate::progress::Monitor;
 use crate::protocol::{Message, ProtocolError};
 use crate::scan::ScanOptions;
@@ -27,7 +27,7 @@ use crate::walk::{Unit, Walker, walk_cmp};
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::time::Instant;
 
 /// Operations a window gathers before it is carried out.
@@ -38,6 +38,180 @@ const WINDOW_BYTES: u64 = 256 << 20;
 const WALK_AHEAD: usize = 2048;
 /// Removals and attribute fixes sent per control batch at the end.
 const FINAL_BATCH: usize = 16 * 1024;
+
+/// Small items one lane takes at least, in whole directories, before another lane takes the
+/// next: files of one directory stay together on one lane.
+const LANE_RUN: usize = 256;
+
+/// Runs queued for the lanes.
+const RUNS_QUEUED: usize = 32;
+
+/// A lane's item, owned, to hand to its thread.
+enum Work {
+    File(Transfer),
+    Symlink(SymlinkOp),
+    Meta(MetaFix),
+}
+
+impl Work {
+    /// The directory it is in.
+    fn dir(&self) -> &[u8] {
+        match self {
+            Work::File(t) => t.path.parent_bytes(),
+            Work::Symlink(l) => l.path.parent_bytes(),
+            Work::Meta(m) => m.path.parent_bytes(),
+        }
+    }
+
+    fn item(&self) -> LaneItem<'_> {
+        match self {
+            Work::File(t) => LaneItem::File(t),
+            Work::Symlink(l) => LaneItem::Symlink(l),
+            Work::Meta(m) => LaneItem::Meta(m),
+        }
+    }
+}
+
+impl Exec<'_> {
+    /// Carries out windows as they come. The lanes and the large files' streams stay open
+    /// across windows, so one window's last files overlap the next one's first; only a
+    /// window's directories are made (and durable) before its files start.
+    fn run_windows(
+        &self,
+        windows: Receiver<Plan>,
+        ch: &mut Channel,
+        opts: &SyncOptions,
+    ) -> Result<(), Error> {
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let fail = |e: Error, why: &str| {
+            let mut f = failed.lock().unwrap();
+            if f.is_none() {
+                *f = Some(e);
+            }
+            self.conn.close(why);
+        };
+        let (big_tx, big_rx) = sync_channel::<Transfer>(64);
+        let big_rx = Mutex::new(big_rx);
+        // Enough runs queued (about 8,000 files) for the lanes to keep busy while the next
+        // window's directories are made.
+        let (run_tx, run_rx) = sync_channel::<Vec<Work>>(RUNS_QUEUED);
+        let run_rx = Mutex::new(run_rx);
+        std::thread::scope(|s| {
+            // One queue of runs for all lanes: whichever lane is free takes the next run, so
+            // a lane busy making its batch durable holds no one up.
+            for _ in 0..opts.lanes.max(1) {
+                let (run_rx, fail) = (&run_rx, &fail);
+                s.spawn(move || {
+                    let fed = self.lane_with(|send| {
+                        loop {
+                            let next = run_rx.lock().unwrap().try_recv();
+                            let run = match next {
+                                Ok(r) => r,
+                                Err(TryRecvError::Disconnected) => return Ok(()),
+                                Err(TryRecvError::Empty) => {
+                                    // Idle: what is buffered goes now, then wait for more.
+                                    send(None)?;
+                                    match run_rx.lock().unwrap().recv() {
+                                        Ok(r) => r,
+                                        Err(_) => return Ok(()),
+                                    }
+                                }
+                            };
+                            for w in &run {
+                                send(Some(w.item()))?;
+                            }
+                        }
+                    });
+                    if let Err(e) = fed {
+                        fail(e, "lane failed");
+                        // The rest is only drained, so the feeder never waits on a full queue.
+                        while run_rx.lock().unwrap().recv().is_ok() {}
+                    }
+                });
+            }
+            for _ in 0..opts.big_streams.max(1) {
+                let (big_rx, fail) = (&big_rx, &fail);
+                s.spawn(move || {
+                    let mut broken = false;
+                    loop {
+                        let next = big_rx.lock().unwrap().recv();
+                        let Ok(t) = next else { return };
+                        // After a failure the rest is only drained, so the feeder never
+                        // waits on a full queue.
+                        if broken {
+                            continue;
+                        }
+                        if let Err(e) = self.big_file(&t) {
+                            fail(e, "transfer failed");
+                            broken = true;
+                        }
+                    }
+                });
+            }
+            // The feeder queues one window's files while the next window's directories are
+            // made here: the lanes never wait for a directory batch to be durable.
+            let (ready_tx, ready_rx) = sync_channel::<Plan>(1);
+            let feeder = s.spawn(move || {
+                let mut run = Vec::with_capacity(LANE_RUN);
+                for mut window in ready_rx {
+                    let small = window.transfers.drain(..).filter_map(|t| {
+                        if t.method() == Method::Small {
+                            Some(Work::File(t))
+                        } else {
+                            // A large file waits its turn on a stream of its own.
+                            big_tx.send(t).ok();
+                            None
+                        }
+                    });
+                    let rest = window.symlinks.drain(..).map(Work::Symlink);
+                    let works = small
+                        .chain(rest)
+                        .chain(window.metas.drain(..).map(Work::Meta));
+                    for w in works {
+                        // Runs end between directories: two lanes writing into one
+                        // directory at once contend for it on the standby.
+                        if run.len() >= LANE_RUN
+                            && run.last().is_some_and(|l: &Work| l.dir() != w.dir())
+                        {
+                            let full = std::mem::replace(&mut run, Vec::with_capacity(LANE_RUN));
+                            run_tx.send(full).ok();
+                        }
+                        run.push(w);
+                    }
+                    // A window's last run goes now: the next window may be a while.
+                    if !run.is_empty() {
+                        run_tx.send(std::mem::take(&mut run)).ok();
+                    }
+                }
+            });
+            let fed = (|| -> Result<(), Error> {
+                for window in windows {
+                    let t = Instant::now();
+                    self.prepare(&window, ch)?;
+                    tracing::debug!(
+                        "window of {} operations: {} directories made in {} ms",
+                        ops(&window),
+                        window.mkdirs.len(),
+                        t.elapsed().as_millis()
+                    );
+                    if ready_tx.send(window).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })();
+            drop(ready_tx);
+            let _ = feeder.join();
+            if let Err(e) = fed {
+                fail(e, "reconcile failed");
+            }
+        });
+        if let Some(e) = failed.into_inner().unwrap() {
+            return Err(e);
+        }
+        self.retry()
+    }
+}
 
 /// One item of the standby's walk.
 enum Remote {
@@ -114,12 +288,7 @@ impl Session<'_> {
             // The window being carried out while the next is planned.
             let (wtx, wrx) = sync_channel::<Plan>(1);
             let (ex, ch) = (&ex, &mut self.ch);
-            let executor = s.spawn(move || -> Result<(), Error> {
-                for window in wrx {
-                    ex.run(&window, ch, opts)?;
-                }
-                Ok(())
-            });
+            let executor = s.spawn(move || ex.run_windows(wrx, ch, opts));
             let mut window = Plan::default();
             let mut planned = (0u64, 0u64);
             let mut first = true;
@@ -288,7 +457,7 @@ pub(crate) fn walk_both(
     walk.flush()?;
     let done = std::thread::scope(|s| {
         let (ltx, lrx) = sync_channel::<io::Result<Vec<Unit>>>(2);
-        let (rtx, rrx) = sync_channel::<Result<Remote, ProtocolError>>(64);
+        let (rtx, rrx) = sync_channel::<Result<Remote, ProtocolError>>(8);
         s.spawn(move || walk_local(root, opts, ltx, monitor));
         let walk = &mut walk;
         s.spawn(move || read_remote(walk, rtx));

@@ -10,5 +10,6 @@ mod local;
 mod monitoring;
 mod remote;
 mod safety;
+mod scale;
 mod verify;
 mod watch;
