@@ -532,6 +532,21 @@ impl Bench {
         c
     }
 
+    /// `hotsync watch SRC quic://... --json` of `tool`, started, its events on stdout.
+    fn hotsync_watch(&self, tool: &str, src: &Path, port: u16) -> Child {
+        Command::new(self.bin(tool))
+            .arg("--home")
+            .arg(self.keys.join("primary"))
+            .arg("watch")
+            .arg(src)
+            .arg(format!("quic://127.0.0.1:{port}"))
+            .args(["--server-id", &self.server_id, "--json", "-q"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// `hotsync verify SRC quic://...` of this build, with a JSON report.
     fn hotsync_verify(&self, src: &Path, port: u16) -> Command {
         let mut c = Command::new(&self.hotsync);
@@ -684,24 +699,14 @@ impl Bench {
     /// A watch of the scale tree: seconds until its first reconcile is done, seconds from
     /// its start until a change made at its start is on the standby, and its peak RSS.
     fn watch_scale(&self, src: &Path, dest: &Path, port: u16) -> (f64, f64, u64) {
-        let mark = src.join("d00000").join("watch-mark");
+        let mark = src.join("d00").join("d00000").join("watch-mark");
         let _ = std::fs::remove_file(&mark);
         let start = Instant::now();
-        let mut w = Command::new(self.bin(HS))
-            .arg("--home")
-            .arg(self.keys.join("primary"))
-            .arg("watch")
-            .arg(src)
-            .arg(format!("quic://127.0.0.1:{port}"))
-            .args(["--server-id", &self.server_id, "--json", "-q"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut w = self.hotsync_watch(HS, src, port);
         std::fs::write(&mark, b"mark").unwrap();
-        let copy = dest.join("d00000").join("watch-mark");
+        let copy = dest.join("d00").join("d00000").join("watch-mark");
         let waiter = std::thread::spawn(move || {
-            while !copy.exists() && start.elapsed() < Duration::from_secs(600) {
+            while !copy.exists() && start.elapsed() < Duration::from_secs(120) {
                 std::thread::sleep(Duration::from_millis(2));
             }
             start.elapsed().as_secs_f64()
@@ -712,6 +717,9 @@ impl Bench {
             line.clear();
         }
         let ready = start.elapsed().as_secs_f64();
+        if let Ok(Some(status)) = w.try_wait() {
+            panic!("the scale watch ended early ({status}): is another watch of the tree running?");
+        }
         let first = waiter.join().unwrap();
         let hwm = proc_hwm(w.id());
         let _ = rustix::process::kill_process(
@@ -892,17 +900,7 @@ impl Bench {
             let (mut procs, serve) = match tool {
                 HS | BASE => {
                     let (srv, port) = self.serve_with(tool, &standby);
-                    let mut w = Command::new(self.bin(tool))
-                        .arg("--home")
-                        .arg(self.keys.join("primary"))
-                        .arg("watch")
-                        .arg(&src)
-                        .arg(format!("quic://127.0.0.1:{port}"))
-                        .args(["--server-id", &self.server_id, "--json", "-q"])
-                        .stdout(Stdio::piped())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .unwrap();
+                    let mut w = self.hotsync_watch(tool, &src, port);
                     // Ready after the first reconcile.
                     let mut out = std::io::BufReader::new(w.stdout.take().unwrap());
                     let mut line = String::new();

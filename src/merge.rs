@@ -387,18 +387,10 @@ mod tests {
     use super::*;
     use crate::manifest::testing::{dir, file, meta};
     use crate::manifest::{LinkKey, ScanError};
+    use crate::walk::testing::unit;
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
-    }
-
-    fn unit(d: &str, entries: Vec<Entry>) -> Unit {
-        Unit {
-            dir: dir(d),
-            entries,
-            errors: vec![],
-            skipped: vec![],
-        }
     }
 
     fn hard(path: &str, ino: u64) -> Entry {

@@ -508,6 +508,7 @@ pub fn verify(
 mod tests {
     use super::*;
     use crate::manifest::ScanError;
+    use crate::walk::testing::unit;
 
     use crate::manifest::testing::{dir, file_with, manifest as m};
 
@@ -586,15 +587,6 @@ mod tests {
         let b2 = m(vec![file("busy", 1, 3), file("broken", 1, 2)]);
         let r = persisting(first, &compare(&a2, &b2, true));
         assert_eq!(r.content_differs, ["broken"]);
-    }
-
-    fn unit(d: &str, entries: Vec<Entry>) -> Unit {
-        Unit {
-            dir: dir(d),
-            entries,
-            errors: vec![],
-            skipped: vec![],
-        }
     }
 
     #[test]

@@ -233,6 +233,24 @@ fn vanished(e: &io::Error) -> bool {
     )
 }
 
+/// Builders for units in unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Unit;
+    use crate::manifest::Entry;
+    use crate::manifest::testing::dir;
+
+    /// The directory `d` holding `entries`.
+    pub fn unit(d: &str, entries: Vec<Entry>) -> Unit {
+        Unit {
+            dir: dir(d),
+            entries,
+            errors: vec![],
+            skipped: vec![],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

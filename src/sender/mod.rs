@@ -358,21 +358,7 @@ impl<'m> Session<'m> {
             renamed,
             ..Summary::default()
         };
-        for sk in &local.skipped {
-            tracing::warn!(
-                "skipping {} {}: hotsync mirrors files, directories and symlinks only",
-                sk.kind,
-                sk.path
-            );
-            summary
-                .skipped
-                .push(EntryError::new(&sk.path, format!("{} skipped", sk.kind)));
-        }
-        for e in &local.manifest.errors {
-            summary
-                .errors
-                .push(EntryError::new(&e.path, e.error.clone()));
-        }
+        note_problems(&mut summary, &local.skipped, &local.manifest.errors);
         let mut plan = plan::plan(
             &local.manifest,
             &remote,
@@ -447,6 +433,29 @@ impl<'m> Session<'m> {
         summary.elapsed_ms = started.elapsed().as_millis() as u64;
         tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
         Ok(Outcome { summary, plan })
+    }
+}
+
+/// Records the primary's skipped entries (with a warning each) and read errors.
+fn note_problems(
+    summary: &mut Summary,
+    skipped: &[crate::scan::Skipped],
+    errors: &[crate::manifest::ScanError],
+) {
+    for sk in skipped {
+        tracing::warn!(
+            "skipping {} {}: hotsync mirrors files, directories and symlinks only",
+            sk.kind,
+            sk.path
+        );
+        summary
+            .skipped
+            .push(EntryError::new(&sk.path, format!("{} skipped", sk.kind)));
+    }
+    for e in errors {
+        summary
+            .errors
+            .push(EntryError::new(&e.path, e.error.clone()));
     }
 }
 

@@ -21,7 +21,7 @@ use crate::progress::Monitor;
 use crate::protocol::{Message, ProtocolError};
 use crate::scan::ScanOptions;
 use crate::spill::Spill;
-use crate::summary::{EntryError, Summary};
+use crate::summary::Summary;
 use crate::transport::Connection;
 use crate::walk::{Unit, Walker, walk_cmp};
 use std::collections::VecDeque;
@@ -318,7 +318,8 @@ impl Session<'_> {
                     }
                 }
                 if let Some(lu) = &lu {
-                    note_problems(&ex.tally, lu);
+                    let mut t = ex.tally.lock().unwrap();
+                    super::note_problems(&mut t, &lu.skipped, &lu.errors);
                 }
                 let step = merger.step(lu, ru);
                 for d in step.deletes {
@@ -674,23 +675,6 @@ fn spill_error(e: io::Error) -> Error {
         "cannot keep the reconcile's pending work in the temporary directory",
         e,
     )
-}
-
-/// Records the primary's skipped entries and read errors of one directory.
-fn note_problems(tally: &Mutex<Summary>, u: &Unit) {
-    let mut t = tally.lock().unwrap();
-    for sk in &u.skipped {
-        tracing::warn!(
-            "skipping {} {}: hotsync mirrors files, directories and symlinks only",
-            sk.kind,
-            sk.path
-        );
-        t.skipped
-            .push(EntryError::new(&sk.path, format!("{} skipped", sk.kind)));
-    }
-    for e in &u.errors {
-        t.errors.push(EntryError::new(&e.path, e.error.clone()));
-    }
 }
 
 /// Operations in a window.
