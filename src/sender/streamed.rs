@@ -368,7 +368,14 @@ impl Session<'_> {
         let refused = guard::check_counts(&shown, source_empty, removed as usize, total, limits);
         if let Err(refusal) = refused {
             if source_empty || self.opts.on_mass_delete == MassDelete::Refuse {
-                return Err(refusal);
+                // Deletions go last: by now everything else is mirrored, and the user should
+                // know the standby is not left as it was.
+                return Err(match refusal {
+                    Error::Refused(m) if !source_empty => {
+                        Error::Refused(format!("{m} (everything but the deletions was mirrored)"))
+                    }
+                    other => other,
+                });
             }
             // Watch mode: replicate everything but the deletions, and say so loudly.
             tracing::error!("{refusal}; replicating other changes, not the deletions");

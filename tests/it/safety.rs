@@ -70,14 +70,19 @@ fn a_plan_deleting_most_of_the_standby_is_refused() {
     for i in 0..30 {
         std::fs::remove_file(t.s(&format!("f{i}"))).unwrap();
     }
+    write(&t.s("added"), b"new");
     let r = run(sync_args(&t, &[]));
     assert_eq!(r.code, 2);
     assert!(
-        r.stderr.contains("removes 30 of the standby's 40"),
+        r.stderr.contains("removes 30 of the standby's 40")
+            && r.stderr
+                .contains("everything but the deletions was mirrored"),
         "{}",
         r.stderr
     );
-    assert_eq!(std::fs::read_dir(&t.dst).unwrap().count(), 41);
+    // Deletions go last: the refusal takes them only.
+    assert_eq!(std::fs::read_dir(&t.dst).unwrap().count(), 42);
+    assert_eq!(std::fs::read(t.d("added")).unwrap(), b"new");
     let r = run(sync_args(&t, &["--max-delete", "80"]));
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_same_tree(&t.src, &t.dst);
