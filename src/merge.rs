@@ -14,7 +14,7 @@
 use crate::manifest::{Entry, Kind, Manifest, Meta, MetaTarget};
 use crate::path::RelPath;
 use crate::plan::{self, MetaFix, Plan, PlanOptions};
-use crate::walk::{Unit, walk_cmp};
+use crate::walk::{Unit, walk_cmp, walk_key};
 use std::collections::{BTreeMap, HashMap};
 
 /// What one directory's comparison asks for.
@@ -95,13 +95,6 @@ pub enum Side {
     Local,
     Remote,
     Both,
-}
-
-fn walk_key(p: &RelPath) -> Vec<u8> {
-    p.as_bytes()
-        .iter()
-        .map(|&c| if c == b'/' { 0 } else { c })
-        .collect()
 }
 
 fn is_linked_file(e: &Entry) -> bool {
@@ -325,12 +318,7 @@ impl Merger {
         }
         self.counts.removed_entries += p.removed_entries as u64;
         let attrs_differ = match &r_dir {
-            Some(rd) => {
-                rd.meta.mtime != dir.meta.mtime
-                    || rd.meta.mode != dir.meta.mode
-                    || (self.opts.owners
-                        && (rd.meta.uid, rd.meta.gid) != (dir.meta.uid, dir.meta.gid))
-            }
+            Some(rd) => plan::meta_differs(&dir.meta, &rd.meta, self.opts.owners, true),
             None => !dir.path.is_root(),
         };
         // Creating or removing a name changes the directory's mtime: set it again after.

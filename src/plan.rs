@@ -112,7 +112,8 @@ impl Plan {
     }
 }
 
-fn meta_differs(a: &Meta, b: &Meta, owners: bool, with_mode: bool) -> bool {
+/// Whether the attributes the mirror keeps differ (`with_mode`: symlinks have none).
+pub(crate) fn meta_differs(a: &Meta, b: &Meta, owners: bool, with_mode: bool) -> bool {
     a.mtime != b.mtime
         || (with_mode && a.mode != b.mode)
         || (owners && (a.uid != b.uid || a.gid != b.gid))

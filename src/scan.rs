@@ -107,7 +107,8 @@ pub fn scan_scopes(
     Ok(out)
 }
 
-fn is_absent(e: &io::Error) -> bool {
+/// Whether `e` says the path is not there (gone, or a parent is not a directory).
+pub(crate) fn is_absent(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(c) if c == Errno::NOENT.raw_os_error() || c == Errno::NOTDIR.raw_os_error() || c == Errno::LOOP.raw_os_error()

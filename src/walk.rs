@@ -9,9 +9,10 @@
 use crate::fsroot::{Root, meta_of};
 use crate::manifest::{Entry, Kind, ScanError};
 use crate::path::{RESERVED, RelPath, is_temp_name};
-use crate::scan::{Found, ScanOptions, Skipped, hash_in_place, open_child_dir, stat_entry};
+use crate::scan::{
+    Found, ScanOptions, Skipped, hash_in_place, is_absent, open_child_dir, stat_entry,
+};
 use rustix::fs::AtFlags;
-use rustix::io::Errno;
 use std::cmp::Ordering;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -20,11 +21,17 @@ use std::os::fd::{AsFd, OwnedFd};
 /// every byte a name can hold (names hold no NUL). `a` < `a/x` < `a-b`, where plain byte
 /// order would put `a-b` first.
 pub fn walk_cmp(a: &RelPath, b: &RelPath) -> Ordering {
-    let key = |c: &u8| if *c == b'/' { 0 } else { *c };
-    a.as_bytes()
-        .iter()
-        .map(key)
-        .cmp(b.as_bytes().iter().map(key))
+    walk_bytes(a).cmp(walk_bytes(b))
+}
+
+/// The bytes of `p` as the walk orders them.
+fn walk_bytes(p: &RelPath) -> impl Iterator<Item = u8> + '_ {
+    p.as_bytes().iter().map(|&c| if c == b'/' { 0 } else { c })
+}
+
+/// A key that sorts as [`walk_cmp`] orders paths.
+pub fn walk_key(p: &RelPath) -> Vec<u8> {
+    walk_bytes(p).collect()
 }
 
 /// One directory as the walk found it.
@@ -118,7 +125,7 @@ impl<'r> Walker<'r> {
             let fd = match open_child_dir(top.fd.as_fd(), dir.path.name()) {
                 Ok(fd) => fd,
                 // Gone (or replaced by something else) since its parent was listed.
-                Err(e) if vanished(&e) => continue,
+                Err(e) if is_absent(&e) => continue,
                 Err(e) => return Ok(Some(failed(dir, "open", e))),
             };
             match crate::fsroot::list_dir(fd.as_fd()) {
@@ -224,13 +231,6 @@ impl<'r> Walker<'r> {
         self.stack.push(Frame { fd, subdirs });
         unit
     }
-}
-
-fn vanished(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(c) if c == Errno::NOENT.raw_os_error() || c == Errno::NOTDIR.raw_os_error() || c == Errno::LOOP.raw_os_error()
-    )
 }
 
 /// Builders for units in unit tests.

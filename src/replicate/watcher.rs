@@ -142,6 +142,8 @@ impl Table {
 struct Shared {
     fd: OwnedFd,
     root: PathBuf,
+    /// The root, open, for listing directories beneath it.
+    tree: crate::fsroot::Root,
     table: Mutex<Table>,
     tx: SyncSender<Hint>,
     overflowed: Arc<AtomicBool>,
@@ -213,7 +215,7 @@ impl Shared {
                 continue;
             };
             n += 1;
-            for name in subdirs(&self.root, &p).into_iter().rev() {
+            for name in subdirs(&self.tree, &p).into_iter().rev() {
                 if let Ok(child) = p.join(&name) {
                     stack.push((child, wd));
                 }
@@ -226,12 +228,9 @@ impl Shared {
     }
 }
 
-/// The subdirectories of `rel` under `root`, sorted; empty if it cannot be read.
-fn subdirs(root: &Path, rel: &RelPath) -> Vec<Vec<u8>> {
-    let Ok(r) = crate::fsroot::Root::open(root) else {
-        return Vec::new();
-    };
-    let Ok(fd) = r.open_dir(rel) else {
+/// The subdirectories of `rel` in `root`, sorted; empty if it cannot be read.
+fn subdirs(root: &crate::fsroot::Root, rel: &RelPath) -> Vec<Vec<u8>> {
+    let Ok(fd) = root.open_dir(rel) else {
         return Vec::new();
     };
     let Ok(mut dir) = rustix::fs::Dir::read_from(&fd) else {
@@ -272,9 +271,11 @@ pub fn start(root: &Path) -> Result<Watcher, WatchError> {
     let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)
         .map_err(|e| fail(io_reason(e)))?;
     let (tx, rx) = sync_channel(QUEUE);
+    let tree = crate::fsroot::Root::open(&root).map_err(|e| fail(e.to_string()))?;
     let shared = Arc::new(Shared {
         fd,
         root: root.clone(),
+        tree,
         table: Mutex::new(Table::default()),
         tx,
         overflowed: Arc::new(AtomicBool::new(false)),
@@ -323,7 +324,7 @@ fn io_reason(e: Errno) -> String {
 fn set_up(shared: &Shared, ready: &AtomicBool, urgent: Receiver<(RelPath, i32)>, started: Instant) {
     let root_wd = shared.table.lock().unwrap().root;
     let mut n = 1;
-    for name in subdirs(&shared.root, &RelPath::root()) {
+    for name in subdirs(&shared.tree, &RelPath::root()) {
         if let Ok(p) = RelPath::root().join(&name) {
             n += shared.watch_tree(p, root_wd, &urgent);
         }

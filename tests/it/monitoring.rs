@@ -463,9 +463,11 @@ fn a_full_standby_disk_keeps_changes_queued_and_resumes_when_space_returns() {
         (!v.is_empty()).then_some(())
     });
     // Fired in the same pass as disk_full, its hook runs just after: wait for it too.
-    wait_for("the free alert (free space under 50%)", Duration::from_secs(10), || {
-        (!hook_lines(&log, "free").is_empty()).then_some(())
-    });
+    wait_for(
+        "the free alert (free space under 50%)",
+        Duration::from_secs(10),
+        || (!hook_lines(&log, "free").is_empty()).then_some(()),
+    );
     let (code, r) = l.replica();
     assert_eq!(code, 1, "{r}");
     assert!(
