@@ -493,6 +493,7 @@ mod tests {
             alerts: vec![],
             sync: None,
             quorum: None,
+            watches: None,
         }
     }
     fn alerts() -> Alerts {

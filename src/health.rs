@@ -204,6 +204,7 @@ mod tests {
             alerts: vec![],
             sync: None,
             quorum: None,
+            watches: None,
         }
     }
     fn replica(state: ReplicaState, lag: f64) -> ReplicaStatus {

@@ -123,6 +123,18 @@ pub fn render(inst: &Instance, openmetrics: bool) -> String {
     for r in ["primary", "standby"] {
         set(&roles, &labels(&[("role", r)]), f64::from(r == role));
     }
+    if let Some(w) = &inst.watches {
+        let dirs = s.gauge(
+            "watched_directories",
+            "Directories the watch has an inotify watch on",
+        );
+        set(&dirs, &vec![], w.directories as f64);
+        let done = s.gauge(
+            "watch_setup_complete",
+            "1 once every directory there when the watch started is watched, else 0",
+        );
+        set(&done, &vec![], f64::from(w.complete));
+    }
     let healthy = s.gauge("healthy", "1 when hotsync status would say healthy, else 0");
     set(
         &healthy,
@@ -480,6 +492,7 @@ mod tests {
             alerts: vec![],
             sync: None,
             quorum: None,
+            watches: None,
         };
         let text = render(&inst, false);
         assert!(text.contains("hotsync_epoch 3.0"), "{text}");

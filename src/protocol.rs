@@ -25,9 +25,10 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 
 /// Protocol version spoken by this build, and the oldest one it still accepts. Version 2
 /// added heartbeats, coded errors, session modes and positions; version 3 the streamed walk
-/// (`Walk`, `Dir`, `WalkEnd`; a version 2 peer is still listed whole with `List`). Version 1
-/// peers are refused at the greeting with both versions named.
-pub const VERSION: u16 = 3;
+/// (`Walk`, `Dir`, `WalkEnd`; a version 2 peer is still listed whole with `List`), version 4
+/// the walk of part of the tree (`WalkScopes`; a version 3 peer lists its parts with `List`).
+/// Version 1 peers are refused at the greeting with both versions named.
+pub const VERSION: u16 = 4;
 pub const MIN_VERSION: u16 = 2;
 /// The first bytes each side sends, so a stray client is recognised at once.
 pub const MAGIC: &[u8; 8] = b"hotsync\0";
@@ -265,6 +266,14 @@ pub enum Message {
         count: u64,
         temps_removed: u64,
     },
+    /// Primary → standby, from version 4: as `Walk`, of the part of the tree `scopes` cover
+    /// ([`crate::walk::Scopes`]): whole subtrees, single entries, and the directories
+    /// leading to them.
+    WalkScopes {
+        scopes: Vec<(RelPath, Scope)>,
+        checksum: bool,
+        hash_rate: u64,
+    },
 }
 
 impl Message {
@@ -292,6 +301,7 @@ impl Message {
             | Message::Walk { .. }
             | Message::Dir { .. }
             | Message::WalkEnd { .. }
+            | Message::WalkScopes { .. }
             | Message::BaseSig { .. }
             | Message::NoBase { .. }
             | Message::FileEnd { .. }
@@ -340,6 +350,7 @@ impl Message {
             Message::Walk { .. } => "Walk",
             Message::Dir { .. } => "Dir",
             Message::WalkEnd { .. } => "WalkEnd",
+            Message::WalkScopes { .. } => "WalkScopes",
         }
     }
 }
@@ -653,6 +664,11 @@ mod tests {
                 count: 3,
                 temps_removed: 1,
             },
+            Message::WalkScopes {
+                scopes: vec![(p.clone(), Scope::Tree), (RelPath::root(), Scope::Entry)],
+                checksum: false,
+                hash_rate: 7,
+            },
             Message::Entries {
                 entries: vec![Entry {
                     path: p.clone(),
@@ -802,11 +818,13 @@ mod tests {
         // A version 1 peer is refused, and told both sides' versions.
         let e = negotiate(1, 1).unwrap_err().to_string();
         assert!(
-            e.contains("speaks protocol 3 (accepts 2 to 3)") && e.contains("the peer speaks 1"),
+            e.contains("speaks protocol 4 (accepts 2 to 4)") && e.contains("the peer speaks 1"),
             "{e}"
         );
         // A version 2 peer is still served, at version 2 (it is listed whole).
         assert_eq!(negotiate(2, 2).unwrap(), 2);
+        // A version 3 peer too, at version 3 (parts of the tree are listed).
+        assert_eq!(negotiate(3, 2).unwrap(), 3);
     }
 
     #[test]

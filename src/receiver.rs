@@ -290,10 +290,11 @@ impl Session<'_> {
         w.flush()
     }
 
-    /// Walks the whole tree for the primary: `Dir`s in walk order, then `WalkEnd`.
+    /// Walks what `scopes` cover for the primary: `Dir`s in walk order, then `WalkEnd`.
     fn walk<W: SendHalf>(
         &self,
         w: &mut FrameWriter<W>,
+        scopes: crate::walk::Scopes,
         checksum: bool,
         hash_rate: u64,
     ) -> Result<(), ProtocolError> {
@@ -305,7 +306,7 @@ impl Session<'_> {
                 filter: self.filter.clone(),
                 remove_temps: !self.read_only,
             };
-            let mut walker = crate::walk::Walker::new(root, opts);
+            let mut walker = crate::walk::Walker::scoped(root, opts, scopes, None);
             let batch = if checksum { WALK_HASH_BATCH } else { 1 };
             let cannot =
                 |e: io::Error| ProtocolError::Invalid(format!("cannot scan the standby tree: {e}"));
@@ -459,11 +460,20 @@ fn op_loop<R: Read, W: SendHalf>(
                 s.list(w, &scopes, checksum, hash_rate)?;
                 continue;
             }
-            Message::Walk {
-                checksum,
-                hash_rate,
-            } if !control => {
-                return match s.walk(w, checksum, hash_rate) {
+            m @ (Message::Walk { .. } | Message::WalkScopes { .. }) if !control => {
+                let (scopes, checksum, hash_rate) = match m {
+                    Message::WalkScopes {
+                        scopes,
+                        checksum,
+                        hash_rate,
+                    } => (crate::walk::Scopes::new(&scopes), checksum, hash_rate),
+                    Message::Walk {
+                        checksum,
+                        hash_rate,
+                    } => (crate::walk::Scopes::all(), checksum, hash_rate),
+                    _ => unreachable!(),
+                };
+                return match s.walk(w, scopes, checksum, hash_rate) {
                     // The walk changes nothing: a primary that stopped reading it (a guard
                     // refused, or it failed) leaves nothing to clean up or report here.
                     Err(ProtocolError::Io(e)) => {

@@ -84,6 +84,7 @@ impl Control for Serving {
             alerts: self.alerts.statuses(),
             sync: None,
             quorum: None,
+            watches: None,
         };
         i.assess();
         i

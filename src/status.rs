@@ -251,6 +251,21 @@ pub struct Instance {
     /// How many of a watch's standbys it needs (`--quorum`; all when absent).
     #[serde(default)]
     pub quorum: Option<usize>,
+    /// A watch's inotify watch set.
+    #[serde(default)]
+    pub watches: Option<WatchSet>,
+}
+
+/// A watch's inotify watch set: set up in the background, directory by directory, while
+/// replication goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct WatchSet {
+    /// Directories watched.
+    pub directories: u64,
+    /// Every directory there when the watcher started is watched.
+    pub complete: bool,
+    /// How long the first watch set took, or has taken so far.
+    pub setup_seconds: f64,
 }
 
 /// A watch's semi-synchronous replication (`--sync-timeout D --quorum K`).

@@ -7,7 +7,7 @@
 //! and [`walk_cmp`] is that order on paths.
 
 use crate::fsroot::{Root, meta_of};
-use crate::manifest::{Entry, Kind, ScanError};
+use crate::manifest::{Entry, Kind, ScanError, Scope, normalize_scopes};
 use crate::path::{RESERVED, RelPath, is_temp_name};
 use crate::scan::{
     Found, ScanOptions, Skipped, hash_in_place, is_absent, open_child_dir, stat_entry,
@@ -16,6 +16,7 @@ use rustix::fs::AtFlags;
 use std::cmp::Ordering;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 
 /// Orders paths as the walk visits directories: a path's own components first, `/` below
 /// every byte a name can hold (names hold no NUL). `a` < `a/x` < `a-b`, where plain byte
@@ -32,6 +33,117 @@ fn walk_bytes(p: &RelPath) -> impl Iterator<Item = u8> + '_ {
 /// A key that sorts as [`walk_cmp`] orders paths.
 pub fn walk_key(p: &RelPath) -> Vec<u8> {
     walk_bytes(p).collect()
+}
+
+/// The part of a tree a walk covers: whole subtrees (`Scope::Tree`) and single entries
+/// (`Scope::Entry`), with the directories leading to them. A directory inside a whole
+/// subtree is listed; one that only leads somewhere holds just the names that lead on,
+/// looked up one by one, so a scope deep in a huge directory costs a few lookups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scopes {
+    /// Normalized: sorted by path, nothing inside a listed subtree.
+    scopes: Vec<(RelPath, Scope)>,
+}
+
+impl Scopes {
+    pub fn new(scopes: &[(RelPath, Scope)]) -> Scopes {
+        Scopes {
+            scopes: normalize_scopes(scopes),
+        }
+    }
+
+    /// The whole tree.
+    pub fn all() -> Scopes {
+        Scopes {
+            scopes: vec![(RelPath::root(), Scope::Tree)],
+        }
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.scopes == [(RelPath::root(), Scope::Tree)]
+    }
+
+    pub fn as_slice(&self) -> &[(RelPath, Scope)] {
+        &self.scopes
+    }
+
+    /// True when everything in `dir` is covered: it lies in a whole subtree.
+    pub fn lists(&self, dir: &RelPath) -> bool {
+        let mut q = dir.clone();
+        loop {
+            let found = self.scopes.binary_search_by(|(p, _)| p.cmp(&q));
+            if found.is_ok_and(|i| self.scopes[i].1 == Scope::Tree) {
+                return true;
+            }
+            if q.is_root() {
+                return false;
+            }
+            q = q.split().0;
+        }
+    }
+
+    /// The scopes strictly beneath `dir`: in byte order, the paths starting `dir/` are
+    /// contiguous.
+    fn beneath(&self, dir: &RelPath) -> &[(RelPath, Scope)] {
+        let mut prefix = dir.as_bytes().to_vec();
+        if !dir.is_root() {
+            prefix.push(b'/');
+        }
+        let start = self.scopes.partition_point(|(p, _)| {
+            p.as_bytes() < prefix.as_slice() || (dir.is_root() && p.is_root())
+        });
+        let len = self.scopes[start..]
+            .iter()
+            .take_while(|(p, _)| p.as_bytes().starts_with(&prefix))
+            .count();
+        &self.scopes[start..start + len]
+    }
+
+    /// The names in `dir` that are covered or lead to something covered, sorted: what a
+    /// directory that [`Scopes::lists`] does not list holds.
+    pub fn names_in(&self, dir: &RelPath) -> Vec<Vec<u8>> {
+        let skip = if dir.is_root() {
+            0
+        } else {
+            dir.as_bytes().len() + 1
+        };
+        let mut out: Vec<Vec<u8>> = self
+            .beneath(dir)
+            .iter()
+            .map(|(p, _)| {
+                let rest = &p.as_bytes()[skip..];
+                let end = rest.iter().position(|&b| b == b'/').unwrap_or(rest.len());
+                rest[..end].to_vec()
+            })
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// True when the walk goes into the directory `dir` (one its parent holds): it is
+    /// covered whole, or leads to something covered.
+    pub fn enters(&self, dir: &RelPath) -> bool {
+        self.lists(dir) || !self.beneath(dir).is_empty()
+    }
+
+    /// True when `path` belongs in its parent's unit.
+    pub fn holds(&self, path: &RelPath) -> bool {
+        path.is_root()
+            || self.lists(&path.split().0)
+            || self.scopes.binary_search_by(|(p, _)| p.cmp(path)).is_ok()
+            || !self.beneath(path).is_empty()
+    }
+}
+
+/// What a walk waits on before it reads a directory: a watcher still setting up its watches,
+/// so that every directory the walk reads is already watched and no change made after the
+/// read goes unseen.
+pub trait Gate: Send + Sync {
+    /// Returns once changes in `dir` are watched (or never will be: the watcher stopped).
+    fn wait_for(&self, dir: &RelPath);
+    /// Returns once every directory that was there when the watcher started is watched.
+    fn wait_all(&self);
 }
 
 /// One directory as the walk found it.
@@ -61,11 +173,14 @@ struct Frame {
     subdirs: Vec<Entry>,
 }
 
-/// Walks a tree one [`Unit`] at a time. It holds open only the directories on the path
-/// from the root to where it is, and the names of their subdirectories still to visit.
+/// Walks a tree (or the part [`Scopes`] cover) one [`Unit`] at a time. It holds open only
+/// the directories on the path from the root to where it is, and the names of their
+/// subdirectories still to visit.
 pub struct Walker<'r> {
     root: &'r Root,
     opts: ScanOptions,
+    scopes: Scopes,
+    gate: Option<Arc<dyn Gate>>,
     stack: Vec<Frame>,
     started: bool,
     /// Leftover temporary files removed so far (when `remove_temps`).
@@ -75,10 +190,23 @@ pub struct Walker<'r> {
 }
 
 impl<'r> Walker<'r> {
+    /// A walk of the whole tree.
     pub fn new(root: &'r Root, opts: ScanOptions) -> Walker<'r> {
+        Walker::scoped(root, opts, Scopes::all(), None)
+    }
+
+    /// A walk of what `scopes` cover, reading each directory only once `gate` lets it.
+    pub fn scoped(
+        root: &'r Root,
+        opts: ScanOptions,
+        scopes: Scopes,
+        gate: Option<Arc<dyn Gate>>,
+    ) -> Walker<'r> {
         Walker {
             root,
             opts,
+            scopes,
+            gate,
             stack: Vec::new(),
             started: false,
             temps_removed: 0,
@@ -94,6 +222,9 @@ impl<'r> Walker<'r> {
     pub fn next_unit(&mut self) -> io::Result<Option<Unit>> {
         if !self.started {
             self.started = true;
+            if let Some(g) = &self.gate {
+                g.wait_for(&RelPath::root());
+            }
             let fd = self.root.open_dir(&RelPath::root())?;
             let st = rustix::fs::fstat(&fd)?;
             let dir = Entry {
@@ -102,7 +233,7 @@ impl<'r> Walker<'r> {
                 meta: meta_of(&st),
                 link: None,
             };
-            let names = crate::fsroot::list_dir(fd.as_fd())?;
+            let names = self.names(fd.as_fd(), &dir.path)?;
             return Ok(Some(self.read(fd, dir, names)));
         }
         loop {
@@ -122,13 +253,16 @@ impl<'r> Walker<'r> {
                 entries: Vec::new(),
                 skipped: Vec::new(),
             };
+            if let Some(g) = &self.gate {
+                g.wait_for(&dir.path);
+            }
             let fd = match open_child_dir(top.fd.as_fd(), dir.path.name()) {
                 Ok(fd) => fd,
                 // Gone (or replaced by something else) since its parent was listed.
                 Err(e) if is_absent(&e) => continue,
                 Err(e) => return Ok(Some(failed(dir, "open", e))),
             };
-            match crate::fsroot::list_dir(fd.as_fd()) {
+            match self.names(fd.as_fd(), &dir.path) {
                 Ok(names) => return Ok(Some(self.read(fd, dir, names))),
                 Err(e) => return Ok(Some(failed(dir, "list", e))),
             }
@@ -184,6 +318,15 @@ impl<'r> Walker<'r> {
         }
     }
 
+    /// The names to look at in `dir`: all it holds, or only those the scopes lead to.
+    fn names(&self, fd: std::os::fd::BorrowedFd<'_>, dir: &RelPath) -> io::Result<Vec<Vec<u8>>> {
+        if self.scopes.lists(dir) {
+            crate::fsroot::list_dir(fd)
+        } else {
+            Ok(self.scopes.names_in(dir))
+        }
+    }
+
     /// Reads the directory `dir` (open as `fd`, holding `names`) into a unit, and makes it
     /// the place the walk goes on from.
     fn read(&mut self, fd: OwnedFd, dir: Entry, mut names: Vec<Vec<u8>>) -> Unit {
@@ -225,7 +368,7 @@ impl<'r> Walker<'r> {
             .entries
             .iter()
             .rev()
-            .filter(|e| e.is_dir())
+            .filter(|e| e.is_dir() && self.scopes.enters(&e.path))
             .cloned()
             .collect();
         self.stack.push(Frame { fd, subdirs });
@@ -319,5 +462,125 @@ mod tests {
         ));
         assert_eq!(w.temps_removed, 1);
         assert!(w.next_unit().unwrap().is_none());
+    }
+
+    fn scopes(list: &[(&str, Scope)]) -> Scopes {
+        let v: Vec<(RelPath, Scope)> = list.iter().map(|(s, sc)| (p(s), *sc)).collect();
+        Scopes::new(&v)
+    }
+
+    #[test]
+    fn scopes_cover_subtrees_entries_and_the_way_to_them() {
+        let s = scopes(&[
+            ("a/b", Scope::Tree),
+            ("a/b/c", Scope::Entry), // inside a subtree: dropped
+            ("a-z/f", Scope::Entry),
+            ("m", Scope::Entry),
+            ("m/n/o", Scope::Entry),
+        ]);
+        assert!(!s.is_all());
+        assert!(s.lists(&p("a/b")) && s.lists(&p("a/b/x/y")));
+        assert!(!s.lists(&p("")) && !s.lists(&p("a")) && !s.lists(&p("a-z")));
+        assert_eq!(
+            s.names_in(&p("")),
+            [b"a".to_vec(), b"a-z".to_vec(), b"m".to_vec()]
+        );
+        assert_eq!(s.names_in(&p("a")), [b"b".to_vec()]);
+        assert_eq!(s.names_in(&p("m")), [b"n".to_vec()]);
+        assert!(s.names_in(&p("a/b/x")).is_empty());
+        // Entered: subtrees, and directories that lead on; not an entry scope alone.
+        assert!(s.enters(&p("a")) && s.enters(&p("a/b")) && s.enters(&p("a/b/x")));
+        assert!(s.enters(&p("m")) && s.enters(&p("m/n")));
+        assert!(!s.enters(&p("m/n/o")) && !s.enters(&p("b")) && !s.enters(&p("a-z/f")));
+        for held in [
+            "a",
+            "a/b",
+            "a/b/anything",
+            "a-z",
+            "a-z/f",
+            "m",
+            "m/n",
+            "m/n/o",
+        ] {
+            assert!(s.holds(&p(held)), "{held}");
+        }
+        for not in ["b", "a/c", "a-z/g", "m/x", "m/n/p", "a-"] {
+            assert!(!s.holds(&p(not)), "{not}");
+        }
+        let all = Scopes::all();
+        assert!(all.is_all() && all.lists(&p("")) && all.holds(&p("x/y")));
+    }
+
+    #[test]
+    fn a_scoped_walk_reads_only_what_its_scopes_cover() {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["big", "big/sub", "keep", "keep/inner", "deep", "deep/er"] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+        }
+        for f in [
+            "big/x",
+            "big/sub/y",
+            "keep/k",
+            "keep/inner/i",
+            "deep/er/f",
+            "top",
+        ] {
+            std::fs::write(t.path().join(f), b"1").unwrap();
+        }
+        let root = Root::open(t.path()).unwrap();
+        let s = scopes(&[
+            ("big", Scope::Tree),
+            ("deep/er/f", Scope::Entry),
+            ("deep/er/gone", Scope::Entry),
+        ]);
+        let mut w = Walker::scoped(&root, ScanOptions::default(), s, None);
+        let units = w.next_batch(usize::MAX).unwrap().unwrap();
+        let got: Vec<(String, Vec<String>)> = units
+            .iter()
+            .map(|u| {
+                let names = u.entries.iter().map(|e| e.path.to_string()).collect();
+                (u.dir.path.to_string(), names)
+            })
+            .collect();
+        let want = [
+            (".", vec!["big", "deep"]),
+            ("big", vec!["big/sub", "big/x"]),
+            ("big/sub", vec!["big/sub/y"]),
+            ("deep", vec!["deep/er"]),
+            ("deep/er", vec!["deep/er/f"]),
+        ];
+        let want: Vec<(String, Vec<String>)> = want
+            .iter()
+            .map(|(d, n)| (d.to_string(), n.iter().map(|s| s.to_string()).collect()))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    /// A gate that records what the walk asks it.
+    struct Recording(std::sync::Mutex<Vec<String>>);
+
+    impl Gate for Recording {
+        fn wait_for(&self, dir: &RelPath) {
+            self.0.lock().unwrap().push(dir.to_string());
+        }
+        fn wait_all(&self) {}
+    }
+
+    #[test]
+    fn a_walk_asks_its_gate_before_every_directory_it_reads() {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["a", "a/x", "b"] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+        }
+        let root = Root::open(t.path()).unwrap();
+        let gate = Arc::new(Recording(Default::default()));
+        let mut w = Walker::scoped(
+            &root,
+            ScanOptions::default(),
+            Scopes::all(),
+            Some(gate.clone()),
+        );
+        while w.next_unit().unwrap().is_some() {}
+        assert_eq!(*gate.0.lock().unwrap(), [".", "a", "a/x", "b"]);
     }
 }

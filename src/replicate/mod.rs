@@ -141,6 +141,8 @@ pub struct Watch {
     src: PathBuf,
     /// The source tree's state, while a source is open.
     primary: std::sync::Mutex<Option<Arc<PrimaryTree>>>,
+    /// The current watcher's watch set, for status.
+    watch_set: std::sync::Mutex<Option<Arc<watcher::SetupFront>>>,
     /// SRC as an absolute path, for status.
     tree: String,
     opts: WatchOptions,
@@ -208,6 +210,7 @@ impl Watch {
         Ok(Watch {
             src: src.to_path_buf(),
             primary: std::sync::Mutex::new(None),
+            watch_set: std::sync::Mutex::new(None),
             tree: crate::check::shown_absolute(src),
             alerts: Arc::new(Alerts::new(opts.alerts.clone())),
             opts,
@@ -265,6 +268,14 @@ impl crate::control::Control for Watch {
                 }
             }),
             quorum: self.opts.quorum,
+            watches: self.watch_set.lock().unwrap().as_ref().map(|f| {
+                let st = f.state();
+                crate::status::WatchSet {
+                    directories: st.watched,
+                    complete: st.complete,
+                    setup_seconds: st.seconds,
+                }
+            }),
         };
         i.assess();
         i
@@ -458,8 +469,15 @@ impl Watch {
             let now = Instant::now();
             let since = paused.take().map_or(now, |p| p.1);
             for r in &self.replicas {
-                r.resume(root.clone(), tree.epoch(), now, since);
+                r.resume(
+                    root.clone(),
+                    watcher.front.clone(),
+                    tree.epoch(),
+                    now,
+                    since,
+                );
             }
+            *self.watch_set.lock().unwrap() = Some(watcher.front.clone());
             let mut last_rescan = Instant::now();
             loop {
                 if stop() {

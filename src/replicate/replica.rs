@@ -62,6 +62,8 @@ pub struct Replica {
     sync_epoch: std::sync::atomic::AtomicU64,
     /// Told of every change to the machine (flushes wait on it).
     changed: Arc<super::Changed>,
+    /// What reading the source waits on: the current watcher's set-up.
+    gate: Mutex<Option<Arc<dyn crate::walk::Gate>>>,
 }
 
 impl Replica {
@@ -89,6 +91,7 @@ impl Replica {
             wire: Mutex::new((0, None)),
             sync_epoch: std::sync::atomic::AtomicU64::new(1),
             changed,
+            gate: Mutex::new(None),
         }
     }
 
@@ -123,10 +126,18 @@ impl Replica {
         self.with(|m| m.pause(why.to_string()));
     }
 
-    /// Resumes with the source `root` at `epoch`, watched since `now`; changes since
-    /// `paused_since` may have been missed.
-    pub fn resume(&self, root: Arc<Root>, epoch: u64, now: Instant, paused_since: Instant) {
+    /// Resumes with the source `root` at `epoch`, watched since `now` (reads of it wait on
+    /// `gate`, the watcher setting up); changes since `paused_since` may have been missed.
+    pub fn resume(
+        &self,
+        root: Arc<Root>,
+        gate: Arc<dyn crate::walk::Gate>,
+        epoch: u64,
+        now: Instant,
+        paused_since: Instant,
+    ) {
         *self.root.lock().unwrap() = Some(root);
+        *self.gate.lock().unwrap() = Some(gate);
         *self.source_refused.lock().unwrap() = None;
         self.sync_epoch.store(epoch, Ordering::Relaxed);
         self.with(|m| {
@@ -344,6 +355,7 @@ impl Replica {
             }
         };
         mark(Some(Instant::now()));
+        s.set_gate(self.gate.lock().unwrap().clone());
         let r = f(s);
         mark(None);
         r

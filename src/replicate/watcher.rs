@@ -2,14 +2,18 @@
 //! own that never blocks on the replicator: hints go into a bounded channel, and a full
 //! channel only raises a flag that becomes one full re-scan.
 //!
-//! Watches are set one directory at a time by a second thread, while events from the
-//! directories already watched flow: a tree of 100,000 directories starts replicating at
-//! once, not after its whole watch set is up. Each watch remembers only its parent's watch
-//! and its own name, so a renamed directory (however large) is one update, and memory is a
-//! few dozen bytes per directory.
+//! Watches are set one directory at a time by a second thread, in the order a walk reads
+//! the tree ([`crate::walk`]), while events from the directories already watched flow: a
+//! tree of 100,000 directories starts replicating at once, not after its whole watch set is
+//! up. The first reconcile's walk follows the watches as they are set ([`SetupFront`] is
+//! its [`Gate`]), so it reads no directory before changes there are seen, and no second
+//! scan is needed. Each watch remembers only its parent's watch and its own name, so a
+//! renamed directory (however large) is one update, and memory is a few dozen bytes per
+//! directory.
 
 use super::batcher::Hint;
 use crate::path::{RESERVED, RelPath, is_temp_name};
+use crate::walk::{Gate, walk_key};
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{AtFlags, FileType};
 use rustix::io::Errno;
@@ -21,13 +25,101 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, TrySendError, channel, sync_channel};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Hints buffered between the watcher and the replicator.
 const QUEUE: usize = 1 << 16;
-/// How long `start` waits for the watch set before it lets replication begin anyway.
-const SETUP_WAIT: Duration = Duration::from_secs(1);
+
+/// How far the first watch set has come: the last directory it reached, in walk order.
+#[derive(Default)]
+pub struct SetupFront {
+    state: Mutex<Front>,
+    moved: Condvar,
+}
+
+#[derive(Default)]
+struct Front {
+    /// The walk key ([`walk_key`]) of the last directory the set-up reached.
+    at: Vec<u8>,
+    /// Every directory there at the start is watched (or the watcher stopped).
+    done: bool,
+    watched: u64,
+    since: Option<Instant>,
+    took: Option<Duration>,
+}
+
+/// The watch set, as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SetupState {
+    /// Directories watched so far.
+    pub watched: u64,
+    /// Every directory there at the start is watched.
+    pub complete: bool,
+    /// Seconds the first watch set took (or has taken so far).
+    pub seconds: f64,
+}
+
+impl SetupFront {
+    fn reached(&self, dir: &RelPath, watched: bool) {
+        let mut f = self.state.lock().unwrap();
+        f.at = walk_key(dir);
+        f.watched += u64::from(watched);
+        drop(f);
+        self.moved.notify_all();
+    }
+
+    fn finish(&self) {
+        let mut f = self.state.lock().unwrap();
+        if !f.done {
+            f.done = true;
+            f.took = f.since.map(|s| s.elapsed());
+        }
+        drop(f);
+        self.moved.notify_all();
+    }
+
+    pub fn state(&self) -> SetupState {
+        let f = self.state.lock().unwrap();
+        let seconds = f
+            .took
+            .or(f.since.map(|s| s.elapsed()))
+            .unwrap_or_default()
+            .as_secs_f64();
+        SetupState {
+            watched: f.watched,
+            complete: f.done,
+            seconds,
+        }
+    }
+
+    fn wait_until(&self, passed: impl Fn(&Front) -> bool) {
+        let mut f = self.state.lock().unwrap();
+        while !f.done && !passed(&f) {
+            f = self.moved.wait(f).unwrap();
+        }
+    }
+}
+
+impl Gate for SetupFront {
+    fn wait_for(&self, dir: &RelPath) {
+        let key = walk_key(dir);
+        self.wait_until(|f| f.at >= key);
+    }
+
+    fn wait_all(&self) {
+        self.wait_until(|_| false);
+    }
+}
+
+/// Marks the set-up over however the set-up thread ends, so no walk waits for it forever.
+struct Finished<'a>(&'a SetupFront);
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
 
 /// A running watch of one tree. Dropping it stops its threads.
 pub struct Watcher {
@@ -36,8 +128,8 @@ pub struct Watcher {
     pub overflowed: Arc<AtomicBool>,
     /// Set when the inotify watch limit was hit: parts of the tree are not watched.
     pub limited: Arc<AtomicBool>,
-    /// Set once every directory that was there at the start is watched.
-    pub ready: Arc<AtomicBool>,
+    /// How far the first watch set has come; a walk's [`Gate`].
+    pub front: Arc<SetupFront>,
     stop: Arc<AtomicBool>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
@@ -201,30 +293,40 @@ impl Shared {
         }
     }
 
-    /// Watches `path` and every directory beneath it, depth first; between directories it
-    /// serves `urgent` first (directories that just appeared), so a long first walk never
-    /// delays them. Returns the directories watched.
-    fn watch_tree(&self, path: RelPath, parent: i32, urgent: &Receiver<(RelPath, i32)>) -> u64 {
-        let mut n = 0;
-        let mut stack = vec![(path, parent)];
-        while let Some((p, parent)) = stack.pop() {
+    /// Watches `path` and every directory beneath it, depth first in walk order; between
+    /// directories it serves `urgent` first (directories that just appeared), so a long
+    /// first walk never delays them. The first walk (`front` given) moves the front on.
+    fn watch_tree(
+        &self,
+        path: RelPath,
+        parent: i32,
+        urgent: &Receiver<(RelPath, i32)>,
+        front: Option<&SetupFront>,
+    ) {
+        // The bool: part of the first walk (urgent ones are not, and come out of order).
+        let mut stack = vec![(path, parent, front.is_some())];
+        while let Some((p, parent, first)) = stack.pop() {
             if self.stop.load(Ordering::Relaxed) {
-                return n;
+                return;
             }
-            let Some(wd) = self.watch(&p, parent, p.name()) else {
-                continue;
-            };
-            n += 1;
-            for name in subdirs(&self.tree, &p).into_iter().rev() {
-                if let Ok(child) = p.join(&name) {
-                    stack.push((child, wd));
+            let wd = self.watch(&p, parent, p.name());
+            // Listed after its watch is set: a subdirectory made meanwhile is seen either
+            // way, by the listing or as an event.
+            let children = wd.map(|_| subdirs(&self.tree, &p)).unwrap_or_default();
+            if let Some(f) = front.filter(|_| first) {
+                f.reached(&p, wd.is_some());
+            }
+            if let Some(wd) = wd {
+                for name in children.into_iter().rev() {
+                    if let Ok(child) = p.join(&name) {
+                        stack.push((child, wd, first));
+                    }
                 }
             }
             while let Ok((q, qparent)) = urgent.try_recv() {
-                stack.push((q, qparent));
+                stack.push((q, qparent, false));
             }
         }
-        n
     }
 }
 
@@ -256,9 +358,8 @@ fn subdirs(root: &crate::fsroot::Root, rel: &RelPath) -> Vec<Vec<u8>> {
     out
 }
 
-/// Starts watching `root` recursively. The watch set is built in the background; this
-/// waits for it up to a second. Built later than that, a full re-scan follows it, as a
-/// directory read before it was watched may have changed unseen meanwhile.
+/// Starts watching `root` recursively. The watch set is built in the background, in walk
+/// order; a walk that waits on [`Watcher::front`] reads only directories already watched.
 pub fn start(root: &Path) -> Result<Watcher, WatchError> {
     let root = root.canonicalize().map_err(|e| WatchError {
         path: root.display().to_string(),
@@ -286,14 +387,14 @@ pub fn start(root: &Path) -> Result<Watcher, WatchError> {
     {
         return Err(fail("it is not a directory that can be watched".into()));
     }
-    let ready = Arc::new(AtomicBool::new(false));
+    let front = Arc::new(SetupFront::default());
+    front.state.lock().unwrap().since = Some(Instant::now());
     let (urgent_tx, urgent_rx) = channel::<(RelPath, i32)>();
-    let started = Instant::now();
     let setup = {
-        let (shared, ready) = (shared.clone(), ready.clone());
+        let (shared, front) = (shared.clone(), front.clone());
         std::thread::Builder::new()
             .name("hotsync-watches".into())
-            .spawn(move || set_up(&shared, &ready, urgent_rx, started))
+            .spawn(move || set_up(&shared, &front, urgent_rx))
             .map_err(|e| fail(e.to_string()))?
     };
     let reader = {
@@ -303,14 +404,11 @@ pub fn start(root: &Path) -> Result<Watcher, WatchError> {
             .spawn(move || read_events(&shared, &urgent_tx))
             .map_err(|e| fail(e.to_string()))?
     };
-    while !ready.load(Ordering::Relaxed) && started.elapsed() < SETUP_WAIT {
-        std::thread::sleep(Duration::from_millis(2));
-    }
     Ok(Watcher {
         hints: rx,
         overflowed: shared.overflowed.clone(),
         limited: shared.limited.clone(),
-        ready,
+        front,
         stop: shared.stop.clone(),
         threads: vec![setup, reader],
     })
@@ -321,27 +419,26 @@ fn io_reason(e: Errno) -> String {
 }
 
 /// The setup thread: the whole tree first, then each directory that appears.
-fn set_up(shared: &Shared, ready: &AtomicBool, urgent: Receiver<(RelPath, i32)>, started: Instant) {
+fn set_up(shared: &Shared, front: &SetupFront, urgent: Receiver<(RelPath, i32)>) {
+    let finished = Finished(front);
     let root_wd = shared.table.lock().unwrap().root;
-    let mut n = 1;
+    front.reached(&RelPath::root(), true);
     for name in subdirs(&shared.tree, &RelPath::root()) {
         if let Ok(p) = RelPath::root().join(&name) {
-            n += shared.watch_tree(p, root_wd, &urgent);
+            shared.watch_tree(p, root_wd, &urgent, Some(front));
         }
     }
-    let late = started.elapsed() >= SETUP_WAIT;
-    ready.store(true, Ordering::Relaxed);
+    drop(finished);
+    let st = front.state();
     tracing::debug!(
-        "watching {n} directories ({} ms to set up)",
-        started.elapsed().as_millis()
+        "watching {} directories ({} ms to set up)",
+        st.watched,
+        (st.seconds * 1000.0) as u64
     );
-    if late && !shared.stop.load(Ordering::Relaxed) {
-        shared.send([Hint::RescanAll]);
-    }
     while !shared.stop.load(Ordering::Relaxed) {
         match urgent.recv_timeout(Duration::from_millis(100)) {
             Ok((p, parent)) => {
-                shared.watch_tree(p, parent, &urgent);
+                shared.watch_tree(p, parent, &urgent, None);
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(_) => return,
@@ -650,11 +747,41 @@ mod tests {
     }
 
     #[test]
+    fn the_setup_front_lets_a_walk_read_only_what_is_watched() {
+        let f = Arc::new(SetupFront::default());
+        f.reached(&p("b"), true);
+        // Behind the front (in walk order): no wait.
+        f.wait_for(&p(""));
+        f.wait_for(&p("a/deep/x"));
+        f.wait_for(&p("b"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                f.wait_for(&p("b/x"));
+                tx.send("b/x").unwrap();
+                f.wait_all();
+                tx.send("all").unwrap();
+            })
+        };
+        f.reached(&p("b/x"), false);
+        assert_eq!(rx.recv().unwrap(), "b/x");
+        f.finish();
+        assert_eq!(rx.recv().unwrap(), "all");
+        waiting.join().unwrap();
+        let st = f.state();
+        assert!(st.complete);
+        assert_eq!(st.watched, 1);
+    }
+
+    #[test]
     fn a_real_tree_is_watched_through_renames_and_new_directories() {
         let t = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(t.path().join("a/b")).unwrap();
         let w = start(t.path()).unwrap();
-        assert!(w.ready.load(Ordering::Relaxed));
+        w.front.wait_all();
+        let st = w.front.state();
+        assert!(st.complete && st.watched == 3, "{st:?}");
         std::fs::write(t.path().join("a/b/f"), b"1").unwrap();
         assert!(wait_hint(&w, |h| *h == Hint::Written(p("a/b/f"))));
         // A renamed directory's contents are reported at their new path.

@@ -23,6 +23,7 @@ use crate::scan::{ScanOptions, scan_scopes};
 use crate::standby::Position;
 use crate::summary::{EntryError, Summary};
 use crate::transport::{Connection, SendHalf, Stream};
+use crate::walk::{Gate, Scopes};
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -128,6 +129,8 @@ pub struct Session<'m> {
     next_id: AtomicU64,
     /// The standby's entries at the last full listing: the mass-delete guard's yardstick.
     remote_total: usize,
+    /// What reading the primary's tree waits on (a watcher still setting up its watches).
+    gate: Option<Arc<dyn Gate>>,
 }
 
 impl<'m> Session<'m> {
@@ -205,7 +208,14 @@ impl<'m> Session<'m> {
             owners,
             next_id: AtomicU64::new(1),
             remote_total: 0,
+            gate: None,
         })
+    }
+
+    /// Makes every later read of the primary's tree wait on `gate` first, directory by
+    /// directory: a watch reads a directory only once its changes are seen.
+    pub fn set_gate(&mut self, gate: Option<Arc<dyn Gate>>) {
+        self.gate = gate;
     }
 
     fn conn(&self) -> &dyn Connection {
@@ -272,6 +282,10 @@ impl<'m> Session<'m> {
         scopes: &[(RelPath, Scope)],
         checksum: bool,
     ) -> Result<(crate::scan::ScanOutcome, Manifest, u64), Error> {
+        if let Some(g) = &self.gate {
+            // A listing reads directories in no order a watcher follows.
+            g.wait_all();
+        }
         self.ch.send(&Message::List {
             scopes: scopes.to_vec(),
             checksum,
@@ -295,46 +309,53 @@ impl<'m> Session<'m> {
         Ok((local, remote, temps_removed))
     }
 
+    /// Applies `renames` on the standby (not in a dry run); returns how many were made.
+    fn rename(&mut self, renames: &[(RelPath, RelPath)]) -> Result<u64, Error> {
+        if renames.is_empty() || self.opts.dry_run {
+            return Ok(0);
+        }
+        let empty = Manifest::default();
+        let ex = Exec {
+            conn: &**self.link.conn(),
+            root: &self.root,
+            remote: Some(&empty),
+            tally: Mutex::new(Summary::default()),
+            retries: Mutex::new(Vec::new()),
+            next_id: &self.next_id,
+            monitor: self.monitor,
+        };
+        let ops = renames
+            .iter()
+            .map(|(from, to)| {
+                let msg = Message::Rename {
+                    id: ex.id(),
+                    from: from.clone(),
+                    to: to.clone(),
+                };
+                (msg, to.clone(), Op::Rename)
+            })
+            .collect();
+        ex.control_batch(&mut self.ch, ops, 1)?;
+        Ok(ex.tally.into_inner().unwrap().renamed)
+    }
+
     fn reconcile(
         &mut self,
         renames: &[(RelPath, RelPath)],
         scopes: &[(RelPath, Scope)],
         full: bool,
     ) -> Result<Outcome, Error> {
-        // The whole tree is walked, not listed: memory stays flat however large it is.
-        if renames.is_empty()
-            && self.version >= 3
-            && normalize_scopes(scopes) == [(RelPath::root(), Scope::Tree)]
-        {
-            return self.reconcile_streamed();
-        }
         let started = Instant::now();
         let wire_before = self.wire_bytes();
-        let empty = Manifest::default();
-        let mut renamed = 0;
-        if !renames.is_empty() && !self.opts.dry_run {
-            let ex = Exec {
-                conn: &**self.link.conn(),
-                root: &self.root,
-                remote: Some(&empty),
-                tally: Mutex::new(Summary::default()),
-                retries: Mutex::new(Vec::new()),
-                next_id: &self.next_id,
-                monitor: self.monitor,
-            };
-            let ops = renames
-                .iter()
-                .map(|(from, to)| {
-                    let msg = Message::Rename {
-                        id: ex.id(),
-                        from: from.clone(),
-                        to: to.clone(),
-                    };
-                    (msg, to.clone(), Op::Rename)
-                })
-                .collect();
-            ex.control_batch(&mut self.ch, ops, 1)?;
-            renamed = ex.tally.into_inner().unwrap().renamed;
+        let renamed = self.rename(renames)?;
+        // Whole subtrees are walked, not listed: memory stays flat however large they are.
+        // Single entries are listed (a batch's worth, at once).
+        let normal = normalize_scopes(scopes);
+        let whole = normal == [(RelPath::root(), Scope::Tree)];
+        if (whole && self.version >= 3)
+            || (self.version >= 4 && normal.iter().any(|(_, s)| *s == Scope::Tree))
+        {
+            return self.reconcile_streamed(Scopes::new(&normal), renamed);
         }
         // Parents too: a new path may need its directory made, and changes inside a
         // directory change its mtime.
@@ -540,7 +561,42 @@ enum Op {
     Rename,
 }
 
-type Pending = Mutex<HashMap<u64, (RelPath, Op)>>;
+/// Operations sent on a stream and not yet acknowledged.
+#[derive(Default)]
+struct Pending {
+    ops: Mutex<HashMap<u64, (RelPath, Op)>>,
+    /// Told when acknowledgements arrive, or when no more will.
+    acked: std::sync::Condvar,
+    over: std::sync::atomic::AtomicBool,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (RelPath, Op)>> {
+        self.ops.lock().unwrap()
+    }
+
+    /// Waits until fewer than `n` are unacknowledged, or no acknowledgement will come.
+    fn wait_below(&self, n: usize) {
+        let mut ops = self.ops.lock().unwrap();
+        while ops.len() >= n && !self.over.load(Ordering::Relaxed) {
+            ops = self
+                .acked
+                .wait_timeout(ops, std::time::Duration::from_millis(100))
+                .unwrap()
+                .0;
+        }
+    }
+
+    fn end(&self) {
+        self.over.store(true, Ordering::Relaxed);
+        self.acked.notify_all();
+    }
+}
+
+/// Operations a lane leaves unacknowledged at most. Past it, the lane asks the standby to
+/// commit and waits: what is in flight (and remembered here) stays bounded however fast
+/// small files are read, not just by the transport's buffers.
+const LANE_IN_FLIGHT: usize = 4 * crate::atomic::BATCH_FILES;
 
 struct Exec<'a> {
     conn: &'a dyn Connection,
@@ -738,7 +794,7 @@ impl<'a> Exec<'a> {
         self.pipelined(r, &pending, seq, || {
             for (msg, path, op) in ops {
                 let id = msg.op_id().expect("control operations carry an id");
-                pending.lock().unwrap().insert(id, (path, op));
+                pending.lock().insert(id, (path, op));
                 w.send(&msg)?;
             }
             w.send(&Message::Flush { seq })?;
@@ -756,7 +812,11 @@ impl<'a> Exec<'a> {
         send: impl FnOnce() -> Result<(), ProtocolError>,
     ) -> Result<(), Error> {
         std::thread::scope(|s| {
-            let acks = s.spawn(|| self.read_acks(r, pending, seq));
+            let acks = s.spawn(|| {
+                let read = self.read_acks(r, pending, seq);
+                pending.end();
+                read
+            });
             let sent = send();
             if sent.is_err() {
                 // The ack reader would wait for answers to what was never sent.
@@ -771,7 +831,7 @@ impl<'a> Exec<'a> {
     }
 
     /// Reads acknowledgements until `Flushed { seq }` (or the end of the stream when
-    /// `seq` is 0), accounting for each.
+    /// `seq` is 0, with `Flushed { seq: 0 }` along the way), accounting for each.
     fn read_acks<R: Read>(
         &self,
         r: &mut FrameReader<R>,
@@ -789,13 +849,17 @@ impl<'a> Exec<'a> {
             };
             match msg {
                 Message::Ack { id, error } => {
-                    let Some((path, op)) = pending.lock().unwrap().remove(&id) else {
+                    let found = pending.lock().remove(&id);
+                    pending.acked.notify_all();
+                    let Some((path, op)) = found else {
                         return Err(ProtocolError::Invalid(format!(
                             "ack for unknown operation {id}"
                         )));
                     };
                     self.account(path, op, error);
                 }
+                // A lane's commits along the way (it ends with its stream).
+                Message::Flushed { seq: 0 } if seq == 0 => {}
                 Message::Flushed { seq: s } if s == seq => return Ok(()),
                 other => {
                     return Err(ProtocolError::unexpected(&other, "Ack"));
@@ -869,18 +933,31 @@ impl<'a> Exec<'a> {
         let pending = Pending::default();
         self.pipelined(&mut r, &pending, 0, || {
             let mut buf = Vec::new();
+            let mut staged = false;
             feed(&mut |item| {
                 let Some(item) = item else {
+                    // Idle: what the standby holds staged is made durable and visible now,
+                    // not when more comes (a change found early in a long walk).
+                    if std::mem::take(&mut staged) {
+                        w.send(&Message::Flush { seq: 0 })?;
+                    }
                     return w.flush();
                 };
+                if pending.lock().len() >= LANE_IN_FLIGHT {
+                    if std::mem::take(&mut staged) {
+                        w.send(&Message::Flush { seq: 0 })?;
+                    }
+                    w.flush()?;
+                    // Resumed after one batch's acknowledgements: the standby still has
+                    // others to commit meanwhile.
+                    pending.wait_below(LANE_IN_FLIGHT - crate::atomic::BATCH_FILES);
+                }
+                staged = true;
                 let id = self.id();
                 match item {
                     LaneItem::File(t) => self.send_small(&mut w, &pending, id, t, &mut buf)?,
                     LaneItem::Symlink(l) => {
-                        pending
-                            .lock()
-                            .unwrap()
-                            .insert(id, (l.path.clone(), Op::Symlink));
+                        pending.lock().insert(id, (l.path.clone(), Op::Symlink));
                         w.send(&Message::Symlink {
                             id,
                             path: l.path.clone(),
@@ -889,10 +966,7 @@ impl<'a> Exec<'a> {
                         })?;
                     }
                     LaneItem::Meta(m) => {
-                        pending
-                            .lock()
-                            .unwrap()
-                            .insert(id, (m.path.clone(), Op::Meta));
+                        pending.lock().insert(id, (m.path.clone(), Op::Meta));
                         w.send(&set_meta(m, id))?;
                     }
                 }
@@ -915,7 +989,7 @@ impl<'a> Exec<'a> {
         match read_small(self.root, &t.path, buf) {
             Ok(Some(st)) => {
                 let meta = meta_of(&st);
-                pending.lock().unwrap().insert(
+                pending.lock().insert(
                     id,
                     (
                         t.path.clone(),
@@ -971,7 +1045,6 @@ impl<'a> Exec<'a> {
         let meta = meta_of(&before);
         pending
             .lock()
-            .unwrap()
             .insert(id, (path.clone(), Op::Transfer { bytes: size }));
         w.send(&Message::BigFile {
             id,
@@ -993,7 +1066,6 @@ impl<'a> Exec<'a> {
             Some((reason, retry)) => {
                 pending
                     .lock()
-                    .unwrap()
                     .insert(id, (path.clone(), Op::Abandoned { reason, retry }));
                 w.send(&Message::FileEnd {
                     complete: false,
@@ -1032,11 +1104,7 @@ impl<'a> Exec<'a> {
             if !sent.map_err(peer_error)? {
                 return Ok(());
             }
-            let (p, op) = pending
-                .lock()
-                .unwrap()
-                .remove(&id)
-                .expect("registered above");
+            let (p, op) = pending.lock().remove(&id).expect("registered above");
             let error = read_one_ack(&mut r, id).map_err(peer_error)?;
             let again = match &op {
                 Op::Abandoned { retry, .. } => *retry,

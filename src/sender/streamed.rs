@@ -23,17 +23,20 @@ use crate::scan::ScanOptions;
 use crate::spill::Spill;
 use crate::summary::Summary;
 use crate::transport::Connection;
-use crate::walk::{Unit, Walker, walk_cmp};
+use crate::walk::{Gate, Scopes, Unit, Walker, walk_cmp};
 use std::collections::VecDeque;
 use std::io;
-use std::sync::Mutex;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
-use std::time::Instant;
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Operations a window gathers before it is carried out.
-const WINDOW_OPS: usize = 16 * 1024;
+const WINDOW_OPS: usize = 4 * 1024;
 /// File bytes a window gathers before it is carried out.
 const WINDOW_BYTES: u64 = 256 << 20;
+/// How long a window that is not full waits for more, when the executor is idle: a change
+/// found early in a long walk goes at once, not when the walk ends.
+const WINDOW_AGE: Duration = Duration::from_millis(50);
 /// Entries the local walk reads ahead of the planner.
 const WALK_AHEAD: usize = 2048;
 /// Removals and attribute fixes sent per control batch at the end.
@@ -235,12 +238,26 @@ impl Session<'_> {
             hash_rate: self.opts.hash_rate,
             ..self.scan_opts.clone()
         };
-        let walked = walk_both(&**self.link.conn(), &self.root, opts, self.monitor, each);
-        walked.map(drop).map_err(|e| self.link.explain(e))
+        let walk = Walk {
+            conn: &**self.link.conn(),
+            root: &self.root,
+            opts,
+            scopes: Scopes::all(),
+            gate: self.gate.clone(),
+            monitor: self.monitor,
+        };
+        walk_both(walk, each)
+            .map(drop)
+            .map_err(|e| self.link.explain(e))
     }
 
-    /// Reconciles the whole tree by walking both sides together.
-    pub(super) fn reconcile_streamed(&mut self) -> Result<Outcome, Error> {
+    /// Reconciles what `scopes` cover (a whole tree, or subtrees and entries) by walking
+    /// both sides together; `renamed` renames were applied just before.
+    pub(super) fn reconcile_streamed(
+        &mut self,
+        scopes: Scopes,
+        renamed: u64,
+    ) -> Result<Outcome, Error> {
         let started = Instant::now();
         let wire_before = self.wire_bytes();
         let checksum = self.opts.checksum;
@@ -262,6 +279,8 @@ impl Session<'_> {
         let shown = self.root.path().display().to_string();
         let dry_run = self.opts.dry_run;
         let remote_total = self.remote_total;
+        let whole = scopes.is_all();
+        let gate = self.gate.clone();
 
         let (root, monitor) = (&*self.root, self.monitor);
         let conn = &**self.link.conn();
@@ -271,6 +290,7 @@ impl Session<'_> {
             remote: None,
             tally: Mutex::new(Summary {
                 dry_run,
+                renamed,
                 ..Summary::default()
             }),
             retries: Mutex::new(Vec::new()),
@@ -290,27 +310,55 @@ impl Session<'_> {
             let (ex, ch) = (&ex, &mut self.ch);
             let executor = s.spawn(move || ex.run_windows(wrx, ch, opts));
             let mut window = Plan::default();
+            let mut window_since = Instant::now();
             let mut planned = (0u64, 0u64);
             let mut first = true;
-            let mut send = |window: &mut Plan, dry: &mut Plan| -> bool {
-                planned.0 += window.transfers.len() as u64;
-                planned.1 += window.transfer_bytes();
-                monitor.planned(planned.0, planned.1);
+            // Hands the window on: waiting for the executor when `wait`, else only if it is
+            // idle. False when the executor stopped.
+            let mut send = |window: &mut Plan, dry: &mut Plan, wait: bool| -> bool {
                 let w = std::mem::take(window);
+                let (files, bytes) = (w.transfers.len() as u64, w.transfer_bytes());
                 if dry_run {
                     append(dry, w);
-                    true
+                } else if wait {
+                    if wtx.send(w).is_err() {
+                        return false;
+                    }
                 } else {
-                    wtx.send(w).is_ok()
+                    match wtx.try_send(w) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(w)) => {
+                            *window = w;
+                            return true;
+                        }
+                        Err(TrySendError::Disconnected(_)) => return false,
+                    }
                 }
+                planned.0 += files;
+                planned.1 += bytes;
+                monitor.planned(planned.0, planned.1);
+                true
             };
-            let walked = walk_both(conn, root, scan_opts, monitor, |lu, ru| {
+            let walk = Walk {
+                conn,
+                root,
+                opts: scan_opts,
+                scopes,
+                gate,
+                monitor,
+            };
+            let walked = walk_both(walk, |lu, ru| {
                 if std::mem::take(&mut first) {
                     // An empty source facing a full standby is refused before anything is
-                    // touched: an unmounted disk must never wipe the standby.
+                    // touched: an unmounted disk must never wipe the standby. (A part of
+                    // the tree may be empty; then the root itself is looked at.)
                     if let Some(lu) = &lu
                         && lu.entries.is_empty()
                         && lu.errors.is_empty()
+                        && (whole
+                            || root
+                                .is_empty()
+                                .map_err(|e| Error::io("cannot read SRC", e))?)
                     {
                         let held = ru.as_ref().map_or(0, |r| r.entries.len());
                         source_empty = true;
@@ -328,16 +376,21 @@ impl Session<'_> {
                 for m in step.dir_metas {
                     dir_metas.push(m).map_err(spill_error)?;
                 }
+                if ops(&window) == 0 {
+                    window_since = Instant::now();
+                }
                 append(&mut window, step.plan);
-                let full = ops(&window) >= WINDOW_OPS || window.transfer_bytes() >= WINDOW_BYTES;
-                if full && !send(&mut window, &mut dry) {
+                let n = ops(&window);
+                let full = n >= WINDOW_OPS || window.transfer_bytes() >= WINDOW_BYTES;
+                let aged = n > 0 && window_since.elapsed() >= WINDOW_AGE;
+                if (full || aged) && !send(&mut window, &mut dry, full) {
                     // The executor stopped: its error says why.
                     return Err(Error::Protocol(ProtocolError::Invalid("stopped".into())));
                 }
                 Ok(())
             });
             if walked.is_ok() {
-                send(&mut window, &mut dry);
+                send(&mut window, &mut dry, true);
             }
             drop(wtx);
             let executed = executor.join().expect("executor panicked");
@@ -421,14 +474,21 @@ impl Session<'_> {
         summary.files_scanned = counts.local_entries;
         summary.bytes_total = counts.local_bytes;
         summary.temps_removed = temps_removed;
+        // The guard's yardstick: counted whole by a whole walk, else kept up to date.
+        let held = if whole {
+            counts.remote_entries
+        } else {
+            self.remote_total as u64
+        };
         if dry_run {
             summary.files_transferred = dry.transfers.len() as u64;
             summary.files_deleted = removed;
-            self.remote_total = counts.remote_entries as usize;
+            if whole {
+                self.remote_total = counts.remote_entries as usize;
+            }
         } else {
             summary.files_deleted += counts.cleared_beneath;
-            self.remote_total =
-                (counts.remote_entries + counts.added).saturating_sub(removed) as usize;
+            self.remote_total = (held + counts.added).saturating_sub(removed) as usize;
         }
         dry.removed_entries = removed as usize;
         dry.remote_entries = counts.remote_entries as usize;
@@ -451,24 +511,42 @@ impl Session<'_> {
 /// `each`'s, the walks', or the connection's; after any but a guard's refusal the
 /// connection is closed, as the standby may still be sending its walk.
 pub(crate) fn walk_both(
-    conn: &dyn Connection,
-    root: &Root,
-    opts: ScanOptions,
-    monitor: &dyn Monitor,
+    w: Walk<'_>,
     mut each: impl FnMut(Option<Unit>, Option<Unit>) -> Result<(), Error>,
 ) -> Result<u64, Error> {
+    let Walk {
+        conn,
+        root,
+        opts,
+        scopes,
+        gate,
+        monitor,
+    } = w;
     let mut walk = Channel::new(conn.open().map_err(ProtocolError::Io)?);
-    walk.send(&Message::Walk {
-        checksum: opts.checksum,
-        hash_rate: opts.hash_rate,
+    // The whole tree is asked for as version 3 peers know it.
+    walk.send(&if scopes.is_all() {
+        Message::Walk {
+            checksum: opts.checksum,
+            hash_rate: opts.hash_rate,
+        }
+    } else {
+        Message::WalkScopes {
+            scopes: scopes.as_slice().to_vec(),
+            checksum: opts.checksum,
+            hash_rate: opts.hash_rate,
+        }
     })?;
     walk.flush()?;
     let done = std::thread::scope(|s| {
         let (ltx, lrx) = sync_channel::<io::Result<Vec<Unit>>>(2);
         let (rtx, rrx) = sync_channel::<Result<Remote, ProtocolError>>(8);
-        s.spawn(move || walk_local(root, opts, ltx, monitor));
+        let check = WalkCheck {
+            scopes: scopes.clone(),
+            ..WalkCheck::default()
+        };
+        s.spawn(move || walk_local(Walker::scoped(root, opts, scopes, gate), ltx, monitor));
         let walk = &mut walk;
-        s.spawn(move || read_remote(walk, rtx));
+        s.spawn(move || read_remote(walk, check, rtx));
         let mut local = Queue::Local(lrx, VecDeque::new(), false);
         let mut remote = Queue::Remote(rrx, None, None);
         let mut run = || -> Result<u64, Error> {
@@ -554,13 +632,7 @@ impl Queue {
 }
 
 /// Walks the primary's tree into `tx`, a batch at a time.
-fn walk_local(
-    root: &Root,
-    opts: ScanOptions,
-    tx: SyncSender<io::Result<Vec<Unit>>>,
-    monitor: &dyn Monitor,
-) {
-    let mut w = Walker::new(root, opts);
+fn walk_local(mut w: Walker<'_>, tx: SyncSender<io::Result<Vec<Unit>>>, monitor: &dyn Monitor) {
     let mut seen = 0u64;
     loop {
         let batch = w.next_batch(WALK_AHEAD);
@@ -582,8 +654,11 @@ fn walk_local(
 
 /// Reads the standby's walk into `tx`, checking it is the walk it claims to be: units in
 /// walk order, each holding only its own children, sorted, the count as announced.
-fn read_remote(walk: &mut Channel, tx: SyncSender<Result<Remote, ProtocolError>>) {
-    let mut check = WalkCheck::default();
+fn read_remote(
+    walk: &mut Channel,
+    mut check: WalkCheck,
+    tx: SyncSender<Result<Remote, ProtocolError>>,
+) {
     loop {
         let item = match walk.r.recv().and_then(|m| check.message(m)) {
             Ok(None) => continue,
@@ -597,13 +672,37 @@ fn read_remote(walk: &mut Channel, tx: SyncSender<Result<Remote, ProtocolError>>
     }
 }
 
+/// What both sides walk, and how.
+pub(crate) struct Walk<'a> {
+    pub conn: &'a dyn Connection,
+    pub root: &'a Root,
+    pub opts: ScanOptions,
+    pub scopes: Scopes,
+    /// What the primary's walk waits on before each directory (a watcher setting up).
+    pub gate: Option<Arc<dyn Gate>>,
+    pub monitor: &'a dyn Monitor,
+}
+
 /// The checks a standby's walk must pass, message by message.
-#[derive(Default)]
 struct WalkCheck {
+    /// What the walk may cover: a standby's entry outside it would be taken for one the
+    /// primary lacks, and deleted.
+    scopes: Scopes,
     /// The directory being received (a large one comes in parts).
     current: Option<Unit>,
     last_dir: Option<RelPath>,
     count: u64,
+}
+
+impl Default for WalkCheck {
+    fn default() -> WalkCheck {
+        WalkCheck {
+            scopes: Scopes::all(),
+            current: None,
+            last_dir: None,
+            count: 0,
+        }
+    }
 }
 
 impl WalkCheck {
@@ -631,6 +730,9 @@ impl WalkCheck {
                         if !in_order {
                             return bad(format!("is out of order at {}", dir.path));
                         }
+                        if !dir.path.is_root() && !self.scopes.enters(&dir.path) {
+                            return bad(format!("strays outside its scope into {}", dir.path));
+                        }
                         self.last_dir = Some(dir.path.clone());
                         self.count += 1;
                         Unit {
@@ -648,6 +750,9 @@ impl WalkCheck {
                     }
                     if unit.entries.last().is_some_and(|l| l.path >= e.path) {
                         return bad(format!("is out of order at {}", e.path));
+                    }
+                    if !self.scopes.holds(&e.path) {
+                        return bad(format!("strays outside its scope to {}", e.path));
                     }
                     self.count += 1;
                     unit.entries.push(e);
@@ -701,4 +806,41 @@ fn append(into: &mut Plan, mut more: Plan) {
     into.dir_metas.append(&mut more.dir_metas);
     into.removed_entries += more.removed_entries;
     into.remote_entries += more.remote_entries;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Scope;
+    use crate::manifest::testing::{dir, file};
+
+    fn dir_msg(d: &str, entries: Vec<crate::manifest::Entry>) -> Message {
+        Message::Dir {
+            dir: dir(d),
+            entries,
+            errors: vec![],
+            more: false,
+        }
+    }
+
+    #[test]
+    fn a_standby_walk_outside_its_scope_is_refused() {
+        let scoped = || WalkCheck {
+            scopes: Scopes::new(&[(RelPath::new("big").unwrap(), Scope::Tree)]),
+            ..WalkCheck::default()
+        };
+        let mut c = scoped();
+        assert!(c.message(dir_msg("", vec![dir("big")])).is_ok());
+        assert!(c.message(dir_msg("big", vec![file("big/x", 1)])).is_ok());
+        // A name beside the scope would look like one the primary lacks, and be deleted.
+        let e = scoped()
+            .message(dir_msg("", vec![dir("big"), dir("keep")]))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("outside its scope to keep"), "{e}");
+        let mut c = scoped();
+        c.message(dir_msg("", vec![dir("big")])).unwrap();
+        let e = c.message(dir_msg("keep", vec![])).err().unwrap();
+        assert!(e.to_string().contains("outside its scope into keep"), "{e}");
+    }
 }

@@ -511,7 +511,8 @@ fn a_version_1_primary_is_refused_with_both_versions_named() {
     }
     let log = m.server.log();
     assert!(
-        log.contains("speaks protocol 3") && log.contains("the peer speaks 1"),
+        log.contains(&format!("speaks protocol {}", hotsync::protocol::VERSION))
+            && log.contains("the peer speaks 1"),
         "{log}"
     );
     // Nothing written, and a current primary is served as ever.
@@ -561,7 +562,9 @@ fn a_version_1_standby_is_refused_with_both_versions_named() {
     ]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
-        r.stderr.contains("speaks protocol 3") && r.stderr.contains("the peer speaks 1"),
+        r.stderr
+            .contains(&format!("speaks protocol {}", hotsync::protocol::VERSION))
+            && r.stderr.contains("the peer speaks 1"),
         "{}",
         r.stderr
     );
@@ -569,7 +572,10 @@ fn a_version_1_standby_is_refused_with_both_versions_named() {
     let g = old.join().unwrap();
     assert_eq!(
         (g[8], g[10]),
-        (3, 2),
+        (
+            hotsync::protocol::VERSION as u8,
+            hotsync::protocol::MIN_VERSION as u8
+        ),
         "the old standby heard our versions too"
     );
 }

@@ -506,3 +506,101 @@ fn a_background_verify_does_not_report_a_file_being_written() {
     }
     r.converge();
 }
+
+/// A directory tree moved into the source is reconciled as that subtree alone (walked on
+/// both sides, over QUIC): what the standby holds beside it is left alone, what it holds
+/// inside it and the primary does not is removed.
+#[test]
+fn a_moved_in_tree_is_reconciled_alone() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(
+        true,
+        |t| {
+            write(&t.s("keep/k"), b"k");
+        },
+        &[],
+    );
+    r.converge();
+    // The standby's own files, one beside the tree to come and one inside it.
+    write(&r.t.d("keep/extra"), b"standby only");
+    write(&r.t.d("big/stale"), b"standby only");
+    let outside = r.t.dir.path().join("outside");
+    for i in 0..30 {
+        write(
+            &outside.join(format!("d{i}/e/f{i}")),
+            format!("{i}").as_bytes(),
+        );
+    }
+    std::fs::rename(&outside, r.s("big")).unwrap();
+    let start = Instant::now();
+    while !r.t.d("big/d29/e/f29").exists() || r.t.d("big/stale").exists() {
+        assert!(
+            start.elapsed() < CONVERGE,
+            "the moved-in tree was not mirrored: {}",
+            r.watch.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Everything but the standby's file beside the tree is as on the primary.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        std::fs::read(r.t.d("keep/extra")).unwrap(),
+        b"standby only",
+        "a reconcile of big/ touched keep/"
+    );
+    // Put back as it was (its removal moved keep/'s mtime on).
+    std::fs::remove_file(r.t.d("keep/extra")).unwrap();
+    let m = std::fs::metadata(r.s("keep")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    set_mtime(&r.t.d("keep"), m.mtime(), m.mtime_nsec() as u32);
+    assert_same_tree(&r.t.src, &r.t.dst);
+    assert!(temps(&r.t.dst).is_empty());
+}
+
+/// A watch of a tree of many directories replicates before its watch set is up: a change
+/// made as it starts is on the standby while `status` still says the set-up is running.
+#[test]
+fn a_change_is_replicated_while_the_watch_set_is_still_being_set_up() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t = Pair::new();
+    let home = t.dir.path().join("home");
+    // 40,000 directories on both sides, so the first reconcile has nothing to copy.
+    for side in [&t.src, &t.dst] {
+        for i in 0..40 {
+            for j in 0..1000 {
+                std::fs::create_dir_all(side.join(format!("d{i:02}/{j:03}"))).unwrap();
+            }
+        }
+    }
+    std::fs::create_dir(t.dst.join(".hotsync")).ok();
+    let pre: Vec<OsString> = vec!["--home".into(), home.clone().into()];
+    let w = Watch::start(&pre, &t.src, t.dst.as_os_str(), &[]);
+    // Early in the walk, so the first reconcile comes to it while watches are still set.
+    write(&t.s("d01/000/new"), b"new");
+    wait_for("the new file on the standby", CONVERGE, || {
+        t.d("d01/000/new").exists().then_some(())
+    });
+    let (_, st) = wait_for("a status", Duration::from_secs(10), || {
+        let (code, st) = status(&home);
+        (code != 2 && st["instances"][0]["watches"].is_object()).then_some((code, st))
+    });
+    let ws = &st["instances"][0]["watches"];
+    assert_eq!(
+        ws["complete"],
+        false,
+        "the watch set was up before the change landed: {st}\n{}",
+        w.log()
+    );
+    // And the set-up does finish, with every directory watched.
+    let ws = wait_for("the watch set", CONVERGE, || {
+        let (_, st) = status(&home);
+        let ws = st["instances"][0]["watches"].clone();
+        (ws["complete"] == true).then_some(ws)
+    });
+    assert!(
+        ws["directories"].as_u64().unwrap() >= 40_041,
+        "{ws}\n{}",
+        w.log()
+    );
+    converge(&t.src, &t.dst, CONVERGE);
+}

@@ -100,6 +100,18 @@ fn render(i: &Instance) -> String {
         let _ = write!(o, ", listening on {l}");
     }
     let _ = writeln!(o, ": {}", health_word(i.health.state));
+    if let Some(w) = &i.watches {
+        let _ = writeln!(
+            o,
+            "  watching {} directories{}",
+            w.directories,
+            if w.complete {
+                format!(" (set up in {:.1} s)", w.setup_seconds)
+            } else {
+                format!(", still setting up ({:.1} s so far)", w.setup_seconds)
+            }
+        );
+    }
     for r in &i.replicas {
         let state = match r.state {
             ReplicaState::Streaming => "streaming",
