@@ -11,6 +11,12 @@ pub trait Monitor: Sync {
     fn file_done(&self, _bytes: u64) {}
     /// The sync is over (successfully or not).
     fn finished(&self) {}
+    /// Part of a dry run's plan, in the order it would run (deletions and directory
+    /// attributes last). True when the monitor has shown it, so it need not be kept for the
+    /// outcome: a dry run of a million changes then holds a part, not the whole plan.
+    fn dry_run_part(&self, _part: &crate::plan::Plan) -> bool {
+        false
+    }
 }
 
 /// A monitor that ignores everything.

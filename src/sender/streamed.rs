@@ -216,6 +216,43 @@ impl Exec<'_> {
     }
 }
 
+/// A dry run's plan: each part shown to the monitor as it is made, and kept only if the
+/// monitor did not show it.
+struct Dry<'a> {
+    monitor: &'a dyn Monitor,
+    kept: Plan,
+    /// Files it would send.
+    files: u64,
+    /// Deletions and attributes gathered at the end, shown a batch at a time.
+    part: Plan,
+}
+
+impl Dry<'_> {
+    fn show(&mut self, part: Plan) {
+        if ops(&part) == 0
+            && part.links.is_empty()
+            && part.deletes.is_empty()
+            && part.dir_metas.is_empty()
+        {
+            return;
+        }
+        self.files += part.transfers.len() as u64;
+        if !self.monitor.dry_run_part(&part) {
+            append(&mut self.kept, part);
+        }
+    }
+
+    fn show_part(&mut self) {
+        let part = std::mem::take(&mut self.part);
+        self.show(part);
+    }
+
+    fn end(mut self) -> Self {
+        self.show_part();
+        self
+    }
+}
+
 /// One item of the standby's walk.
 enum Remote {
     Unit(Unit),
@@ -301,7 +338,12 @@ impl Session<'_> {
         let mut merger = Merger::new(plan_opts);
         let mut deletes: Spill<(RelPath, u64)> = Spill::new();
         let mut dir_metas: Spill<MetaFix> = Spill::new();
-        let mut dry = Plan::default();
+        let mut dry = Dry {
+            monitor,
+            kept: Plan::default(),
+            files: 0,
+            part: Plan::default(),
+        };
         let mut source_empty = false;
 
         let walked: Result<u64, Error> = std::thread::scope(|s| {
@@ -315,11 +357,11 @@ impl Session<'_> {
             let mut first = true;
             // Hands the window on: waiting for the executor when `wait`, else only if it is
             // idle. False when the executor stopped.
-            let mut send = |window: &mut Plan, dry: &mut Plan, wait: bool| -> bool {
+            let mut send = |window: &mut Plan, dry: &mut Dry, wait: bool| -> bool {
                 let w = std::mem::take(window);
                 let (files, bytes) = (w.transfers.len() as u64, w.transfer_bytes());
                 if dry_run {
-                    append(dry, w);
+                    dry.show(w);
                 } else if wait {
                     if wtx.send(w).is_err() {
                         return false;
@@ -403,7 +445,7 @@ impl Session<'_> {
 
         // The files with several names, now that every name of each is known.
         if dry_run {
-            append(&mut dry, finish.plan);
+            dry.show(finish.plan);
         } else {
             ex.run(&finish.plan, &mut self.ch, &self.opts)?;
         }
@@ -442,7 +484,10 @@ impl Session<'_> {
                 continue;
             }
             if dry_run {
-                dry.deletes.push(path);
+                dry.part.deletes.push(path);
+                if dry.part.deletes.len() >= FINAL_BATCH {
+                    dry.show_part();
+                }
                 continue;
             }
             let msg = Message::Delete {
@@ -459,7 +504,10 @@ impl Session<'_> {
         for m in dir_metas.drain().map_err(spill_error)? {
             let m = m.map_err(spill_error)?;
             if dry_run {
-                dry.dir_metas.push(m);
+                dry.part.dir_metas.push(m);
+                if dry.part.dir_metas.len() >= FINAL_BATCH {
+                    dry.show_part();
+                }
                 continue;
             }
             let id = ex.id();
@@ -480,8 +528,9 @@ impl Session<'_> {
         } else {
             self.remote_total as u64
         };
+        let mut dry = dry.end();
         if dry_run {
-            summary.files_transferred = dry.transfers.len() as u64;
+            summary.files_transferred = dry.files;
             summary.files_deleted = removed;
             if whole {
                 self.remote_total = counts.remote_entries as usize;
@@ -490,8 +539,8 @@ impl Session<'_> {
             summary.files_deleted += counts.cleared_beneath;
             self.remote_total = (held + counts.added).saturating_sub(removed) as usize;
         }
-        dry.removed_entries = removed as usize;
-        dry.remote_entries = counts.remote_entries as usize;
+        dry.kept.removed_entries = removed as usize;
+        dry.kept.remote_entries = counts.remote_entries as usize;
         tracing::debug!(
             "standby holds about {} entries (+{} -{removed})",
             self.remote_total,
@@ -499,7 +548,10 @@ impl Session<'_> {
         );
         summary.bytes_on_wire = self.wire_bytes() - wire_before;
         summary.elapsed_ms = started.elapsed().as_millis() as u64;
-        Ok(Outcome { summary, plan: dry })
+        Ok(Outcome {
+            summary,
+            plan: dry.kept,
+        })
     }
 }
 

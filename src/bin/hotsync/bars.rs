@@ -8,17 +8,32 @@ use std::io::IsTerminal;
 /// indicatif progress on a terminal (or with -v), nothing otherwise.
 pub struct Bars {
     bar: Option<ProgressBar>,
+    /// A dry run's plan: printed as it is made (`Some(true)`), dropped (`Some(false)`: the
+    /// JSON summary is all that is printed), or kept for the caller (`None`).
+    plan: Option<bool>,
 }
 
 impl Bars {
     pub fn new(cli: &Cli, suppress: bool) -> Bars {
         let show = !cli.quiet && !suppress && (std::io::stderr().is_terminal() || cli.verbose > 0);
         if !show {
-            return Bars { bar: None };
+            return Bars {
+                bar: None,
+                plan: None,
+            };
         }
         let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(10));
         bar.set_style(ProgressStyle::with_template("{spinner} scanning: {pos} entries").unwrap());
-        Bars { bar: Some(bar) }
+        Bars {
+            bar: Some(bar),
+            plan: None,
+        }
+    }
+
+    /// A dry run's plan is printed part by part as it is made (`print`), or not at all.
+    pub fn streaming_plan(mut self, print: bool) -> Bars {
+        self.plan = Some(print);
+        self
     }
 }
 
@@ -50,6 +65,17 @@ impl Monitor for Bars {
     fn finished(&self) {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
+        }
+    }
+    fn dry_run_part(&self, part: &hotsync::plan::Plan) -> bool {
+        match self.plan {
+            Some(print) => {
+                if print {
+                    crate::report::print_plan(part);
+                }
+                true
+            }
+            None => false,
         }
     }
 }

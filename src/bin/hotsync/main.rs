@@ -329,12 +329,16 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
         return sync_several(cli, args, src, &targets, &opts);
     }
     let target = &targets[0];
-    let bars = Bars::new(cli, c.json || args.dry_run);
+    let mut bars = Bars::new(cli, c.json || args.dry_run);
+    if args.dry_run {
+        bars = bars.streaming_plan(!c.json);
+    }
     let outcome = hotsync::sync(src, target, &opts, &bars);
     bars.finished();
     let outcome = outcome?;
     let s = &outcome.summary;
     if args.dry_run && !c.json {
+        // What a partial reconcile (a version 2 standby) planned whole; nothing otherwise.
         print_plan(&outcome.plan);
     }
     if c.json {
