@@ -57,6 +57,22 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Adds what another part of the same reconcile did.
+    pub fn absorb(&mut self, o: Summary) {
+        self.files_transferred += o.files_transferred;
+        self.files_deleted += o.files_deleted;
+        self.bytes_literal += o.bytes_literal;
+        self.bytes_matched += o.bytes_matched;
+        self.dirs_created += o.dirs_created;
+        self.symlinks_written += o.symlinks_written;
+        self.hard_links_made += o.hard_links_made;
+        self.metadata_updated += o.metadata_updated;
+        self.no_space += o.no_space;
+        self.vanished += o.vanished;
+        self.errors.extend(o.errors);
+        self.skipped.extend(o.skipped);
+    }
+
     /// Exit status by the contract: 0 all done, 1 some entries failed.
     /// Whether the run changed anything on the standby or met an error.
     pub fn did_something(&self) -> bool {

@@ -132,6 +132,8 @@ struct Item {
     ready: bool,
     /// Not ready before then, unless made ready (a name moved away, awaiting its rename).
     hold: Option<Instant>,
+    /// The change (its `last`) it was last offered early for ([`Batcher::early`]).
+    early: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -324,6 +326,7 @@ impl Batcher {
                         last: now,
                         ready,
                         hold: None,
+                        early: None,
                     },
                 );
                 if self.items.len() > self.cfg.max_queued {
@@ -362,6 +365,7 @@ impl Batcher {
             last: now,
             ready: false,
             hold: None,
+            early: None,
         });
         it.scope = Scope::Tree;
         it.last = now;
@@ -457,6 +461,40 @@ impl Batcher {
         })
     }
 
+    /// Paths ready at `now` that a reconcile still running may copy early, of those
+    /// `accept` takes: single entries (changed files, mostly), each offered once per change.
+    /// They stay queued, so the batch after the reconcile examines them again and an early
+    /// copy is only ever a head start. Subtrees (possibly large), the names of renames, and
+    /// anything while a full re-scan is pending are left to that batch.
+    pub fn early(&mut self, now: Instant, accept: &dyn Fn(&RelPath) -> bool) -> Vec<RelPath> {
+        if self.full {
+            return Vec::new();
+        }
+        let renamed = |k: &RelPath| {
+            self.renames
+                .iter()
+                .any(|(f, t, _)| k.starts_with(f) || k.starts_with(t))
+        };
+        let picked: Vec<RelPath> = self
+            .items
+            .iter()
+            .filter(|(k, it)| {
+                it.scope == Scope::Entry
+                    && it.early != Some(it.last)
+                    && self.due(it) <= now
+                    && !renamed(k)
+                    && accept(k)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &picked {
+            if let Some(it) = self.items.get_mut(k) {
+                it.early = Some(it.last);
+            }
+        }
+        picked
+    }
+
     /// Puts a batch that could not be carried out back in the queue (ready again), still
     /// dated from its oldest change.
     pub fn requeue(&mut self, batch: Batch, now: Instant) {
@@ -505,6 +543,45 @@ mod tests {
         assert_eq!(batch.paths, vec![(p("a"), Scope::Entry)]);
         assert_eq!(b.poll(t0 + ms(2)), None);
         assert_eq!(b.queued(), 0);
+    }
+
+    #[test]
+    fn early_copies_are_offered_once_per_change_and_stay_queued() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        let all = |_: &RelPath| true;
+        b.push(Hint::Written(p("d/a")), t0);
+        b.push(Hint::Modified(p("d/open")), t0); // not quiet yet
+        b.push(Hint::DirAppeared(p("new")), t0); // a subtree: left to the batch
+        b.push(Hint::Written(p("z/far")), t0);
+        b.push(
+            Hint::Renamed {
+                from: p("r/old"),
+                to: p("r/new"),
+            },
+            t0,
+        );
+        // Only what the reconcile takes (here: what its walk has passed).
+        let got = b.early(t0, &|q: &RelPath| q.as_bytes() < &b"e"[..]);
+        assert_eq!(got, vec![p("d/a")]);
+        assert!(b.early(t0 + ms(1), &all).contains(&p("z/far")));
+        // Once per change: again only after another change.
+        assert!(b.early(t0 + ms(2), &all).is_empty());
+        b.push(Hint::Written(p("d/a")), t0 + ms(3));
+        assert_eq!(b.early(t0 + ms(3), &all), vec![p("d/a")]);
+        assert_eq!(b.early(t0 + ms(60), &all), vec![p("d/open")]);
+        // All of them still go in the batch after the reconcile.
+        let batch = b.poll(t0 + ms(60)).unwrap();
+        for q in ["d/a", "d/open", "new", "z/far"] {
+            assert!(
+                batch.paths.iter().any(|(x, _)| *x == p(q)),
+                "{q}: {batch:?}"
+            );
+        }
+        // Nothing while a full re-scan is pending.
+        b.push(Hint::Written(p("d/b")), t0 + ms(61));
+        b.push(Hint::RescanAll, t0 + ms(61));
+        assert!(b.early(t0 + ms(62), &all).is_empty());
     }
 
     #[test]

@@ -365,6 +365,15 @@ impl ReplicaMachine {
         }
     }
 
+    /// Paths the reconcile or batch in flight may copy early, of those `accept` takes
+    /// ([`Batcher::early`]); nothing while paused or stopping.
+    pub fn early(&mut self, now: Instant, accept: &dyn Fn(&RelPath) -> bool) -> Vec<RelPath> {
+        if self.in_flight.is_none() || self.paused.is_some() || self.stopping {
+            return Vec::new();
+        }
+        self.batcher.early(now, accept)
+    }
+
     /// The last action succeeded: a batch or a reconcile is durable on the standby.
     pub fn done(&mut self, summary: Summary, now: Instant) {
         let Some(f) = self.in_flight.take() else {

@@ -31,6 +31,12 @@ pub struct VerifyPlan {
     pub rate: u64,
 }
 
+impl crate::sender::Early for Replica {
+    fn take(&self, accept: &dyn Fn(&crate::path::RelPath) -> bool) -> Vec<crate::path::RelPath> {
+        self.machine.lock().unwrap().early(Instant::now(), accept)
+    }
+}
+
 /// The connection in use, and since when the action on it has been running (for the
 /// shutdown watchdog).
 struct Current {
@@ -330,7 +336,11 @@ impl Replica {
             epoch: self.sync_epoch.load(Ordering::Relaxed),
             ..self.sync_opts.clone()
         };
-        let s = Session::open_with(root, link, &opts, &Silent, pulse);
+        let mut s = Session::open_with(root, link, &opts, &Silent, pulse);
+        if let Ok(s) = &mut s {
+            // Changes seen during a long reconcile reach the standby before it ends.
+            s.set_early(Some(self.clone()));
+        }
         if let Some(c) = &mut *self.current.lock().unwrap() {
             c.busy_since = None;
         }

@@ -131,6 +131,16 @@ pub struct Session<'m> {
     remote_total: usize,
     /// What reading the primary's tree waits on (a watcher still setting up its watches).
     gate: Option<Arc<dyn Gate>>,
+    /// Changes seen while a long reconcile runs, to copy early.
+    early: Option<Arc<dyn Early>>,
+}
+
+/// Changes seen while a long reconcile runs (a watch's), offered to it so they reach the
+/// standby before it ends. Each is examined again by the batch after the reconcile: an
+/// early copy is only a head start.
+pub trait Early: Send + Sync {
+    /// Paths changed and ready now, of those `accept` takes, each offered once per change.
+    fn take(&self, accept: &dyn Fn(&RelPath) -> bool) -> Vec<RelPath>;
 }
 
 impl<'m> Session<'m> {
@@ -209,6 +219,7 @@ impl<'m> Session<'m> {
             next_id: AtomicU64::new(1),
             remote_total: 0,
             gate: None,
+            early: None,
         })
     }
 
@@ -216,6 +227,12 @@ impl<'m> Session<'m> {
     /// directory: a watch reads a directory only once its changes are seen.
     pub fn set_gate(&mut self, gate: Option<Arc<dyn Gate>>) {
         self.gate = gate;
+    }
+
+    /// Lets every later streamed reconcile copy the changes `early` offers while it runs,
+    /// in the part of the tree it has passed.
+    pub fn set_early(&mut self, early: Option<Arc<dyn Early>>) {
+        self.early = early;
     }
 
     fn conn(&self) -> &dyn Connection {
@@ -286,27 +303,12 @@ impl<'m> Session<'m> {
             // A listing reads directories in no order a watcher follows.
             g.wait_all();
         }
-        self.ch.send(&Message::List {
-            scopes: scopes.to_vec(),
-            checksum,
-            hash_rate: self.opts.hash_rate,
-        })?;
-        self.ch.flush()?;
         let scan_opts = ScanOptions {
             checksum,
             hash_rate: self.opts.hash_rate,
             ..self.scan_opts.clone()
         };
-        let (root, monitor, r) = (&*self.root, self.monitor, &mut self.ch.r);
-        let (local, remote) = std::thread::scope(|s| {
-            let local = s.spawn(|| scan_scopes(root, scopes, &scan_opts, &|n| monitor.scanned(n)));
-            let remote = receive_listing(r);
-            (local.join().expect("scan thread panicked"), remote)
-        });
-        let local = local
-            .map_err(|e| Error::io(format!("cannot read SRC {}", self.root.path().display()), e))?;
-        let (remote, temps_removed) = remote.map_err(peer_error)?;
-        Ok((local, remote, temps_removed))
+        list_both(&mut self.ch, &self.root, scopes, &scan_opts, self.monitor)
     }
 
     /// Applies `renames` on the standby (not in a dry run); returns how many were made.
@@ -455,6 +457,33 @@ impl<'m> Session<'m> {
         tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
         Ok(Outcome { summary, plan })
     }
+}
+
+/// Lists `scopes` on both sides at once, over the control stream: the primary's scan, the
+/// standby's manifest, and the leftover temporary files its listing removed.
+fn list_both(
+    ch: &mut Channel,
+    root: &Root,
+    scopes: &[(RelPath, Scope)],
+    scan_opts: &ScanOptions,
+    monitor: &dyn Monitor,
+) -> Result<(crate::scan::ScanOutcome, Manifest, u64), Error> {
+    ch.send(&Message::List {
+        scopes: scopes.to_vec(),
+        checksum: scan_opts.checksum,
+        hash_rate: scan_opts.hash_rate,
+    })?;
+    ch.flush()?;
+    let r = &mut ch.r;
+    let (local, remote) = std::thread::scope(|s| {
+        let local = s.spawn(|| scan_scopes(root, scopes, scan_opts, &|n| monitor.scanned(n)));
+        let remote = receive_listing(r);
+        (local.join().expect("scan thread panicked"), remote)
+    });
+    let local =
+        local.map_err(|e| Error::io(format!("cannot read SRC {}", root.path().display()), e))?;
+    let (remote, temps_removed) = remote.map_err(peer_error)?;
+    Ok((local, remote, temps_removed))
 }
 
 /// Records the primary's skipped entries (with a warning each) and read errors.

@@ -9,15 +9,16 @@
 //! attributes wait (in a [`Spill`]) until everything else is durable: deletes last, and
 //! a directory's mtime after its contents.
 
-use super::{Exec, LaneItem, Outcome, Session, SyncOptions, peer_error};
+use super::{Early, Exec, LaneItem, Outcome, Session, SyncOptions, peer_error};
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::fsroot::Root;
 use crate::guard::{self, MassDelete};
+use crate::manifest::{Scope, normalize_scopes};
 use crate::merge::{Merger, Side, next_side};
 use crate::path::RelPath;
 use crate::plan::{MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
-use crate::progress::Monitor;
+use crate::progress::{Monitor, Silent};
 use crate::protocol::{Message, ProtocolError};
 use crate::scan::ScanOptions;
 use crate::spill::Spill;
@@ -26,7 +27,9 @@ use crate::transport::Connection;
 use crate::walk::{Gate, Scopes, Unit, Walker, walk_cmp};
 use std::collections::VecDeque;
 use std::io;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::mpsc::{
+    Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError, sync_channel,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,6 +40,8 @@ const WINDOW_BYTES: u64 = 256 << 20;
 /// How long a window that is not full waits for more, when the executor is idle: a change
 /// found early in a long walk goes at once, not when the walk ends.
 const WINDOW_AGE: Duration = Duration::from_millis(50);
+/// How often the executor copies the changes seen since the walk passed them.
+const EARLY_EVERY: Duration = Duration::from_millis(50);
 /// Entries the local walk reads ahead of the planner.
 const WALK_AHEAD: usize = 2048;
 /// Removals and attribute fixes sent per control batch at the end.
@@ -84,6 +89,7 @@ impl Exec<'_> {
         windows: Receiver<Plan>,
         ch: &mut Channel,
         opts: &SyncOptions,
+        early: Option<&EarlyCopy<'_>>,
     ) -> Result<(), Error> {
         let failed: Mutex<Option<Error>> = Mutex::new(None);
         let fail = |e: Error, why: &str| {
@@ -105,9 +111,17 @@ impl Exec<'_> {
             for _ in 0..opts.lanes.max(1) {
                 let (run_rx, fail) = (&run_rx, &fail);
                 s.spawn(move || {
+                    // No stream for a lane that never gets work (a small reconcile).
+                    let Ok(first) = run_rx.lock().unwrap().recv() else {
+                        return;
+                    };
+                    let mut first = Some(first);
                     let fed = self.lane_with(|send| {
                         loop {
-                            let next = run_rx.lock().unwrap().try_recv();
+                            let next = match first.take() {
+                                Some(r) => Ok(r),
+                                None => run_rx.lock().unwrap().try_recv(),
+                            };
                             let run = match next {
                                 Ok(r) => r,
                                 Err(TryRecvError::Disconnected) => return Ok(()),
@@ -188,7 +202,20 @@ impl Exec<'_> {
                 }
             });
             let fed = (|| -> Result<(), Error> {
-                for window in windows {
+                let mut last_early = Instant::now();
+                loop {
+                    let window = match windows.recv_timeout(EARLY_EVERY) {
+                        Ok(w) => Some(w),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    };
+                    if let Some(e) = early
+                        && last_early.elapsed() >= EARLY_EVERY
+                    {
+                        self.copy_early(e, ch, opts)?;
+                        last_early = Instant::now();
+                    }
+                    let Some(window) = window else { continue };
                     let t = Instant::now();
                     self.prepare(&window, ch)?;
                     tracing::debug!(
@@ -213,6 +240,78 @@ impl Exec<'_> {
             return Err(e);
         }
         self.retry()
+    }
+}
+
+/// What the executor needs to copy changes early while the walk goes on.
+pub(super) struct EarlyCopy<'a> {
+    source: &'a dyn Early,
+    /// The last directory the planner compared. Both walks have read it and all before
+    /// it: a change there is copied early; one further on, the walk itself will see.
+    passed: &'a Mutex<Option<RelPath>>,
+    scan_opts: ScanOptions,
+    plan_opts: PlanOptions,
+}
+
+impl Exec<'_> {
+    /// Copies the changes `e` offers in the part of the tree the walk has passed: additions
+    /// and updates only. Removals (even of what is in the way of a new entry) wait for the
+    /// batch after the reconcile, which examines every one of these paths again.
+    fn copy_early(
+        &self,
+        e: &EarlyCopy<'_>,
+        ch: &mut Channel,
+        opts: &SyncOptions,
+    ) -> Result<(), Error> {
+        let Some(passed) = e.passed.lock().unwrap().clone() else {
+            return Ok(());
+        };
+        let paths = e.source.take(&|p| walk_cmp(&p.split().0, &passed).is_le());
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut scopes: Vec<(RelPath, Scope)> = Vec::new();
+        for p in &paths {
+            scopes.push((p.clone(), Scope::Entry));
+            let mut q = p.clone();
+            while !q.is_root() {
+                q = q.split().0;
+                scopes.push((q.clone(), Scope::Entry));
+            }
+        }
+        let scopes = normalize_scopes(&scopes);
+        let (local, remote, _) = super::list_both(ch, self.root, &scopes, &e.scan_opts, &Silent)?;
+        let mut plan = crate::plan::plan(&local.manifest, &remote, e.plan_opts);
+        let cleared = std::mem::take(&mut plan.clear);
+        let blocked = |p: &RelPath| cleared.iter().any(|c| p.starts_with(c));
+        plan.mkdirs.retain(|p| !blocked(p));
+        plan.transfers.retain(|t| !blocked(&t.path));
+        plan.symlinks.retain(|l| !blocked(&l.path));
+        plan.metas.retain(|m| !blocked(&m.path));
+        plan.links.retain(|l| !blocked(&l.path));
+        plan.dir_metas.retain(|m| !blocked(&m.path));
+        plan.deletes.clear();
+        let ex = Exec {
+            conn: self.conn,
+            root: self.root,
+            remote: Some(&remote),
+            tally: Mutex::new(Summary::default()),
+            retries: Mutex::new(Vec::new()),
+            next_id: self.next_id,
+            monitor: self.monitor,
+        };
+        ex.run(&plan, ch, opts)?;
+        ex.retry()?;
+        let got = ex.tally.into_inner().unwrap();
+        tracing::debug!(
+            "{} changes seen during the reconcile copied early ({} files) in {} ms",
+            paths.len(),
+            got.files_transferred,
+            started.elapsed().as_millis()
+        );
+        self.tally.lock().unwrap().absorb(got);
+        Ok(())
     }
 }
 
@@ -346,11 +445,22 @@ impl Session<'_> {
         };
         let mut source_empty = false;
 
+        // Changes seen meanwhile, in what the walk has passed, are copied early.
+        let passed: Mutex<Option<RelPath>> = Mutex::new(None);
+        let early_source = if dry_run { None } else { self.early.clone() };
+        let early = early_source.as_deref().map(|source| EarlyCopy {
+            source,
+            passed: &passed,
+            scan_opts: scan_opts.clone(),
+            plan_opts,
+        });
+
         let walked: Result<u64, Error> = std::thread::scope(|s| {
             // The window being carried out while the next is planned.
             let (wtx, wrx) = sync_channel::<Plan>(1);
             let (ex, ch) = (&ex, &mut self.ch);
-            let executor = s.spawn(move || ex.run_windows(wrx, ch, opts));
+            let early = early.as_ref();
+            let executor = s.spawn(move || ex.run_windows(wrx, ch, opts, early));
             let mut window = Plan::default();
             let mut window_since = Instant::now();
             let mut planned = (0u64, 0u64);
@@ -411,6 +521,8 @@ impl Session<'_> {
                     let mut t = ex.tally.lock().unwrap();
                     super::note_problems(&mut t, &lu.skipped, &lu.errors);
                 }
+                let at = lu.as_ref().or(ru.as_ref()).map(|u| u.dir.path.clone());
+                *passed.lock().unwrap() = at;
                 let step = merger.step(lu, ru);
                 for d in step.deletes {
                     deletes.push(d).map_err(spill_error)?;
@@ -446,7 +558,7 @@ impl Session<'_> {
         // The files with several names, now that every name of each is known.
         if dry_run {
             dry.show(finish.plan);
-        } else {
+        } else if !finish.plan.is_empty() {
             ex.run(&finish.plan, &mut self.ch, &self.opts)?;
         }
         for d in finish.deletes {

@@ -557,10 +557,12 @@ fn a_moved_in_tree_is_reconciled_alone() {
     assert!(temps(&r.t.dst).is_empty());
 }
 
-/// A watch of a tree of many directories replicates before its watch set is up: a change
-/// made as it starts is on the standby while `status` still says the set-up is running.
+/// A watch of a tree of many directories replicates before its watch set is up, and before
+/// its first reconcile is over: a change made as it starts is on the standby while
+/// `status` still says the set-up is running, and one made where the first walk has
+/// already been is there while that walk still goes on.
 #[test]
-fn a_change_is_replicated_while_the_watch_set_is_still_being_set_up() {
+fn a_watch_replicates_while_its_watch_set_and_first_reconcile_are_still_running() {
     let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let t = Pair::new();
     let home = t.dir.path().join("home");
@@ -574,24 +576,25 @@ fn a_change_is_replicated_while_the_watch_set_is_still_being_set_up() {
     }
     std::fs::create_dir(t.dst.join(".hotsync")).ok();
     let pre: Vec<OsString> = vec!["--home".into(), home.clone().into()];
+    let spawned = std::time::SystemTime::now();
     let w = Watch::start(&pre, &t.src, t.dst.as_os_str(), &[]);
     // Early in the walk, so the first reconcile comes to it while watches are still set.
     write(&t.s("d01/000/new"), b"new");
     wait_for("the new file on the standby", CONVERGE, || {
         t.d("d01/000/new").exists().then_some(())
     });
-    let (_, st) = wait_for("a status", Duration::from_secs(10), || {
-        let (code, st) = status(&home);
-        (code != 2 && st["instances"][0]["watches"].is_object()).then_some((code, st))
+    // Behind the first walk now (d00 comes before d01): copied early, not after the walk.
+    write(&t.s("d00/500/late"), b"late");
+    wait_for("the late file on the standby", CONVERGE, || {
+        t.d("d00/500/late").exists().then_some(())
     });
-    let ws = &st["instances"][0]["watches"];
-    assert_eq!(
-        ws["complete"],
-        false,
-        "the watch set was up before the change landed: {st}\n{}",
-        w.log()
-    );
-    // And the set-up does finish, with every directory watched.
+    // When each landed: its inode's last change, the rename that made it visible.
+    let born = |rel: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(t.d(rel)).unwrap();
+        std::time::UNIX_EPOCH + Duration::new(m.ctime() as u64, m.ctime_nsec() as u32)
+    };
+    // The set-up finishes, with every directory watched.
     let ws = wait_for("the watch set", CONVERGE, || {
         let (_, st) = status(&home);
         let ws = st["instances"][0]["watches"].clone();
@@ -600,6 +603,32 @@ fn a_change_is_replicated_while_the_watch_set_is_still_being_set_up() {
     assert!(
         ws["directories"].as_u64().unwrap() >= 40_041,
         "{ws}\n{}",
+        w.log()
+    );
+    // It began after the spawn, so it ended after spawn + its length.
+    let setup_over = spawned + Duration::from_secs_f64(ws["setup_seconds"].as_f64().unwrap());
+    assert!(
+        born("d01/000/new") < setup_over,
+        "the change landed after the watch set was up ({ws})\n{}",
+        w.log()
+    );
+    w.wait_event("the first reconcile", CONVERGE, |e| {
+        e.iter().any(|e| e["event"] == "replicated")
+    });
+    let reconciled = w
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "replicated")
+        .unwrap()["ts"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let late = hotsync::clock::rfc3339(born("d00/500/late"));
+    assert!(
+        late < reconciled,
+        "the late change landed at {late}, after the first reconcile ended at {reconciled}\n{}",
         w.log()
     );
     converge(&t.src, &t.dst, CONVERGE);
