@@ -69,6 +69,9 @@ impl Scopes {
 
     /// True when everything in `dir` is covered: it lies in a whole subtree.
     pub fn lists(&self, dir: &RelPath) -> bool {
+        if self.is_all() {
+            return true;
+        }
         let mut q = dir.clone();
         loop {
             let found = self.scopes.binary_search_by(|(p, _)| p.cmp(&q));

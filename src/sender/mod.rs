@@ -317,15 +317,15 @@ impl<'m> Session<'m> {
             return Ok(0);
         }
         let empty = Manifest::default();
-        let ex = Exec {
-            conn: &**self.link.conn(),
-            root: &self.root,
-            remote: Some(&empty),
-            tally: Mutex::new(Summary::default()),
-            retries: Mutex::new(Vec::new()),
-            next_id: &self.next_id,
-            monitor: self.monitor,
-        };
+        let conn = &**self.link.conn();
+        let ex = Exec::new(
+            conn,
+            &self.root,
+            Some(&empty),
+            &self.next_id,
+            self.monitor,
+            Summary::default(),
+        );
         let ops = renames
             .iter()
             .map(|(from, to)| {
@@ -359,18 +359,8 @@ impl<'m> Session<'m> {
         {
             return self.reconcile_streamed(Scopes::new(&normal), renamed);
         }
-        // Parents too: a new path may need its directory made, and changes inside a
-        // directory change its mtime.
-        let mut wanted: Vec<(RelPath, Scope)> = scopes.to_vec();
-        for (p, _) in scopes {
-            let mut q = p.clone();
-            while !q.is_root() {
-                q = q.split().0;
-                wanted.push((q.clone(), Scope::Entry));
-            }
-        }
         let (local, remote, temps_removed) =
-            self.list_sides(&normalize_scopes(&wanted), self.opts.checksum)?;
+            self.list_sides(&with_parents(scopes), self.opts.checksum)?;
         tracing::debug!("{} ms: both sides listed", started.elapsed().as_millis());
 
         let mut summary = Summary {
@@ -432,15 +422,15 @@ impl<'m> Session<'m> {
             summary.files_transferred = plan.transfers.len() as u64;
             summary.files_deleted = plan.removed_entries as u64;
         } else {
-            let ex = Exec {
-                conn: &**self.link.conn(),
-                root: &self.root,
-                remote: Some(&remote),
-                tally: Mutex::new(summary),
-                retries: Mutex::new(Vec::new()),
-                next_id: &self.next_id,
-                monitor: self.monitor,
-            };
+            let conn = &**self.link.conn();
+            let ex = Exec::new(
+                conn,
+                &self.root,
+                Some(&remote),
+                &self.next_id,
+                self.monitor,
+                summary,
+            );
             ex.run(&plan, &mut self.ch, &self.opts)?;
             summary = ex.tally.into_inner().unwrap();
         }
@@ -638,6 +628,41 @@ struct Exec<'a> {
     retries: Mutex<Vec<RelPath>>,
     next_id: &'a AtomicU64,
     monitor: &'a dyn Monitor,
+}
+
+impl<'a> Exec<'a> {
+    fn new(
+        conn: &'a dyn Connection,
+        root: &'a Root,
+        remote: Option<&'a Manifest>,
+        next_id: &'a AtomicU64,
+        monitor: &'a dyn Monitor,
+        tally: Summary,
+    ) -> Exec<'a> {
+        Exec {
+            conn,
+            root,
+            remote,
+            tally: Mutex::new(tally),
+            retries: Mutex::new(Vec::new()),
+            next_id,
+            monitor,
+        }
+    }
+}
+
+/// `scopes` with their parent directories (as single entries), normalized: a new path may
+/// need its directory made, and a change inside a directory changes its mtime.
+fn with_parents(scopes: &[(RelPath, Scope)]) -> Vec<(RelPath, Scope)> {
+    let mut wanted: Vec<(RelPath, Scope)> = scopes.to_vec();
+    for (p, _) in scopes {
+        let mut q = p.clone();
+        while !q.is_root() {
+            q = q.split().0;
+            wanted.push((q.clone(), Scope::Entry));
+        }
+    }
+    normalize_scopes(&wanted)
 }
 
 /// Why a file could not be read.

@@ -14,7 +14,7 @@ use crate::channel::Channel;
 use crate::error::Error;
 use crate::fsroot::Root;
 use crate::guard::{self, MassDelete};
-use crate::manifest::{Scope, normalize_scopes};
+use crate::manifest::Scope;
 use crate::merge::{Merger, Side, next_side};
 use crate::path::RelPath;
 use crate::plan::{MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
@@ -271,16 +271,9 @@ impl Exec<'_> {
             return Ok(());
         }
         let started = Instant::now();
-        let mut scopes: Vec<(RelPath, Scope)> = Vec::new();
-        for p in &paths {
-            scopes.push((p.clone(), Scope::Entry));
-            let mut q = p.clone();
-            while !q.is_root() {
-                q = q.split().0;
-                scopes.push((q.clone(), Scope::Entry));
-            }
-        }
-        let scopes = normalize_scopes(&scopes);
+        let scopes: Vec<(RelPath, Scope)> =
+            paths.iter().map(|p| (p.clone(), Scope::Entry)).collect();
+        let scopes = super::with_parents(&scopes);
         let (local, remote, _) = super::list_both(ch, self.root, &scopes, &e.scan_opts, &Silent)?;
         let mut plan = crate::plan::plan(&local.manifest, &remote, e.plan_opts);
         let cleared = std::mem::take(&mut plan.clear);
@@ -292,15 +285,14 @@ impl Exec<'_> {
         plan.links.retain(|l| !blocked(&l.path));
         plan.dir_metas.retain(|m| !blocked(&m.path));
         plan.deletes.clear();
-        let ex = Exec {
-            conn: self.conn,
-            root: self.root,
-            remote: Some(&remote),
-            tally: Mutex::new(Summary::default()),
-            retries: Mutex::new(Vec::new()),
-            next_id: self.next_id,
-            monitor: self.monitor,
-        };
+        let ex = Exec::new(
+            self.conn,
+            self.root,
+            Some(&remote),
+            self.next_id,
+            self.monitor,
+            Summary::default(),
+        );
         ex.run(&plan, ch, opts)?;
         ex.retry()?;
         let got = ex.tally.into_inner().unwrap();
@@ -420,19 +412,12 @@ impl Session<'_> {
 
         let (root, monitor) = (&*self.root, self.monitor);
         let conn = &**self.link.conn();
-        let ex = Exec {
-            conn,
-            root,
-            remote: None,
-            tally: Mutex::new(Summary {
-                dry_run,
-                renamed,
-                ..Summary::default()
-            }),
-            retries: Mutex::new(Vec::new()),
-            next_id: &self.next_id,
-            monitor,
+        let tally = Summary {
+            dry_run,
+            renamed,
+            ..Summary::default()
         };
+        let ex = Exec::new(conn, root, None, &self.next_id, monitor, tally);
         let opts = &self.opts;
         let mut merger = Merger::new(plan_opts);
         let mut deletes: Spill<(RelPath, u64)> = Spill::new();
