@@ -658,7 +658,12 @@ fn failover_drill_with_keepalived() {
     );
     let accepted_at = Instant::now();
     // Finer than polling: from the notify that Keepalived ran once it had set the address
-    // (the helper logs it) to the promotion (the serve's event), both stamped in ms.
+    // (the helper logs it) to the promotion (the serve's event), both stamped in ms. The
+    // role can show in status before either line reaches its log.
+    settle(&lab, "the notify and the promotion logged", &|l| {
+        !lines_with(&l.nodes[1].dir.join("helper.log"), "notify master").is_empty()
+            && !lines_with(&l.nodes[1].dir, "\"event\":\"promoted\"").is_empty()
+    });
     let notified = lines_with(&lab.nodes[1].dir.join("helper.log"), "notify master")
         .last()
         .map(|l| ms_of_day(&l[..24]));
