@@ -961,3 +961,145 @@ pub fn converge(primary: &Path, standby: &Path, limit: Duration) {
         std::thread::sleep(Duration::from_millis(25));
     }
 }
+
+/// What a [`UdpProxy`] does to the datagrams it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weather {
+    /// Everything through.
+    Clear,
+    /// Drops this many percent, at random.
+    Lossy(u8),
+    /// Drops everything.
+    Blackhole,
+    /// Holds one datagram back and sends it after the next, and sends some twice.
+    Shuffled,
+}
+
+/// A UDP proxy on loopback between a client and `upstream`, with [`Weather`] set as it
+/// runs: what a bad network does to QUIC, without a network namespace.
+pub struct UdpProxy {
+    pub port: u16,
+    weather: std::sync::Arc<std::sync::Mutex<Weather>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Datagrams carried and dropped.
+    pub counts: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]>,
+}
+
+impl UdpProxy {
+    pub fn start(upstream: u16) -> UdpProxy {
+        use std::net::UdpSocket;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(("127.0.0.1", upstream)).unwrap();
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let port = front.local_addr().unwrap().port();
+        let weather = Arc::new(Mutex::new(Weather::Clear));
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+        let client: Arc<Mutex<Option<std::net::SocketAddr>>> = Arc::new(Mutex::new(None));
+        let (front, back) = (Arc::new(front), Arc::new(back));
+        let mut threads = Vec::new();
+        for upward in [true, false] {
+            let (front, back, weather, stop, counts, client) = (
+                front.clone(),
+                back.clone(),
+                weather.clone(),
+                stop.clone(),
+                counts.clone(),
+                client.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut held: Option<Vec<u8>> = None;
+                let mut rng = if upward {
+                    0x9e37_79b9_7f4a_7c15u64
+                } else {
+                    0x2545_f491_4f6c_dd1d
+                };
+                let mut roll = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % 100
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    let got = if upward {
+                        front.recv_from(&mut buf).map(|(n, from)| {
+                            *client.lock().unwrap() = Some(from);
+                            n
+                        })
+                    } else {
+                        back.recv(&mut buf)
+                    };
+                    let Ok(n) = got else { continue };
+                    let send = |d: &[u8]| {
+                        if upward {
+                            let _ = back.send(d);
+                        } else if let Some(to) = *client.lock().unwrap() {
+                            let _ = front.send_to(d, to);
+                        }
+                    };
+                    let w = *weather.lock().unwrap();
+                    let drop = match w {
+                        Weather::Clear | Weather::Shuffled => false,
+                        Weather::Lossy(p) => roll() < u64::from(p),
+                        Weather::Blackhole => true,
+                    };
+                    if drop {
+                        counts[1].fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    counts[0].fetch_add(1, Ordering::Relaxed);
+                    if w == Weather::Shuffled {
+                        let now = buf[..n].to_vec();
+                        match held.take() {
+                            Some(earlier) => {
+                                send(&now);
+                                send(&earlier);
+                            }
+                            None if roll() < 30 => held = Some(now),
+                            None => send(&now),
+                        }
+                        if roll() < 5 {
+                            send(&buf[..n]);
+                        }
+                    } else {
+                        if let Some(earlier) = held.take() {
+                            send(&earlier);
+                        }
+                        send(&buf[..n]);
+                    }
+                }
+            }));
+        }
+        UdpProxy {
+            port,
+            weather,
+            stop,
+            threads,
+            counts,
+        }
+    }
+
+    pub fn set(&self, w: Weather) {
+        *self.weather.lock().unwrap() = w;
+    }
+
+    pub fn url(&self) -> String {
+        format!("quic://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
