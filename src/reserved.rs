@@ -76,11 +76,13 @@ impl Area {
         format!("{}/.hotsync/state", self.shown)
     }
 
+    /// Opened read-only (flock needs no more): a lock holder keeps no file open for writing,
+    /// so the filesystem can still be remounted read-only under it.
     fn lock_file(&self, name: &CStr) -> io::Result<OwnedFd> {
         Ok(rustix::fs::openat(
             &self.dir,
             name,
-            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )?)
     }

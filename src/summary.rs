@@ -8,6 +8,9 @@ pub struct EntryError {
     /// The relative path, printable (non-UTF-8 bytes and control characters escaped).
     pub path: String,
     pub error: String,
+    /// The path itself, to try it again.
+    #[serde(skip)]
+    pub rel: RelPath,
 }
 
 impl EntryError {
@@ -15,6 +18,7 @@ impl EntryError {
         EntryError {
             path: path.display(),
             error: error.into(),
+            rel: path.clone(),
         }
     }
 }

@@ -295,6 +295,18 @@ impl Batcher {
         }
     }
 
+    /// Queues `path` again after it failed, not ready before `at` (unless it changes
+    /// again meanwhile, or a flush wants everything now).
+    pub fn retry(&mut self, path: RelPath, at: Instant, now: Instant) {
+        if self.full || self.items.contains_key(&path) {
+            return; // already queued, or covered by the full re-scan
+        }
+        self.upsert(path.clone(), Scope::Entry, false, now, now);
+        if let Some(it) = self.items.get_mut(&path) {
+            it.hold = Some(at);
+        }
+    }
+
     /// Queues `path`, not ready before the rename window has passed.
     fn hold(&mut self, path: RelPath, scope: Scope, now: Instant) {
         let until = now + self.cfg.rename_window;

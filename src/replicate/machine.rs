@@ -167,6 +167,11 @@ impl Backoff {
     }
 }
 
+/// Paths that failed (the standby read-only for a while, a file unreadable) are tried again
+/// after at least this, and at most this.
+const RETRY_MIN: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// One standby's replication, decisions only.
 #[derive(Debug)]
 pub struct ReplicaMachine {
@@ -176,6 +181,9 @@ pub struct ReplicaMachine {
     conn_since: Instant,
     batcher: Batcher,
     backoff: Backoff,
+    /// Paths that failed, and since when they have been failing: each is tried again
+    /// later, less often the longer it has failed.
+    failing: std::collections::HashMap<RelPath, Instant>,
     in_flight: Option<InFlight>,
     /// The standby's content is unknown since then (start, or events lost while paused),
     /// until a full reconcile that began after it succeeds.
@@ -228,6 +236,7 @@ impl ReplicaMachine {
                 min: cfg.backoff_min,
                 max: cfg.backoff_max,
             },
+            failing: std::collections::HashMap::new(),
             in_flight: None,
             unsynced_since: Some(now),
             hold_until: None,
@@ -381,6 +390,26 @@ impl ReplicaMachine {
         };
         self.durable = f.seq;
         self.full = false;
+        // What failed is not dropped: it is tried again later, by itself, until it works.
+        let errored: std::collections::HashSet<&RelPath> =
+            summary.errors.iter().map(|e| &e.rel).collect();
+        match f.batch.as_ref().filter(|b| !b.full) {
+            Some(b) => {
+                for (p, _) in &b.paths {
+                    if !errored.contains(p) {
+                        self.failing.remove(p);
+                    }
+                }
+            }
+            None => self.failing.retain(|p, _| errored.contains(p)),
+        }
+        for p in errored {
+            let since = *self.failing.entry(p.clone()).or_insert(now);
+            // A quarter of how long it has failed: a read-only minute costs a few retries,
+            // a path broken for hours one a minute.
+            let wait = (now.saturating_duration_since(since) / 4).clamp(RETRY_MIN, RETRY_MAX);
+            self.batcher.retry(p.clone(), now + wait, now);
+        }
         self.files_replicated += summary.files_transferred;
         self.bytes_replicated += summary.bytes_literal + summary.bytes_matched;
         self.vanished += summary.vanished;
@@ -764,6 +793,39 @@ mod tests {
             matches!(ev.last(), Some(Event::Replicated { changes: 1, lag, .. }) if *lag == ms(13))
         );
         assert_eq!(m.poll(t0 + ms(714)), Action::Wait(None));
+    }
+
+    #[test]
+    fn a_path_that_failed_is_tried_again_later_less_often_the_longer_it_fails() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        let failed = |path: &str| Summary {
+            errors: vec![crate::summary::EntryError::new(
+                &p(path),
+                "Read-only file system",
+            )],
+            ..Summary::default()
+        };
+        m.push(Hint::Written(p("a")), t0);
+        assert!(matches!(m.poll(t0), Action::Send(_)));
+        m.done(failed("a"), t0);
+        // Not dropped: held back a second, then sent by itself.
+        assert_eq!(m.poll(t0 + ms(999)), Action::Wait(Some(t0 + ms(1000))));
+        let Action::Send(b) = m.poll(t0 + ms(1000)) else {
+            panic!()
+        };
+        assert_eq!(b.paths, vec![(p("a"), Scope::Entry)]);
+        // Failing for 20 s: the next try waits a quarter of that.
+        let t1 = t0 + Duration::from_secs(20);
+        m.done(failed("a"), t1);
+        assert_eq!(m.poll(t1), Action::Wait(Some(t1 + Duration::from_secs(5))));
+        // A change meanwhile goes at once; once it works, nothing more is retried.
+        m.push(Hint::Written(p("a")), t1 + ms(10));
+        assert!(matches!(m.poll(t1 + ms(10)), Action::Send(_)));
+        m.done(Summary::default(), t1 + ms(20));
+        assert!(m.failing.is_empty());
+        assert_eq!(m.poll(t1 + Duration::from_secs(60)), Action::Wait(None));
     }
 
     #[test]

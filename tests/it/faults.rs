@@ -400,3 +400,65 @@ fn kill_9_of_serve_and_of_watch_under_a_steady_writer_never_tears_a_file() {
     assert_same_tree(&t.src, &t.dst);
     assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
 }
+
+/// The standby's filesystem remounted read-only under a steady writer, then writable
+/// again once the writer has stopped: nothing is ever torn, and what changed while it was
+/// read-only reaches it afterwards without another change to prompt it.
+#[test]
+fn a_standby_remounted_read_only_and_back_catches_up_without_a_torn_file() {
+    if !is_root() {
+        println!("SKIPPED: mounting a tmpfs needs root; CI runs this as root");
+        return;
+    }
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // Declared first, dropped last: unmounted before its directory is removed.
+    let mnt = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&mnt.path().join("standby-disk"), "64m") else {
+        return;
+    };
+    let mut t = Pair::new();
+    t.dst = fs.0.join("standby");
+    std::fs::create_dir_all(&t.dst).unwrap();
+    seed_records(&t.src);
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    let pre: Vec<std::ffi::OsString> = vec!["--home".into(), m.primary_home.clone().into()];
+    let w = Watch::start(
+        &pre,
+        &t.src,
+        m.server.url().as_ref(),
+        &["--server-id", &m.server.id],
+    );
+    w.wait_ready();
+    let records = Records::start(&t.src, &t.dst);
+    let remount = |how: &str| {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{how}")])
+            .arg(&fs.0)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mount -o remount,{how} failed");
+    };
+    std::thread::sleep(Duration::from_millis(800));
+    remount("ro");
+    std::thread::sleep(Duration::from_secs(3));
+    // Nothing changes after this: what the standby missed must come by itself.
+    records.stop_writing();
+    std::thread::sleep(Duration::from_millis(300));
+    remount("rw");
+    let took = converged(&t, &w);
+    let (written, samples, torn) = records.finish();
+    eprintln!(
+        "read-only standby: {written} records written, {samples} standby samples, {} torn; \
+         converged {:.1} s after it was writable again",
+        torn.len(),
+        took.as_secs_f64()
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "what failed while read-only waited {took:?} to be tried again\n{}",
+        w.log()
+    );
+    assert!(torn.is_empty(), "torn states on the standby: {torn:?}");
+    assert_same_tree(&t.src, &t.dst);
+    assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
+}

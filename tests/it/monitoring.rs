@@ -369,30 +369,6 @@ fn the_alert_hook_fires_once_and_clears_once_on_a_lag_threshold() {
     assert_eq!(status(&l.primary_home).0, 0);
 }
 
-/// A small tmpfs mounted for the test, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            println!("SKIPPED: cannot mount a tmpfs here (needs root); CI runs this as root");
-        }
-        ok.then(|| Tmpfs(at.to_path_buf()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_standby_disk_keeps_changes_queued_and_resumes_when_space_returns() {
     if !is_root() {
