@@ -273,6 +273,12 @@ impl Records {
     }
 }
 
+/// `watch SRC URL` as `m`'s primary, `m`'s standby at `url` (its own, or a proxy's).
+fn watch_to(m: &RemoteMirror, src: &std::path::Path, url: &str) -> Watch {
+    let pre: Vec<std::ffi::OsString> = vec!["--home".into(), m.primary_home.clone().into()];
+    Watch::start(&pre, src, url.as_ref(), &["--server-id", &m.server.id])
+}
+
 /// Waits up to a minute for SRC and DEST to be equal.
 #[track_caller]
 fn converged(t: &Pair, w: &Watch) -> Duration {
@@ -301,13 +307,7 @@ fn a_bad_network_never_shows_the_standby_a_state_the_primary_never_had() {
     seed_records(&t.src);
     let m = RemoteMirror::start(t.dir.path(), &t.dst);
     let proxy = UdpProxy::start(m.server.port);
-    let pre: Vec<std::ffi::OsString> = vec!["--home".into(), m.primary_home.clone().into()];
-    let w = Watch::start(
-        &pre,
-        &t.src,
-        proxy.url().as_ref(),
-        &["--server-id", &m.server.id],
-    );
+    let w = watch_to(&m, &t.src, &proxy.url());
     w.wait_ready();
     let records = Records::start(&t.src, &t.dst);
     let phases = [
@@ -421,13 +421,7 @@ fn a_standby_remounted_read_only_and_back_catches_up_without_a_torn_file() {
     std::fs::create_dir_all(&t.dst).unwrap();
     seed_records(&t.src);
     let m = RemoteMirror::start(t.dir.path(), &t.dst);
-    let pre: Vec<std::ffi::OsString> = vec!["--home".into(), m.primary_home.clone().into()];
-    let w = Watch::start(
-        &pre,
-        &t.src,
-        m.server.url().as_ref(),
-        &["--server-id", &m.server.id],
-    );
+    let w = watch_to(&m, &t.src, &m.server.url());
     w.wait_ready();
     let records = Records::start(&t.src, &t.dst);
     let remount = |how: &str| {
