@@ -1104,26 +1104,46 @@ impl Drop for UdpProxy {
     }
 }
 
-/// A small tmpfs mounted for the test, unmounted when dropped.
-pub struct Tmpfs(pub PathBuf);
+/// A small tmpfs mounted for the test in a directory of its own, unmounted (then its
+/// directory removed) when dropped.
+pub struct Tmpfs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
 
 impl Tmpfs {
-    pub fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(at).unwrap();
+    /// A tmpfs of `size` (`16m`); `None`, saying why, where it cannot be mounted (it needs
+    /// root, which CI has).
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        if !is_root() {
+            println!("SKIPPED: mounting a tmpfs needs root; CI runs this as root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        std::fs::create_dir_all(&path).unwrap();
         let ok = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
+            .arg(&path)
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
             println!("SKIPPED: cannot mount a tmpfs here (needs root); CI runs this as root");
         }
-        ok.then(|| Tmpfs(at.to_path_buf()))
+        ok.then_some(Tmpfs { path, _dir: dir })
+    }
+
+    /// A pair whose standby root is `standby` on this filesystem.
+    pub fn pair(&self) -> Pair {
+        let mut t = Pair::new();
+        t.dst = self.path.join("standby");
+        std::fs::create_dir_all(&t.dst).unwrap();
+        t
     }
 }
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
