@@ -48,6 +48,8 @@ pub struct FileConfig {
     pub exclude: Option<Vec<String>>,
     pub no_delete: Option<bool>,
     pub checksum: Option<bool>,
+    pub no_xattrs: Option<bool>,
+    pub no_acls: Option<bool>,
     pub max_delete: Option<u32>,
     pub max_delay: Option<Duration>,
     pub rescan_every: Option<Duration>,
@@ -89,6 +91,8 @@ struct Raw {
     exclude: Option<Vec<String>>,
     no_delete: Option<bool>,
     checksum: Option<bool>,
+    no_xattrs: Option<bool>,
+    no_acls: Option<bool>,
     max_delete: Option<Spanned<i64>>,
     max_delay: Option<Spanned<String>>,
     rescan_every: Option<Spanned<String>>,
@@ -309,6 +313,8 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig> {
         exclude: raw.exclude,
         no_delete: raw.no_delete,
         checksum: raw.checksum,
+        no_xattrs: raw.no_xattrs,
+        no_acls: raw.no_acls,
         max_delete: ranged("max-delete", raw.max_delete, 0, 100)?.map(|v| v as u32),
         max_delay: duration("max-delay", raw.max_delay)?,
         rescan_every: duration("rescan-every", raw.rescan_every)?,
@@ -353,6 +359,7 @@ mod tests {
              max-delay = \"100ms\"\n\
              verify-every = \"1h\"\n\
              quorum = 1\n\
+             no-acls = true\n\
              sync-timeout = \"2s\"\n\
              metrics = \"127.0.0.1:9478\"\n\
              alert-lag = \"30s\"\n\
@@ -380,6 +387,7 @@ mod tests {
             (Some(1), Some(Duration::from_secs(2)))
         );
         assert_eq!(c.monitor.alert_free, Some(10.0));
+        assert_eq!((c.no_xattrs, c.no_acls), (None, Some(true)));
         assert_eq!(c.standbys.len(), 2);
         assert_eq!(c.standbys[0].name.as_deref(), Some("rack"));
         assert_eq!(c.standbys[1].address, "/backup/data");

@@ -169,6 +169,7 @@ pub fn meta_of(st: &Stat) -> Meta {
             sec: st.st_mtime,
             nsec: st.st_mtime_nsec as u32,
         },
+        xattrs: Default::default(),
     }
 }
 
@@ -204,7 +205,12 @@ pub fn timestamps(m: &Meta) -> Timestamps {
 
 /// Applies owner (when `owners`), mode and mtime to an open regular file, in the order that
 /// keeps set-id bits (chown clears them, so chmod comes after).
-pub fn set_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, owners: bool) -> io::Result<()> {
+pub fn set_meta_fd(
+    fd: BorrowedFd<'_>,
+    meta: &Meta,
+    owners: bool,
+    xattrs: Option<XattrsTo<'_>>,
+) -> io::Result<()> {
     if owners {
         rustix::fs::fchown(
             fd,
@@ -212,10 +218,18 @@ pub fn set_meta_fd(fd: BorrowedFd<'_>, meta: &Meta, owners: bool) -> io::Result<
             Some(rustix::fs::Gid::from_raw(meta.gid)),
         )?;
     }
+    // After the owner (a chown drops file capabilities), before the mode (an ACL sets the
+    // group bits, which the mode then states exactly).
+    if let Some((x, policy)) = xattrs {
+        crate::xattr::apply(crate::xattr::At::Fd(fd), x, policy)?;
+    }
     rustix::fs::fchmod(fd, Mode::from_raw_mode(meta.mode))?;
     rustix::fs::futimens(fd, &timestamps(meta))?;
     Ok(())
 }
+
+/// The extended attributes an entry gets, and the namespaces they replace.
+pub type XattrsTo<'a> = (&'a crate::xattr::Xattrs, &'a crate::xattr::Policy);
 
 /// Applies metadata to `name` in `dir` without following it if it is a symlink.
 /// `with_mode` is false for symlinks, which have no mode of their own on Linux.
@@ -225,6 +239,7 @@ pub fn set_meta_at(
     meta: &Meta,
     owners: bool,
     with_mode: bool,
+    xattrs: Option<XattrsTo<'_>>,
 ) -> io::Result<()> {
     if owners {
         rustix::fs::chownat(
@@ -234,6 +249,9 @@ pub fn set_meta_at(
             Some(rustix::fs::Gid::from_raw(meta.gid)),
             AtFlags::SYMLINK_NOFOLLOW,
         )?;
+    }
+    if let Some((x, policy)) = xattrs {
+        crate::xattr::apply(crate::xattr::At::Name(dir, name), x, policy)?;
     }
     if with_mode {
         match rustix::fs::chmodat(

@@ -47,6 +47,7 @@ pub mod summary;
 pub mod transport;
 pub mod verify;
 pub mod walk;
+pub mod xattr;
 
 pub use error::{Error, Result};
 pub use link::Target;
@@ -94,11 +95,17 @@ pub fn sync(
 ///
 /// # Errors
 /// As [`sync`]: the report itself carries every difference.
-pub fn verify(src: &Path, target: &Target, excludes: &[String]) -> Result<verify::Report> {
+/// `xattrs`: the extended attributes and ACLs compared (those `sync` mirrors).
+pub fn verify(
+    src: &Path,
+    target: &Target,
+    excludes: &[String],
+    xattrs: xattr::Policy,
+) -> Result<verify::Report> {
     let root = Arc::new(check::open_source(src)?);
     if let Target::Local(dest) = target {
         check::prepare_local_dest(src, dest, false)?;
     }
     let link = link::Connector::new(target.clone(), standby::Access::ReadOnly)?.connect()?;
-    verify::verify(root, link, excludes, 0)
+    verify::verify(root, link, excludes, 0, xattrs)
 }

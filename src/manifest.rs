@@ -21,6 +21,11 @@ pub struct Meta {
     pub uid: u32,
     pub gid: u32,
     pub mtime: Mtime,
+    /// Digest of the extended attributes and ACLs the session keeps ([`crate::xattr`]),
+    /// zeros for none. It never travels inside `Meta`: a version 5 peer sends it beside
+    /// the entries, and the values themselves beside each operation.
+    #[serde(skip)]
+    pub xattrs: crate::xattr::Sum,
 }
 
 /// The type of an entry and what its content is compared by.
@@ -176,6 +181,7 @@ pub(crate) mod testing {
             uid: 0,
             gid: 0,
             mtime: Mtime { sec: t, nsec: 5 },
+            xattrs: Default::default(),
         }
     }
     /// A regular file of `size` bytes with mtime `t` and content digest `hash`.

@@ -112,9 +112,11 @@ impl Plan {
     }
 }
 
-/// Whether the attributes the mirror keeps differ (`with_mode`: symlinks have none).
+/// Whether the attributes the mirror keeps differ (`with_mode`: symlinks have none). The
+/// extended attributes count too: both sides read those the session keeps.
 pub(crate) fn meta_differs(a: &Meta, b: &Meta, owners: bool, with_mode: bool) -> bool {
     a.mtime != b.mtime
+        || a.xattrs != b.xattrs
         || (with_mode && a.mode != b.mode)
         || (owners && (a.uid != b.uid || a.gid != b.gid))
 }

@@ -20,6 +20,7 @@ use crate::manifest::{Entry, Hash, Meta, MetaTarget, ScanError, Scope};
 use crate::path::RelPath;
 use crate::standby::Position;
 use crate::status::Space;
+use crate::xattr::{Policy, Sum, Xattrs};
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
@@ -28,7 +29,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 /// (`Walk`, `Dir`, `WalkEnd`; a version 2 peer is still listed whole with `List`), version 4
 /// the walk of part of the tree (`WalkScopes`; a version 3 peer lists its parts with `List`).
 /// Version 1 peers are refused at the greeting with both versions named.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 pub const MIN_VERSION: u16 = 2;
 /// The first bytes each side sends, so a stray client is recognised at once.
 pub const MAGIC: &[u8; 8] = b"hotsync\0";
@@ -274,6 +275,27 @@ pub enum Message {
         checksum: bool,
         hash_rate: u64,
     },
+    /// Standby → primary, from version 5, right after `Opened`: the attribute namespaces
+    /// its filesystem and privileges can store.
+    Keeps {
+        can: Policy,
+    },
+    /// Primary → standby, from version 5, the answer to `Keeps` and before any other
+    /// stream is opened: the namespaces this session mirrors (what both want and can).
+    Keep {
+        policy: Policy,
+    },
+    /// From version 5: the extended attributes of the entry the next message on this
+    /// stream writes (`SmallFile`, `BigFile`, `Delta`, `Symlink` or `SetMeta`). Without
+    /// it, that entry has none of the namespaces the session keeps.
+    Xattrs {
+        attrs: Xattrs,
+    },
+    /// From version 5, before a `Dir` or `Entries`: the attribute digests of its entries
+    /// that have any, by index (for a `Dir`, 0 is the directory and `i + 1` its entry `i`).
+    XattrSums {
+        sums: Vec<(u32, Sum)>,
+    },
 }
 
 impl Message {
@@ -302,6 +324,10 @@ impl Message {
             | Message::Dir { .. }
             | Message::WalkEnd { .. }
             | Message::WalkScopes { .. }
+            | Message::Keeps { .. }
+            | Message::Keep { .. }
+            | Message::Xattrs { .. }
+            | Message::XattrSums { .. }
             | Message::BaseSig { .. }
             | Message::NoBase { .. }
             | Message::FileEnd { .. }
@@ -351,8 +377,44 @@ impl Message {
             Message::Dir { .. } => "Dir",
             Message::WalkEnd { .. } => "WalkEnd",
             Message::WalkScopes { .. } => "WalkScopes",
+            Message::Keeps { .. } => "Keeps",
+            Message::Keep { .. } => "Keep",
+            Message::Xattrs { .. } => "Xattrs",
+            Message::XattrSums { .. } => "XattrSums",
         }
     }
+}
+
+/// The `XattrSums` for `entries` (in the order a `Dir` or `Entries` carries them); `None`
+/// when none has attributes, so nothing is sent.
+pub fn xattr_sums<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<Message> {
+    let sums: Vec<(u32, Sum)> = entries
+        .enumerate()
+        .filter(|(_, e)| e.meta.xattrs != Sum::default())
+        .map(|(i, e)| (i as u32, e.meta.xattrs))
+        .collect();
+    (!sums.is_empty()).then_some(Message::XattrSums { sums })
+}
+
+/// Puts the digests of an `XattrSums` into the entries of the message that followed it.
+///
+/// # Errors
+/// An index past those entries.
+pub fn put_xattr_sums<'a>(
+    sums: Vec<(u32, Sum)>,
+    entries: impl Iterator<Item = &'a mut Entry>,
+) -> Result<(), ProtocolError> {
+    let mut entries: Vec<&mut Entry> = entries.collect();
+    for (i, sum) in sums {
+        let Some(e) = entries.get_mut(i as usize) else {
+            return Err(ProtocolError::Invalid(format!(
+                "attribute digest for entry {i} of {}",
+                entries.len()
+            )));
+        };
+        e.meta.xattrs = sum;
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -616,6 +678,7 @@ mod tests {
                 sec: -5,
                 nsec: 999_999_999,
             },
+            xattrs: Default::default(),
         }
     }
 
@@ -668,6 +731,21 @@ mod tests {
                 scopes: vec![(p.clone(), Scope::Tree), (RelPath::root(), Scope::Entry)],
                 checksum: false,
                 hash_rate: 7,
+            },
+            Message::Keeps {
+                can: Policy::wanted(false, true),
+            },
+            Message::Keep {
+                policy: Policy::wanted(true, false),
+            },
+            Message::Xattrs {
+                attrs: Xattrs(vec![crate::xattr::Xattr {
+                    name: b"user.a".to_vec(),
+                    value: vec![0, 255, 7],
+                }]),
+            },
+            Message::XattrSums {
+                sums: vec![(0, [1; 16]), (u32::MAX, [9; 16])],
             },
             Message::Entries {
                 entries: vec![Entry {
@@ -818,7 +896,7 @@ mod tests {
         // A version 1 peer is refused, and told both sides' versions.
         let e = negotiate(1, 1).unwrap_err().to_string();
         assert!(
-            e.contains("speaks protocol 4 (accepts 2 to 4)") && e.contains("the peer speaks 1"),
+            e.contains("speaks protocol 5 (accepts 2 to 5)") && e.contains("the peer speaks 1"),
             "{e}"
         );
         // A version 2 peer is still served, at version 2 (it is listed whole).

@@ -21,6 +21,7 @@ use crate::scan::{ScanOptions, scan_scopes};
 use crate::standby::{CutKind, Peer, SessionEntry, SessionPulse, Standby};
 use crate::status::Space;
 use crate::transport::{Connection, SendHalf};
+use crate::xattr::Xattrs;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::collections::HashMap;
@@ -38,6 +39,8 @@ struct Session<'s> {
     /// A dry run or a verify: list, never write.
     read_only: bool,
     filter: Filter,
+    /// The extended attributes and ACLs this session mirrors.
+    xattrs: crate::xattr::Policy,
     /// Bumped whenever directories may have been removed, so cached handles are dropped.
     generation: AtomicU64,
     /// This session in the standby's registry (its counters are read live by `status`).
@@ -59,7 +62,7 @@ pub fn serve(
         return Err(ProtocolError::Closed.into());
     };
     let mut ch = Channel::new(ctrl);
-    ch.accept_session()?;
+    let version = ch.accept_session()?;
     let (excludes, read_only, epoch) = match ch.recv()? {
         Message::Open {
             excludes,
@@ -95,18 +98,31 @@ pub fn serve(
         Ok(a) => a,
         Err(r) => return Err(refuse(&mut ch, r.code, r.message)),
     };
-    let session = Session {
-        standby,
-        read_only,
-        filter,
-        generation: AtomicU64::new(0),
-        entry: admission.entry.clone(),
-    };
     ch.send(&Message::Opened {
         owners: standby.owners(),
         position: standby.state().position,
     })?;
+    // Agreed before any other stream is accepted: every walk and write of the session
+    // keeps the same attributes.
+    let mut xattrs = crate::xattr::Policy::none();
+    if version >= 5 {
+        let can = standby.xattrs_can();
+        ch.send(&Message::Keeps { can })?;
+        ch.flush()?;
+        xattrs = match ch.recv()? {
+            Message::Keep { policy } => policy.and(can),
+            other => return Err(ProtocolError::unexpected(&other, "Keep").into()),
+        };
+    }
     ch.flush()?;
+    let session = Session {
+        standby,
+        read_only,
+        filter,
+        xattrs,
+        generation: AtomicU64::new(0),
+        entry: admission.entry.clone(),
+    };
     let pulse = SessionPulse {
         standby,
         entry: admission.entry.clone(),
@@ -170,6 +186,42 @@ pub fn serve(
     }
 }
 
+/// What an entry gets besides its content: its attributes and its extended attributes.
+struct Attrs {
+    meta: Meta,
+    x: Xattrs,
+}
+
+impl Session<'_> {
+    /// The extended attributes to set, unless this session leaves them alone.
+    fn xattrs_to<'a>(&'a self, x: &'a Xattrs) -> Option<fsroot::XattrsTo<'a>> {
+        (!self.xattrs.is_none()).then_some((x, &self.xattrs))
+    }
+
+    /// Sets `a` on the open file `fd`.
+    fn set_fd(&self, fd: std::os::fd::BorrowedFd<'_>, a: &Attrs) -> io::Result<()> {
+        set_meta_fd(fd, &a.meta, self.owners(), self.xattrs_to(&a.x))
+    }
+
+    /// Sets `a` on `name` in `dir`, never following it (`with_mode`: not a symlink).
+    fn set_at(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &[u8],
+        a: &Attrs,
+        with_mode: bool,
+    ) -> io::Result<()> {
+        set_meta_at(
+            dir,
+            name,
+            &a.meta,
+            self.owners(),
+            with_mode,
+            self.xattrs_to(&a.x),
+        )
+    }
+}
+
 /// Entries a walk hashes together, so small directories still keep every core busy.
 pub const WALK_HASH_BATCH: usize = 4096;
 
@@ -203,6 +255,9 @@ fn send_unit<W: Write>(w: &mut FrameWriter<W>, u: crate::walk::Unit) -> Result<(
     parts.resize_with(n, Vec::new);
     errors.resize_with(n, Vec::new);
     for (i, (entries, errors)) in parts.into_iter().zip(errors).enumerate() {
+        if let Some(m) = protocol::xattr_sums(std::iter::once(&u.dir).chain(&entries)) {
+            w.send(&m)?;
+        }
         w.send(&Message::Dir {
             dir: u.dir.clone(),
             entries,
@@ -211,6 +266,20 @@ fn send_unit<W: Write>(w: &mut FrameWriter<W>, u: crate::walk::Unit) -> Result<(
         })?;
     }
     Ok(())
+}
+
+/// One `Entries` message, after the digests of its attributes.
+fn send_entries<W: Write>(
+    w: &mut FrameWriter<W>,
+    entries: Vec<Entry>,
+) -> Result<(), ProtocolError> {
+    if let Some(m) = protocol::xattr_sums(entries.iter()) {
+        w.send(&m)?;
+    }
+    w.send(&Message::Entries {
+        entries,
+        errors: vec![],
+    })
 }
 
 fn send_manifest<W: Write>(
@@ -226,17 +295,11 @@ fn send_manifest<W: Write>(
         size += entry_size(&e);
         batch.push(e);
         if size >= LIST_BATCH_BYTES {
-            w.send(&Message::Entries {
-                entries: std::mem::take(&mut batch),
-                errors: vec![],
-            })?;
+            send_entries(w, std::mem::take(&mut batch))?;
             size = 0;
         }
     }
-    w.send(&Message::Entries {
-        entries: batch,
-        errors: vec![],
-    })?;
+    send_entries(w, batch)?;
     for chunk in errors.chunks(512) {
         w.send(&Message::Entries {
             entries: vec![],
@@ -274,6 +337,7 @@ impl Session<'_> {
                     hash_rate,
                     filter: self.filter.clone(),
                     remove_temps: !self.read_only,
+                    xattrs: self.xattrs,
                 };
                 scan_scopes(root, scopes, &opts, &|_| {}).map_err(|e| {
                     ProtocolError::Invalid(format!("cannot scan the standby tree: {e}"))
@@ -305,6 +369,7 @@ impl Session<'_> {
                 hash_rate,
                 filter: self.filter.clone(),
                 remove_temps: !self.read_only,
+                xattrs: self.xattrs,
             };
             let mut walker = crate::walk::Walker::scoped(root, opts, scopes, None);
             let batch = if checksum { WALK_HASH_BATCH } else { 1 };
@@ -434,6 +499,8 @@ fn op_loop<R: Read, W: SendHalf>(
     let mut batch = Batch::new();
     let mut dirs = Dirs::new(s);
     let mut buf = Vec::new();
+    // The attributes of the entry the next operation writes.
+    let mut xattrs: Option<Xattrs> = None;
     loop {
         let next = match first.take() {
             Some(m) => Some(m),
@@ -451,7 +518,27 @@ fn op_loop<R: Read, W: SendHalf>(
                 msg.name()
             )));
         }
+        if xattrs.is_some()
+            && !matches!(
+                msg,
+                Message::SmallFile { .. }
+                    | Message::BigFile { .. }
+                    | Message::Delta { .. }
+                    | Message::Symlink { .. }
+                    | Message::SetMeta { .. }
+            )
+        {
+            return Err(ProtocolError::Invalid(format!(
+                "extended attributes before {}, which takes none",
+                msg.name()
+            )));
+        }
         match msg {
+            Message::Xattrs { attrs } => {
+                attrs.check(&s.xattrs).map_err(ProtocolError::Invalid)?;
+                xattrs = Some(attrs);
+                continue;
+            }
             Message::List {
                 scopes,
                 checksum,
@@ -526,15 +613,11 @@ fn op_loop<R: Read, W: SendHalf>(
                 if path.is_reserved() {
                     return Err(ProtocolError::Invalid(format!("refusing to change {path}")));
                 }
+                let x = xattrs.take().unwrap_or_default();
                 let res = dirs.parent(&path).and_then(|(d, name)| {
                     check_type(&d, name, target)?;
-                    set_meta_at(
-                        d.as_fd(),
-                        name,
-                        &meta,
-                        s.owners(),
-                        target != MetaTarget::Symlink,
-                    )
+                    let a = Attrs { meta, x };
+                    s.set_at(d.as_fd(), name, &a, target != MetaTarget::Symlink)
                 });
                 batch.record(id, res.map_err(|e| op_error(&e)));
             }
@@ -549,7 +632,11 @@ fn op_loop<R: Read, W: SendHalf>(
                 {
                     return Err(ProtocolError::Invalid("bad symlink target".into()));
                 }
-                match stage_symlink(s, &mut dirs, id, &path, &target, &meta) {
+                let a = Attrs {
+                    meta,
+                    x: xattrs.take().unwrap_or_default(),
+                };
+                match stage_symlink(s, &mut dirs, id, &path, &target, &a) {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, op_error(&e)),
                 }
@@ -575,7 +662,11 @@ fn op_loop<R: Read, W: SendHalf>(
                 buf.resize(len as usize, 0);
                 r.read_raw(&mut buf)?;
                 let keep = batch.keep_fd();
-                match stage_bytes(s, &mut dirs, id, &path, &meta, &buf, keep) {
+                let a = Attrs {
+                    meta,
+                    x: xattrs.take().unwrap_or_default(),
+                };
+                match stage_bytes(s, &mut dirs, id, &path, &a, &buf, keep) {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, op_error(&e)),
                 }
@@ -588,7 +679,11 @@ fn op_loop<R: Read, W: SendHalf>(
             } => {
                 check_writable(&path)?;
                 let keep = batch.keep_fd();
-                match receive_big(s, &mut dirs, r, id, &path, &meta, size, keep)? {
+                let a = Attrs {
+                    meta,
+                    x: xattrs.take().unwrap_or_default(),
+                };
+                match receive_big(s, &mut dirs, r, id, &path, &a, size, keep)? {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, e),
                 }
@@ -604,7 +699,20 @@ fn op_loop<R: Read, W: SendHalf>(
                 check_writable(&path)?;
                 let keep = batch.keep_fd();
                 match receive_delta(
-                    s, &mut dirs, r, w, id, &path, &meta, size, chunk, chunks, keep,
+                    s,
+                    &mut dirs,
+                    r,
+                    w,
+                    id,
+                    &path,
+                    &Attrs {
+                        meta,
+                        x: xattrs.take().unwrap_or_default(),
+                    },
+                    size,
+                    chunk,
+                    chunks,
+                    keep,
                 )? {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, e),
@@ -721,15 +829,13 @@ fn stage_bytes(
     dirs: &mut Dirs,
     id: u64,
     path: &RelPath,
-    meta: &Meta,
+    meta: &Attrs,
     data: &[u8],
     keep: bool,
 ) -> io::Result<Staged> {
     let (dir, name) = dirs.parent(path)?;
     let (mut f, temp) = temp_in(&dir)?;
-    let res = f
-        .write_all(data)
-        .and_then(|_| set_meta_fd(f.as_fd(), meta, s.owners()));
+    let res = f.write_all(data).and_then(|_| s.set_fd(f.as_fd(), meta));
     if let Err(e) = res {
         let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
         return Err(e);
@@ -751,7 +857,7 @@ fn stage_symlink(
     id: u64,
     path: &RelPath,
     target: &[u8],
-    meta: &Meta,
+    meta: &Attrs,
 ) -> io::Result<Staged> {
     let (dir, name) = dirs.parent(path)?;
     let temp = loop {
@@ -762,7 +868,7 @@ fn stage_symlink(
             Err(e) => return Err(e.into()),
         }
     };
-    if let Err(e) = set_meta_at(dir.as_fd(), &temp, meta, s.owners(), false) {
+    if let Err(e) = s.set_at(dir.as_fd(), &temp, meta, false) {
         let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
         return Err(e);
     }
@@ -853,7 +959,7 @@ impl TempSink {
         complete: bool,
         proof: Option<(crate::manifest::Hash, crate::manifest::Hash)>,
         id: u64,
-        meta: &Meta,
+        meta: &Attrs,
         size: u64,
         keep: bool,
     ) -> EntryResult {
@@ -877,7 +983,7 @@ impl TempSink {
             None => w
                 .into_inner()
                 .map_err(|e| e.into_error())
-                .and_then(|f| set_meta_fd(f.as_fd(), meta, s.owners()).map(|_| f))
+                .and_then(|f| s.set_fd(f.as_fd(), meta).map(|_| f))
                 .map_err(|e| op_error(&e)),
             Some(e) => Err(e),
         };
@@ -1005,7 +1111,7 @@ fn receive_big<R: Read>(
     r: &mut FrameReader<R>,
     id: u64,
     path: &RelPath,
-    meta: &Meta,
+    meta: &Attrs,
     size: u64,
     keep: bool,
 ) -> Result<EntryResult, ProtocolError> {
@@ -1035,7 +1141,7 @@ fn receive_delta<R: Read, W: Write>(
     w: &mut FrameWriter<W>,
     id: u64,
     path: &RelPath,
-    meta: &Meta,
+    meta: &Attrs,
     size: u64,
     chunk: u64,
     chunks: u64,

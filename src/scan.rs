@@ -5,7 +5,7 @@
 use crate::delta::{chunk_size, hash_chunks_paced};
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, link_key, meta_of};
-use crate::manifest::{Entry, Hash, Kind, Manifest, ScanError, Scope};
+use crate::manifest::{Entry, Hash, Kind, Manifest, Meta, ScanError, Scope};
 use crate::path::{RESERVED, RelPath, is_temp_name};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
@@ -24,6 +24,9 @@ pub struct ScanOptions {
     pub filter: Filter,
     /// Delete leftover temporary files (the standby does; the primary only skips them).
     pub remove_temps: bool,
+    /// The extended attributes and ACLs read with each entry (their digest goes in
+    /// `Meta::xattrs`); none are read when it keeps nothing.
+    pub xattrs: crate::xattr::Policy,
 }
 
 /// An entry the mirror cannot carry (socket, fifo, device), skipped with a warning.
@@ -64,13 +67,7 @@ pub fn scan_scopes(
     let mut out = ScanOutcome::default();
     for (path, scope) in crate::manifest::normalize_scopes(scopes) {
         if path.is_root() {
-            let st = rustix::fs::fstat(root.fd())?;
-            out.manifest.entries.push(Entry {
-                path: RelPath::root(),
-                kind: Kind::Dir,
-                meta: meta_of(&st),
-                link: None,
-            });
+            out.manifest.entries.push(root_entry(root.fd(), opts)?);
             if scope == Scope::Tree {
                 walk(root.open_dir(&path)?, path, opts, &mut out, progress)?;
             }
@@ -141,8 +138,9 @@ pub(crate) fn stat_entry(
     dir: BorrowedFd<'_>,
     name: &[u8],
     path: &RelPath,
-    filter: &Filter,
+    opts: &ScanOptions,
 ) -> Found {
+    let filter = &opts.filter;
     let error = |error: String| {
         Found::Error(ScanError {
             path: path.clone(),
@@ -188,11 +186,32 @@ pub(crate) fn stat_entry(
     } else {
         None
     };
+    let mut meta = meta_of(&st);
+    match crate::xattr::read(crate::xattr::At::Name(dir, name), &opts.xattrs) {
+        Ok(x) => meta.xattrs = x.sum(),
+        Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => return Found::Nothing,
+        Err(e) => return error(format!("cannot read extended attributes: {e}")),
+    }
     Found::Entry(Entry {
         path: path.clone(),
         kind,
-        meta: meta_of(&st),
+        meta,
         link,
+    })
+}
+
+/// The entry of the tree's root directory, open as `fd`.
+pub(crate) fn root_entry(fd: BorrowedFd<'_>, opts: &ScanOptions) -> io::Result<Entry> {
+    let st = rustix::fs::fstat(fd)?;
+    let xattrs = crate::xattr::read(crate::xattr::At::Fd(fd), &opts.xattrs)?;
+    Ok(Entry {
+        path: RelPath::root(),
+        kind: Kind::Dir,
+        meta: Meta {
+            xattrs: xattrs.sum(),
+            ..meta_of(&st)
+        },
+        link: None,
     })
 }
 
@@ -215,7 +234,7 @@ fn visit(
     opts: &ScanOptions,
     out: &mut ScanOutcome,
 ) -> Option<OwnedFd> {
-    let entry = match stat_entry(dir, name, path, &opts.filter) {
+    let entry = match stat_entry(dir, name, path, opts) {
         Found::Entry(e) => e,
         Found::Nothing => return None,
         Found::Skipped(s) => {
@@ -352,7 +371,10 @@ pub(crate) fn hash_in_place(
                                 size: st.st_size as u64,
                                 hash: Some(hash),
                             };
-                            e.meta = meta_of(&st);
+                            e.meta = Meta {
+                                xattrs: e.meta.xattrs,
+                                ..meta_of(&st)
+                            };
                         }
                         Err(err) => failed.lock().unwrap().push((
                             *i,

@@ -17,6 +17,7 @@ use rustix::io::Errno;
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -208,6 +209,8 @@ pub struct Standby {
     committed_at: Mutex<Option<(Instant, SystemTime)>>,
     /// Told of what happens to the tree (a `serve --json` prints it).
     events: std::sync::OnceLock<EventSink>,
+    /// The attribute namespaces this tree can store, found at the first session.
+    xattrs: std::sync::OnceLock<crate::xattr::Policy>,
 }
 
 /// Receives a standby's events: a name and its details.
@@ -286,6 +289,7 @@ impl Standby {
             next_serial: AtomicU64::new(1),
             committed_at: Mutex::new(None),
             events: std::sync::OnceLock::new(),
+            xattrs: std::sync::OnceLock::new(),
         };
         if access == Access::Write {
             match standby.take_lock(wait) {
@@ -317,6 +321,42 @@ impl Standby {
     /// Whether owner and group are preserved here (this process runs as root).
     pub fn owners(&self) -> bool {
         self.owners
+    }
+
+    /// The extended attributes and ACLs this tree can store, tried once on a scratch file
+    /// in it. A tree that cannot be written now is taken to store what its privileges
+    /// allow; one whose filesystem has no attributes is said so once.
+    pub fn xattrs_can(&self) -> crate::xattr::Policy {
+        *self.xattrs.get_or_init(|| {
+            let root = rustix::process::geteuid().is_root();
+            let guess = crate::xattr::Policy {
+                user: true,
+                trusted: root,
+                security: root,
+                selinux: crate::xattr::selinux_enabled(),
+                acls: true,
+            };
+            // In the reserved area: a scratch file in the tree would change its root's mtime.
+            let probed = self.with_area(|a| {
+                let (f, name) = fsroot::create_temp(a.fd()).ok()?;
+                let can = crate::xattr::probe(f.as_fd());
+                drop(f);
+                let _ = rustix::fs::unlinkat(a.fd(), name.as_slice(), rustix::fs::AtFlags::empty());
+                Some(can)
+            });
+            let Some(can) = probed.flatten() else {
+                return guess;
+            };
+            let lacks = guess.missing_in(&can);
+            if !lacks.is_empty() {
+                crate::xattr::say_once(&format!(
+                    "the standby tree {} cannot store {}: they are not mirrored there",
+                    self.path.display(),
+                    lacks.join(", ")
+                ));
+            }
+            can
+        })
     }
 
     /// The tree's durable state as last read or written.

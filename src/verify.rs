@@ -401,6 +401,17 @@ fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report) {
             x.meta.mtime.sec, x.meta.mtime.nsec, y.meta.mtime.sec, y.meta.mtime.nsec
         ));
     }
+    if x.meta.xattrs != y.meta.xattrs {
+        let none = crate::xattr::Sum::default();
+        what.push(
+            match (x.meta.xattrs == none, y.meta.xattrs == none) {
+                (false, true) => "extended attributes or ACL missing on the standby",
+                (true, false) => "extended attributes or ACL only on the standby",
+                _ => "extended attributes or ACL differ",
+            }
+            .to_string(),
+        );
+    }
     if !what.is_empty() {
         r.metadata_differs.push(path.clone());
         r.details.push(Difference {
@@ -467,6 +478,7 @@ pub fn verify(
     link: Link,
     excludes: &[String],
     hash_rate: u64,
+    xattrs: crate::xattr::Policy,
 ) -> Result<Report, Error> {
     let started = Instant::now();
     let opts = SyncOptions {
@@ -474,6 +486,7 @@ pub fn verify(
         checksum: true,
         excludes: excludes.to_vec(),
         hash_rate,
+        xattrs,
         ..SyncOptions::default()
     };
     let mut session = Session::open(root, link, &opts, &Silent)?;

@@ -6,8 +6,8 @@
 //! [`Unit`] (its own entry and its children) comes before the units of its subdirectories,
 //! and [`walk_cmp`] is that order on paths.
 
-use crate::fsroot::{Root, meta_of};
-use crate::manifest::{Entry, Kind, ScanError, Scope, normalize_scopes};
+use crate::fsroot::Root;
+use crate::manifest::{Entry, ScanError, Scope, normalize_scopes};
 use crate::path::{RESERVED, RelPath, is_temp_name};
 use crate::scan::{
     Found, ScanOptions, Skipped, hash_in_place, is_absent, open_child_dir, stat_entry,
@@ -229,13 +229,7 @@ impl<'r> Walker<'r> {
                 g.wait_for(&RelPath::root());
             }
             let fd = self.root.open_dir(&RelPath::root())?;
-            let st = rustix::fs::fstat(&fd)?;
-            let dir = Entry {
-                path: RelPath::root(),
-                kind: Kind::Dir,
-                meta: meta_of(&st),
-                link: None,
-            };
+            let dir = crate::scan::root_entry(fd.as_fd(), &self.opts)?;
             let names = self.names(fd.as_fd(), &dir.path)?;
             return Ok(Some(self.read(fd, dir, names)));
         }
@@ -360,7 +354,7 @@ impl<'r> Walker<'r> {
                 });
                 continue;
             };
-            match stat_entry(fd.as_fd(), &name, &path, &self.opts.filter) {
+            match stat_entry(fd.as_fd(), &name, &path, &self.opts) {
                 Found::Entry(e) => unit.entries.push(e),
                 Found::Nothing => {}
                 Found::Skipped(s) => unit.skipped.push(s),
@@ -400,6 +394,7 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::Kind;
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()

@@ -438,7 +438,8 @@ impl Replica {
             let result = (|| {
                 let root = Arc::new(crate::check::open_source(&me.src)?);
                 let link = me.connector.connect()?;
-                crate::verify::verify(root, link, &me.verify.excludes, me.verify.rate)
+                let x = me.sync_opts.xattrs;
+                crate::verify::verify(root, link, &me.verify.excludes, me.verify.rate, x)
             })();
             me.with(|m| m.verified(result.map_err(|e| e.to_string()), Instant::now()));
         });

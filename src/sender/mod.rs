@@ -24,9 +24,11 @@ use crate::standby::Position;
 use crate::summary::{EntryError, Summary};
 use crate::transport::{Connection, SendHalf, Stream};
 use crate::walk::{Gate, Scopes};
+use crate::xattr::{At, Policy, Xattrs};
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -54,6 +56,8 @@ pub struct SyncOptions {
     pub hash_rate: u64,
     /// The epoch this primary writes in (its tree's, see [`crate::primary`]).
     pub epoch: u64,
+    /// The extended attributes and ACLs to mirror (what the standby can store of them).
+    pub xattrs: crate::xattr::Policy,
 }
 
 impl Default for SyncOptions {
@@ -70,6 +74,7 @@ impl Default for SyncOptions {
             on_mass_delete: MassDelete::Refuse,
             hash_rate: 0,
             epoch: 1,
+            xattrs: crate::xattr::Policy::wanted(false, false),
         }
     }
 }
@@ -126,6 +131,8 @@ pub struct Session<'m> {
     pub version: u16,
     /// Whether the standby preserves owner and group (it runs as root).
     pub owners: bool,
+    /// The extended attributes and ACLs this session mirrors.
+    pub xattrs: Policy,
     next_id: AtomicU64,
     /// The standby's entries at the last full listing: the mass-delete guard's yardstick.
     remote_total: usize,
@@ -182,19 +189,32 @@ impl<'m> Session<'m> {
             },
             epoch: opts.epoch,
         };
-        let handshake = || -> Result<(Channel, u16, bool, Position, Option<Beating>), Error> {
+        type Opened = (Channel, u16, bool, Position, Policy, Option<Beating>);
+        let handshake = || -> Result<Opened, Error> {
             let mut ch = Channel::open(&**link.conn())?;
             let version = ch.open_session(&open)?;
             let (owners, position) = match ch.recv().map_err(peer_error)? {
                 Message::Opened { owners, position } => (owners, position),
                 other => return Err(ProtocolError::unexpected(&other, "Opened").into()),
             };
+            let mut xattrs = Policy::none();
+            if version >= 5 {
+                let can = match ch.recv().map_err(peer_error)? {
+                    Message::Keeps { can } => can,
+                    other => return Err(ProtocolError::unexpected(&other, "Keeps").into()),
+                };
+                xattrs = opts.xattrs.and(can);
+                say_once_what_the_standby_lacks(&opts.xattrs, &can);
+                ch.send(&Message::Keep { policy: xattrs })?;
+                ch.flush()?;
+            }
             let beating = (version >= 2)
                 .then(|| heartbeat::start(link.conn().clone(), pulse.clone()))
                 .transpose()?;
-            Ok((ch, version, owners, position, beating))
+            Ok((ch, version, owners, position, xattrs, beating))
         };
-        let (ch, version, owners, position, beating) = handshake().map_err(|e| link.explain(e))?;
+        let (ch, version, owners, position, xattrs, beating) =
+            handshake().map_err(|e| link.explain(e))?;
         if !owners {
             tracing::warn!(
                 "the standby does not run as root: owner and group are not preserved there"
@@ -211,11 +231,13 @@ impl<'m> Session<'m> {
                 hash_rate: opts.hash_rate,
                 filter,
                 remove_temps: false,
+                xattrs,
             },
             monitor,
             ch,
             version,
             owners,
+            xattrs,
             next_id: AtomicU64::new(1),
             remote_total: 0,
             gate: None,
@@ -320,7 +342,7 @@ impl<'m> Session<'m> {
         let conn = &**self.link.conn();
         let ex = Exec::new(
             conn,
-            &self.root,
+            (&self.root, self.xattrs),
             Some(&empty),
             &self.next_id,
             self.monitor,
@@ -425,7 +447,7 @@ impl<'m> Session<'m> {
             let conn = &**self.link.conn();
             let ex = Exec::new(
                 conn,
-                &self.root,
+                (&self.root, self.xattrs),
                 Some(&remote),
                 &self.next_id,
                 self.monitor,
@@ -535,9 +557,17 @@ fn peer_error(e: ProtocolError) -> Error {
 /// Reads one listing: the standby's entries, and the temps it cleaned up meanwhile.
 fn receive_listing<R: Read>(r: &mut FrameReader<R>) -> Result<(Manifest, u64), ProtocolError> {
     let mut m = Manifest::default();
+    let mut sums = None;
     loop {
         match r.recv()? {
-            Message::Entries { entries, errors } => {
+            Message::XattrSums { sums: s } if sums.is_none() => sums = Some(s),
+            Message::Entries {
+                mut entries,
+                errors,
+            } => {
+                if let Some(s) = sums.take() {
+                    crate::protocol::put_xattr_sums(s, entries.iter_mut())?;
+                }
                 m.entries.extend(entries);
                 m.errors.extend(errors);
             }
@@ -628,12 +658,14 @@ struct Exec<'a> {
     retries: Mutex<Vec<RelPath>>,
     next_id: &'a AtomicU64,
     monitor: &'a dyn Monitor,
+    /// The attributes sent with each entry.
+    xattrs: Policy,
 }
 
 impl<'a> Exec<'a> {
     fn new(
         conn: &'a dyn Connection,
-        root: &'a Root,
+        (root, xattrs): (&'a Root, Policy),
         remote: Option<&'a Manifest>,
         next_id: &'a AtomicU64,
         monitor: &'a dyn Monitor,
@@ -647,6 +679,7 @@ impl<'a> Exec<'a> {
             retries: Mutex::new(Vec::new()),
             next_id,
             monitor,
+            xattrs,
         }
     }
 }
@@ -683,6 +716,32 @@ fn read_error(e: io::Error) -> ReadError {
 }
 
 impl<'a> Exec<'a> {
+    /// The attributes to send with the entry at `path` (never followed); `None` after
+    /// reporting why they cannot be read.
+    fn xattrs_at(&self, path: &RelPath) -> Option<Xattrs> {
+        if self.xattrs.is_none() {
+            return Some(Xattrs::default());
+        }
+        let read = if path.is_root() {
+            xattrs_of(At::Fd(self.root.fd()), &self.xattrs)
+        } else {
+            self.root
+                .parent_of(path)
+                .and_then(|(dir, name)| xattrs_of(At::Name(dir.as_fd(), &name), &self.xattrs))
+        };
+        match read.map_err(read_error) {
+            Ok(x) => Some(x),
+            Err(ReadError::Vanished) => {
+                self.vanished(path);
+                None
+            }
+            Err(ReadError::Other(e)) => {
+                self.error(path, format!("cannot read: {e}"));
+                None
+            }
+        }
+    }
+
     fn id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -848,6 +907,14 @@ impl<'a> Exec<'a> {
         self.pipelined(r, &pending, seq, || {
             for (msg, path, op) in ops {
                 let id = msg.op_id().expect("control operations carry an id");
+                if let Message::SetMeta { path, .. } = &msg {
+                    // Read now, as the message goes: a directory's attributes are set
+                    // after everything inside it.
+                    let Some(x) = self.xattrs_at(path) else {
+                        continue;
+                    };
+                    send_xattrs(w, x)?;
+                }
                 pending.lock().insert(id, (path, op));
                 w.send(&msg)?;
             }
@@ -1011,7 +1078,11 @@ impl<'a> Exec<'a> {
                 match item {
                     LaneItem::File(t) => self.send_small(&mut w, &pending, id, t, &mut buf)?,
                     LaneItem::Symlink(l) => {
+                        let Some(x) = self.xattrs_at(&l.path) else {
+                            return Ok(());
+                        };
                         pending.lock().insert(id, (l.path.clone(), Op::Symlink));
+                        send_xattrs(&mut w, x)?;
                         w.send(&Message::Symlink {
                             id,
                             path: l.path.clone(),
@@ -1020,7 +1091,11 @@ impl<'a> Exec<'a> {
                         })?;
                     }
                     LaneItem::Meta(m) => {
+                        let Some(x) = self.xattrs_at(&m.path) else {
+                            return Ok(());
+                        };
                         pending.lock().insert(id, (m.path.clone(), Op::Meta));
+                        send_xattrs(&mut w, x)?;
                         w.send(&set_meta(m, id))?;
                     }
                 }
@@ -1040,8 +1115,8 @@ impl<'a> Exec<'a> {
         t: &Transfer,
         buf: &mut Vec<u8>,
     ) -> Result<(), ProtocolError> {
-        match read_small(self.root, &t.path, buf) {
-            Ok(Some(st)) => {
+        match read_small(self.root, &t.path, buf, &self.xattrs) {
+            Ok(Some((st, x))) => {
                 let meta = meta_of(&st);
                 pending.lock().insert(
                     id,
@@ -1052,6 +1127,7 @@ impl<'a> Exec<'a> {
                         },
                     ),
                 );
+                send_xattrs(w, x)?;
                 w.send(&Message::SmallFile {
                     id,
                     path: t.path.clone(),
@@ -1097,9 +1173,17 @@ impl<'a> Exec<'a> {
         let before = rustix::fs::fstat(&f).map_err(io::Error::from)?;
         let size = before.st_size as u64;
         let meta = meta_of(&before);
+        let x = match xattrs_of(At::Fd(f.as_fd()), &self.xattrs) {
+            Ok(x) => x,
+            Err(e) => {
+                self.error(path, format!("cannot read: {e}"));
+                return Ok(false);
+            }
+        };
         pending
             .lock()
             .insert(id, (path.clone(), Op::Transfer { bytes: size }));
+        send_xattrs(w, x)?;
         w.send(&Message::BigFile {
             id,
             path: path.clone(),
@@ -1196,6 +1280,13 @@ impl<'a> Exec<'a> {
         let before = rustix::fs::fstat(&f).map_err(|e| ProtocolError::Io(e.into()))?;
         let size = before.st_size as u64;
         let meta = meta_of(&before);
+        let x = match xattrs_of(At::Fd(f.as_fd()), &self.xattrs) {
+            Ok(x) => x,
+            Err(e) => {
+                self.error(&t.path, format!("cannot read: {e}"));
+                return Ok(());
+            }
+        };
         let chunk = chunk_size(size);
         let Stream { recv, send } = self.conn.open().map_err(ProtocolError::Io)?;
         let mut r = FrameReader::new(recv);
@@ -1205,6 +1296,7 @@ impl<'a> Exec<'a> {
         // (the standby's error, our own problem with the file and whether to retry it)
         type Exchange = (Option<OpError>, Option<(String, bool)>);
         let exchange = (|| -> Result<Exchange, ProtocolError> {
+            send_xattrs(&mut w, x)?;
             w.send(&Message::Delta {
                 id,
                 path: t.path.clone(),
@@ -1380,6 +1472,41 @@ enum LaneItem<'p> {
     Meta(&'p MetaFix),
 }
 
+/// The attributes of `at` that `policy` keeps, if they fit what one entry may carry.
+fn xattrs_of(at: At<'_>, policy: &Policy) -> io::Result<Xattrs> {
+    let x = crate::xattr::read(at, policy)?;
+    if x.0.len() > crate::xattr::MAX_COUNT || x.bytes() > crate::xattr::MAX_TOTAL {
+        return Err(io::Error::other(format!(
+            "{} extended attributes of {} bytes are more than hotsync mirrors \
+             ({} and {} bytes at most)",
+            x.0.len(),
+            x.bytes(),
+            crate::xattr::MAX_COUNT,
+            crate::xattr::MAX_TOTAL
+        )));
+    }
+    Ok(x)
+}
+
+/// Sends the attributes of the entry the next message writes; none need no message.
+fn send_xattrs<W: Write>(w: &mut FrameWriter<W>, x: Xattrs) -> Result<(), ProtocolError> {
+    if x.is_empty() {
+        return Ok(());
+    }
+    w.send(&Message::Xattrs { attrs: x })
+}
+
+/// Warns, once in this process, of attributes asked for that the standby cannot store.
+fn say_once_what_the_standby_lacks(want: &Policy, can: &Policy) {
+    let lacks = want.missing_in(can);
+    if !lacks.is_empty() {
+        crate::xattr::say_once(&format!(
+            "the standby cannot store {}: they are not mirrored there",
+            lacks.join(", ")
+        ));
+    }
+}
+
 fn set_meta(m: &MetaFix, id: u64) -> Message {
     Message::SetMeta {
         id,
@@ -1395,7 +1522,8 @@ fn read_small(
     root: &Root,
     path: &RelPath,
     buf: &mut Vec<u8>,
-) -> Result<Option<rustix::fs::Stat>, ReadError> {
+    policy: &Policy,
+) -> Result<Option<(rustix::fs::Stat, Xattrs)>, ReadError> {
     for _ in 0..5 {
         let mut f = root.open_file(path).map_err(read_error)?;
         let before = rustix::fs::fstat(&f).map_err(|e| read_error(e.into()))?;
@@ -1407,9 +1535,11 @@ fn read_small(
             .take(SMALL_FILE + 1)
             .read_to_end(buf)
             .map_err(read_error)?;
+        // Read before the second stat: a change of attributes meanwhile changes the ctime.
+        let x = xattrs_of(At::Fd(f.as_fd()), policy).map_err(read_error)?;
         let after = rustix::fs::fstat(&f).map_err(|e| read_error(e.into()))?;
         if !changed(&before, &after) && buf.len() as u64 == after.st_size as u64 {
-            return Ok(Some(after));
+            return Ok(Some((after, x)));
         }
     }
     Err(ReadError::Other("keeps changing while being read".into()))

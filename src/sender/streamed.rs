@@ -287,7 +287,7 @@ impl Exec<'_> {
         plan.deletes.clear();
         let ex = Exec::new(
             self.conn,
-            self.root,
+            (self.root, self.xattrs),
             Some(&remote),
             self.next_id,
             self.monitor,
@@ -346,7 +346,7 @@ impl Dry<'_> {
 
 /// One item of the standby's walk.
 enum Remote {
-    Unit(Unit),
+    Unit(Box<Unit>),
     End { temps_removed: u64 },
 }
 
@@ -417,7 +417,14 @@ impl Session<'_> {
             renamed,
             ..Summary::default()
         };
-        let ex = Exec::new(conn, root, None, &self.next_id, monitor, tally);
+        let ex = Exec::new(
+            conn,
+            (root, self.xattrs),
+            None,
+            &self.next_id,
+            monitor,
+            tally,
+        );
         let opts = &self.opts;
         let mut merger = Merger::new(plan_opts);
         let mut deletes: Spill<(RelPath, u64)> = Spill::new();
@@ -750,7 +757,7 @@ impl Queue {
             Queue::Remote(rx, head, end) => {
                 if head.is_none() && end.is_none() {
                     match rx.recv() {
-                        Ok(Ok(Remote::Unit(u))) => *head = Some(u),
+                        Ok(Ok(Remote::Unit(u))) => *head = Some(*u),
                         Ok(Ok(Remote::End { temps_removed })) => *end = Some(temps_removed),
                         Ok(Err(e)) => return Err(peer_error(e)),
                         Err(_) => {
@@ -841,6 +848,8 @@ struct WalkCheck {
     current: Option<Unit>,
     last_dir: Option<RelPath>,
     count: u64,
+    /// The attribute digests for the next `Dir`.
+    sums: Option<Vec<(u32, crate::xattr::Sum)>>,
 }
 
 impl Default for WalkCheck {
@@ -850,6 +859,7 @@ impl Default for WalkCheck {
             current: None,
             last_dir: None,
             count: 0,
+            sums: None,
         }
     }
 }
@@ -859,12 +869,20 @@ impl WalkCheck {
     fn message(&mut self, m: Message) -> Result<Option<Remote>, ProtocolError> {
         let bad = |why: String| Err(ProtocolError::Invalid(format!("the standby's walk {why}")));
         match m {
+            Message::XattrSums { sums } if self.sums.is_none() => {
+                self.sums = Some(sums);
+                Ok(None)
+            }
             Message::Dir {
-                dir,
-                entries,
+                mut dir,
+                mut entries,
                 errors,
                 more,
             } => {
+                if let Some(s) = self.sums.take() {
+                    let all = std::iter::once(&mut dir).chain(entries.iter_mut());
+                    crate::protocol::put_xattr_sums(s, all)?;
+                }
                 if !dir.is_dir() {
                     return bad(format!("lists {} as a directory", dir.path));
                 }
@@ -911,7 +929,7 @@ impl WalkCheck {
                     self.current = Some(unit);
                     Ok(None)
                 } else {
-                    Ok(Some(Remote::Unit(unit)))
+                    Ok(Some(Remote::Unit(Box::new(unit))))
                 }
             }
             Message::WalkEnd {

@@ -223,6 +223,77 @@ pub struct Node {
     pub gid: u32,
     pub mtime: (i64, i64),
     pub ino: u64,
+    /// Extended attributes (ACLs and capabilities among them), but SELinux labels, which
+    /// each side's policy sets.
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+}
+
+/// The extended attributes of `path`, never following it.
+pub fn xattrs(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return out;
+    };
+    let mut names = vec![0u8; 65536];
+    // SAFETY: the buffers are as long as the lengths given.
+    let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if n <= 0 {
+        return out;
+    }
+    for name in names[..n as usize]
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+    {
+        if name == b"security.selinux" {
+            continue;
+        }
+        let cn = std::ffi::CString::new(name).unwrap();
+        let mut v = vec![0u8; 65536];
+        // SAFETY: as above.
+        let m = unsafe { libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        if m >= 0 {
+            v.truncate(m as usize);
+            out.insert(name.to_vec(), v);
+        }
+    }
+    out
+}
+
+/// Sets the extended attribute `name` of `path` (never followed) to `value`.
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings and a buffer of the length given.
+    let r = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Removes the extended attribute `name` of `path`.
+pub fn remove_xattr(path: &Path, name: &str) {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings.
+    let r = unsafe { libc::lremovexattr(c.as_ptr(), n.as_ptr()) };
+    assert_eq!(
+        r,
+        0,
+        "removexattr {name}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Every entry under `root` by relative path (the root itself is ""), without the
@@ -267,6 +338,7 @@ fn walk(root: &Path, rel: &[u8], out: &mut BTreeMap<Vec<u8>, Node>) {
             gid: m.gid(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ino: m.ino(),
+            xattrs: xattrs(&path),
         },
     );
     if kind == Kind::Dir {
@@ -348,6 +420,24 @@ pub fn tree_diff(primary: &Path, standby: &Path) -> Vec<String> {
                 show(rel),
                 na.mtime,
                 nb.mtime
+            ));
+        }
+        if na.xattrs != nb.xattrs {
+            let names = |x: &BTreeMap<Vec<u8>, Vec<u8>>| -> Vec<String> {
+                x.keys()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .collect()
+            };
+            diffs.push(format!(
+                "{}: extended attributes {:?} vs {:?}{}",
+                show(rel),
+                names(&na.xattrs),
+                names(&nb.xattrs),
+                if names(&na.xattrs) == names(&nb.xattrs) {
+                    " (values differ)"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -1115,20 +1205,26 @@ impl Tmpfs {
     /// A tmpfs of `size` (`16m`); `None`, saying why, where it cannot be mounted (it needs
     /// root, which CI has).
     pub fn mount(size: &str) -> Option<Tmpfs> {
+        Tmpfs::mount_as("tmpfs", &format!("size={size}"))
+    }
+
+    /// A filesystem of type `fs` (`ramfs`, which keeps no extended attributes) with
+    /// `options`; `None`, saying why, where it cannot be mounted.
+    pub fn mount_as(fs: &str, options: &str) -> Option<Tmpfs> {
         if !is_root() {
-            println!("SKIPPED: mounting a tmpfs needs root; CI runs this as root");
+            println!("SKIPPED: mounting a {fs} needs root; CI runs this as root");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk");
         std::fs::create_dir_all(&path).unwrap();
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", fs, "-o", options, fs])
             .arg(&path)
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            println!("SKIPPED: cannot mount a tmpfs here (needs root); CI runs this as root");
+            println!("SKIPPED: cannot mount a {fs} here (needs root); CI runs this as root");
         }
         ok.then_some(Tmpfs { path, _dir: dir })
     }

@@ -5,6 +5,7 @@ mod drill;
 mod failover;
 mod fanout;
 mod faults;
+mod fidelity;
 mod helpers;
 mod local;
 mod monitoring;

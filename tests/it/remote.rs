@@ -264,6 +264,11 @@ impl Hostile {
             };
             ch.open_session(&open).unwrap();
             assert!(matches!(ch.recv().unwrap(), Message::Opened { .. }));
+            // Whatever the standby can keep, this session asks for.
+            let Message::Keeps { can } = ch.recv().unwrap() else {
+                panic!("no Keeps")
+            };
+            ch.send(&Message::Keep { policy: can }).unwrap();
         }
         let hotsync::channel::Channel { r, w } = &mut ch;
         f(r, w);
@@ -301,6 +306,7 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
         uid: 0,
         gid: 0,
         mtime: hotsync::manifest::Mtime { sec: 1, nsec: 0 },
+        xattrs: Default::default(),
     };
     let placeholder = |n: usize| hotsync::path::RelPath::new(vec![b'p'; n]).unwrap();
 
@@ -339,6 +345,45 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
             other => panic!("expected a refusal, got {other:?}"),
         }
     });
+    // Extended attributes beyond what the session keeps, beyond the bounds, or before an
+    // operation that takes none: each ends the session before anything is set.
+    let attr = |name: &[u8], value: Vec<u8>| hotsync::xattr::Xattr {
+        name: name.to_vec(),
+        value,
+    };
+    let too_many = (0..=hotsync::xattr::MAX_COUNT)
+        .map(|i| attr(format!("user.{i:05}").as_bytes(), vec![]))
+        .collect();
+    for (attrs, then_mkdir) in [
+        (vec![attr(b"system.nfs4_acl", vec![1])], false),
+        (too_many, false),
+        (
+            vec![attr(b"user.big", vec![0; hotsync::xattr::MAX_VALUE + 1])],
+            false,
+        ),
+        (vec![attr(b"user.ok", vec![1])], true),
+    ] {
+        h.session(false, |_, w| {
+            let path = hotsync::path::RelPath::new("attrs.txt").unwrap();
+            w.send(&Message::Xattrs {
+                attrs: hotsync::xattr::Xattrs(attrs),
+            })
+            .unwrap();
+            if then_mkdir {
+                w.send(&Message::Mkdir { id: 3, path }).unwrap();
+            } else {
+                w.send(&Message::SmallFile {
+                    id: 3,
+                    path,
+                    meta,
+                    len: 1,
+                })
+                .unwrap();
+                w.write_raw(b"x").unwrap();
+            }
+            w.send(&Message::Flush { seq: 1 }).unwrap();
+        });
+    }
     // A file cut off mid-way by a disconnect.
     h.session(false, |_, w| {
         let path = hotsync::path::RelPath::new("cut.bin").unwrap();
@@ -359,12 +404,24 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
     );
     assert!(!t.d("cut.bin").exists());
     assert!(
+        !t.d("attrs.txt").exists(),
+        "no hostile attribute set was acted on"
+    );
+    assert!(
         temps(&t.dst).is_empty(),
         "the cut-off file's temp was removed"
     );
     let log = m.server.log();
     assert!(log.contains("exceeds"), "{log}");
     assert!(log.matches("failed").count() >= 4, "{log}");
+    for why in [
+        "outside what this session mirrors",
+        "extended attributes on one entry (at most 1024)",
+        "of 65537 bytes (at most 65536)",
+        "extended attributes before Mkdir",
+    ] {
+        assert!(log.contains(why), "{why}: {log}");
+    }
     // A well-behaved primary is served as ever.
     std::fs::remove_file(t.d("door")).unwrap();
     write(&t.s("more.txt"), b"more");

@@ -4,7 +4,7 @@ use crate::helpers::*;
 use std::ffi::OsString;
 
 /// `hotsync verify SRC <standby> --json EXTRA...`, local or to the mirror's server.
-fn verify(
+pub fn verify(
     m: &dyn Mirror,
     remote: Option<&RemoteMirror>,
     src: &std::path::Path,

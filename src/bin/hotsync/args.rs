@@ -218,6 +218,8 @@ pub struct Common {
     /// Refuse to remove more than this percentage of the standby's entries (unless --force)
     #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub max_delete: u32,
+    #[command(flatten)]
+    pub fidelity: Fidelity,
 }
 
 #[derive(Args, Debug)]
@@ -293,4 +295,18 @@ pub struct VerifyArgs {
     pub names: Vec<Option<String>>,
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    #[command(flatten)]
+    pub fidelity: Fidelity,
+}
+
+/// What metadata beyond mode, owner and times the mirror carries.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct Fidelity {
+    /// Leave extended attributes alone (user.*, trusted.*, security.*: file capabilities,
+    /// SELinux labels), as rsync does without -X
+    #[arg(long)]
+    pub no_xattrs: bool,
+    /// Leave POSIX ACLs alone, as rsync does without -A
+    #[arg(long)]
+    pub no_acls: bool,
 }

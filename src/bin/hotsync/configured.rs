@@ -1,7 +1,7 @@
 //! `--config FILE`: the file's settings, under what the command line gives. An option
 //! given on the command line wins; one left at its default takes the file's value.
 
-use crate::args::{Cli, Command, Common, Monitoring};
+use crate::args::{Cli, Command, Common, Fidelity, Monitoring};
 use clap::ArgMatches;
 use clap::parser::ValueSource;
 use hotsync::config::{FileConfig, MonitorConfig};
@@ -39,6 +39,7 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             {
                 a.exclude = x.clone();
             }
+            fidelity(&cfg, &mut a.fidelity, &given);
         }
         Command::Flush(a) if a.root.is_none() => a.root = cfg.source.clone(),
         // A former primary keeps what its watch excluded where it is.
@@ -119,6 +120,12 @@ fn common(cfg: &FileConfig, c: &mut Common, given: &dyn Fn(&str) -> bool) {
     set(&mut c.no_delete, cfg.no_delete, given("no_delete"));
     set(&mut c.checksum, cfg.checksum, given("checksum"));
     set(&mut c.max_delete, cfg.max_delete, given("max_delete"));
+    fidelity(cfg, &mut c.fidelity, given);
+}
+
+fn fidelity(cfg: &FileConfig, f: &mut Fidelity, given: &dyn Fn(&str) -> bool) {
+    set(&mut f.no_xattrs, cfg.no_xattrs, given("no_xattrs"));
+    set(&mut f.no_acls, cfg.no_acls, given("no_acls"));
 }
 
 fn monitoring(cfg: &MonitorConfig, m: &mut Monitoring, given: &dyn Fn(&str) -> bool) {

@@ -253,6 +253,7 @@ fn sync_options(c: &Common, dry_run: bool) -> SyncOptions {
         dry_run,
         excludes: c.exclude.clone(),
         max_delete_percent: c.max_delete,
+        xattrs: hotsync::xattr::Policy::wanted(c.fidelity.no_xattrs, c.fidelity.no_acls),
         ..SyncOptions::default()
     }
 }
@@ -533,7 +534,8 @@ fn verify_one(
     always: bool,
 ) -> anyhow::Result<(u8, Option<serde_json::Value>)> {
     let src = args::tree_and_standbys("verify", &args.src, &args.dest)?;
-    let check = || hotsync::verify(src, target, &args.exclude);
+    let xattrs = hotsync::xattr::Policy::wanted(args.fidelity.no_xattrs, args.fidelity.no_acls);
+    let check = || hotsync::verify(src, target, &args.exclude, xattrs);
     let before = check()?;
     if !args.repair || before.identical {
         if args.json {
@@ -550,6 +552,7 @@ fn verify_one(
     let opts = SyncOptions {
         checksum: true,
         excludes: args.exclude.clone(),
+        xattrs,
         ..SyncOptions::default()
     };
     let repaired = hotsync::sync(src, target, &opts, &hotsync::progress::Silent)?;

@@ -1,0 +1,246 @@
+//! What a promoted standby needs to run the services as the primary did: POSIX ACLs, file
+//! capabilities and extended attributes, local and over QUIC, by `sync` and by `watch`.
+
+use crate::helpers::*;
+use crate::verify::verify;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+/// Runs a real tool (`setfacl`, `setcap`, `getfacl`) with a file name as an argument,
+/// never through a shell; its stdout.
+#[track_caller]
+fn tool(name: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(name).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{name} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether the tools these tests drive are here; if not, says why (CI installs them).
+fn tools_present() -> bool {
+    for t in ["setfacl", "getfacl", "setcap", "getcap"] {
+        if Command::new(t).arg("--help").output().is_err() {
+            println!("SKIPPED: {t} is not installed (Debian: acl, libcap2-bin); CI has it");
+            return false;
+        }
+    }
+    true
+}
+
+fn os(p: &Path) -> &std::ffi::OsStr {
+    p.as_os_str()
+}
+
+fn acl(spec: &str, path: &Path) {
+    tool("setfacl", &["-m".as_ref(), spec.as_ref(), os(path)]);
+}
+
+/// The ACL as `getfacl` shows it, without the header naming the file.
+fn getfacl(path: &Path) -> String {
+    tool("getfacl", &["-cp".as_ref(), os(path)])
+}
+
+/// A tree with every kind of metadata the issue names.
+fn build(t: &Pair) {
+    write(&t.s("acl.txt"), b"shared with nobody\n");
+    acl("u:nobody:rw-,g:nogroup:r--", &t.s("acl.txt"));
+    std::fs::create_dir(t.s("shared")).unwrap();
+    acl("d:u:nobody:rwx,d:g::r-x", &t.s("shared"));
+    // Inherits the default ACL as its access ACL.
+    write(&t.s("shared/inside.txt"), b"inherited\n");
+    write(&t.s("tagged.txt"), b"tagged\n");
+    set_xattr(&t.s("tagged.txt"), "user.mime_type", b"text/plain");
+    set_xattr(&t.s("tagged.txt"), "user.checksum", &[0, 255, 7, 0]);
+    set_xattr(&t.s("shared"), "user.owner", b"ops");
+    write(&t.s("plain.txt"), b"nothing special\n");
+    // Past the small-file size: sent whole on a stream of its own, later as a delta.
+    write(&t.s("big.bin"), &noise(300_000, 4));
+    set_xattr(&t.s("big.bin"), "user.kind", &[b'b'; 2000]);
+    symlink(b"tagged.txt", &t.s("link"));
+    if is_root() {
+        write(&t.s("server"), b"#!/bin/sh\n");
+        chmod(&t.s("server"), 0o755);
+        tool(
+            "setcap",
+            &["cap_net_bind_service=+ep".as_ref(), os(&t.s("server"))],
+        );
+        set_xattr(&t.s("plain.txt"), "trusted.origin", b"build-42");
+    }
+}
+
+/// The mirror `sync`s; `remote` when it is a QUIC server.
+fn attributes_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair) {
+    build(t);
+    m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+    // As the operator checks them, with the real tools.
+    assert!(getfacl(&t.d("acl.txt")).contains("user:nobody:rw-"));
+    assert_eq!(getfacl(&t.d("acl.txt")), getfacl(&t.s("acl.txt")));
+    assert!(getfacl(&t.d("shared")).contains("default:user:nobody:rwx"));
+    assert_eq!(
+        getfacl(&t.d("shared/inside.txt")),
+        getfacl(&t.s("shared/inside.txt"))
+    );
+    if is_root() {
+        let caps = tool("getcap", &[os(&t.d("server"))]);
+        assert!(caps.contains("cap_net_bind_service=ep"), "{caps}");
+    }
+
+    // Edits of the metadata alone go as metadata, not as content.
+    acl("u:nobody:r--", &t.s("acl.txt"));
+    remove_xattr(&t.s("tagged.txt"), "user.checksum");
+    tool(
+        "setfacl",
+        &["-x".as_ref(), "d:u:nobody".as_ref(), os(&t.s("shared"))],
+    );
+    // And a content edit with an attribute change goes as a delta with its attributes.
+    let mut big = std::fs::read(t.s("big.bin")).unwrap();
+    big[150_000..150_100].fill(9);
+    let xattrs_before = xattrs(&t.s("big.bin"));
+    std::fs::write(t.s("big.bin"), &big).unwrap();
+    assert_eq!(xattrs(&t.s("big.bin")), xattrs_before);
+    set_xattr(&t.s("big.bin"), "user.kind", b"bigger");
+    let s = m.sync_ok(&t.src, &[]);
+    assert_eq!(s["files_transferred"], 1, "{s}");
+    assert!(s["metadata_updated"].as_u64().unwrap() >= 3, "{s}");
+    assert_same_tree(&t.src, &t.dst);
+    assert!(getfacl(&t.d("acl.txt")).contains("user:nobody:r--"));
+
+    // An attribute only the standby has is a difference verify reports, under metadata,
+    // and sync removes.
+    set_xattr(&t.d("plain.txt"), "user.stray", b"1");
+    let r = verify(m, remote, &t.src, &[]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let v = r.json();
+    assert_eq!(
+        v["metadata_differs"],
+        serde_json::json!(["plain.txt"]),
+        "{v}"
+    );
+    assert!(
+        v["details"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("extended attributes or ACL"),
+        "{v}"
+    );
+    m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+    assert_eq!(verify(m, remote, &t.src, &[]).code, 0);
+
+    // `--no-xattrs --no-acls`: rsync's old default. A new file goes without them, and what
+    // the standby has is left alone.
+    write(&t.s("later.txt"), b"later\n");
+    set_xattr(&t.s("later.txt"), "user.x", b"1");
+    acl("u:nobody:rwx", &t.s("later.txt"));
+    remove_xattr(&t.s("tagged.txt"), "user.mime_type");
+    let s = m.sync_ok(&t.src, &["--no-xattrs", "--no-acls"]);
+    assert_eq!(s["files_transferred"], 1, "{s}");
+    assert!(xattrs(&t.d("later.txt")).is_empty());
+    assert!(xattrs(&t.d("tagged.txt")).contains_key(&b"user.mime_type"[..]));
+    let r = verify(m, remote, &t.src, &["--no-xattrs", "--no-acls"]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(verify(m, remote, &t.src, &[]).code, 1);
+    // Only ACLs: the user attribute stays as it was, the ACL comes.
+    m.sync_ok(&t.src, &["--no-xattrs"]);
+    assert!(getfacl(&t.d("later.txt")).contains("user:nobody:rwx"));
+    assert!(!xattrs(&t.d("later.txt")).contains_key(&b"user.x"[..]));
+    m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+}
+
+#[test]
+fn acls_capabilities_and_attributes_are_mirrored_to_a_local_standby() {
+    if !tools_present() {
+        return;
+    }
+    let t = Pair::new();
+    attributes_round_trip(&LocalMirror(t.dst.clone()), None, &t);
+}
+
+#[test]
+fn acls_capabilities_and_attributes_are_mirrored_over_quic() {
+    if !tools_present() {
+        return;
+    }
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    attributes_round_trip(&m, Some(&m), &t);
+}
+
+/// A watch sees attribute changes (`IN_ATTRIB`) and mirrors them.
+fn watch_attribute_edits(
+    t: &Pair,
+    pre: &[std::ffi::OsString],
+    dest: &std::ffi::OsStr,
+    extra: &[&str],
+) {
+    build(t);
+    let w = Watch::start(pre, &t.src, dest, extra);
+    w.wait_ready();
+    converge(&t.src, &t.dst, Duration::from_secs(20));
+    acl("u:nobody:---", &t.s("acl.txt"));
+    remove_xattr(&t.s("tagged.txt"), "user.mime_type");
+    set_xattr(&t.s("shared/inside.txt"), "user.new", b"yes");
+    set_xattr(&t.s("big.bin"), "user.kind", b"edited alone");
+    acl("d:g:nogroup:rwx", &t.s("shared"));
+    if is_root() {
+        tool("setcap", &["-r".as_ref(), os(&t.s("server"))]);
+    }
+    converge(&t.src, &t.dst, Duration::from_secs(20));
+    assert!(getfacl(&t.d("acl.txt")).contains("user:nobody:---"));
+    // A new file in the directory inherits its new default ACL on both sides.
+    write(&t.s("shared/born.txt"), b"born\n");
+    converge(&t.src, &t.dst, Duration::from_secs(20));
+    assert!(getfacl(&t.d("shared/born.txt")).contains("group:nogroup:rwx"));
+    assert!(temps(&t.dst).is_empty());
+}
+
+#[test]
+fn a_watch_mirrors_acl_and_attribute_edits_locally_and_over_quic() {
+    if !tools_present() {
+        return;
+    }
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t = Pair::new();
+    watch_attribute_edits(&t, &[], t.dst.as_os_str(), &[]);
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    let pre: Vec<std::ffi::OsString> = vec!["--home".into(), m.primary_home.clone().into()];
+    let dest: std::ffi::OsString = m.server.url().into();
+    watch_attribute_edits(&t, &pre, &dest, &["--server-id", m.server.id.as_str()]);
+}
+
+#[test]
+fn a_standby_filesystem_without_attributes_says_so_once_and_mirrors_the_rest() {
+    // ramfs keeps no extended attributes at all.
+    let Some(fs) = Tmpfs::mount_as("ramfs", "mode=755") else {
+        return;
+    };
+    let t = fs.pair();
+    write(&t.s("tagged.txt"), b"tagged\n");
+    set_xattr(&t.s("tagged.txt"), "user.mime_type", b"text/plain");
+    let r = run([
+        "sync".as_ref(),
+        t.src.as_os_str(),
+        t.dst.as_os_str(),
+        "--json".as_ref(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(t.d("tagged.txt")).unwrap(), b"tagged\n");
+    assert_eq!(
+        r.stderr.matches("cannot store").count(),
+        1,
+        "said once: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("user.*"), "{}", r.stderr);
+    // What the standby cannot store is not compared: the next sync has nothing to do.
+    let again = sync_ok(&t.src, &t.dst, &[]);
+    assert_eq!(again["files_transferred"], 0, "{again}");
+    assert_eq!(again["metadata_updated"], 0, "{again}");
+}
