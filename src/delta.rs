@@ -51,6 +51,17 @@ pub fn fine_block(unmatched: u64, chunk: u64) -> u32 {
 pub trait ReadAt {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
 
+    /// The first byte at or after `offset` that may be data (`None`: zeros to the end).
+    /// Everything is data unless the reader knows its holes ([`Holey`]).
+    fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
+        Ok(Some(offset))
+    }
+
+    /// Whether [`ReadAt::data_from`] knows holes (then reads stop at chunk boundaries).
+    fn knows_holes(&self) -> bool {
+        false
+    }
+
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
             match self.read_at(buf, offset) {
@@ -69,6 +80,21 @@ pub trait ReadAt {
             }
         }
         Ok(())
+    }
+}
+
+/// A file read with its holes known: hashing skips them.
+pub struct Holey<'a>(pub &'a std::fs::File);
+
+impl ReadAt for Holey<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
+        crate::sparse::next_data(self.0, offset)
+    }
+    fn knows_holes(&self) -> bool {
+        true
     }
 }
 
@@ -96,6 +122,8 @@ pub struct ChunkedHasher {
     total: u64,
     current: blake3::Hasher,
     chunks: Vec<Hash>,
+    /// The digest of a chunk of zeros of this length, once one was needed.
+    zeros: Option<(u64, Hash)>,
 }
 
 impl ChunkedHasher {
@@ -106,6 +134,7 @@ impl ChunkedHasher {
             total: 0,
             current: blake3::Hasher::new(),
             chunks: Vec::new(),
+            zeros: None,
         }
     }
 
@@ -151,6 +180,31 @@ impl ChunkedHasher {
         self.total == 0
     }
 
+    /// Accounts for a whole chunk of `len` zeros (a hole) without reading it: the digest
+    /// of a chunk of zeros is computed once. False, changing nothing, off a boundary.
+    pub fn push_zeros(&mut self, len: u64) -> bool {
+        let digest = match self.zeros {
+            Some((l, d)) if l == len => d,
+            _ => {
+                if self.in_chunk != 0 || len == 0 || len > self.chunk {
+                    return false;
+                }
+                let mut h = blake3::Hasher::new();
+                let block = [0u8; 16 * 1024];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(block.len() as u64) as usize;
+                    h.update(&block[..n]);
+                    left -= n as u64;
+                }
+                let d = *h.finalize().as_bytes();
+                self.zeros = Some((len, d));
+                d
+            }
+        };
+        self.push_known(digest, len)
+    }
+
     /// The per-chunk digests and the file digest.
     pub fn finish(mut self) -> (Vec<Hash>, Hash) {
         if self.in_chunk > 0 {
@@ -189,8 +243,21 @@ pub fn hash_chunks_paced<R: ReadAt + ?Sized>(
     let mut h = ChunkedHasher::new(chunk);
     let mut buf = vec![0u8; IO_BUF.min(size as usize).max(1)];
     let mut off = 0u64;
+    let holes = r.knows_holes();
     while off < size {
-        let n = buf.len().min((size - off) as usize);
+        let mut n = buf.len().min((size - off) as usize);
+        if holes {
+            let end = (off - off % chunk + chunk).min(size);
+            // A chunk that lies in a hole is zeros: neither read nor hashed.
+            if off.is_multiple_of(chunk)
+                && r.data_from(off)?.is_none_or(|d| d >= end)
+                && h.push_zeros(end - off)
+            {
+                off = end;
+                continue;
+            }
+            n = n.min((end - off) as usize);
+        }
         r.read_exact_at(&mut buf[..n], off)?;
         h.update(&buf[..n]);
         off += n as u64;

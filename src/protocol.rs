@@ -291,6 +291,20 @@ pub enum Message {
     Xattrs {
         attrs: Xattrs,
     },
+    /// From version 5: a file with holes, of `size` bytes. Its data follows as `Extent`s
+    /// in order, each followed by its raw bytes, then `FileEnd`; what no extent covers is
+    /// a hole on the standby too.
+    SparseFile {
+        id: u64,
+        path: RelPath,
+        meta: Meta,
+        size: u64,
+    },
+    /// `len` bytes of a sparse file's data at `offset`; the raw bytes follow.
+    Extent {
+        offset: u64,
+        len: u64,
+    },
     /// From version 5, before a `Dir` or `Entries`: the attribute digests of its entries
     /// that have any, by index (for a `Dir`, 0 is the directory and `i + 1` its entry `i`).
     XattrSums {
@@ -313,6 +327,7 @@ impl Message {
             | Message::SmallFile { id, .. }
             | Message::BigFile { id, .. }
             | Message::Delta { id, .. }
+            | Message::SparseFile { id, .. }
             | Message::Ack { id, .. } => Some(*id),
             Message::Open { .. }
             | Message::Opened { .. }
@@ -328,6 +343,7 @@ impl Message {
             | Message::Keep { .. }
             | Message::Xattrs { .. }
             | Message::XattrSums { .. }
+            | Message::Extent { .. }
             | Message::BaseSig { .. }
             | Message::NoBase { .. }
             | Message::FileEnd { .. }
@@ -381,6 +397,8 @@ impl Message {
             Message::Keep { .. } => "Keep",
             Message::Xattrs { .. } => "Xattrs",
             Message::XattrSums { .. } => "XattrSums",
+            Message::SparseFile { .. } => "SparseFile",
+            Message::Extent { .. } => "Extent",
         }
     }
 }
@@ -746,6 +764,16 @@ mod tests {
             },
             Message::XattrSums {
                 sums: vec![(0, [1; 16]), (u32::MAX, [9; 16])],
+            },
+            Message::SparseFile {
+                id: 8,
+                path: p.clone(),
+                meta: meta(),
+                size: 1 << 40,
+            },
+            Message::Extent {
+                offset: 1 << 30,
+                len: 4096,
             },
             Message::Entries {
                 entries: vec![Entry {

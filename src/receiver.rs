@@ -523,6 +523,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 msg,
                 Message::SmallFile { .. }
                     | Message::BigFile { .. }
+                    | Message::SparseFile { .. }
                     | Message::Delta { .. }
                     | Message::Symlink { .. }
                     | Message::SetMeta { .. }
@@ -684,6 +685,23 @@ fn op_loop<R: Read, W: SendHalf>(
                     x: xattrs.take().unwrap_or_default(),
                 };
                 match receive_big(s, &mut dirs, r, id, &path, &a, size, keep)? {
+                    Ok(st) => batch.stage(st),
+                    Err(e) => batch.failed(id, e),
+                }
+            }
+            Message::SparseFile {
+                id,
+                path,
+                meta,
+                size,
+            } => {
+                check_writable(&path)?;
+                let keep = batch.keep_fd();
+                let a = Attrs {
+                    meta,
+                    x: xattrs.take().unwrap_or_default(),
+                };
+                match receive_sparse(s, &mut dirs, r, id, &path, &a, size, keep)? {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, e),
                 }
@@ -1007,6 +1025,28 @@ impl TempSink {
     }
 }
 
+impl TempSink {
+    /// Goes on writing at `offset`, leaving a hole behind.
+    fn seek_to(&mut self, offset: u64) {
+        if self.err.is_none()
+            && let Some((_, _, w, _)) = self.target.as_mut()
+            && let Err(e) = io::Seek::seek(w, io::SeekFrom::Start(offset))
+        {
+            self.err = Some(op_error(&e));
+        }
+    }
+
+    /// Makes the temp `size` bytes long: a hole to the end if the data ends before.
+    fn set_len(&mut self, size: u64) {
+        if self.err.is_none()
+            && let Some((_, _, w, _)) = self.target.as_mut()
+            && let Err(e) = w.flush().and_then(|_| w.get_ref().set_len(size))
+        {
+            self.err = Some(op_error(&e));
+        }
+    }
+}
+
 impl Drop for TempSink {
     fn drop(&mut self) {
         // Reached with a target only when the stream failed mid-file.
@@ -1131,6 +1171,55 @@ fn receive_big<R: Read>(
         ));
     }
     Ok(sink.finish(s, complete, None, id, meta, size, keep))
+}
+
+/// Receives a file with holes: its data extents, in order, written where they belong;
+/// what none covers stays a hole in the temp, whose size is then set.
+#[allow(clippy::too_many_arguments)]
+fn receive_sparse<R: Read>(
+    s: &Session,
+    dirs: &mut Dirs,
+    r: &mut FrameReader<R>,
+    id: u64,
+    path: &RelPath,
+    meta: &Attrs,
+    size: u64,
+    keep: bool,
+) -> Result<EntryResult, ProtocolError> {
+    let mut sink = TempSink::create(dirs, path);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        match r.recv()? {
+            Message::Extent { offset, len } => {
+                if offset < at || offset.checked_add(len).is_none_or(|end| end > size) {
+                    return Err(ProtocolError::Invalid(format!(
+                        "an extent of {len} bytes at {offset} in a sparse file of {size} \
+                         bytes, after {at}"
+                    )));
+                }
+                sink.seek_to(offset);
+                let mut left = len;
+                while left > 0 {
+                    let n = (left as usize).min(buf.len());
+                    r.read_raw(&mut buf[..n])?;
+                    sink.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                at = offset + len;
+            }
+            Message::FileEnd { complete, digest } => {
+                if digest.is_some() {
+                    return Err(ProtocolError::Invalid(
+                        "a sparse file carries no digest".into(),
+                    ));
+                }
+                sink.set_len(size);
+                return Ok(sink.finish(s, complete, None, id, meta, size, keep));
+            }
+            other => return Err(ProtocolError::unexpected(&other, "Extent")),
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -433,7 +433,11 @@ fn hash_file_paced(
     for _ in 0..5 {
         let before = rustix::fs::fstat(&f)?;
         let size = before.st_size as u64;
-        let (_, digest) = hash_chunks_paced(&f, size, chunk_size(size), pace)?;
+        let (_, digest) = if crate::sparse::has_holes(&before) {
+            hash_chunks_paced(&crate::delta::Holey(&f), size, chunk_size(size), pace)?
+        } else {
+            hash_chunks_paced(&f, size, chunk_size(size), pace)?
+        };
         let after = rustix::fs::fstat(&f)?;
         if !changed(&before, &after) {
             return Ok((after, digest));

@@ -342,7 +342,7 @@ impl<'m> Session<'m> {
         let conn = &**self.link.conn();
         let ex = Exec::new(
             conn,
-            (&self.root, self.xattrs),
+            (&self.root, self.xattrs, self.version >= 5),
             Some(&empty),
             &self.next_id,
             self.monitor,
@@ -447,7 +447,7 @@ impl<'m> Session<'m> {
             let conn = &**self.link.conn();
             let ex = Exec::new(
                 conn,
-                (&self.root, self.xattrs),
+                (&self.root, self.xattrs, self.version >= 5),
                 Some(&remote),
                 &self.next_id,
                 self.monitor,
@@ -660,12 +660,14 @@ struct Exec<'a> {
     monitor: &'a dyn Monitor,
     /// The attributes sent with each entry.
     xattrs: Policy,
+    /// Files with holes go as `SparseFile` (the standby speaks version 5).
+    holes: bool,
 }
 
 impl<'a> Exec<'a> {
     fn new(
         conn: &'a dyn Connection,
-        (root, xattrs): (&'a Root, Policy),
+        (root, xattrs, holes): (&'a Root, Policy, bool),
         remote: Option<&'a Manifest>,
         next_id: &'a AtomicU64,
         monitor: &'a dyn Monitor,
@@ -680,6 +682,7 @@ impl<'a> Exec<'a> {
             next_id,
             monitor,
             xattrs,
+            holes,
         }
     }
 }
@@ -1184,18 +1187,29 @@ impl<'a> Exec<'a> {
             .lock()
             .insert(id, (path.clone(), Op::Transfer { bytes: size }));
         send_xattrs(w, x)?;
-        w.send(&Message::BigFile {
-            id,
-            path: path.clone(),
-            meta,
-            size,
-        })?;
-        let mut problem = read_through(&f, size, |piece| w.write_raw(piece))?;
+        let sparse = self.holes && crate::sparse::has_holes(&before);
+        let mut problem = if sparse {
+            w.send(&Message::SparseFile {
+                id,
+                path: path.clone(),
+                meta,
+                size,
+            })?;
+            self.send_extents(w, &f, size)?
+        } else {
+            w.send(&Message::BigFile {
+                id,
+                path: path.clone(),
+                meta,
+                size,
+            })?;
+            self.tally.lock().unwrap().bytes_literal += size;
+            read_through(&f, size, |piece| w.write_raw(piece))?
+        };
         let after = rustix::fs::fstat(&f).map_err(io::Error::from)?;
         if problem.is_none() && changed(&before, &after) {
             problem = Some(("changed while being read".into(), true));
         }
-        self.tally.lock().unwrap().bytes_literal += size;
         match problem {
             None => w.send(&Message::FileEnd {
                 complete: true,
@@ -1212,6 +1226,48 @@ impl<'a> Exec<'a> {
             }
         }
         Ok(true)
+    }
+
+    /// Sends the data of a file with holes as `Extent`s, each with its bytes: the holes
+    /// are not sent. A problem reading it (it shrank, say) is returned, and the file
+    /// abandoned by the caller.
+    fn send_extents<W: Write>(
+        &self,
+        w: &mut FrameWriter<W>,
+        f: &std::fs::File,
+        size: u64,
+    ) -> Result<Option<(String, bool)>, ProtocolError> {
+        let mut buf = vec![0u8; 1 << 20];
+        for extent in crate::sparse::Extents::new(f, size) {
+            let (start, end) = match extent {
+                Ok(e) => e,
+                Err(e) => return Ok(Some(read_problem(&e))),
+            };
+            w.send(&Message::Extent {
+                offset: start,
+                len: end - start,
+            })?;
+            let (mut off, mut problem) = (start, None);
+            while off < end {
+                let n = buf.len().min((end - off) as usize);
+                if problem.is_none()
+                    && let Err(e) = delta::ReadAt::read_exact_at(f, &mut buf[..n], off)
+                {
+                    problem = Some(read_problem(&e));
+                }
+                if problem.is_some() {
+                    // The promised bytes still go, to keep the stream in step.
+                    buf[..n].fill(0);
+                }
+                w.write_raw(&buf[..n])?;
+                off += n as u64;
+            }
+            self.tally.lock().unwrap().bytes_literal += end - start;
+            if problem.is_some() {
+                return Ok(problem);
+            }
+        }
+        Ok(None)
     }
 
     /// A large file on a stream of its own: a delta when the standby has a version of it.
@@ -1278,6 +1334,11 @@ impl<'a> Exec<'a> {
             }
         };
         let before = rustix::fs::fstat(&f).map_err(|e| ProtocolError::Io(e.into()))?;
+        if self.holes && crate::sparse::has_holes(&before) {
+            // Its data goes whole, its holes not at all: a delta would read, hash and
+            // send the holes as zeros.
+            return self.whole_stream(&t.path, true);
+        }
         let size = before.st_size as u64;
         let meta = meta_of(&before);
         let x = match xattrs_of(At::Fd(f.as_fd()), &self.xattrs) {

@@ -287,7 +287,7 @@ impl Exec<'_> {
         plan.deletes.clear();
         let ex = Exec::new(
             self.conn,
-            (self.root, self.xattrs),
+            (self.root, self.xattrs, self.holes),
             Some(&remote),
             self.next_id,
             self.monitor,
@@ -419,7 +419,7 @@ impl Session<'_> {
         };
         let ex = Exec::new(
             conn,
-            (root, self.xattrs),
+            (root, self.xattrs, self.version >= 5),
             None,
             &self.next_id,
             monitor,

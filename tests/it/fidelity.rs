@@ -244,3 +244,116 @@ fn a_standby_filesystem_without_attributes_says_so_once_and_mirrors_the_rest() {
     assert_eq!(again["files_transferred"], 0, "{again}");
     assert_eq!(again["metadata_updated"], 0, "{again}");
 }
+
+/// Blocks used by `path`, as `du` counts them.
+fn du(path: &Path) -> u64 {
+    let out = tool("du", &["-B1".as_ref(), os(path)]);
+    out.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Files with holes of several shapes, and a dense file of zeros.
+fn build_sparse(t: &Pair) {
+    use std::os::unix::fs::FileExt;
+    let mib = 1u64 << 20;
+    let make = |name: &str, len: u64, data: &[(u64, &[u8])]| {
+        let f = std::fs::File::create(t.s(name)).unwrap();
+        for (at, bytes) in data {
+            f.write_all_at(bytes, *at).unwrap();
+        }
+        f.set_len(len).unwrap();
+    };
+    // A hole before, between and after the data.
+    make(
+        "image.raw",
+        256 * mib,
+        &[(3 * mib + 123, &[7; 10_000]), (200 * mib, &[8; 4096])],
+    );
+    // Data at both ends, a hole between.
+    make(
+        "ends.bin",
+        64 * mib,
+        &[(0, &[1; 70_000]), (64 * mib - 5, &[2; 5])],
+    );
+    // Nothing but a hole.
+    make("empty.img", 32 * mib, &[]);
+    // Zeros written out: it stays dense.
+    write(&t.s("zeros.bin"), &vec![0; 3 * 1024 * 1024]);
+}
+
+fn assert_same_blocks(t: &Pair, names: &[&str]) {
+    for name in names {
+        let (a, b) = (du(&t.s(name)), du(&t.d(name)));
+        assert_eq!(
+            a, b,
+            "{name}: {a} bytes of blocks on the primary, {b} on the standby"
+        );
+    }
+}
+
+fn sparse_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair) {
+    build_sparse(t);
+    let all = ["image.raw", "ends.bin", "empty.img", "zeros.bin"];
+    let s = m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, &t.dst);
+    assert_same_blocks(t, &all);
+    assert!(du(&t.d("image.raw")) < 1 << 20, "the holes stayed holes");
+    assert_eq!(du(&t.d("zeros.bin")), 3 << 20, "a dense file stays dense");
+    // 352 MiB in all, of which about 3.2 MiB is data: the holes are not sent.
+    let wire = s["bytes_on_wire"].as_u64().unwrap();
+    assert!(wire < 5 << 20, "{wire} bytes on the wire: {s}");
+    let r = verify(m, remote, &t.src, &[]);
+    assert_eq!(r.code, 0, "{}", r.stdout);
+
+    // Data written into a hole: the file keeps its other holes.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(t.s("image.raw"))
+        .unwrap();
+    f.write_all_at(&[9; 8192], 100 << 20).unwrap();
+    drop(f);
+    let s = m.sync_ok(&t.src, &[]);
+    assert_eq!(s["files_transferred"], 1, "{s}");
+    assert!(s["bytes_on_wire"].as_u64().unwrap() < 2 << 20, "{s}");
+    assert_same_tree(&t.src, &t.dst);
+    assert_same_blocks(t, &all);
+    assert_eq!(verify(m, remote, &t.src, &[]).code, 0);
+}
+
+#[test]
+fn sparse_files_keep_their_holes_on_a_local_standby() {
+    let t = Pair::new();
+    sparse_round_trip(&LocalMirror(t.dst.clone()), None, &t);
+}
+
+#[test]
+fn sparse_files_keep_their_holes_over_quic() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    sparse_round_trip(&m, Some(&m), &t);
+}
+
+#[test]
+fn a_watch_keeps_holes_as_a_sparse_file_is_written_into() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let t = Pair::new();
+    build_sparse(&t);
+    let w = Watch::start(&[], &t.src, t.dst.as_os_str(), &[]);
+    w.wait_ready();
+    converge(&t.src, &t.dst, Duration::from_secs(20));
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(t.s("image.raw"))
+        .unwrap();
+    for i in 0..5u64 {
+        f.write_all_at(&[i as u8 + 1; 4096], (50 + 20 * i) << 20)
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f.set_len(300 << 20).unwrap();
+    drop(f);
+    converge(&t.src, &t.dst, Duration::from_secs(20));
+    assert_same_blocks(&t, &["image.raw", "ends.bin", "empty.img", "zeros.bin"]);
+    assert!(temps(&t.dst).is_empty());
+}
