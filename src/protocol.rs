@@ -300,6 +300,16 @@ pub enum Message {
         meta: Meta,
         size: u64,
     },
+    /// From version 5: as `Delta`, of a file with holes. The standby keeps the holes: what
+    /// the base has as a hole, and blocks of zeros in literal data, stay holes.
+    SparseDelta {
+        id: u64,
+        path: RelPath,
+        meta: Meta,
+        size: u64,
+        chunk: u64,
+        chunks: u64,
+    },
     /// `len` bytes of a sparse file's data at `offset`; the raw bytes follow.
     Extent {
         offset: u64,
@@ -328,6 +338,7 @@ impl Message {
             | Message::BigFile { id, .. }
             | Message::Delta { id, .. }
             | Message::SparseFile { id, .. }
+            | Message::SparseDelta { id, .. }
             | Message::Ack { id, .. } => Some(*id),
             Message::Open { .. }
             | Message::Opened { .. }
@@ -398,6 +409,7 @@ impl Message {
             Message::Xattrs { .. } => "Xattrs",
             Message::XattrSums { .. } => "XattrSums",
             Message::SparseFile { .. } => "SparseFile",
+            Message::SparseDelta { .. } => "SparseDelta",
             Message::Extent { .. } => "Extent",
         }
     }
@@ -774,6 +786,14 @@ mod tests {
             Message::Extent {
                 offset: 1 << 30,
                 len: 4096,
+            },
+            Message::SparseDelta {
+                id: 9,
+                path: p.clone(),
+                meta: meta(),
+                size: 1 << 33,
+                chunk: 1 << 18,
+                chunks: 1 << 15,
             },
             Message::Entries {
                 entries: vec![Entry {

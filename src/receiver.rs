@@ -525,6 +525,7 @@ fn op_loop<R: Read, W: SendHalf>(
                     | Message::BigFile { .. }
                     | Message::SparseFile { .. }
                     | Message::Delta { .. }
+                    | Message::SparseDelta { .. }
                     | Message::Symlink { .. }
                     | Message::SetMeta { .. }
             )
@@ -706,14 +707,27 @@ fn op_loop<R: Read, W: SendHalf>(
                     Err(e) => batch.failed(id, e),
                 }
             }
-            Message::Delta {
-                id,
-                path,
-                meta,
-                size,
-                chunk,
-                chunks,
-            } => {
+            m @ (Message::Delta { .. } | Message::SparseDelta { .. }) => {
+                let sparse = matches!(m, Message::SparseDelta { .. });
+                let (Message::Delta {
+                    id,
+                    path,
+                    meta,
+                    size,
+                    chunk,
+                    chunks,
+                }
+                | Message::SparseDelta {
+                    id,
+                    path,
+                    meta,
+                    size,
+                    chunk,
+                    chunks,
+                }) = m
+                else {
+                    unreachable!()
+                };
                 check_writable(&path)?;
                 let keep = batch.keep_fd();
                 match receive_delta(
@@ -727,9 +741,7 @@ fn op_loop<R: Read, W: SendHalf>(
                         meta,
                         x: xattrs.take().unwrap_or_default(),
                     },
-                    size,
-                    chunk,
-                    chunks,
+                    (size, chunk, chunks, sparse),
                     keep,
                 )? {
                     Ok(st) => batch.stage(st),
@@ -940,6 +952,109 @@ struct TempSink {
     err: Option<OpError>,
     /// The delta's base, for copying unchanged chunks in the kernel.
     base: Option<File>,
+    /// Set for a sparse file: its holes are kept.
+    holes: Option<Holes>,
+}
+
+/// Where a sparse temp is being written: the block being filled (blocks are aligned), and
+/// the zeros not written yet (a hole to leave).
+#[derive(Default)]
+struct Holes {
+    skip: u64,
+    block: Vec<u8>,
+}
+
+/// Blocks of zeros this large, aligned, become holes in a sparse file.
+const HOLE_BLOCK: usize = 4096;
+
+impl Holes {
+    /// Leaves the zeros skipped so far as a hole, before data is written after them.
+    fn leave(&mut self, w: &mut BufWriter<File>) -> io::Result<()> {
+        if self.skip > 0 {
+            io::Seek::seek(w, io::SeekFrom::Current(self.skip as i64))?;
+            self.skip = 0;
+        }
+        Ok(())
+    }
+
+    /// One whole block, or the last part of the file: a hole if it is all zeros.
+    fn put(&mut self, w: &mut BufWriter<File>, block: &[u8]) -> io::Result<()> {
+        if block.iter().all(|&b| b == 0) {
+            self.skip += block.len() as u64;
+            Ok(())
+        } else {
+            self.leave(w)?;
+            w.write_all(block)
+        }
+    }
+
+    /// Writes `buf`, leaving its aligned blocks of zeros as holes.
+    fn write(&mut self, w: &mut BufWriter<File>, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            if self.block.is_empty() && buf.len() >= HOLE_BLOCK {
+                let (piece, rest) = buf.split_at(HOLE_BLOCK);
+                self.put(w, piece)?;
+                buf = rest;
+                continue;
+            }
+            let take = (HOLE_BLOCK - self.block.len()).min(buf.len());
+            self.block.extend_from_slice(&buf[..take]);
+            buf = &buf[take..];
+            if self.block.len() == HOLE_BLOCK {
+                let block = std::mem::take(&mut self.block);
+                self.put(w, &block)?;
+                self.block = block;
+                self.block.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// `n` zeros (a hole of the base): whole blocks of them are skipped, not written.
+    fn zeros(&mut self, w: &mut BufWriter<File>, mut n: u64) -> io::Result<()> {
+        const Z: [u8; HOLE_BLOCK] = [0; HOLE_BLOCK];
+        if !self.block.is_empty() {
+            let take = ((HOLE_BLOCK - self.block.len()) as u64).min(n);
+            self.write(w, &Z[..take as usize])?;
+            n -= take;
+        }
+        let whole = n - n % HOLE_BLOCK as u64;
+        self.skip += whole;
+        self.write(w, &Z[..(n - whole) as usize])
+    }
+
+    /// The end of the file: the last part of a block is written, unless it is zeros.
+    fn finish(&mut self, w: &mut BufWriter<File>) -> io::Result<()> {
+        let block = std::mem::take(&mut self.block);
+        self.put(w, &block)
+    }
+
+    /// Copies `len` bytes of `base` at `offset`: its holes stay holes, its data is read.
+    fn copy(
+        &mut self,
+        w: &mut BufWriter<File>,
+        base: &File,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        let end = offset + len;
+        let mut off = offset;
+        let mut buf = Vec::new();
+        while off < end {
+            let data = crate::sparse::next_data(base, off)?.unwrap_or(end).min(end);
+            if data > off {
+                self.zeros(w, data - off)?;
+                off = data;
+                continue;
+            }
+            let stop = crate::sparse::next_hole(base, off, end)?.clamp(off + 1, end);
+            buf.resize(((stop - off) as usize).min(1 << 20), 0);
+            delta::ReadAt::read_exact_at(base, &mut buf, off)?;
+            self.write(w, &buf)?;
+            off += buf.len() as u64;
+        }
+        Ok(())
+    }
 }
 
 impl TempSink {
@@ -958,11 +1073,13 @@ impl TempSink {
                 target: Some(t),
                 err: None,
                 base: None,
+                holes: None,
             },
             Err(e) => TempSink {
                 target: None,
                 err: Some(op_error(&e)),
                 base: None,
+                holes: None,
             },
         }
     }
@@ -1040,9 +1157,17 @@ impl TempSink {
     fn set_len(&mut self, size: u64) {
         if self.err.is_none()
             && let Some((_, _, w, _)) = self.target.as_mut()
-            && let Err(e) = w.flush().and_then(|_| w.get_ref().set_len(size))
         {
-            self.err = Some(op_error(&e));
+            let done = match self.holes.as_mut() {
+                Some(h) => h.finish(w),
+                None => Ok(()),
+            };
+            if let Err(e) = done
+                .and_then(|_| w.flush())
+                .and_then(|_| w.get_ref().set_len(size))
+            {
+                self.err = Some(op_error(&e));
+            }
         }
     }
 }
@@ -1060,9 +1185,14 @@ impl Write for TempSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.err.is_none()
             && let Some((_, _, w, _)) = self.target.as_mut()
-            && let Err(e) = w.write_all(buf)
         {
-            self.err = Some(op_error(&e));
+            let written = match self.holes.as_mut() {
+                Some(h) => h.write(w, buf),
+                None => w.write_all(buf),
+            };
+            if let Err(e) = written {
+                self.err = Some(op_error(&e));
+            }
         }
         Ok(buf.len())
     }
@@ -1081,6 +1211,12 @@ impl delta::DeltaSink for TempSink {
         let (Some(base), Some((_, _, w, _))) = (self.base.as_ref(), self.target.as_mut()) else {
             return Ok(false);
         };
+        if let Some(h) = self.holes.as_mut() {
+            if let Err(e) = h.copy(w, base, offset, len) {
+                self.err = Some(op_error(&e));
+            }
+            return Ok(true);
+        }
         if let Err(e) = w.flush() {
             self.err = Some(op_error(&e));
             return Ok(true);
@@ -1231,9 +1367,7 @@ fn receive_delta<R: Read, W: Write>(
     id: u64,
     path: &RelPath,
     meta: &Attrs,
-    size: u64,
-    chunk: u64,
-    chunks: u64,
+    (size, chunk, chunks, sparse): (u64, u64, u64, bool),
     keep: bool,
 ) -> Result<EntryResult, ProtocolError> {
     if chunk != chunk_size(size) || chunks != size.div_ceil(chunk) || chunks > MAX_CHUNKS {
@@ -1261,14 +1395,20 @@ fn receive_delta<R: Read, W: Write>(
                 "the standby's version is too large to serve as a delta base",
             ));
         }
-        Ok((File::from(f), st.st_size as u64))
+        let holes = crate::sparse::has_holes(&st);
+        Ok((File::from(f), st.st_size as u64, holes))
     });
     // Hash the base while the primary is still hashing (and sending) its new version.
     let (coarse, base_chunks) = std::thread::scope(|sc| {
-        let hashing = base
-            .as_ref()
-            .ok()
-            .map(|(f, n)| sc.spawn(move || delta::hash_chunks(f, *n, chunk)));
+        let hashing = base.as_ref().ok().map(|(f, n, holes)| {
+            sc.spawn(move || {
+                if *holes {
+                    delta::hash_chunks(&delta::Holey(f), *n, chunk)
+                } else {
+                    delta::hash_chunks(f, *n, chunk)
+                }
+            })
+        });
         let mut coarse = vec![[0u8; COARSE_HASH_LEN]; chunks as usize];
         let read = coarse.iter_mut().try_for_each(|c| r.read_raw(c));
         let base_chunks = hashing.map(|h| h.join().expect("hashing thread panicked"));
@@ -1276,7 +1416,7 @@ fn receive_delta<R: Read, W: Write>(
     });
     let coarse = coarse?;
     let signed = match (&base, base_chunks) {
-        (Ok((f, n)), Some(Ok((digests, _)))) => {
+        (Ok((f, n, _)), Some(Ok((digests, _)))) => {
             delta::sign_with(f, *n, chunk, &digests, &coarse).map(|sig| (sig, digests))
         }
         (Err(e), _) => Err(io::Error::new(e.kind(), reason(e))),
@@ -1284,7 +1424,7 @@ fn receive_delta<R: Read, W: Write>(
         (Ok(_), None) => unreachable!("a base is always hashed"),
     };
     let (base, base_size) = match base {
-        Ok((f, n)) => (Some(f), n),
+        Ok((f, n, _)) => (Some(f), n),
         Err(_) => (None, 0),
     };
     let mut known: Vec<Option<crate::manifest::Hash>> = Vec::new();
@@ -1311,6 +1451,9 @@ fn receive_delta<R: Read, W: Write>(
     w.flush()?;
     let mut sink = TempSink::create(dirs, path);
     sink.base = base.as_ref().and_then(|f| f.try_clone().ok());
+    if sparse {
+        sink.holes = Some(Holes::default());
+    }
     let ours = match delta::apply(
         r.raw(),
         &SoftBase(base.as_ref()),
@@ -1336,5 +1479,68 @@ fn receive_delta<R: Read, W: Write>(
             ));
         }
     };
+    if sparse {
+        sink.set_len(size);
+    }
     Ok(sink.finish(s, complete, proof, id, meta, size, keep))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sparse_temp_leaves_aligned_zeros_and_base_holes_as_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        // A base: data in its first block, a hole of 1 MiB, data again.
+        let base = open("base");
+        std::os::unix::fs::FileExt::write_all_at(&base, &[5; 4096], 0).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&base, &[6; 4096], (1 << 20) + 4096).unwrap();
+        let mut w = BufWriter::new(open("out"));
+        let mut h = Holes::default();
+        let mut want = Vec::new();
+        // Data and zeros in small pieces that straddle block boundaries.
+        for piece in [
+            &[1u8; 100][..],
+            &[0; 3996],
+            &[0; 4096 * 3],
+            &[2; 10],
+            &[0; 8182],
+        ] {
+            h.write(&mut w, piece).unwrap();
+            want.extend_from_slice(piece);
+        }
+        h.zeros(&mut w, 10_000).unwrap();
+        want.resize(want.len() + 10_000, 0);
+        h.copy(&mut w, &base, 0, (1 << 20) + 8192).unwrap();
+        want.extend_from_slice(&[5; 4096]);
+        want.resize(want.len() + (1 << 20), 0);
+        want.extend_from_slice(&[6; 4096]);
+        h.write(&mut w, &[0; 300]).unwrap();
+        want.resize(want.len() + 300, 0);
+        h.finish(&mut w).unwrap();
+        w.flush().unwrap();
+        let f = w.into_inner().unwrap();
+        f.set_len(want.len() as u64).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("out")).unwrap(), want);
+        let st = rustix::fs::fstat(&f).unwrap();
+        if crate::sparse::has_holes(&rustix::fs::fstat(&base).unwrap()) {
+            // Blocks with data: the one of 1s, the one of 2s, and two each for the copied
+            // 5s and 6s (they straddle blocks of the output). Of 1 MiB + 45 KiB.
+            assert!(
+                st.st_blocks as u64 * 512 <= 6 * 4096,
+                "{} bytes of blocks for 6 of data",
+                st.st_blocks * 512
+            );
+        }
+    }
 }

@@ -28,7 +28,7 @@ pub fn next_data(fd: impl AsFd, offset: u64) -> io::Result<Option<u64>> {
 }
 
 /// The end of the data that starts at `offset` (the next hole, or the end of the file).
-fn next_hole(fd: impl AsFd, offset: u64, size: u64) -> io::Result<u64> {
+pub fn next_hole(fd: impl AsFd, offset: u64, size: u64) -> io::Result<u64> {
     match rustix::fs::seek(fd, SeekFrom::Hole(offset)) {
         Ok(at) => Ok(at.min(size)),
         Err(Errno::NXIO | Errno::INVAL | Errno::OPNOTSUPP) => Ok(size),

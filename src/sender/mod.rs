@@ -1334,11 +1334,8 @@ impl<'a> Exec<'a> {
             }
         };
         let before = rustix::fs::fstat(&f).map_err(|e| ProtocolError::Io(e.into()))?;
-        if self.holes && crate::sparse::has_holes(&before) {
-            // Its data goes whole, its holes not at all: a delta would read, hash and
-            // send the holes as zeros.
-            return self.whole_stream(&t.path, true);
-        }
+        // Its holes are neither read nor hashed, and the standby keeps them.
+        let sparse = self.holes && crate::sparse::has_holes(&before);
         let size = before.st_size as u64;
         let meta = meta_of(&before);
         let x = match xattrs_of(At::Fd(f.as_fd()), &self.xattrs) {
@@ -1358,30 +1355,60 @@ impl<'a> Exec<'a> {
         type Exchange = (Option<OpError>, Option<(String, bool)>);
         let exchange = (|| -> Result<Exchange, ProtocolError> {
             send_xattrs(&mut w, x)?;
-            w.send(&Message::Delta {
-                id,
-                path: t.path.clone(),
-                meta,
-                size,
-                chunk,
-                chunks: size.div_ceil(chunk),
+            let chunks = size.div_ceil(chunk);
+            w.send(&if sparse {
+                Message::SparseDelta {
+                    id,
+                    path: t.path.clone(),
+                    meta,
+                    size,
+                    chunk,
+                    chunks,
+                }
+            } else {
+                Message::Delta {
+                    id,
+                    path: t.path.clone(),
+                    meta,
+                    size,
+                    chunk,
+                    chunks,
+                }
             })?;
             // The standby starts hashing its base now, while we hash the new version.
             w.flush()?;
-            let mut hasher = delta::ChunkedHasher::new(chunk);
-            let mut sent = 0;
-            let mut problem = read_through(&f, size, |piece| {
-                hasher.update(piece);
-                for c in &hasher.completed()[sent..] {
+            let (mut problem, digest) = if sparse {
+                // Hashed first, holes skipped, then the chunk digests sent together.
+                let (digests, digest, problem) =
+                    match delta::hash_chunks(&delta::Holey(&f), size, chunk) {
+                        Ok((d, h)) => (d, h, None),
+                        Err(e) => (
+                            vec![[0; 32]; chunks as usize],
+                            [0; 32],
+                            Some(read_problem(&e)),
+                        ),
+                    };
+                for c in &digests {
                     w.write_raw(&c[..COARSE_HASH_LEN])?;
                 }
-                sent = hasher.completed().len();
-                Ok(())
-            })?;
-            let (chunks, digest) = hasher.finish();
-            for c in &chunks[sent..] {
-                w.write_raw(&c[..COARSE_HASH_LEN])?;
-            }
+                (problem, digest)
+            } else {
+                let mut hasher = delta::ChunkedHasher::new(chunk);
+                let mut sent = 0;
+                let problem = read_through(&f, size, |piece| {
+                    hasher.update(piece);
+                    for c in &hasher.completed()[sent..] {
+                        w.write_raw(&c[..COARSE_HASH_LEN])?;
+                    }
+                    sent = hasher.completed().len();
+                    Ok(())
+                })?;
+                let (digests, digest) = hasher.finish();
+                for c in &digests[sent..] {
+                    w.write_raw(&c[..COARSE_HASH_LEN])?;
+                }
+                (problem, digest)
+            };
             w.flush()?;
             let encoder = match r.recv()? {
                 Message::BaseSig {
@@ -1420,6 +1447,10 @@ impl<'a> Exec<'a> {
                 }
                 Message::NoBase { reason } => {
                     tracing::debug!("{}: no delta basis on the standby ({reason})", t.path);
+                    if sparse && problem.is_none() {
+                        // Literal ops would carry the holes as zeros: it goes as its data.
+                        problem = Some(("no delta basis for a sparse file".into(), true));
+                    }
                     None
                 }
                 other => {
