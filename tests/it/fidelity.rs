@@ -69,6 +69,8 @@ fn build(t: &Pair) {
             &["cap_net_bind_service=+ep".as_ref(), os(&t.s("server"))],
         );
         set_xattr(&t.s("plain.txt"), "trusted.origin", b"build-42");
+        // Linux allows trusted.* (not user.*) on a symlink itself.
+        set_xattr(&t.s("link"), "trusted.link", b"kept");
     }
 }
 
@@ -88,6 +90,12 @@ fn attributes_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair
     if is_root() {
         let caps = tool("getcap", &[os(&t.d("server"))]);
         assert!(caps.contains("cap_net_bind_service=ep"), "{caps}");
+        assert_eq!(
+            xattrs(&t.d("link"))
+                .get(&b"trusted.link"[..])
+                .map(Vec::as_slice),
+            Some(&b"kept"[..])
+        );
     }
 
     // Edits of the metadata alone go as metadata, not as content.
