@@ -1143,6 +1143,24 @@ impl TempSink {
 }
 
 impl TempSink {
+    /// Reads `len` raw bytes off the stream into the temp, in pieces of `buf` (sized here).
+    fn take_raw<R: Read>(
+        &mut self,
+        r: &mut FrameReader<R>,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ProtocolError> {
+        buf.resize((1 << 20).min(len).max(1) as usize, 0);
+        let mut left = len;
+        while left > 0 {
+            let n = (left as usize).min(buf.len());
+            r.read_raw(&mut buf[..n])?;
+            self.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
     /// Goes on writing at `offset`, leaving a hole behind.
     fn seek_to(&mut self, offset: u64) {
         if self.err.is_none()
@@ -1292,14 +1310,7 @@ fn receive_big<R: Read>(
     keep: bool,
 ) -> Result<EntryResult, ProtocolError> {
     let mut sink = TempSink::create(dirs, path);
-    let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
-    let mut left = size;
-    while left > 0 {
-        let n = (left as usize).min(buf.len());
-        r.read_raw(&mut buf[..n])?;
-        sink.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
+    sink.take_raw(r, size, &mut Vec::new())?;
     let (complete, digest) = file_end(r)?;
     if digest.is_some() {
         return Err(ProtocolError::Invalid(
@@ -1323,7 +1334,7 @@ fn receive_sparse<R: Read>(
     keep: bool,
 ) -> Result<EntryResult, ProtocolError> {
     let mut sink = TempSink::create(dirs, path);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = Vec::new();
     let mut at = 0u64;
     loop {
         match r.recv()? {
@@ -1335,13 +1346,7 @@ fn receive_sparse<R: Read>(
                     )));
                 }
                 sink.seek_to(offset);
-                let mut left = len;
-                while left > 0 {
-                    let n = (left as usize).min(buf.len());
-                    r.read_raw(&mut buf[..n])?;
-                    sink.write_all(&buf[..n])?;
-                    left -= n as u64;
-                }
+                sink.take_raw(r, len, &mut buf)?;
                 at = offset + len;
             }
             Message::FileEnd { complete, digest } => {

@@ -1237,7 +1237,7 @@ impl<'a> Exec<'a> {
         f: &std::fs::File,
         size: u64,
     ) -> Result<Option<(String, bool)>, ProtocolError> {
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = Vec::new();
         for extent in crate::sparse::Extents::new(f, size) {
             let (start, end) = match extent {
                 Ok(e) => e,
@@ -1247,21 +1247,7 @@ impl<'a> Exec<'a> {
                 offset: start,
                 len: end - start,
             })?;
-            let (mut off, mut problem) = (start, None);
-            while off < end {
-                let n = buf.len().min((end - off) as usize);
-                if problem.is_none()
-                    && let Err(e) = delta::ReadAt::read_exact_at(f, &mut buf[..n], off)
-                {
-                    problem = Some(read_problem(&e));
-                }
-                if problem.is_some() {
-                    // The promised bytes still go, to keep the stream in step.
-                    buf[..n].fill(0);
-                }
-                w.write_raw(&buf[..n])?;
-                off += n as u64;
-            }
+            let problem = read_range(f, start, end, &mut buf, |piece| w.write_raw(piece))?;
             self.tally.lock().unwrap().bytes_literal += end - start;
             if problem.is_some() {
                 return Ok(problem);
@@ -1515,13 +1501,24 @@ impl<'a> Exec<'a> {
 fn read_through(
     f: &std::fs::File,
     size: u64,
+    each: impl FnMut(&[u8]) -> Result<(), ProtocolError>,
+) -> Result<Option<(String, bool)>, ProtocolError> {
+    read_range(f, 0, size, &mut Vec::new(), each)
+}
+
+/// [`read_through`] of the bytes `start..end`, in pieces of `buf` (sized here).
+fn read_range(
+    f: &std::fs::File,
+    start: u64,
+    end: u64,
+    buf: &mut Vec<u8>,
     mut each: impl FnMut(&[u8]) -> Result<(), ProtocolError>,
 ) -> Result<Option<(String, bool)>, ProtocolError> {
-    let mut buf = vec![0u8; (1 << 20).min(size as usize).max(1)];
-    let mut off = 0u64;
+    buf.resize((1 << 20).min(end - start).max(1) as usize, 0);
+    let mut off = start;
     let mut problem = None;
-    while off < size {
-        let n = buf.len().min((size - off) as usize);
+    while off < end {
+        let n = buf.len().min((end - off) as usize);
         if problem.is_none()
             && let Err(e) = delta::ReadAt::read_exact_at(f, &mut buf[..n], off)
         {

@@ -299,6 +299,14 @@ fn watch_to(m: &RemoteMirror, src: &std::path::Path, url: &str) -> Watch {
     Watch::start(&pre, src, url.as_ref(), &["--server-id", &m.server.id])
 }
 
+/// How every case ends: no torn state seen, the trees equal, no temporary file left.
+#[track_caller]
+fn ends_whole(t: &Pair, torn: &[String]) {
+    assert!(torn.is_empty(), "torn states on the standby: {torn:?}");
+    assert_same_tree(&t.src, &t.dst);
+    assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
+}
+
 /// Waits up to a minute for SRC and DEST to be equal.
 #[track_caller]
 fn converged(t: &Pair, w: &Watch) -> Duration {
@@ -416,9 +424,7 @@ fn kill_9_of_serve_and_of_watch_under_a_steady_writer_never_tears_a_file() {
         torn.len(),
         took.as_secs_f64()
     );
-    assert!(torn.is_empty(), "torn states on the standby: {torn:?}");
-    assert_same_tree(&t.src, &t.dst);
-    assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
+    ends_whole(&t, &torn);
 }
 
 /// The standby's filesystem remounted read-only under a steady writer, then writable
@@ -464,9 +470,7 @@ fn a_standby_remounted_read_only_and_back_catches_up_without_a_torn_file() {
         "what failed while read-only waited {took:?} to be tried again\n{}",
         w.log()
     );
-    assert!(torn.is_empty(), "torn states on the standby: {torn:?}");
-    assert_same_tree(&t.src, &t.dst);
-    assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
+    ends_whole(&t, &torn);
 }
 
 /// The standby's disk filled to the last block (by a file beside its tree) under a steady
@@ -521,9 +525,7 @@ fn a_standby_disk_filled_and_freed_under_a_steady_writer_never_tears_a_file() {
         "what waited for space waited {took:?} more\n{}",
         w.log()
     );
-    assert!(torn.is_empty(), "torn states on the standby: {torn:?}");
-    assert_same_tree(&t.src, &t.dst);
-    assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
+    ends_whole(&t, &torn);
 }
 
 /// Files a writer keeps open and appends to (a log, a journal) are replicated while they
@@ -558,7 +560,5 @@ fn files_held_open_and_appended_to_are_replicated_as_whole_records() {
         torn.len(),
         took.as_secs_f64()
     );
-    assert!(torn.is_empty(), "torn states on the standby: {torn:?}");
-    assert_same_tree(&t.src, &t.dst);
-    assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
+    ends_whole(&t, &torn);
 }
