@@ -120,7 +120,18 @@ impl Exec<'_> {
                         loop {
                             let next = match first.take() {
                                 Some(r) => Ok(r),
-                                None => run_rx.lock().unwrap().try_recv(),
+                                // Another lane holds the queue only to wait on it: it is
+                                // empty, and this lane must not wait for the lock before it
+                                // has made what it sent durable (its idle flush below).
+                                None => match run_rx.try_lock() {
+                                    Ok(q) => q.try_recv(),
+                                    Err(std::sync::TryLockError::WouldBlock) => {
+                                        Err(TryRecvError::Empty)
+                                    }
+                                    Err(std::sync::TryLockError::Poisoned(q)) => {
+                                        q.into_inner().try_recv()
+                                    }
+                                },
                             };
                             let run = match next {
                                 Ok(r) => r,
