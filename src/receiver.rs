@@ -192,6 +192,16 @@ struct Attrs {
     x: Xattrs,
 }
 
+impl Attrs {
+    /// `meta` and the extended attributes the stream sent just before (none if it did not).
+    fn new(meta: Meta, sent: &mut Option<Xattrs>) -> Attrs {
+        Attrs {
+            meta,
+            x: sent.take().unwrap_or_default(),
+        }
+    }
+}
+
 impl Session<'_> {
     /// The extended attributes to set, unless this session leaves them alone.
     fn xattrs_to<'a>(&'a self, x: &'a Xattrs) -> Option<fsroot::XattrsTo<'a>> {
@@ -615,10 +625,9 @@ fn op_loop<R: Read, W: SendHalf>(
                 if path.is_reserved() {
                     return Err(ProtocolError::Invalid(format!("refusing to change {path}")));
                 }
-                let x = xattrs.take().unwrap_or_default();
+                let a = Attrs::new(meta, &mut xattrs);
                 let res = dirs.parent(&path).and_then(|(d, name)| {
                     check_type(&d, name, target)?;
-                    let a = Attrs { meta, x };
                     s.set_at(d.as_fd(), name, &a, target != MetaTarget::Symlink)
                 });
                 batch.record(id, res.map_err(|e| op_error(&e)));
@@ -634,10 +643,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 {
                     return Err(ProtocolError::Invalid("bad symlink target".into()));
                 }
-                let a = Attrs {
-                    meta,
-                    x: xattrs.take().unwrap_or_default(),
-                };
+                let a = Attrs::new(meta, &mut xattrs);
                 match stage_symlink(s, &mut dirs, id, &path, &target, &a) {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, op_error(&e)),
@@ -664,10 +670,7 @@ fn op_loop<R: Read, W: SendHalf>(
                 buf.resize(len as usize, 0);
                 r.read_raw(&mut buf)?;
                 let keep = batch.keep_fd();
-                let a = Attrs {
-                    meta,
-                    x: xattrs.take().unwrap_or_default(),
-                };
+                let a = Attrs::new(meta, &mut xattrs);
                 match stage_bytes(s, &mut dirs, id, &path, &a, &buf, keep) {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, op_error(&e)),
@@ -681,10 +684,7 @@ fn op_loop<R: Read, W: SendHalf>(
             } => {
                 check_writable(&path)?;
                 let keep = batch.keep_fd();
-                let a = Attrs {
-                    meta,
-                    x: xattrs.take().unwrap_or_default(),
-                };
+                let a = Attrs::new(meta, &mut xattrs);
                 match receive_big(s, &mut dirs, r, id, &path, &a, size, keep)? {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, e),
@@ -698,10 +698,7 @@ fn op_loop<R: Read, W: SendHalf>(
             } => {
                 check_writable(&path)?;
                 let keep = batch.keep_fd();
-                let a = Attrs {
-                    meta,
-                    x: xattrs.take().unwrap_or_default(),
-                };
+                let a = Attrs::new(meta, &mut xattrs);
                 match receive_sparse(s, &mut dirs, r, id, &path, &a, size, keep)? {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, e),
@@ -737,10 +734,7 @@ fn op_loop<R: Read, W: SendHalf>(
                     w,
                     id,
                     &path,
-                    &Attrs {
-                        meta,
-                        x: xattrs.take().unwrap_or_default(),
-                    },
+                    &Attrs::new(meta, &mut xattrs),
                     (size, chunk, chunks, sparse),
                     keep,
                 )? {
@@ -1497,15 +1491,7 @@ mod tests {
     #[test]
     fn a_sparse_temp_leaves_aligned_zeros_and_base_holes_as_holes() {
         let dir = tempfile::tempdir().unwrap();
-        let open = |name: &str| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join(name))
-                .unwrap()
-        };
+        let open = |name: &str| crate::sparse::testing::rw(dir.path(), name);
         // A base: data in its first block, a hole of 1 MiB, data again.
         let base = open("base");
         std::os::unix::fs::FileExt::write_all_at(&base, &[5; 4096], 0).unwrap();

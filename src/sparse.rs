@@ -75,6 +75,21 @@ impl<F: AsFd> Iterator for Extents<F> {
     }
 }
 
+/// Files for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// `name` in `dir`, made empty, open to read and write.
+    pub fn rw(dir: &std::path::Path, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join(name))
+            .unwrap()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,15 +126,7 @@ mod tests {
     fn a_hole_hashes_as_the_zeros_it_reads_as_without_being_read() {
         use crate::delta::{Holey, chunk_size, hash_chunks};
         let dir = tempfile::tempdir().unwrap();
-        let rw = |name: &str| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dir.path().join(name))
-                .unwrap()
-        };
+        let rw = |name: &str| testing::rw(dir.path(), name);
         let f = rw("sparse");
         let size = 40u64 << 20;
         f.write_all_at(&[7; 10_000], (5 << 20) + 123).unwrap();

@@ -349,11 +349,14 @@ impl Standby {
             };
             let lacks = guess.missing_in(&can);
             if !lacks.is_empty() {
-                crate::xattr::say_once(&format!(
-                    "the standby tree {} cannot store {}: they are not mirrored there",
-                    self.path.display(),
-                    lacks.join(", ")
-                ));
+                let lacks = lacks.join(", ");
+                crate::xattr::say_once(
+                    &lacks,
+                    &format!(
+                        "the standby tree {} cannot store {lacks}: they are not mirrored there",
+                        self.path.display(),
+                    ),
+                );
             }
             can
         })

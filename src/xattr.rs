@@ -113,11 +113,16 @@ impl Policy {
     }
 }
 
-/// Warns once in this process that attributes are not mirrored: the primary's side and a
-/// local standby's say the same thing.
-pub fn say_once(message: &str) {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    SAID.call_once(|| tracing::warn!("{message}"));
+/// Warns that attributes are not mirrored, once in this process for each `about` (the
+/// namespaces missing): a primary and its local standby in one process say it once
+/// between them, and a second standby that lacks others still says so.
+pub fn say_once(about: &str, message: &str) {
+    static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if !said.iter().any(|a| a == about) {
+        said.push(about.to_string());
+        tracing::warn!("{message}");
+    }
 }
 
 /// Whether this host runs SELinux (its labels are then worth carrying).

@@ -131,8 +131,8 @@ pub struct Session<'m> {
     pub version: u16,
     /// Whether the standby preserves owner and group (it runs as root).
     pub owners: bool,
-    /// The extended attributes and ACLs this session mirrors.
-    pub xattrs: Policy,
+    /// What goes with each entry besides its content.
+    carry: Carry,
     next_id: AtomicU64,
     /// The standby's entries at the last full listing: the mass-delete guard's yardstick.
     remote_total: usize,
@@ -237,7 +237,10 @@ impl<'m> Session<'m> {
             ch,
             version,
             owners,
-            xattrs,
+            carry: Carry {
+                xattrs,
+                holes: version >= 5,
+            },
             next_id: AtomicU64::new(1),
             remote_total: 0,
             gate: None,
@@ -342,7 +345,7 @@ impl<'m> Session<'m> {
         let conn = &**self.link.conn();
         let ex = Exec::new(
             conn,
-            (&self.root, self.xattrs, self.version >= 5),
+            (&self.root, self.carry),
             Some(&empty),
             &self.next_id,
             self.monitor,
@@ -447,7 +450,7 @@ impl<'m> Session<'m> {
             let conn = &**self.link.conn();
             let ex = Exec::new(
                 conn,
-                (&self.root, self.xattrs, self.version >= 5),
+                (&self.root, self.carry),
                 Some(&remote),
                 &self.next_id,
                 self.monitor,
@@ -658,16 +661,22 @@ struct Exec<'a> {
     retries: Mutex<Vec<RelPath>>,
     next_id: &'a AtomicU64,
     monitor: &'a dyn Monitor,
-    /// The attributes sent with each entry.
+    carry: Carry,
+}
+
+/// What goes with each entry besides its content, as agreed when the session opened.
+#[derive(Debug, Clone, Copy)]
+struct Carry {
+    /// The extended attributes and ACLs sent with each entry.
     xattrs: Policy,
-    /// Files with holes go as `SparseFile` (the standby speaks version 5).
+    /// Files with holes go as `SparseFile` and `SparseDelta` (the standby speaks 5).
     holes: bool,
 }
 
 impl<'a> Exec<'a> {
     fn new(
         conn: &'a dyn Connection,
-        (root, xattrs, holes): (&'a Root, Policy, bool),
+        (root, carry): (&'a Root, Carry),
         remote: Option<&'a Manifest>,
         next_id: &'a AtomicU64,
         monitor: &'a dyn Monitor,
@@ -681,8 +690,7 @@ impl<'a> Exec<'a> {
             retries: Mutex::new(Vec::new()),
             next_id,
             monitor,
-            xattrs,
-            holes,
+            carry,
         }
     }
 }
@@ -722,15 +730,15 @@ impl<'a> Exec<'a> {
     /// The attributes to send with the entry at `path` (never followed); `None` after
     /// reporting why they cannot be read.
     fn xattrs_at(&self, path: &RelPath) -> Option<Xattrs> {
-        if self.xattrs.is_none() {
+        if self.carry.xattrs.is_none() {
             return Some(Xattrs::default());
         }
         let read = if path.is_root() {
-            xattrs_of(At::Fd(self.root.fd()), &self.xattrs)
+            xattrs_of(At::Fd(self.root.fd()), &self.carry.xattrs)
         } else {
             self.root
                 .parent_of(path)
-                .and_then(|(dir, name)| xattrs_of(At::Name(dir.as_fd(), &name), &self.xattrs))
+                .and_then(|(dir, name)| xattrs_of(At::Name(dir.as_fd(), &name), &self.carry.xattrs))
         };
         match read.map_err(read_error) {
             Ok(x) => Some(x),
@@ -1118,7 +1126,7 @@ impl<'a> Exec<'a> {
         t: &Transfer,
         buf: &mut Vec<u8>,
     ) -> Result<(), ProtocolError> {
-        match read_small(self.root, &t.path, buf, &self.xattrs) {
+        match read_small(self.root, &t.path, buf, &self.carry.xattrs) {
             Ok(Some((st, x))) => {
                 let meta = meta_of(&st);
                 pending.lock().insert(
@@ -1176,7 +1184,7 @@ impl<'a> Exec<'a> {
         let before = rustix::fs::fstat(&f).map_err(io::Error::from)?;
         let size = before.st_size as u64;
         let meta = meta_of(&before);
-        let x = match xattrs_of(At::Fd(f.as_fd()), &self.xattrs) {
+        let x = match xattrs_of(At::Fd(f.as_fd()), &self.carry.xattrs) {
             Ok(x) => x,
             Err(e) => {
                 self.error(path, format!("cannot read: {e}"));
@@ -1187,7 +1195,7 @@ impl<'a> Exec<'a> {
             .lock()
             .insert(id, (path.clone(), Op::Transfer { bytes: size }));
         send_xattrs(w, x)?;
-        let sparse = self.holes && crate::sparse::has_holes(&before);
+        let sparse = self.carry.holes && crate::sparse::has_holes(&before);
         let mut problem = if sparse {
             w.send(&Message::SparseFile {
                 id,
@@ -1321,10 +1329,10 @@ impl<'a> Exec<'a> {
         };
         let before = rustix::fs::fstat(&f).map_err(|e| ProtocolError::Io(e.into()))?;
         // Its holes are neither read nor hashed, and the standby keeps them.
-        let sparse = self.holes && crate::sparse::has_holes(&before);
+        let sparse = self.carry.holes && crate::sparse::has_holes(&before);
         let size = before.st_size as u64;
         let meta = meta_of(&before);
-        let x = match xattrs_of(At::Fd(f.as_fd()), &self.xattrs) {
+        let x = match xattrs_of(At::Fd(f.as_fd()), &self.carry.xattrs) {
             Ok(x) => x,
             Err(e) => {
                 self.error(&t.path, format!("cannot read: {e}"));
@@ -1585,14 +1593,16 @@ fn send_xattrs<W: Write>(w: &mut FrameWriter<W>, x: Xattrs) -> Result<(), Protoc
     w.send(&Message::Xattrs { attrs: x })
 }
 
-/// Warns, once in this process, of attributes asked for that the standby cannot store.
+/// Warns, once in this process for each set of them, of attributes asked for that the
+/// standby cannot store.
 fn say_once_what_the_standby_lacks(want: &Policy, can: &Policy) {
     let lacks = want.missing_in(can);
     if !lacks.is_empty() {
-        crate::xattr::say_once(&format!(
-            "the standby cannot store {}: they are not mirrored there",
-            lacks.join(", ")
-        ));
+        let lacks = lacks.join(", ");
+        crate::xattr::say_once(
+            &lacks,
+            &format!("the standby cannot store {lacks}: they are not mirrored there"),
+        );
     }
 }
 

@@ -298,7 +298,7 @@ impl Exec<'_> {
         plan.deletes.clear();
         let ex = Exec::new(
             self.conn,
-            (self.root, self.xattrs, self.holes),
+            (self.root, self.carry),
             Some(&remote),
             self.next_id,
             self.monitor,
@@ -430,7 +430,7 @@ impl Session<'_> {
         };
         let ex = Exec::new(
             conn,
-            (root, self.xattrs, self.version >= 5),
+            (root, self.carry),
             None,
             &self.next_id,
             monitor,

@@ -307,6 +307,16 @@ fn ends_whole(t: &Pair, torn: &[String]) {
     assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
 }
 
+/// The writer's files seeded, a `serve` of DEST, and a watch to it past its first
+/// reconcile.
+fn watched(t: &Pair) -> (RemoteMirror, Watch) {
+    seed_records(&t.src);
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    let w = watch_to(&m, &t.src, &m.server.url());
+    w.wait_ready();
+    (m, w)
+}
+
 /// Waits up to a minute for SRC and DEST to be equal.
 #[track_caller]
 fn converged(t: &Pair, w: &Watch) -> Duration {
@@ -437,10 +447,7 @@ fn a_standby_remounted_read_only_and_back_catches_up_without_a_torn_file() {
         return;
     };
     let t = fs.pair();
-    seed_records(&t.src);
-    let m = RemoteMirror::start(t.dir.path(), &t.dst);
-    let w = watch_to(&m, &t.src, &m.server.url());
-    w.wait_ready();
+    let (_m, w) = watched(&t);
     let records = Records::start(&t.src, &t.dst);
     let remount = |how: &str| {
         let ok = std::process::Command::new("mount")
@@ -483,10 +490,7 @@ fn a_standby_disk_filled_and_freed_under_a_steady_writer_never_tears_a_file() {
         return;
     };
     let t = fs.pair();
-    seed_records(&t.src);
-    let m = RemoteMirror::start(t.dir.path(), &t.dst);
-    let w = watch_to(&m, &t.src, &m.server.url());
-    w.wait_ready();
+    let (_m, w) = watched(&t);
     let records = Records::start(&t.src, &t.dst);
     std::thread::sleep(Duration::from_millis(800));
     // Fill the disk, outside the standby tree.
@@ -534,10 +538,7 @@ fn a_standby_disk_filled_and_freed_under_a_steady_writer_never_tears_a_file() {
 fn files_held_open_and_appended_to_are_replicated_as_whole_records() {
     let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let t = Pair::new();
-    seed_records(&t.src);
-    let m = RemoteMirror::start(t.dir.path(), &t.dst);
-    let w = watch_to(&m, &t.src, &m.server.url());
-    w.wait_ready();
+    let (_m, w) = watched(&t);
     let records = Records::start_with(&t.src, &t.dst, true);
     // While they are written, the standby follows: it is never far behind.
     let mut seen = 0;
