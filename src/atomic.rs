@@ -1,11 +1,14 @@
 //! Atomic, durable replacement of files on the standby, batched.
 //!
-//! Every file lands as a temp beside its target (written, attributes set), then a batch is
-//! committed: make the temps' data durable, rename each over its target, make the renames
-//! durable, and only then report success. A small batch uses `fsync` per file and per
+//! Every file lands as a temp in the standby's own area `.hotsync/tmp/` (written,
+//! attributes set), then a batch is committed: make the temps' data durable, rename each
+//! over its target, make the renames durable, and only then report success. The area is
+//! where no user's name can collide with a temp's; only a directory on another filesystem
+//! than the root (a mount point inside the tree) gets its temps beside their targets. A small batch uses `fsync` per file and per
 //! directory (the fast path for a single change); a large one uses two `syncfs` calls for
 //! the whole batch instead of thousands of `fsync`s. A `kill -9` at any moment leaves each
-//! target either old or new; leftover temps are removed by the next scan.
+//! target either old or new; leftover temps are removed when the standby next opens the
+//! tree (and, beside their targets, by the next scan).
 
 use crate::protocol::OpError;
 use std::fs::File;
@@ -18,10 +21,13 @@ pub const FSYNC_EACH: usize = 8;
 pub const BATCH_FILES: usize = 2048;
 pub const BATCH_BYTES: u64 = 128 << 20;
 
-/// A temp file (or symlink, or hard link) waiting to be renamed over `name` in `dir`.
+/// A temp file (or symlink, or hard link) `temp` in `temp_dir`, waiting to be renamed over
+/// `name` in `dir`.
 pub struct Staged {
     pub id: u64,
     pub dir: Arc<OwnedFd>,
+    /// Where the temp is: the standby's area, or `dir` itself (see [`TempPlace`]).
+    pub temp_dir: Arc<OwnedFd>,
     pub temp: Vec<u8>,
     pub name: Vec<u8>,
     /// Kept open for a per-file `fsync` while the batch is small; `None` otherwise.
@@ -124,8 +130,7 @@ impl Batch {
         // 2. The renames.
         for (i, it) in items.iter().enumerate() {
             if result[i].is_ok()
-                && let Err(e) =
-                    rustix::fs::renameat(&*it.dir, it.temp.as_slice(), &*it.dir, it.name.as_slice())
+                && let Err(e) = rename_into_place(it)
             {
                 // A rename refused by the filesystem is not worth a resend.
                 let e = std::io::Error::from(e);
@@ -136,11 +141,7 @@ impl Batch {
                 });
             }
             if result[i].is_err() {
-                let _ = rustix::fs::unlinkat(
-                    &*it.dir,
-                    it.temp.as_slice(),
-                    rustix::fs::AtFlags::empty(),
-                );
+                it.discard();
             }
         }
         // 3. The directory entries (and in-place changes).
@@ -172,6 +173,84 @@ impl Batch {
         }
         out.extend(applied.into_iter().map(|id| (id, Ok(()))));
         finish(out, items, result)
+    }
+}
+
+impl Staged {
+    /// Removes the temp (a failed or abandoned operation).
+    pub fn discard(&self) {
+        let _ = rustix::fs::unlinkat(
+            &*self.temp_dir,
+            self.temp.as_slice(),
+            rustix::fs::AtFlags::empty(),
+        );
+    }
+}
+
+/// A batch dropped before its commit (the session failed or was fenced) leaves no temps.
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for it in &self.items {
+            it.discard();
+        }
+    }
+}
+
+/// Renames the temp over its target. A receiver that is not root gives itself write
+/// permission on a read-only target directory (its mode is put back with the directory's
+/// attributes, which the primary sends after the directory's entries).
+fn rename_into_place(it: &Staged) -> Result<(), rustix::io::Errno> {
+    let rename = || {
+        rustix::fs::renameat(
+            &*it.temp_dir,
+            it.temp.as_slice(),
+            &*it.dir,
+            it.name.as_slice(),
+        )
+    };
+    match rename() {
+        Err(rustix::io::Errno::ACCESS) => {
+            let st = rustix::fs::fstat(&*it.dir)?;
+            rustix::fs::fchmod(
+                &*it.dir,
+                rustix::fs::Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700),
+            )?;
+            rename()
+        }
+        other => other,
+    }
+}
+
+/// Where a standby makes the temps of one target directory: its area `.hotsync/tmp/`
+/// when the directory is on the root's filesystem (a rename reaches it from there), else
+/// the directory itself.
+#[derive(Clone)]
+pub struct TempPlace {
+    area: Arc<OwnedFd>,
+    dev: u64,
+}
+
+impl TempPlace {
+    /// The area `area` (open), on the filesystem it is on.
+    pub fn new(area: Arc<OwnedFd>) -> std::io::Result<TempPlace> {
+        let dev = rustix::fs::fstat(&*area)?.st_dev;
+        Ok(TempPlace { area, dev })
+    }
+
+    /// The area itself (to clear it).
+    pub fn area(&self) -> BorrowedFd<'_> {
+        self.area.as_fd()
+    }
+
+    /// Where the temps of files in `dir` go.
+    #[allow(clippy::useless_conversion)]
+    pub fn for_dir(&self, dir: &Arc<OwnedFd>) -> std::io::Result<Arc<OwnedFd>> {
+        let dev = rustix::fs::fstat(&**dir)?.st_dev;
+        Ok(if u64::from(dev) == u64::from(self.dev) {
+            self.area.clone()
+        } else {
+            dir.clone()
+        })
     }
 }
 
@@ -215,6 +294,7 @@ mod tests {
         let keep = b.keep_fd();
         b.stage(Staged {
             id,
+            temp_dir: dir.clone(),
             dir,
             temp,
             name: name.as_bytes().to_vec(),

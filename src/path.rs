@@ -15,8 +15,12 @@ pub const MAX_NAME: usize = 255;
 
 /// The name reserved at the root of both trees: the standby's marker, state and temp area.
 pub const RESERVED: &[u8] = b".hotsync";
-/// Prefix of the temporary files the receiver creates beside their targets.
+/// Prefix of the temporary files hotsync creates beside their targets: the standby's own
+/// area `.hotsync/tmp/` holds them, except in a directory on another filesystem than the
+/// root (a mount point inside the tree), where a rename from the area cannot reach.
 pub const TEMP_PREFIX: &[u8] = b".hotsync-tmp.";
+/// Hex digits after [`TEMP_PREFIX`] in a temporary name.
+pub const TEMP_DIGITS: usize = 16;
 
 /// Why a byte string is not a valid relative path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,9 +129,16 @@ impl RelPath {
     }
 }
 
-/// True when `name` looks like one of our temporary files.
+/// True when `name` has exactly the form of hotsync's temporary files:
+/// `.hotsync-tmp.` and 16 lowercase hex digits, nothing more. Only such names are reserved
+/// (skipped on the primary and reported, removed from the standby as leftovers of a
+/// kill); any other name, `.hotsync-tmp.x` included, is a user's and is mirrored.
 pub fn is_temp_name(name: &[u8]) -> bool {
-    name.starts_with(TEMP_PREFIX)
+    name.len() == TEMP_PREFIX.len() + TEMP_DIGITS
+        && name.starts_with(TEMP_PREFIX)
+        && name[TEMP_PREFIX.len()..]
+            .iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
 /// Escapes bytes for display: valid UTF-8 stays, control bytes and invalid bytes become
@@ -209,6 +220,23 @@ impl fmt::Display for RelPath {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn only_the_exact_temp_form_is_reserved() {
+        assert!(is_temp_name(b".hotsync-tmp.0123456789abcdef"));
+        for user in [
+            &b".hotsync-tmp."[..],
+            b".hotsync-tmp.x",
+            b".hotsync-tmp.0123456789abcdef.txt",
+            b".hotsync-tmp.ABCDEF0123456789",
+            b".hotsync-tmp.0123456789abcde",
+            b".hotsync-tmp.0123456789abcdefa",
+            b"x.hotsync-tmp.0123456789abcdef",
+            b".hotsync",
+        ] {
+            assert!(!is_temp_name(user), "{}", escape_bytes(user));
+        }
+    }
 
     #[test]
     fn rejects_escapes() {

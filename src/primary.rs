@@ -142,19 +142,33 @@ impl PrimaryTree {
         self.saved.lock().unwrap().state.clone()
     }
 
-    /// The standby acknowledged `pos` as durable, and everything this node saw before
-    /// `before` (its clock) is durable there. Written down at most once a second; call
-    /// [`PrimaryTree::flush`] regularly so the last one is not left in memory.
-    pub fn acknowledged(&self, pos: Position, before: SystemTime, now: Instant) {
+    /// The standby acknowledged `pos` as durable, and (when `before` is known) every change
+    /// in the tree made before `before` (this node's clock) is durable there. `None` leaves
+    /// the recorded moment as it is: a watch that has not had its first reconcile
+    /// acknowledged cannot vouch for anything an earlier run did not. Written down at most
+    /// once a second; call [`PrimaryTree::flush`] regularly so the last one is not left in
+    /// memory.
+    pub fn acknowledged(&self, pos: Position, before: Option<SystemTime>, now: Instant) {
         {
             let mut s = self.saved.lock().unwrap();
-            let before = crate::clock::unix_ms(before);
             let st = &mut s.state;
+            let vouched = |st: &TreeState| {
+                st.acked_before_ms.is_some()
+                    && st.history.last().is_some_and(|h| h.last_acked.is_some())
+            };
+            let was = vouched(st);
             st.acknowledge(pos);
-            if st.acked_before_ms.is_none_or(|b| before > b) {
+            if let Some(before) = before.map(crate::clock::unix_ms)
+                && st.acked_before_ms.is_none_or(|b| before > b)
+            {
                 st.acked_before_ms = Some(before);
             }
             s.dirty = true;
+            // The first moment vouched for in the epoch is written at once: until it is,
+            // a rejoin keeps the whole tree aside.
+            if !was && vouched(&s.state) {
+                s.last = None;
+            }
         }
         self.flush(now);
     }
@@ -238,7 +252,7 @@ mod tests {
                 .err()
                 .unwrap();
             assert!(e.to_string().contains("another hotsync watch"), "{e}");
-            let w = SystemTime::now();
+            let w = Some(SystemTime::now());
             p.acknowledged(Position { epoch: 1, seq: 1 }, w, t0);
             assert_eq!(read().position.seq, 1);
             p.acknowledged(

@@ -45,6 +45,8 @@ struct Session<'s> {
     generation: AtomicU64,
     /// This session in the standby's registry (its counters are read live by `status`).
     entry: Arc<SessionEntry>,
+    /// Where a writing session stages its temps.
+    temps: Option<crate::atomic::TempPlace>,
 }
 
 /// Serves one connection from `peer` against `standby`, until the primary closes the
@@ -122,6 +124,7 @@ pub fn serve(
         xattrs,
         generation: AtomicU64::new(0),
         entry: admission.entry.clone(),
+        temps: if read_only { None } else { standby.temps() },
     };
     let pulse = SessionPulse {
         standby,
@@ -347,6 +350,7 @@ impl Session<'_> {
                     hash_rate,
                     filter: self.filter.clone(),
                     remove_temps: !self.read_only,
+                    primary: false,
                     xattrs: self.xattrs,
                 };
                 scan_scopes(root, scopes, &opts, &|_| {}).map_err(|e| {
@@ -379,6 +383,7 @@ impl Session<'_> {
                 hash_rate,
                 filter: self.filter.clone(),
                 remove_temps: !self.read_only,
+                primary: false,
                 xattrs: self.xattrs,
             };
             let mut walker = crate::walk::Walker::scoped(root, opts, scopes, None);
@@ -477,17 +482,34 @@ fn reason(e: &io::Error) -> String {
     }
 }
 
-/// Creates a temp in `dir`; a non-root receiver gives itself write permission on a
-/// read-only directory (its mode is restored with the directory's attributes).
-fn temp_in(dir: &OwnedFd) -> io::Result<(File, Vec<u8>)> {
-    match create_temp(dir.as_fd()) {
-        Err(e) if e.raw_os_error() == Some(Errno::ACCESS.raw_os_error()) => {
-            let st = rustix::fs::fstat(dir)?;
-            rustix::fs::fchmod(dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
-            create_temp(dir.as_fd())
+impl Session<'_> {
+    /// Where the temps of entries in `dir` go: the standby's area, or (on another
+    /// filesystem than the root) `dir` itself.
+    fn temp_dir(&self, dir: &Arc<OwnedFd>) -> io::Result<Arc<OwnedFd>> {
+        match &self.temps {
+            Some(t) => t.for_dir(dir),
+            None => Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "this session does not write the standby",
+            )),
         }
-        other => other,
     }
+}
+
+/// Creates a temp for an entry of `dir`: in the standby's area, or in `dir` itself, where
+/// a receiver that is not root gives itself write permission on a read-only directory
+/// (its mode is restored with the directory's attributes).
+fn temp_for(s: &Session, dir: &Arc<OwnedFd>) -> io::Result<(File, Arc<OwnedFd>, Vec<u8>)> {
+    let at = s.temp_dir(dir)?;
+    let (f, temp) = match create_temp(at.as_fd()) {
+        Err(e) if e.raw_os_error() == Some(Errno::ACCESS.raw_os_error()) => {
+            let st = rustix::fs::fstat(&*at)?;
+            rustix::fs::fchmod(&*at, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
+            create_temp(at.as_fd())?
+        }
+        other => other?,
+    };
+    Ok((f, at, temp))
 }
 
 /// Commits a batch (nothing is ever staged in a dry run, which may have no root).
@@ -652,7 +674,7 @@ fn op_loop<R: Read, W: SendHalf>(
             Message::Link { id, path, target } => {
                 check_writable(&path)?;
                 check_writable(&target)?;
-                match stage_link(&mut dirs, id, &path, &target) {
+                match stage_link(s, &mut dirs, id, &path, &target) {
                     Ok(st) => batch.stage(st),
                     Err(e) => batch.failed(id, op_error(&e)),
                 }
@@ -858,16 +880,17 @@ fn stage_bytes(
     keep: bool,
 ) -> io::Result<Staged> {
     let (dir, name) = dirs.parent(path)?;
-    let (mut f, temp) = temp_in(&dir)?;
+    let (mut f, temp_dir, temp) = temp_for(s, &dir)?;
     let res = f.write_all(data).and_then(|_| s.set_fd(f.as_fd(), meta));
     if let Err(e) = res {
-        let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
+        let _ = rustix::fs::unlinkat(&*temp_dir, temp.as_slice(), AtFlags::empty());
         return Err(e);
     }
     s.wrote(data.len() as u64);
     Ok(Staged {
         id,
         dir,
+        temp_dir,
         temp,
         name: name.to_vec(),
         file: keep.then_some(f),
@@ -884,21 +907,23 @@ fn stage_symlink(
     meta: &Attrs,
 ) -> io::Result<Staged> {
     let (dir, name) = dirs.parent(path)?;
+    let temp_dir = s.temp_dir(&dir)?;
     let temp = loop {
         let t = fsroot::temp_name();
-        match rustix::fs::symlinkat(target, &*dir, t.as_slice()) {
+        match rustix::fs::symlinkat(target, &*temp_dir, t.as_slice()) {
             Ok(()) => break t,
             Err(Errno::EXIST) => continue,
             Err(e) => return Err(e.into()),
         }
     };
-    if let Err(e) = s.set_at(dir.as_fd(), &temp, meta, false) {
-        let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
+    if let Err(e) = s.set_at(temp_dir.as_fd(), &temp, meta, false) {
+        let _ = rustix::fs::unlinkat(&*temp_dir, temp.as_slice(), AtFlags::empty());
         return Err(e);
     }
     Ok(Staged {
         id,
         dir,
+        temp_dir,
         temp,
         name: name.to_vec(),
         file: None,
@@ -906,7 +931,13 @@ fn stage_symlink(
     })
 }
 
-fn stage_link(dirs: &mut Dirs, id: u64, path: &RelPath, target: &RelPath) -> io::Result<Staged> {
+fn stage_link(
+    s: &Session,
+    dirs: &mut Dirs,
+    id: u64,
+    path: &RelPath,
+    target: &RelPath,
+) -> io::Result<Staged> {
     let (tdir, tname) = dirs.parent(target)?;
     let st = rustix::fs::statat(&*tdir, tname, AtFlags::SYMLINK_NOFOLLOW)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
@@ -916,9 +947,10 @@ fn stage_link(dirs: &mut Dirs, id: u64, path: &RelPath, target: &RelPath) -> io:
         ));
     }
     let (dir, name) = dirs.parent(path)?;
+    let temp_dir = s.temp_dir(&dir)?;
     let temp = loop {
         let t = fsroot::temp_name();
-        match rustix::fs::linkat(&*tdir, tname, &*dir, t.as_slice(), AtFlags::empty()) {
+        match rustix::fs::linkat(&*tdir, tname, &*temp_dir, t.as_slice(), AtFlags::empty()) {
             Ok(()) => break t,
             Err(Errno::EXIST) => continue,
             Err(e) => return Err(e.into()),
@@ -927,6 +959,7 @@ fn stage_link(dirs: &mut Dirs, id: u64, path: &RelPath, target: &RelPath) -> io:
     Ok(Staged {
         id,
         dir,
+        temp_dir,
         temp,
         name: name.to_vec(),
         file: None,
@@ -936,8 +969,14 @@ fn stage_link(dirs: &mut Dirs, id: u64, path: &RelPath, target: &RelPath) -> io:
 
 type EntryResult = Result<Staged, OpError>;
 
-/// Where a temp lives: its directory, the final name, the writer, the temp name.
-type TempTarget = (Arc<OwnedFd>, Vec<u8>, BufWriter<File>, Vec<u8>);
+/// A temp being written for the entry `name` of `dir`: `temp` in `temp_dir`.
+struct TempTarget {
+    dir: Arc<OwnedFd>,
+    name: Vec<u8>,
+    w: BufWriter<File>,
+    temp_dir: Arc<OwnedFd>,
+    temp: Vec<u8>,
+}
 
 /// A temp file being filled. Write failures are remembered, not returned, so the stream is
 /// always read to the end of the file and stays in step; the file is then reported failed.
@@ -1053,14 +1092,16 @@ impl Holes {
 
 impl TempSink {
     fn create(dirs: &mut Dirs, path: &RelPath) -> TempSink {
+        let s = dirs.s;
         let target = dirs.parent(path).and_then(|(dir, name)| {
-            let (f, temp) = temp_in(&dir)?;
-            Ok((
+            let (f, temp_dir, temp) = temp_for(s, &dir)?;
+            Ok(TempTarget {
                 dir,
-                name.to_vec(),
-                BufWriter::with_capacity(1 << 20, f),
+                name: name.to_vec(),
+                w: BufWriter::with_capacity(1 << 20, f),
+                temp_dir,
                 temp,
-            ))
+            })
         });
         match target {
             Ok(t) => TempSink {
@@ -1102,7 +1143,14 @@ impl TempSink {
                 self.err = Some(OpError::new("content digest mismatch", true));
             }
         }
-        let Some((dir, name, w, temp)) = self.target.take() else {
+        let Some(TempTarget {
+            dir,
+            name,
+            w,
+            temp_dir,
+            temp,
+        }) = self.target.take()
+        else {
             return Err(self
                 .err
                 .take()
@@ -1122,6 +1170,7 @@ impl TempSink {
                 Ok(Staged {
                     id,
                     dir,
+                    temp_dir,
                     temp,
                     name,
                     file: keep.then_some(f),
@@ -1129,7 +1178,7 @@ impl TempSink {
                 })
             }
             Err(e) => {
-                let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
+                let _ = rustix::fs::unlinkat(&*temp_dir, temp.as_slice(), AtFlags::empty());
                 Err(e)
             }
         }
@@ -1158,7 +1207,7 @@ impl TempSink {
     /// Goes on writing at `offset`, leaving a hole behind.
     fn seek_to(&mut self, offset: u64) {
         if self.err.is_none()
-            && let Some((_, _, w, _)) = self.target.as_mut()
+            && let Some(TempTarget { w, .. }) = self.target.as_mut()
             && let Err(e) = io::Seek::seek(w, io::SeekFrom::Start(offset))
         {
             self.err = Some(op_error(&e));
@@ -1168,7 +1217,7 @@ impl TempSink {
     /// Makes the temp `size` bytes long: a hole to the end if the data ends before.
     fn set_len(&mut self, size: u64) {
         if self.err.is_none()
-            && let Some((_, _, w, _)) = self.target.as_mut()
+            && let Some(TempTarget { w, .. }) = self.target.as_mut()
         {
             let done = match self.holes.as_mut() {
                 Some(h) => h.finish(w),
@@ -1187,8 +1236,8 @@ impl TempSink {
 impl Drop for TempSink {
     fn drop(&mut self) {
         // Reached with a target only when the stream failed mid-file.
-        if let Some((dir, _, _, temp)) = self.target.take() {
-            let _ = rustix::fs::unlinkat(&*dir, temp.as_slice(), AtFlags::empty());
+        if let Some(t) = self.target.take() {
+            let _ = rustix::fs::unlinkat(&*t.temp_dir, t.temp.as_slice(), AtFlags::empty());
         }
     }
 }
@@ -1196,7 +1245,7 @@ impl Drop for TempSink {
 impl Write for TempSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.err.is_none()
-            && let Some((_, _, w, _)) = self.target.as_mut()
+            && let Some(TempTarget { w, .. }) = self.target.as_mut()
         {
             let written = match self.holes.as_mut() {
                 Some(h) => h.write(w, buf),
@@ -1220,7 +1269,8 @@ impl delta::DeltaSink for TempSink {
         if self.err.is_some() {
             return Ok(true); // the file has failed already; skip the work
         }
-        let (Some(base), Some((_, _, w, _))) = (self.base.as_ref(), self.target.as_mut()) else {
+        let (Some(base), Some(TempTarget { w, .. })) = (self.base.as_ref(), self.target.as_mut())
+        else {
             return Ok(false);
         };
         if let Some(h) = self.holes.as_mut() {

@@ -156,10 +156,20 @@ pub fn keep_diverged(
     state: &TreeState,
     filter: &Filter,
 ) -> io::Result<RejoinReport> {
-    let divergence = state.acked_before_ms.map(|ms| Divergence {
-        acked_before_ms: ms,
-        margin_ms: Divergence::MARGIN_MS,
-    });
+    // A moment recorded in an epoch where the standby never acknowledged a position
+    // proves nothing (an earlier release recorded one before its first reconcile was
+    // acknowledged): everything is unconfirmed.
+    let acked_in_epoch = state
+        .history
+        .last()
+        .is_some_and(|h| h.epoch == state.epoch && h.last_acked.is_some());
+    let divergence = state
+        .acked_before_ms
+        .filter(|_| acked_in_epoch)
+        .map(|ms| Divergence {
+            acked_before_ms: ms,
+            margin_ms: Divergence::MARGIN_MS,
+        });
     let epoch_dir = state.epoch.to_string();
     let base = ensure_dir(area.fd(), b"diverged")?;
     let keep = ensure_dir(base.as_fd(), epoch_dir.as_bytes())?;
@@ -252,6 +262,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let watermark = crate::clock::unix_ms(std::time::SystemTime::now());
         let mut state = TreeState::fresh(Role::Primary, None);
+        state.acknowledge(crate::epoch::Position { epoch: 1, seq: 3 });
         state.acked_before_ms = Some(watermark + Divergence::MARGIN_MS);
         let root = Root::open(p).unwrap();
         let area = Area::open(&root, p).unwrap();
@@ -284,6 +295,13 @@ mod tests {
         // Again (an interrupted rejoin rerun): nothing new, the list kept.
         let again = keep_diverged(&root, &area, &state, &filter).unwrap();
         assert!(again.diverged.len() >= r.diverged.len());
+        // A moment but no acknowledged position in the epoch: it proves nothing.
+        let mut unacked = TreeState::fresh(Role::Primary, None);
+        unacked.acked_before_ms = Some(watermark + Divergence::MARGIN_MS);
+        std::fs::write(p.join("old3"), b"never acknowledged").unwrap();
+        let r = keep_diverged(&root, &area, &unacked, &filter).unwrap();
+        assert!(r.no_record);
+        assert!(r.diverged.iter().any(|d| d.path == "old3"), "{:?}", r.diverged);
         // No record at all: everything is kept aside.
         state.acked_before_ms = None;
         let all = keep_diverged(&root, &area, &state, &filter).unwrap();

@@ -17,10 +17,49 @@ use std::time::{Duration, Instant};
 
 /// The state file's name in the area.
 pub const STATE_FILE: &[u8] = b"state";
+/// The standby's temp area: files being received wait here until their batch commits.
+pub const TEMPS: &[u8] = b"tmp";
 /// Held by the one process that writes the tree as a standby (`serve`, a local DEST).
 pub const STANDBY_LOCK: &CStr = c"lock";
 /// Held by the one process that replicates the tree as a primary (`watch`).
 pub const PRIMARY_LOCK: &CStr = c"primary.lock";
+
+/// Whether `name` in `.hotsync/` is one hotsync makes there.
+fn is_own(name: &[u8]) -> bool {
+    [
+        STATE_FILE,
+        STANDBY_LOCK.to_bytes(),
+        PRIMARY_LOCK.to_bytes(),
+        TEMPS,
+        b"diverged",
+        b"write-probe",
+    ]
+    .contains(&name)
+        || crate::replicate::batcher::parse_marker(name).is_some()
+        || crate::path::is_temp_name(name)
+}
+
+/// What a user put in the root's `.hotsync` of the tree open as `root`: the names there
+/// that hotsync never makes, or `.hotsync` itself when it is not a directory. They are not
+/// mirrored (the name is hotsync's), and the primary says so rather than mirroring around
+/// them silently.
+pub fn foreign_entries(root: BorrowedFd<'_>) -> Vec<RelPath> {
+    let area = RelPath::new(RESERVED).unwrap();
+    let st = match rustix::fs::statat(root, RESERVED, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(_) => return Vec::new(),
+    };
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Directory {
+        return vec![area];
+    }
+    let Ok(dir) = fsroot::open_subdir(root, RESERVED) else {
+        return vec![area];
+    };
+    let mut names = fsroot::list_dir(dir.as_fd()).unwrap_or_default();
+    names.retain(|n| !is_own(n));
+    names.sort();
+    names.iter().filter_map(|n| area.join(n).ok()).collect()
+}
 
 /// An open `.hotsync/` of one tree.
 pub struct Area {
@@ -109,6 +148,22 @@ impl Area {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Opens the standby's temp area `.hotsync/tmp/` (made if missing) and empties it:
+    /// what it holds was staged by a writer that is gone (call under the standby's lock).
+    pub fn open_temps(&self) -> io::Result<OwnedFd> {
+        match rustix::fs::mkdirat(&self.dir, TEMPS, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let dir = fsroot::open_subdir(self.fd(), TEMPS)?;
+        for name in fsroot::list_dir(dir.as_fd())? {
+            // A temp is a file, a symlink or a hard link; never a directory (a tree is
+            // removed whole all the same, never followed).
+            fsroot::remove_tree(dir.as_fd(), &name)?;
+        }
+        Ok(dir)
     }
 
     /// Removes the temps of a state file write cut short by a kill (call under a lock).

@@ -24,16 +24,82 @@ pub struct ScanOptions {
     pub filter: Filter,
     /// Delete leftover temporary files (the standby does; the primary only skips them).
     pub remove_temps: bool,
+    /// This is the primary's tree: names reserved for hotsync's own files are reported
+    /// as not mirrored ([`Skipped`]), since a user's entry may carry one.
+    pub primary: bool,
     /// The extended attributes and ACLs read with each entry (their digest goes in
     /// `Meta::xattrs`); none are read when it keeps nothing.
     pub xattrs: crate::xattr::Policy,
 }
 
-/// An entry the mirror cannot carry (socket, fifo, device), skipped with a warning.
+/// An entry the mirror cannot carry (socket, fifo, device, or a name reserved for
+/// hotsync's own files), skipped with a warning.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
     pub path: RelPath,
     pub kind: &'static str,
+}
+
+/// [`Skipped::kind`] of a name of the exact form of hotsync's temporary files.
+pub const RESERVED_TEMP: &str = "reserved name";
+/// [`Skipped::kind`] of a user's entry in the root's `.hotsync` (or a `.hotsync` that is
+/// not hotsync's directory).
+pub const RESERVED_AREA: &str = "entry in the reserved .hotsync";
+
+impl Skipped {
+    /// Why it is not mirrored and what to do, for the report and the warning.
+    pub fn reason(&self) -> String {
+        match self.kind {
+            RESERVED_TEMP => "not mirrored: names of the form .hotsync-tmp.<16 hex digits> are \
+                              reserved for hotsync's temporary files; rename it to mirror it"
+                .into(),
+            RESERVED_AREA => "not mirrored: the root's .hotsync is reserved for hotsync's own \
+                              state; move it out of .hotsync to mirror it"
+                .into(),
+            kind => format!("{kind} skipped: hotsync mirrors files, directories and symlinks only"),
+        }
+    }
+}
+
+/// Whether `name` in the directory `dir` (at `dir_path`) belongs to hotsync rather than
+/// to the tree: the root's `.hotsync`, or a name of the exact form of its temps. `None`
+/// for any other name. For a reserved one, the entries the primary reports as not
+/// mirrored (those a user may have put there); on the standby, a leftover temp is
+/// removed here when `opts.remove_temps` (counted in `removed`).
+pub(crate) fn reserved_name(
+    dir: BorrowedFd<'_>,
+    dir_path: &RelPath,
+    name: &[u8],
+    opts: &ScanOptions,
+    removed: &mut u64,
+) -> Option<Vec<Skipped>> {
+    if dir_path.is_root() && name == RESERVED {
+        return Some(if opts.primary {
+            crate::reserved::foreign_entries(dir)
+                .into_iter()
+                .map(|path| Skipped {
+                    path,
+                    kind: RESERVED_AREA,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        });
+    }
+    if !is_temp_name(name) {
+        return None;
+    }
+    if opts.remove_temps && rustix::fs::unlinkat(dir, name, AtFlags::empty()).is_ok() {
+        *removed += 1;
+    }
+    let path = dir_path.join(name).ok();
+    Some(match path {
+        Some(path) if opts.primary && !opts.filter.excludes(&path, false) => vec![Skipped {
+            path,
+            kind: RESERVED_TEMP,
+        }],
+        _ => Vec::new(),
+    })
 }
 
 #[derive(Debug, Default)]
@@ -283,15 +349,10 @@ fn walk(
             }
         };
         for name in names {
-            if dir_path.is_root() && name == RESERVED {
-                continue;
-            }
-            if is_temp_name(&name) {
-                if opts.remove_temps
-                    && rustix::fs::unlinkat(&fd, name.as_slice(), AtFlags::empty()).is_ok()
-                {
-                    out.temps_removed += 1;
-                }
+            if let Some(skipped) =
+                reserved_name(fd.as_fd(), &dir_path, &name, opts, &mut out.temps_removed)
+            {
+                out.skipped.extend(skipped);
                 continue;
             }
             let Ok(path) = dir_path.join(&name) else {

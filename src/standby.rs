@@ -198,6 +198,8 @@ pub struct Standby {
     /// at open, or at the first writing session if the tree was not writable then; with it,
     /// the tree's `.hotsync/`.
     lock: Mutex<Option<(Area, File)>>,
+    /// Where writing sessions stage their temps, once the lock is held.
+    temps: Mutex<Option<crate::atomic::TempPlace>>,
     owners: bool,
     state: Mutex<TreeState>,
     /// Position changes not yet written to the state file, and when it was last written.
@@ -281,6 +283,7 @@ impl Standby {
             root,
             access,
             lock: Mutex::new(None),
+            temps: Mutex::new(None),
             owners: fsroot::can_chown(),
             state: Mutex::new(TreeState::fresh(Role::Standby, None)),
             unsaved: Mutex::new((false, None)),
@@ -466,8 +469,42 @@ impl Standby {
             )));
         };
         area.remove_temps();
+        let temps = area
+            .open_temps()
+            .and_then(|fd| crate::atomic::TempPlace::new(Arc::new(fd)))
+            .map_err(|e| {
+                LockError::NotWritable(format!(
+                    "DEST {shown} is not writable: cannot prepare {shown}/.hotsync/tmp: {e}"
+                ))
+            })?;
+        *self.temps.lock().unwrap() = Some(temps);
         *self.lock.lock().unwrap() = Some((area, lock));
         Ok(())
+    }
+
+    /// Where a writing session stages its temps (`None` before the lock is held).
+    pub fn temps(&self) -> Option<crate::atomic::TempPlace> {
+        self.temps.lock().unwrap().clone()
+    }
+
+    /// Waits up to `limit` for the writing sessions in `writers` to end (their staged
+    /// batches dropped, their temps removed), then empties the temp area of anything a
+    /// session cut mid-write left. A promoted tree holds no temps.
+    fn settle_writers(&self, writers: &[Arc<SessionEntry>], limit: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < limit
+            && self
+                .sessions()
+                .iter()
+                .any(|s| writers.iter().any(|w| Arc::ptr_eq(s, w)))
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(t) = self.temps() {
+            for name in fsroot::list_dir(t.area()).unwrap_or_default() {
+                let _ = fsroot::remove_tree(t.area(), &name);
+            }
+        }
     }
 
     /// Runs `f` on the tree's `.hotsync/`, when this standby holds it.
@@ -832,6 +869,9 @@ impl Standby {
                 serde_json::json!({"primary": w.peer.describe(), "reason": why}),
             );
         }
+        // A fenced session may be mid-commit: the promoted tree is handed over only once
+        // it has stopped writing, with nothing staged left behind.
+        self.settle_writers(&writers, Duration::from_secs(5));
         self.event(
             "promoted",
             serde_json::to_value(&report).unwrap_or_default(),

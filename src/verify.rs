@@ -56,6 +56,11 @@ pub struct Report {
     pub metadata_differs_count: u64,
     pub errors_count: u64,
     pub capped: bool,
+    /// On the primary and not mirrored by design (sockets, fifos, devices, names reserved
+    /// for hotsync's own files), each with why: listed so that nothing is left out
+    /// silently. They do not make the trees differ. At most [`MAX_LISTED`] are listed.
+    pub skipped: Vec<EntryError>,
+    pub skipped_count: u64,
 }
 
 /// Paths a category of a [`Report`] lists at most.
@@ -322,6 +327,16 @@ impl Comparer {
             .as_ref()
             .or(remote.as_ref())
             .is_some_and(|u| u.dir.path.is_root());
+        if let Some(u) = &local {
+            for sk in &u.skipped {
+                self.report.skipped_count += 1;
+                if self.report.skipped.len() < MAX_LISTED {
+                    self.report
+                        .skipped
+                        .push(EntryError::new(&sk.path, sk.reason()));
+                }
+            }
+        }
         // A directory's own entry is compared among its parent's children; the root's here.
         let side = |u: Option<Unit>| match u {
             Some(u) => {
@@ -447,6 +462,8 @@ pub fn persisting(mut first: Report, second: &Report) -> Report {
         content_differs,
         metadata_differs,
         errors: first.errors,
+        skipped: first.skipped,
+        skipped_count: first.skipped_count,
         files_checked: first.files_checked,
         bytes_hashed: first.bytes_hashed + second.bytes_hashed,
         elapsed_ms: first.elapsed_ms,

@@ -8,11 +8,10 @@
 
 use crate::fsroot::Root;
 use crate::manifest::{Entry, ScanError, Scope, normalize_scopes};
-use crate::path::{RESERVED, RelPath, is_temp_name};
+use crate::path::RelPath;
 use crate::scan::{
     Found, ScanOptions, Skipped, hash_in_place, is_absent, open_child_dir, stat_entry,
 };
-use rustix::fs::AtFlags;
 use std::cmp::Ordering;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -334,17 +333,15 @@ impl<'r> Walker<'r> {
             errors: Vec::new(),
             skipped: Vec::new(),
         };
-        let at_root = unit.dir.path.is_root();
         for name in names {
-            if at_root && name == RESERVED {
-                continue;
-            }
-            if is_temp_name(&name) {
-                if self.opts.remove_temps
-                    && rustix::fs::unlinkat(&fd, name.as_slice(), AtFlags::empty()).is_ok()
-                {
-                    self.temps_removed += 1;
-                }
+            if let Some(skipped) = crate::scan::reserved_name(
+                fd.as_fd(),
+                &unit.dir.path,
+                &name,
+                &self.opts,
+                &mut self.temps_removed,
+            ) {
+                unit.skipped.extend(skipped);
                 continue;
             }
             let Ok(path) = unit.dir.path.join(&name) else {

@@ -188,6 +188,10 @@ pub struct ReplicaMachine {
     /// The standby's content is unknown since then (start, or events lost while paused),
     /// until a full reconcile that began after it succeeds.
     unsynced_since: Option<Instant>,
+    /// A full reconcile of this process has been acknowledged: only from then on can it
+    /// vouch for what is durable on the standby ([`ReplicaMachine::watermark`]). Before,
+    /// what the standby holds is only what an earlier run recorded.
+    vouched: bool,
     /// Held back from sending until then (the standby's disk was full).
     hold_until: Option<Instant>,
     /// The standby's disk was full at the last attempt.
@@ -239,6 +243,7 @@ impl ReplicaMachine {
             failing: std::collections::HashMap::new(),
             in_flight: None,
             unsynced_since: Some(now),
+            vouched: false,
             hold_until: None,
             full: false,
             paused: None,
@@ -421,6 +426,7 @@ impl ReplicaMachine {
             self.batcher.forget_before(f.started);
             if self.unsynced_since.is_some_and(|t| t <= f.started) {
                 self.unsynced_since = None;
+                self.vouched = true;
             }
         }
         if f.batch.is_none() {
@@ -556,6 +562,15 @@ impl ReplicaMachine {
     /// on the standby (what the primary's tree records for a later `rejoin`).
     pub fn acked(&self, now: Instant) -> (Position, Instant) {
         (self.position(), self.oldest_pending().unwrap_or(now))
+    }
+
+    /// The moment before which every change in the tree is durable on the standby, as
+    /// this process can vouch for it: `None` until its first full reconcile has been
+    /// acknowledged, since changes made before it started (while no watch ran, or that
+    /// its reconcile had not yet carried) are durable only once that reconcile is. This is
+    /// what the tree records for `rejoin`, which keeps aside everything changed after it.
+    pub fn watermark(&self, now: Instant) -> Option<Instant> {
+        self.vouched.then(|| self.acked(now).1)
     }
 
     /// Whether replication is paused, and why.
@@ -793,6 +808,31 @@ mod tests {
             matches!(ev.last(), Some(Event::Replicated { changes: 1, lag, .. }) if *lag == ms(13))
         );
         assert_eq!(m.poll(t0 + ms(714)), Action::Wait(None));
+    }
+
+    #[test]
+    fn nothing_is_vouched_for_until_the_first_reconcile_is_acknowledged() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        assert_eq!(m.watermark(t0 + ms(100)), None);
+        m.resume(t0, t0);
+        assert_eq!(m.poll(t0 + ms(10)), Action::Connect);
+        m.connected(t0 + ms(10));
+        assert_eq!(m.poll(t0 + ms(20)), Action::Reconcile);
+        // The reconcile runs, a change comes: still nothing to vouch for (the standby may
+        // hold nothing of this tree yet, whatever the lag of this process says).
+        m.push(Hint::Written(p("late")), t0 + ms(30));
+        assert_eq!(m.watermark(t0 + ms(900)), None);
+        m.failed(Failure::Link("the standby froze".into()), t0 + ms(1000));
+        assert_eq!(m.watermark(t0 + ms(1100)), None, "a failed reconcile proves nothing");
+        assert_eq!(m.poll(t0 + ms(2000)), Action::Connect);
+        m.connected(t0 + ms(2000));
+        assert_eq!(m.poll(t0 + ms(2000)), Action::Reconcile);
+        m.done(Summary::default(), t0 + ms(2100));
+        // Vouched for: everything before the reconcile began is durable there.
+        assert_eq!(m.watermark(t0 + ms(2200)), Some(t0 + ms(2200)));
+        m.push(Hint::Written(p("next")), t0 + ms(2300));
+        assert_eq!(m.watermark(t0 + ms(2400)), Some(t0 + ms(2300)));
     }
 
     #[test]

@@ -566,10 +566,17 @@ impl Watch {
     /// advanced one's position, and the moment before which all changes are durable on all.
     fn record_acks(&self, tree: &PrimaryTree) {
         let (now, wall) = (Instant::now(), SystemTime::now());
-        let acked = self.replicas.iter().map(|r| r.acked(now, wall));
-        if let Some((pos, before)) = acked.min() {
-            tree.acknowledged(pos, before, now);
-        }
+        let acked: Vec<_> = self.replicas.iter().map(|r| r.acked(now, wall)).collect();
+        let Some(pos) = acked.iter().map(|a| a.0).min() else {
+            return;
+        };
+        // Vouched for only when every standby vouches: the least of them.
+        let before = acked
+            .iter()
+            .map(|a| a.1)
+            .collect::<Option<Vec<_>>>()
+            .and_then(|b| b.into_iter().min());
+        tree.acknowledged(pos, before, now);
     }
 
     fn push(&self, hints: Vec<batcher::Hint>, now: Instant) {

@@ -153,10 +153,19 @@ impl Replica {
     }
 
     /// The last position the standby acknowledged, and the moment (this node's clock) before
-    /// which everything seen is durable on it.
-    pub fn acked(&self, now: Instant, wall: SystemTime) -> (crate::epoch::Position, SystemTime) {
-        let (pos, before) = self.machine.lock().unwrap().acked(now);
-        (pos, wall - now.saturating_duration_since(before))
+    /// which every change is durable on it, once this process can vouch for one
+    /// ([`ReplicaMachine::watermark`]).
+    pub fn acked(
+        &self,
+        now: Instant,
+        wall: SystemTime,
+    ) -> (crate::epoch::Position, Option<SystemTime>) {
+        let m = self.machine.lock().unwrap();
+        let before = m.watermark(now);
+        (
+            m.acked(now).0,
+            before.map(|b| wall - now.saturating_duration_since(b)),
+        )
     }
 
     pub fn stop(&self) {

@@ -231,6 +231,7 @@ impl<'m> Session<'m> {
                 hash_rate: opts.hash_rate,
                 filter,
                 remove_temps: false,
+                primary: true,
                 xattrs,
             },
             monitor,
@@ -508,20 +509,31 @@ fn note_problems(
     errors: &[crate::manifest::ScanError],
 ) {
     for sk in skipped {
-        tracing::warn!(
-            "skipping {} {}: hotsync mirrors files, directories and symlinks only",
-            sk.kind,
-            sk.path
-        );
-        summary
-            .skipped
-            .push(EntryError::new(&sk.path, format!("{} skipped", sk.kind)));
+        let why = sk.reason();
+        say_once(&sk.path, &format!("{}: {why}", sk.path));
+        summary.skipped.push(EntryError::new(&sk.path, why));
     }
     for e in errors {
         summary
             .errors
             .push(EntryError::new(&e.path, e.error.clone()));
     }
+}
+
+/// Warns of `path` once in this process: a watch reconciles the same unmirrored entry
+/// again and again, and says so the first time (status and every `--json` list it).
+fn say_once(path: &RelPath, message: &str) {
+    static SAID: Mutex<Option<std::collections::HashSet<RelPath>>> = Mutex::new(None);
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    let said = said.get_or_insert_with(Default::default);
+    // Bounded: past this many, each is said again rather than remembered.
+    if said.contains(path) {
+        return;
+    }
+    if said.len() < 100_000 {
+        said.insert(path.clone());
+    }
+    tracing::warn!("{message}");
 }
 
 /// Ends the session on the control stream: `Close`, then wait for `Closed`.

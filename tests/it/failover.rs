@@ -597,3 +597,108 @@ fn a_returning_primary_learns_it_was_superseded_and_only_then_rejoins_if_fenced(
     assert_eq!(rejoin_if_fenced(&a)["already"], true);
     assert_eq!(wb.stop(Duration::from_secs(3)).code(), Some(0));
 }
+
+/// The primary dies with its serve frozen, either before its first reconcile was
+/// acknowledged (`before_first_ack`) or after it; in both a write the standby never
+/// received is kept by `rejoin` under `.hotsync/diverged/` and listed, and the promoted
+/// standby holds no temps.
+fn failback_keeps_an_unacknowledged_write(before_first_ack: bool) {
+    let base = tempfile::tempdir().unwrap();
+    let base = base.path();
+    let a = Node::new(base, "a");
+    let b = Node::new(base, "b");
+    for i in 0..400 {
+        write(&a.tree.join(format!("d{}/f{i}", i % 10)), &noise(3000, i));
+    }
+    for i in 0..4 {
+        write(&a.tree.join(format!("big/b{i}")), &noise(16 << 20, 1000 + i));
+    }
+    // Written well before the watch starts: older than any margin around its start.
+    write(&a.tree.join("early.txt"), b"written before the watch started\n");
+    std::thread::sleep(Duration::from_millis(2500));
+    let sb = b.serve(&a);
+    let mut wa = a.watch(&sb, &[]);
+    let freeze = rustix::process::Signal::STOP;
+    if before_first_ack {
+        // Frozen while the first reconcile is being received (files staged, none
+        // acknowledged).
+        wait_for("the standby to stage files", Duration::from_secs(30), || {
+            (!temps(&b.tree).is_empty()).then_some(())
+        });
+        sb.signal(freeze);
+    } else {
+        wa.wait_ready();
+        converge(&a.tree, &b.tree, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(2000));
+        sb.signal(freeze);
+    }
+    write(&a.tree.join("late.txt"), b"the standby never got this\n");
+    std::thread::sleep(Duration::from_millis(1000));
+    wa.child.kill().unwrap();
+    wa.child.wait().unwrap();
+    sb.signal(rustix::process::Signal::CONT);
+    let st = a.state();
+    if before_first_ack {
+        assert_eq!(st["position"]["seq"], 0, "{st}");
+        assert!(
+            st["acked_before_ms"].is_null(),
+            "nothing was acknowledged, so nothing is vouched for: {st}"
+        );
+    }
+    // B is promoted once A's heartbeats have stopped (its session may still be open).
+    std::thread::sleep(Duration::from_millis(2200));
+    let r = b.promote(&[]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let left = temps(&b.tree);
+    assert!(left.is_empty(), "the promoted tree holds temps: {left:?}");
+    drop(sb);
+    let r = a.rejoin();
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let j = r.json();
+    let diverged: Vec<&str> = j["diverged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    let kept = a.tree.join(".hotsync/diverged/1");
+    assert!(diverged.contains(&"late.txt"), "{j}");
+    assert_eq!(
+        std::fs::read(kept.join("late.txt")).unwrap(),
+        b"the standby never got this\n"
+    );
+    if before_first_ack {
+        // Nothing was confirmed: everything, the write made before the watch started
+        // included, is kept (and the new primary sends the whole tree).
+        assert_eq!(j["no_record"], true, "{j}");
+        assert!(diverged.contains(&"early.txt"), "{j}");
+        assert!(kept.join("early.txt").exists());
+    } else {
+        // Only what came after the acknowledged reconcile.
+        assert_eq!(j["no_record"], false, "{j}");
+        assert_eq!(diverged, ["late.txt"], "{j}");
+        assert!(a.tree.join("early.txt").exists());
+    }
+    // The new primary mirrors onto A: late.txt stays kept aside.
+    let sa = a.serve(&b);
+    let url = sa.url();
+    let mut args = vec!["sync", b.tree_arg(), &url, "--server-id", &sa.id];
+    if before_first_ack {
+        // B never committed anything of A's: it is empty, and says so.
+        args.push("--force");
+    }
+    let r = b.run(&args);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_same_tree(&b.tree, &a.tree);
+    assert!(kept.join("late.txt").exists());
+}
+
+#[test]
+fn failback_keeps_a_write_made_before_the_first_reconcile_was_acknowledged() {
+    failback_keeps_an_unacknowledged_write(true);
+}
+
+#[test]
+fn failback_keeps_a_write_made_after_the_first_reconcile_was_acknowledged() {
+    failback_keeps_an_unacknowledged_write(false);
+}

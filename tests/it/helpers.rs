@@ -494,6 +494,8 @@ pub trait Mirror {
     fn standby(&self) -> &Path;
     /// Runs `hotsync sync SRC <DEST> EXTRA...`.
     fn sync(&self, src: &Path, extra: &[&str]) -> Run;
+    /// Runs `hotsync verify SRC <DEST> EXTRA...`.
+    fn verify(&self, src: &Path, extra: &[&str]) -> Run;
 
     #[track_caller]
     fn sync_ok(&self, src: &Path, extra: &[&str]) -> serde_json::Value {
@@ -518,6 +520,11 @@ impl Mirror for LocalMirror {
     }
     fn sync(&self, src: &Path, extra: &[&str]) -> Run {
         let mut args: Vec<&OsStr> = vec!["sync".as_ref(), src.as_os_str(), self.0.as_os_str()];
+        args.extend(extra.iter().map(|s| OsStr::new(*s)));
+        run(args)
+    }
+    fn verify(&self, src: &Path, extra: &[&str]) -> Run {
+        let mut args: Vec<&OsStr> = vec!["verify".as_ref(), src.as_os_str(), self.0.as_os_str()];
         args.extend(extra.iter().map(|s| OsStr::new(*s)));
         run(args)
     }
@@ -910,6 +917,11 @@ impl Mirror for RemoteMirror {
     }
     fn sync(&self, src: &Path, extra: &[&str]) -> Run {
         run(self.args(src, extra))
+    }
+    fn verify(&self, src: &Path, extra: &[&str]) -> Run {
+        let mut a = self.args(src, extra);
+        a[2] = "verify".into();
+        run(a)
     }
 }
 

@@ -59,6 +59,101 @@ pub fn apply_edits(src: &Path) {
     write(&p(src, b"new\xff\nname"), b"fresh");
 }
 
+/// Only the exact temp form `.hotsync-tmp.<16 hex digits>` and the root's `.hotsync` are
+/// hotsync's: every other name is mirrored, and what is not mirrored is said (a warning,
+/// `skipped` with its reason, verify), never dropped silently.
+pub fn only_reserved_names_are_left_out_and_each_is_reported(m: &dyn Mirror, src: &Path) {
+    let users = [
+        ".hotsync-tmp.",
+        ".hotsync-tmp.x",
+        ".hotsync-tmp.0123456789abcdef.txt",
+        ".hotsync-tmp.0123456789ABCDEF",
+        "sub/.hotsync-tmp.ABCDEF0123456789/inner",
+        "sub/.hotsync-tmp.ABCDEF0123456789/deeper/f",
+        "sub/.hotsync",
+        ".hotsyncx",
+    ];
+    for (i, rel) in users.iter().enumerate() {
+        write(&src.join(rel), format!("user data {i}").as_bytes());
+    }
+    // Exactly the temps' form, anywhere; and a user's file in the root's .hotsync.
+    write(
+        &src.join(".hotsync-tmp.0123456789abcdef"),
+        b"a user's, alas",
+    );
+    write(&src.join("sub/.hotsync-tmp.fedcba9876543210"), b"also");
+    write(&src.join(".hotsync/notes.txt"), b"not hotsync's");
+    let r = m.sync(src, &["--json"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let j = r.json();
+    for (i, rel) in users.iter().enumerate() {
+        assert_eq!(
+            std::fs::read(m.standby().join(rel)).ok(),
+            Some(format!("user data {i}").into_bytes()),
+            "{rel} must be mirrored: {j}"
+        );
+    }
+    let mut skipped: Vec<(String, String)> = j["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["path"].as_str().unwrap().to_string(),
+                s["error"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    skipped.sort();
+    let names: Vec<&str> = skipped.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            ".hotsync-tmp.0123456789abcdef",
+            ".hotsync/notes.txt",
+            "sub/.hotsync-tmp.fedcba9876543210"
+        ],
+        "{j}"
+    );
+    assert!(skipped[0].1.contains("reserved"), "{skipped:?}");
+    assert!(skipped[1].1.contains(".hotsync"), "{skipped:?}");
+    for (p, _) in &skipped {
+        assert_eq!(
+            r.stderr.matches(p.as_str()).count(),
+            1,
+            "one warning for {p}:\n{}",
+            r.stderr
+        );
+    }
+    assert!(!m.standby().join(".hotsync/notes.txt").exists());
+    assert!(!m.standby().join(".hotsync-tmp.0123456789abcdef").exists());
+    // verify lists them, and the trees are identical otherwise.
+    let v = m.verify(src, &["--json"]);
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+    let vj = v.json();
+    assert_eq!(vj["identical"], true, "{vj}");
+    assert_eq!(vj["skipped_count"], 3, "{vj}");
+    let human = m.verify(src, &[]);
+    assert!(
+        human.stdout.contains("not mirrored") && human.stdout.contains(".hotsync/notes.txt"),
+        "{}",
+        human.stdout
+    );
+    // A second run has nothing to do for the user's names.
+    let j = m.sync_ok(src, &[]);
+    assert_eq!(j["files_transferred"], 0, "{j}");
+    // The standby's temps live in its own area, which is left empty.
+    let area = m.standby().join(".hotsync/tmp");
+    assert!(area.is_dir());
+    assert_eq!(std::fs::read_dir(&area).unwrap().count(), 0);
+}
+
+#[test]
+fn local_only_reserved_names_are_left_out_and_each_is_reported() {
+    let t = Pair::new();
+    only_reserved_names_are_left_out_and_each_is_reported(&LocalMirror(t.dst.clone()), &t.src);
+}
+
 pub fn every_kind_round_trips(m: &dyn Mirror, src: &Path) {
     build_awkward(src);
     let j = m.sync_ok(src, &[]);
@@ -263,4 +358,45 @@ fn many_files_in_many_directories() {
     let j = sync_ok(&t.src, &t.dst, &[]);
     assert_eq!(j["files_transferred"], 6000);
     assert_same_tree(&t.src, &t.dst);
+}
+
+#[test]
+fn a_mount_point_inside_the_standby_gets_its_temps_beside_their_targets() {
+    // The area `.hotsync/tmp` is on the root's filesystem; a rename cannot leave it for
+    // another one, so a directory there is written through temps of its own.
+    let Some(fs) = Tmpfs::mount("16m") else {
+        return;
+    };
+    let t = Pair::new();
+    write(&t.s("top.txt"), b"on the root's filesystem");
+    write(&t.s("mnt/a.txt"), b"on the mounted one");
+    write(&t.s("mnt/sub/b.bin"), &noise(200_000, 7));
+    symlink(b"a.txt", &t.s("mnt/link"));
+    std::fs::hard_link(t.s("mnt/a.txt"), t.s("mnt/sub/a-again")).unwrap();
+    std::fs::create_dir_all(t.d("mnt")).unwrap();
+    let bound = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(&fs.path)
+        .arg(t.d("mnt"))
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(bound, "bind mount");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(t.d("mnt"));
+    let j = sync_ok(&t.src, &t.dst, &[]);
+    assert_eq!(j["errors"].as_array().unwrap().len(), 0, "{j}");
+    assert_same_tree(&t.src, &t.dst);
+    write(&t.s("mnt/sub/b.bin"), &noise(200_000, 8));
+    let j = sync_ok(&t.src, &t.dst, &[]);
+    assert_eq!(j["files_transferred"], 1, "{j}");
+    assert_same_tree(&t.src, &t.dst);
+    assert!(temps(&t.dst).is_empty(), "{:?}", temps(&t.dst));
 }

@@ -1,7 +1,10 @@
 //! A standby behind `hotsync serve`, over real QUIC on 127.0.0.1.
 
 use crate::helpers::*;
-use crate::local::{edits_of_every_kind, every_kind_round_trips};
+use crate::local::{
+    edits_of_every_kind, every_kind_round_trips,
+    only_reserved_names_are_left_out_and_each_is_reported,
+};
 use hotsync::identity;
 use hotsync::protocol::{FrameReader, FrameWriter, Message};
 use hotsync::transport::Connection;
@@ -13,6 +16,13 @@ fn remote_every_kind_round_trips() {
     let t = Pair::new();
     let m = RemoteMirror::start(t.dir.path(), &t.dst);
     every_kind_round_trips(&m, &t.src);
+}
+
+#[test]
+fn remote_only_reserved_names_are_left_out_and_each_is_reported() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    only_reserved_names_are_left_out_and_each_is_reported(&m, &t.src);
 }
 
 #[test]

@@ -69,6 +69,17 @@ pub fn print_report(r: &hotsync::verify::Report) {
         }
         more(&mut out, r.errors.len(), r.errors_count);
     }
+    if r.skipped_count > 0 {
+        let _ = writeln!(
+            out,
+            "not mirrored, by design ({}; not counted as differences):",
+            r.skipped_count
+        );
+        for e in &r.skipped {
+            let _ = writeln!(out, "  {}: {}", e.path, e.error);
+        }
+        more(&mut out, r.skipped.len(), r.skipped_count);
+    }
 }
 
 pub fn summary_line(s: &Summary) -> String {
