@@ -102,6 +102,45 @@ impl Root {
     }
 }
 
+/// Whether a process may still be writing the entry `rel` of `root`, asked when its
+/// creation is seen: `Some(false)` when it is complete as it stands (not a regular file,
+/// or a regular file that nobody holds open for writing: a name made by `link()`, or a
+/// writer already done), `Some(true)` while a process holds it open for writing, `None`
+/// when that cannot be told (it is gone, or the filesystem or the file's owner refuses a
+/// lease to this process).
+///
+/// The kernel grants a read lease only on a file no one has open for writing (or mapped
+/// writable), which is exactly the question; the lease is released at once. Were a writer
+/// to open the file in between, its open waits those few microseconds, and the lease
+/// break's signal is one whose default is to be ignored (`SIGURG`), so nothing in this
+/// process reacts to it.
+pub fn being_written(root: &Root, rel: &RelPath) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    // Linux's F_SETSIG (the same number on every architecture), which libc does not name.
+    const F_SETSIG: libc::c_int = 10;
+    let st = root.stat(rel).ok()?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Some(false);
+    }
+    let f = root.open_file(rel).ok()?;
+    let fd = f.as_raw_fd();
+    // SAFETY: `fd` is an open descriptor owned by `f` for the whole block; these fcntl
+    // commands take integer arguments and touch no memory of ours.
+    unsafe {
+        if libc::fcntl(fd, F_SETSIG, libc::SIGURG) == -1 {
+            return None;
+        }
+        if libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) == 0 {
+            libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK);
+            return Some(false);
+        }
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(c) if c == Errno::AGAIN.raw_os_error() => Some(true),
+        _ => None,
+    }
+}
+
 /// How a directory is opened to be walked: read-only, never through a symlink.
 pub const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
@@ -423,6 +462,37 @@ mod tests {
         assert!(outside.path().join("keep").exists());
         assert!(!t.path().join("d").exists());
         assert_eq!(remove_tree(root.fd(), b"d").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_file_is_being_written_only_while_someone_holds_it_open_for_writing() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let rel = |s: &str| RelPath::new(s).unwrap();
+        let w = std::fs::File::create(t.path().join("open")).unwrap();
+        std::fs::write(t.path().join("done"), b"written and closed").unwrap();
+        std::fs::hard_link(t.path().join("done"), t.path().join("linked")).unwrap();
+        std::os::unix::fs::symlink("done", t.path().join("sym")).unwrap();
+        // Leases need the file's owner (or CAP_LEASE): the test's own files are.
+        assert_eq!(being_written(&root, &rel("open")), Some(true));
+        assert_eq!(being_written(&root, &rel("done")), Some(false));
+        assert_eq!(being_written(&root, &rel("linked")), Some(false));
+        assert_eq!(being_written(&root, &rel("sym")), Some(false));
+        assert_eq!(being_written(&root, &rel("gone")), None);
+        // A reader does not count; a second name of an open file does.
+        let _r = std::fs::File::open(t.path().join("done")).unwrap();
+        assert_eq!(being_written(&root, &rel("done")), Some(false));
+        std::fs::hard_link(t.path().join("open"), t.path().join("open2")).unwrap();
+        assert_eq!(being_written(&root, &rel("open2")), Some(true));
+        drop(w);
+        assert_eq!(being_written(&root, &rel("open2")), Some(false));
+        // The probe leaves no lease behind: a writer opens at once.
+        let start = std::time::Instant::now();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(t.path().join("done"))
+            .unwrap();
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! an argument, so every rule is tested by stepping a clock.
 //!
 //! Rules:
-//! - A file closed after writing, an attribute change, a removal, a new or moved-in
-//!   directory, a rename: ready at once.
+//! - A file closed after writing or that appeared complete (made by `link()`), an
+//!   attribute change, a removal, a new or moved-in directory, a rename: ready at once.
 //! - A name moved away or moved in waits `rename_window` for the other half of a rename
 //!   (inotify reports the halves as separate events): moved within the tree, it is a
 //!   rename; out of it a removal, into it a new tree.
@@ -32,6 +32,9 @@ pub enum Hint {
     Created(RelPath),
     /// A file was closed after writing.
     Written(RelPath),
+    /// A file appeared complete: nobody held it open for writing when its creation was
+    /// seen (a name made by `link()`, as git makes its objects, or a writer already done).
+    Appeared(RelPath),
     /// Attributes changed (mode, owner, times).
     Attrib(RelPath),
     Removed(RelPath),
@@ -211,7 +214,7 @@ impl Batcher {
         }
         match hint {
             Hint::Modified(p) | Hint::Created(p) => self.upsert(p, Scope::Entry, false, now, now),
-            Hint::Written(p) | Hint::Attrib(p) | Hint::Removed(p) => {
+            Hint::Written(p) | Hint::Appeared(p) | Hint::Attrib(p) | Hint::Removed(p) => {
                 self.upsert(p, Scope::Entry, true, now, now)
             }
             // Either half of a rename waits for the other, which inotify reports apart.
@@ -555,6 +558,18 @@ mod tests {
         assert_eq!(batch.paths, vec![(p("a"), Scope::Entry)]);
         assert_eq!(b.poll(t0 + ms(2)), None);
         assert_eq!(b.queued(), 0);
+    }
+
+    #[test]
+    fn a_file_that_appeared_complete_is_ready_at_once() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        b.push(Hint::Appeared(p("objects/ab12")), t0);
+        let batch = b.poll(t0).unwrap();
+        assert_eq!(batch.paths, vec![(p("objects/ab12"), Scope::Entry)]);
+        // One still being written waits to be closed or quiet.
+        b.push(Hint::Created(p("x")), t0 + ms(1));
+        assert_eq!(b.poll(t0 + ms(2)), None, "still open: wait");
     }
 
     #[test]

@@ -572,6 +572,18 @@ fn read_events(shared: &Shared, urgent: &Sender<(RelPath, i32)>) {
                 vec![]
             }
         };
+        // A file made whole (by `link()`, as git makes its objects) is ready at once, as a
+        // renamed one is; one being written waits to be closed or quiet. Asked outside the
+        // table's lock.
+        let hints = hints.into_iter().map(|h| match h {
+            Hint::Created(p)
+                if !p.is_reserved()
+                    && crate::fsroot::being_written(&shared.tree, &p) == Some(false) =>
+            {
+                Hint::Appeared(p)
+            }
+            h => h,
+        });
         if !shared.send(hints) {
             return;
         }
@@ -772,6 +784,35 @@ mod tests {
         let st = f.state();
         assert!(st.complete);
         assert_eq!(st.watched, 1);
+    }
+
+    #[test]
+    fn a_file_made_by_link_is_complete_at_once_and_one_held_open_is_not() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("objects")).unwrap();
+        let w = start(t.path()).unwrap();
+        w.front.wait_all();
+        // As git makes an object: a temp written and closed, linked to its name, unlinked.
+        std::fs::write(t.path().join("objects/tmp_obj"), b"blob").unwrap();
+        std::fs::hard_link(
+            t.path().join("objects/tmp_obj"),
+            t.path().join("objects/ab12"),
+        )
+        .unwrap();
+        std::fs::remove_file(t.path().join("objects/tmp_obj")).unwrap();
+        assert!(wait_hint(&w, |h| *h == Hint::Appeared(p("objects/ab12"))));
+        // A symlink is whole when made.
+        std::os::unix::fs::symlink("ab12", t.path().join("objects/sym")).unwrap();
+        assert!(wait_hint(&w, |h| *h == Hint::Appeared(p("objects/sym"))));
+        // A file still open for writing may be half written: it waits as before.
+        let mut open = std::fs::File::create(t.path().join("log")).unwrap();
+        assert!(wait_hint(&w, |h| {
+            assert_ne!(*h, Hint::Appeared(p("log")), "an open file is not complete");
+            *h == Hint::Created(p("log"))
+        }));
+        std::io::Write::write_all(&mut open, b"line\n").unwrap();
+        drop(open);
+        assert!(wait_hint(&w, |h| *h == Hint::Written(p("log"))));
     }
 
     #[test]
