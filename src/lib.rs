@@ -40,6 +40,7 @@ pub mod reserved;
 pub mod scan;
 pub mod sender;
 pub mod server;
+pub mod snapshot;
 pub mod sparse;
 pub mod spill;
 pub mod standby;

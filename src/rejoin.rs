@@ -301,7 +301,11 @@ mod tests {
         std::fs::write(p.join("old3"), b"never acknowledged").unwrap();
         let r = keep_diverged(&root, &area, &unacked, &filter).unwrap();
         assert!(r.no_record);
-        assert!(r.diverged.iter().any(|d| d.path == "old3"), "{:?}", r.diverged);
+        assert!(
+            r.diverged.iter().any(|d| d.path == "old3"),
+            "{:?}",
+            r.diverged
+        );
         // No record at all: everything is kept aside.
         state.acked_before_ms = None;
         let all = keep_diverged(&root, &area, &state, &filter).unwrap();

@@ -299,12 +299,20 @@ impl Batcher {
     }
 
     /// Queues `path` again after it failed, not ready before `at` (unless it changes
-    /// again meanwhile, or a flush wants everything now).
-    pub fn retry(&mut self, path: RelPath, at: Instant, now: Instant) {
-        if self.full || self.items.contains_key(&path) {
-            return; // already queued, or covered by the full re-scan
+    /// again meanwhile, or a flush wants everything now). It is still not on the standby
+    /// since its change was first seen at `first`: the lag keeps running from there.
+    pub fn retry(&mut self, path: RelPath, at: Instant, first: Instant, now: Instant) {
+        if self.full {
+            // Covered by the full re-scan, which now stands for this older change too.
+            self.full_oldest = Some(self.full_oldest.map_or(first, |o| o.min(first)));
+            return;
         }
-        self.upsert(path.clone(), Scope::Entry, false, now, now);
+        if let Some(it) = self.items.get_mut(&path) {
+            // Changed again meanwhile: it goes when that change is due, dated from the first.
+            it.first = it.first.min(first);
+            return;
+        }
+        self.upsert(path.clone(), Scope::Entry, false, first, now);
         if let Some(it) = self.items.get_mut(&path) {
             it.hold = Some(at);
         }

@@ -408,12 +408,16 @@ impl ReplicaMachine {
             }
             None => self.failing.retain(|p, _| errored.contains(p)),
         }
+        // Not on the standby yet, whatever the reason (unreadable, changing while read,
+        // refused there): the lag runs on from the change that made it due.
+        let first = f.oldest.unwrap_or(f.started);
         for p in errored {
-            let since = *self.failing.entry(p.clone()).or_insert(now);
+            let since = *self.failing.entry(p.clone()).or_insert(first);
             // A quarter of how long it has failed: a read-only minute costs a few retries,
             // a path broken for hours one a minute.
             let wait = (now.saturating_duration_since(since) / 4).clamp(RETRY_MIN, RETRY_MAX);
-            self.batcher.retry(p.clone(), now + wait, now);
+            self.batcher
+                .retry(p.clone(), now + wait, since.min(first), now);
         }
         self.files_replicated += summary.files_transferred;
         self.bytes_replicated += summary.bytes_literal + summary.bytes_matched;
@@ -824,7 +828,11 @@ mod tests {
         m.push(Hint::Written(p("late")), t0 + ms(30));
         assert_eq!(m.watermark(t0 + ms(900)), None);
         m.failed(Failure::Link("the standby froze".into()), t0 + ms(1000));
-        assert_eq!(m.watermark(t0 + ms(1100)), None, "a failed reconcile proves nothing");
+        assert_eq!(
+            m.watermark(t0 + ms(1100)),
+            None,
+            "a failed reconcile proves nothing"
+        );
         assert_eq!(m.poll(t0 + ms(2000)), Action::Connect);
         m.connected(t0 + ms(2000));
         assert_eq!(m.poll(t0 + ms(2000)), Action::Reconcile);
@@ -866,6 +874,44 @@ mod tests {
         m.done(Summary::default(), t1 + ms(20));
         assert!(m.failing.is_empty());
         assert_eq!(m.poll(t1 + Duration::from_secs(60)), Action::Wait(None));
+    }
+
+    #[test]
+    fn a_change_that_keeps_failing_counts_in_the_lag_from_its_first_event() {
+        let t0 = Instant::now();
+        let mut m = machine(t0);
+        streaming(&mut m, t0);
+        let changing = Summary {
+            errors: vec![crate::summary::EntryError::new(
+                &p("wal"),
+                "changed while being read",
+            )],
+            ..Summary::default()
+        };
+        m.push(Hint::Written(p("wal")), t0 + ms(100));
+        assert!(matches!(m.poll(t0 + ms(100)), Action::Send(_)));
+        m.done(changing.clone(), t0 + ms(300));
+        assert_eq!(
+            m.lag(t0 + ms(400)),
+            ms(300),
+            "from its event, not its retry"
+        );
+        // Written again while it waits to be retried: still dated from the first event.
+        m.push(Hint::Written(p("wal")), t0 + ms(900));
+        assert_eq!(m.lag(t0 + ms(1000)), ms(900));
+        let Action::Send(b) = m.poll(t0 + ms(1000)) else {
+            panic!()
+        };
+        assert_eq!(b.oldest, Some(t0 + ms(100)));
+        m.done(changing, t0 + ms(1200));
+        assert_eq!(m.lag(t0 + ms(5000)), ms(4900));
+        assert_eq!(m.pending(), 1);
+        // Once it is durable there, the lag is gone.
+        let Action::Send(_) = m.poll(t0 + ms(5000)) else {
+            panic!()
+        };
+        m.done(Summary::default(), t0 + ms(5100));
+        assert_eq!(m.lag(t0 + ms(5200)), Duration::ZERO);
     }
 
     #[test]

@@ -662,6 +662,9 @@ impl Pending {
 /// small files are read, not just by the transport's buffers.
 const LANE_IN_FLIGHT: usize = 4 * crate::atomic::BATCH_FILES;
 
+/// How long a file that changed while read may take to hold still for a snapshot.
+const SNAPSHOT_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
+
 struct Exec<'a> {
     conn: &'a dyn Connection,
     root: &'a Root,
@@ -1162,7 +1165,7 @@ impl<'a> Exec<'a> {
                 Ok(())
             }
             // It grew past the small-file size since the scan: send it whole, inline.
-            Ok(None) => self.send_whole(w, pending, id, &t.path).map(|_| ()),
+            Ok(None) => self.send_whole(w, pending, id, &t.path, None).map(|_| ()),
             Err(ReadError::Vanished) => {
                 self.vanished(&t.path);
                 Ok(())
@@ -1175,15 +1178,18 @@ impl<'a> Exec<'a> {
     }
 
     /// Sends a file whole on `w`: `BigFile`, its bytes, `FileEnd`. A file that shrinks,
-    /// grows or changes while read is abandoned (the standby discards it).
+    /// grows or changes while read is abandoned (the standby discards it). With `snap`,
+    /// the file as that snapshot holds it (its attributes as they were then; the extended
+    /// ones, which the copy lacks, read from the file itself).
     fn send_whole<W: Write>(
         &self,
         w: &mut FrameWriter<W>,
         pending: &Pending,
         id: u64,
         path: &RelPath,
+        snap: Option<&crate::snapshot::Snapshot>,
     ) -> Result<bool, ProtocolError> {
-        let f = match self.root.open_file(path) {
+        let live = match self.root.open_file(path) {
             Ok(f) => f,
             Err(e) => {
                 match read_error(e) {
@@ -1193,10 +1199,14 @@ impl<'a> Exec<'a> {
                 return Ok(false);
             }
         };
-        let before = rustix::fs::fstat(&f).map_err(io::Error::from)?;
+        let f = snap.map_or(&live, |s| &s.file);
+        let before = match snap {
+            Some(s) => s.stat,
+            None => rustix::fs::fstat(f).map_err(io::Error::from)?,
+        };
         let size = before.st_size as u64;
         let meta = meta_of(&before);
-        let x = match xattrs_of(At::Fd(f.as_fd()), &self.carry.xattrs) {
+        let x = match xattrs_of(At::Fd(live.as_fd()), &self.carry.xattrs) {
             Ok(x) => x,
             Err(e) => {
                 self.error(path, format!("cannot read: {e}"));
@@ -1215,7 +1225,7 @@ impl<'a> Exec<'a> {
                 meta,
                 size,
             })?;
-            self.send_extents(w, &f, size)?
+            self.send_extents(w, f, size)?
         } else {
             w.send(&Message::BigFile {
                 id,
@@ -1224,10 +1234,11 @@ impl<'a> Exec<'a> {
                 size,
             })?;
             self.tally.lock().unwrap().bytes_literal += size;
-            read_through(&f, size, |piece| w.write_raw(piece))?
+            read_through(f, size, |piece| w.write_raw(piece))?
         };
-        let after = rustix::fs::fstat(&f).map_err(io::Error::from)?;
-        if problem.is_none() && changed(&before, &after) {
+        // A snapshot does not change; the file itself is checked.
+        let after = rustix::fs::fstat(f).map_err(io::Error::from)?;
+        if problem.is_none() && snap.is_none() && changed(&before, &after) {
             problem = Some(("changed while being read".into(), true));
         }
         match problem {
@@ -1288,14 +1299,24 @@ impl<'a> Exec<'a> {
     /// Sends one file whole on a new stream and waits for its acknowledgement; retries a
     /// file that changed while read (`allow_retry`) a few times.
     fn whole_stream(&self, path: &RelPath, allow_retry: bool) -> Result<(), Error> {
+        // Set once it changed while read: from then on it is sent from a snapshot, which
+        // takes a moment's local copy instead of a whole send's time to stay still.
+        let mut unsteady = !allow_retry;
         for attempt in 0..3 {
+            let snap = if unsteady {
+                crate::snapshot::take(self.root, path, SNAPSHOT_BUDGET)
+                    .ok()
+                    .flatten()
+            } else {
+                None
+            };
             let Stream { recv, send } = self.conn.open().map_err(ProtocolError::Io)?;
             let mut r = FrameReader::new(recv);
             let mut w = FrameWriter::new(send);
             let pending = Pending::default();
             let id = self.id();
             let sent = self
-                .send_whole(&mut w, &pending, id, path)
+                .send_whole(&mut w, &pending, id, path, snap.as_ref())
                 .and_then(|sent| {
                     w.flush()?;
                     w.get_mut().finish()?;
@@ -1307,7 +1328,10 @@ impl<'a> Exec<'a> {
             let (p, op) = pending.lock().remove(&id).expect("registered above");
             let error = read_one_ack(&mut r, id).map_err(peer_error)?;
             let again = match &op {
-                Op::Abandoned { retry, .. } => *retry,
+                Op::Abandoned { retry, .. } => {
+                    unsteady = true;
+                    *retry
+                }
                 Op::Transfer { .. } => error.as_ref().is_some_and(|e| e.retry && !e.no_space),
                 _ => false,
             };

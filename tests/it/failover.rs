@@ -611,10 +611,16 @@ fn failback_keeps_an_unacknowledged_write(before_first_ack: bool) {
         write(&a.tree.join(format!("d{}/f{i}", i % 10)), &noise(3000, i));
     }
     for i in 0..4 {
-        write(&a.tree.join(format!("big/b{i}")), &noise(16 << 20, 1000 + i));
+        write(
+            &a.tree.join(format!("big/b{i}")),
+            &noise(16 << 20, 1000 + i),
+        );
     }
     // Written well before the watch starts: older than any margin around its start.
-    write(&a.tree.join("early.txt"), b"written before the watch started\n");
+    write(
+        &a.tree.join("early.txt"),
+        b"written before the watch started\n",
+    );
     std::thread::sleep(Duration::from_millis(2500));
     let sb = b.serve(&a);
     let mut wa = a.watch(&sb, &[]);
@@ -622,9 +628,11 @@ fn failback_keeps_an_unacknowledged_write(before_first_ack: bool) {
     if before_first_ack {
         // Frozen while the first reconcile is being received (files staged, none
         // acknowledged).
-        wait_for("the standby to stage files", Duration::from_secs(30), || {
-            (!temps(&b.tree).is_empty()).then_some(())
-        });
+        wait_for(
+            "the standby to stage files",
+            Duration::from_secs(30),
+            || (!temps(&b.tree).is_empty()).then_some(()),
+        );
         sb.signal(freeze);
     } else {
         wa.wait_ready();
