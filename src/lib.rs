@@ -28,6 +28,7 @@ pub mod link;
 pub mod manifest;
 pub mod merge;
 pub mod metrics;
+pub mod mounts;
 pub mod path;
 pub mod plan;
 pub mod primary;
@@ -62,8 +63,10 @@ use std::sync::Arc;
 /// Mirrors `src` to the standby `target` once, like `rsync -a --delete`.
 ///
 /// # Errors
-/// [`Error::Usage`] for a bad SRC or DEST, [`Error::Refused`] when a guard refuses,
-/// and the connection's errors (see [`link::Connector::connect`]).
+/// [`Error::Usage`] for a bad SRC or DEST, [`Error::Refused`] for an empty SRC facing a
+/// standby that is not (nothing is touched), and the connection's errors (see
+/// [`link::Connector::connect`]). A plan whose deletions the mass-delete guard refuses is
+/// carried out but for them, and returned: its summary's `refused` says why.
 pub fn sync(
     src: &Path,
     target: &Target,

@@ -40,6 +40,12 @@ pub struct Counts {
     pub remote_entries: u64,
     /// Standby entries the plan removes, descendants included.
     pub removed_entries: u64,
+    /// Of those, the entries the primary lacks (the mass-delete guard's count): not those
+    /// replaced by another type.
+    pub deleted_entries: u64,
+    /// Type changes: standby entries cleared to make way for the primary's (each with what
+    /// is beneath it, counted in `cleared_beneath`).
+    pub replaced: u64,
     /// Entries beneath cleared paths (the clears themselves count one each as they run).
     pub cleared_beneath: u64,
     /// Primary entries the standby lacked.
@@ -144,7 +150,9 @@ impl Merger {
                     top.entries += n;
                     let delete = top.delete;
                     self.counts.removed_entries += n;
-                    if !delete {
+                    if delete {
+                        self.counts.deleted_entries += n;
+                    } else {
                         self.counts.cleared_beneath += n;
                     }
                 }
@@ -289,6 +297,7 @@ impl Merger {
                 Some(re) if re.is_dir() => {
                     step.plan.clear.push(re.path.clone());
                     self.counts.removed_entries += 1;
+                    self.counts.replaced += 1;
                     self.start_removing(&re.path, false);
                 }
                 Some(re) => self.linked_remote.push(re),
@@ -317,6 +326,8 @@ impl Merger {
             }
         }
         self.counts.removed_entries += p.removed_entries as u64;
+        self.counts.deleted_entries += (p.removed_entries - p.cleared_entries) as u64;
+        self.counts.replaced += p.clear.len() as u64;
         let attrs_differ = match &r_dir {
             Some(rd) => plan::meta_differs(&dir.meta, &rd.meta, self.opts.owners, true),
             None => !dir.path.is_root(),
@@ -490,7 +501,7 @@ mod tests {
             .chain(fin.deletes)
             .collect();
         assert_eq!(all, vec![(p("a"), 5), (p("b/old"), 1)]);
-        assert_eq!(c.removed_entries, 6);
+        assert_eq!((c.removed_entries, c.deleted_entries), (6, 6));
         assert_eq!(c.remote_entries, 7);
     }
 
@@ -510,6 +521,8 @@ mod tests {
         assert_eq!(paths(&steps[0].plan.clear), ["x"]);
         assert!(steps.iter().all(|s| s.deletes.is_empty()) && fin.deletes.is_empty());
         assert_eq!((c.removed_entries, c.cleared_beneath), (3, 2));
+        // A type change is a replacement, not an absence: the guard does not count it.
+        assert_eq!((c.deleted_entries, c.replaced), (0, 1));
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct Plan {
     pub dir_metas: Vec<MetaFix>,
     /// Standby entries removed by `clear` and `deletes`, descendants included.
     pub removed_entries: usize,
+    /// Of those, the entries removed by `clear` (replaced by another type, not absent on
+    /// the primary): the mass-delete guard does not count them.
+    pub cleared_entries: usize,
     /// Standby entries (root excluded) the plan was made against.
     pub remote_entries: usize,
 }
@@ -284,6 +287,7 @@ pub fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
     for r in remote.children() {
         if let Some(c) = cleared.iter().find(|c| r.path.starts_with(c)) {
             p.removed_entries += 1;
+            p.cleared_entries += 1;
             if &r.path == c {
                 touch(&mut touched, &r.path);
             }
@@ -399,7 +403,7 @@ mod tests {
         assert_eq!(pl.transfers[0].basis, Some(3));
         assert_eq!(pl.transfers[1].basis, None);
         assert_eq!(paths(&pl.deletes), ["old"]);
-        assert_eq!(pl.removed_entries, 2);
+        assert_eq!((pl.removed_entries, pl.cleared_entries), (2, 0));
         let dm: Vec<_> = pl.dir_metas.iter().map(|m| m.path.clone()).collect();
         assert_eq!(paths(&dm), ["d", ""]);
     }
@@ -504,7 +508,7 @@ mod tests {
             pl.deletes.is_empty(),
             "children of cleared entries go with them"
         );
-        assert_eq!(pl.removed_entries, 5);
+        assert_eq!((pl.removed_entries, pl.cleared_entries), (5, 5));
     }
 
     #[test]

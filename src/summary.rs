@@ -57,6 +57,12 @@ pub struct Summary {
     pub vanished: u64,
     /// Entries skipped on the primary (sockets, fifos, devices).
     pub skipped: Vec<EntryError>,
+    /// Standby entries the primary lacks that were left in place because the mass-delete
+    /// guard refused their deletion (`refused` says why).
+    pub deletions_refused: u64,
+    /// Why the mass-delete guard refused the deletions, when it did: everything else was
+    /// carried out, and the command exits 2.
+    pub refused: Option<String>,
     pub dry_run: bool,
 }
 
@@ -77,7 +83,6 @@ impl Summary {
         self.skipped.extend(o.skipped);
     }
 
-    /// Exit status by the contract: 0 all done, 1 some entries failed.
     /// Whether the run changed anything on the standby or met an error.
     pub fn did_something(&self) -> bool {
         self.files_transferred
@@ -91,7 +96,15 @@ impl Summary {
             || !self.errors.is_empty()
     }
 
+    /// Exit status by the contract: 0 all done, 1 some entries failed, 2 a guard refused
+    /// the deletions.
     pub fn exit_code(&self) -> i32 {
-        if self.errors.is_empty() { 0 } else { 1 }
+        if self.refused.is_some() {
+            2
+        } else if self.errors.is_empty() {
+            0
+        } else {
+            1
+        }
     }
 }

@@ -7,8 +7,10 @@ use super::batcher::Hint;
 use super::machine::{Action, Failure, Heard, ReplicaMachine};
 use crate::error::Error;
 use crate::fsroot::Root;
+use crate::guard::{Absences, Continuity, Scan, Ticket};
 use crate::heartbeat::Pulse;
 use crate::link::Connector;
+use crate::mounts::Mounts;
 use crate::progress::Silent;
 use crate::protocol::Heartbeat;
 use crate::sender::{Session, SyncOptions};
@@ -70,6 +72,12 @@ pub struct Replica {
     changed: Arc<super::Changed>,
     /// What reading the source waits on: the current watcher's set-up.
     gate: Mutex<Option<Arc<dyn crate::walk::Gate>>>,
+    /// Whether the source root has been watched without a gap since a reconcile the
+    /// mass-delete guard let through: what the guard judges of each scan.
+    continuity: Mutex<Continuity>,
+    /// The filesystems mounted in the source root, followed since it was opened (`None`:
+    /// the mount table cannot be read, and every scan is judged as a new source's).
+    mounts: Mutex<Option<Mounts>>,
 }
 
 impl Replica {
@@ -98,6 +106,8 @@ impl Replica {
             sync_epoch: std::sync::atomic::AtomicU64::new(1),
             changed,
             gate: Mutex::new(None),
+            continuity: Mutex::new(Continuity::default()),
+            mounts: Mutex::new(None),
         }
     }
 
@@ -144,6 +154,20 @@ impl Replica {
     ) {
         *self.root.lock().unwrap() = Some(root);
         *self.gate.lock().unwrap() = Some(gate);
+        // Another root, or the same after a gap: its deletions are judged again until a
+        // reconcile of it gets through.
+        self.continuity.lock().unwrap().opened();
+        *self.mounts.lock().unwrap() = match Mounts::open(&self.src) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read the filesystems mounted in SRC {} ({e}): every deletion is \
+                     judged by --max-delete",
+                    self.src.display()
+                );
+                None
+            }
+        };
         *self.source_refused.lock().unwrap() = None;
         self.sync_epoch.store(epoch, Ordering::Relaxed);
         self.with(|m| {
@@ -290,21 +314,26 @@ impl Replica {
                     Err(e) => self.report(Err(e), &mut session),
                 },
                 Action::Reconcile => {
-                    let r = self.busy(&mut session, |s| s.sync_all());
+                    let r = self.reconcile(&mut session, Scan::Full, |s| s.sync_all());
                     self.report(r, &mut session);
                 }
                 Action::Send(batch) => {
-                    let r = self.busy(&mut session, |s| {
-                        if batch.full {
-                            s.sync_all()
-                        } else {
+                    let r = if batch.full {
+                        self.reconcile(&mut session, Scan::Full, |s| s.sync_all())
+                    } else {
+                        self.reconcile(&mut session, Scan::Events, |s| {
                             s.sync_paths(&batch.renames, &batch.paths)
-                        }
-                    });
+                        })
+                    };
                     self.report(r, &mut session);
                 }
                 Action::Repair(scopes) => {
-                    let r = self.busy(&mut session, |s| s.repair(&scopes).map(|_| scopes.len()));
+                    // What a verify found missing on the primary is judged as a re-scan's.
+                    let (absences, _) = self.absences(Scan::Full);
+                    let r = self.busy(&mut session, |s| {
+                        s.set_absences(absences);
+                        s.repair(&scopes).map(|_| scopes.len())
+                    });
                     let now = Instant::now();
                     let failure = r.as_ref().err().map(failure_of);
                     if failure.is_some() {
@@ -378,6 +407,69 @@ impl Replica {
         let r = f(s);
         mark(None);
         r
+    }
+
+    /// Runs `f`, a reconcile of what `scan` covers, on the session, with the mass-delete
+    /// guard told where its absences come from. A reconcile of the whole tree tells the
+    /// guard, by its outcome, whether the root is continuous from then on.
+    fn reconcile(
+        &self,
+        session: &mut Option<Session<'static>>,
+        scan: Scan,
+        f: impl FnOnce(&mut Session<'static>) -> Result<crate::sender::Outcome, Error>,
+    ) -> Result<crate::sender::Outcome, Error> {
+        let (absences, ticket) = self.absences(scan);
+        let r = self.busy(session, |s| {
+            s.set_absences(absences);
+            f(s)
+        });
+        if scan == Scan::Full
+            && let Ok(out) = &r
+        {
+            let refused = out.summary.refused.is_some();
+            self.continuity.lock().unwrap().reconciled(ticket, refused);
+        }
+        r
+    }
+
+    /// Where the absences of a `scan` begun now come from, and its ticket. A change of the
+    /// filesystems mounted in the source (a disk unmounted from inside it: its mount point
+    /// is empty now) makes it a new source, as a replaced root does: guarded until a
+    /// reconcile of it gets through, which a full re-scan is asked for at once.
+    fn absences(&self, scan: Scan) -> (Absences, Ticket) {
+        let mut continuity = self.continuity.lock().unwrap();
+        let mut mounts = self.mounts.lock().unwrap();
+        let mut rescan = false;
+        let known = match mounts.as_mut().map(Mounts::changed) {
+            Some(Ok(changed)) => {
+                if changed {
+                    tracing::warn!(
+                        "the filesystems mounted in SRC {} changed: its deletions are judged \
+                         by --max-delete until a full re-scan of it gets through",
+                        self.src.display()
+                    );
+                    continuity.opened();
+                    rescan = true;
+                }
+                true
+            }
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "cannot read the filesystems mounted in SRC {} ({e}): every deletion is \
+                     judged by --max-delete",
+                    self.src.display()
+                );
+                *mounts = None;
+                false
+            }
+            None => false,
+        };
+        let answer = continuity.absences(scan, known);
+        drop((continuity, mounts));
+        if rescan {
+            self.push(vec![Hint::RescanAll], Instant::now());
+        }
+        answer
     }
 
     /// Reports a reconcile's or a batch's outcome to the machine.

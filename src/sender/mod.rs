@@ -8,7 +8,7 @@ use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, meta_of};
-use crate::guard::{self, MassDelete};
+use crate::guard::{self, Absences, Deletions, MassDelete};
 use crate::heartbeat::{self, Beating, Pulse};
 use crate::link::Link;
 use crate::manifest::normalize_scopes;
@@ -140,6 +140,9 @@ pub struct Session<'m> {
     gate: Option<Arc<dyn Gate>>,
     /// Changes seen while a long reconcile runs, to copy early.
     early: Option<Arc<dyn Early>>,
+    /// Where the absences of the next reconciles come from (what the mass-delete guard
+    /// judges): inferred, unless a watch says otherwise.
+    absences: Absences,
 }
 
 /// Changes seen while a long reconcile runs (a watch's), offered to it so they reach the
@@ -246,7 +249,14 @@ impl<'m> Session<'m> {
             remote_total: 0,
             gate: None,
             early: None,
+            absences: Absences::Inferred,
         })
+    }
+
+    /// Says where the absences of every later reconcile come from: a watch's knowledge of
+    /// its source root ([`guard::Continuity`]). A session starts with [`Absences::Inferred`].
+    pub fn set_absences(&mut self, absences: Absences) {
+        self.absences = absences;
     }
 
     /// Makes every later read of the primary's tree wait on `gate` first, directory by
@@ -428,24 +438,23 @@ impl<'m> Session<'m> {
                     .is_empty()
                     .map_err(|e| Error::io("cannot read SRC", e))?
             };
-        let limits = guard::Limits {
-            force: self.opts.force,
-            max_delete_percent: self.opts.max_delete_percent,
-            on_mass_delete: self.opts.on_mass_delete,
-        };
+        let limits = self.limits();
         let shown = self.root.path().display().to_string();
-        if let Err(refusal) = guard::check(&shown, source_empty, &plan, self.remote_total, limits) {
-            if source_empty || self.opts.on_mass_delete == MassDelete::Refuse {
-                return Err(refusal);
+        if let Deletions::Refused(why) =
+            guard::check(&shown, source_empty, &plan, self.remote_total, limits)?
+        {
+            if self.opts.on_mass_delete == MassDelete::SkipDeletes {
+                // Watch mode: replicate everything but the deletions, and say so loudly.
+                tracing::error!("{why}; replicating other changes, not the deletions");
             }
-            // Watch mode: replicate everything but the deletions, and say so loudly.
-            tracing::error!("{refusal}; replicating other changes, not the deletions");
-            guard::skip_deletes(&mut plan, &remote);
+            summary.deletions_refused = guard::skip_deletes(&mut plan, &remote);
+            let replaced = !plan.clear.is_empty();
+            summary.refused = Some(guard::refused_after_the_rest(&why, replaced));
         }
         self.monitor
             .planned(plan.transfers.len() as u64, plan.transfer_bytes());
         if self.opts.dry_run {
-            summary.files_transferred = plan.transfers.len() as u64;
+            count_planned(&mut summary, &plan);
             summary.files_deleted = plan.removed_entries as u64;
         } else {
             let conn = &**self.link.conn();
@@ -473,6 +482,29 @@ impl<'m> Session<'m> {
         tracing::debug!("{} ms: plan carried out", started.elapsed().as_millis());
         Ok(Outcome { summary, plan })
     }
+}
+
+impl Session<'_> {
+    /// The limits the mass-delete guard holds the next plan to.
+    fn limits(&self) -> guard::Limits {
+        guard::Limits {
+            force: self.opts.force,
+            max_delete_percent: self.opts.max_delete_percent,
+            on_mass_delete: self.opts.on_mass_delete,
+            absences: self.absences,
+        }
+    }
+}
+
+/// Adds to `s` what carrying out `part` would add, operation by operation, as the real run's
+/// acknowledgements count it (a dry run's summary). Removals are counted by the caller, in
+/// standby entries.
+fn count_planned(s: &mut Summary, part: &Plan) {
+    s.files_transferred += part.transfers.len() as u64;
+    s.dirs_created += part.mkdirs.len() as u64;
+    s.symlinks_written += part.symlinks.len() as u64;
+    s.metadata_updated += (part.metas.len() + part.dir_metas.len()) as u64;
+    s.hard_links_made += part.links.len() as u64;
 }
 
 /// Lists `scopes` on both sides at once, over the control stream: the primary's scan, the

@@ -13,7 +13,7 @@ use super::{Early, Exec, LaneItem, Outcome, Session, SyncOptions, peer_error};
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::fsroot::Root;
-use crate::guard::{self, MassDelete};
+use crate::guard::{self, Deletions, MassDelete};
 use crate::manifest::Scope;
 use crate::merge::{Merger, Side, next_side};
 use crate::path::RelPath;
@@ -323,8 +323,8 @@ impl Exec<'_> {
 struct Dry<'a> {
     monitor: &'a dyn Monitor,
     kept: Plan,
-    /// Files it would send.
-    files: u64,
+    /// What carrying the parts out would count, operation by operation (removals aside).
+    planned: Summary,
     /// Deletions and attributes gathered at the end, shown a batch at a time.
     part: Plan,
 }
@@ -338,7 +338,7 @@ impl Dry<'_> {
         {
             return;
         }
-        self.files += part.transfers.len() as u64;
+        super::count_planned(&mut self.planned, &part);
         if !self.monitor.dry_run_part(&part) {
             append(&mut self.kept, part);
         }
@@ -410,11 +410,7 @@ impl Session<'_> {
             delete: self.opts.delete,
             owners: self.owners,
         };
-        let limits = guard::Limits {
-            force: self.opts.force,
-            max_delete_percent: self.opts.max_delete_percent,
-            on_mass_delete: self.opts.on_mass_delete,
-        };
+        let limits = self.limits();
         let shown = self.root.path().display().to_string();
         let dry_run = self.opts.dry_run;
         let remote_total = self.remote_total;
@@ -443,7 +439,7 @@ impl Session<'_> {
         let mut dry = Dry {
             monitor,
             kept: Plan::default(),
-            files: 0,
+            planned: Summary::default(),
             part: Plan::default(),
         };
         let mut source_empty = false;
@@ -517,7 +513,9 @@ impl Session<'_> {
                     {
                         let held = ru.as_ref().map_or(0, |r| r.entries.len());
                         source_empty = true;
-                        guard::check_counts(&shown, true, held, held, limits)?;
+                        // Only a refusal matters now; what may be deleted is judged at the
+                        // end, with the whole count.
+                        let _ = guard::check_counts(&shown, true, held, held, limits)?;
                     }
                 }
                 if let Some(lu) = &lu {
@@ -571,31 +569,32 @@ impl Session<'_> {
             dir_metas.push(m).map_err(spill_error)?;
         }
 
-        // Deletions last, once the guard has seen the whole count.
+        // Deletions last, once the guard has seen the whole count. A refusal leaves them,
+        // and only them, undone: directory attributes are still set below.
         let total = remote_total.max(counts.remote_entries as usize);
-        let mut removed = counts.removed_entries;
         let mut deleting = true;
-        let refused = guard::check_counts(&shown, source_empty, removed as usize, total, limits);
-        if let Err(refusal) = refused {
-            if source_empty || self.opts.on_mass_delete == MassDelete::Refuse {
-                // Deletions go last: by now everything else is mirrored, and the user should
-                // know the standby is not left as it was.
-                return Err(match refusal {
-                    Error::Refused(m) if !source_empty => {
-                        Error::Refused(format!("{m} (everything but the deletions was mirrored)"))
-                    }
-                    other => other,
-                });
+        let mut refusal = None;
+        let verdict = guard::check_counts(
+            &shown,
+            source_empty,
+            counts.deleted_entries as usize,
+            total,
+            limits,
+        )?;
+        if let Deletions::Refused(why) = verdict {
+            if self.opts.on_mass_delete == MassDelete::SkipDeletes {
+                // Watch mode: replicate everything but the deletions, and say so loudly.
+                tracing::error!("{why}; replicating other changes, not the deletions");
             }
-            // Watch mode: replicate everything but the deletions, and say so loudly.
-            tracing::error!("{refusal}; replicating other changes, not the deletions");
+            refusal = Some(guard::refused_after_the_rest(&why, counts.replaced > 0));
             deleting = false;
         }
         let mut batch = Vec::new();
+        let mut kept = 0;
         for d in deletes.drain().map_err(spill_error)? {
             let (path, entries) = d.map_err(spill_error)?;
             if !deleting {
-                removed -= entries;
+                kept += entries;
                 continue;
             }
             if dry_run {
@@ -643,9 +642,17 @@ impl Session<'_> {
         } else {
             self.remote_total as u64
         };
+        let removed = counts.removed_entries - kept;
+        summary.deletions_refused = kept;
+        summary.refused = refusal;
         let mut dry = dry.end();
         if dry_run {
-            summary.files_transferred = dry.files;
+            let planned = std::mem::take(&mut dry.planned);
+            summary.files_transferred = planned.files_transferred;
+            summary.dirs_created = planned.dirs_created;
+            summary.symlinks_written = planned.symlinks_written;
+            summary.metadata_updated = planned.metadata_updated;
+            summary.hard_links_made = planned.hard_links_made;
             summary.files_deleted = removed;
             if whole {
                 self.remote_total = counts.remote_entries as usize;

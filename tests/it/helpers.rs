@@ -215,7 +215,7 @@ pub enum Kind {
     Special,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
     pub kind: Kind,
     pub mode: u32,

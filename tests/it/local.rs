@@ -278,6 +278,130 @@ fn dry_run_prints_the_plan_and_changes_nothing() {
     assert!(!nowhere.exists());
 }
 
+/// Fields a dry run cannot know without doing the run: time, and the bytes that travel
+/// (the protocol's, and what a delta sends as data or rebuilds from the standby's copy:
+/// known only by reading both copies of each changed file), and the flag itself.
+const NOT_PLANNED: [&str; 5] = [
+    "elapsed_ms",
+    "bytes_on_wire",
+    "bytes_literal",
+    "bytes_matched",
+    "dry_run",
+];
+
+/// A change of every kind, then `--dry-run` (its listing, and its JSON) against the real run
+/// that follows: the listing holds each operation the real run counts, the counts are
+/// equal field by field, and the dry run changed nothing on the standby.
+fn dry_run_matches_the_real_run(m: &dyn Mirror, t: &Pair) {
+    write(&t.s("sub/a"), b"a");
+    write(&t.s("content.txt"), b"version one");
+    write(&t.s("meta.txt"), b"meta");
+    write(&t.s("del.txt"), b"deleted");
+    write(&t.s("dirdel/x"), b"x");
+    write(&t.s("dirdel/y/z"), b"z");
+    write(&t.s("tc"), b"a file, then a directory");
+    write(&t.s("hl_a"), b"linked");
+    m.sync_ok(&t.src, &[]);
+
+    write(&t.s("newd/inner"), b"new");
+    symlink(b"sub", &t.s("ln"));
+    chmod(&t.s("sub"), 0o700);
+    write(&t.s("content.txt"), b"version two, longer");
+    // Metadata only: the mode (a new mtime would send the content again, as rsync does).
+    chmod(&t.s("meta.txt"), 0o600);
+    std::fs::remove_file(t.s("del.txt")).unwrap();
+    std::fs::remove_dir_all(t.s("dirdel")).unwrap();
+    std::fs::remove_file(t.s("tc")).unwrap();
+    write(&t.s("tc/in"), b"in");
+    std::fs::hard_link(t.s("hl_a"), t.s("hl_b")).unwrap();
+
+    let before = snapshot(m.standby());
+    let listing = m.sync(&t.src, &["--dry-run"]);
+    assert_eq!(listing.code, 0, "{}", listing.stderr);
+    let dry = m.sync(&t.src, &["--dry-run", "--json"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert_eq!(
+        snapshot(m.standby()),
+        before,
+        "the dry run changed the standby"
+    );
+    let real = m.sync_ok(&t.src, &[]);
+    assert_same_tree(&t.src, m.standby());
+
+    let (dry, real) = (dry.json(), real);
+    let (d, r) = (dry.as_object().unwrap(), real.as_object().unwrap());
+    assert_eq!(d.keys().collect::<Vec<_>>(), r.keys().collect::<Vec<_>>());
+    for (k, v) in r {
+        if !NOT_PLANNED.contains(&k.as_str()) {
+            assert_eq!(&d[k], v, "{k}: dry run {dry} vs real run {real}");
+        }
+    }
+
+    // The listing: one line per operation the real run counts.
+    let lines: Vec<&str> = listing.stdout.lines().collect();
+    let count = |verb: &str| lines.iter().filter(|l| l.starts_with(verb)).count() as u64;
+    for (verb, field) in [
+        ("send ", "files_transferred"),
+        ("mkdir ", "dirs_created"),
+        ("symlink ", "symlinks_written"),
+        ("attrs ", "metadata_updated"),
+        ("hardlink ", "hard_links_made"),
+    ] {
+        assert_eq!(count(verb), real[field], "{verb}: {}", listing.stdout);
+    }
+    // Removals are listed top-most; the real run counts every entry they take.
+    let removed: usize = lines
+        .iter()
+        .filter_map(|l| {
+            l.strip_prefix("delete")
+                .or_else(|| l.strip_prefix("replace"))
+        })
+        .map(|p| {
+            let p = p.trim().as_bytes().to_vec();
+            let mut under = p.clone();
+            under.push(b'/');
+            before
+                .keys()
+                .filter(|k| **k == p || k.starts_with(&under))
+                .count()
+        })
+        .sum();
+    assert_eq!(removed as u64, real["files_deleted"], "{}", listing.stdout);
+    for want in [
+        "mkdir     newd",
+        "send      newd/inner",
+        "symlink   ln -> sub",
+        "attrs     sub/",
+        "send      content.txt",
+        "attrs     meta.txt",
+        "delete    del.txt",
+        "delete    dirdel",
+        "replace   tc",
+        "mkdir     tc",
+        "hardlink  hl_b => hl_a",
+        "attrs     ./",
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want)),
+            "no {want:?} in:\n{}",
+            listing.stdout
+        );
+    }
+}
+
+#[test]
+fn a_dry_run_lists_and_counts_what_the_real_run_does() {
+    let t = Pair::new();
+    dry_run_matches_the_real_run(&LocalMirror(t.dst.clone()), &t);
+}
+
+#[test]
+fn a_dry_run_over_quic_lists_and_counts_what_the_real_run_does() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    dry_run_matches_the_real_run(&m, &t);
+}
+
 #[test]
 fn excluded_paths_are_neither_sent_nor_deleted() {
     let t = Pair::new();

@@ -88,6 +88,127 @@ fn a_plan_deleting_most_of_the_standby_is_refused() {
     assert_same_tree(&t.src, &t.dst);
 }
 
+/// 13 entries, 11 of which then change type (file to directory, directory to file or
+/// symlink, symlink to file or directory...), and a directory `gone` of 20 files the
+/// primary then loses: the deletions trip the guard, the type changes are replacements
+/// (the primary has those entries), carried out and counted. After the refusal the standby
+/// holds exactly the primary's tree plus `gone`: every type, mode and mtime mirrored, the
+/// new directories' and the root's included.
+fn type_changes_beside_a_refused_deletion(m: &dyn Mirror, t: &Pair) {
+    for f in ["f1", "f2", "f3", "f4", "keep"] {
+        write(&t.s(f), f.as_bytes());
+    }
+    for d in ["d1/x", "d2/y", "d4/w"] {
+        write(&t.s(d), d.as_bytes());
+    }
+    std::fs::create_dir(t.s("d3")).unwrap();
+    std::fs::create_dir(t.s("keepdir")).unwrap();
+    for (l, target) in [("s1", b"t1"), ("s2", b"t2"), ("s3", b"t3")] {
+        symlink(target, &t.s(l));
+    }
+    for i in 0..20 {
+        write(&t.s(&format!("gone/g{i}")), b"g");
+    }
+    m.sync_ok(&t.src, &[]);
+
+    // 11 of the 13 change type; `keep` and `keepdir` stay.
+    std::fs::remove_dir_all(t.s("gone")).unwrap();
+    for f in ["f1", "f2", "f3", "f4", "s1", "s2", "s3"] {
+        std::fs::remove_file(t.s(f)).unwrap();
+    }
+    for d in ["d1", "d2", "d3", "d4"] {
+        std::fs::remove_dir_all(t.s(d)).unwrap();
+    }
+    let modes = [
+        ("f1", 0o750),
+        ("f2", 0o705),
+        ("f4", 0o711),
+        ("s1", 0o770),
+        ("s3", 0o500),
+    ];
+    write(&t.s("f1/in"), b"in");
+    write(&t.s("s1/z"), b"z");
+    for (d, _) in modes {
+        std::fs::create_dir_all(t.s(d)).unwrap();
+    }
+    write(&t.s("d1"), b"now a file");
+    symlink(b"x", &t.s("d2"));
+    symlink(b"y", &t.s("d3"));
+    write(&t.s("d4"), b"now a file too");
+    write(&t.s("s2"), b"was a symlink");
+    symlink(b"q", &t.s("f3"));
+    let mut stamp = 1_500_000_000;
+    for (d, mode) in modes {
+        chmod(&t.s(d), mode);
+        stamp += 1000;
+        set_mtime(&t.s(d), stamp, 7);
+    }
+    set_mtime(&t.src, 1_400_000_000, 9);
+
+    let r = m.sync(&t.src, &["--json"]);
+    assert_eq!(r.code, 2, "{}\n{}", r.stdout, r.stderr);
+    let said = "the plan removes 21 of the standby's 37 entries, more than --max-delete 50%: \
+                refusing (is part of SRC";
+    let done = "use --force to remove them (everything but the deletions was mirrored, the \
+                replacement of standby entries of another type included)";
+    assert!(
+        r.stderr.contains(said) && r.stderr.contains(done),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    let j = r.json();
+    assert!(j["refused"].as_str().unwrap().ends_with(done), "{j}");
+    assert_eq!(j["deletions_refused"], 21, "{j}");
+    // Removed: the 9 entries a rename could not replace, and the 3 files in them.
+    assert_eq!(j["files_deleted"], 12, "{j}");
+    assert_eq!(j["dirs_created"], 5, "{j}");
+    assert_eq!(j["symlinks_written"], 3, "{j}");
+    assert_eq!(j["files_transferred"], 5, "{j}");
+
+    // Entry by entry: the primary's tree, plus what was not deleted, and nothing else.
+    let diff = tree_diff(&t.src, m.standby());
+    let mut left: Vec<String> = (0..20).map(|i| format!("\"gone/g{i}\"")).collect();
+    left.push("\"gone\"".into());
+    let expected: Vec<String> = left
+        .iter()
+        .map(|p| format!("{p}: extra on standby"))
+        .collect();
+    let (mut diff, mut expected) = (diff, expected);
+    diff.sort();
+    expected.sort();
+    assert_eq!(diff, expected);
+    let (a, b) = (snapshot(&t.src), snapshot(m.standby()));
+    for (rel, want) in &a {
+        let got = &b[rel];
+        assert_eq!(got.kind, want.kind, "{rel:?}");
+        assert_eq!(got.mtime, want.mtime, "{rel:?}");
+        if !matches!(want.kind, Kind::Symlink(_)) {
+            assert_eq!(got.mode, want.mode, "{rel:?}");
+        }
+    }
+    assert_eq!(b[&b"f1"[..]].mode, 0o750);
+    assert_eq!(b[&b""[..]].mtime, (1_400_000_000, 9));
+    assert_eq!(b[&b"d2"[..]].kind, Kind::Symlink(b"x".to_vec()));
+
+    // Asked for, the deletions go too.
+    m.sync_ok(&t.src, &["--force"]);
+    assert_same_tree(&t.src, m.standby());
+}
+
+#[test]
+fn type_changes_are_mirrored_whole_when_the_guard_refuses_deletions() {
+    let t = Pair::new();
+    type_changes_beside_a_refused_deletion(&LocalMirror(t.dst.clone()), &t);
+}
+
+#[test]
+fn type_changes_are_mirrored_whole_when_the_guard_refuses_deletions_over_quic() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    type_changes_beside_a_refused_deletion(&m, &t);
+}
+
 #[test]
 fn user_errors_are_one_clear_line() {
     let t = Pair::new();

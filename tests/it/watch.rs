@@ -377,6 +377,55 @@ fn an_unmounted_source_pauses_and_resumes_when_mounted_again() {
     r.converge();
 }
 
+/// A disk mounted inside the source, unmounted under a running watch: its empty mount point
+/// is not deletions the watch saw happen. The watch judges the source as a new one, and the
+/// guard keeps the standby's copy.
+#[test]
+fn a_disk_unmounted_inside_the_source_is_kept_on_the_standby() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    if !is_root() {
+        return; // mounting needs root
+    }
+    let t = Pair::new();
+    for i in 0..5 {
+        write(&t.s(&format!("other/o{i}")), b"o");
+    }
+    std::fs::create_dir(t.s("data")).unwrap();
+    let data = t.s("data");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&data)
+        .status();
+    if !mounted.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let disk = Unmount(data);
+    for i in 0..40 {
+        write(&t.s(&format!("data/d{i}")), b"precious");
+    }
+    let w = Watch::start(&[], &t.src, t.dst.as_os_str(), &[]);
+    w.wait_ready();
+    converge(&t.src, &t.dst, CONVERGE);
+    drop(disk);
+    wait_for("the refusal", Duration::from_secs(10), || {
+        w.log().contains("refusing").then_some(())
+    });
+    assert!(w.log().contains("mounted in SRC"), "{}", w.log());
+    assert_eq!(
+        std::fs::read_dir(t.d("data")).unwrap().count(),
+        40,
+        "the standby kept the disk's copy: {}",
+        w.log()
+    );
+}
+
 #[test]
 fn a_replaced_source_root_pauses_then_resumes() {
     let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -396,6 +445,100 @@ fn a_replaced_source_root_pauses_then_resumes() {
     write(&r.s("b"), b"b");
     write(&r.s("a"), b"a");
     r.converge();
+}
+
+/// Runs `git ARGS` in `repo`, which must succeed.
+#[track_caller]
+fn git(repo: &std::path::Path, args: &[&std::ffi::OsStr]) {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .output()
+        .expect("git is installed");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `git gc` removes most of a small repository's files (its loose objects, and the
+/// directories they were in): deletions the running watch saw happen, ordinary work the
+/// mass-delete guard must not hold back.
+#[test]
+fn git_gc_under_a_watch_is_replicated_deletions_included() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(
+        false,
+        |t| {
+            git(&t.src, &["init".as_ref(), "-q".as_ref()]);
+            // 150 loose objects, none reachable: `gc --prune=now` removes them all.
+            let loose = t.dir.path().join("loose");
+            let mut args: Vec<std::ffi::OsString> = vec!["hash-object".into(), "-w".into()];
+            for i in 0..150 {
+                let f = loose.join(format!("o{i}"));
+                write(&f, format!("object {i}").as_bytes());
+                args.push(f.into());
+            }
+            let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+            git(&t.src, &args);
+        },
+        &[],
+    );
+    r.converge();
+    let before = snapshot(&r.t.dst).len();
+    git(
+        &r.s(""),
+        &["gc".as_ref(), "--prune=now".as_ref(), "-q".as_ref()],
+    );
+    r.converge();
+    let after = snapshot(&r.t.dst).len();
+    assert!(
+        after * 2 < before,
+        "gc removed most of the tree (the guard's case): {before} entries, then {after}"
+    );
+    assert!(!r.watch.log().contains("refusing"), "{}", r.watch.log());
+}
+
+/// A directory of 60 entries, of 88, renamed while the standby is down: the watch saw it go;
+/// the reconcile on reconnect removes the old name without `--force`.
+#[test]
+fn a_directory_renamed_while_the_standby_is_down_is_mirrored_on_reconnect() {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut r = Rig::new(
+        true,
+        |t| {
+            for i in 0..59 {
+                write(&t.s(&format!("big/f{i}")), b"f");
+            }
+            for i in 0..28 {
+                write(&t.s(&format!("o{i}")), b"o");
+            }
+        },
+        &[],
+    );
+    r.converge();
+    assert_eq!(snapshot(&r.t.dst).len(), 89, "88 entries and the root");
+    let m = r.server.as_mut().unwrap();
+    let port = m.server.port;
+    m.server.signal(rustix::process::Signal::TERM);
+    assert!(
+        m.server.wait(Duration::from_secs(5)).is_some(),
+        "serve did not stop"
+    );
+    std::fs::rename(r.t.s("big"), r.t.s("moved")).unwrap();
+    // The watch sees the rename, and cannot send it.
+    r.watch
+        .wait_event("a disconnect", Duration::from_secs(15), |e| {
+            e.iter().any(|e| e["event"] == "disconnected")
+        });
+    let pid = keygen(&m.primary_home);
+    m.server = Server::start_on(&r.t.dst, &r.t.dir.path().join("server-home"), &[&pid], port);
+    // The reconcile after the reconnect finds the old name gone.
+    converge(&r.t.src, &r.t.dst, Duration::from_secs(30));
+    assert!(r.watch.of("connected").len() >= 2, "{}", r.watch.log());
+    assert!(!r.watch.log().contains("refusing"), "{}", r.watch.log());
 }
 
 #[test]

@@ -352,6 +352,10 @@ fn sync(cli: &Cli, args: &SyncArgs) -> anyhow::Result<u8> {
             println!("{}", summary_line(s));
         }
     }
+    // A guard's refusal is fatal, and said on stderr whatever the output format.
+    if let Some(why) = &s.refused {
+        eprintln!("hotsync: {why}");
+    }
     Ok(s.exit_code() as u8)
 }
 
@@ -404,6 +408,9 @@ fn sync_several(
                     if !cli.quiet {
                         println!("{name}: {}", summary_line(s));
                     }
+                }
+                if let Some(why) = &s.refused {
+                    eprintln!("hotsync: {name}: {why}");
                 }
             }
             Err(e) => {
@@ -557,16 +564,24 @@ fn verify_one(
     };
     let repaired = hotsync::sync(src, target, &opts, &hotsync::progress::Silent)?;
     let after = check()?;
+    // A repair whose deletions the guard refused is a refusal (exit 2), said on stderr.
+    let code = match &repaired.summary.refused {
+        Some(why) => {
+            eprintln!("hotsync: {why}");
+            2
+        }
+        None => after.exit_code() as u8,
+    };
     if args.json {
         let mut v = serde_json::to_value(&after)?;
         v["before"] = serde_json::to_value(&before)?;
         v["repair"] = serde_json::to_value(&repaired.summary)?;
-        return Ok((after.exit_code() as u8, Some(v)));
+        return Ok((code, Some(v)));
     }
     println!("before repair:");
     print_report(&before);
     println!("repair: {}", summary_line(&repaired.summary));
     println!("after repair:");
     print_report(&after);
-    Ok((after.exit_code() as u8, None))
+    Ok((code, None))
 }

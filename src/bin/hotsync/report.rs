@@ -129,4 +129,9 @@ pub fn print_plan(p: &Plan) {
     for d in &p.deletes {
         let _ = writeln!(out, "delete    {d}");
     }
+    // A directory's attributes are set again once its contents changed (its mtime moved),
+    // or when they differ: each is one operation of the real run.
+    for m in &p.dir_metas {
+        let _ = writeln!(out, "attrs     {}/", m.path);
+    }
 }
