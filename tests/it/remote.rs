@@ -1,7 +1,7 @@
 //! A standby behind `hotsync serve`, over real QUIC on 127.0.0.1.
 
 use crate::helpers::*;
-use crate::local::{edits_of_every_kind, every_kind_round_trips};
+use crate::local::{edits_of_every_kind, every_kind_round_trips, over_path_max};
 use hotsync::identity;
 use hotsync::protocol::{FrameReader, FrameWriter, Message};
 use hotsync::transport::Connection;
@@ -20,6 +20,13 @@ fn remote_edits_of_every_kind() {
     let t = Pair::new();
     let m = RemoteMirror::start(t.dir.path(), &t.dst);
     edits_of_every_kind(&m, &t.src);
+}
+
+#[test]
+fn remote_a_path_over_path_max_is_an_error_naming_the_limit() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    over_path_max(&m, &t.src);
 }
 
 #[test]
