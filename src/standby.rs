@@ -736,7 +736,9 @@ impl Standby {
         }
         if let (Role::Primary, Some(fence)) = (st.role, &st.fenced) {
             return Err(Error::Refused(format!(
-                "refusing to promote {}: it is a fenced former primary ({}, at {}), so a newer                  epoch holds writes this tree lacks; run `hotsync rejoin` and let it catch up                  first",
+                "refusing to promote {}: it is a fenced former primary ({}, at {}), so a newer \
+                 epoch holds writes this tree lacks; run `hotsync rejoin` and let it catch up \
+                 first",
                 self.path.display(),
                 fence.reason,
                 fence.at
@@ -1115,6 +1117,25 @@ mod tests {
         // Readers need no epoch.
         assert!(s.admit(Peer::local(), None, noop()).is_ok());
         assert!(s.admit(Peer::local(), Some(3), noop()).is_ok());
+    }
+
+    #[test]
+    fn a_fenced_former_primary_is_refused_promotion_in_one_well_spaced_line() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Standby::open(t.path(), Access::Write).unwrap();
+        let mut st = s.state();
+        st.promote(None);
+        st.fenced = Some(crate::epoch::Fence {
+            at: "2026-01-01T00:00:00Z".into(),
+            reason: "a standby of epoch 3 took over".into(),
+        });
+        s.write_state(&st).unwrap();
+        let e = s.promote(false, None).unwrap_err().to_string();
+        assert!(
+            e.contains("fenced former primary") && e.contains("run `hotsync rejoin`"),
+            "{e}"
+        );
+        assert!(!e.contains("  ") && !e.contains('\n'), "{e:?}");
     }
 
     #[test]
