@@ -211,6 +211,8 @@ pub struct Standby {
     events: std::sync::OnceLock<EventSink>,
     /// The attribute namespaces this tree can store, found at the first session.
     xattrs: std::sync::OnceLock<crate::xattr::Policy>,
+    /// How batches are made durable here, found at the first session.
+    durability: std::sync::OnceLock<crate::atomic::Durability>,
 }
 
 /// Receives a standby's events: a name and its details.
@@ -290,6 +292,7 @@ impl Standby {
             committed_at: Mutex::new(None),
             events: std::sync::OnceLock::new(),
             xattrs: std::sync::OnceLock::new(),
+            durability: std::sync::OnceLock::new(),
         };
         if access == Access::Write {
             match standby.take_lock(wait) {
@@ -316,6 +319,26 @@ impl Standby {
         self.root
             .as_ref()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "DEST does not exist"))
+    }
+
+    /// How batches are made durable on this tree's filesystem, decided once (by its
+    /// `statfs` type) and said once where `syncfs` is not trusted.
+    pub fn durability(&self) -> crate::atomic::Durability {
+        *self.durability.get_or_init(|| {
+            let Some(root) = &self.root else {
+                // A dry run against a missing DEST: nothing is ever committed.
+                return crate::atomic::Durability::default();
+            };
+            let (d, fs) = crate::atomic::Durability::of(root.fd());
+            if !d.trusts_syncfs {
+                tracing::info!(
+                    "{}: its filesystem ({fs}) is not one whose syncfs is known to reach the \
+                     disk: each file and directory a batch changes is fsynced one by one",
+                    self.path.display()
+                );
+            }
+            d
+        })
     }
 
     /// Whether owner and group are preserved here (this process runs as root).
