@@ -516,7 +516,8 @@ fn accept_errors_back_off_and_are_said_once() {
                 .map_err(std::io::Error::from)
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let child = Reaped(cmd.spawn().unwrap());
+    let child = &child.0;
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let at = metrics_addr(log_text);
     assert!(http_get(&at, "/metrics", None).0.contains("200"));
@@ -577,6 +578,14 @@ fn accept_errors_back_off_and_are_said_once() {
     // The control socket answers (degraded: no primary is connected).
     let (_, v) = status(&home);
     assert_eq!(v["instances"][0]["pid"], child.id(), "{v}");
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// A child process, killed and reaped when dropped (a failed assertion included).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
