@@ -4,13 +4,21 @@
 //! attributes set), then a batch is committed: make the temps' data durable, rename each
 //! over its target, make the renames durable, and only then report success. The area is
 //! where no user's name can collide with a temp's; only a directory on another filesystem
-//! than the root (a mount point inside the tree) gets its temps beside their targets. A small batch uses `fsync` per file and per
-//! directory (the fast path for a single change); a large one uses two `syncfs` calls for
-//! the whole batch instead of thousands of `fsync`s. A `kill -9` at any moment leaves each
-//! target either old or new; leftover temps are removed when the standby next opens the
-//! tree (and, beside their targets, by the next scan).
+//! than the root (a mount point inside the tree) gets its temps beside their targets.
+//!
+//! How the batch is made durable depends on the standby root's filesystem
+//! ([`Durability`]). Where `syncfs` is known to write everything back (ext4, XFS, btrfs),
+//! a small batch uses `fsync` per file and per directory (the fast path for a single
+//! change) and a large one two `syncfs` calls instead of thousands of `fsync`s. Elsewhere
+//! (FUSE, network filesystems, anything not known), `syncfs` may return 0 without reaching
+//! the storage, so every staged file and every directory the batch changed is fsynced. A
+//! `kill -9` at any moment leaves each target either old or new; leftover temps are
+//! removed when the standby next opens the tree (and, beside their targets, by the next
+//! scan).
 
 use crate::protocol::OpError;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
@@ -20,6 +28,101 @@ pub const FSYNC_EACH: usize = 8;
 /// A batch is committed once it holds this many files or bytes.
 pub const BATCH_FILES: usize = 2048;
 pub const BATCH_BYTES: u64 = 128 << 20;
+/// ... or holds this many descriptors for the commit's `fsync`s (where `syncfs` is not
+/// trusted every staged file keeps its own): several sessions' batches stay well within
+/// even a 1,024 descriptor limit.
+pub const BATCH_FDS: usize = 128;
+
+/// Filesystems (`statfs` `f_type`) on which `syncfs` writes back everything they hold:
+/// ext2/3/4, XFS, btrfs; and tmpfs, which has nothing to write back.
+const SYNCFS_FLUSHES: [(u32, &str); 4] = [
+    (0xEF53, "ext4"),
+    (0x5846_5342, "xfs"),
+    (0x9123_683E, "btrfs"),
+    (0x0102_1994, "tmpfs"),
+];
+
+/// Others a log line may name.
+const OTHER_FILESYSTEMS: [(u32, &str); 8] = [
+    (0x6573_5546, "fuse"),
+    (0x6969, "nfs"),
+    (0xFF53_4D42, "cifs"),
+    (0xFE53_4D42, "smb2"),
+    (0x794C_7630, "overlayfs"),
+    (0x2FC1_2FC1, "zfs"),
+    (0xF2F5_2010, "f2fs"),
+    (0x00C3_6400, "ceph"),
+];
+
+/// True when `syncfs` is known to write back everything on a filesystem of this `statfs`
+/// type. Conservative: only the filesystems of [`SYNCFS_FLUSHES`]; FUSE and network
+/// filesystems may answer `syncfs` without reaching their storage, and others are not
+/// known to us.
+pub fn trusts_syncfs(magic: u32) -> bool {
+    SYNCFS_FLUSHES.iter().any(|&(m, _)| m == magic)
+}
+
+/// A filesystem's name for a log line, from its `statfs` type.
+pub fn filesystem_name(magic: u32) -> String {
+    SYNCFS_FLUSHES
+        .iter()
+        .chain(&OTHER_FILESYSTEMS)
+        .find(|&&(m, _)| m == magic)
+        .map_or_else(|| format!("type {magic:#x}"), |&(_, n)| n.to_string())
+}
+
+/// How batches are made durable on one standby root, decided once for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Durability {
+    /// `syncfs` on the root is trusted to write back its filesystem.
+    pub trusts_syncfs: bool,
+    /// The root's filesystem (`st_dev`): a directory on another one (a mount inside the
+    /// tree) is not covered by the root's `syncfs`, and is fsynced entry by entry.
+    pub dev: u64,
+}
+
+impl Durability {
+    /// The durability of the tree whose root is `root`, and its filesystem's name. A root
+    /// whose filesystem cannot be told is not trusted.
+    pub fn of(root: BorrowedFd<'_>) -> (Durability, String) {
+        match (rustix::fs::fstatfs(root), rustix::fs::fstat(root)) {
+            (Ok(fs), Ok(st)) => {
+                let magic = fs.f_type as u32;
+                (
+                    Durability {
+                        trusts_syncfs: trusts_syncfs(magic),
+                        dev: st.st_dev,
+                    },
+                    filesystem_name(magic),
+                )
+            }
+            (Err(e), _) | (_, Err(e)) => (Durability::default(), format!("unknown: {e}")),
+        }
+    }
+
+    /// Whether the root's `syncfs` makes what is in directory `dir` durable.
+    fn covers(&self, dir: &OwnedFd) -> bool {
+        self.trusts_syncfs && rustix::fs::fstat(dir).is_ok_and(|st| st.st_dev == self.dev)
+    }
+}
+
+/// The calls that make data durable; a test counts them.
+trait Flusher {
+    fn fsync(&self, fd: BorrowedFd<'_>) -> Result<(), Errno>;
+    fn syncfs(&self, fd: BorrowedFd<'_>) -> Result<(), Errno>;
+}
+
+/// The kernel's.
+struct Kernel;
+
+impl Flusher for Kernel {
+    fn fsync(&self, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+        rustix::fs::fsync(fd)
+    }
+    fn syncfs(&self, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+        rustix::fs::syncfs(fd)
+    }
+}
 
 /// A temp file (or symlink, or hard link) `temp` in `temp_dir`, waiting to be renamed over
 /// `name` in `dir`.
@@ -30,9 +133,59 @@ pub struct Staged {
     pub temp_dir: Arc<OwnedFd>,
     pub temp: Vec<u8>,
     pub name: Vec<u8>,
-    /// Kept open for a per-file `fsync` while the batch is small; `None` otherwise.
+    /// Kept open for a per-file `fsync` (see [`Batch::keep_fd`]); `None` otherwise.
     pub file: Option<File>,
     pub bytes: u64,
+}
+
+/// What an operation applied in place (mkdir, delete, rename, attributes) changed: what
+/// must be fsynced where the root's `syncfs` does not cover it.
+#[derive(Default)]
+pub struct Touched {
+    /// Directories whose entries changed.
+    pub dirs: Vec<Arc<OwnedFd>>,
+    /// An entry whose own attributes changed (not a symlink's, which cannot be fsynced):
+    /// its directory and name, reopened at the commit without following a symlink.
+    pub entry: Option<(Arc<OwnedFd>, Vec<u8>)>,
+}
+
+impl Touched {
+    /// An entry made, removed or renamed in `dir`.
+    pub fn dir(dir: Arc<OwnedFd>) -> Touched {
+        Touched {
+            dirs: vec![dir],
+            entry: None,
+        }
+    }
+
+    /// An entry renamed from `from` into `to`.
+    pub fn dirs(from: Arc<OwnedFd>, to: Arc<OwnedFd>) -> Touched {
+        Touched {
+            dirs: vec![from, to],
+            entry: None,
+        }
+    }
+
+    /// The attributes of the file or directory `name` in `dir`.
+    pub fn entry(dir: Arc<OwnedFd>, name: &[u8]) -> Touched {
+        Touched {
+            dirs: Vec::new(),
+            entry: Some((dir, name.to_vec())),
+        }
+    }
+
+    fn fds(&self) -> usize {
+        self.dirs.len() + usize::from(self.entry.is_some())
+    }
+}
+
+/// An operation applied in place, awaiting the commit.
+struct Applied {
+    id: u64,
+    /// Some of it is left to the root's `syncfs`.
+    covered: bool,
+    /// The rest, to fsync one by one.
+    touched: Touched,
 }
 
 /// The outcome of one operation.
@@ -46,48 +199,84 @@ pub fn is_no_space(e: &std::io::Error) -> bool {
     )
 }
 
+/// A batch of staged files and applied operations, made durable together.
 #[derive(Default)]
 pub struct Batch {
+    durability: Durability,
     items: Vec<Staged>,
     /// Operations already applied in place (mkdir, delete, chmod…) that need a sync.
-    applied: Vec<u64>,
+    applied: Vec<Applied>,
     failed: Vec<Outcome>,
     bytes: u64,
+    /// Descriptors held for the commit (kept files, directories of applied operations).
+    fds: usize,
 }
 
 impl Batch {
-    pub fn new() -> Self {
-        Batch::default()
+    /// An empty batch for a standby root of `durability`.
+    pub fn new(durability: Durability) -> Self {
+        Batch {
+            durability,
+            items: Vec::new(),
+            applied: Vec::new(),
+            failed: Vec::new(),
+            bytes: 0,
+            fds: 0,
+        }
     }
 
     pub fn stage(&mut self, s: Staged) {
         self.bytes += s.bytes;
+        self.fds += usize::from(s.file.is_some());
         self.items.push(s);
     }
 
-    pub fn applied(&mut self, id: u64) {
-        self.applied.push(id);
+    /// An operation applied in place; what it `touched` is kept for the commit unless the
+    /// root's `syncfs` covers it.
+    pub fn applied(&mut self, id: u64, touched: Touched) {
+        let mut covered = false;
+        let mut touched = touched;
+        if self.durability.trusts_syncfs {
+            let before = touched.fds();
+            touched.dirs.retain(|d| !self.durability.covers(d));
+            if touched
+                .entry
+                .as_ref()
+                .is_some_and(|(d, _)| self.durability.covers(d))
+            {
+                touched.entry = None;
+            }
+            covered = touched.fds() < before || before == 0;
+        }
+        self.fds += touched.fds();
+        self.applied.push(Applied {
+            id,
+            covered,
+            touched,
+        });
     }
 
     pub fn failed(&mut self, id: u64, error: OpError) {
         self.failed.push((id, Err(error)));
     }
 
-    /// Records an in-place operation's result: applied (awaiting the sync) or failed.
-    pub fn record(&mut self, id: u64, result: Result<(), OpError>) {
+    /// Records an in-place operation's result: applied (awaiting the sync, with what it
+    /// touched) or failed.
+    pub fn record(&mut self, id: u64, result: Result<Touched, OpError>) {
         match result {
-            Ok(()) => self.applied(id),
+            Ok(t) => self.applied(id, t),
             Err(e) => self.failed(id, e),
         }
     }
 
-    /// Whether the next staged file should keep its descriptor for a per-file `fsync`.
+    /// Whether the next staged file should keep its descriptor for a per-file `fsync`:
+    /// always where `syncfs` is not trusted, else while the batch is small.
     pub fn keep_fd(&self) -> bool {
-        self.items.len() < FSYNC_EACH
+        !self.durability.trusts_syncfs || self.items.len() < FSYNC_EACH
     }
 
     pub fn should_commit(&self) -> bool {
-        self.items.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES
+        self.items.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES || self.fds >= BATCH_FDS
     }
 
     pub fn is_empty(&self) -> bool {
@@ -96,36 +285,46 @@ impl Batch {
 
     /// Makes everything in the batch durable and visible; returns one outcome per operation.
     pub fn commit(&mut self, root: BorrowedFd<'_>) -> Vec<Outcome> {
+        self.commit_with(root, &Kernel)
+    }
+
+    fn commit_with(&mut self, root: BorrowedFd<'_>, k: &dyn Flusher) -> Vec<Outcome> {
         let mut out = std::mem::take(&mut self.failed);
         let items = std::mem::take(&mut self.items);
         let applied = std::mem::take(&mut self.applied);
         self.bytes = 0;
+        self.fds = 0;
         if items.is_empty() && applied.is_empty() {
             return out;
         }
-        let per_file = applied.is_empty() && items.iter().all(|i| i.file.is_some());
+        // `syncfs` for the whole batch: on a trusted root, for a batch too large for a
+        // per-file `fsync` (or with operations applied in place, whose directories were
+        // not kept where the root's `syncfs` covers them).
+        let batched = self.durability.trusts_syncfs
+            && (!applied.is_empty() || items.iter().any(|i| i.file.is_none()));
+        let mut dirs = DirKeys::default();
+        let covered: Vec<bool> = items
+            .iter()
+            .map(|it| batched && dirs.covered(&it.dir, &self.durability))
+            .collect();
         let mut result: Vec<Result<(), OpError>> = vec![Ok(()); items.len()];
-        // Not durable: never retry-and-trust, send it again (or wait for space).
-        let not_durable = |what: &str, e: rustix::io::Errno| {
-            let e = std::io::Error::from(e);
-            OpError {
-                message: format!("not durable: {what} failed: {e}"),
-                retry: true,
-                no_space: is_no_space(&e),
-            }
-        };
+        let mut applied_result: Vec<Result<(), OpError>> = vec![Ok(()); applied.len()];
+
+        // Nothing for `syncfs` when everything lies on other filesystems than the root's.
+        let batched = batched && (covered.contains(&true) || applied.iter().any(|a| a.covered));
 
         // 1. The temps' data.
-        if per_file {
-            for (i, it) in items.iter().enumerate() {
-                if let Err(e) = rustix::fs::fsync(it.file.as_ref().unwrap()) {
-                    result[i] = Err(not_durable("fsync", e));
-                }
+        if batched && let Err(e) = k.syncfs(root) {
+            for (r, _) in result.iter_mut().zip(&covered).filter(|(_, c)| **c) {
+                *r = Err(not_durable("syncfs", e));
             }
-        } else if let Err(e) = rustix::fs::syncfs(root) {
-            result
-                .iter_mut()
-                .for_each(|r| *r = Err(not_durable("syncfs", e)));
+        }
+        for (i, it) in items.iter().enumerate() {
+            if !covered[i]
+                && let Err(e) = fsync_temp(it, k)
+            {
+                result[i] = Err(not_durable("fsync", e));
+            }
         }
         // 2. The renames.
         for (i, it) in items.iter().enumerate() {
@@ -144,35 +343,150 @@ impl Batch {
                 it.discard();
             }
         }
-        // 3. The directory entries (and in-place changes).
-        if per_file {
-            let mut synced: Vec<*const OwnedFd> = Vec::new();
-            for (i, it) in items.iter().enumerate() {
-                let key = Arc::as_ptr(&it.dir);
-                if result[i].is_err() || synced.contains(&key) {
-                    continue;
-                }
-                synced.push(key);
-                if let Err(e) = rustix::fs::fsync(it.dir.as_fd()) {
-                    for (j, other) in items.iter().enumerate() {
-                        if Arc::ptr_eq(&other.dir, &it.dir) && result[j].is_ok() {
-                            result[j] = Err(not_durable("directory fsync", e));
-                        }
-                    }
-                }
-            }
-        } else if let Err(e) = rustix::fs::syncfs(root) {
-            result
+        // 3. The directory entries, and what was applied in place.
+        if batched && let Err(e) = k.syncfs(root) {
+            for (r, _) in result
                 .iter_mut()
-                .filter(|r| r.is_ok())
-                .for_each(|r| *r = Err(not_durable("syncfs", e)));
+                .zip(&covered)
+                .filter(|(r, c)| **c && r.is_ok())
+            {
+                *r = Err(not_durable("syncfs", e));
+            }
             let mut failed = not_durable("syncfs", e);
             failed.retry = false;
-            out.extend(applied.iter().map(|&id| (id, Err(failed.clone()))));
-            return finish(out, items, result);
+            for (r, _) in applied_result
+                .iter_mut()
+                .zip(&applied)
+                .filter(|(_, a)| a.covered)
+            {
+                *r = Err(failed.clone());
+            }
         }
-        out.extend(applied.into_iter().map(|id| (id, Ok(()))));
-        finish(out, items, result)
+        // Each directory once, however many entries it holds and whatever handle names it.
+        let mut synced: Vec<(DirKey, Result<(), Errno>)> = Vec::new();
+        let mut sync_dir = |dir: &Arc<OwnedFd>, dirs: &mut DirKeys| -> Result<(), Errno> {
+            let key = dirs.key(dir);
+            if let Some((_, r)) = synced.iter().find(|(k2, _)| key.is_some() && *k2 == key) {
+                return *r;
+            }
+            let r = k.fsync(dir.as_fd());
+            synced.push((key, r));
+            r
+        };
+        for (i, it) in items.iter().enumerate() {
+            if !covered[i]
+                && result[i].is_ok()
+                && let Err(e) = sync_dir(&it.dir, &mut dirs)
+            {
+                result[i] = Err(not_durable("directory fsync", e));
+            }
+        }
+        for (a, r) in applied.iter().zip(applied_result.iter_mut()) {
+            let mut synced_all = Ok(());
+            for d in &a.touched.dirs {
+                if let Err(e) = sync_dir(d, &mut dirs) {
+                    synced_all = Err(not_durable("directory fsync", e));
+                }
+            }
+            if let Some((d, name)) = &a.touched.entry
+                && let Err(e) = fsync_entry(d, name, k)
+            {
+                synced_all = Err(not_durable("fsync", e));
+            }
+            if r.is_ok()
+                && let Err(mut e) = synced_all
+            {
+                e.retry = false;
+                *r = Err(e);
+            }
+        }
+        out.extend(applied.iter().map(|a| a.id).zip(applied_result));
+        out.extend(items.into_iter().zip(result).map(|(it, r)| (it.id, r)));
+        out
+    }
+}
+
+/// Not durable: never retry-and-trust, send it again (or wait for space).
+fn not_durable(what: &str, e: Errno) -> OpError {
+    let e = std::io::Error::from(e);
+    OpError {
+        message: format!("not durable: {what} failed: {e}"),
+        retry: true,
+        no_space: is_no_space(&e),
+    }
+}
+
+/// Makes a staged temp's data durable: by its kept descriptor; else a regular temp of its
+/// own (one name) is reopened by name, never through a symlink. A symlink or a hard link
+/// of an inode already durable has nothing but its directory entry to make durable.
+fn fsync_temp(it: &Staged, k: &dyn Flusher) -> Result<(), Errno> {
+    if let Some(f) = &it.file {
+        return k.fsync(f.as_fd());
+    }
+    let st = rustix::fs::statat(&*it.temp_dir, it.temp.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink > 1 {
+        return Ok(());
+    }
+    let f = rustix::fs::openat(
+        &*it.temp_dir,
+        it.temp.as_slice(),
+        READ_NOFOLLOW,
+        Mode::empty(),
+    )?;
+    k.fsync(f.as_fd())
+}
+
+/// Makes the attributes of `name` in `dir` durable (reopened, never through a symlink).
+/// One removed since, or replaced by a symlink, has nothing left to make durable here:
+/// its directory's `fsync` covers it.
+fn fsync_entry(dir: &OwnedFd, name: &[u8], k: &dyn Flusher) -> Result<(), Errno> {
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let flags = match FileType::from_raw_mode(st.st_mode) {
+        FileType::RegularFile => READ_NOFOLLOW,
+        FileType::Directory => crate::fsroot::DIR_FLAGS,
+        _ => return Ok(()),
+    };
+    match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(f) => k.fsync(f.as_fd()),
+        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// How a file is reopened to be fsynced: never through a symlink, never waiting on a fifo
+/// swapped in.
+const READ_NOFOLLOW: OFlags = OFlags::RDONLY
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NOCTTY)
+    .union(OFlags::NONBLOCK);
+
+/// A directory's identity (device, inode); `None` when it cannot be told.
+type DirKey = Option<(u64, u64)>;
+
+/// Directory identities and coverage, found once per handle in a commit.
+#[derive(Default)]
+struct DirKeys(Vec<(*const OwnedFd, DirKey)>);
+
+impl DirKeys {
+    fn key(&mut self, dir: &Arc<OwnedFd>) -> DirKey {
+        let p = Arc::as_ptr(dir);
+        if let Some((_, k)) = self.0.iter().find(|(q, _)| *q == p) {
+            return *k;
+        }
+        let k = rustix::fs::fstat(dir.as_fd())
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino));
+        self.0.push((p, k));
+        k
+    }
+
+    fn covered(&mut self, dir: &Arc<OwnedFd>, d: &Durability) -> bool {
+        d.trusts_syncfs && self.key(dir).is_some_and(|(dev, _)| dev == d.dev)
     }
 }
 
@@ -272,15 +586,6 @@ pub fn replace_file(dir: BorrowedFd<'_>, name: &[u8], data: &[u8]) -> std::io::R
     Ok(rustix::fs::fsync(dir)?)
 }
 
-fn finish(
-    mut out: Vec<Outcome>,
-    items: Vec<Staged>,
-    result: Vec<Result<(), OpError>>,
-) -> Vec<Outcome> {
-    out.extend(items.into_iter().zip(result).map(|(it, r)| (it.id, r)));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,8 +625,15 @@ mod tests {
     fn small_and_large_batches_land_whole() {
         let t = tempfile::tempdir().unwrap();
         let root = Root::open(t.path()).unwrap();
-        for n in [1usize, FSYNC_EACH + 5] {
-            let mut b = Batch::new();
+        let trusted = Durability::of(root.fd()).0;
+        let untrusted = Durability::default();
+        for (n, d) in [
+            (1usize, trusted),
+            (FSYNC_EACH + 5, trusted),
+            (1, untrusted),
+            (FSYNC_EACH + 5, untrusted),
+        ] {
+            let mut b = Batch::new(d);
             for i in 0..n {
                 stage(
                     &mut b,
@@ -361,7 +673,7 @@ mod tests {
         std::fs::create_dir(t.path().join("d")).unwrap();
         std::fs::write(t.path().join("d/x"), b"x").unwrap();
         let root = Root::open(t.path()).unwrap();
-        let mut b = Batch::new();
+        let mut b = Batch::new(Durability::of(root.fd()).0);
         stage(&mut b, &root, 1, "d", b"file over a non-empty dir");
         stage(&mut b, &root, 2, "ok", b"fine");
         b.failed(3, OpError::new("unreadable", false));
@@ -373,5 +685,274 @@ mod tests {
         assert!(get(3).is_err());
         assert_eq!(leftovers(t.path()), 0);
         assert!(t.path().join("d/x").exists());
+    }
+
+    #[test]
+    fn syncfs_is_trusted_only_where_it_is_known_to_flush() {
+        for (magic, fs) in [
+            (0xEF53, "ext4"),
+            (0x5846_5342, "xfs"),
+            (0x9123_683E, "btrfs"),
+            (0x0102_1994, "tmpfs"),
+        ] {
+            assert!(trusts_syncfs(magic), "{fs}");
+            assert_eq!(filesystem_name(magic), fs);
+        }
+        for (magic, fs) in [
+            (0x6573_5546, "fuse"),
+            (0x6969, "nfs"),
+            (0xFF53_4D42, "cifs"),
+            (0xFE53_4D42, "smb2"),
+            (0x794C_7630, "overlayfs"),
+            (0x2FC1_2FC1, "zfs"),
+            (0xF2F5_2010, "f2fs"),
+            (0x00C3_6400, "ceph"),
+        ] {
+            assert!(!trusts_syncfs(magic), "{fs}");
+            assert_eq!(filesystem_name(magic), fs);
+        }
+        assert!(!trusts_syncfs(0x1234_5678));
+        assert_eq!(filesystem_name(0x1234_5678), "type 0x12345678");
+        // A root that cannot be told is not trusted.
+        assert!(!Durability::default().trusts_syncfs);
+    }
+
+    /// The kernel's calls, counted: how many `syncfs`, and which inodes were fsynced.
+    #[derive(Default)]
+    struct Counting {
+        syncfs: std::sync::atomic::AtomicUsize,
+        fsynced: std::sync::Mutex<Vec<(u64, u64)>>,
+        /// An inode whose fsync fails (EIO), as a disk's error would.
+        fail: Option<(u64, u64)>,
+    }
+
+    impl Flusher for Counting {
+        fn fsync(&self, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+            let st = rustix::fs::fstat(fd)?;
+            let key = (st.st_dev, st.st_ino);
+            self.fsynced.lock().unwrap().push(key);
+            if self.fail == Some(key) {
+                return Err(Errno::IO);
+            }
+            Kernel.fsync(fd)
+        }
+        fn syncfs(&self, fd: BorrowedFd<'_>) -> Result<(), Errno> {
+            self.syncfs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Kernel.syncfs(fd)
+        }
+    }
+
+    fn key(p: &std::path::Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(p).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    /// A tree with directories `a` and `b`, `b/old` (to delete), `a/mv` (to rename) and
+    /// `attr.txt` (to chmod).
+    fn tree() -> tempfile::TempDir {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["a", "b"] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+        }
+        for f in ["b/old", "a/mv", "attr.txt"] {
+            std::fs::write(t.path().join(f), f).unwrap();
+        }
+        t
+    }
+
+    /// Stages `n` files across the root, `a` and `b` (ids 0..n) and a symlink in `a`
+    /// (id 100); with `in_place`, applies a mkdir (101), a delete (102), a rename (103) and
+    /// a chmod (104) as the receiver does, each through a handle of its own (as after the
+    /// receiver's cache of handles is dropped). Returns the staged files' final paths.
+    fn fill(b: &mut Batch, root: &Root, n: usize, in_place: bool) -> Vec<std::path::PathBuf> {
+        let open = |rel: &str| {
+            Arc::new(
+                root.open_dir(&crate::path::RelPath::new(rel).unwrap())
+                    .unwrap(),
+            )
+        };
+        let dirs = [open(""), open("a"), open("b")];
+        let mut paths = Vec::new();
+        for i in 0..n {
+            let (rel, dir) = [("", &dirs[0]), ("a/", &dirs[1]), ("b/", &dirs[2])][i % 3];
+            let (mut f, temp) = create_temp(dir.as_fd()).unwrap();
+            f.write_all(format!("file {i}").as_bytes()).unwrap();
+            let keep = b.keep_fd();
+            b.stage(Staged {
+                id: i as u64,
+                dir: dir.clone(),
+                temp_dir: dir.clone(),
+                temp,
+                name: format!("f{i}").into_bytes(),
+                file: keep.then_some(f),
+                bytes: 6,
+            });
+            paths.push(root.path().join(format!("{rel}f{i}")));
+        }
+        if !in_place {
+            return paths;
+        }
+        let temp = crate::fsroot::temp_name();
+        rustix::fs::symlinkat("f1", &*dirs[1], temp.as_slice()).unwrap();
+        b.stage(Staged {
+            id: 100,
+            dir: dirs[1].clone(),
+            temp_dir: dirs[1].clone(),
+            temp,
+            name: b"sl".to_vec(),
+            file: None,
+            bytes: 0,
+        });
+        let r = open("");
+        rustix::fs::mkdirat(&*r, "newdir", Mode::from_raw_mode(0o700)).unwrap();
+        b.applied(101, Touched::dir(r));
+        let d = open("b");
+        crate::fsroot::remove_tree(d.as_fd(), b"old").unwrap();
+        b.applied(102, Touched::dir(d));
+        let (from, to) = (open("a"), open("b"));
+        rustix::fs::renameat(&*from, "mv", &*to, "mv2").unwrap();
+        b.applied(103, Touched::dirs(from, to));
+        let r = open("");
+        rustix::fs::chmodat(
+            &*r,
+            "attr.txt",
+            Mode::from_raw_mode(0o600),
+            AtFlags::empty(),
+        )
+        .unwrap();
+        b.applied(104, Touched::entry(r, b"attr.txt"));
+        paths
+    }
+
+    fn sorted(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn where_syncfs_is_not_trusted_every_file_and_touched_directory_is_fsynced_once() {
+        let t = tree();
+        let root = Root::open(t.path()).unwrap();
+        let mut b = Batch::new(Durability::default());
+        let files = fill(&mut b, &root, 20, true);
+        let k = Counting::default();
+        let acks = b.commit_with(root.fd(), &k);
+        assert_eq!(acks.len(), 25);
+        assert!(acks.iter().all(|(_, r)| r.is_ok()), "{acks:?}");
+        assert_eq!(k.syncfs.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // One fsync per file, per directory (the root, a, b: for the files, the symlink,
+        // the mkdir, the delete, the rename) and for the chmodded file; nothing twice.
+        let mut want: Vec<(u64, u64)> = files.iter().map(|p| key(p)).collect();
+        want.extend(["", "a", "b", "attr.txt"].map(|p| key(&t.path().join(p))));
+        assert_eq!(sorted(k.fsynced.lock().unwrap().clone()), sorted(want));
+        assert_eq!(std::fs::read(t.path().join("b/f2")).unwrap(), b"file 2");
+        assert_eq!(
+            std::fs::read_link(t.path().join("a/sl"))
+                .unwrap()
+                .as_os_str(),
+            "f1"
+        );
+        assert!(t.path().join("b/mv2").exists() && !t.path().join("b/old").exists());
+        assert_eq!(leftovers(t.path()) + leftovers(&t.path().join("a")), 0);
+    }
+
+    #[test]
+    fn where_syncfs_is_trusted_a_large_batch_uses_it_and_a_small_one_fsyncs() {
+        let t = tree();
+        let root = Root::open(t.path()).unwrap();
+        let trusted = Durability::of(root.fd()).0;
+        assert!(
+            trusted.trusts_syncfs,
+            "the tests' tree is on ext4, XFS, btrfs or tmpfs"
+        );
+        // Large, with operations applied in place: two syncfs, no fsync.
+        let mut b = Batch::new(trusted);
+        fill(&mut b, &root, 20, true);
+        let k = Counting::default();
+        let acks = b.commit_with(root.fd(), &k);
+        assert!(
+            acks.len() == 25 && acks.iter().all(|(_, r)| r.is_ok()),
+            "{acks:?}"
+        );
+        assert_eq!(k.syncfs.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(k.fsynced.lock().unwrap().len(), 0);
+        // Small: each file and its directory.
+        let mut b = Batch::new(trusted);
+        let files = fill(&mut b, &root, 3, false);
+        let k = Counting::default();
+        assert!(b.commit_with(root.fd(), &k).iter().all(|(_, r)| r.is_ok()));
+        assert_eq!(k.syncfs.load(std::sync::atomic::Ordering::Relaxed), 0);
+        let mut want: Vec<(u64, u64)> = files.iter().map(|p| key(p)).collect();
+        want.extend(["", "a", "b"].map(|p| key(&t.path().join(p))));
+        assert_eq!(sorted(k.fsynced.lock().unwrap().clone()), sorted(want));
+    }
+
+    #[test]
+    fn what_lies_on_another_filesystem_than_the_trusted_root_is_fsynced_one_by_one() {
+        let t = tree();
+        let root = Root::open(t.path()).unwrap();
+        // As if every directory were a mount inside the tree: the root's syncfs covers
+        // none of them. The files staged past FSYNC_EACH kept no descriptor: reopened.
+        let mut elsewhere = Durability::of(root.fd()).0;
+        elsewhere.dev ^= 1;
+        let mut b = Batch::new(elsewhere);
+        let files = fill(&mut b, &root, 20, true);
+        let k = Counting::default();
+        let acks = b.commit_with(root.fd(), &k);
+        assert!(
+            acks.len() == 25 && acks.iter().all(|(_, r)| r.is_ok()),
+            "{acks:?}"
+        );
+        let mut want: Vec<(u64, u64)> = files.iter().map(|p| key(p)).collect();
+        want.extend(["", "a", "b", "attr.txt"].map(|p| key(&t.path().join(p))));
+        assert_eq!(sorted(k.fsynced.lock().unwrap().clone()), sorted(want));
+        assert_eq!(k.syncfs.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_failed_fsync_is_not_durable_for_what_it_covers() {
+        let t = tree();
+        let root = Root::open(t.path()).unwrap();
+        let mut b = Batch::new(Durability::default());
+        fill(&mut b, &root, 6, true);
+        let k = Counting {
+            fail: Some(key(&t.path().join("b"))),
+            ..Counting::default()
+        };
+        let acks = b.commit_with(root.fd(), &k);
+        let get = |id| acks.iter().find(|(i, _)| *i == id).unwrap().1.clone();
+        // The files in b, and the delete and the rename there, are not durable.
+        for id in [2, 5, 102, 103] {
+            let e = get(id).unwrap_err();
+            assert!(
+                e.message.contains("not durable: directory fsync"),
+                "{id}: {e:?}"
+            );
+        }
+        assert!(get(2).unwrap_err().retry, "a file is sent again");
+        for id in [0, 1, 3, 4, 100, 101, 104] {
+            assert!(get(id).is_ok(), "{id}");
+        }
+    }
+
+    #[test]
+    fn where_syncfs_is_not_trusted_every_file_keeps_its_descriptor_within_a_bound() {
+        let t = tree();
+        let root = Root::open(t.path()).unwrap();
+        let trusted = Durability::of(root.fd()).0;
+        let mut b = Batch::new(trusted);
+        fill(&mut b, &root, FSYNC_EACH + 1, false);
+        assert!(!b.keep_fd() && !b.should_commit());
+        let mut b = Batch::new(Durability::default());
+        fill(&mut b, &root, BATCH_FDS - 1, false);
+        assert!(b.keep_fd() && !b.should_commit());
+        fill(&mut b, &root, 1, false);
+        assert!(
+            b.should_commit(),
+            "committed before it holds more descriptors"
+        );
+        assert!(b.commit(root.fd()).iter().all(|(_, r)| r.is_ok()));
     }
 }

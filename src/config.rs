@@ -263,7 +263,9 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig> {
     };
     let mut standbys = Vec::new();
     for s in raw.standby {
-        let remote = crate::link::Target::is_remote(s.address.get_ref());
+        let remote = crate::link::DestKind::of(s.address.get_ref())
+            .map_err(|e| at(Some(s.address.span()), &format!("address: {e}")))?
+            == crate::link::DestKind::Quic;
         if let Some(id) = &s.server_id {
             crate::identity::NodeId::parse(id.get_ref())
                 .map_err(|e| at(Some(id.span()), &format!("server-id: {e}")))?;
@@ -420,6 +422,22 @@ mod tests {
         assert!(e.contains(":3: server-id: "), "{e}");
         let e = err("[serve]\nallow = [\"nope\"]\n");
         assert!(e.contains(":2: allow: "), "{e}");
+        // A standby address hotsync does not reach is refused, not taken for a directory.
+        let e = err("[[standby]]\nname = \"s\"\naddress = \"standby:copy\"\n");
+        assert!(
+            e.contains(":3: address: standby:copy looks like rsync's HOST:PATH")
+                && e.contains("./standby:copy"),
+            "{e}"
+        );
+        let e = err("[[standby]]\naddress = \"tcp://standby:7878\"\n");
+        assert!(
+            e.contains(":2: address: tcp://standby:7878: the tcp://"),
+            "{e}"
+        );
+        let e = err("[[standby]]\naddress = \"quic://standby\"\nserver-id = \"x\"\n");
+        assert!(e.contains(":2: address: quic://standby has no port"), "{e}");
+        let c = parse_at("[[standby]]\naddress = \"./standby:copy\"\n").unwrap();
+        assert_eq!(c.standbys[0].address, "/etc/hotsync/./standby:copy");
     }
 
     #[test]

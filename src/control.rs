@@ -64,6 +64,37 @@ pub trait Control: Send + Sync {
     }
 }
 
+/// Paces a server's accept loop (the control socket's, the metrics endpoint's) through a
+/// spell of errors. An error such as EMFILE lasts until descriptors are freed, and the
+/// listener stays ready meanwhile: retried at once, the loop would spin a core. The first
+/// retry waits [`AcceptErrors::FIRST`], each next one twice as long, up to
+/// [`AcceptErrors::MAX`]; an accepted connection ends the spell. Pure: the caller sleeps,
+/// and logs once per spell, at its start and at its end.
+#[derive(Debug, Default)]
+pub struct AcceptErrors {
+    /// Failed accepts since the last success.
+    failures: u32,
+}
+
+impl AcceptErrors {
+    pub const FIRST: Duration = Duration::from_millis(10);
+    pub const MAX: Duration = Duration::from_secs(1);
+
+    /// An accept failed: how long to wait before the next, and whether this failure starts
+    /// a spell (the one to log).
+    pub fn failed(&mut self) -> (Duration, bool) {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = (self.failures - 1).min(16);
+        let wait = Self::FIRST.saturating_mul(1 << doublings).min(Self::MAX);
+        (wait, self.failures == 1)
+    }
+
+    /// An accept succeeded: the number of failures in the spell it ends, if one did.
+    pub fn succeeded(&mut self) -> Option<u32> {
+        Some(std::mem::take(&mut self.failures)).filter(|&n| n > 0)
+    }
+}
+
 /// The directory holding the sockets of a home directory.
 pub fn run_dir(home: &Path) -> PathBuf {
     home.join("run")
@@ -115,8 +146,31 @@ pub fn listen(home: &Path, command: &str, control: Arc<dyn Control>) -> Result<C
     std::thread::Builder::new()
         .name("hotsync-control".into())
         .spawn(move || {
+            let mut errors = AcceptErrors::default();
             for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+                let conn = match conn {
+                    Ok(c) => {
+                        if let Some(n) = errors.succeeded() {
+                            tracing::info!(
+                                "control socket: accepting connections again after {n} failed \
+                                 attempt(s)"
+                            );
+                        }
+                        c
+                    }
+                    Err(e) => {
+                        let (wait, first) = errors.failed();
+                        if first {
+                            tracing::warn!(
+                                "control socket: cannot accept a connection ({e}); retrying, \
+                                 less and less often (at most every {} s), until it can",
+                                AcceptErrors::MAX.as_secs()
+                            );
+                        }
+                        std::thread::sleep(wait);
+                        continue;
+                    }
+                };
                 let control = control.clone();
                 // One thread per client: a slow one never holds up the next.
                 let _ = std::thread::Builder::new()
@@ -266,4 +320,44 @@ pub fn ask_within(
         ));
     }
     Ok(serde_json::from_str(answer.trim())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_back_off_doubling_to_a_second_and_are_said_once_per_spell() {
+        let mut e = AcceptErrors::default();
+        assert_eq!(e.succeeded(), None, "no spell, nothing to say");
+        let waits: Vec<(u64, bool)> = (0..10)
+            .map(|_| {
+                let (w, first) = e.failed();
+                (w.as_millis() as u64, first)
+            })
+            .collect();
+        assert_eq!(
+            waits,
+            [
+                (10, true),
+                (20, false),
+                (40, false),
+                (80, false),
+                (160, false),
+                (320, false),
+                (640, false),
+                (1000, false),
+                (1000, false),
+                (1000, false),
+            ]
+        );
+        // A lasting error stays at the cap, however long it lasts.
+        for _ in 0..100_000 {
+            assert_eq!(e.failed(), (AcceptErrors::MAX, false));
+        }
+        // A success ends the spell (said once) and the next error starts over.
+        assert_eq!(e.succeeded(), Some(100_010));
+        assert_eq!(e.succeeded(), None);
+        assert_eq!(e.failed(), (AcceptErrors::FIRST, true));
+    }
 }

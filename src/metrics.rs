@@ -338,9 +338,31 @@ impl Bound {
             .spawn(move || {
                 rt.block_on(async move {
                     let accepting = async {
+                        let mut errors = crate::control::AcceptErrors::default();
                         loop {
-                            let Ok((conn, _)) = listener.accept().await else {
-                                continue;
+                            let conn = match listener.accept().await {
+                                Ok((conn, _)) => {
+                                    if let Some(n) = errors.succeeded() {
+                                        tracing::info!(
+                                            "metrics endpoint: accepting connections again \
+                                             after {n} failed attempt(s)"
+                                        );
+                                    }
+                                    conn
+                                }
+                                Err(e) => {
+                                    let (wait, first) = errors.failed();
+                                    if first {
+                                        tracing::warn!(
+                                            "metrics endpoint: cannot accept a connection \
+                                             ({e}); retrying, less and less often (at most \
+                                             every {} s), until it can",
+                                            crate::control::AcceptErrors::MAX.as_secs()
+                                        );
+                                    }
+                                    tokio::time::sleep(wait).await;
+                                    continue;
+                                }
                             };
                             let control = control.clone();
                             tokio::spawn(async move {

@@ -129,6 +129,47 @@ impl RelPath {
     }
 }
 
+/// Why the entry `name` of the directory `dir` cannot be mirrored (`dir.join(name)`
+/// failed), for a scan's error list, whose path is then `dir`: the entry's own path is not
+/// a [`RelPath`]. Names the limit that is exceeded (a name's NAME_MAX, else the whole
+/// path's PATH_MAX) with the lengths, the name (escaped; one over NAME_MAX shortened) and
+/// what to do.
+pub fn unmirrorable(dir: &RelPath, name: &[u8], err: &PathError) -> String {
+    // A name within NAME_MAX is shown whole, so it can be found; a longer one recognisably.
+    let shown = if name.len() > MAX_NAME {
+        shorten(&escape_bytes(name), 100)
+    } else {
+        escape_bytes(name)
+    };
+    let path_len = dir.0.len() + usize::from(!dir.is_root()) + name.len();
+    if name.len() > MAX_NAME {
+        format!(
+            "`{shown}` in this directory is not mirrored: its name is {} bytes, over the \
+             {MAX_NAME}-byte limit on a name (NAME_MAX); rename it",
+            name.len()
+        )
+    } else if path_len > MAX_PATH {
+        format!(
+            "`{shown}` in this directory is not mirrored: its path would be {path_len} bytes, \
+             over the {MAX_PATH}-byte limit on a path (PATH_MAX), though no name in it is over \
+             {MAX_NAME}; shorten the path (rename or move a directory above it)"
+        )
+    } else {
+        format!("`{shown}` in this directory is not mirrored: {err}")
+    }
+}
+
+/// `s` itself when it has at most `max` characters, else its start and end around `…`.
+fn shorten(s: &str, max: usize) -> String {
+    let n = s.chars().count();
+    if n <= max {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(max * 3 / 4).collect();
+    let tail: String = s.chars().skip(n - max / 4).collect();
+    format!("{head}…{tail}")
+}
+
 /// True when `name` has exactly the form of hotsync's temporary files:
 /// `.hotsync-tmp.` and 16 lowercase hex digits, nothing more. Only such names are reserved
 /// (skipped on the primary and reported, removed from the standby as leftovers of a
@@ -271,6 +312,43 @@ mod tests {
         assert!(RelPath::new(".hotsync/x").unwrap().is_reserved());
         assert!(!RelPath::new("a/.hotsync").unwrap().is_reserved());
         assert!(RelPath::root().join(b"a/b").is_err());
+    }
+
+    #[test]
+    fn an_unmirrorable_entry_names_the_limit_it_exceeds_and_itself() {
+        // A path over PATH_MAX whose every name is short: the path limit, not the name's.
+        let dir = RelPath::new(vec![b"d".repeat(203); 20].join(&b'/')).unwrap();
+        let name = b"leaf-of-the-tree\n.txt";
+        let err = dir.join(name).unwrap_err();
+        assert_eq!(err, PathError::TooLong);
+        let m = unmirrorable(&dir, name, &err);
+        assert!(
+            m.contains("PATH_MAX")
+                && m.contains("4101 bytes")
+                && m.contains("4096-byte limit on a path")
+                && m.contains("`leaf-of-the-tree\\n.txt`")
+                && !m.contains("NAME_MAX")
+                && !m.contains('\n'),
+            "{m}"
+        );
+        // A name over NAME_MAX: the name's limit, with the name shortened but recognisable.
+        let long: Vec<u8> = [&b"start-"[..], &[b'x'; 290], b"-end"].concat();
+        let err = RelPath::new("a").unwrap().join(&long).unwrap_err();
+        assert_eq!(err, PathError::NameTooLong);
+        let m = unmirrorable(&RelPath::new("a").unwrap(), &long, &err);
+        assert!(
+            m.contains("NAME_MAX")
+                && m.contains("300 bytes")
+                && m.contains("`start-xxx")
+                && m.contains("x-end`")
+                && m.contains('…')
+                && !m.contains("PATH_MAX")
+                && m.len() < 250,
+            "{m}"
+        );
+        // Both over: the name is what to fix first.
+        let m = unmirrorable(&dir, &long, &PathError::TooLong);
+        assert!(m.contains("NAME_MAX") && !m.contains("PATH_MAX"), "{m}");
     }
 
     #[test]

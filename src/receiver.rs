@@ -3,7 +3,7 @@
 //! symlink; a failure with one entry is answered with an error `Ack`, a protocol violation
 //! ends the connection.
 
-use crate::atomic::{Batch, Outcome, Staged};
+use crate::atomic::{Batch, Outcome, Staged, Touched};
 use crate::channel::Channel;
 use crate::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
 use crate::error::Error;
@@ -528,7 +528,7 @@ fn op_loop<R: Read, W: SendHalf>(
     mut first: Option<Message>,
     control: bool,
 ) -> Result<(), ProtocolError> {
-    let mut batch = Batch::new();
+    let mut batch = Batch::new(s.standby.durability());
     let mut dirs = Dirs::new(s);
     let mut buf = Vec::new();
     // The attributes of the entry the next operation writes.
@@ -609,7 +609,8 @@ fn op_loop<R: Read, W: SendHalf>(
                 check_writable(&to)?;
                 let res = dirs.parent(&from).and_then(|(fd, fname)| {
                     let (td, tname) = dirs.parent(&to)?;
-                    Ok(rustix::fs::renameat(&*fd, fname, &*td, tname)?)
+                    rustix::fs::renameat(&*fd, fname, &*td, tname)?;
+                    Ok(Touched::dirs(fd, td))
                 });
                 batch.record(id, res.map_err(|e| op_error(&e)));
                 s.tree_changed();
@@ -620,14 +621,14 @@ fn op_loop<R: Read, W: SendHalf>(
                 }
                 match dirs
                     .parent(&path)
-                    .and_then(|(d, name)| remove_tree(d.as_fd(), name))
+                    .and_then(|(d, name)| Ok((remove_tree(d.as_fd(), name)?, d)))
                 {
-                    Ok(n) => {
+                    Ok((n, d)) => {
                         s.entry
                             .stats
                             .entries_removed
                             .fetch_add(n, Ordering::Relaxed);
-                        batch.applied(id);
+                        batch.applied(id, Touched::dir(d));
                     }
                     Err(e) => batch.failed(id, op_error(&e)),
                 }
@@ -635,7 +636,10 @@ fn op_loop<R: Read, W: SendHalf>(
             }
             Message::Mkdir { id, path } => {
                 check_writable(&path)?;
-                let res = dirs.parent(&path).and_then(|(d, name)| mkdir(&d, name));
+                let res = dirs.parent(&path).and_then(|(d, name)| {
+                    mkdir(&d, name)?;
+                    Ok(Touched::dir(d))
+                });
                 batch.record(id, res.map_err(|e| op_error(&e)));
             }
             Message::SetMeta {
@@ -650,7 +654,12 @@ fn op_loop<R: Read, W: SendHalf>(
                 let a = Attrs::new(meta, &mut xattrs);
                 let res = dirs.parent(&path).and_then(|(d, name)| {
                     check_type(&d, name, target)?;
-                    s.set_at(d.as_fd(), name, &a, target != MetaTarget::Symlink)
+                    s.set_at(d.as_fd(), name, &a, target != MetaTarget::Symlink)?;
+                    // A symlink cannot be fsynced: its directory's fsync is all there is.
+                    Ok(match target {
+                        MetaTarget::Symlink => Touched::dir(d),
+                        _ => Touched::entry(d, name),
+                    })
                 });
                 batch.record(id, res.map_err(|e| op_error(&e)));
             }

@@ -80,9 +80,12 @@ impl Walk<'_> {
             if (rel.is_root() && name == RESERVED) || is_temp_name(&name) {
                 continue;
             }
-            let path = rel
-                .join(&name)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let path = rel.join(&name).map_err(|e| {
+                io::Error::other(format!(
+                    "{rel}: {}",
+                    crate::path::unmirrorable(rel, &name, &e)
+                ))
+            })?;
             let st = match rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(Errno::NOENT) => continue,
@@ -215,9 +218,12 @@ fn list_kept(dir: BorrowedFd<'_>, rel: &RelPath, out: &mut Vec<Diverged>) -> io:
         if (rel.is_root() && name == LIST) || is_temp_name(&name) {
             continue;
         }
-        let path = rel
-            .join(&name)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let path = rel.join(&name).map_err(|e| {
+            io::Error::other(format!(
+                "{rel}: {}",
+                crate::path::unmirrorable(rel, &name, &e)
+            ))
+        })?;
         let st = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
         let modified = crate::fsroot::meta_of(&st).mtime;
         let kind = match FileType::from_raw_mode(st.st_mode) {

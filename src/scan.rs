@@ -355,12 +355,15 @@ fn walk(
                 out.skipped.extend(skipped);
                 continue;
             }
-            let Ok(path) = dir_path.join(&name) else {
-                out.manifest.errors.push(ScanError {
-                    path: dir_path.clone(),
-                    error: "a name in this directory is too long to mirror".into(),
-                });
-                continue;
+            let path = match dir_path.join(&name) {
+                Ok(p) => p,
+                Err(e) => {
+                    out.manifest.errors.push(ScanError {
+                        path: dir_path.clone(),
+                        error: crate::path::unmirrorable(&dir_path, &name, &e),
+                    });
+                    continue;
+                }
             };
             if let Some(sub) = visit(fd.as_fd(), &name, &path, opts, out) {
                 stack.push((sub, path));

@@ -213,6 +213,8 @@ pub struct Standby {
     events: std::sync::OnceLock<EventSink>,
     /// The attribute namespaces this tree can store, found at the first session.
     xattrs: std::sync::OnceLock<crate::xattr::Policy>,
+    /// How batches are made durable here, found at the first session.
+    durability: std::sync::OnceLock<crate::atomic::Durability>,
 }
 
 /// Receives a standby's events: a name and its details.
@@ -293,6 +295,7 @@ impl Standby {
             committed_at: Mutex::new(None),
             events: std::sync::OnceLock::new(),
             xattrs: std::sync::OnceLock::new(),
+            durability: std::sync::OnceLock::new(),
         };
         if access == Access::Write {
             match standby.take_lock(wait) {
@@ -319,6 +322,26 @@ impl Standby {
         self.root
             .as_ref()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "DEST does not exist"))
+    }
+
+    /// How batches are made durable on this tree's filesystem, decided once (by its
+    /// `statfs` type) and said once where `syncfs` is not trusted.
+    pub fn durability(&self) -> crate::atomic::Durability {
+        *self.durability.get_or_init(|| {
+            let Some(root) = &self.root else {
+                // A dry run against a missing DEST: nothing is ever committed.
+                return crate::atomic::Durability::default();
+            };
+            let (d, fs) = crate::atomic::Durability::of(root.fd());
+            if !d.trusts_syncfs {
+                tracing::info!(
+                    "{}: its filesystem ({fs}) is not one whose syncfs is known to reach the \
+                     disk: each file and directory a batch changes is fsynced one by one",
+                    self.path.display()
+                );
+            }
+            d
+        })
     }
 
     /// Whether owner and group are preserved here (this process runs as root).
@@ -773,7 +796,9 @@ impl Standby {
         }
         if let (Role::Primary, Some(fence)) = (st.role, &st.fenced) {
             return Err(Error::Refused(format!(
-                "refusing to promote {}: it is a fenced former primary ({}, at {}), so a newer                  epoch holds writes this tree lacks; run `hotsync rejoin` and let it catch up                  first",
+                "refusing to promote {}: it is a fenced former primary ({}, at {}), so a newer \
+                 epoch holds writes this tree lacks; run `hotsync rejoin` and let it catch up \
+                 first",
                 self.path.display(),
                 fence.reason,
                 fence.at
@@ -1155,6 +1180,25 @@ mod tests {
         // Readers need no epoch.
         assert!(s.admit(Peer::local(), None, noop()).is_ok());
         assert!(s.admit(Peer::local(), Some(3), noop()).is_ok());
+    }
+
+    #[test]
+    fn a_fenced_former_primary_is_refused_promotion_in_one_well_spaced_line() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Standby::open(t.path(), Access::Write).unwrap();
+        let mut st = s.state();
+        st.promote(None);
+        st.fenced = Some(crate::epoch::Fence {
+            at: "2026-01-01T00:00:00Z".into(),
+            reason: "a standby of epoch 3 took over".into(),
+        });
+        s.write_state(&st).unwrap();
+        let e = s.promote(false, None).unwrap_err().to_string();
+        assert!(
+            e.contains("fenced former primary") && e.contains("run `hotsync rejoin`"),
+            "{e}"
+        );
+        assert!(!e.contains("  ") && !e.contains('\n'), "{e:?}");
     }
 
     #[test]

@@ -344,12 +344,15 @@ impl<'r> Walker<'r> {
                 unit.skipped.extend(skipped);
                 continue;
             }
-            let Ok(path) = unit.dir.path.join(&name) else {
-                unit.errors.push(ScanError {
-                    path: unit.dir.path.clone(),
-                    error: "a name in this directory is too long to mirror".into(),
-                });
-                continue;
+            let path = match unit.dir.path.join(&name) {
+                Ok(p) => p,
+                Err(e) => {
+                    unit.errors.push(ScanError {
+                        path: unit.dir.path.clone(),
+                        error: crate::path::unmirrorable(&unit.dir.path, &name, &e),
+                    });
+                    continue;
+                }
             };
             match stat_entry(fd.as_fd(), &name, &path, &self.opts) {
                 Found::Entry(e) => unit.entries.push(e),

@@ -351,20 +351,16 @@ impl Connection for QuicConnection {
 
 /// Resolves `quic://HOST:PORT` (or `HOST:PORT`).
 pub fn parse_dest(dest: &str) -> Result<(String, SocketAddr), Error> {
-    let hostport = dest
-        .strip_prefix("quic://")
-        .unwrap_or(dest)
-        .trim_end_matches('/');
-    let bad = || Error::Usage(format!("bad DEST {dest}: expected quic://HOST:PORT"));
-    if hostport.is_empty() || hostport.contains('/') {
-        return Err(bad());
-    }
+    let after = dest.split_once("://").map_or(dest, |(_, a)| a);
+    let (host, port) = crate::link::quic_address(dest, after)
+        .map_err(|e| Error::Usage(format!("bad DEST {e}")))?;
+    let hostport = format!("{host}:{port}");
     let addr = hostport
         .to_socket_addrs()
         .map_err(|e| Error::Unreachable(format!("cannot resolve {hostport}: {e}")))?
         .next()
-        .ok_or_else(bad)?;
-    Ok((hostport.to_string(), addr))
+        .ok_or_else(|| Error::Unreachable(format!("{hostport} resolves to no address")))?;
+    Ok((hostport, addr))
 }
 
 /// Connects to the standby at `dest`, which must present `server`'s certificate.

@@ -579,6 +579,11 @@ fn a_returning_primary_learns_it_was_superseded_and_only_then_rejoins_if_fenced(
     let r = a.promote(&[]);
     assert_eq!(r.code, 2, "{}", r.stdout);
     assert!(r.stderr.contains("fenced former primary"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("  "),
+        "one well-spaced line: {:?}",
+        r.stderr
+    );
     // notify_fault's rejoin acts now, keeping the late write; B's watch then gets in.
     let j = rejoin_if_fenced(&a);
     assert_eq!(

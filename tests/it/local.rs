@@ -190,6 +190,102 @@ pub fn edits_of_every_kind(m: &dyn Mirror, src: &Path) {
     assert_eq!(j["metadata_updated"], 0, "converged: {j}");
 }
 
+/// Names in the deep directory of [`over_path_max`], and their length: 20 names of 203
+/// bytes make a 4079-byte relative path, itself within PATH_MAX.
+const DEEP: (usize, usize) = (20, 203);
+
+/// The deep directory's relative path.
+fn deep_rel() -> Vec<u8> {
+    vec![vec![b'd'; DEEP.1]; DEEP.0].join(&b'/')
+}
+
+/// Opens the deep directory under `root` one name at a time (making it if `make`): its
+/// absolute path is longer than PATH_MAX, so no path-based call reaches it.
+fn open_deep(root: &Path, make: bool) -> std::io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut fd = rustix::fs::open(root, flags, Mode::empty())?;
+    let name = vec![b'd'; DEEP.1];
+    for _ in 0..DEEP.0 {
+        if make {
+            rustix::fs::mkdirat(&fd, name.as_slice(), Mode::from_raw_mode(0o755))?;
+        }
+        fd = rustix::fs::openat(&fd, name.as_slice(), flags, Mode::empty())?;
+    }
+    Ok(fd)
+}
+
+fn write_at(dir: &std::os::fd::OwnedFd, name: &str, data: &[u8]) {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    std::io::Write::write_all(&mut std::fs::File::from(fd), data).unwrap();
+}
+
+fn read_at(dir: &std::os::fd::OwnedFd, name: &str) -> std::io::Result<Vec<u8>> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut v = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut v)?;
+    Ok(v)
+}
+
+/// An entry whose relative path is over PATH_MAX (no name in it over NAME_MAX) is an error
+/// naming that limit, the entry and its directory; everything else is mirrored.
+pub fn over_path_max(m: &dyn Mirror, src: &Path) {
+    write(&src.join("top.txt"), b"top\n");
+    let deep = open_deep(src, true).unwrap();
+    // 4079 + 1 + 4 bytes: fits. 4079 + 1 + 20 bytes: 4 over.
+    write_at(&deep, "fits", b"just within\n");
+    write_at(&deep, "leaf-of-the-tree.txt", b"over by 4\n");
+    let r = m.sync(src, &["--json"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    let j = r.json();
+    let errors = j["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{j}");
+    assert_eq!(
+        errors[0]["path"].as_str().unwrap().as_bytes(),
+        deep_rel(),
+        "the directory holding it"
+    );
+    let msg = errors[0]["error"].as_str().unwrap();
+    assert!(
+        msg.contains("`leaf-of-the-tree.txt`")
+            && msg.contains("4100 bytes")
+            && msg.contains("4096-byte limit on a path (PATH_MAX)")
+            && !msg.contains("NAME_MAX"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read(m.standby().join("top.txt")).unwrap(),
+        b"top\n"
+    );
+    let mirrored = open_deep(m.standby(), false).unwrap();
+    assert_eq!(read_at(&mirrored, "fits").unwrap(), b"just within\n");
+    assert!(read_at(&mirrored, "leaf-of-the-tree.txt").is_err());
+    // Said again at the next run, as one line of the human report.
+    let r = m.sync(src, &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let said: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("PATH_MAX"))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", r.stderr);
+    assert!(said[0].contains("leaf-of-the-tree.txt"), "{}", said[0]);
+}
+
+#[test]
+fn local_a_path_over_path_max_is_an_error_naming_the_limit() {
+    let t = Pair::new();
+    over_path_max(&LocalMirror(t.dst.clone()), &t.src);
+}
+
 #[test]
 fn local_every_kind_round_trips() {
     let t = Pair::new();

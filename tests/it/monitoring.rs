@@ -560,3 +560,127 @@ fn the_lag_counts_a_file_that_never_holds_still_and_the_standby_keeps_up() {
         written.lock().unwrap().len()
     );
 }
+
+/// CPU time (user + system, in clock ticks) `pid` has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name (which may hold spaces) in parentheses; utime and
+    // stime are the 14th and 15th of the whole line.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A lasting accept error (EMFILE: every descriptor the serve may have is taken) neither
+/// spins a core nor floods the log, on the metrics endpoint and the control socket: one
+/// warning each, retries backing off, and serving again once descriptors are free.
+#[test]
+fn accept_errors_back_off_and_are_said_once() {
+    use std::os::unix::process::CommandExt;
+    let base = tempfile::tempdir().unwrap();
+    let (root, home) = (base.path().join("root"), base.path().join("home"));
+    std::fs::create_dir(&root).unwrap();
+    let id = keygen(&home);
+    let log = base.path().join("serve.log");
+    let mut cmd = Command::new(bin());
+    cmd.arg("--home")
+        .arg(&home)
+        .arg("serve")
+        .arg("--root")
+        .arg(&root);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--allow",
+        &id,
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // Few descriptors, soft and hard: it cannot raise its limit past them.
+    let limit = rustix::process::Rlimit {
+        current: Some(48),
+        maximum: Some(48),
+    };
+    // SAFETY: setrlimit is async-signal-safe and nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = Reaped(cmd.spawn().unwrap());
+    let child = &child.0;
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let at = metrics_addr(log_text);
+    assert!(http_get(&at, "/metrics", None).0.contains("200"));
+    let sock = wait_for("the control socket", Duration::from_secs(10), || {
+        let s = hotsync::control::run_dir(&home).join(format!("serve-{}.sock", child.id()));
+        s.exists().then_some(s)
+    });
+
+    // Connections it accepts and holds, waiting for a request, until there is no
+    // descriptor left; the rest wait in the listeners' backlogs.
+    let mut held: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&at).unwrap())
+        .collect();
+    wait_for(
+        "the metrics endpoint's warning",
+        Duration::from_secs(10),
+        || {
+            log_text()
+                .contains("metrics endpoint: cannot accept a connection")
+                .then_some(())
+        },
+    );
+    let waiting: Vec<std::os::unix::net::UnixStream> = (0..4)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).unwrap())
+        .collect();
+    wait_for(
+        "the control socket's warning",
+        Duration::from_secs(10),
+        || {
+            log_text()
+                .contains("control socket: cannot accept a connection")
+                .then_some(())
+        },
+    );
+    // While the error lasts: nearly idle (a retry at once would take a whole core), and
+    // said once each.
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_millis(1500));
+    let used = cpu_ticks(child.id()) - before;
+    assert!(
+        used < 40,
+        "{used} ticks of CPU in 1.5 s while accepting failed"
+    );
+    let text = log_text();
+    assert_eq!(text.matches("cannot accept").count(), 2, "{text}");
+    assert!(text.contains("Too many open files"), "{text}");
+
+    // Descriptors freed: both accept again, and say so once.
+    held.clear();
+    drop(waiting);
+    wait_for("accepting again", Duration::from_secs(10), || {
+        let t = log_text();
+        (t.contains("metrics endpoint: accepting connections again")
+            && t.contains("control socket: accepting connections again"))
+        .then_some(())
+    });
+    assert!(http_get(&at, "/metrics", None).0.contains("200"));
+    // The control socket answers (degraded: no primary is connected).
+    let (_, v) = status(&home);
+    assert_eq!(v["instances"][0]["pid"], child.id(), "{v}");
+}
+
+/// A child process, killed and reaped when dropped (a failed assertion included).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

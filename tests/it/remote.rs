@@ -3,7 +3,7 @@
 use crate::helpers::*;
 use crate::local::{
     edits_of_every_kind, every_kind_round_trips,
-    only_reserved_names_are_left_out_and_each_is_reported,
+    only_reserved_names_are_left_out_and_each_is_reported, over_path_max,
 };
 use hotsync::identity;
 use hotsync::protocol::{FrameReader, FrameWriter, Message};
@@ -30,6 +30,13 @@ fn remote_edits_of_every_kind() {
     let t = Pair::new();
     let m = RemoteMirror::start(t.dir.path(), &t.dst);
     edits_of_every_kind(&m, &t.src);
+}
+
+#[test]
+fn remote_a_path_over_path_max_is_an_error_naming_the_limit() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    over_path_max(&m, &t.src);
 }
 
 #[test]

@@ -268,6 +268,89 @@ fn user_errors_are_one_clear_line() {
     assert!(r.stderr.contains("not a directory"), "{}", r.stderr);
 }
 
+/// rsync's `HOST:PATH`, a `HOST:PORT` without its scheme, another scheme, a `quic://`
+/// without its port: one line saying what to write instead (exit 2), for each command
+/// that takes a DEST and from a config file; nothing is made where a local directory of
+/// that name would be. `./NAME` is the local directory.
+#[test]
+fn a_dest_hotsync_does_not_reach_is_one_line_saying_what_to_write() {
+    let t = Pair::new();
+    write(&t.s("a"), b"a");
+    let base = t.dir.path();
+    let home = base.join("home");
+    let cases = [
+        ("standby:copy", "looks like rsync's HOST:PATH"),
+        ("root@standby:/srv/copy", "give quic://standby:PORT"),
+        ("standby:7878", "write quic://standby:7878"),
+        (
+            "tcp://standby",
+            "the tcp:// transport is not supported yet; use quic://HOST:PORT",
+        ),
+        ("rsync://standby/copy", "does not reach rsync:// standbys"),
+        (
+            "quic://localhost",
+            "has no port: write quic://localhost:PORT",
+        ),
+        ("quic://localhost:http", "the port `http` is not a number"),
+    ];
+    let in_base = |args: &[&std::ffi::OsStr]| {
+        let out = run_limited(
+            hotsync(false)
+                .current_dir(base)
+                .arg("--home")
+                .arg(&home)
+                .args(args),
+            std::time::Duration::from_secs(20),
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let listing = || {
+        let mut v: Vec<_> = std::fs::read_dir(base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing();
+    for cmd in ["sync", "watch", "verify"] {
+        for (dest, says) in cases {
+            let (code, err) = in_base(&[cmd.as_ref(), "src".as_ref(), dest.as_ref()]);
+            assert_eq!(code, Some(2), "{cmd} {dest}: {err}");
+            assert!(
+                err.contains(&format!("DEST {dest}")) && err.contains(says),
+                "{cmd} {dest}: expected {says:?} in {err}"
+            );
+            assert_eq!(err.trim().lines().count(), 1, "{cmd} {dest}: {err}");
+            assert!(!err.contains("  "), "{err}");
+        }
+    }
+    assert_eq!(listing(), before, "nothing was made");
+    // From a config file: its line and key.
+    let cfg = base.join("hotsync.toml");
+    std::fs::write(
+        &cfg,
+        "source = \"src\"\n[[standby]]\nname = \"s\"\naddress = \"standby:copy\"\n",
+    )
+    .unwrap();
+    let before = listing();
+    let (code, err) = in_base(&["--config".as_ref(), cfg.as_os_str(), "sync".as_ref()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("hotsync.toml:4: address: standby:copy looks like rsync's HOST:PATH")
+            && err.contains("write ./standby:copy"),
+        "{err}"
+    );
+    assert_eq!(listing(), before, "nothing was made");
+    // The local directory of that name, as the message says to write it.
+    let (code, err) = in_base(&["sync".as_ref(), "src".as_ref(), "./standby:copy".as_ref()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read(base.join("standby:copy/a")).unwrap(), b"a");
+}
+
 #[test]
 fn an_unwritable_dest_is_refused_with_a_clear_message() {
     if !is_root() {

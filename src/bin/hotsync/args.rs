@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
     name = "hotsync",
     version,
     about = "Keep a standby copy of a directory tree identical to the primary's",
-    after_help = "DEST is a local directory, or quic://HOST:PORT with --server-id ID.\n\
+    after_help = "DEST is a local directory, or quic://HOST:PORT with --server-id ID\n\
+                  (a local directory with a colon in its first name: ./NAME).\n\
                   Exit codes: 0 success, 1 some entries failed or differ, 2 fatal."
 )]
 pub struct Cli {

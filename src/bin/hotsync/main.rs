@@ -17,6 +17,7 @@ use bars::Bars;
 use clap::{CommandFactory, FromArgMatches};
 use hotsync::control::Control;
 use hotsync::identity::{self, NodeId};
+use hotsync::link::DestKind;
 use hotsync::replicate::{Watch, WatchOptions};
 use hotsync::{Monitor, SyncOptions, Target};
 use report::{print_plan, print_report, summary_line};
@@ -261,7 +262,7 @@ fn sync_options(c: &Common, dry_run: bool) -> SyncOptions {
 /// The standby a DEST argument names: a local directory, or a quic:// standby with its
 /// pinned ID and our identity.
 fn target(cli: &Cli, dest: &str, server_id: Option<&str>) -> anyhow::Result<Target> {
-    if !Target::is_remote(dest) {
+    if dest_kind(dest)? == DestKind::Local {
         return Ok(Target::Local(dest.into()));
     }
     let Some(server) = server_id else {
@@ -274,6 +275,13 @@ fn target(cli: &Cli, dest: &str, server_id: Option<&str>) -> anyhow::Result<Targ
         server,
         me: identity::load(&home)?,
     })
+}
+
+/// What the DEST argument `dest` names; a form hotsync does not reach (rsync's
+/// `HOST:PATH`, another scheme, a `quic://` without its port) is an error saying what to
+/// write instead, before anything is made.
+fn dest_kind(dest: &str) -> anyhow::Result<DestKind> {
+    DestKind::of(dest).map_err(|e| anyhow::anyhow!("DEST {e}"))
 }
 
 /// What each standby is called in reports: its config file name, else its address.
@@ -293,7 +301,12 @@ fn labels(names: &[Option<String>], targets: &[Target]) -> Vec<String> {
 
 /// The standbys DEST arguments name, each quic:// one with the next `--server-id`.
 fn targets(cli: &Cli, dests: &[String], server_ids: &[String]) -> anyhow::Result<Vec<Target>> {
-    let remote = dests.iter().filter(|d| Target::is_remote(d)).count();
+    let mut remote = 0;
+    for d in dests {
+        if dest_kind(d)? == DestKind::Quic {
+            remote += 1;
+        }
+    }
     if remote > 0 && server_ids.len() != remote {
         bail!(
             "{remote} quic:// DEST(s) but {} --server-id: give one --server-id per quic:// DEST, \
@@ -307,7 +320,7 @@ fn targets(cli: &Cli, dests: &[String], server_ids: &[String]) -> anyhow::Result
     let mut ids = server_ids.iter();
     let mut out: Vec<Target> = Vec::new();
     for d in dests {
-        let id = if Target::is_remote(d) {
+        let id = if dest_kind(d)? == DestKind::Quic {
             ids.next().map(String::as_str)
         } else {
             None
