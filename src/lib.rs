@@ -28,6 +28,7 @@ pub mod link;
 pub mod manifest;
 pub mod merge;
 pub mod metrics;
+pub mod names;
 pub mod path;
 pub mod plan;
 pub mod primary;
