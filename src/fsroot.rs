@@ -3,7 +3,7 @@
 //! on kernels without it), so no symlink anywhere in a path is followed and nothing
 //! escapes the root. A symlink in the tree is data, never a door.
 
-use crate::manifest::{LinkKey, Meta, Mtime};
+use crate::manifest::{LinkKey, Meta, Mtime, Shape};
 use crate::path::{RelPath, TEMP_PREFIX};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timestamps};
 use rustix::io::Errno;
@@ -212,7 +212,18 @@ pub fn meta_of(st: &Stat) -> Meta {
     }
 }
 
-/// The inode identity of a regular file with more than one name.
+/// How the inode of a stat result is laid out: its names and blocks.
+pub fn shape_of(st: &Stat) -> Shape {
+    // `st_nlink` is 32 bits wide on some architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let nlink = st.st_nlink as u64;
+    Shape {
+        nlink,
+        blocks: st.st_blocks as u64,
+    }
+}
+
+/// The inode identity of an entry with more than one name.
 pub fn link_key(st: &Stat) -> Option<LinkKey> {
     (st.st_nlink > 1).then_some(LinkKey {
         dev: st.st_dev,

@@ -29,6 +29,7 @@ pub mod manifest;
 pub mod merge;
 pub mod metrics;
 pub mod mounts;
+pub mod names;
 pub mod path;
 pub mod plan;
 pub mod primary;

@@ -44,11 +44,24 @@ pub enum Kind {
     },
 }
 
-/// Identity of a file's inode within one tree, present when the file has more than one name.
+/// Identity of an inode within one tree, present when a regular file or a symlink has more
+/// than one name (a symlink can: `link()` does not follow it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LinkKey {
     pub dev: u64,
     pub ino: u64,
+}
+
+/// How an entry's inode is laid out beyond its attributes: how many names it has and the
+/// space it takes. Read with the entry on each side; it never travels inside an [`Entry`]
+/// (a version 6 peer sends it beside the entries, as `Shapes`), and a zero means the peer
+/// did not say.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Shape {
+    /// Names the inode has, inside the tree or not.
+    pub nlink: u64,
+    /// 512-byte blocks allocated to it.
+    pub blocks: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,8 +69,63 @@ pub struct Entry {
     pub path: RelPath,
     pub kind: Kind,
     pub meta: Meta,
-    /// Set for regular files whose link count is above one.
+    /// Set for regular files and symlinks whose link count is above one.
     pub link: Option<LinkKey>,
+    #[serde(skip)]
+    pub shape: Shape,
+}
+
+/// What kind of special file an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum SpecialKind {
+    Socket,
+    Fifo,
+    CharDevice,
+    BlockDevice,
+}
+
+impl std::fmt::Display for SpecialKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SpecialKind::Socket => "socket",
+            SpecialKind::Fifo => "fifo",
+            SpecialKind::CharDevice => "character device",
+            SpecialKind::BlockDevice => "block device",
+        })
+    }
+}
+
+/// A socket, fifo or device node. The mirror does not carry them (the primary's are
+/// skipped, with a warning), but it sees them on both sides: the standby must not hold one
+/// the primary lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Special {
+    pub path: RelPath,
+    pub kind: SpecialKind,
+    /// The device number, for a device node.
+    pub rdev: u64,
+}
+
+impl Special {
+    /// Why it is not mirrored, for the report and the warning.
+    pub fn reason(&self) -> String {
+        format!(
+            "{} skipped: hotsync mirrors files, directories and symlinks only",
+            self.kind
+        )
+    }
+
+    /// Whether `other` is the same special file as far as the mirror can tell: the same
+    /// kind and, for a device node, the same device. A standby's special that matches the
+    /// primary's at the same path is left alone (an operator made it, as hotsync cannot);
+    /// any other is not the primary's and goes.
+    pub fn matches(&self, other: &Special) -> bool {
+        self.kind == other.kind
+            && (!matches!(
+                self.kind,
+                SpecialKind::CharDevice | SpecialKind::BlockDevice
+            ) || self.rdev == other.rdev)
+    }
 }
 
 impl Entry {
@@ -119,18 +187,30 @@ pub struct ScanError {
 }
 
 /// The result of scanning one tree: entries sorted by path (the root itself is entry 0),
-/// plus the paths that could not be read.
+/// the paths that could not be read, and the special files (not mirrored), sorted too.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Manifest {
     pub entries: Vec<Entry>,
     pub errors: Vec<ScanError>,
+    pub specials: Vec<Special>,
 }
 
 impl Manifest {
-    /// Sorts entries by path bytes and drops duplicates; call after building by hand.
+    /// Sorts entries and specials by path bytes and drops duplicates; call after building
+    /// by hand.
     pub fn sort(&mut self) {
         self.entries.sort_by(|a, b| a.path.cmp(&b.path));
         self.entries.dedup_by(|a, b| a.path == b.path);
+        self.specials.sort_by(|a, b| a.path.cmp(&b.path));
+        self.specials.dedup_by(|a, b| a.path == b.path);
+    }
+
+    /// The special file at `path`, if this side has one there.
+    pub fn special(&self, path: &RelPath) -> Option<&Special> {
+        self.specials
+            .binary_search_by(|s| s.path.cmp(path))
+            .ok()
+            .map(|i| &self.specials[i])
     }
 
     /// The root directory's entry, if the scan recorded it.
@@ -160,13 +240,21 @@ impl Manifest {
 }
 
 impl Manifest {
-    /// Entries at or under `p`.
+    /// Entries (special files among them) at or under `p`.
     pub fn count_under(&self, p: &RelPath) -> u64 {
+        // The paths beginning with p's bytes are contiguous; `p-x` sorts among them,
+        // before `p/x`, and is no descendant.
+        fn under<'a>(paths: impl Iterator<Item = &'a RelPath>, p: &RelPath) -> usize {
+            paths
+                .take_while(|q| q.as_bytes().starts_with(p.as_bytes()))
+                .filter(|q| q.starts_with(p))
+                .count()
+        }
         let start = self.entries.partition_point(|e| e.path < *p);
-        self.entries[start..]
-            .iter()
-            .take_while(|e| e.path.starts_with(p))
-            .count() as u64
+        let entries = under(self.entries[start..].iter().map(|e| &e.path), p);
+        let start = self.specials.partition_point(|s| s.path < *p);
+        let specials = under(self.specials[start..].iter().map(|s| &s.path), p);
+        (entries + specials) as u64
     }
 }
 
@@ -191,6 +279,7 @@ pub(crate) mod testing {
             kind: Kind::File { size, hash },
             meta: meta(0o644, t),
             link: None,
+            shape: Default::default(),
         }
     }
     pub fn file(path: &str, size: u64) -> Entry {
@@ -202,6 +291,7 @@ pub(crate) mod testing {
             kind: Kind::Dir,
             meta: meta(0o755, 1),
             link: None,
+            shape: Default::default(),
         }
     }
     /// A sorted manifest of `entries` and the root directory.
@@ -209,7 +299,7 @@ pub(crate) mod testing {
         entries.push(dir(""));
         let mut m = Manifest {
             entries,
-            errors: vec![],
+            ..Manifest::default()
         };
         m.sort();
         m

@@ -7,15 +7,15 @@
 //! - removals: a standby directory that goes is counted as the rest of its walk streams
 //!   in (the mass-delete guard needs the whole count), and its deletion is handed back to
 //!   run last, when that count is final;
-//! - hard links: only files with more than one name are kept, and planned together at the
-//!   end, when every name of every inode is known;
+//! - hard links: only files and symlinks with more than one name are kept, and planned
+//!   together at the end, when every name of every inode is known;
 //! - directory attributes: one fix per changed directory, to apply after everything else.
 
 use crate::manifest::{Entry, Kind, Manifest, Meta, MetaTarget};
 use crate::path::RelPath;
 use crate::plan::{self, MetaFix, Plan, PlanOptions};
 use crate::walk::{Unit, walk_cmp, walk_key};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What one directory's comparison asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -55,7 +55,8 @@ pub struct Counts {
 /// What remains once both walks are over.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Finish {
-    /// The files with several names, planned together: `transfers`, `metas` and `links`.
+    /// The files and symlinks with several names, planned together: `clear` (what is in
+    /// the way of a name added late), `transfers`, `symlinks`, `metas` and `links`.
     pub plan: Plan,
     pub deletes: Vec<(RelPath, u64)>,
     pub dir_metas: Vec<MetaFix>,
@@ -75,8 +76,13 @@ pub struct Merger {
     removing: BTreeMap<Vec<u8>, Removing>,
     linked_local: Vec<Entry>,
     linked_remote: Vec<Entry>,
-    /// The attributes of directories holding a file with several names.
+    /// The attributes of directories holding a file or symlink with several names.
     linked_parents: HashMap<RelPath, Meta>,
+    /// Standby entries in the way of names added by [`Merger::add_linked`].
+    late_clears: Vec<RelPath>,
+    /// The standby's names in `linked_remote` the primary lacks that are removed (with
+    /// their directory, or by themselves): the others' inodes are not theirs alone.
+    removed_linked: HashSet<RelPath>,
     last: Option<RelPath>,
     pub counts: Counts,
 }
@@ -103,8 +109,14 @@ pub enum Side {
     Both,
 }
 
-fn is_linked_file(e: &Entry) -> bool {
-    matches!(e.kind, Kind::File { .. }) && e.link.is_some()
+/// A file or symlink with more than one name: planned with its inode's other names.
+fn is_linked(e: &Entry) -> bool {
+    linkable(e) && e.link.is_some()
+}
+
+/// A file or a symlink: what can have several names.
+fn linkable(e: &Entry) -> bool {
+    matches!(e.kind, Kind::File { .. } | Kind::Symlink { .. })
 }
 
 impl Merger {
@@ -115,6 +127,8 @@ impl Merger {
             linked_local: Vec::new(),
             linked_remote: Vec::new(),
             linked_parents: HashMap::new(),
+            late_clears: Vec::new(),
+            removed_linked: HashSet::new(),
             last: None,
             counts: Counts::default(),
         }
@@ -143,54 +157,116 @@ impl Merger {
         match (local, remote) {
             (Some(l), r) => self.compare(l, r, &mut step),
             (None, Some(r)) => {
-                self.counts.remote_entries += r.entries.len() as u64;
-                // A directory the primary does not have: its contents go with it, if it goes.
-                let n = r.entries.len() as u64;
-                if let Some(top) = self.removing_above(&r.dir.path) {
-                    top.entries += n;
-                    let delete = top.delete;
-                    self.counts.removed_entries += n;
-                    if delete {
-                        self.counts.deleted_entries += n;
-                    } else {
-                        self.counts.cleared_beneath += n;
+                // A directory the primary does not have: its contents (special files among
+                // them) go with it, if it goes.
+                let n = (r.entries.len() + r.specials.len()) as u64;
+                self.counts.remote_entries += n;
+                let removed = match self.removing_above(&r.dir.path) {
+                    Some(top) => {
+                        top.entries += n;
+                        let delete = top.delete;
+                        self.counts.removed_entries += n;
+                        if delete {
+                            self.counts.deleted_entries += n;
+                        } else {
+                            self.counts.cleared_beneath += n;
+                        }
+                        true
                     }
+                    None => false,
+                };
+                for re in r.entries.into_iter().filter(is_linked) {
+                    if removed {
+                        self.removed_linked.insert(re.path.clone());
+                    }
+                    self.linked_remote.push(re);
                 }
-                self.linked_remote
-                    .extend(r.entries.into_iter().filter(is_linked_file));
             }
             (None, None) => unreachable!(),
         }
         step
     }
 
-    /// Ends the walk: the files with several names, and what is left to run last.
+    /// The primary's files and symlinks with several names seen so far.
+    pub fn linked_local(&self) -> &[Entry] {
+        &self.linked_local
+    }
+
+    /// Adds names of the primary's inodes with several names that the walk did not cover
+    /// (a watch's batch covers only what changed): `local`, each a file or symlink with its
+    /// link key, and the standby's entries at those paths, `remote`; each with its parent
+    /// directories. They are planned with the others when the walk ends.
+    pub fn add_linked(&mut self, local: Manifest, remote: Manifest) {
+        let mut remote_at: HashMap<RelPath, Entry> = remote
+            .entries
+            .into_iter()
+            .map(|e| (e.path.clone(), e))
+            .collect();
+        let mut have_local: HashSet<RelPath> =
+            self.linked_local.iter().map(|e| e.path.clone()).collect();
+        let have_remote: HashSet<RelPath> =
+            self.linked_remote.iter().map(|e| e.path.clone()).collect();
+        for le in local.entries {
+            if le.is_dir() {
+                self.linked_parents
+                    .entry(le.path.clone())
+                    .or_insert(le.meta);
+                continue;
+            }
+            if !is_linked(&le) || !have_local.insert(le.path.clone()) {
+                continue;
+            }
+            match remote_at.remove(&le.path) {
+                Some(re) if re.is_dir() => {
+                    self.late_clears.push(re.path);
+                    self.counts.removed_entries += 1;
+                }
+                Some(re) if !have_remote.contains(&re.path) => self.linked_remote.push(re),
+                _ => {}
+            }
+            self.linked_local.push(le);
+        }
+        for sp in remote.specials {
+            if have_local.contains(&sp.path) {
+                self.late_clears.push(sp.path);
+                self.counts.removed_entries += 1;
+            }
+        }
+    }
+
+    /// Ends the walk: the files and symlinks with several names, and what is left to run
+    /// last.
     pub fn finish(mut self) -> Finish {
         let deletes = self.passed_all();
         let mut local = Manifest {
             entries: std::mem::take(&mut self.linked_local),
-            errors: Vec::new(),
+            ..Manifest::default()
         };
         let mut remote = Manifest {
             entries: std::mem::take(&mut self.linked_remote),
-            errors: Vec::new(),
+            ..Manifest::default()
         };
         local.sort();
         remote.sort();
         // Deletions were decided directory by directory; here only what the primary has.
-        let mut p = plan::plan(
+        let removed = std::mem::take(&mut self.removed_linked);
+        let mut p = plan::plan_with(
             &local,
             &remote,
             PlanOptions {
                 delete: false,
                 ..self.opts
             },
+            Some(&|n: &RelPath| removed.contains(n)),
         );
+        p.clear.append(&mut self.late_clears);
         let mut parents: Vec<RelPath> = p
             .transfers
             .iter()
             .map(|t| t.path.split().0)
+            .chain(p.symlinks.iter().map(|l| l.path.split().0))
             .chain(p.links.iter().map(|l| l.path.split().0))
+            .chain(p.clear.iter().map(|c| c.split().0))
             .collect();
         parents.sort();
         parents.dedup();
@@ -257,22 +333,25 @@ impl Merger {
         let dir = l.dir.clone();
         self.counts.local_entries += l.entries.len() as u64;
         self.counts.local_bytes += l.file_bytes();
-        let (r_dir, r_entries) = match r {
-            Some(r) => (Some(r.dir), r.entries),
-            None => (None, Vec::new()),
+        let (r_dir, r_entries, r_specials) = match r {
+            Some(r) => (Some(r.dir), r.entries, r.specials),
+            None => (None, Vec::new(), Vec::new()),
         };
-        self.counts.remote_entries += r_entries.len() as u64;
+        self.counts.remote_entries += (r_entries.len() + r_specials.len()) as u64;
 
-        // Pair the children by name (both sorted), setting aside the files with several
-        // names on either side.
+        // Pair the children by name (both sorted), setting aside the files and symlinks
+        // with several names on either side.
         let mut local = Manifest {
             entries: Vec::with_capacity(l.entries.len()),
             errors: l.errors,
+            specials: l.specials,
         };
         let mut remote = Manifest {
             entries: Vec::with_capacity(r_entries.len()),
-            errors: Vec::new(),
+            ..Manifest::default()
         };
+        let mut r_specials = r_specials;
+        let mut deferred: Vec<RelPath> = Vec::new();
         let mut linked_here = false;
         let mut rs = r_entries.into_iter().peekable();
         for le in l.entries {
@@ -283,15 +362,16 @@ impl Merger {
             if re.is_none() {
                 self.counts.added += 1;
             }
-            let defer = is_linked_file(&le)
-                || (matches!(le.kind, Kind::File { .. })
-                    && re.as_ref().is_some_and(is_linked_file));
+            // A standby name of a linked inode is planned with the rest of that inode: a
+            // change in place there would reach its other names.
+            let defer = is_linked(&le) || (linkable(&le) && re.as_ref().is_some_and(is_linked));
             if !defer {
                 local.entries.push(le);
                 remote.entries.extend(re);
                 continue;
             }
             linked_here = true;
+            deferred.push(le.path.clone());
             match re {
                 // A directory in the way is cleared here, where its contents are counted.
                 Some(re) if re.is_dir() => {
@@ -308,11 +388,28 @@ impl Merger {
         for re in rs {
             self.remote_only_child(re, &mut remote);
         }
+        // A standby special file where a deferred name goes is cleared here; the others are
+        // planned with this directory.
+        r_specials.sort_by(|a, b| a.path.cmp(&b.path));
+        for sp in r_specials {
+            if deferred.binary_search(&sp.path).is_ok() {
+                step.plan.clear.push(sp.path);
+                self.counts.removed_entries += 1;
+            } else {
+                remote.specials.push(sp);
+            }
+        }
+        local.specials.sort_by(|a, b| a.path.cmp(&b.path));
         if linked_here {
             self.linked_parents.insert(dir.path.clone(), dir.meta);
         }
 
         let p = plan::plan(&local, &remote, self.opts);
+        for path in &p.deletes {
+            if remote.get(path).is_some_and(is_linked) {
+                self.removed_linked.insert(path.clone());
+            }
+        }
         for path in &p.clear {
             if remote.get(path).is_some_and(Entry::is_dir) {
                 self.start_removing(path, false);
@@ -363,7 +460,7 @@ impl Merger {
     /// A standby child the primary lacks: planned (deleted) with the others; a file with
     /// several names is also remembered, as its inode's other names may still be wanted.
     fn remote_only_child(&mut self, re: Entry, remote: &mut Manifest) {
-        if is_linked_file(&re) {
+        if is_linked(&re) {
             self.linked_remote.push(re.clone());
         }
         remote.entries.push(re);
@@ -590,6 +687,100 @@ mod tests {
         assert_eq!(
             paths(fin.plan.transfers.iter().map(|t| &t.path)),
             ["x", "y"]
+        );
+    }
+
+    fn linked_symlink(path: &str, ino: u64) -> Entry {
+        Entry {
+            kind: Kind::Symlink {
+                target: b"f".to_vec(),
+            },
+            ..hard(path, ino)
+        }
+    }
+
+    #[test]
+    fn symlinks_with_several_names_across_directories_are_planned_together() {
+        let local = vec![
+            unit(
+                "",
+                vec![dir("B"), linked_symlink("sl", 7), linked_symlink("sl2", 7)],
+            ),
+            unit("B", vec![linked_symlink("B/sl3", 7)]),
+        ];
+        // The standby has them as three separate symlinks.
+        let remote = vec![
+            unit(
+                "",
+                vec![dir("B"), linked_symlink("sl", 1), linked_symlink("sl2", 2)],
+            ),
+            unit("B", vec![linked_symlink("B/sl3", 3)]),
+        ];
+        let (steps, fin, _) = run(local, remote, opts());
+        assert!(steps.iter().all(|s| s.plan.symlinks.is_empty()));
+        // The standby's links are single-named inodes here (nlink unknown: trusted).
+        assert!(fin.plan.symlinks.is_empty(), "{:?}", fin.plan);
+        let links: Vec<_> = fin
+            .plan
+            .links
+            .iter()
+            .map(|l| (l.path.to_string(), l.target.to_string()))
+            .collect();
+        let to = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(links, [to("sl", "B/sl3"), to("sl2", "B/sl3")]);
+        // Only the root gains names.
+        assert_eq!(paths(fin.dir_metas.iter().map(|m| &m.path)), [""]);
+    }
+
+    #[test]
+    fn the_standby_special_files_are_counted_and_removed_with_their_directory() {
+        use crate::manifest::{Special, SpecialKind};
+        let fifo = |path: &str| Special {
+            path: p(path),
+            kind: SpecialKind::Fifo,
+            rdev: 0,
+        };
+        let local = vec![unit("", vec![hard("x", 4), file("y", 1)])];
+        let mut top = unit("", vec![dir("old"), file("y", 1)]);
+        // One where a name of a linked file goes, one extra.
+        top.specials = vec![fifo("x"), fifo("z")];
+        let mut old = unit("old", vec![file("old/f", 1)]);
+        old.specials = vec![fifo("old/p")];
+        let (steps, fin, c) = run(local, vec![top, old], opts());
+        assert_eq!(paths(&steps[0].plan.clear), ["x"]);
+        let all: Vec<(RelPath, u64)> = steps
+            .iter()
+            .flat_map(|s| s.deletes.clone())
+            .chain(fin.deletes)
+            .collect();
+        assert_eq!(all, vec![(p("z"), 1), (p("old"), 3)]);
+        assert_eq!(c.remote_entries, 6);
+        assert_eq!(c.removed_entries, 5);
+        assert_eq!(paths(fin.plan.transfers.iter().map(|t| &t.path)), ["x"]);
+    }
+
+    #[test]
+    fn names_added_after_the_walk_join_their_group() {
+        // A batch walked only `new`; the index named `a` (and its directory) as the other
+        // name of its inode.
+        let local = [unit("", vec![hard("new", 7)])];
+        let remote = [unit("", vec![])];
+        let mut m = Merger::new(opts());
+        let s = m.step(Some(local[0].clone()), Some(remote[0].clone()));
+        assert!(s.plan.transfers.is_empty());
+        assert_eq!(m.linked_local().len(), 1);
+        let extra_local = crate::manifest::testing::manifest(vec![hard("a", 7)]);
+        let extra_remote = crate::manifest::testing::manifest(vec![file("a", 3)]);
+        m.add_linked(extra_local, extra_remote);
+        let fin = m.finish();
+        assert!(fin.plan.transfers.is_empty(), "{:?}", fin.plan);
+        assert_eq!(fin.plan.links.len(), 1);
+        assert_eq!(
+            (
+                fin.plan.links[0].path.clone(),
+                fin.plan.links[0].target.clone()
+            ),
+            (p("new"), p("a"))
         );
     }
 

@@ -1,7 +1,7 @@
 //! The planner: a pure function from (primary manifest, standby manifest, options) to the
 //! list of operations that make the standby equal to the primary. No I/O here.
 
-use crate::manifest::{Entry, Hash, Kind, LinkKey, Manifest, Meta, MetaTarget};
+use crate::manifest::{Entry, Hash, Kind, LinkKey, Manifest, Meta, MetaTarget, Special};
 use crate::path::RelPath;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -127,10 +127,24 @@ pub(crate) fn meta_differs(a: &Meta, b: &Meta, owners: bool, with_mode: bool) ->
 /// Computes the operations that make `remote` equal `local`.
 ///
 /// Entries under a path listed in `local.errors` are unknown on the primary, so their
-/// standby counterparts are left alone.
+/// standby counterparts are left alone. Special files are not mirrored: the standby's are
+/// removed, unless the primary has the same one at the same path ([`Special::matches`]);
+/// one in the way of a primary's entry is cleared like any entry of another type.
 pub fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
+    plan_with(local, remote, opts, None)
+}
+
+/// [`plan`], where `removed` says which of the standby's names (ones the primary lacks)
+/// are removed elsewhere: the streamed planner plans files with several names apart from
+/// the directories it deletes them in.
+pub(crate) fn plan_with(
+    local: &Manifest,
+    remote: &Manifest,
+    opts: PlanOptions,
+    removed: Option<&dyn Fn(&RelPath) -> bool>,
+) -> Plan {
     let mut p = Plan {
-        remote_entries: remote.children().len(),
+        remote_entries: remote.children().len() + remote.specials.len(),
         ..Plan::default()
     };
     let protected: Vec<&RelPath> = local.errors.iter().map(|e| &e.path).collect();
@@ -140,14 +154,22 @@ pub fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
         remote.entries.iter().map(|e| (&e.path, e)).collect();
     let local_paths: HashSet<&RelPath> = local.entries.iter().map(|e| &e.path).collect();
 
-    // Hard-link groups, as sets of paths, on each side.
+    // Hard-link groups (files and symlinks), as sets of paths, on each side; and each
+    // primary group's leader once chosen.
     let local_groups = link_groups(local);
     let remote_groups = link_groups(remote);
-    let group_of = |groups: &HashMap<LinkKey, Vec<RelPath>>, e: &Entry| -> Vec<RelPath> {
-        match e.link.and_then(|k| groups.get(&k)) {
-            Some(g) => g.clone(),
-            None => vec![e.path.clone()],
-        }
+    let mut leaders: HashMap<LinkKey, (RelPath, bool)> = HashMap::new();
+    let goes = |n: &RelPath| {
+        !local_paths.contains(n)
+            && match removed {
+                Some(removed) => removed(n),
+                None => opts.delete && !is_protected(n) && !n.is_reserved(),
+            }
+    };
+    let fates = Fates {
+        remote_groups: &remote_groups,
+        goes: &goes,
+        opts,
     };
 
     // Parents whose mtime changes because an entry inside them is created or removed.
@@ -180,8 +202,8 @@ pub fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
         }
         let same_type =
             r.filter(|r| std::mem::discriminant(&r.kind) == std::mem::discriminant(&l.kind));
-        match &l.kind {
-            Kind::Dir => match same_type {
+        if let Kind::Dir = l.kind {
+            match same_type {
                 Some(r) => {
                     if meta_differs(&l.meta, &r.meta, opts.owners, true) {
                         touched.insert(l.path.clone());
@@ -192,83 +214,67 @@ pub fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
                     touched.insert(l.path.clone());
                     touch(&mut touched, &l.path);
                 }
-            },
-            Kind::Symlink { target } => {
-                let same = matches!(same_type, Some(Entry { kind: Kind::Symlink { target: t }, .. }) if t == target);
-                if same {
-                    let r = same_type.unwrap();
-                    if meta_differs(&l.meta, &r.meta, opts.owners, false) {
-                        p.metas.push(MetaFix {
-                            path: l.path.clone(),
-                            meta: l.meta,
-                            target: MetaTarget::Symlink,
-                        });
-                    }
-                } else {
-                    p.symlinks.push(SymlinkOp {
-                        path: l.path.clone(),
-                        target: target.clone(),
-                        meta: l.meta,
-                    });
-                    touch(&mut touched, &l.path);
-                }
             }
-            Kind::File { size, hash } => {
-                let lgroup = group_of(&local_groups, l);
-                let leader = &lgroup[0];
-                if leader != &l.path {
-                    pending_links.push((l.path.clone(), leader.clone()));
-                    continue;
-                }
-                let rgroup = same_type.map(|r| group_of(&remote_groups, r));
-                let same_content = match same_type {
-                    Some(Entry {
-                        kind: Kind::File { size: rs, hash: rh },
-                        meta: rm,
-                        ..
-                    }) => {
-                        rs == size
-                            && if opts.checksum {
-                                hash.is_some() && rh == hash
-                            } else {
-                                rm.mtime == l.meta.mtime
-                            }
-                    }
-                    _ => false,
-                };
-                // Metadata is fixed in place only when the standby inode has exactly the
-                // names the primary's has; otherwise a chmod would leak to other names.
-                let same_links = rgroup.as_ref() == Some(&lgroup);
-                if same_content && same_links {
-                    let r = same_type.unwrap();
-                    if meta_differs(&l.meta, &r.meta, opts.owners, true) {
-                        p.metas.push(MetaFix {
-                            path: l.path.clone(),
-                            meta: l.meta,
-                            target: MetaTarget::File,
-                        });
-                    }
-                } else {
-                    p.transfers.push(Transfer {
-                        path: l.path.clone(),
-                        size: *size,
-                        meta: l.meta,
-                        basis: r.and_then(Entry::file_size),
-                        hash: *hash,
-                    });
-                    rewritten.insert(l.path.clone());
-                    touch(&mut touched, &l.path);
-                }
-            }
+            continue;
         }
+        // A file or a symlink: one name of its inode's group (alone, a group of one).
+        let group = l.link.and_then(|k| local_groups.get(&k).map(|g| (k, g)));
+        let (leader, keep) = match group {
+            Some((k, g)) => leaders
+                .entry(k)
+                .or_insert_with(|| choose_leader(g, l, &remote_by_path, &fates))
+                .clone(),
+            None => {
+                let alone = std::slice::from_ref(&l.path);
+                let keep = r.is_some_and(|r| keepable(l, r, alone, &fates));
+                (l.path.clone(), keep)
+            }
+        };
+        if leader != l.path {
+            pending_links.push((l.path.clone(), leader));
+            continue;
+        }
+        let is_file = matches!(l.kind, Kind::File { .. });
+        if keep {
+            // The standby's inode has only names of this group: a change in place reaches
+            // no other name.
+            let r = r.expect("a kept leader has a standby entry");
+            if meta_differs(&l.meta, &r.meta, opts.owners, is_file) {
+                p.metas.push(MetaFix {
+                    path: l.path.clone(),
+                    meta: l.meta,
+                    target: if is_file {
+                        MetaTarget::File
+                    } else {
+                        MetaTarget::Symlink
+                    },
+                });
+            }
+            continue;
+        }
+        match &l.kind {
+            Kind::File { size, hash } => p.transfers.push(Transfer {
+                path: l.path.clone(),
+                size: *size,
+                meta: l.meta,
+                basis: r.and_then(Entry::file_size),
+                hash: *hash,
+            }),
+            Kind::Symlink { target } => p.symlinks.push(SymlinkOp {
+                path: l.path.clone(),
+                target: target.clone(),
+                meta: l.meta,
+            }),
+            Kind::Dir => unreachable!("directories are planned above"),
+        }
+        rewritten.insert(l.path.clone());
+        touch(&mut touched, &l.path);
     }
 
     for (path, leader) in pending_links {
         let linked_already = !rewritten.contains(&leader)
             && match (remote_by_path.get(&path), remote_by_path.get(&leader)) {
-                (Some(r), Some(rl)) => {
-                    matches!(r.kind, Kind::File { .. }) && r.link.is_some() && r.link == rl.link
-                }
+                (Some(r), Some(rl)) => r.link.is_some() && r.link == rl.link,
                 _ => false,
             };
         if !linked_already {
@@ -280,31 +286,44 @@ pub fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
         }
     }
 
+    // A standby special file where the primary has an entry is in the way, whatever the
+    // entry's type.
+    for s in &remote.specials {
+        if local_paths.contains(&s.path) && !is_protected(&s.path) {
+            p.clear.push(s.path.clone());
+        }
+    }
+
     // Removals: everything under a cleared path goes with it; extras are deleted only when
-    // asked, and never under a path the primary could not read.
+    // asked, and never under a path the primary could not read. Special files are extras
+    // unless the primary has the same one there.
     let cleared: Vec<RelPath> = p.clear.clone();
     let mut removed_tops: Vec<&RelPath> = Vec::new();
-    for r in remote.children() {
-        if let Some(c) = cleared.iter().find(|c| r.path.starts_with(c)) {
+    for (path, special) in by_path(remote.children(), &remote.specials) {
+        if let Some(c) = cleared.iter().find(|c| path.starts_with(c)) {
             p.removed_entries += 1;
             p.cleared_entries += 1;
-            if &r.path == c {
-                touch(&mut touched, &r.path);
+            if path == c {
+                touch(&mut touched, path);
             }
             continue;
         }
-        if local_paths.contains(&r.path) || is_protected(&r.path) || r.path.is_reserved() {
+        let primary_has = match special {
+            Some(theirs) => local.special(path).is_some_and(|s| s.matches(theirs)),
+            None => local_paths.contains(path),
+        };
+        if primary_has || is_protected(path) || path.is_reserved() {
             continue;
         }
         if !opts.delete {
             continue;
         }
         p.removed_entries += 1;
-        if removed_tops.last().is_some_and(|t| r.path.starts_with(t)) {
+        if removed_tops.last().is_some_and(|t| path.starts_with(t)) {
             continue;
         }
-        removed_tops.push(&r.path);
-        touch(&mut touched, &r.path);
+        removed_tops.push(path);
+        touch(&mut touched, path);
     }
     p.deletes = removed_tops.into_iter().rev().cloned().collect();
 
@@ -332,11 +351,103 @@ pub fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
     p
 }
 
-/// Groups of paths sharing an inode, each sorted, for inodes with two or more names here.
+/// The paths of `entries` and of `specials` (each sorted by path), in path order, each with
+/// its special file if it is one.
+fn by_path<'a>(
+    entries: &'a [Entry],
+    specials: &'a [Special],
+) -> impl Iterator<Item = (&'a RelPath, Option<&'a Special>)> {
+    let mut e = entries.iter().peekable();
+    let mut s = specials.iter().peekable();
+    std::iter::from_fn(move || match (e.peek(), s.peek()) {
+        (Some(x), Some(y)) if y.path < x.path => s.next().map(|y| (&y.path, Some(y))),
+        (Some(_), _) => e.next().map(|x| (&x.path, None)),
+        (None, _) => s.next().map(|y| (&y.path, Some(y))),
+    })
+}
+
+/// Whether the standby's `r` holds what the primary's `l` (a file or a symlink) holds: the
+/// same type and content. Comparing by digest, a dense copy of a sparse file does not: it
+/// is sent again, with its holes.
+fn same_content(l: &Entry, r: &Entry, checksum: bool) -> bool {
+    match (&l.kind, &r.kind) {
+        (Kind::File { size, hash }, Kind::File { size: rs, hash: rh }) => {
+            rs == size
+                && if checksum {
+                    hash.is_some()
+                        && rh == hash
+                        && !crate::sparse::denser(*size, l.shape.blocks, r.shape.blocks)
+                } else {
+                    r.meta.mtime == l.meta.mtime
+                }
+        }
+        (Kind::Symlink { target }, Kind::Symlink { target: rt }) => target == rt,
+        _ => false,
+    }
+}
+
+/// The names the standby's inode at `r` has, when all are known: those listed here, unless
+/// its link count says there are more (beyond what was listed, or outside the tree).
+fn standby_names<'a>(
+    r: &'a Entry,
+    groups: &'a HashMap<LinkKey, Vec<RelPath>>,
+) -> Option<&'a [RelPath]> {
+    let names: &[RelPath] = match r.link.and_then(|k| groups.get(&k)) {
+        Some(g) => g,
+        None => std::slice::from_ref(&r.path),
+    };
+    // A link count of 0 is a peer that does not say (before version 6): trust the listing.
+    let complete = r.link.is_none() || r.shape.nlink <= names.len() as u64;
+    complete.then_some(names)
+}
+
+/// What the plan knows of the standby's names beyond one group.
+struct Fates<'a> {
+    remote_groups: &'a HashMap<LinkKey, Vec<RelPath>>,
+    /// Whether this plan deletes the standby's name (the primary has none there). A name
+    /// the primary has is not assumed to go: it may be kept the same way.
+    goes: &'a dyn Fn(&RelPath) -> bool,
+    opts: PlanOptions,
+}
+
+/// Whether the standby's `r` can stay as the inode of the primary's group `group` (sorted):
+/// it holds `l`'s content, and every other name it has is one this plan deletes, so fixing
+/// its attributes in place changes no name that should differ.
+fn keepable(l: &Entry, r: &Entry, group: &[RelPath], f: &Fates<'_>) -> bool {
+    same_content(l, r, f.opts.checksum)
+        && standby_names(r, f.remote_groups).is_some_and(|names| {
+            names
+                .iter()
+                .all(|n| group.binary_search(n).is_ok() || (f.goes)(n))
+        })
+}
+
+/// The name of a primary group (sorted; `l` one of its entries, all alike) that carries its
+/// content, and whether the standby's entry there is kept: the first the standby already
+/// holds right (so a new name for a large file costs a link, not the file), else the first
+/// name, written anew. The others become links to it.
+fn choose_leader(
+    group: &[RelPath],
+    l: &Entry,
+    remote_by_path: &HashMap<&RelPath, &Entry>,
+    f: &Fates<'_>,
+) -> (RelPath, bool) {
+    for name in group {
+        if let Some(r) = remote_by_path.get(name)
+            && keepable(l, r, group, f)
+        {
+            return (name.clone(), true);
+        }
+    }
+    (group[0].clone(), false)
+}
+
+/// Groups of paths sharing an inode (files or symlinks), each sorted, for inodes with two
+/// or more names here.
 fn link_groups(m: &Manifest) -> HashMap<LinkKey, Vec<RelPath>> {
     let mut groups: HashMap<LinkKey, Vec<RelPath>> = HashMap::new();
     for e in &m.entries {
-        if let (Some(k), Kind::File { .. }) = (e.link, &e.kind) {
+        if let (Some(k), Kind::File { .. } | Kind::Symlink { .. }) = (e.link, &e.kind) {
             groups.entry(k).or_default().push(e.path.clone());
         }
     }
@@ -368,6 +479,7 @@ mod tests {
             },
             meta: meta(0o777, 1),
             link: None,
+            shape: Default::default(),
         }
     }
     const OPTS: PlanOptions = PlanOptions {
@@ -565,10 +677,171 @@ mod tests {
         // Already linked the same way on the standby: nothing to do.
         let remote = manifest(vec![hard("a", 70), hard("b", 70), hard("c", 70)]);
         assert!(plan(&local, &remote, OPTS).is_empty());
-        // One more name on the primary: the group is rebuilt.
+        // One more name on the primary: linked to the standby's inode, which already holds
+        // the content; nothing is sent again.
         let remote = manifest(vec![hard("a", 70), hard("b", 70), file("c", 4, 4)]);
         let pl = plan(&local, &remote, OPTS);
+        assert!(pl.transfers.is_empty() && pl.metas.is_empty(), "{pl:?}");
+        let links: Vec<_> = pl
+            .links
+            .iter()
+            .map(|l| (l.path.clone(), l.target.clone()))
+            .collect();
+        assert_eq!(links, vec![(p("c"), p("a"))]);
+    }
+
+    fn linked(mut e: Entry, ino: u64, nlink: u64) -> Entry {
+        e.link = Some(LinkKey { dev: 1, ino });
+        e.shape.nlink = nlink;
+        e
+    }
+
+    #[test]
+    fn symlinks_with_several_names_are_one_symlink_and_links() {
+        let group = |ino| {
+            vec![
+                dir("B"),
+                linked(link("B/sl3", "f"), ino, 3),
+                linked(link("sl", "f"), ino, 3),
+                linked(link("sl2", "f"), ino, 3),
+            ]
+        };
+        let local = manifest(group(7));
+        let pl = plan(&local, &manifest(vec![dir("B")]), OPTS);
+        assert_eq!(pl.symlinks.len(), 1, "{pl:?}");
+        let leader = pl.symlinks[0].path.clone();
+        assert_eq!(leader, p("B/sl3"));
+        let links: Vec<_> = pl
+            .links
+            .iter()
+            .map(|l| (l.path.clone(), l.target.clone()))
+            .collect();
+        assert_eq!(links, vec![(p("sl"), leader.clone()), (p("sl2"), leader)]);
+        // Linked the same way on the standby: nothing.
+        assert!(plan(&local, &manifest(group(70)), OPTS).is_empty());
+        // Three separate symlinks on the standby (what hotsync made before): the first is
+        // kept, the others become its names.
+        let remote = manifest(vec![
+            dir("B"),
+            link("B/sl3", "f"),
+            link("sl", "f"),
+            link("sl2", "f"),
+        ]);
+        let pl = plan(&local, &remote, OPTS);
+        assert!(pl.symlinks.is_empty() && pl.transfers.is_empty(), "{pl:?}");
         assert_eq!(pl.links.len(), 2);
+        // A name less on the primary: the standby's goes, the others stay linked.
+        let mut fewer = group(7);
+        fewer.pop();
+        let pl = plan(&manifest(fewer), &manifest(group(70)), OPTS);
+        assert!(pl.symlinks.is_empty() && pl.links.is_empty(), "{pl:?}");
+        assert_eq!(paths(&pl.deletes), ["sl2"]);
+        // Split on the primary (sl2 made anew): the standby's inode is left to sl2 alone
+        // only by writing the group anew (a change in place would reach sl2).
+        let mut split = group(7);
+        split[3] = link("sl2", "f");
+        let pl = plan(&manifest(split), &manifest(group(70)), OPTS);
+        let written: Vec<_> = pl.symlinks.iter().map(|l| l.path.clone()).collect();
+        assert_eq!(paths(&written), ["B/sl3", "sl2"]);
+        assert_eq!(pl.links.len(), 1);
+    }
+
+    #[test]
+    fn a_standby_inode_with_names_the_listing_lacks_is_not_changed_in_place() {
+        // The standby's `a` has two more names than the listing shows (a partial listing):
+        // a chmod in place would reach them.
+        let mut a = file("a", 4, 4);
+        a.meta.mode = 0o600;
+        let remote = manifest(vec![linked(file("a", 4, 4), 70, 3)]);
+        let pl = plan(&manifest(vec![a.clone()]), &remote, OPTS);
+        assert!(pl.metas.is_empty());
+        assert_eq!(pl.transfers.len(), 1);
+        // All its names listed: fixed in place.
+        let remote = manifest(vec![linked(file("a", 4, 4), 70, 1)]);
+        let pl = plan(&manifest(vec![a]), &remote, OPTS);
+        assert_eq!((pl.metas.len(), pl.transfers.len()), (1, 0));
+    }
+
+    fn special(path: &str, kind: crate::manifest::SpecialKind, rdev: u64) -> Special {
+        Special {
+            path: p(path),
+            kind,
+            rdev,
+        }
+    }
+
+    #[test]
+    fn the_standby_keeps_no_special_file_the_primary_lacks() {
+        use crate::manifest::SpecialKind::*;
+        let mut local = manifest(vec![file("file-here", 1, 1), dir("dir-here")]);
+        local.specials = vec![
+            special("dev-other", CharDevice, 0x101),
+            special("dev-same", CharDevice, 0x103),
+            special("fifo-same", Fifo, 0),
+            special("sock-vs-fifo", Socket, 0),
+        ];
+        let mut remote = manifest(vec![dir("gone")]);
+        remote.specials = vec![
+            special("dev-other", CharDevice, 0x102),
+            special("dev-same", CharDevice, 0x103),
+            special("dir-here", Fifo, 0),
+            special("fifo-extra", Fifo, 0),
+            special("fifo-same", Fifo, 0),
+            special("file-here", Socket, 0),
+            special("gone/inner", Fifo, 0),
+            special("sock-vs-fifo", Fifo, 0),
+        ];
+        local.sort();
+        remote.sort();
+        let pl = plan(&local, &remote, OPTS);
+        // In the way of the primary's entries: cleared, whatever --no-delete says.
+        assert_eq!(paths(&pl.clear), ["dir-here", "file-here"]);
+        assert_eq!(paths(&pl.mkdirs), ["dir-here"]);
+        assert_eq!(pl.transfers.len(), 1);
+        // Extras; the same special as the primary's stays.
+        assert_eq!(
+            paths(&pl.deletes),
+            ["sock-vs-fifo", "gone", "fifo-extra", "dev-other"]
+        );
+        assert_eq!(pl.removed_entries, 2 + 3 + 2);
+        assert_eq!(pl.remote_entries, 1 + 8);
+        let pl = plan(
+            &local,
+            &remote,
+            PlanOptions {
+                delete: false,
+                ..OPTS
+            },
+        );
+        assert_eq!(paths(&pl.clear), ["dir-here", "file-here"]);
+        assert!(pl.deletes.is_empty());
+        assert_eq!(pl.removed_entries, 2);
+    }
+
+    #[test]
+    fn comparing_by_digest_a_dense_copy_of_a_sparse_file_is_sent_again() {
+        let size = 10 << 20;
+        let sparse = |blocks| Entry {
+            kind: Kind::File {
+                size,
+                hash: Some([3; 32]),
+            },
+            shape: crate::manifest::Shape { nlink: 1, blocks },
+            ..file("img", size, 5)
+        };
+        let local = manifest(vec![sparse(2048)]); // 1 MiB of data
+        let dense = manifest(vec![sparse(size / 512)]);
+        let checksum = PlanOptions {
+            checksum: true,
+            ..OPTS
+        };
+        let pl = plan(&local, &dense, checksum);
+        assert_eq!(pl.transfers.len(), 1);
+        assert_eq!(pl.transfers[0].basis, Some(size), "a delta keeps the holes");
+        // Within the filesystems' rounding: the same file.
+        assert!(plan(&local, &manifest(vec![sparse(2048 + 100)]), checksum).is_empty());
+        // The quick check looks at size and mtime only.
+        assert!(plan(&local, &dense, OPTS).is_empty());
     }
 
     #[test]

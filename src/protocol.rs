@@ -16,7 +16,7 @@
 //! and stays fixed, so a peer of another protocol version still reaches the greeting and
 //! is told exactly which versions differ.
 
-use crate::manifest::{Entry, Hash, Meta, MetaTarget, ScanError, Scope};
+use crate::manifest::{Entry, Hash, Meta, MetaTarget, ScanError, Scope, Shape, Special};
 use crate::path::RelPath;
 use crate::standby::Position;
 use crate::status::Space;
@@ -27,9 +27,13 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 /// Protocol version spoken by this build, and the oldest one it still accepts. Version 2
 /// added heartbeats, coded errors, session modes and positions; version 3 the streamed walk
 /// (`Walk`, `Dir`, `WalkEnd`; a version 2 peer is still listed whole with `List`), version 4
-/// the walk of part of the tree (`WalkScopes`; a version 3 peer lists its parts with `List`).
-/// Version 1 peers are refused at the greeting with both versions named.
-pub const VERSION: u16 = 5;
+/// the walk of part of the tree (`WalkScopes`; a version 3 peer lists its parts with `List`),
+/// version 5 extended attributes and holes, version 6 the shape of the standby's inodes
+/// (`Shapes`: link counts and blocks) and its special files (`Specials`), and `Link` to a
+/// symlink (a version 5 standby gets hard-linked symlinks as separate symlinks, and its
+/// special files are not seen). Version 1 peers are refused at the greeting with both
+/// versions named.
+pub const VERSION: u16 = 6;
 pub const MIN_VERSION: u16 = 2;
 /// The first bytes each side sends, so a stray client is recognised at once.
 pub const MAGIC: &[u8; 8] = b"hotsync\0";
@@ -174,7 +178,8 @@ pub enum Message {
         from: RelPath,
         to: RelPath,
     },
-    /// Make `path` another name of the existing file `target`.
+    /// Make `path` another name of the existing file `target` (from version 6, a symlink
+    /// too: the link is made to the symlink itself, never to what it points at).
     Link {
         id: u64,
         path: RelPath,
@@ -320,6 +325,19 @@ pub enum Message {
     XattrSums {
         sums: Vec<(u32, Sum)>,
     },
+    /// From version 6, before a `Dir` or `Entries`: the [`Shape`] of its entries that have
+    /// more than one name or are regular files larger than [`SMALL_FILE`] (the others' is
+    /// not needed), by index as in `XattrSums`.
+    Shapes {
+        shapes: Vec<(u32, Shape)>,
+    },
+    /// From version 6, in a standby's walk before the `Dir` they are children of, and in a
+    /// listing before `ListEnd`: its special files (sockets, fifos, devices). They are not
+    /// entries (the mirror does not carry them), but the primary must see them to remove
+    /// those it does not have.
+    Specials {
+        specials: Vec<Special>,
+    },
 }
 
 impl Message {
@@ -354,6 +372,8 @@ impl Message {
             | Message::Keep { .. }
             | Message::Xattrs { .. }
             | Message::XattrSums { .. }
+            | Message::Shapes { .. }
+            | Message::Specials { .. }
             | Message::Extent { .. }
             | Message::BaseSig { .. }
             | Message::NoBase { .. }
@@ -408,6 +428,8 @@ impl Message {
             Message::Keep { .. } => "Keep",
             Message::Xattrs { .. } => "Xattrs",
             Message::XattrSums { .. } => "XattrSums",
+            Message::Shapes { .. } => "Shapes",
+            Message::Specials { .. } => "Specials",
             Message::SparseFile { .. } => "SparseFile",
             Message::SparseDelta { .. } => "SparseDelta",
             Message::Extent { .. } => "Extent",
@@ -443,6 +465,40 @@ pub fn put_xattr_sums<'a>(
             )));
         };
         e.meta.xattrs = sum;
+    }
+    Ok(())
+}
+
+/// The `Shapes` for `entries` (in the order a `Dir` or `Entries` carries them); `None` when
+/// none needs its shape told: only an inode with several names (its link count tells
+/// whether all its names were listed) and a file large enough to have holes (its blocks
+/// tell a dense copy of a sparse file).
+pub fn shapes<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<Message> {
+    let shapes: Vec<(u32, Shape)> = entries
+        .enumerate()
+        .filter(|(_, e)| e.link.is_some() || e.file_size().is_some_and(|s| s > SMALL_FILE))
+        .map(|(i, e)| (i as u32, e.shape))
+        .collect();
+    (!shapes.is_empty()).then_some(Message::Shapes { shapes })
+}
+
+/// Puts the shapes of a `Shapes` into the entries of the message that followed it.
+///
+/// # Errors
+/// An index past those entries.
+pub fn put_shapes<'a>(
+    shapes: Vec<(u32, Shape)>,
+    entries: impl Iterator<Item = &'a mut Entry>,
+) -> Result<(), ProtocolError> {
+    let mut entries: Vec<&mut Entry> = entries.collect();
+    for (i, shape) in shapes {
+        let Some(e) = entries.get_mut(i as usize) else {
+            return Err(ProtocolError::Invalid(format!(
+                "shape for entry {i} of {}",
+                entries.len()
+            )));
+        };
+        e.shape = shape;
     }
     Ok(())
 }
@@ -748,6 +804,7 @@ mod tests {
                     kind: Kind::Dir,
                     meta: meta(),
                     link: None,
+                    shape: Default::default(),
                 },
                 entries: vec![],
                 errors: vec![],
@@ -777,6 +834,22 @@ mod tests {
             Message::XattrSums {
                 sums: vec![(0, [1; 16]), (u32::MAX, [9; 16])],
             },
+            Message::Shapes {
+                shapes: vec![(
+                    3,
+                    Shape {
+                        nlink: 2,
+                        blocks: u64::MAX,
+                    },
+                )],
+            },
+            Message::Specials {
+                specials: vec![Special {
+                    path: p.clone(),
+                    kind: crate::manifest::SpecialKind::CharDevice,
+                    rdev: 0x103,
+                }],
+            },
             Message::SparseFile {
                 id: 8,
                 path: p.clone(),
@@ -802,7 +875,8 @@ mod tests {
                         target: b"../x\xfe".to_vec(),
                     },
                     meta: meta(),
-                    link: None,
+                    link: Some(crate::manifest::LinkKey { dev: 1, ino: 2 }),
+                    shape: Default::default(),
                 }],
                 errors: vec![ScanError {
                     path: p.clone(),
@@ -944,13 +1018,15 @@ mod tests {
         // A version 1 peer is refused, and told both sides' versions.
         let e = negotiate(1, 1).unwrap_err().to_string();
         assert!(
-            e.contains("speaks protocol 5 (accepts 2 to 5)") && e.contains("the peer speaks 1"),
+            e.contains("speaks protocol 6 (accepts 2 to 6)") && e.contains("the peer speaks 1"),
             "{e}"
         );
         // A version 2 peer is still served, at version 2 (it is listed whole).
         assert_eq!(negotiate(2, 2).unwrap(), 2);
         // A version 3 peer too, at version 3 (parts of the tree are listed).
         assert_eq!(negotiate(3, 2).unwrap(), 3);
+        // A version 5 peer at version 5: no shapes, no specials, no linked symlinks.
+        assert_eq!(negotiate(5, 2).unwrap(), 5);
     }
 
     #[test]

@@ -41,6 +41,8 @@ struct Session<'s> {
     filter: Filter,
     /// The extended attributes and ACLs this session mirrors.
     xattrs: crate::xattr::Policy,
+    /// The protocol version the session speaks: what a listing may carry.
+    version: u16,
     /// Bumped whenever directories may have been removed, so cached handles are dropped.
     generation: AtomicU64,
     /// This session in the standby's registry (its counters are read live by `status`).
@@ -122,6 +124,7 @@ pub fn serve(
         read_only,
         filter,
         xattrs,
+        version,
         generation: AtomicU64::new(0),
         entry: admission.entry.clone(),
         temps: if read_only { None } else { standby.temps() },
@@ -251,8 +254,13 @@ pub fn entry_size(e: &Entry) -> usize {
         }
 }
 
-/// Sends one directory of a walk, in parts if it is large.
-fn send_unit<W: Write>(w: &mut FrameWriter<W>, u: crate::walk::Unit) -> Result<(), ProtocolError> {
+/// Sends one directory of a walk, in parts if it is large. From version 6 each part is
+/// preceded by the shapes of its entries and the directory's special files.
+fn send_unit<W: Write>(
+    w: &mut FrameWriter<W>,
+    u: crate::walk::Unit,
+    version: u16,
+) -> Result<(), ProtocolError> {
     let mut parts: Vec<Vec<Entry>> = vec![Vec::new()];
     let mut size = 0;
     for e in u.entries {
@@ -264,12 +272,27 @@ fn send_unit<W: Write>(w: &mut FrameWriter<W>, u: crate::walk::Unit) -> Result<(
         }
     }
     let mut errors: Vec<Vec<ScanError>> = u.errors.chunks(512).map(<[_]>::to_vec).collect();
-    let n = parts.len().max(errors.len());
+    let mut specials: Vec<Vec<crate::manifest::Special>> = if version >= 6 {
+        u.specials.chunks(512).map(<[_]>::to_vec).collect()
+    } else {
+        Vec::new()
+    };
+    let n = parts.len().max(errors.len()).max(specials.len());
     parts.resize_with(n, Vec::new);
     errors.resize_with(n, Vec::new);
-    for (i, (entries, errors)) in parts.into_iter().zip(errors).enumerate() {
+    specials.resize_with(n, Vec::new);
+    let parts = parts.into_iter().zip(errors).zip(specials);
+    for (i, ((entries, errors), specials)) in parts.enumerate() {
         if let Some(m) = protocol::xattr_sums(std::iter::once(&u.dir).chain(&entries)) {
             w.send(&m)?;
+        }
+        if version >= 6 {
+            if let Some(m) = protocol::shapes(std::iter::once(&u.dir).chain(&entries)) {
+                w.send(&m)?;
+            }
+            if !specials.is_empty() {
+                w.send(&Message::Specials { specials })?;
+            }
         }
         w.send(&Message::Dir {
             dir: u.dir.clone(),
@@ -281,12 +304,19 @@ fn send_unit<W: Write>(w: &mut FrameWriter<W>, u: crate::walk::Unit) -> Result<(
     Ok(())
 }
 
-/// One `Entries` message, after the digests of its attributes.
+/// One `Entries` message, after the digests of its attributes (and from version 6 the
+/// shapes of its entries).
 fn send_entries<W: Write>(
     w: &mut FrameWriter<W>,
     entries: Vec<Entry>,
+    version: u16,
 ) -> Result<(), ProtocolError> {
     if let Some(m) = protocol::xattr_sums(entries.iter()) {
+        w.send(&m)?;
+    }
+    if version >= 6
+        && let Some(m) = protocol::shapes(entries.iter())
+    {
         w.send(&m)?;
     }
     w.send(&Message::Entries {
@@ -295,29 +325,38 @@ fn send_entries<W: Write>(
     })
 }
 
+/// Sends a listing: its entries, errors and (from version 6) special files, then
+/// `ListEnd`.
 fn send_manifest<W: Write>(
     w: &mut FrameWriter<W>,
-    entries: Vec<Entry>,
-    errors: Vec<ScanError>,
+    m: crate::manifest::Manifest,
     temps_removed: u64,
+    version: u16,
 ) -> Result<(), ProtocolError> {
-    let count = entries.len() as u64;
+    let count = m.entries.len() as u64;
     let mut batch = Vec::new();
     let mut size = 0;
-    for e in entries {
+    for e in m.entries {
         size += entry_size(&e);
         batch.push(e);
         if size >= LIST_BATCH_BYTES {
-            send_entries(w, std::mem::take(&mut batch))?;
+            send_entries(w, std::mem::take(&mut batch), version)?;
             size = 0;
         }
     }
-    send_entries(w, batch)?;
-    for chunk in errors.chunks(512) {
+    send_entries(w, batch, version)?;
+    for chunk in m.errors.chunks(512) {
         w.send(&Message::Entries {
             entries: vec![],
             errors: chunk.to_vec(),
         })?;
+    }
+    if version >= 6 {
+        for chunk in m.specials.chunks(512) {
+            w.send(&Message::Specials {
+                specials: chunk.to_vec(),
+            })?;
+        }
     }
     w.send(&Message::ListEnd {
         count,
@@ -344,27 +383,16 @@ impl Session<'_> {
         hash_rate: u64,
     ) -> Result<(), ProtocolError> {
         let listing = match self.standby.root().ok() {
-            Some(root) => {
-                let opts = ScanOptions {
-                    checksum,
-                    hash_rate,
-                    filter: self.filter.clone(),
-                    remove_temps: !self.read_only,
-                    primary: false,
-                    xattrs: self.xattrs,
-                };
-                scan_scopes(root, scopes, &opts, &|_| {}).map_err(|e| {
-                    ProtocolError::Invalid(format!("cannot scan the standby tree: {e}"))
-                })?
-            }
+            Some(root) => scan_scopes(
+                root,
+                scopes,
+                &self.scan_options(checksum, hash_rate),
+                &|_| {},
+            )
+            .map_err(|e| ProtocolError::Invalid(format!("cannot scan the standby tree: {e}")))?,
             None => Default::default(),
         };
-        send_manifest(
-            w,
-            listing.manifest.entries,
-            listing.manifest.errors,
-            listing.temps_removed,
-        )?;
+        send_manifest(w, listing.manifest, listing.temps_removed, self.version)?;
         w.flush()
     }
 
@@ -378,14 +406,7 @@ impl Session<'_> {
     ) -> Result<(), ProtocolError> {
         let (mut count, mut temps_removed) = (0, 0);
         if let Ok(root) = self.standby.root() {
-            let opts = ScanOptions {
-                checksum,
-                hash_rate,
-                filter: self.filter.clone(),
-                remove_temps: !self.read_only,
-                primary: false,
-                xattrs: self.xattrs,
-            };
+            let opts = self.scan_options(checksum, hash_rate);
             let mut walker = crate::walk::Walker::scoped(root, opts, scopes, None);
             let batch = if checksum { WALK_HASH_BATCH } else { 1 };
             let cannot =
@@ -393,7 +414,7 @@ impl Session<'_> {
             while let Some(units) = walker.next_batch(batch).map_err(cannot)? {
                 for u in units {
                     count += 1 + u.entries.len() as u64;
-                    send_unit(w, u)?;
+                    send_unit(w, u, self.version)?;
                 }
             }
             temps_removed = walker.temps_removed;
@@ -404,6 +425,20 @@ impl Session<'_> {
         })?;
         w.flush()?;
         Ok(w.get_mut().finish()?)
+    }
+
+    /// How this session's listings and walks read the standby's tree.
+    fn scan_options(&self, checksum: bool, hash_rate: u64) -> ScanOptions {
+        ScanOptions {
+            checksum,
+            hash_rate,
+            filter: self.filter.clone(),
+            remove_temps: !self.read_only,
+            primary: false,
+            xattrs: self.xattrs,
+            // A primary before version 6 sees each symlink alone, as it always did.
+            split_symlinks: self.version < 6,
+        }
     }
 
     fn wrote(&self, bytes: u64) {
@@ -940,6 +975,9 @@ fn stage_symlink(
     })
 }
 
+/// Stages another name for the regular file or symlink `target`. A symlink is linked
+/// itself: `linkat` without `AT_SYMLINK_FOLLOW` never follows the last name, and the
+/// directories on the way are resolved without following any symlink.
 fn stage_link(
     s: &Session,
     dirs: &mut Dirs,
@@ -949,16 +987,20 @@ fn stage_link(
 ) -> io::Result<Staged> {
     let (tdir, tname) = dirs.parent(target)?;
     let st = rustix::fs::statat(&*tdir, tname, AtFlags::SYMLINK_NOFOLLOW)?;
-    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+    if !matches!(
+        FileType::from_raw_mode(st.st_mode),
+        FileType::RegularFile | FileType::Symlink
+    ) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "link target is not a regular file",
+            "link target is not a regular file or a symlink",
         ));
     }
     let (dir, name) = dirs.parent(path)?;
     let temp_dir = s.temp_dir(&dir)?;
     let temp = loop {
         let t = fsroot::temp_name();
+        // No AT_SYMLINK_FOLLOW: a symlink target gets a name of its own inode.
         match rustix::fs::linkat(&*tdir, tname, &*temp_dir, t.as_slice(), AtFlags::empty()) {
             Ok(()) => break t,
             Err(Errno::EXIST) => continue,

@@ -4,8 +4,8 @@
 
 use crate::delta::{chunk_size, hash_chunks_paced};
 use crate::filter::Filter;
-use crate::fsroot::{Root, changed, link_key, meta_of};
-use crate::manifest::{Entry, Hash, Kind, Manifest, Meta, ScanError, Scope};
+use crate::fsroot::{Root, changed, link_key, meta_of, shape_of};
+use crate::manifest::{Entry, Hash, Kind, Manifest, Meta, ScanError, Scope, Special, SpecialKind};
 use crate::path::{RESERVED, RelPath, is_temp_name};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
@@ -30,10 +30,14 @@ pub struct ScanOptions {
     /// The extended attributes and ACLs read with each entry (their digest goes in
     /// `Meta::xattrs`); none are read when it keeps nothing.
     pub xattrs: crate::xattr::Policy,
+    /// Leave symlinks out of hard-link groups: each is its own inode (for a standby older
+    /// than protocol 6, which can neither report nor make a symlink with several names).
+    pub split_symlinks: bool,
 }
 
-/// An entry the mirror cannot carry (socket, fifo, device, or a name reserved for
-/// hotsync's own files), skipped with a warning.
+/// An entry whose name is reserved for hotsync's own files (a temp's exact form, or an
+/// entry in the root's `.hotsync`), skipped and reported as not mirrored. (Special files
+/// are [`crate::manifest::Special`]s.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
     pub path: RelPath,
@@ -104,7 +108,9 @@ pub(crate) fn reserved_name(
 
 #[derive(Debug, Default)]
 pub struct ScanOutcome {
+    /// The entries, errors and special files (which the mirror skips) found.
     pub manifest: Manifest,
+    /// Entries whose names are reserved for hotsync's own files (on the primary).
     pub skipped: Vec<Skipped>,
     pub temps_removed: u64,
     /// Bytes read to hash content.
@@ -195,7 +201,8 @@ pub(crate) enum Found {
     Entry(Entry),
     /// Excluded, or vanished since the listing.
     Nothing,
-    Skipped(Skipped),
+    /// A socket, fifo or device node: not mirrored, but seen.
+    Special(Special),
     Error(ScanError),
 }
 
@@ -235,22 +242,24 @@ pub(crate) fn stat_entry(
             Err(e) => return error(format!("cannot read symlink: {}", io::Error::from(e))),
         },
         other => {
-            return Found::Skipped(Skipped {
+            let kind = match other {
+                FileType::Socket => SpecialKind::Socket,
+                FileType::Fifo => SpecialKind::Fifo,
+                FileType::CharacterDevice => SpecialKind::CharDevice,
+                FileType::BlockDevice => SpecialKind::BlockDevice,
+                _ => return error(format!("unknown file type (mode {:o})", st.st_mode)),
+            };
+            return Found::Special(Special {
                 path: path.clone(),
-                kind: match other {
-                    FileType::Socket => "socket",
-                    FileType::Fifo => "fifo",
-                    FileType::CharacterDevice => "character device",
-                    FileType::BlockDevice => "block device",
-                    _ => "special file",
-                },
+                kind,
+                rdev: st.st_rdev,
             });
         }
     };
-    let link = if ft == FileType::RegularFile {
-        link_key(&st)
-    } else {
-        None
+    let link = match ft {
+        FileType::RegularFile => link_key(&st),
+        FileType::Symlink if !opts.split_symlinks => link_key(&st),
+        _ => None,
     };
     let mut meta = meta_of(&st);
     match crate::xattr::read(crate::xattr::At::Name(dir, name), &opts.xattrs) {
@@ -263,6 +272,7 @@ pub(crate) fn stat_entry(
         kind,
         meta,
         link,
+        shape: shape_of(&st),
     })
 }
 
@@ -278,6 +288,7 @@ pub(crate) fn root_entry(fd: BorrowedFd<'_>, opts: &ScanOptions) -> io::Result<E
             ..meta_of(&st)
         },
         link: None,
+        shape: shape_of(&st),
     })
 }
 
@@ -303,8 +314,8 @@ fn visit(
     let entry = match stat_entry(dir, name, path, opts) {
         Found::Entry(e) => e,
         Found::Nothing => return None,
-        Found::Skipped(s) => {
-            out.skipped.push(s);
+        Found::Special(s) => {
+            out.manifest.specials.push(s);
             return None;
         }
         Found::Error(e) => {
@@ -439,6 +450,7 @@ pub(crate) fn hash_in_place(
                                 xattrs: e.meta.xattrs,
                                 ..meta_of(&st)
                             };
+                            e.shape = shape_of(&st);
                         }
                         Err(err) => failed.lock().unwrap().push((
                             *i,
@@ -516,6 +528,45 @@ mod tests {
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+
+    #[test]
+    fn a_symlink_with_several_names_has_a_link_key_unless_split() {
+        let t = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("x", t.path().join("sl")).unwrap();
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            t.path().join("sl").as_path(),
+            rustix::fs::CWD,
+            t.path().join("sl2").as_path(),
+            AtFlags::empty(),
+        )
+        .unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            t.path().join("fifo").as_path(),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let scan_with = |split_symlinks| {
+            let o = ScanOptions {
+                split_symlinks,
+                ..Default::default()
+            };
+            scan(&root, &o, &|_| {}).unwrap().manifest
+        };
+        let m = scan_with(false);
+        let (a, b) = (m.get(&p("sl")).unwrap(), m.get(&p("sl2")).unwrap());
+        assert!(a.link.is_some() && a.link == b.link);
+        assert_eq!(a.shape.nlink, 2);
+        assert_eq!(m.specials.len(), 1);
+        assert_eq!(m.specials[0].kind, SpecialKind::Fifo);
+        // For a standby before protocol 6: each symlink alone.
+        let m = scan_with(true);
+        assert!(m.get(&p("sl")).unwrap().link.is_none());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use crate::error::Error;
 use crate::fsroot::Root;
 use crate::link::Link;
-use crate::manifest::{Entry, Kind, Manifest, Scope};
+use crate::manifest::{Entry, Kind, LinkKey, Manifest, Scope};
 use crate::path::RelPath;
 use crate::progress::Silent;
 use crate::sender::{Session, SyncOptions};
@@ -234,15 +234,128 @@ fn kind_word(e: &Entry) -> &'static str {
 /// Compares a primary manifest with a standby manifest, both hashed. `owners`: whether
 /// owner and group count (the standby runs as root).
 pub fn compare(local: &Manifest, remote: &Manifest, owners: bool) -> Report {
-    let mut r = compare_known(local, remote, owners, &[]);
+    let mut links = Links::default();
+    let mut r = compare_known(local, remote, owners, &[], &mut links);
+    let mut part = Report::default();
+    for d in links.finish(&mut r.details) {
+        part.metadata_differs.push(d.path.clone());
+        part.details.push(d);
+    }
+    r.metadata_differs.append(&mut part.metadata_differs);
+    r.details.append(&mut part.details);
     r.count_lists();
     r.finish();
     r
 }
 
+/// The hard-link structure of both trees, as far as verify must compare it: each path that
+/// has several names on either side, with its inode on each side. Only such paths are
+/// held, so a tree of a million single files costs nothing here.
+#[derive(Default)]
+struct Links {
+    pairs: Vec<LinkPair>,
+}
+
+struct LinkPair {
+    path: RelPath,
+    local: Option<LinkKey>,
+    remote: Option<LinkKey>,
+    /// Already listed under metadata for another reason: the link difference is added to
+    /// its detail.
+    listed: bool,
+}
+
+impl Links {
+    /// Notes `x` (the primary's) and `y` (the standby's), alike in type and content.
+    fn note(&mut self, x: &Entry, y: &Entry, listed: bool) {
+        if x.link.is_some() || y.link.is_some() {
+            self.pairs.push(LinkPair {
+                path: x.path.clone(),
+                local: x.link,
+                remote: y.link,
+                listed,
+            });
+        }
+    }
+
+    /// The paths whose inode has other names (among the paths both sides hold) on one side
+    /// than on the other: a link split on the standby, or two files joined there into one
+    /// inode. Those already listed under metadata have it added to their entry in
+    /// `details`; the others are returned, to be listed.
+    fn finish(self, details: &mut [Difference]) -> Vec<Difference> {
+        let mut out = Vec::new();
+        use std::collections::HashMap;
+        let mut local: HashMap<LinkKey, Vec<usize>> = HashMap::new();
+        let mut remote: HashMap<LinkKey, Vec<usize>> = HashMap::new();
+        for (i, p) in self.pairs.iter().enumerate() {
+            if let Some(k) = p.local {
+                local.entry(k).or_default().push(i);
+            }
+            if let Some(k) = p.remote {
+                remote.entry(k).or_default().push(i);
+            }
+        }
+        fn group<'a>(
+            groups: &'a HashMap<LinkKey, Vec<usize>>,
+            k: Option<LinkKey>,
+            alone: &'a [usize],
+        ) -> &'a [usize] {
+            k.and_then(|k| groups.get(&k)).map_or(alone, Vec::as_slice)
+        }
+        // Groups are compared once per pair of groups, not once per name.
+        let mut same: HashMap<(Option<LinkKey>, Option<LinkKey>), bool> = HashMap::new();
+        let names = |g: &[usize], me: usize| -> String {
+            let others: Vec<String> = g
+                .iter()
+                .filter(|&&j| j != me)
+                .map(|&j| self.pairs[j].path.display())
+                .collect();
+            match others.len() {
+                0 => "no other name".to_string(),
+                n if n <= 3 => others.join(", "),
+                n => format!("{} and {} more", others[..3].join(", "), n - 3),
+            }
+        };
+        for (i, p) in self.pairs.iter().enumerate() {
+            let me = [i];
+            let (gl, gr) = (group(&local, p.local, &me), group(&remote, p.remote, &me));
+            // A name alone on one side is compared by itself; the pairs of groups once.
+            let equal = match (p.local, p.remote) {
+                (Some(_), Some(_)) => *same.entry((p.local, p.remote)).or_insert_with(|| gl == gr),
+                _ => gl == gr,
+            };
+            if equal {
+                continue;
+            }
+            let path = p.path.display();
+            let detail = format!(
+                "hard links differ: on the primary it is one file with {}; on the standby with {}",
+                names(gl, i),
+                names(gr, i)
+            );
+            if p.listed {
+                if let Some(d) = details.iter_mut().find(|d| d.path == path) {
+                    d.detail = format!("{}, {detail}", d.detail);
+                }
+                continue;
+            }
+            out.push(Difference { path, detail });
+        }
+        out
+    }
+}
+
 /// The differences of `local` and `remote`, except beneath the paths `unknown` names
-/// (or those either manifest could not read); lists unsorted, counts not set.
-fn compare_known(local: &Manifest, remote: &Manifest, owners: bool, unknown: &[RelPath]) -> Report {
+/// (or those either manifest could not read); lists unsorted, counts not set. Paths with
+/// several names on either side are noted in `links`, to compare their groups when both
+/// walks are over.
+fn compare_known(
+    local: &Manifest,
+    remote: &Manifest,
+    owners: bool,
+    unknown: &[RelPath],
+    links: &mut Links,
+) -> Report {
     let mut r = Report::default();
     // Paths that could not be read on either side are reported once, and nothing under
     // them is called missing or extra.
@@ -267,7 +380,20 @@ fn compare_known(local: &Manifest, remote: &Manifest, owners: bool, unknown: &[R
             std::cmp::Ordering::Less => {
                 let x = &a[i];
                 r.files_checked += 1;
-                if !unknown_at(&x.path) {
+                if unknown_at(&x.path) {
+                } else if let Some(sp) = remote.special(&x.path) {
+                    // Not missing: something else is there.
+                    let path = x.path.display();
+                    r.content_differs.push(path.clone());
+                    r.details.push(Difference {
+                        path,
+                        detail: format!(
+                            "{} on the primary, a {} on the standby",
+                            kind_word(x),
+                            sp.kind
+                        ),
+                    });
+                } else {
                     r.missing.push(x.path.display());
                 }
                 i += 1;
@@ -281,11 +407,34 @@ fn compare_known(local: &Manifest, remote: &Manifest, owners: bool, unknown: &[R
             }
             std::cmp::Ordering::Equal => {
                 r.files_checked += 1;
-                compare_entry(&a[i], &b[j], owners, &mut r);
+                compare_entry(&a[i], &b[j], owners, &mut r, links);
                 i += 1;
                 j += 1;
             }
         }
+    }
+    // Special files are not mirrored: one on the standby is extra unless the primary has
+    // the same there (one where the primary has an entry was reported above).
+    for sp in &remote.specials {
+        if unknown_at(&sp.path) || sp.path.is_reserved() {
+            continue;
+        }
+        let mine = local.special(&sp.path);
+        if mine.is_some_and(|m| m.matches(sp)) || local.get(&sp.path).is_some() {
+            continue;
+        }
+        let path = sp.path.display();
+        r.extra.push(path.clone());
+        r.details.push(Difference {
+            path,
+            detail: match mine {
+                Some(m) => format!(
+                    "a {} on the standby, a {} on the primary (special files are not mirrored)",
+                    sp.kind, m.kind
+                ),
+                None => format!("a {} (special files are not mirrored)", sp.kind),
+            },
+        });
     }
     for m in [local, remote] {
         r.bytes_hashed += m
@@ -304,12 +453,14 @@ fn compare_known(local: &Manifest, remote: &Manifest, owners: bool, unknown: &[R
 }
 
 /// The verify comparison of two walks, one directory at a time ([`crate::walk`]): only
-/// the report, capped, grows, never with the size of the trees.
+/// the report, capped, grows, and the paths with several names (their groups are compared
+/// at the end), never with the size of the trees.
 pub struct Comparer {
     owners: bool,
     /// Paths either side could not read: nothing beneath them is compared.
     unknown: Vec<RelPath>,
     report: Report,
+    links: Links,
 }
 
 impl Comparer {
@@ -318,6 +469,7 @@ impl Comparer {
             owners,
             unknown: Vec::new(),
             report: Report::default(),
+            links: Links::default(),
         }
     }
 
@@ -328,12 +480,15 @@ impl Comparer {
             .or(remote.as_ref())
             .is_some_and(|u| u.dir.path.is_root());
         if let Some(u) = &local {
-            for sk in &u.skipped {
+            let not_mirrored = u
+                .specials
+                .iter()
+                .map(|s| (&s.path, s.reason()))
+                .chain(u.skipped.iter().map(|s| (&s.path, s.reason())));
+            for (path, why) in not_mirrored {
                 self.report.skipped_count += 1;
                 if self.report.skipped.len() < MAX_LISTED {
-                    self.report
-                        .skipped
-                        .push(EntryError::new(&sk.path, sk.reason()));
+                    self.report.skipped.push(EntryError::new(path, why));
                 }
             }
         }
@@ -345,15 +500,18 @@ impl Comparer {
                     entries.push(u.dir);
                 }
                 entries.extend(u.entries);
+                let mut specials = u.specials;
+                specials.sort_by(|a, b| a.path.cmp(&b.path));
                 Manifest {
                     entries,
                     errors: u.errors,
+                    specials,
                 }
             }
             None => Manifest::default(),
         };
         let (local, remote) = (side(local), side(remote));
-        let part = compare_known(&local, &remote, self.owners, &self.unknown);
+        let part = compare_known(&local, &remote, self.owners, &self.unknown, &mut self.links);
         for m in [&local, &remote] {
             self.unknown.extend(m.errors.iter().map(|e| e.path.clone()));
         }
@@ -361,12 +519,19 @@ impl Comparer {
     }
 
     pub fn finish(mut self) -> Report {
+        let links = std::mem::take(&mut self.links);
+        let mut part = Report::default();
+        for d in links.finish(&mut self.report.details) {
+            part.metadata_differs.push(d.path.clone());
+            part.details.push(d);
+        }
+        self.report.absorb(part);
         self.report.finish();
         self.report
     }
 }
 
-fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report) {
+fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report, links: &mut Links) {
     let path = x.path.display();
     let mut content = None;
     match (&x.kind, &y.kind) {
@@ -416,6 +581,17 @@ fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report) {
             x.meta.mtime.sec, x.meta.mtime.nsec, y.meta.mtime.sec, y.meta.mtime.nsec
         ));
     }
+    if let (Kind::File { size, .. }, Kind::File { .. }) = (&x.kind, &y.kind)
+        && crate::sparse::denser(*size, x.shape.blocks, y.shape.blocks)
+    {
+        what.push(format!(
+            "sparse on the primary ({} allocated), dense on the standby ({} allocated, \
+             more than the primary's by over {})",
+            crate::status::human_bytes(x.shape.blocks.saturating_mul(512)),
+            crate::status::human_bytes(y.shape.blocks.saturating_mul(512)),
+            crate::status::human_bytes(crate::sparse::slack(x.shape.blocks.saturating_mul(512))),
+        ));
+    }
     if x.meta.xattrs != y.meta.xattrs {
         let none = crate::xattr::Sum::default();
         what.push(
@@ -427,7 +603,9 @@ fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report) {
             .to_string(),
         );
     }
-    if !what.is_empty() {
+    let listed = !what.is_empty();
+    links.note(x, y, listed);
+    if listed {
         r.metadata_differs.push(path.clone());
         r.details.push(Difference {
             path,
@@ -683,6 +861,165 @@ mod tests {
         let r = c.finish();
         assert!(r.extra.is_empty() && r.missing.is_empty());
         assert_eq!(r.errors_count, 1);
+    }
+
+    fn linked(path: &str, ino: u64) -> Entry {
+        Entry {
+            link: Some(LinkKey { dev: 1, ino }),
+            ..file(path, 3, 7)
+        }
+    }
+
+    #[test]
+    fn link_groups_are_compared_both_ways() {
+        // Split on the standby: a, b, c one inode on the primary; c apart on the standby.
+        let a = m(vec![
+            linked("a", 1),
+            linked("b", 1),
+            linked("c", 1),
+            file("d", 3, 7),
+            file("e", 3, 7),
+        ]);
+        let b = m(vec![
+            linked("a", 9),
+            linked("b", 9),
+            file("c", 3, 7),
+            linked("d", 8),
+            linked("e", 8),
+        ]);
+        let r = compare(&a, &b, true);
+        // Joined on the standby: d and e, separate on the primary.
+        assert_eq!(r.metadata_differs, ["a", "b", "c", "d", "e"], "{r:?}");
+        let detail = |p: &str| {
+            r.details
+                .iter()
+                .find(|d| d.path == p)
+                .unwrap()
+                .detail
+                .clone()
+        };
+        assert!(
+            detail("c").contains(
+                "on the primary it is one file with a, b; on the standby with no other name"
+            ),
+            "{}",
+            detail("c")
+        );
+        assert!(
+            detail("d").contains(
+                "on the primary it is one file with no other name; on the standby with e"
+            ),
+            "{}",
+            detail("d")
+        );
+        assert!(r.content_differs.is_empty() && r.missing.is_empty() && r.extra.is_empty());
+        // The same groups under other inode numbers: identical.
+        let same = m(vec![
+            linked("a", 5),
+            linked("b", 5),
+            linked("c", 5),
+            file("d", 3, 7),
+            file("e", 3, 7),
+        ]);
+        assert!(compare(&a, &same, true).identical);
+        // A name missing on the standby is missing, not a link difference of the others.
+        let fewer = m(vec![
+            linked("a", 5),
+            linked("b", 5),
+            file("d", 3, 7),
+            file("e", 3, 7),
+        ]);
+        let r = compare(&a, &fewer, true);
+        assert_eq!(
+            (r.missing.clone(), r.metadata_differs.len()),
+            (vec!["c".to_string()], 0),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn the_streamed_comparison_sees_links_across_directories() {
+        let local = [
+            unit("", vec![dir("B"), linked("sl", 1)]),
+            unit("B", vec![linked("B/sl3", 1)]),
+        ];
+        let remote = [
+            unit("", vec![dir("B"), file("sl", 3, 7)]),
+            unit("B", vec![file("B/sl3", 3, 7)]),
+        ];
+        let mut c = Comparer::new(true);
+        c.step(Some(local[0].clone()), Some(remote[0].clone()));
+        c.step(Some(local[1].clone()), Some(remote[1].clone()));
+        let r = c.finish();
+        assert_eq!(r.metadata_differs, ["B/sl3", "sl"]);
+        assert_eq!(r.metadata_differs_count, 2);
+        assert!(!r.identical);
+    }
+
+    #[test]
+    fn a_special_file_only_on_the_standby_is_extra() {
+        use crate::manifest::{Special, SpecialKind};
+        let sp = |p: &str, kind| Special {
+            path: RelPath::new(p).unwrap(),
+            kind,
+            rdev: 0,
+        };
+        let mut a = m(vec![file("f", 1, 1)]);
+        a.specials = vec![
+            sp("same", SpecialKind::Fifo),
+            sp("other", SpecialKind::Socket),
+        ];
+        let mut b = m(vec![]);
+        b.specials = vec![
+            sp("f", SpecialKind::Fifo),
+            sp("other", SpecialKind::Fifo),
+            sp("p", SpecialKind::Fifo),
+            sp("same", SpecialKind::Fifo),
+        ];
+        a.sort();
+        b.sort();
+        let r = compare(&a, &b, true);
+        assert_eq!(r.extra, ["other", "p"]);
+        assert_eq!(r.content_differs, ["f"]);
+        assert!(r.missing.is_empty());
+        let detail = |p: &str| {
+            r.details
+                .iter()
+                .find(|d| d.path == p)
+                .unwrap()
+                .detail
+                .clone()
+        };
+        assert_eq!(detail("f"), "a file on the primary, a fifo on the standby");
+        assert!(detail("p").starts_with("a fifo"), "{}", detail("p"));
+    }
+
+    #[test]
+    fn a_dense_copy_of_a_sparse_file_is_a_metadata_difference() {
+        let size = 8 << 20;
+        let img = |blocks| Entry {
+            shape: crate::manifest::Shape { nlink: 1, blocks },
+            ..file("img", size, 4)
+        };
+        let r = compare(&m(vec![img(1024)]), &m(vec![img(size / 512)]), true);
+        assert_eq!(r.metadata_differs, ["img"]);
+        assert!(
+            r.details[0].detail.starts_with("sparse on the primary (512.0 KiB allocated), dense on the standby (8.0 MiB allocated"),
+            "{}",
+            r.details[0].detail
+        );
+        // Rounding between filesystems, or a standby that did not say: not a difference.
+        assert!(compare(&m(vec![img(1024)]), &m(vec![img(1024 + 64)]), true).identical);
+        assert!(compare(&m(vec![img(1024)]), &m(vec![img(0)]), true).identical);
+        // A dense file on the primary is no sparse file made dense.
+        assert!(
+            compare(
+                &m(vec![img(size / 512)]),
+                &m(vec![img(size / 512 + 8)]),
+                true
+            )
+            .identical
+        );
     }
 
     #[test]

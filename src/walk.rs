@@ -7,11 +7,12 @@
 //! and [`walk_cmp`] is that order on paths.
 
 use crate::fsroot::Root;
-use crate::manifest::{Entry, ScanError, Scope, normalize_scopes};
-use crate::path::RelPath;
+use crate::manifest::{Entry, ScanError, Scope, Special, normalize_scopes};
+use crate::path::{RESERVED, RelPath, is_temp_name};
 use crate::scan::{
     Found, ScanOptions, Skipped, hash_in_place, is_absent, open_child_dir, stat_entry,
 };
+use rustix::fs::AtFlags;
 use std::cmp::Ordering;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -158,7 +159,9 @@ pub struct Unit {
     /// Children (or the directory itself) that could not be read: nothing under them is
     /// known, so nothing there may be deleted on the other side.
     pub errors: Vec<ScanError>,
-    /// Children the mirror cannot carry (sockets, fifos, devices).
+    /// Children the mirror cannot carry (sockets, fifos, devices), sorted by name.
+    pub specials: Vec<Special>,
+    /// Children whose names are reserved for hotsync's own files (on the primary).
     pub skipped: Vec<Skipped>,
 }
 
@@ -247,6 +250,7 @@ impl<'r> Walker<'r> {
                 }],
                 dir,
                 entries: Vec::new(),
+                specials: Vec::new(),
                 skipped: Vec::new(),
             };
             if let Some(g) = &self.gate {
@@ -331,6 +335,7 @@ impl<'r> Walker<'r> {
             dir,
             entries: Vec::with_capacity(names.len()),
             errors: Vec::new(),
+            specials: Vec::new(),
             skipped: Vec::new(),
         };
         for name in names {
@@ -357,7 +362,7 @@ impl<'r> Walker<'r> {
             match stat_entry(fd.as_fd(), &name, &path, &self.opts) {
                 Found::Entry(e) => unit.entries.push(e),
                 Found::Nothing => {}
-                Found::Skipped(s) => unit.skipped.push(s),
+                Found::Special(s) => unit.specials.push(s),
                 Found::Error(e) => unit.errors.push(e),
             }
         }
@@ -373,6 +378,84 @@ impl<'r> Walker<'r> {
     }
 }
 
+/// Finds every name in the tree of the inodes `wanted`: the other names of a file or
+/// symlink with several names, which no event told of (`ln a b` shows only `b`). It reads
+/// directories and looks closer only at names whose inode number matches (a directory
+/// entry carries it), so it costs about a listing of the tree, never its content; it
+/// holds only the directories on its path. It skips what a walk skips (the reserved name
+/// at the root, temporary names, excluded entries) and follows no symlink.
+///
+/// # Errors
+/// Only a failure to read the root; a directory that cannot be read is passed over (its
+/// names stay unknown, which costs a link made as a copy, never a wrong one).
+pub fn find_names(
+    root: &Root,
+    filter: &crate::filter::Filter,
+    wanted: &std::collections::HashSet<crate::manifest::LinkKey>,
+) -> io::Result<std::collections::HashMap<crate::manifest::LinkKey, Vec<RelPath>>> {
+    use rustix::fs::FileType;
+    let mut found: std::collections::HashMap<crate::manifest::LinkKey, Vec<RelPath>> =
+        Default::default();
+    if wanted.is_empty() {
+        return Ok(found);
+    }
+    let inos: std::collections::HashSet<u64> = wanted.iter().map(|k| k.ino).collect();
+    let mut stack: Vec<(OwnedFd, RelPath)> =
+        vec![(root.open_dir(&RelPath::root())?, RelPath::root())];
+    while let Some((fd, dir)) = stack.pop() {
+        let listing = rustix::fs::openat(
+            &fd,
+            c".",
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .and_then(rustix::fs::Dir::new);
+        let mut d = match listing {
+            Ok(d) => d,
+            Err(e) if dir.is_root() => return Err(e.into()),
+            Err(_) => continue,
+        };
+        while let Some(ent) = d.read() {
+            let Ok(ent) = ent else { break };
+            let name = ent.file_name().to_bytes();
+            if name == b"." || name == b".." || (dir.is_root() && name == RESERVED) {
+                continue;
+            }
+            if is_temp_name(name) {
+                continue;
+            }
+            let Ok(path) = dir.join(name) else { continue };
+            let mut ft = ent.file_type();
+            let mut st = None;
+            if inos.contains(&ent.ino()) || ft == FileType::Unknown {
+                let Ok(s) = rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) else {
+                    continue;
+                };
+                ft = FileType::from_raw_mode(s.st_mode);
+                st = Some(s);
+            }
+            if ft == FileType::Directory {
+                if !filter.excludes(&path, true)
+                    && let Ok(sub) = open_child_dir(fd.as_fd(), name)
+                {
+                    stack.push((sub, path));
+                }
+                continue;
+            }
+            if let Some(st) = st
+                && let Some(key) = crate::fsroot::link_key(&st)
+                && wanted.contains(&key)
+                && !filter.excludes(&path, false)
+            {
+                found.entry(key).or_default().push(path);
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// Builders for units in unit tests.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -386,6 +469,7 @@ pub(crate) mod testing {
             dir: dir(d),
             entries,
             errors: vec![],
+            specials: vec![],
             skipped: vec![],
         }
     }
@@ -562,6 +646,48 @@ mod tests {
             self.0.lock().unwrap().push(dir.to_string());
         }
         fn wait_all(&self) {}
+    }
+
+    #[test]
+    fn every_name_of_a_wanted_inode_is_found_and_nothing_else() {
+        let t = tempfile::tempdir().unwrap();
+        for d in ["a", "a/b", "skip", ".hotsync"] {
+            std::fs::create_dir(t.path().join(d)).unwrap();
+        }
+        std::fs::write(t.path().join("f"), b"1").unwrap();
+        for l in [
+            "a/f2",
+            "a/b/f3",
+            "skip/f4",
+            ".hotsync/f5",
+            "a/.hotsync-tmp.0123456789abcdef",
+        ] {
+            std::fs::hard_link(t.path().join("f"), t.path().join(l)).unwrap();
+        }
+        std::fs::write(t.path().join("other"), b"2").unwrap();
+        std::os::unix::fs::symlink("f", t.path().join("sl")).unwrap();
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            t.path().join("sl").as_path(),
+            rustix::fs::CWD,
+            t.path().join("a/sl2").as_path(),
+            AtFlags::empty(),
+        )
+        .unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let key = |p: &str| {
+            let st = root.stat(&RelPath::new(p).unwrap()).unwrap();
+            crate::fsroot::link_key(&st).unwrap()
+        };
+        let (file, link) = (key("f"), key("sl"));
+        let filter = crate::filter::Filter::new(&["skip/".to_string()]).unwrap();
+        let found = find_names(&root, &filter, &[file, link].into()).unwrap();
+        let mut names: Vec<String> = found[&file].iter().map(|p| p.to_string()).collect();
+        names.sort();
+        assert_eq!(names, ["a/b/f3", "a/f2", "f"]);
+        let names: Vec<String> = found[&link].iter().map(|p| p.to_string()).collect();
+        assert_eq!(names.len(), 2);
+        assert!(names.contains(&"sl".to_string()) && names.contains(&"a/sl2".to_string()));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use crate::guard::{self, Absences, Deletions, MassDelete};
 use crate::heartbeat::{self, Beating, Pulse};
 use crate::link::Link;
 use crate::manifest::normalize_scopes;
-use crate::manifest::{Manifest, Scope};
+use crate::manifest::{Entry, LinkKey, Manifest, Scope};
+use crate::names::LinkIndex;
 use crate::path::RelPath;
 use crate::plan::{self, MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
 use crate::progress::Monitor;
@@ -143,6 +144,9 @@ pub struct Session<'m> {
     /// Where the absences of the next reconciles come from (what the mass-delete guard
     /// judges): inferred, unless a watch says otherwise.
     absences: Absences,
+    /// The primary's files and symlinks with several names: a partial reconcile plans the
+    /// whole group of each it meets.
+    links: LinkIndex,
 }
 
 /// Changes seen while a long reconcile runs (a watch's), offered to it so they reach the
@@ -223,6 +227,16 @@ impl<'m> Session<'m> {
                 "the standby does not run as root: owner and group are not preserved there"
             );
         }
+        if version < 6 {
+            crate::xattr::say_once(
+                "a standby before protocol 6",
+                &format!(
+                    "the standby runs an older hotsync (protocol {version}): symlinks with \
+                     several names are mirrored there as separate symlinks, and special files \
+                     on it are neither seen nor removed; upgrade it"
+                ),
+            );
+        }
         Ok(Session {
             link,
             beating,
@@ -236,6 +250,7 @@ impl<'m> Session<'m> {
                 remove_temps: false,
                 primary: true,
                 xattrs,
+                split_symlinks: version < 6,
             },
             monitor,
             ch,
@@ -250,6 +265,7 @@ impl<'m> Session<'m> {
             gate: None,
             early: None,
             absences: Absences::Inferred,
+            links: LinkIndex::default(),
         })
     }
 
@@ -395,9 +411,41 @@ impl<'m> Session<'m> {
         {
             return self.reconcile_streamed(Scopes::new(&normal), renamed);
         }
-        let (local, remote, temps_removed) =
-            self.list_sides(&with_parents(scopes), self.opts.checksum)?;
+        let listed = with_parents(scopes);
+        let (mut local, mut remote, temps_removed) =
+            self.list_sides(&listed, self.opts.checksum)?;
         tracing::debug!("{} ms: both sides listed", started.elapsed().as_millis());
+        let linked: Vec<&Entry> = local
+            .manifest
+            .entries
+            .iter()
+            .filter(|e| e.link.is_some())
+            .collect();
+        if full {
+            self.links.rebuild(linked);
+        } else {
+            let linked: Vec<Entry> = linked.into_iter().cloned().collect();
+            let scan_opts = ScanOptions {
+                checksum: self.opts.checksum,
+                hash_rate: self.opts.hash_rate,
+                ..self.scan_opts.clone()
+            };
+            let more = complete_links(
+                (&mut self.links, &mut self.ch, &self.root),
+                &scan_opts,
+                &Scopes::new(&listed),
+                &linked,
+                self.monitor,
+            )?;
+            if let Some((l, r)) = more {
+                local.manifest.entries.extend(l.entries);
+                local.manifest.errors.extend(l.errors);
+                local.manifest.sort();
+                remote.entries.extend(r.entries);
+                remote.specials.extend(r.specials);
+                remote.sort();
+            }
+        }
 
         let mut summary = Summary {
             files_scanned: local.manifest.children().len() as u64,
@@ -407,7 +455,12 @@ impl<'m> Session<'m> {
             renamed,
             ..Summary::default()
         };
-        note_problems(&mut summary, &local.skipped, &local.manifest.errors);
+        note_problems(
+            &mut summary,
+            &local.manifest.specials,
+            &local.skipped,
+            &local.manifest.errors,
+        );
         let mut plan = plan::plan(
             &local.manifest,
             &remote,
@@ -534,16 +587,106 @@ fn list_both(
     Ok((local, remote, temps_removed))
 }
 
-/// Records the primary's skipped entries (with a warning each) and read errors.
+/// Widens a partial reconcile to every name of the primary's files and symlinks with
+/// several names it met (`linked`, from a listing of `listed`): the names the index knows
+/// (still names of the inode), and, when the link count says some are still unknown, those
+/// a search of the tree finds. Returns both sides' listings of those names (with their
+/// parent directories), to plan with the rest; `None` when there are none.
+///
+/// # Errors
+/// A failure to read SRC's root, or of the connection.
+pub(crate) fn complete_links(
+    (index, ch, root): (&mut LinkIndex, &mut Channel, &Root),
+    scan_opts: &ScanOptions,
+    listed: &Scopes,
+    linked: &[Entry],
+    monitor: &dyn Monitor,
+) -> Result<Option<(Manifest, Manifest)>, Error> {
+    if linked.is_empty() {
+        return Ok(None);
+    }
+    let keys: std::collections::HashSet<LinkKey> = linked.iter().filter_map(|e| e.link).collect();
+    let cannot = |e| Error::io(format!("cannot read SRC {}", root.path().display()), e);
+    // Looks at `paths` on the primary: those still names of one of the inodes.
+    let names_of = |paths: Vec<RelPath>| -> Result<Vec<Entry>, Error> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let scopes: Vec<(RelPath, Scope)> = paths.into_iter().map(|p| (p, Scope::Entry)).collect();
+        let opts = ScanOptions {
+            checksum: false,
+            ..scan_opts.clone()
+        };
+        let found = scan_scopes(root, &scopes, &opts, &|_| {}).map_err(cannot)?;
+        Ok(found
+            .manifest
+            .entries
+            .into_iter()
+            .filter(|e| e.link.is_some_and(|k| keys.contains(&k)))
+            .collect())
+    };
+    let mine: Vec<&Entry> = linked.iter().collect();
+    let known = index.others(&mine);
+    let mut extra = names_of(known.into_iter().filter(|p| !listed.holds(p)).collect())?;
+    let seen: Vec<&Entry> = linked.iter().chain(&extra).collect();
+    let short = index.short(&seen);
+    let mut found = std::collections::HashMap::new();
+    if !short.is_empty() {
+        let started = Instant::now();
+        found = crate::walk::find_names(root, &scan_opts.filter, &short).map_err(cannot)?;
+        let have: std::collections::HashSet<&RelPath> = seen.iter().map(|e| &e.path).collect();
+        let new: Vec<RelPath> = found
+            .values()
+            .flatten()
+            .filter(|p| !have.contains(p) && !listed.holds(p))
+            .cloned()
+            .collect();
+        tracing::debug!(
+            "searched the tree for the names of {} inode(s) with several names: {} more, {} ms",
+            short.len(),
+            new.len(),
+            started.elapsed().as_millis()
+        );
+        extra.extend(names_of(new)?);
+    }
+    index.record(linked.iter().chain(&extra), &found);
+    if extra.is_empty() {
+        return Ok(None);
+    }
+    let scopes: Vec<(RelPath, Scope)> = extra
+        .iter()
+        .map(|e| (e.path.clone(), Scope::Entry))
+        .collect();
+    let (local, mut remote, _) = list_both(ch, root, &with_parents(&scopes), scan_opts, monitor)?;
+    let mut local = local.manifest;
+    // Only the names confirmed (still of the inode) and the directories leading to them.
+    let wanted: std::collections::HashSet<&RelPath> = extra.iter().map(|e| &e.path).collect();
+    local.entries.retain(|e| {
+        e.is_dir() || (wanted.contains(&e.path) && e.link.is_some_and(|k| keys.contains(&k)))
+    });
+    local.specials.clear();
+    let kept: std::collections::HashSet<RelPath> =
+        local.entries.iter().map(|e| e.path.clone()).collect();
+    remote.entries.retain(|e| kept.contains(&e.path));
+    remote.specials.retain(|s| kept.contains(&s.path));
+    Ok(Some((local, remote)))
+}
+
+/// Records what the primary holds that is not mirrored (special files, names reserved for
+/// hotsync), each with a warning once, and its read errors.
 fn note_problems(
     summary: &mut Summary,
+    specials: &[crate::manifest::Special],
     skipped: &[crate::scan::Skipped],
     errors: &[crate::manifest::ScanError],
 ) {
-    for sk in skipped {
-        let why = sk.reason();
-        say_once(&sk.path, &format!("{}: {why}", sk.path));
-        summary.skipped.push(EntryError::new(&sk.path, why));
+    let not_mirrored = specials
+        .iter()
+        .map(|s| (&s.path, s.reason()))
+        .chain(skipped.iter().map(|s| (&s.path, s.reason())));
+    for (path, why) in not_mirrored {
+        say_once(path, &format!("{path}: {why}"));
+        summary.skipped.push(EntryError::new(path, why));
     }
     for e in errors {
         summary
@@ -601,19 +744,31 @@ fn peer_error(e: ProtocolError) -> Error {
     }
 }
 
-/// Reads one listing: the standby's entries, and the temps it cleaned up meanwhile.
+/// Reads one listing: the standby's entries (and special files), and the temps it cleaned
+/// up meanwhile.
 fn receive_listing<R: Read>(r: &mut FrameReader<R>) -> Result<(Manifest, u64), ProtocolError> {
     let mut m = Manifest::default();
     let mut sums = None;
+    let mut shapes = None;
     loop {
         match r.recv()? {
             Message::XattrSums { sums: s } if sums.is_none() => sums = Some(s),
+            Message::Shapes { shapes: s } if shapes.is_none() => shapes = Some(s),
+            Message::Specials { specials } => {
+                for s in &specials {
+                    check_special(s, None)?;
+                }
+                m.specials.extend(specials);
+            }
             Message::Entries {
                 mut entries,
                 errors,
             } => {
                 if let Some(s) = sums.take() {
                     crate::protocol::put_xattr_sums(s, entries.iter_mut())?;
+                }
+                if let Some(s) = shapes.take() {
+                    crate::protocol::put_shapes(s, entries.iter_mut())?;
                 }
                 m.entries.extend(entries);
                 m.errors.extend(errors);
@@ -633,6 +788,21 @@ fn receive_listing<R: Read>(r: &mut FrameReader<R>) -> Result<(Manifest, u64), P
             }
         }
     }
+}
+
+/// Checks a special file a standby reported: never the root nor in the reserved area,
+/// and, in a walk, a child of the directory `parent`.
+fn check_special(
+    s: &crate::manifest::Special,
+    parent: Option<&RelPath>,
+) -> Result<(), ProtocolError> {
+    if s.path.is_root() || s.path.is_reserved() || parent.is_some_and(|d| s.path.split().0 != *d) {
+        return Err(ProtocolError::Invalid(format!(
+            "the standby reports a special file at {}",
+            s.path
+        )));
+    }
+    Ok(())
 }
 
 /// What an operation in flight was, to account for its acknowledgement.

@@ -415,6 +415,7 @@ impl Session<'_> {
         let dry_run = self.opts.dry_run;
         let remote_total = self.remote_total;
         let whole = scopes.is_all();
+        let listed = scopes.clone();
         let gate = self.gate.clone();
 
         let (root, monitor) = (&*self.root, self.monitor);
@@ -520,7 +521,7 @@ impl Session<'_> {
                 }
                 if let Some(lu) = &lu {
                     let mut t = ex.tally.lock().unwrap();
-                    super::note_problems(&mut t, &lu.skipped, &lu.errors);
+                    super::note_problems(&mut t, &lu.specials, &lu.skipped, &lu.errors);
                 }
                 let at = lu.as_ref().or(ru.as_ref()).map(|u| u.dir.path.clone());
                 *passed.lock().unwrap() = at;
@@ -553,6 +554,33 @@ impl Session<'_> {
             executed.and(walked)
         });
         let temps_removed = walked?;
+        // Every name of the files and symlinks with several names: a whole walk saw them
+        // all; a walk of part of the tree looks for the others now.
+        if whole {
+            self.links.rebuild(merger.linked_local());
+        } else {
+            let linked: Vec<_> = merger
+                .linked_local()
+                .iter()
+                .filter(|e| e.link.is_some())
+                .cloned()
+                .collect();
+            let scan_opts = ScanOptions {
+                checksum,
+                hash_rate: self.opts.hash_rate,
+                ..self.scan_opts.clone()
+            };
+            let more = super::complete_links(
+                (&mut self.links, &mut self.ch, root),
+                &scan_opts,
+                &listed,
+                &linked,
+                monitor,
+            )?;
+            if let Some((l, r)) = more {
+                merger.add_linked(l, r);
+            }
+        }
         let counts = merger.counts;
         let finish = merger.finish();
 
@@ -754,7 +782,7 @@ enum Queue {
     /// The standby's walk, its next unit, and the temps it removed once it has ended.
     Remote(
         Receiver<Result<Remote, ProtocolError>>,
-        Option<Unit>,
+        Option<Box<Unit>>,
         Option<u64>,
     ),
 }
@@ -775,7 +803,7 @@ impl Queue {
             Queue::Remote(rx, head, end) => {
                 if head.is_none() && end.is_none() {
                     match rx.recv() {
-                        Ok(Ok(Remote::Unit(u))) => *head = Some(*u),
+                        Ok(Ok(Remote::Unit(u))) => *head = Some(u),
                         Ok(Ok(Remote::End { temps_removed })) => *end = Some(temps_removed),
                         Ok(Err(e)) => return Err(peer_error(e)),
                         Err(_) => {
@@ -793,7 +821,7 @@ impl Queue {
     fn take(&mut self) -> Option<Unit> {
         match self {
             Queue::Local(_, q, _) => q.pop_front(),
-            Queue::Remote(_, head, _) => head.take(),
+            Queue::Remote(_, head, _) => head.take().map(|u| *u),
         }
     }
 
@@ -868,6 +896,10 @@ struct WalkCheck {
     count: u64,
     /// The attribute digests for the next `Dir`.
     sums: Option<Vec<(u32, crate::xattr::Sum)>>,
+    /// The shapes for the next `Dir`.
+    shapes: Option<Vec<(u32, crate::manifest::Shape)>>,
+    /// Special files for the next `Dir`.
+    specials: Vec<crate::manifest::Special>,
 }
 
 impl Default for WalkCheck {
@@ -878,6 +910,8 @@ impl Default for WalkCheck {
             last_dir: None,
             count: 0,
             sums: None,
+            shapes: None,
+            specials: Vec::new(),
         }
     }
 }
@@ -891,6 +925,14 @@ impl WalkCheck {
                 self.sums = Some(sums);
                 Ok(None)
             }
+            Message::Shapes { shapes } if self.shapes.is_none() => {
+                self.shapes = Some(shapes);
+                Ok(None)
+            }
+            Message::Specials { specials } if self.specials.is_empty() => {
+                self.specials = specials;
+                Ok(None)
+            }
             Message::Dir {
                 mut dir,
                 mut entries,
@@ -901,6 +943,11 @@ impl WalkCheck {
                     let all = std::iter::once(&mut dir).chain(entries.iter_mut());
                     crate::protocol::put_xattr_sums(s, all)?;
                 }
+                if let Some(s) = self.shapes.take() {
+                    let all = std::iter::once(&mut dir).chain(entries.iter_mut());
+                    crate::protocol::put_shapes(s, all)?;
+                }
+                let specials = std::mem::take(&mut self.specials);
                 if !dir.is_dir() {
                     return bad(format!("lists {} as a directory", dir.path));
                 }
@@ -924,6 +971,7 @@ impl WalkCheck {
                             dir,
                             entries: Vec::new(),
                             errors: Vec::new(),
+                            specials: Vec::new(),
                             skipped: Vec::new(),
                         }
                     }
@@ -941,6 +989,13 @@ impl WalkCheck {
                     }
                     self.count += 1;
                     unit.entries.push(e);
+                }
+                for sp in specials {
+                    super::check_special(&sp, Some(&unit.dir.path))?;
+                    if !self.scopes.holds(&sp.path) {
+                        return bad(format!("strays outside its scope to {}", sp.path));
+                    }
+                    unit.specials.push(sp);
                 }
                 unit.errors.extend(errors);
                 if more {

@@ -194,6 +194,37 @@ pub fn symlink(target: &[u8], path: &Path) {
     std::os::unix::fs::symlink(OsStr::from_bytes(target), path).unwrap();
 }
 
+/// Gives the file or symlink `existing` the name `new` too, never following a symlink
+/// (`ln -P`).
+pub fn hard_link(existing: &Path, new: &Path) {
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        existing,
+        rustix::fs::CWD,
+        new,
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap_or_else(|e| panic!("link {} {}: {e}", existing.display(), new.display()));
+}
+
+/// The inode number and link count of `path`, never following it (`stat -c %i,%h`).
+pub fn inode(path: &Path) -> (u64, u64) {
+    let m = std::fs::symlink_metadata(path).unwrap();
+    (m.ino(), m.nlink())
+}
+
+/// Makes a fifo at `path`.
+pub fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+}
+
 /// Deterministic pseudo-random bytes.
 pub fn noise(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -212,7 +243,8 @@ pub enum Kind {
     File(Vec<u8>),
     Dir,
     Symlink(Vec<u8>),
-    Special,
+    /// A socket, fifo or device node: its file type bits and device number.
+    Special(u32, u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -327,7 +359,7 @@ fn walk(root: &Path, rel: &[u8], out: &mut BTreeMap<Vec<u8>, Node>) {
         };
         Kind::Symlink(t.as_os_str().as_bytes().to_vec())
     } else {
-        Kind::Special
+        Kind::Special(m.mode() & 0o170000, m.rdev())
     };
     out.insert(
         rel.to_vec(),
@@ -362,20 +394,32 @@ fn walk(root: &Path, rel: &[u8], out: &mut BTreeMap<Vec<u8>, Node>) {
     }
 }
 
+fn describe(k: &Kind) -> String {
+    match k {
+        Kind::File(d) => format!("file of {} bytes", d.len()),
+        other => format!("{other:?}"),
+    }
+}
+
 fn show(rel: &[u8]) -> String {
     format!("{:?}", String::from_utf8_lossy(rel))
 }
 
 /// Differences between two trees: type, bytes, mode, owner, mtime, link target and
-/// hard-link structure. Special files on the primary are expected to be absent.
+/// hard-link structure. Special files are not mirrored: the standby may hold one only
+/// where the primary has the same (an operator made it there).
 pub fn tree_diff(primary: &Path, standby: &Path) -> Vec<String> {
     let a = snapshot(primary);
     let b = snapshot(standby);
     let mut diffs = Vec::new();
     for (rel, na) in &a {
-        if na.kind == Kind::Special {
-            if b.contains_key(rel) {
-                diffs.push(format!("{}: special file was mirrored", show(rel)));
+        if let Kind::Special(..) = na.kind {
+            if b.get(rel).is_some_and(|nb| nb.kind != na.kind) {
+                diffs.push(format!(
+                    "{}: {} on the standby",
+                    show(rel),
+                    describe(&b[rel].kind)
+                ));
             }
             continue;
         }
@@ -441,16 +485,21 @@ pub fn tree_diff(primary: &Path, standby: &Path) -> Vec<String> {
             ));
         }
     }
-    for rel in b.keys() {
+    for (rel, nb) in &b {
         if !a.contains_key(rel) {
-            diffs.push(format!("{}: extra on standby", show(rel)));
+            diffs.push(format!(
+                "{}: extra on standby ({})",
+                show(rel),
+                describe(&nb.kind)
+            ));
         }
     }
-    // Hard links: the sets of names sharing an inode must be the same on both sides.
+    // Hard links: the sets of names sharing an inode must be the same on both sides (a
+    // symlink can have several names too).
     let groups = |s: &BTreeMap<Vec<u8>, Node>| {
         let mut g: HashMap<u64, Vec<Vec<u8>>> = HashMap::new();
         for (rel, n) in s {
-            if matches!(n.kind, Kind::File(_)) {
+            if matches!(n.kind, Kind::File(_) | Kind::Symlink(_)) {
                 g.entry(n.ino).or_default().push(rel.clone());
             }
         }

@@ -286,6 +286,159 @@ fn local_a_path_over_path_max_is_an_error_naming_the_limit() {
     over_path_max(&LocalMirror(t.dst.clone()), &t.src);
 }
 
+/// Symlinks with several names (`ln -P`), beside a regular file's group: one inode with
+/// the same names on the standby, as `rsync -H` keeps them, through every rearrangement.
+pub fn hard_linked_symlinks(m: &dyn Mirror, src: &Path) {
+    let s = |rel: &str| src.join(rel);
+    let d = |rel: &str| m.standby().join(rel);
+    write(&s("f"), b"target");
+    hard_link(&s("f"), &s("f2"));
+    symlink(b"f", &s("sl"));
+    std::fs::create_dir(s("B")).unwrap();
+    hard_link(&s("sl"), &s("sl2"));
+    hard_link(&s("sl"), &s("B/sl3"));
+    // A symlink linked beside its target's group, and one that stays single.
+    symlink(b"f2", &s("t"));
+    hard_link(&s("t"), &s("f-and-t"));
+    symlink(b"f", &s("single"));
+    set_mtime(&s("sl"), 1_600_000_000, 5);
+    let j = m.sync_ok(src, &[]);
+    assert_same_tree(src, m.standby());
+    let (ino, n) = inode(&d("sl"));
+    assert_eq!(n, 3, "sl, sl2, B/sl3 are one inode");
+    assert_eq!(inode(&d("sl2")), (ino, 3));
+    assert_eq!(inode(&d("B/sl3")), (ino, 3));
+    assert_eq!(inode(&d("t")).1, 2);
+    assert_eq!(j["symlinks_written"], 3, "one per inode: {j}");
+    assert_eq!(j["hard_links_made"], 4, "{j}");
+
+    // A name added, a name removed: links only, nothing written again.
+    hard_link(&s("sl"), &s("B/sl4"));
+    std::fs::remove_file(s("sl2")).unwrap();
+    let j = m.sync_ok(src, &[]);
+    assert_same_tree(src, m.standby());
+    assert_eq!(inode(&d("B/sl4")), (ino, 3));
+    assert_eq!(j["symlinks_written"], 0, "{j}");
+    assert_eq!(
+        (&j["hard_links_made"], &j["files_deleted"]),
+        (&1.into(), &1.into()),
+        "{j}"
+    );
+
+    // One name split off on the primary (a new symlink of the same target and time).
+    std::fs::remove_file(s("B/sl4")).unwrap();
+    symlink(b"f", &s("B/sl4"));
+    set_mtime(&s("B/sl4"), 1_600_000_000, 5);
+    m.sync_ok(src, &[]);
+    assert_same_tree(src, m.standby());
+    assert_eq!(inode(&d("B/sl4")).1, 1);
+
+    // A standby an older hotsync split (three separate symlinks): joined again.
+    for name in ["sl", "B/sl3"] {
+        std::fs::remove_file(d(name)).unwrap();
+        symlink(b"f", &d(name));
+        set_mtime(&d(name), 1_600_000_000, 5);
+    }
+    assert!(!tree_diff(src, m.standby()).is_empty());
+    let j = m.sync_ok(src, &[]);
+    assert_same_tree(src, m.standby());
+    assert_eq!(
+        j["symlinks_written"], 0,
+        "the standby's symlink is kept: {j}"
+    );
+    assert_eq!(j["hard_links_made"], 1, "{j}");
+}
+
+/// Special files are not mirrored, and the standby keeps none the primary lacks: extras are
+/// deleted like any extra (`--no-delete`, excludes and the guard apply), one in the way of a
+/// primary's entry is replaced, and one the primary has the same of is left alone.
+pub fn standby_specials(m: &dyn Mirror, src: &Path) {
+    let s = |rel: &str| src.join(rel);
+    let d = |rel: &str| m.standby().join(rel);
+    let socket = |p: &Path| drop(std::os::unix::net::UnixListener::bind(p).unwrap());
+    write(&s("file-here"), b"f");
+    write(&s("dir-here/x"), b"x");
+    write(&s("keep"), b"k");
+    mkfifo(&s("same-fifo"));
+    socket(&s("sock-vs-fifo"));
+    let j = m.sync_ok(src, &[]);
+    assert_eq!(j["skipped"].as_array().unwrap().len(), 2, "{j}");
+    // What an operator, an application or an older mirror left on the standby.
+    mkfifo(&d("extra-fifo"));
+    mkfifo(&d("dir-here/inner-fifo"));
+    socket(&d("extra-sock"));
+    mkfifo(&d("same-fifo"));
+    mkfifo(&d("sock-vs-fifo"));
+    mkfifo(&d("skip.me"));
+    std::fs::remove_file(d("file-here")).unwrap();
+    mkfifo(&d("file-here"));
+    std::fs::remove_dir_all(d("dir-here")).unwrap();
+    socket(&d("dir-here"));
+
+    // Without deletions, only what is in the way of the primary's entries goes.
+    let j = m.sync_ok(src, &["--no-delete", "--exclude", "skip.me"]);
+    assert_eq!(std::fs::read(d("file-here")).unwrap(), b"f", "{j}");
+    assert_eq!(std::fs::read(d("dir-here/x")).unwrap(), b"x");
+    for kept in [
+        "extra-fifo",
+        "extra-sock",
+        "sock-vs-fifo",
+        "same-fifo",
+        "skip.me",
+    ] {
+        assert!(d(kept).symlink_metadata().is_ok(), "{kept}: {j}");
+    }
+    mkfifo(&d("dir-here/inner-fifo"));
+    // Then every special the primary lacks goes, but the excluded one and the primary's own.
+    let j = m.sync_ok(src, &["--exclude", "skip.me"]);
+    assert_eq!(j["files_deleted"], 4, "{j}");
+    for gone in [
+        "extra-fifo",
+        "extra-sock",
+        "sock-vs-fifo",
+        "dir-here/inner-fifo",
+    ] {
+        assert!(d(gone).symlink_metadata().is_err(), "{gone}: {j}");
+    }
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        d("same-fifo")
+            .symlink_metadata()
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert!(d("skip.me").symlink_metadata().is_ok());
+    std::fs::remove_file(d("skip.me")).unwrap();
+    let j = m.sync_ok(src, &[]);
+    assert_eq!(j["files_deleted"], 0, "converged: {j}");
+    assert_same_tree(src, m.standby());
+
+    // Many at once trip the mass-delete guard, like any deletions.
+    for i in 0..12 {
+        mkfifo(&d(&format!("many-{i:02}")));
+    }
+    let r = m.sync(src, &[]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("max-delete"), "{}", r.stderr);
+    assert!(d("many-00").symlink_metadata().is_ok());
+    let j = m.sync_ok(src, &["--force"]);
+    assert_eq!(j["files_deleted"], 12, "{j}");
+    assert_same_tree(src, m.standby());
+}
+
+#[test]
+fn local_standby_keeps_no_special_file_the_primary_lacks() {
+    let t = Pair::new();
+    standby_specials(&LocalMirror(t.dst.clone()), &t.src);
+}
+
+#[test]
+fn local_hard_linked_symlinks_stay_one_inode() {
+    let t = Pair::new();
+    hard_linked_symlinks(&LocalMirror(t.dst.clone()), &t.src);
+}
+
 #[test]
 fn local_every_kind_round_trips() {
     let t = Pair::new();

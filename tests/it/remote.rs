@@ -26,6 +26,20 @@ fn remote_only_reserved_names_are_left_out_and_each_is_reported() {
 }
 
 #[test]
+fn remote_hard_linked_symlinks_stay_one_inode() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    crate::local::hard_linked_symlinks(&m, &t.src);
+}
+
+#[test]
+fn remote_standby_keeps_no_special_file_the_primary_lacks() {
+    let t = Pair::new();
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    crate::local::standby_specials(&m, &t.src);
+}
+
+#[test]
 fn remote_edits_of_every_kind() {
     let t = Pair::new();
     let m = RemoteMirror::start(t.dir.path(), &t.dst);
@@ -551,6 +565,82 @@ fn v1_greeting() -> Vec<u8> {
     g.extend_from_slice(&1u16.to_le_bytes());
     g.extend_from_slice(&1u16.to_le_bytes());
     g
+}
+
+#[test]
+fn a_version_5_primary_is_listed_as_it_was_before_shapes_and_specials() {
+    // What a version 5 primary cannot decode (`Shapes`, `Specials`) or plan (a symlink
+    // with a link key) never reaches it.
+    let t = Pair::new();
+    write(&t.s("f"), b"f");
+    let m = RemoteMirror::start(t.dir.path(), &t.dst);
+    m.sync_ok(&t.src, &[]);
+    mkfifo(&t.d("fifo"));
+    symlink(b"f", &t.d("sl"));
+    hard_link(&t.d("sl"), &t.d("sl2"));
+    write(&t.d("big"), &noise(100_000, 3));
+    hard_link(&t.d("big"), &t.d("big2"));
+    let h = Hostile::new(&m);
+    let mut got = Vec::new();
+    h.bare(|r, w| {
+        let mut g = hotsync::protocol::MAGIC.to_vec();
+        g.extend_from_slice(&5u16.to_le_bytes());
+        g.extend_from_slice(&2u16.to_le_bytes());
+        w.write_raw(&g).unwrap();
+        w.send(&Message::Open {
+            excludes: vec![],
+            mode: hotsync::protocol::SessionMode::ReadOnly,
+            epoch: 1,
+        })
+        .unwrap();
+        w.flush().unwrap();
+        // (Its greeting offers 6; the standby speaks the 5 this primary offered.)
+        r.greeting().unwrap();
+        assert!(matches!(r.recv().unwrap(), Message::Opened { .. }));
+        let Message::Keeps { can } = r.recv().unwrap() else {
+            panic!("no Keeps")
+        };
+        w.send(&Message::Keep { policy: can }).unwrap();
+        w.send(&Message::List {
+            scopes: vec![(
+                hotsync::path::RelPath::root(),
+                hotsync::manifest::Scope::Tree,
+            )],
+            checksum: false,
+            hash_rate: 0,
+        })
+        .unwrap();
+        w.flush().unwrap();
+        loop {
+            let msg = r.recv().unwrap();
+            let end = matches!(msg, Message::ListEnd { .. });
+            got.push(msg);
+            if end {
+                break;
+            }
+        }
+    });
+    let mut names = Vec::new();
+    for msg in &got {
+        match msg {
+            Message::Entries { entries, .. } => {
+                for e in entries {
+                    names.push(e.path.to_string());
+                    let symlink = matches!(e.kind, hotsync::manifest::Kind::Symlink { .. });
+                    assert_eq!(
+                        e.link.is_some(),
+                        e.path.to_string().starts_with("big"),
+                        "{e:?}"
+                    );
+                    assert!(!symlink || e.link.is_none());
+                }
+            }
+            Message::ListEnd { .. } | Message::XattrSums { .. } => {}
+            other => panic!("a version 5 primary got {}", other.name()),
+        }
+    }
+    names.sort();
+    assert_eq!(names, [".", "big", "big2", "f", "sl", "sl2"]);
 }
 
 #[test]

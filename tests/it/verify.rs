@@ -114,6 +114,131 @@ fn remote_verify_reports_each_category_and_repairs() {
     categories(true);
 }
 
+/// Each shape a standby can differ in beyond entries and their content: verify reports it in
+/// its category, and `--repair` makes it right.
+fn blind_spots(remote: bool) {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let t = Pair::new();
+    let rm;
+    let local;
+    let (m, r): (&dyn Mirror, Option<&RemoteMirror>) = if remote {
+        rm = RemoteMirror::start(t.dir.path(), &t.dst);
+        (&rm, Some(&rm))
+    } else {
+        local = LocalMirror(t.dst.clone());
+        (&local, None)
+    };
+    // One file with three names, a symlink with two, two separate files alike, a sparse
+    // file (4 MiB, one block of data).
+    write(&t.s("a"), b"shared");
+    std::fs::create_dir(t.s("sub")).unwrap();
+    hard_link(&t.s("a"), &t.s("sub/b"));
+    hard_link(&t.s("a"), &t.s("c"));
+    symlink(b"a", &t.s("sl"));
+    hard_link(&t.s("sl"), &t.s("sub/sl2"));
+    write(&t.s("d"), b"alike");
+    write(&t.s("e"), b"alike");
+    let sparse = std::fs::File::create(t.s("sparse.img")).unwrap();
+    sparse.write_all_at(&[7; 4096], 1 << 20).unwrap();
+    sparse.set_len(4 << 20).unwrap();
+    drop(sparse);
+    for f in ["d", "e", "a"] {
+        set_mtime(&t.s(f), 1_600_000_000, 0);
+    }
+    m.sync_ok(&t.src, &[]);
+    assert_eq!(verify(m, r, &t.src, &[]).code, 0);
+    // The standby's `rel` gets the primary's mtime back after a change made there.
+    let same_time = |rel: &str| {
+        let p = if rel.is_empty() {
+            t.src.clone()
+        } else {
+            t.s(rel)
+        };
+        let m = std::fs::symlink_metadata(p).unwrap();
+        let q = if rel.is_empty() {
+            t.dst.clone()
+        } else {
+            t.d(rel)
+        };
+        set_mtime(&q, m.mtime(), m.mtime_nsec() as u32);
+    };
+    let check = |what: &str, category: &str, paths: &[&str], detail: &str| {
+        let v = verify(m, r, &t.src, &[]);
+        assert_eq!(v.code, 1, "{what}: {}{}", v.stdout, v.stderr);
+        let j = v.json();
+        let mut want: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        want.sort();
+        assert_eq!(strings(&j[category]), want, "{what}: {j}");
+        for other in ["missing", "extra", "content_differs", "metadata_differs"] {
+            if other != category {
+                assert!(strings(&j[other]).is_empty(), "{what}: {j}");
+            }
+        }
+        let details = j["details"].to_string();
+        assert!(details.contains(detail), "{what}: {details}");
+        let v = verify(m, r, &t.src, &["--repair"]);
+        assert_eq!(v.code, 0, "{what}: {}{}", v.stdout, v.stderr);
+        assert_eq!(v.json()["before"]["identical"], false);
+        assert_same_tree(&t.src, &t.dst);
+    };
+    // A name split off its inode on the standby (a copy, alike in every attribute).
+    let b = t.d("sub/b");
+    std::fs::remove_file(&b).unwrap();
+    write(&b, b"shared");
+    same_time("sub/b");
+    same_time("sub");
+    check(
+        "split link group",
+        "metadata_differs",
+        &["a", "c", "sub/b"],
+        "on the primary it is one file with a, c; on the standby with no other name",
+    );
+    assert_eq!(inode(&t.d("sub/b")), (inode(&t.d("a")).0, 3));
+    // Two separate files joined into one inode on the standby.
+    std::fs::remove_file(t.d("e")).unwrap();
+    hard_link(&t.d("d"), &t.d("e"));
+    same_time("");
+    check(
+        "joined inodes",
+        "metadata_differs",
+        &["d", "e"],
+        "on the primary it is one file with no other name; on the standby with",
+    );
+    assert_eq!(inode(&t.d("e")).1, 1);
+    // A fifo on the standby only.
+    mkfifo(&t.d("sub/fifo"));
+    same_time("sub");
+    check("extra fifo", "extra", &["sub/fifo"], "a fifo");
+    // The sparse file made dense on the standby (its content, size and time unchanged).
+    let img = t.d("sparse.img");
+    let data = std::fs::read(&img).unwrap();
+    std::fs::remove_file(&img).unwrap();
+    write(&img, &data);
+    same_time("sparse.img");
+    same_time("");
+    assert!(img.metadata().unwrap().blocks() * 512 >= 4 << 20);
+    check(
+        "dense copy",
+        "metadata_differs",
+        &["sparse.img"],
+        "sparse on the primary",
+    );
+    assert!(
+        img.metadata().unwrap().blocks() * 512 < 1 << 20,
+        "sent again with its holes"
+    );
+}
+
+#[test]
+fn local_verify_sees_link_groups_specials_and_holes_and_repairs_them() {
+    blind_spots(false);
+}
+
+#[test]
+fn remote_verify_sees_link_groups_specials_and_holes_and_repairs_them() {
+    blind_spots(true);
+}
+
 #[test]
 fn verify_prints_a_summary_first_then_categories() {
     let t = Pair::new();

@@ -183,6 +183,55 @@ fn remote_watch_handles_every_trap() {
     traps(true);
 }
 
+/// `ln -P` while watching: a symlink (and a file) that gains names is one inode with those
+/// names on the standby, a new name costs a link, not a copy, and a name removed leaves
+/// the others linked.
+fn links_made_while_watching(remote: bool) {
+    let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let r = Rig::new(
+        remote,
+        |t| {
+            write(&t.s("f"), b"target");
+            symlink(b"f", &t.s("sl"));
+            write(&t.s("B/big"), &noise(300_000, 1));
+            write(&t.s("other"), b"o");
+        },
+        &[],
+    );
+    r.converge();
+    // A symlink that had one name gains one (nothing told the watch of `sl` itself).
+    hard_link(&r.s("sl"), &r.s("sl2"));
+    r.converge();
+    // And another, in another directory; a large file gains a name too.
+    let mark = r.events();
+    hard_link(&r.s("sl"), &r.s("B/sl3"));
+    hard_link(&r.s("B/big"), &r.s("big-too"));
+    r.converge();
+    assert!(
+        r.literal_since(mark) < 1000,
+        "a new name was sent as a copy: {:?}",
+        &r.watch.events.lock().unwrap()[mark..]
+    );
+    let (ino, n) = inode(&r.t.d("sl"));
+    assert_eq!((n, inode(&r.t.d("B/sl3")).0), (3, ino));
+    // A name removed: the others stay one inode.
+    std::fs::remove_file(r.s("sl2")).unwrap();
+    r.converge();
+    assert_eq!(inode(&r.t.d("sl")), (ino, 2));
+    let mut w = r.watch;
+    assert_eq!(w.stop(Duration::from_secs(2)).code(), Some(0));
+}
+
+#[test]
+fn local_watch_keeps_names_made_with_ln_one_inode() {
+    links_made_while_watching(false);
+}
+
+#[test]
+fn remote_watch_keeps_names_made_with_ln_one_inode() {
+    links_made_while_watching(true);
+}
+
 #[test]
 fn a_slow_appender_is_only_ever_seen_in_states_it_had() {
     let _g = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
