@@ -1,10 +1,13 @@
 //! Atomic, durable replacement of files on the standby, batched.
 //!
-//! Every file lands as a temp in the standby's own area `.hotsync/tmp/` (written,
-//! attributes set), then a batch is committed: make the temps' data durable, rename each
-//! over its target, make the renames durable, and only then report success. The area is
-//! where no user's name can collide with a temp's; only a directory on another filesystem
-//! than the root (a mount point inside the tree) gets its temps beside their targets.
+//! Every file is received as a temp (written, attributes set), then a batch is committed:
+//! make the temps' data durable, put each in place, make that durable, and only then
+//! report success. A file's temp has no name at all ([`TempPlace`]): it is made unnamed
+//! beside its target, linked at its name when that is new, or named in the standby's
+//! area `.hotsync/tmp/` and renamed over the entry it replaces. Symlinks and hard links
+//! are named in the area from the start. The area is where no user's name can collide
+//! with a temp's; only a directory on another filesystem than the root (a mount point
+//! inside the tree) gets its temps beside their targets.
 //!
 //! How the batch is made durable depends on the standby root's filesystem
 //! ([`Durability`]). Where `syncfs` is known to write everything back (ext4, XFS, btrfs),
@@ -124,16 +127,34 @@ impl Flusher for Kernel {
     }
 }
 
-/// A temp file (or symlink, or hard link) `temp` in `temp_dir`, waiting to be renamed over
-/// `name` in `dir`.
+/// Where a staged entry is until its commit (see [`TempPlace`]).
+pub enum Temp {
+    /// Named `.1` in `.0`: the standby's area, or the target's directory itself.
+    Named(Arc<OwnedFd>, Vec<u8>),
+    /// No name yet: the file is held by its descriptor alone. `via` is where it is named
+    /// for the instant before it is renamed over an entry it replaces (the area, or the
+    /// target's directory where the area cannot reach it).
+    Unnamed { via: Arc<OwnedFd> },
+}
+
+impl Temp {
+    /// Removes a named temp (a failed or abandoned operation); an unnamed file goes with
+    /// its last descriptor.
+    pub fn discard(&self) {
+        if let Temp::Named(at, temp) = self {
+            let _ = rustix::fs::unlinkat(&**at, temp.as_slice(), AtFlags::empty());
+        }
+    }
+}
+
+/// A file (or symlink, or hard link) waiting to be put in place as `name` in `dir`.
 pub struct Staged {
     pub id: u64,
     pub dir: Arc<OwnedFd>,
-    /// Where the temp is: the standby's area, or `dir` itself (see [`TempPlace`]).
-    pub temp_dir: Arc<OwnedFd>,
-    pub temp: Vec<u8>,
+    pub temp: Temp,
     pub name: Vec<u8>,
-    /// Kept open for a per-file `fsync` (see [`Batch::keep_fd`]); `None` otherwise.
+    /// Its descriptor: always for an unnamed file, else kept open for a per-file `fsync`
+    /// (see [`Batch::keep_fd`]) or `None`.
     pub file: Option<File>,
     pub bytes: u64,
 }
@@ -227,7 +248,9 @@ impl Batch {
 
     pub fn stage(&mut self, s: Staged) {
         self.bytes += s.bytes;
-        self.fds += usize::from(s.file.is_some());
+        // An unnamed file's descriptor is the file itself, not one kept for an `fsync`:
+        // such files are made only where descriptors are plenty ([`TempPlace::create`]).
+        self.fds += usize::from(s.file.is_some() && matches!(s.temp, Temp::Named(..)));
         self.items.push(s);
     }
 
@@ -301,7 +324,9 @@ impl Batch {
         // per-file `fsync` (or with operations applied in place, whose directories were
         // not kept where the root's `syncfs` covers them).
         let batched = self.durability.trusts_syncfs
-            && (!applied.is_empty() || items.iter().any(|i| i.file.is_none()));
+            && (!applied.is_empty()
+                || items.len() > FSYNC_EACH
+                || items.iter().any(|i| i.file.is_none()));
         let mut dirs = DirKeys::default();
         let covered: Vec<bool> = items
             .iter()
@@ -329,12 +354,12 @@ impl Batch {
         // 2. The renames.
         for (i, it) in items.iter().enumerate() {
             if result[i].is_ok()
-                && let Err(e) = rename_into_place(it)
+                && let Err(e) = put_in_place(it)
             {
                 // A rename refused by the filesystem is not worth a resend.
                 let e = std::io::Error::from(e);
                 result[i] = Err(OpError {
-                    message: format!("cannot rename into place: {e}"),
+                    message: format!("cannot put into place: {e}"),
                     retry: false,
                     no_space: is_no_space(&e),
                 });
@@ -423,16 +448,14 @@ fn fsync_temp(it: &Staged, k: &dyn Flusher) -> Result<(), Errno> {
     if let Some(f) = &it.file {
         return k.fsync(f.as_fd());
     }
-    let st = rustix::fs::statat(&*it.temp_dir, it.temp.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
+    let Temp::Named(at, temp) = &it.temp else {
+        return Ok(());
+    };
+    let st = rustix::fs::statat(&**at, temp.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_nlink > 1 {
         return Ok(());
     }
-    let f = rustix::fs::openat(
-        &*it.temp_dir,
-        it.temp.as_slice(),
-        READ_NOFOLLOW,
-        Mode::empty(),
-    )?;
+    let f = rustix::fs::openat(&**at, temp.as_slice(), READ_NOFOLLOW, Mode::empty())?;
     k.fsync(f.as_fd())
 }
 
@@ -491,13 +514,10 @@ impl DirKeys {
 }
 
 impl Staged {
-    /// Removes the temp (a failed or abandoned operation).
+    /// Removes the temp (a failed or abandoned operation); an unnamed file goes with its
+    /// descriptor.
     pub fn discard(&self) {
-        let _ = rustix::fs::unlinkat(
-            &*self.temp_dir,
-            self.temp.as_slice(),
-            rustix::fs::AtFlags::empty(),
-        );
+        self.temp.discard();
     }
 }
 
@@ -510,45 +530,89 @@ impl Drop for Batch {
     }
 }
 
-/// Renames the temp over its target. A receiver that is not root gives itself write
-/// permission on a read-only target directory (its mode is put back with the directory's
-/// attributes, which the primary sends after the directory's entries).
-fn rename_into_place(it: &Staged) -> Result<(), rustix::io::Errno> {
-    let rename = || {
-        rustix::fs::renameat(
-            &*it.temp_dir,
-            it.temp.as_slice(),
-            &*it.dir,
-            it.name.as_slice(),
-        )
+/// Puts the staged entry in place: a named temp is renamed over its target; an unnamed
+/// file is linked at its name at once when nothing is there (a new entry), else named in
+/// its `via` directory (the area) and renamed over its target from there, so no temp's
+/// name ever shows in a mirrored directory.
+/// A receiver that is not root gives itself write permission on a read-only target
+/// directory (its mode is put back with the directory's attributes, which the primary
+/// sends after the directory's entries).
+fn put_in_place(it: &Staged) -> Result<(), Errno> {
+    let put = || match (&it.temp, &it.file) {
+        (Temp::Named(at, temp), _) => {
+            rustix::fs::renameat(&**at, temp.as_slice(), &*it.dir, it.name.as_slice())
+        }
+        (Temp::Unnamed { via }, Some(f)) => match link_fd(f, &it.dir, &it.name) {
+            Err(Errno::EXIST) => loop {
+                let temp = crate::fsroot::temp_name();
+                match link_fd(f, via, &temp) {
+                    Ok(()) => {
+                        let r = rustix::fs::renameat(
+                            &**via,
+                            temp.as_slice(),
+                            &*it.dir,
+                            it.name.as_slice(),
+                        );
+                        if r.is_err() {
+                            let _ = rustix::fs::unlinkat(&**via, temp.as_slice(), AtFlags::empty());
+                        }
+                        break r;
+                    }
+                    Err(Errno::EXIST) => continue,
+                    Err(e) => break Err(e),
+                }
+            },
+            other => other,
+        },
+        (Temp::Unnamed { .. }, None) => Err(Errno::BADF),
     };
-    match rename() {
-        Err(rustix::io::Errno::ACCESS) => {
+    match put() {
+        Err(Errno::ACCESS) => {
             let st = rustix::fs::fstat(&*it.dir)?;
-            rustix::fs::fchmod(
-                &*it.dir,
-                rustix::fs::Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700),
-            )?;
-            rename()
+            rustix::fs::fchmod(&*it.dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
+            put()
         }
         other => other,
     }
 }
 
-/// Where a standby makes the temps of one target directory: its area `.hotsync/tmp/`
-/// when the directory is on the root's filesystem (a rename reaches it from there), else
-/// the directory itself.
+/// The open-file limit from which files are received unnamed: each holds a descriptor
+/// until its batch commits, and the batches of a session's streams (two lanes of
+/// [`BATCH_FILES`], and the large files in flight) must fit several times over.
+const UNNAMED_FDS: u64 = 16_384;
+
+/// Where a standby makes the temps of one target directory. A file is made unnamed
+/// beside its target (`O_TMPFILE`: its blocks and inode where the target's go, no name a
+/// user's could collide with, nothing left by a crash) and keeps no name until its batch
+/// commits, when it is linked at its name (or, to replace an entry, named in the area
+/// and renamed over it: see [`put_in_place`]). Symlinks and hard links, and files where
+/// unnamed ones cannot be made, are named in the area `.hotsync/tmp/`. Where a directory
+/// is on another filesystem than the area (a mount point inside the tree), a rename
+/// cannot reach it from there: its temps are named beside their targets instead, under
+/// the reserved form.
 #[derive(Clone)]
 pub struct TempPlace {
     area: Arc<OwnedFd>,
     dev: u64,
+    /// This process may hold enough descriptors for unnamed files.
+    unnamed: bool,
+}
+
+/// A file being received for an entry of a directory.
+pub struct NewTemp {
+    pub file: File,
+    pub temp: Temp,
 }
 
 impl TempPlace {
-    /// The area `area` (open), on the filesystem it is on.
+    /// The area `area` (open), on the filesystem it is on. Files are received unnamed
+    /// only if this process's open-file limit (raised, see [`crate::fsroot::raise_fd_limit`])
+    /// is at least [`UNNAMED_FDS`].
     pub fn new(area: Arc<OwnedFd>) -> std::io::Result<TempPlace> {
         let dev = rustix::fs::fstat(&*area)?.st_dev;
-        Ok(TempPlace { area, dev })
+        let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        let unnamed = lim.current.is_none_or(|n| n >= UNNAMED_FDS);
+        Ok(TempPlace { area, dev, unnamed })
     }
 
     /// The area itself (to clear it).
@@ -556,7 +620,7 @@ impl TempPlace {
         self.area.as_fd()
     }
 
-    /// Where the temps of files in `dir` go.
+    /// Where a named temp (a symlink, a hard link) of an entry of `dir` is made.
     #[allow(clippy::useless_conversion)]
     pub fn for_dir(&self, dir: &Arc<OwnedFd>) -> std::io::Result<Arc<OwnedFd>> {
         let dev = rustix::fs::fstat(&**dir)?.st_dev;
@@ -565,6 +629,58 @@ impl TempPlace {
         } else {
             dir.clone()
         })
+    }
+
+    /// A new file to receive an entry of `dir` into: unnamed beside it, or, where the
+    /// filesystem has no unnamed files (or this process may hold few descriptors: an
+    /// unnamed file holds one until its batch commits), named in the area (or beside it)
+    /// from the start.
+    pub fn create(&self, dir: &Arc<OwnedFd>) -> std::io::Result<NewTemp> {
+        let unnamed = if self.unnamed {
+            rustix::fs::openat(
+                &**dir,
+                c".",
+                OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+        } else {
+            Err(Errno::OPNOTSUPP)
+        };
+        let at = self.for_dir(dir)?;
+        match unnamed {
+            Ok(fd) => {
+                return Ok(NewTemp {
+                    file: File::from(fd),
+                    temp: Temp::Unnamed { via: at },
+                });
+            }
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (file, name) = crate::fsroot::create_temp(at.as_fd())?;
+        Ok(NewTemp {
+            file,
+            temp: Temp::Named(at, name),
+        })
+    }
+}
+
+/// Gives the open file `f` (unnamed) the name `name` in `at`. `AT_EMPTY_PATH` needs
+/// `CAP_DAC_READ_SEARCH`; without it, the file's `/proc/self/fd` entry is linked.
+fn link_fd(f: &File, at: &OwnedFd, name: &[u8]) -> Result<(), Errno> {
+    match rustix::fs::linkat(f, c"", at, name, AtFlags::EMPTY_PATH) {
+        Err(Errno::NOENT | Errno::PERM) => {
+            use std::os::fd::AsRawFd;
+            let proc = format!("/proc/self/fd/{}", f.as_raw_fd());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc.as_str(),
+                at,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        other => other,
     }
 }
 
@@ -599,9 +715,8 @@ mod tests {
         let keep = b.keep_fd();
         b.stage(Staged {
             id,
-            temp_dir: dir.clone(),
+            temp: Temp::Named(dir.clone(), temp),
             dir,
-            temp,
             name: name.as_bytes().to_vec(),
             file: keep.then_some(f),
             bytes: data.len() as u64,
@@ -657,6 +772,74 @@ mod tests {
     }
 
     #[test]
+    fn files_are_received_unnamed_and_named_only_at_their_commit() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join(".hotsync/tmp")).unwrap();
+        std::fs::create_dir(t.path().join("d")).unwrap();
+        std::fs::write(t.path().join("d/old"), b"the old version").unwrap();
+        let root = Root::open(t.path()).unwrap();
+        let open = |rel: &str| {
+            Arc::new(
+                root.open_dir(&crate::path::RelPath::new(rel).unwrap())
+                    .unwrap(),
+            )
+        };
+        crate::fsroot::raise_fd_limit();
+        let place = TempPlace::new(open(".hotsync/tmp")).unwrap();
+        let d = open("d");
+        let names = |rel: &str| std::fs::read_dir(t.path().join(rel)).unwrap().count();
+        for n in [1usize, FSYNC_EACH + 3] {
+            let before = names("d");
+            let mut b = Batch::new(Durability::default());
+            for i in 0..n {
+                let tmp = place.create(&d).unwrap();
+                assert!(
+                    matches!(tmp.temp, Temp::Unnamed { .. }),
+                    "a file is received unnamed"
+                );
+                (&tmp.file)
+                    .write_all(format!("new {i}").as_bytes())
+                    .unwrap();
+                let name = if i == 0 {
+                    "old".to_string()
+                } else {
+                    format!("f{n}-{i}")
+                };
+                b.stage(Staged {
+                    id: i as u64,
+                    dir: d.clone(),
+                    temp: tmp.temp,
+                    name: name.into_bytes(),
+                    file: Some(tmp.file),
+                    bytes: 5,
+                });
+            }
+            // Staged: nothing named anywhere, in the tree or the area.
+            assert_eq!((names("d"), names(".hotsync/tmp")), (before, 0));
+            let acks = b.commit(root.fd());
+            assert!(acks.iter().all(|(_, r)| r.is_ok()), "{acks:?}");
+            assert_eq!(std::fs::read(t.path().join("d/old")).unwrap(), b"new 0");
+            assert_eq!(leftovers(&t.path().join("d")), 0);
+            assert_eq!(names(".hotsync/tmp"), 0, "the area is left empty");
+        }
+        // A batch given up leaves nothing behind.
+        let mut b = Batch::new(Durability::default());
+        let tmp = place.create(&d).unwrap();
+        (&tmp.file).write_all(b"never committed").unwrap();
+        b.stage(Staged {
+            id: 1,
+            dir: d.clone(),
+            temp: tmp.temp,
+            name: b"ghost".to_vec(),
+            file: Some(tmp.file),
+            bytes: 15,
+        });
+        drop(b);
+        assert!(!t.path().join("d/ghost").exists());
+        assert_eq!(leftovers(&t.path().join("d")), 0);
+    }
+
+    #[test]
     fn replace_file_swaps_content_whole_and_leaves_no_temp() {
         let t = tempfile::tempdir().unwrap();
         let root = Root::open(t.path()).unwrap();
@@ -698,16 +881,7 @@ mod tests {
             assert!(trusts_syncfs(magic), "{fs}");
             assert_eq!(filesystem_name(magic), fs);
         }
-        for (magic, fs) in [
-            (0x6573_5546, "fuse"),
-            (0x6969, "nfs"),
-            (0xFF53_4D42, "cifs"),
-            (0xFE53_4D42, "smb2"),
-            (0x794C_7630, "overlayfs"),
-            (0x2FC1_2FC1, "zfs"),
-            (0xF2F5_2010, "f2fs"),
-            (0x00C3_6400, "ceph"),
-        ] {
+        for (magic, fs) in OTHER_FILESYSTEMS {
             assert!(!trusts_syncfs(magic), "{fs}");
             assert_eq!(filesystem_name(magic), fs);
         }
@@ -783,8 +957,7 @@ mod tests {
             b.stage(Staged {
                 id: i as u64,
                 dir: dir.clone(),
-                temp_dir: dir.clone(),
-                temp,
+                temp: Temp::Named(dir.clone(), temp),
                 name: format!("f{i}").into_bytes(),
                 file: keep.then_some(f),
                 bytes: 6,
@@ -799,8 +972,7 @@ mod tests {
         b.stage(Staged {
             id: 100,
             dir: dirs[1].clone(),
-            temp_dir: dirs[1].clone(),
-            temp,
+            temp: Temp::Named(dirs[1].clone(), temp),
             name: b"sl".to_vec(),
             file: None,
             bytes: 0,

@@ -3,12 +3,12 @@
 //! symlink; a failure with one entry is answered with an error `Ack`, a protocol violation
 //! ends the connection.
 
-use crate::atomic::{Batch, Outcome, Staged, Touched};
+use crate::atomic::{Batch, NewTemp, Outcome, Staged, Temp, Touched};
 use crate::channel::Channel;
 use crate::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
 use crate::error::Error;
 use crate::filter::Filter;
-use crate::fsroot::{self, Root, create_temp, remove_tree, set_meta_at, set_meta_fd};
+use crate::fsroot::{self, Root, remove_tree, set_meta_at, set_meta_fd};
 use crate::heartbeat;
 use crate::manifest::MetaTarget;
 use crate::manifest::{Entry, Meta, ScanError, Scope};
@@ -518,33 +518,37 @@ fn reason(e: &io::Error) -> String {
 }
 
 impl Session<'_> {
-    /// Where the temps of entries in `dir` go: the standby's area, or (on another
-    /// filesystem than the root) `dir` itself.
-    fn temp_dir(&self, dir: &Arc<OwnedFd>) -> io::Result<Arc<OwnedFd>> {
-        match &self.temps {
-            Some(t) => t.for_dir(dir),
-            None => Err(io::Error::new(
+    /// Where this writing session makes its temps.
+    fn temps(&self) -> io::Result<&crate::atomic::TempPlace> {
+        self.temps.as_ref().ok_or_else(|| {
+            io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "this session does not write the standby",
-            )),
-        }
+            )
+        })
+    }
+
+    /// Where a named temp (a symlink, a hard link) of an entry of `dir` is made: the
+    /// standby's area, or (on another filesystem than the root) `dir` itself.
+    fn temp_dir(&self, dir: &Arc<OwnedFd>) -> io::Result<Arc<OwnedFd>> {
+        self.temps()?.for_dir(dir)
     }
 }
 
-/// Creates a temp for an entry of `dir`: in the standby's area, or in `dir` itself, where
-/// a receiver that is not root gives itself write permission on a read-only directory
-/// (its mode is restored with the directory's attributes).
-fn temp_for(s: &Session, dir: &Arc<OwnedFd>) -> io::Result<(File, Arc<OwnedFd>, Vec<u8>)> {
-    let at = s.temp_dir(dir)?;
-    let (f, temp) = match create_temp(at.as_fd()) {
+/// Makes a file to receive an entry of `dir` into (unnamed beside it, see
+/// [`crate::atomic::TempPlace`]). A receiver that is not root gives itself write
+/// permission on a read-only directory (its mode is restored with the directory's
+/// attributes).
+fn temp_for(s: &Session, dir: &Arc<OwnedFd>) -> io::Result<NewTemp> {
+    let place = s.temps()?;
+    match place.create(dir) {
         Err(e) if e.raw_os_error() == Some(Errno::ACCESS.raw_os_error()) => {
-            let st = rustix::fs::fstat(&*at)?;
-            rustix::fs::fchmod(&*at, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
-            create_temp(at.as_fd())?
+            let st = rustix::fs::fstat(&**dir)?;
+            rustix::fs::fchmod(&**dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
+            place.create(dir)
         }
-        other => other?,
-    };
-    Ok((f, at, temp))
+        other => other,
+    }
 }
 
 /// Commits a batch (nothing is ever staged in a dry run, which may have no root).
@@ -924,22 +928,30 @@ fn stage_bytes(
     keep: bool,
 ) -> io::Result<Staged> {
     let (dir, name) = dirs.parent(path)?;
-    let (mut f, temp_dir, temp) = temp_for(s, &dir)?;
-    let res = f.write_all(data).and_then(|_| s.set_fd(f.as_fd(), meta));
+    let t = temp_for(s, &dir)?;
+    let res = (&t.file)
+        .write_all(data)
+        .and_then(|_| s.set_fd(t.file.as_fd(), meta));
     if let Err(e) = res {
-        let _ = rustix::fs::unlinkat(&*temp_dir, temp.as_slice(), AtFlags::empty());
+        t.temp.discard();
         return Err(e);
     }
     s.wrote(data.len() as u64);
-    Ok(Staged {
+    Ok(staged(id, dir, name.to_vec(), t, keep, data.len() as u64))
+}
+
+/// The complete file `t`, staged to become `name` in `dir`; its descriptor kept when
+/// `keep` asks (or when it is all there is of an unnamed file).
+fn staged(id: u64, dir: Arc<OwnedFd>, name: Vec<u8>, t: NewTemp, keep: bool, bytes: u64) -> Staged {
+    let keep = keep || matches!(t.temp, Temp::Unnamed { .. });
+    Staged {
         id,
         dir,
-        temp_dir,
-        temp,
-        name: name.to_vec(),
-        file: keep.then_some(f),
-        bytes: data.len() as u64,
-    })
+        temp: t.temp,
+        name,
+        file: keep.then_some(t.file),
+        bytes,
+    }
 }
 
 fn stage_symlink(
@@ -967,8 +979,7 @@ fn stage_symlink(
     Ok(Staged {
         id,
         dir,
-        temp_dir,
-        temp,
+        temp: Temp::Named(temp_dir, temp),
         name: name.to_vec(),
         file: None,
         bytes: 0,
@@ -1010,8 +1021,7 @@ fn stage_link(
     Ok(Staged {
         id,
         dir,
-        temp_dir,
-        temp,
+        temp: Temp::Named(temp_dir, temp),
         name: name.to_vec(),
         file: None,
         bytes: 0,
@@ -1020,13 +1030,12 @@ fn stage_link(
 
 type EntryResult = Result<Staged, OpError>;
 
-/// A temp being written for the entry `name` of `dir`: `temp` in `temp_dir`.
+/// A temp being written for the entry `name` of `dir` (see [`crate::atomic::Temp`]).
 struct TempTarget {
     dir: Arc<OwnedFd>,
     name: Vec<u8>,
     w: BufWriter<File>,
-    temp_dir: Arc<OwnedFd>,
-    temp: Vec<u8>,
+    temp: Temp,
 }
 
 /// A temp file being filled. Write failures are remembered, not returned, so the stream is
@@ -1145,13 +1154,12 @@ impl TempSink {
     fn create(dirs: &mut Dirs, path: &RelPath) -> TempSink {
         let s = dirs.s;
         let target = dirs.parent(path).and_then(|(dir, name)| {
-            let (f, temp_dir, temp) = temp_for(s, &dir)?;
+            let t = temp_for(s, &dir)?;
             Ok(TempTarget {
                 dir,
                 name: name.to_vec(),
-                w: BufWriter::with_capacity(1 << 20, f),
-                temp_dir,
-                temp,
+                w: BufWriter::with_capacity(1 << 20, t.file),
+                temp: t.temp,
             })
         });
         match target {
@@ -1194,43 +1202,31 @@ impl TempSink {
                 self.err = Some(OpError::new("content digest mismatch", true));
             }
         }
-        let Some(TempTarget {
-            dir,
-            name,
-            w,
-            temp_dir,
-            temp,
-        }) = self.target.take()
-        else {
+        let Some(TempTarget { dir, name, w, temp }) = self.target.take() else {
             return Err(self
                 .err
                 .take()
                 .unwrap_or_else(|| OpError::new("no temp file", false)));
         };
         let file = match self.err.take() {
-            None => w
-                .into_inner()
-                .map_err(|e| e.into_error())
-                .and_then(|f| s.set_fd(f.as_fd(), meta).map(|_| f))
-                .map_err(|e| op_error(&e)),
+            None => w.into_inner().map_err(|e| op_error(&e.into_error())),
             Some(e) => Err(e),
         };
-        match file {
-            Ok(f) => {
+        let t = match file {
+            Ok(file) => NewTemp { file, temp },
+            Err(e) => {
+                temp.discard();
+                return Err(e);
+            }
+        };
+        match s.set_fd(t.file.as_fd(), meta) {
+            Ok(()) => {
                 s.wrote(size);
-                Ok(Staged {
-                    id,
-                    dir,
-                    temp_dir,
-                    temp,
-                    name,
-                    file: keep.then_some(f),
-                    bytes: size,
-                })
+                Ok(staged(id, dir, name, t, keep, size))
             }
             Err(e) => {
-                let _ = rustix::fs::unlinkat(&*temp_dir, temp.as_slice(), AtFlags::empty());
-                Err(e)
+                t.temp.discard();
+                Err(op_error(&e))
             }
         }
     }
@@ -1288,7 +1284,7 @@ impl Drop for TempSink {
     fn drop(&mut self) {
         // Reached with a target only when the stream failed mid-file.
         if let Some(t) = self.target.take() {
-            let _ = rustix::fs::unlinkat(&*t.temp_dir, t.temp.as_slice(), AtFlags::empty());
+            t.temp.discard();
         }
     }
 }

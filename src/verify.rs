@@ -724,6 +724,16 @@ mod tests {
         file_with(p, size, 1, Some([h; 32]))
     }
 
+    /// The detail the report gives for `path`.
+    fn detail_of(r: &Report, path: &str) -> String {
+        r.details
+            .iter()
+            .find(|d| d.path == path)
+            .unwrap()
+            .detail
+            .clone()
+    }
+
     #[test]
     fn identical_trees() {
         let a = m(vec![dir("d"), file("d/f", 3, 1)]);
@@ -890,14 +900,7 @@ mod tests {
         let r = compare(&a, &b, true);
         // Joined on the standby: d and e, separate on the primary.
         assert_eq!(r.metadata_differs, ["a", "b", "c", "d", "e"], "{r:?}");
-        let detail = |p: &str| {
-            r.details
-                .iter()
-                .find(|d| d.path == p)
-                .unwrap()
-                .detail
-                .clone()
-        };
+        let detail = |p: &str| detail_of(&r, p);
         assert!(
             detail("c").contains(
                 "on the primary it is one file with a, b; on the standby with no other name"
@@ -982,14 +985,7 @@ mod tests {
         assert_eq!(r.extra, ["other", "p"]);
         assert_eq!(r.content_differs, ["f"]);
         assert!(r.missing.is_empty());
-        let detail = |p: &str| {
-            r.details
-                .iter()
-                .find(|d| d.path == p)
-                .unwrap()
-                .detail
-                .clone()
-        };
+        let detail = |p: &str| detail_of(&r, p);
         assert_eq!(detail("f"), "a file on the primary, a fifo on the standby");
         assert!(detail("p").starts_with("a fifo"), "{}", detail("p"));
     }

@@ -4,6 +4,7 @@
 
 use crate::helpers::*;
 use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,32 @@ fn heard_caught_up(n: &Node) {
             (p["pending_changes"] == 0 && p["position"]["seq"].as_u64() >= Some(1)).then_some(())
         },
     );
+}
+
+/// The paths a `rejoin --json` report kept aside.
+fn diverged_paths(j: &serde_json::Value) -> Vec<&str> {
+    j["diverged"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect()
+}
+
+/// Whether `s` holds a file being received into `tree`: a named temp, or one it
+/// receives unnamed (an open file under `tree` with no name yet).
+fn receiving(s: &Server, tree: &Path) -> bool {
+    if !temps(tree).is_empty() {
+        return true;
+    }
+    let fds = format!("/proc/{}/fd", s.child.id());
+    let Ok(dir) = std::fs::read_dir(fds) else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_link(e.path())
+            .is_ok_and(|t| t.starts_with(tree) && t.as_os_str().as_bytes().ends_with(b" (deleted)"))
+    })
 }
 
 /// Waits until `w` has exited; its exit code.
@@ -226,12 +253,7 @@ fn failover_fences_the_old_primary_and_failback_keeps_what_it_wrote_late() {
     let r = a.rejoin();
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     let j = r.json();
-    let diverged: Vec<&str> = j["diverged"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let diverged = diverged_paths(&j);
     assert!(
         diverged.contains(&"late.txt") && diverged.contains(&"keep.txt"),
         "{j}"
@@ -636,7 +658,7 @@ fn failback_keeps_an_unacknowledged_write(before_first_ack: bool) {
         wait_for(
             "the standby to stage files",
             Duration::from_secs(30),
-            || (!temps(&b.tree).is_empty()).then_some(()),
+            || receiving(&sb, &b.tree).then_some(()),
         );
         sb.signal(freeze);
     } else {
@@ -668,12 +690,7 @@ fn failback_keeps_an_unacknowledged_write(before_first_ack: bool) {
     let r = a.rejoin();
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     let j = r.json();
-    let diverged: Vec<&str> = j["diverged"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["path"].as_str().unwrap())
-        .collect();
+    let diverged = diverged_paths(&j);
     let kept = a.tree.join(".hotsync/diverged/1");
     assert!(diverged.contains(&"late.txt"), "{j}");
     assert_eq!(
