@@ -74,8 +74,8 @@ fn build(t: &Pair) {
     }
 }
 
-/// The mirror `sync`s; `remote` when it is a QUIC server.
-fn attributes_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair) {
+/// The mirror `sync`s (locally or to a QUIC server).
+fn attributes_round_trip(m: &dyn Mirror, t: &Pair) {
     build(t);
     m.sync_ok(&t.src, &[]);
     assert_same_tree(&t.src, &t.dst);
@@ -121,7 +121,7 @@ fn attributes_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair
     // An attribute only the standby has is a difference verify reports, under metadata,
     // and sync removes.
     set_xattr(&t.d("plain.txt"), "user.stray", b"1");
-    let r = verify(m, remote, &t.src, &[]);
+    let r = verify(m, &t.src, &[]);
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
     let v = r.json();
     assert_eq!(
@@ -138,7 +138,7 @@ fn attributes_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair
     );
     m.sync_ok(&t.src, &[]);
     assert_same_tree(&t.src, &t.dst);
-    assert_eq!(verify(m, remote, &t.src, &[]).code, 0);
+    assert_eq!(verify(m, &t.src, &[]).code, 0);
 
     // `--no-xattrs --no-acls`: rsync's old default. A new file goes without them, and what
     // the standby has is left alone.
@@ -150,9 +150,9 @@ fn attributes_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair
     assert_eq!(s["files_transferred"], 1, "{s}");
     assert!(xattrs(&t.d("later.txt")).is_empty());
     assert!(xattrs(&t.d("tagged.txt")).contains_key(&b"user.mime_type"[..]));
-    let r = verify(m, remote, &t.src, &["--no-xattrs", "--no-acls"]);
+    let r = verify(m, &t.src, &["--no-xattrs", "--no-acls"]);
     assert_eq!(r.code, 0, "{}", r.stdout);
-    assert_eq!(verify(m, remote, &t.src, &[]).code, 1);
+    assert_eq!(verify(m, &t.src, &[]).code, 1);
     // Only ACLs: the user attribute stays as it was, the ACL comes.
     m.sync_ok(&t.src, &["--no-xattrs"]);
     assert!(getfacl(&t.d("later.txt")).contains("user:nobody:rwx"));
@@ -167,7 +167,7 @@ fn acls_capabilities_and_attributes_are_mirrored_to_a_local_standby() {
         return;
     }
     let t = Pair::new();
-    attributes_round_trip(&LocalMirror(t.dst.clone()), None, &t);
+    attributes_round_trip(&LocalMirror(t.dst.clone()), &t);
 }
 
 #[test]
@@ -177,7 +177,7 @@ fn acls_capabilities_and_attributes_are_mirrored_over_quic() {
     }
     let t = Pair::new();
     let m = RemoteMirror::start(t.dir.path(), &t.dst);
-    attributes_round_trip(&m, Some(&m), &t);
+    attributes_round_trip(&m, &t);
 }
 
 /// A watch sees attribute changes (`IN_ATTRIB`) and mirrors them.
@@ -298,7 +298,7 @@ fn assert_same_blocks(t: &Pair, names: &[&str]) {
     }
 }
 
-fn sparse_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair) {
+fn sparse_round_trip(m: &dyn Mirror, t: &Pair) {
     build_sparse(t);
     let all = ["image.raw", "ends.bin", "empty.img", "zeros.bin"];
     let s = m.sync_ok(&t.src, &[]);
@@ -309,7 +309,7 @@ fn sparse_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair) {
     // 352 MiB in all, of which about 3.2 MiB is data: the holes are not sent.
     let wire = s["bytes_on_wire"].as_u64().unwrap();
     assert!(wire < 5 << 20, "{wire} bytes on the wire: {s}");
-    let r = verify(m, remote, &t.src, &[]);
+    let r = verify(m, &t.src, &[]);
     assert_eq!(r.code, 0, "{}", r.stdout);
 
     // Data written into a hole: the file keeps its other holes.
@@ -327,7 +327,7 @@ fn sparse_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair) {
     assert!(s["bytes_matched"].as_u64().unwrap() > 0, "{s}");
     assert_same_tree(&t.src, &t.dst);
     assert_same_blocks(t, &all);
-    assert_eq!(verify(m, remote, &t.src, &[]).code, 0);
+    assert_eq!(verify(m, &t.src, &[]).code, 0);
 
     // A hole punched into data on the primary is a hole on the standby too.
     let f = std::fs::OpenOptions::new()
@@ -355,14 +355,14 @@ fn sparse_round_trip(m: &dyn Mirror, remote: Option<&RemoteMirror>, t: &Pair) {
 #[test]
 fn sparse_files_keep_their_holes_on_a_local_standby() {
     let t = Pair::new();
-    sparse_round_trip(&LocalMirror(t.dst.clone()), None, &t);
+    sparse_round_trip(&LocalMirror(t.dst.clone()), &t);
 }
 
 #[test]
 fn sparse_files_keep_their_holes_over_quic() {
     let t = Pair::new();
     let m = RemoteMirror::start(t.dir.path(), &t.dst);
-    sparse_round_trip(&m, Some(&m), &t);
+    sparse_round_trip(&m, &t);
 }
 
 #[test]

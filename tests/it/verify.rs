@@ -1,35 +1,21 @@
 //! `hotsync verify`, local and over QUIC.
 
 use crate::helpers::*;
-use std::ffi::OsString;
 
 /// `hotsync verify SRC <standby> --json EXTRA...`, local or to the mirror's server.
-pub fn verify(
-    m: &dyn Mirror,
-    remote: Option<&RemoteMirror>,
-    src: &std::path::Path,
-    extra: &[&str],
-) -> Run {
-    let mut a: Vec<OsString> = Vec::new();
-    match remote {
-        Some(r) => {
-            a.extend([
-                "--home".into(),
-                r.primary_home.clone().into(),
-                "verify".into(),
-                src.into(),
-            ]);
-            a.extend([
-                r.server.url().into(),
-                "--server-id".into(),
-                r.server.id.clone().into(),
-            ]);
-        }
-        None => a.extend(["verify".into(), src.into(), m.standby().into()]),
+pub fn verify(m: &dyn Mirror, src: &std::path::Path, extra: &[&str]) -> Run {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(extra);
+    m.verify(src, &a)
+}
+
+/// The standby of `t`: its directory, or a QUIC server for it (`remote`).
+fn mirror(t: &Pair, remote: bool) -> Box<dyn Mirror> {
+    if remote {
+        Box::new(RemoteMirror::start(t.dir.path(), &t.dst))
+    } else {
+        Box::new(LocalMirror(t.dst.clone()))
     }
-    a.push("--json".into());
-    a.extend(extra.iter().map(|s| (*s).into()));
-    run(a)
 }
 
 fn strings(v: &serde_json::Value) -> Vec<String> {
@@ -43,17 +29,9 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
 fn categories(remote: bool) {
     let t = Pair::new();
     build_awkward(&t.src);
-    let rm;
-    let local;
-    let (m, r): (&dyn Mirror, Option<&RemoteMirror>) = if remote {
-        rm = RemoteMirror::start(t.dir.path(), &t.dst);
-        (&rm, Some(&rm))
-    } else {
-        local = LocalMirror(t.dst.clone());
-        (&local, None)
-    };
+    let m = &*mirror(&t, remote);
     m.sync_ok(&t.src, &[]);
-    let v = verify(m, r, &t.src, &[]);
+    let v = verify(m, &t.src, &[]);
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
     let j = v.json();
     assert_eq!(j["identical"], true);
@@ -71,7 +49,7 @@ fn categories(remote: bool) {
     std::fs::write(&victim, &data).unwrap();
     use std::os::unix::fs::MetadataExt;
     set_mtime(&victim, meta.mtime(), meta.mtime_nsec() as u32);
-    let v = verify(m, r, &t.src, &[]);
+    let v = verify(m, &t.src, &[]);
     assert_eq!(v.code, 1);
     let j = v.json();
     assert_eq!(strings(&j["content_differs"]), ["dir/sub/big.bin"], "{j}");
@@ -86,7 +64,7 @@ fn categories(remote: bool) {
     write(&t.d("extra-file"), b"x");
     std::fs::remove_file(t.d("plain.txt")).unwrap();
     chmod(&t.d("exec"), 0o700);
-    let j = verify(m, r, &t.src, &[]).json();
+    let j = verify(m, &t.src, &[]).json();
     assert_eq!(strings(&j["extra"]), ["extra-file"], "{j}");
     assert_eq!(strings(&j["missing"]), ["plain.txt"], "{j}");
     assert!(
@@ -96,7 +74,7 @@ fn categories(remote: bool) {
     assert_eq!(j["identical"], false);
 
     // Repair fixes everything, proven by a second verify.
-    let v = verify(m, r, &t.src, &["--repair"]);
+    let v = verify(m, &t.src, &["--repair"]);
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
     let j = v.json();
     assert_eq!(j["identical"], true, "{j}");
@@ -119,15 +97,7 @@ fn remote_verify_reports_each_category_and_repairs() {
 fn blind_spots(remote: bool) {
     use std::os::unix::fs::{FileExt, MetadataExt};
     let t = Pair::new();
-    let rm;
-    let local;
-    let (m, r): (&dyn Mirror, Option<&RemoteMirror>) = if remote {
-        rm = RemoteMirror::start(t.dir.path(), &t.dst);
-        (&rm, Some(&rm))
-    } else {
-        local = LocalMirror(t.dst.clone());
-        (&local, None)
-    };
+    let m = &*mirror(&t, remote);
     // One file with three names, a symlink with two, two separate files alike, a sparse
     // file (4 MiB, one block of data).
     write(&t.s("a"), b"shared");
@@ -146,7 +116,7 @@ fn blind_spots(remote: bool) {
         set_mtime(&t.s(f), 1_600_000_000, 0);
     }
     m.sync_ok(&t.src, &[]);
-    assert_eq!(verify(m, r, &t.src, &[]).code, 0);
+    assert_eq!(verify(m, &t.src, &[]).code, 0);
     // The standby's `rel` gets the primary's mtime back after a change made there.
     let same_time = |rel: &str| {
         let p = if rel.is_empty() {
@@ -163,7 +133,7 @@ fn blind_spots(remote: bool) {
         set_mtime(&q, m.mtime(), m.mtime_nsec() as u32);
     };
     let check = |what: &str, category: &str, paths: &[&str], detail: &str| {
-        let v = verify(m, r, &t.src, &[]);
+        let v = verify(m, &t.src, &[]);
         assert_eq!(v.code, 1, "{what}: {}{}", v.stdout, v.stderr);
         let j = v.json();
         let mut want: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
@@ -176,7 +146,7 @@ fn blind_spots(remote: bool) {
         }
         let details = j["details"].to_string();
         assert!(details.contains(detail), "{what}: {details}");
-        let v = verify(m, r, &t.src, &["--repair"]);
+        let v = verify(m, &t.src, &["--repair"]);
         assert_eq!(v.code, 0, "{what}: {}{}", v.stdout, v.stderr);
         assert_eq!(v.json()["before"]["identical"], false);
         assert_same_tree(&t.src, &t.dst);
