@@ -6,7 +6,7 @@
 //! and never stops replication. The judging ([`Alerts::evaluate`]) is pure.
 
 use crate::control::Control;
-use crate::standby::Role;
+use crate::epoch::Role;
 use crate::status::{AlertStatus, Instance, ReplicaState, Thresholds};
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};

@@ -19,7 +19,7 @@
 //! removed when the standby next opens the tree (and, beside their targets, by the next
 //! scan).
 
-use crate::protocol::OpError;
+use crate::error::OpError;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::fs::File;

@@ -5,8 +5,7 @@
 //! record, and which files a former primary changed after its standby last confirmed
 //! them ([`Divergence`]).
 
-use crate::error::{Error, Result};
-use crate::protocol::ErrorCode;
+use crate::error::{Error, ErrorCode, Result};
 use serde::{Deserialize, Serialize};
 
 /// A position in the primary's sequence of changes: batch `seq` of `epoch`.

@@ -1,7 +1,7 @@
 //! Errors that end a command. Problems with single entries are not errors here: they are
 //! collected in the summary and make the exit code 1.
 
-use crate::protocol::ProtocolError;
+use serde::{Deserialize, Serialize};
 use std::io;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,3 +54,97 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a peer's `Error` is about, so the other side can act on it without parsing prose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The session was refused (bad options, a tree that cannot be written).
+    Refused,
+    /// Another primary is writing this tree: try again later.
+    Busy,
+    /// The peers speak no common protocol version.
+    Version,
+    /// The primary's epoch is older than the standby's: it has been fenced.
+    StaleEpoch,
+    /// Both sides were primary in the same epoch: refused until the operator rejoins one.
+    SplitBrain,
+    /// The peer broke the protocol.
+    Invalid,
+    /// The peer failed on its side.
+    Failed,
+}
+
+/// Why one operation failed on the standby.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpError {
+    pub message: String,
+    /// Send the file again, whole (it was not made durable, or a delta did not check out).
+    pub retry: bool,
+    /// The standby's disk is full (ENOSPC, EDQUOT): the change must wait for space.
+    pub no_space: bool,
+}
+
+impl OpError {
+    pub fn new(message: impl Into<String>, retry: bool) -> OpError {
+        OpError {
+            message: message.into(),
+            retry,
+            no_space: false,
+        }
+    }
+}
+
+/// The connection failed, or the peer broke (or spoke another version of) the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection lost: {0}")]
+    Io(io::Error),
+    #[error("peer closed the stream")]
+    Closed,
+    #[error("frame of {len} bytes exceeds the {limit}-byte limit")]
+    FrameTooLarge { len: u64, limit: usize },
+    #[error("undecodable message: {0}")]
+    Decode(postcard::Error),
+    #[error("unexpected {got} (expected {expected})")]
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+    },
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    #[error("not a hotsync peer (bad greeting)")]
+    BadMagic,
+    #[error(
+        "protocol version mismatch: this hotsync speaks protocol {ours} (accepts {ours_min} to {ours}), \
+         the peer speaks {theirs} (accepts {theirs_min} to {theirs}): run the same hotsync \
+         release on both nodes"
+    )]
+    Version {
+        ours: u16,
+        ours_min: u16,
+        theirs: u16,
+        theirs_min: u16,
+    },
+    #[error("peer reported: {message}")]
+    Peer { code: ErrorCode, message: String },
+}
+
+impl From<postcard::Error> for ProtocolError {
+    fn from(e: postcard::Error) -> Self {
+        ProtocolError::Decode(e)
+    }
+}
+
+impl From<io::Error> for ProtocolError {
+    fn from(e: io::Error) -> Self {
+        ProtocolError::Io(e)
+    }
+}
+
+impl ProtocolError {
+    /// True when the byte stream itself failed (the session may work again later), as
+    /// opposed to a peer that sent something wrong.
+    pub fn is_transport(&self) -> bool {
+        matches!(self, ProtocolError::Io(_) | ProtocolError::Closed)
+    }
+}

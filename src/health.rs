@@ -131,7 +131,7 @@ pub fn standby(f: &Facts) -> Result<String, String> {
     // session lingers until the idle limit, but Keepalived must not wait that long.
     let silent = |p: &PrimaryStatus| {
         p.last_heartbeat_age_seconds
-            .is_none_or(|a| a > 2.0 * crate::heartbeat::INTERVAL.as_secs_f64())
+            .is_none_or(|a| a > 2.0 * crate::liveness::INTERVAL.as_secs_f64())
     };
     if let Some(p) = i.primaries.iter().find(|p| p.connected && !silent(p)) {
         let lag = p.lag_seconds.unwrap_or(f64::INFINITY);

@@ -12,6 +12,7 @@ pub mod bytes;
 pub mod channel;
 pub mod check;
 pub mod clock;
+pub mod compare;
 pub mod config;
 pub mod control;
 pub mod delta;
@@ -23,8 +24,11 @@ pub mod fsroot;
 pub mod guard;
 pub mod health;
 pub mod heartbeat;
+pub mod holes;
 pub mod identity;
 pub mod link;
+pub mod listing;
+pub mod liveness;
 pub mod manifest;
 pub mod merge;
 pub mod metrics;
@@ -107,7 +111,7 @@ pub fn verify(
     target: &Target,
     excludes: &[String],
     xattrs: xattr::Policy,
-) -> Result<verify::Report> {
+) -> Result<compare::Report> {
     let root = Arc::new(check::open_source(src)?);
     if let Target::Local(dest) = target {
         check::prepare_local_dest(src, dest, false)?;

@@ -259,6 +259,36 @@ impl Manifest {
 }
 
 /// Builders for manifests in unit tests.
+/// An entry whose name is reserved for hotsync's own files (a temp's exact form, or an
+/// entry in the root's `.hotsync`), skipped and reported as not mirrored. (Special files
+/// are [`crate::manifest::Special`]s.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub path: RelPath,
+    pub kind: &'static str,
+}
+
+/// [`Skipped::kind`] of a name of the exact form of hotsync's temporary files.
+pub const RESERVED_TEMP: &str = "reserved name";
+/// [`Skipped::kind`] of a user's entry in the root's `.hotsync` (or a `.hotsync` that is
+/// not hotsync's directory).
+pub const RESERVED_AREA: &str = "entry in the reserved .hotsync";
+
+impl Skipped {
+    /// Why it is not mirrored and what to do, for the report and the warning.
+    pub fn reason(&self) -> String {
+        match self.kind {
+            RESERVED_TEMP => "not mirrored: names of the form .hotsync-tmp.<16 hex digits> are \
+                              reserved for hotsync's temporary files; rename it to mirror it"
+                .into(),
+            RESERVED_AREA => "not mirrored: the root's .hotsync is reserved for hotsync's own \
+                              state; move it out of .hotsync to mirror it"
+                .into(),
+            kind => format!("{kind} skipped: hotsync mirrors files, directories and symlinks only"),
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use super::*;

@@ -11,10 +11,10 @@
 //!   together at the end, when every name of every inode is known;
 //! - directory attributes: one fix per changed directory, to apply after everything else.
 
+use crate::listing::{Unit, walk_cmp, walk_key};
 use crate::manifest::{Entry, Kind, Manifest, Meta, MetaTarget};
 use crate::path::RelPath;
 use crate::plan::{self, MetaFix, Plan, PlanOptions};
-use crate::walk::{Unit, walk_cmp, walk_key};
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What one directory's comparison asks for.
@@ -481,9 +481,9 @@ impl Merger {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::listing::testing::unit;
     use crate::manifest::testing::{dir, file, meta};
     use crate::manifest::{LinkKey, ScanError};
-    use crate::walk::testing::unit;
 
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()

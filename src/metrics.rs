@@ -4,7 +4,7 @@
 //! Prometheus conventions: base units, `_total` counters, a `standby` label per replica.
 
 use crate::control::Control;
-use crate::standby::Role;
+use crate::epoch::Role;
 use crate::status::{Instance, Space};
 use prometheus_client::encoding::{prometheus_text, text as openmetrics_text};
 use prometheus_client::metrics::counter::Counter;
@@ -497,7 +497,7 @@ mod tests {
                 lag_seconds: Some(0.25),
                 reported_lag_seconds: Some(0.25),
                 pending_changes: Some(1),
-                position: crate::standby::Position { epoch: 3, seq: 9 },
+                position: crate::epoch::Position { epoch: 3, seq: 9 },
                 sessions: 2,
                 files_written: 5,
                 bytes_written: 6,

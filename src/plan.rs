@@ -5,6 +5,9 @@ use crate::manifest::{Entry, Hash, Kind, LinkKey, Manifest, Meta, MetaTarget, Sp
 use crate::path::RelPath;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+/// Files up to this size travel whole, inline on a lane, never as deltas.
+pub const SMALL_FILE: u64 = 64 * 1024;
+
 /// Choices that change what counts as a difference.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PlanOptions {
@@ -42,7 +45,7 @@ impl Transfer {
     /// How this file is sent: small files whole on a lane; larger ones as a delta when the
     /// standby has a non-empty version, else whole.
     pub fn method(&self) -> Method {
-        if self.size <= crate::protocol::SMALL_FILE {
+        if self.size <= SMALL_FILE {
             Method::Small
         } else if self.basis.is_some_and(|b| b > 0) {
             Method::Delta
@@ -376,7 +379,7 @@ fn same_content(l: &Entry, r: &Entry, checksum: bool) -> bool {
                 && if checksum {
                     hash.is_some()
                         && rh == hash
-                        && !crate::sparse::denser(*size, l.shape.blocks, r.shape.blocks)
+                        && !crate::holes::denser(*size, l.shape.blocks, r.shape.blocks)
                 } else {
                     r.meta.mtime == l.meta.mtime
                 }

@@ -16,9 +16,11 @@
 //! and stays fixed, so a peer of another protocol version still reaches the greeting and
 //! is told exactly which versions differ.
 
+use crate::epoch::Position;
+pub use crate::error::{ErrorCode, OpError, ProtocolError};
 use crate::manifest::{Entry, Hash, Meta, MetaTarget, ScanError, Scope, Shape, Special};
 use crate::path::RelPath;
-use crate::standby::Position;
+pub use crate::plan::SMALL_FILE;
 use crate::status::Space;
 use crate::xattr::{Policy, Sum, Xattrs};
 use serde::{Deserialize, Serialize};
@@ -39,8 +41,6 @@ pub const MIN_VERSION: u16 = 2;
 pub const MAGIC: &[u8; 8] = b"hotsync\0";
 /// Largest encoded control message.
 pub const MAX_FRAME: usize = 1 << 20;
-/// Files up to this size travel whole, inline on a lane, never as deltas.
-pub const SMALL_FILE: u64 = 64 * 1024;
 /// Most patterns a peer may send, and the longest pattern.
 pub const MAX_EXCLUDES: usize = 4096;
 pub const MAX_PATTERN: usize = 4096;
@@ -52,45 +52,6 @@ pub enum SessionMode {
     Write,
     /// Only list and hash (a dry run, a verify): no clean-up, no writes, never busy.
     ReadOnly,
-}
-
-/// What a peer's `Error` is about, so the other side can act on it without parsing prose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ErrorCode {
-    /// The session was refused (bad options, a tree that cannot be written).
-    Refused,
-    /// Another primary is writing this tree: try again later.
-    Busy,
-    /// The peers speak no common protocol version.
-    Version,
-    /// The primary's epoch is older than the standby's: it has been fenced.
-    StaleEpoch,
-    /// Both sides were primary in the same epoch: refused until the operator rejoins one.
-    SplitBrain,
-    /// The peer broke the protocol.
-    Invalid,
-    /// The peer failed on its side.
-    Failed,
-}
-
-/// Why one operation failed on the standby.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OpError {
-    pub message: String,
-    /// Send the file again, whole (it was not made durable, or a delta did not check out).
-    pub retry: bool,
-    /// The standby's disk is full (ENOSPC, EDQUOT): the change must wait for space.
-    pub no_space: bool,
-}
-
-impl OpError {
-    pub fn new(message: impl Into<String>, retry: bool) -> OpError {
-        OpError {
-            message: message.into(),
-            retry,
-            no_space: false,
-        }
-    }
 }
 
 /// One side's heartbeat (the same message both ways; each side fills what it knows).
@@ -503,52 +464,6 @@ pub fn put_shapes<'a>(
     Ok(())
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProtocolError {
-    #[error("connection lost: {0}")]
-    Io(io::Error),
-    #[error("peer closed the stream")]
-    Closed,
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
-    FrameTooLarge(u64),
-    #[error("undecodable message: {0}")]
-    Decode(postcard::Error),
-    #[error("unexpected {got} (expected {expected})")]
-    Unexpected {
-        got: &'static str,
-        expected: &'static str,
-    },
-    #[error("invalid message: {0}")]
-    Invalid(String),
-    #[error("not a hotsync peer (bad greeting)")]
-    BadMagic,
-    #[error(
-        "protocol version mismatch: this hotsync speaks protocol {ours} (accepts {ours_min} to {ours}), \
-         the peer speaks {theirs} (accepts {theirs_min} to {theirs}): run the same hotsync \
-         release on both nodes"
-    )]
-    Version {
-        ours: u16,
-        ours_min: u16,
-        theirs: u16,
-        theirs_min: u16,
-    },
-    #[error("peer reported: {message}")]
-    Peer { code: ErrorCode, message: String },
-}
-
-impl From<postcard::Error> for ProtocolError {
-    fn from(e: postcard::Error) -> Self {
-        ProtocolError::Decode(e)
-    }
-}
-
-impl From<io::Error> for ProtocolError {
-    fn from(e: io::Error) -> Self {
-        ProtocolError::Io(e)
-    }
-}
-
 impl ProtocolError {
     /// `got` arrived where `expected` should have.
     pub fn unexpected(got: &Message, expected: &'static str) -> Self {
@@ -556,12 +471,6 @@ impl ProtocolError {
             got: got.name(),
             expected,
         }
-    }
-
-    /// True when the byte stream itself failed (the session may work again later), as
-    /// opposed to a peer that sent something wrong.
-    pub fn is_transport(&self) -> bool {
-        matches!(self, ProtocolError::Io(_) | ProtocolError::Closed)
     }
 }
 
@@ -616,7 +525,10 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
     let len = out.len() - start - 4;
     if len > MAX_FRAME {
         out.truncate(start);
-        return Err(ProtocolError::FrameTooLarge(len as u64));
+        return Err(ProtocolError::FrameTooLarge {
+            len: len as u64,
+            limit: MAX_FRAME,
+        });
     }
     out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
@@ -656,7 +568,10 @@ impl<R: Read> FrameReader<R> {
         }
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_FRAME {
-            return Err(ProtocolError::FrameTooLarge(len as u64));
+            return Err(ProtocolError::FrameTooLarge {
+                len: len as u64,
+                limit: MAX_FRAME,
+            });
         }
         self.body.resize(len, 0);
         self.r.read_exact(&mut self.body).map_err(eof_is_closed)?;
@@ -937,14 +852,14 @@ mod tests {
     fn oversized_frame_is_refused_before_allocation() {
         let wire = (u32::MAX).to_le_bytes();
         let err = FrameReader::new(&wire[..]).recv().unwrap_err();
-        assert!(matches!(err, ProtocolError::FrameTooLarge(_)), "{err}");
+        assert!(matches!(err, ProtocolError::FrameTooLarge { .. }), "{err}");
         let big = Message::Error {
             code: ErrorCode::Failed,
             message: "x".repeat(MAX_FRAME + 1),
         };
         assert!(matches!(
             encode(&big, &mut Vec::new()),
-            Err(ProtocolError::FrameTooLarge(_))
+            Err(ProtocolError::FrameTooLarge { .. })
         ));
     }
 

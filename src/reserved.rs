@@ -35,7 +35,7 @@ fn is_own(name: &[u8]) -> bool {
         b"write-probe",
     ]
     .contains(&name)
-        || crate::replicate::batcher::parse_marker(name).is_some()
+        || parse_marker(name).is_some()
         || crate::path::is_temp_name(name)
 }
 
@@ -206,9 +206,28 @@ impl Area {
     }
 }
 
+/// The name of flush `id`'s marker in the source's `.hotsync/`, placed by process `owner`.
+pub fn marker_name(owner: u32, id: u64) -> String {
+    format!("flush-{owner}-{id}")
+}
+
+/// The owner and id a marker's name (under `.hotsync/`) carries, if it is one.
+pub fn parse_marker(name: &[u8]) -> Option<(u32, u64)> {
+    let rest = std::str::from_utf8(name).ok()?.strip_prefix("flush-")?;
+    let (owner, id) = rest.split_once('-')?;
+    Some((owner.parse().ok()?, id.parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marker_names_round_trip() {
+        assert_eq!(parse_marker(marker_name(42, 7).as_bytes()), Some((42, 7)));
+        assert_eq!(parse_marker(b"flush-x-7"), None);
+        assert_eq!(parse_marker(b"state"), None);
+    }
 
     #[test]
     fn locks_exclude_other_holders_until_released() {

@@ -6,6 +6,7 @@ use crate::delta::{chunk_size, hash_chunks_paced};
 use crate::filter::Filter;
 use crate::fsroot::{Root, changed, link_key, meta_of, shape_of};
 use crate::manifest::{Entry, Hash, Kind, Manifest, Meta, ScanError, Scope, Special, SpecialKind};
+pub use crate::manifest::{RESERVED_AREA, RESERVED_TEMP, Skipped};
 use crate::path::{RESERVED, RelPath, is_temp_name};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
@@ -33,36 +34,6 @@ pub struct ScanOptions {
     /// Leave symlinks out of hard-link groups: each is its own inode (for a standby older
     /// than protocol 6, which can neither report nor make a symlink with several names).
     pub split_symlinks: bool,
-}
-
-/// An entry whose name is reserved for hotsync's own files (a temp's exact form, or an
-/// entry in the root's `.hotsync`), skipped and reported as not mirrored. (Special files
-/// are [`crate::manifest::Special`]s.)
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Skipped {
-    pub path: RelPath,
-    pub kind: &'static str,
-}
-
-/// [`Skipped::kind`] of a name of the exact form of hotsync's temporary files.
-pub const RESERVED_TEMP: &str = "reserved name";
-/// [`Skipped::kind`] of a user's entry in the root's `.hotsync` (or a `.hotsync` that is
-/// not hotsync's directory).
-pub const RESERVED_AREA: &str = "entry in the reserved .hotsync";
-
-impl Skipped {
-    /// Why it is not mirrored and what to do, for the report and the warning.
-    pub fn reason(&self) -> String {
-        match self.kind {
-            RESERVED_TEMP => "not mirrored: names of the form .hotsync-tmp.<16 hex digits> are \
-                              reserved for hotsync's temporary files; rename it to mirror it"
-                .into(),
-            RESERVED_AREA => "not mirrored: the root's .hotsync is reserved for hotsync's own \
-                              state; move it out of .hotsync to mirror it"
-                .into(),
-            kind => format!("{kind} skipped: hotsync mirrors files, directories and symlinks only"),
-        }
-    }
 }
 
 /// Whether `name` in the directory `dir` (at `dir_path`) belongs to hotsync rather than

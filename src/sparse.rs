@@ -4,6 +4,7 @@
 //! A hole reads as zeros, so content digests do not change: a chunk that lies in a hole
 //! has the digest of a chunk of zeros, which is computed once, not read.
 
+pub use crate::holes::{denser, slack, sparse};
 use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 use std::io;
@@ -13,27 +14,6 @@ use std::os::fd::AsFd;
 /// than a small file (which goes whole, inline).
 pub fn has_holes(st: &rustix::fs::Stat) -> bool {
     sparse(st.st_size as u64, st.st_blocks as u64)
-}
-
-/// [`has_holes`] of a file of `size` bytes using `blocks` 512-byte blocks.
-pub fn sparse(size: u64, blocks: u64) -> bool {
-    size > crate::protocol::SMALL_FILE && blocks.saturating_mul(512) < size
-}
-
-/// What two filesystems may allocate differently for the same data, `allocated` bytes of
-/// it: block sizes, extent alignment and preallocation differ by a few blocks per extent.
-/// The larger of 64 KiB and 1% of the allocation.
-pub fn slack(allocated: u64) -> u64 {
-    (allocated / 100).max(64 << 10)
-}
-
-/// Whether a standby copy using `standby_blocks` (512-byte blocks; 0 when the standby did
-/// not say) is a dense copy of a sparse primary file of `size` bytes using `primary_blocks`:
-/// it takes more than the primary's beyond the [`slack`] filesystems differ by.
-pub fn denser(size: u64, primary_blocks: u64, standby_blocks: u64) -> bool {
-    let ours = primary_blocks.saturating_mul(512);
-    let theirs = standby_blocks.saturating_mul(512);
-    sparse(size, primary_blocks) && theirs > ours.saturating_add(slack(ours))
 }
 
 /// The first byte of data at or after `offset`, `None` when only a hole follows.

@@ -2,7 +2,7 @@
 //! owns these snapshots; the command line only renders them. Field names are part of the
 //! `status --json` contract.
 
-use crate::standby::{Position, Role};
+use crate::epoch::{Position, Role};
 use serde::{Deserialize, Serialize};
 
 /// Free and total space of a standby's filesystem.

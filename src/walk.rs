@@ -7,33 +7,14 @@
 //! and [`walk_cmp`] is that order on paths.
 
 use crate::fsroot::Root;
-use crate::manifest::{Entry, ScanError, Scope, Special, normalize_scopes};
+pub use crate::listing::{Unit, walk_cmp, walk_key};
+use crate::manifest::{Entry, ScanError, Scope, normalize_scopes};
 use crate::path::{RESERVED, RelPath, is_temp_name};
-use crate::scan::{
-    Found, ScanOptions, Skipped, hash_in_place, is_absent, open_child_dir, stat_entry,
-};
+use crate::scan::{Found, ScanOptions, hash_in_place, is_absent, open_child_dir, stat_entry};
 use rustix::fs::AtFlags;
-use std::cmp::Ordering;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-
-/// Orders paths as the walk visits directories: a path's own components first, `/` below
-/// every byte a name can hold (names hold no NUL). `a` < `a/x` < `a-b`, where plain byte
-/// order would put `a-b` first.
-pub fn walk_cmp(a: &RelPath, b: &RelPath) -> Ordering {
-    walk_bytes(a).cmp(walk_bytes(b))
-}
-
-/// The bytes of `p` as the walk orders them.
-fn walk_bytes(p: &RelPath) -> impl Iterator<Item = u8> + '_ {
-    p.as_bytes().iter().map(|&c| if c == b'/' { 0 } else { c })
-}
-
-/// A key that sorts as [`walk_cmp`] orders paths.
-pub fn walk_key(p: &RelPath) -> Vec<u8> {
-    walk_bytes(p).collect()
-}
 
 /// The part of a tree a walk covers: whole subtrees (`Scope::Tree`) and single entries
 /// (`Scope::Entry`), with the directories leading to them. A directory inside a whole
@@ -147,29 +128,6 @@ pub trait Gate: Send + Sync {
     fn wait_for(&self, dir: &RelPath);
     /// Returns once every directory that was there when the watcher started is watched.
     fn wait_all(&self);
-}
-
-/// One directory as the walk found it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unit {
-    /// The directory itself (the root for the first unit).
-    pub dir: Entry,
-    /// Its direct children, sorted by name; excluded ones left out.
-    pub entries: Vec<Entry>,
-    /// Children (or the directory itself) that could not be read: nothing under them is
-    /// known, so nothing there may be deleted on the other side.
-    pub errors: Vec<ScanError>,
-    /// Children the mirror cannot carry (sockets, fifos, devices), sorted by name.
-    pub specials: Vec<Special>,
-    /// Children whose names are reserved for hotsync's own files (on the primary).
-    pub skipped: Vec<Skipped>,
-}
-
-impl Unit {
-    /// Regular files' bytes in this directory.
-    pub fn file_bytes(&self) -> u64 {
-        self.entries.iter().filter_map(Entry::file_size).sum()
-    }
 }
 
 struct Frame {
@@ -454,25 +412,6 @@ pub fn find_names(
         }
     }
     Ok(found)
-}
-
-/// Builders for units in unit tests.
-#[cfg(test)]
-pub(crate) mod testing {
-    use super::Unit;
-    use crate::manifest::Entry;
-    use crate::manifest::testing::dir;
-
-    /// The directory `d` holding `entries`.
-    pub fn unit(d: &str, entries: Vec<Entry>) -> Unit {
-        Unit {
-            dir: dir(d),
-            entries,
-            errors: vec![],
-            specials: vec![],
-            skipped: vec![],
-        }
-    }
 }
 
 #[cfg(test)]

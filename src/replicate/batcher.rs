@@ -62,18 +62,6 @@ pub enum Hint {
     },
 }
 
-/// The name of flush `id`'s marker in the source's `.hotsync/`, placed by process `owner`.
-pub fn marker_name(owner: u32, id: u64) -> String {
-    format!("flush-{owner}-{id}")
-}
-
-/// The owner and id a marker's name (under `.hotsync/`) carries, if it is one.
-pub fn parse_marker(name: &[u8]) -> Option<(u32, u64)> {
-    let rest = std::str::from_utf8(name).ok()?.strip_prefix("flush-")?;
-    let (owner, id) = rest.split_once('-')?;
-    Some((owner.parse().ok()?, id.parse().ok()?))
-}
-
 /// Tuning of the batcher.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {
@@ -862,12 +850,5 @@ mod tests {
         assert_eq!(paths, vec![&p("gone"), &p("new"), &p("open.log")]);
         assert_eq!(batch.oldest, Some(t0));
         assert_eq!(b.poll(t0 + ms(300)), None, "the second walk was done early");
-    }
-
-    #[test]
-    fn marker_names_round_trip() {
-        assert_eq!(parse_marker(marker_name(42, 7).as_bytes()), Some((42, 7)));
-        assert_eq!(parse_marker(b"flush-x-7"), None);
-        assert_eq!(parse_marker(b"state"), None);
     }
 }

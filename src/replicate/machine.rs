@@ -8,10 +8,10 @@
 use super::batcher::{self, Batch, Batcher, Hint};
 use crate::manifest::Scope;
 use crate::path::RelPath;
-use crate::standby::Position;
+use crate::epoch::Position;
 use crate::status::{ReplicaState, Space};
 use crate::summary::Summary;
-use crate::verify::Report;
+use crate::compare::Report;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ impl Default for Config {
         Config {
             batcher: batcher::Config::default(),
             verify_every: None,
-            idle: crate::heartbeat::IDLE,
+            idle: crate::liveness::IDLE,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
         }
@@ -668,7 +668,7 @@ impl ReplicaMachine {
         if let Some(f) = &self.fenced {
             return Some(f.clone());
         }
-        let why = crate::heartbeat::silence(self.last_heard?, now, self.cfg.idle, "the standby")?;
+        let why = crate::liveness::silence(self.last_heard?, now, self.cfg.idle, "the standby")?;
         self.cut = Some(why.clone());
         self.last_heard = None;
         Some(why)

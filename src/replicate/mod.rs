@@ -320,7 +320,7 @@ impl crate::control::Control for Watch {
         let marker = tree
             .path()
             .join(std::ffi::OsStr::from_bytes(crate::path::RESERVED))
-            .join(batcher::marker_name(std::process::id(), id));
+            .join(crate::reserved::marker_name(std::process::id(), id));
         if let Err(e) = std::fs::File::create_new(&marker) {
             // Without its marker the flush would only be as good as a full re-scan: say so.
             self.flushes.lock().unwrap().cancel(id);

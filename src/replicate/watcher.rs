@@ -644,7 +644,7 @@ fn translate(kind: Kind, path: &RelPath, is_dir: bool) -> Vec<Hint> {
     }
     // A flush's marker: its creation is the barrier; anything else done to it is nothing.
     if path.parent_bytes() == RESERVED
-        && let Some((owner, id)) = super::batcher::parse_marker(path.name())
+        && let Some((owner, id)) = crate::reserved::parse_marker(path.name())
     {
         return match kind {
             Kind::Created => vec![Hint::Barrier { owner, id }],

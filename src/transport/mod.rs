@@ -1,12 +1,12 @@
 //! Byte transports between a primary and a standby. The engine sees only [`Connection`]
 //! and [`Stream`]: the in-process pipe of a local DEST and QUIC carry the same bytes.
 
+pub mod dest;
 pub mod local;
 pub mod quic;
 pub mod tls;
 
-use crate::error::Error;
-use crate::protocol::ErrorCode;
+use crate::error::{Error, ErrorCode};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -5,9 +5,8 @@
 
 use super::tls::{self, PinnedServer};
 use super::{Connection, Counted, SendHalf, Stream};
-use crate::error::Error;
+use crate::error::{Error, ErrorCode};
 use crate::identity::{Identity, NodeId};
-use crate::protocol::ErrorCode;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{
     ConnectionError, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig,
@@ -35,7 +34,7 @@ pub const CLOSE_SPLIT_BRAIN: u32 = 5;
 
 /// How long a silent peer is waited for before QUIC declares the connection lost: a
 /// safety net behind the heartbeats, which give a silent peer up sooner
-/// ([`crate::heartbeat::IDLE`]) and say so.
+/// ([`crate::liveness::IDLE`]) and say so.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// How long the handshake with a standby may take.
@@ -352,7 +351,7 @@ impl Connection for QuicConnection {
 /// Resolves `quic://HOST:PORT` (or `HOST:PORT`).
 pub fn parse_dest(dest: &str) -> Result<(String, SocketAddr), Error> {
     let after = dest.split_once("://").map_or(dest, |(_, a)| a);
-    let (host, port) = crate::link::quic_address(dest, after)
+    let (host, port) = super::dest::quic_address(dest, after)
         .map_err(|e| Error::Usage(format!("bad DEST {e}")))?;
     let hostport = format!("{host}:{port}");
     let addr = hostport

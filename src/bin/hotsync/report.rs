@@ -6,7 +6,7 @@ use hotsync::summary::Summary;
 use std::io::Write;
 
 /// The human verify report: the verdict and totals first, then each category.
-pub fn print_report(r: &hotsync::verify::Report) {
+pub fn print_report(r: &hotsync::compare::Report) {
     let mut out = std::io::stdout().lock();
     let secs = r.elapsed_ms as f64 / 1000.0;
     let verdict = if r.identical {
@@ -32,7 +32,7 @@ pub fn print_report(r: &hotsync::verify::Report) {
                 out,
                 "  ... and {} more (a report lists {} paths per category)",
                 count - listed as u64,
-                hotsync::verify::MAX_LISTED
+                hotsync::compare::MAX_LISTED
             );
         }
     };
