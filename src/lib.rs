@@ -6,60 +6,25 @@
 //! in-process over [`transport::local`], the same bytes QUIC carries for a remote one; a
 //! [`link`] is either.
 
-pub mod alert;
-pub mod atomic;
-pub mod bytes;
-pub mod channel;
-pub mod check;
-pub mod clock;
-pub mod compare;
-pub mod config;
-pub mod control;
-pub mod delta;
-pub mod epoch;
 pub mod error;
-pub mod filter;
-pub mod flush;
-pub mod fsroot;
-pub mod guard;
-pub mod health;
-pub mod heartbeat;
-pub mod holes;
-pub mod identity;
 pub mod link;
-pub mod listing;
-pub mod liveness;
-pub mod manifest;
-pub mod merge;
-pub mod metrics;
-pub mod mounts;
-pub mod names;
-pub mod path;
-pub mod plan;
+pub mod model;
+pub mod ops;
 pub mod primary;
-pub mod progress;
-pub mod protocol;
 pub mod receiver;
 pub mod rejoin;
 pub mod replicate;
-pub mod reserved;
-pub mod scan;
 pub mod sender;
 pub mod server;
-pub mod snapshot;
-pub mod sparse;
-pub mod spill;
 pub mod standby;
-pub mod status;
-pub mod summary;
 pub mod transport;
+pub mod tree;
 pub mod verify;
-pub mod walk;
-pub mod xattr;
+pub mod wire;
 
 pub use error::{Error, Result};
 pub use link::Target;
-pub use progress::Monitor;
+pub use model::progress::Monitor;
 pub use sender::{Outcome, SyncOptions};
 
 use std::path::Path;
@@ -78,7 +43,7 @@ pub fn sync(
     opts: &SyncOptions,
     monitor: &dyn Monitor,
 ) -> Result<Outcome> {
-    let root = Arc::new(check::open_source(src)?);
+    let root = Arc::new(tree::operand::open_source(src)?);
     // Its epoch is what the standby admits it by.
     let tree = primary::PrimaryTree::open(src, primary::Hold::Once, opts.force)?;
     let opts = &SyncOptions {
@@ -86,7 +51,7 @@ pub fn sync(
         ..opts.clone()
     };
     if let Target::Local(dest) = target {
-        check::prepare_local_dest(src, dest, !opts.dry_run)?;
+        tree::operand::prepare_local_dest(src, dest, !opts.dry_run)?;
     }
     let access = if opts.dry_run {
         standby::Access::ReadOnly
@@ -110,11 +75,11 @@ pub fn verify(
     src: &Path,
     target: &Target,
     excludes: &[String],
-    xattrs: xattr::Policy,
-) -> Result<compare::Report> {
-    let root = Arc::new(check::open_source(src)?);
+    xattrs: tree::xattr::Policy,
+) -> Result<model::compare::Report> {
+    let root = Arc::new(tree::operand::open_source(src)?);
     if let Target::Local(dest) = target {
-        check::prepare_local_dest(src, dest, false)?;
+        tree::operand::prepare_local_dest(src, dest, false)?;
     }
     let link = link::Connector::new(target.clone(), standby::Access::ReadOnly)?.connect()?;
     verify::verify(root, link, excludes, 0, xattrs)

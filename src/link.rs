@@ -3,9 +3,9 @@
 //! connection; the [`Connector`] holds what every new link needs (the network runtime).
 
 use crate::error::{Error, Result};
-use crate::identity::{Identity, NodeId};
 use crate::standby::{Access, Peer, Standby};
 pub use crate::transport::dest::{DestError, DestKind, quic_address};
+use crate::transport::identity::{Identity, NodeId};
 use crate::transport::{self, Connection};
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -4,10 +4,10 @@
 //! the standby (at least once a second, cheaply), and records a fence when a newer epoch
 //! takes over. `rejoin` later reads these records, on this node's own clock.
 
-use crate::epoch::{Fence, Position, Role, TreeState};
 use crate::error::{Error, Result};
-use crate::fsroot::Root;
-use crate::reserved::{Area, PRIMARY_LOCK};
+use crate::model::epoch::{Fence, Position, Role, TreeState};
+use crate::tree::fsroot::Root;
+use crate::tree::reserved::{Area, PRIMARY_LOCK};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -158,7 +158,7 @@ impl PrimaryTree {
             };
             let was = vouched(st);
             st.acknowledge(pos);
-            if let Some(before) = before.map(crate::clock::unix_ms)
+            if let Some(before) = before.map(crate::model::clock::unix_ms)
                 && st.acked_before_ms.is_none_or(|b| before > b)
             {
                 st.acked_before_ms = Some(before);
@@ -180,7 +180,7 @@ impl PrimaryTree {
             .last
             .is_none_or(|t| now.saturating_duration_since(t) >= SAVE_EVERY);
         if s.dirty && due {
-            s.state.updated = crate::clock::now_rfc3339();
+            s.state.updated = crate::model::clock::now_rfc3339();
             if self.write(&s.state) {
                 s.dirty = false;
                 s.last = Some(now);
@@ -199,10 +199,10 @@ impl PrimaryTree {
         }
         let mut s = self.saved.lock().unwrap();
         s.state.fenced = Some(Fence {
-            at: crate::clock::now_rfc3339(),
+            at: crate::model::clock::now_rfc3339(),
             reason: reason.to_string(),
         });
-        s.state.updated = crate::clock::now_rfc3339();
+        s.state.updated = crate::model::clock::now_rfc3339();
         self.write(&s.state);
         s.dirty = false;
     }
@@ -228,7 +228,7 @@ impl Drop for PrimaryTree {
     fn drop(&mut self) {
         let mut s = self.saved.lock().unwrap();
         if s.dirty {
-            s.state.updated = crate::clock::now_rfc3339();
+            s.state.updated = crate::model::clock::now_rfc3339();
             self.write(&s.state);
             s.dirty = false;
         }

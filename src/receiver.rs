@@ -3,25 +3,25 @@
 //! symlink; a failure with one entry is answered with an error `Ack`, a protocol violation
 //! ends the connection.
 
-use crate::atomic::{Batch, NewTemp, Outcome, Staged, Temp, Touched};
-use crate::channel::Channel;
-use crate::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
 use crate::error::Error;
-use crate::filter::Filter;
-use crate::fsroot::{self, Root, remove_tree, set_meta_at, set_meta_fd};
-use crate::heartbeat;
-use crate::manifest::MetaTarget;
-use crate::manifest::{Entry, Meta, ScanError, Scope};
-use crate::path::RelPath;
-use crate::protocol::{
+use crate::model::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, chunk_size};
+use crate::model::filter::Filter;
+use crate::model::manifest::MetaTarget;
+use crate::model::manifest::{Entry, Meta, ScanError, Scope};
+use crate::model::path::RelPath;
+use crate::model::status::Space;
+use crate::standby::{CutKind, Peer, SessionEntry, SessionPulse, Standby};
+use crate::transport::{Connection, SendHalf};
+use crate::tree::atomic::{Batch, NewTemp, Outcome, Staged, Temp, Touched};
+use crate::tree::fsroot::{self, Root, remove_tree, set_meta_at, set_meta_fd};
+use crate::tree::scan::{ScanOptions, scan_scopes};
+use crate::tree::xattr::Xattrs;
+use crate::wire::channel::Channel;
+use crate::wire::heartbeat;
+use crate::wire::protocol::{
     self, FrameReader, FrameWriter, Message, OpError, ProtocolError, SMALL_FILE,
 };
-use crate::protocol::{ErrorCode, SessionMode};
-use crate::scan::{ScanOptions, scan_scopes};
-use crate::standby::{CutKind, Peer, SessionEntry, SessionPulse, Standby};
-use crate::status::Space;
-use crate::transport::{Connection, SendHalf};
-use crate::xattr::Xattrs;
+use crate::wire::protocol::{ErrorCode, SessionMode};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::collections::HashMap;
@@ -40,7 +40,7 @@ struct Session<'s> {
     read_only: bool,
     filter: Filter,
     /// The extended attributes and ACLs this session mirrors.
-    xattrs: crate::xattr::Policy,
+    xattrs: crate::tree::xattr::Policy,
     /// The protocol version the session speaks: what a listing may carry.
     version: u16,
     /// Bumped whenever directories may have been removed, so cached handles are dropped.
@@ -48,7 +48,7 @@ struct Session<'s> {
     /// This session in the standby's registry (its counters are read live by `status`).
     entry: Arc<SessionEntry>,
     /// Where a writing session stages its temps.
-    temps: Option<crate::atomic::TempPlace>,
+    temps: Option<crate::tree::atomic::TempPlace>,
 }
 
 /// Serves one connection from `peer` against `standby`, until the primary closes the
@@ -108,7 +108,7 @@ pub fn serve(
     })?;
     // Agreed before any other stream is accepted: every walk and write of the session
     // keeps the same attributes.
-    let mut xattrs = crate::xattr::Policy::none();
+    let mut xattrs = crate::tree::xattr::Policy::none();
     if version >= 5 {
         let can = standby.xattrs_can();
         ch.send(&Message::Keeps { can })?;
@@ -249,7 +249,7 @@ pub fn entry_size(e: &Entry) -> usize {
     e.path.as_bytes().len()
         + 48
         + match &e.kind {
-            crate::manifest::Kind::Symlink { target } => target.len(),
+            crate::model::manifest::Kind::Symlink { target } => target.len(),
             _ => 0,
         }
 }
@@ -258,7 +258,7 @@ pub fn entry_size(e: &Entry) -> usize {
 /// preceded by the shapes of its entries and the directory's special files.
 fn send_unit<W: Write>(
     w: &mut FrameWriter<W>,
-    u: crate::walk::Unit,
+    u: crate::tree::walk::Unit,
     version: u16,
 ) -> Result<(), ProtocolError> {
     let mut parts: Vec<Vec<Entry>> = vec![Vec::new()];
@@ -272,7 +272,7 @@ fn send_unit<W: Write>(
         }
     }
     let mut errors: Vec<Vec<ScanError>> = u.errors.chunks(512).map(<[_]>::to_vec).collect();
-    let mut specials: Vec<Vec<crate::manifest::Special>> = if version >= 6 {
+    let mut specials: Vec<Vec<crate::model::manifest::Special>> = if version >= 6 {
         u.specials.chunks(512).map(<[_]>::to_vec).collect()
     } else {
         Vec::new()
@@ -329,7 +329,7 @@ fn send_entries<W: Write>(
 /// `ListEnd`.
 fn send_manifest<W: Write>(
     w: &mut FrameWriter<W>,
-    m: crate::manifest::Manifest,
+    m: crate::model::manifest::Manifest,
     temps_removed: u64,
     version: u16,
 ) -> Result<(), ProtocolError> {
@@ -400,14 +400,14 @@ impl Session<'_> {
     fn walk<W: SendHalf>(
         &self,
         w: &mut FrameWriter<W>,
-        scopes: crate::walk::Scopes,
+        scopes: crate::tree::walk::Scopes,
         checksum: bool,
         hash_rate: u64,
     ) -> Result<(), ProtocolError> {
         let (mut count, mut temps_removed) = (0, 0);
         if let Ok(root) = self.standby.root() {
             let opts = self.scan_options(checksum, hash_rate);
-            let mut walker = crate::walk::Walker::scoped(root, opts, scopes, None);
+            let mut walker = crate::tree::walk::Walker::scoped(root, opts, scopes, None);
             let batch = if checksum { WALK_HASH_BATCH } else { 1 };
             let cannot =
                 |e: io::Error| ProtocolError::Invalid(format!("cannot scan the standby tree: {e}"));
@@ -497,7 +497,7 @@ fn op_error(e: &io::Error) -> OpError {
     OpError {
         message: reason(e),
         retry: false,
-        no_space: crate::atomic::is_no_space(e),
+        no_space: crate::tree::atomic::is_no_space(e),
     }
 }
 
@@ -519,7 +519,7 @@ fn reason(e: &io::Error) -> String {
 
 impl Session<'_> {
     /// Where this writing session makes its temps.
-    fn temps(&self) -> io::Result<&crate::atomic::TempPlace> {
+    fn temps(&self) -> io::Result<&crate::tree::atomic::TempPlace> {
         self.temps.as_ref().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -536,7 +536,7 @@ impl Session<'_> {
 }
 
 /// Makes a file to receive an entry of `dir` into (unnamed beside it, see
-/// [`crate::atomic::TempPlace`]). A receiver that is not root gives itself write
+/// [`crate::tree::atomic::TempPlace`]). A receiver that is not root gives itself write
 /// permission on a read-only directory (its mode is restored with the directory's
 /// attributes).
 fn temp_for(s: &Session, dir: &Arc<OwnedFd>) -> io::Result<NewTemp> {
@@ -626,11 +626,11 @@ fn op_loop<R: Read, W: SendHalf>(
                         scopes,
                         checksum,
                         hash_rate,
-                    } => (crate::walk::Scopes::new(&scopes), checksum, hash_rate),
+                    } => (crate::tree::walk::Scopes::new(&scopes), checksum, hash_rate),
                     Message::Walk {
                         checksum,
                         hash_rate,
-                    } => (crate::walk::Scopes::all(), checksum, hash_rate),
+                    } => (crate::tree::walk::Scopes::all(), checksum, hash_rate),
                     _ => unreachable!(),
                 };
                 return match s.walk(w, scopes, checksum, hash_rate) {
@@ -709,7 +709,9 @@ fn op_loop<R: Read, W: SendHalf>(
                 meta,
             } => {
                 check_writable(&path)?;
-                if target.is_empty() || target.len() > crate::path::MAX_PATH || target.contains(&0)
+                if target.is_empty()
+                    || target.len() > crate::model::path::MAX_PATH
+                    || target.contains(&0)
                 {
                     return Err(ProtocolError::Invalid("bad symlink target".into()));
                 }
@@ -1030,7 +1032,7 @@ fn stage_link(
 
 type EntryResult = Result<Staged, OpError>;
 
-/// A temp being written for the entry `name` of `dir` (see [`crate::atomic::Temp`]).
+/// A temp being written for the entry `name` of `dir` (see [`crate::tree::atomic::Temp`]).
 struct TempTarget {
     dir: Arc<OwnedFd>,
     name: Vec<u8>,
@@ -1134,13 +1136,15 @@ impl Holes {
         let mut off = offset;
         let mut buf = Vec::new();
         while off < end {
-            let data = crate::sparse::next_data(base, off)?.unwrap_or(end).min(end);
+            let data = crate::tree::sparse::next_data(base, off)?
+                .unwrap_or(end)
+                .min(end);
             if data > off {
                 self.zeros(w, data - off)?;
                 off = data;
                 continue;
             }
-            let stop = crate::sparse::next_hole(base, off, end)?.clamp(off + 1, end);
+            let stop = crate::tree::sparse::next_hole(base, off, end)?.clamp(off + 1, end);
             buf.resize(((stop - off) as usize).min(1 << 20), 0);
             delta::ReadAt::read_exact_at(base, &mut buf, off)?;
             self.write(w, &buf)?;
@@ -1186,7 +1190,7 @@ impl TempSink {
         mut self,
         s: &Session,
         complete: bool,
-        proof: Option<(crate::manifest::Hash, crate::manifest::Hash)>,
+        proof: Option<(crate::model::manifest::Hash, crate::model::manifest::Hash)>,
         id: u64,
         meta: &Attrs,
         size: u64,
@@ -1379,7 +1383,7 @@ impl delta::ReadAt for SoftBase<'_> {
 /// and its digest.
 fn file_end<R: Read>(
     r: &mut FrameReader<R>,
-) -> Result<(bool, Option<crate::manifest::Hash>), ProtocolError> {
+) -> Result<(bool, Option<crate::model::manifest::Hash>), ProtocolError> {
     match r.recv()? {
         Message::FileEnd { complete, digest } => Ok((complete, digest)),
         other => Err(ProtocolError::unexpected(&other, "FileEnd")),
@@ -1491,7 +1495,7 @@ fn receive_delta<R: Read, W: Write>(
                 "the standby's version is too large to serve as a delta base",
             ));
         }
-        let holes = crate::sparse::has_holes(&st);
+        let holes = crate::tree::sparse::has_holes(&st);
         Ok((File::from(f), st.st_size as u64, holes))
     });
     // Hash the base while the primary is still hashing (and sending) its new version.
@@ -1523,7 +1527,7 @@ fn receive_delta<R: Read, W: Write>(
         Ok((f, n, _)) => (Some(f), n),
         Err(_) => (None, 0),
     };
-    let mut known: Vec<Option<crate::manifest::Hash>> = Vec::new();
+    let mut known: Vec<Option<crate::model::manifest::Hash>> = Vec::new();
     match signed {
         Ok((sig, digests)) => {
             w.send(&Message::BaseSig {
@@ -1588,7 +1592,7 @@ mod tests {
     #[test]
     fn a_sparse_temp_leaves_aligned_zeros_and_base_holes_as_holes() {
         let dir = tempfile::tempdir().unwrap();
-        let open = |name: &str| crate::sparse::testing::rw(dir.path(), name);
+        let open = |name: &str| crate::tree::sparse::testing::rw(dir.path(), name);
         // A base: data in its first block, a hole of 1 MiB, data again.
         let base = open("base");
         std::os::unix::fs::FileExt::write_all_at(&base, &[5; 4096], 0).unwrap();
@@ -1621,7 +1625,7 @@ mod tests {
         f.set_len(want.len() as u64).unwrap();
         assert_eq!(std::fs::read(dir.path().join("out")).unwrap(), want);
         let st = rustix::fs::fstat(&f).unwrap();
-        if crate::sparse::has_holes(&rustix::fs::fstat(&base).unwrap()) {
+        if crate::tree::sparse::has_holes(&rustix::fs::fstat(&base).unwrap()) {
             // Blocks with data: the one of 1s, the one of 2s, and two each for the copied
             // 5s and 6s (they straddle blocks of the output). Of 1 MiB + 45 KiB.
             assert!(

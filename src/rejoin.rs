@@ -5,11 +5,11 @@
 //! (the inode change time against the moment its state says everything before was
 //! durable), so a clock difference between the nodes cannot hide a diverged file.
 
-use crate::epoch::{Divergence, TreeState};
-use crate::filter::Filter;
-use crate::fsroot::{Root, list_dir};
-use crate::path::{RESERVED, RelPath, is_temp_name};
-use crate::reserved::Area;
+use crate::model::epoch::{Divergence, TreeState};
+use crate::model::filter::Filter;
+use crate::model::path::{RESERVED, RelPath, is_temp_name};
+use crate::tree::fsroot::{Root, list_dir};
+use crate::tree::reserved::Area;
 use rustix::fs::{AtFlags, FileType, Mode};
 use rustix::io::Errno;
 use serde::{Deserialize, Serialize};
@@ -83,7 +83,7 @@ impl Walk<'_> {
             let path = rel.join(&name).map_err(|e| {
                 io::Error::other(format!(
                     "{rel}: {}",
-                    crate::path::unmirrorable(rel, &name, &e)
+                    crate::model::path::unmirrorable(rel, &name, &e)
                 ))
             })?;
             let st = match rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
@@ -101,7 +101,7 @@ impl Walk<'_> {
                     if self.diverged(&st) {
                         self.dirs.push(path.display());
                     }
-                    let sub = crate::fsroot::open_subdir(dir, &name)?;
+                    let sub = crate::tree::fsroot::open_subdir(dir, &name)?;
                     self.dir(sub.as_fd(), &path)?;
                 }
                 FileType::RegularFile | FileType::Symlink if self.diverged(&st) => {
@@ -126,7 +126,7 @@ impl Walk<'_> {
                 Ok(()) | Err(Errno::EXIST) => {}
                 Err(e) => return Err(e.into()),
             }
-            at = crate::fsroot::open_subdir(at.as_fd(), part)?;
+            at = crate::tree::fsroot::open_subdir(at.as_fd(), part)?;
         }
         // A name kept by an earlier rejoin of the same epoch is not overwritten.
         let mut target = name.to_vec();
@@ -188,14 +188,14 @@ pub fn keep_diverged(
     list_kept(w.keep.as_fd(), &RelPath::root(), &mut kept)?;
     kept.sort_by(|a, b| a.path.cmp(&b.path));
     let list = serde_json::to_vec_pretty(&kept).map_err(io::Error::other)?;
-    crate::atomic::replace_file(w.keep.as_fd(), LIST, &list)?;
+    crate::tree::atomic::replace_file(w.keep.as_fd(), LIST, &list)?;
     Ok(RejoinReport {
-        tree: crate::check::shown_absolute(root.path()),
+        tree: crate::tree::operand::shown_absolute(root.path()),
         already: false,
         epoch: state.epoch,
         kept_in: format!(
             "{}/.hotsync/diverged/{epoch_dir}",
-            crate::check::shown_absolute(root.path())
+            crate::tree::operand::shown_absolute(root.path())
         ),
         diverged: kept,
         changed_dirs: w.dirs,
@@ -209,7 +209,7 @@ fn ensure_dir(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
         Ok(()) | Err(Errno::EXIST) => {}
         Err(e) => return Err(e.into()),
     }
-    crate::fsroot::open_subdir(at, name)
+    crate::tree::fsroot::open_subdir(at, name)
 }
 
 /// Every file and symlink under the keeping directory `dir` (at `rel`).
@@ -221,14 +221,14 @@ fn list_kept(dir: BorrowedFd<'_>, rel: &RelPath, out: &mut Vec<Diverged>) -> io:
         let path = rel.join(&name).map_err(|e| {
             io::Error::other(format!(
                 "{rel}: {}",
-                crate::path::unmirrorable(rel, &name, &e)
+                crate::model::path::unmirrorable(rel, &name, &e)
             ))
         })?;
         let st = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
-        let modified = crate::fsroot::meta_of(&st).mtime;
+        let modified = crate::tree::fsroot::meta_of(&st).mtime;
         let kind = match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
-                let sub = crate::fsroot::open_subdir(dir, &name)?;
+                let sub = crate::tree::fsroot::open_subdir(dir, &name)?;
                 list_kept(sub.as_fd(), &path, out)?;
                 continue;
             }
@@ -239,7 +239,7 @@ fn list_kept(dir: BorrowedFd<'_>, rel: &RelPath, out: &mut Vec<Diverged>) -> io:
             path: path.display(),
             kind: kind.into(),
             size: u64::try_from(st.st_size).unwrap_or(0),
-            modified: crate::clock::rfc3339(
+            modified: crate::model::clock::rfc3339(
                 std::time::UNIX_EPOCH
                     + std::time::Duration::new(
                         u64::try_from(modified.sec).unwrap_or(0),
@@ -254,7 +254,7 @@ fn list_kept(dir: BorrowedFd<'_>, rel: &RelPath, out: &mut Vec<Diverged>) -> io:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::epoch::Role;
+    use crate::model::epoch::Role;
 
     #[test]
     fn entries_changed_after_the_watermark_are_kept_aside_and_listed() {
@@ -266,9 +266,9 @@ mod tests {
         // (ctime cannot be set back: the test moves the watermark instead.) Everything so
         // far was confirmed: the watermark is after it, beyond the margin.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let watermark = crate::clock::unix_ms(std::time::SystemTime::now());
+        let watermark = crate::model::clock::unix_ms(std::time::SystemTime::now());
         let mut state = TreeState::fresh(Role::Primary, None);
-        state.acknowledge(crate::epoch::Position { epoch: 1, seq: 3 });
+        state.acknowledge(crate::model::epoch::Position { epoch: 1, seq: 3 });
         state.acked_before_ms = Some(watermark + Divergence::MARGIN_MS);
         let root = Root::open(p).unwrap();
         let area = Area::open(&root, p).unwrap();

@@ -1,12 +1,12 @@
 //! `hotsync serve`: accepts primaries on a QUIC endpoint, admits only allowed IDs, and runs
 //! one receiver session per connection, each isolated from the others.
 
-use crate::alert::{AlertConfig, Alerts};
-use crate::control::Control;
 use crate::error::Error;
-use crate::identity::NodeId;
+use crate::model::status::{Health, Instance};
+use crate::ops::alert::{AlertConfig, Alerts};
+use crate::ops::control::Control;
 use crate::standby::{Peer, Standby};
-use crate::status::{Health, Instance};
+use crate::transport::identity::NodeId;
 use crate::transport::quic::{CLOSE_REFUSED, CLOSE_SHUTDOWN, QuicConnection, Server};
 use crate::transport::{Connection, tls};
 use quinn::VarInt;
@@ -40,7 +40,7 @@ impl Serving {
         alerts: AlertConfig,
     ) -> Serving {
         Serving {
-            tree: crate::check::shown_absolute(standby.path()),
+            tree: crate::tree::operand::shown_absolute(standby.path()),
             standby,
             listen,
             node_id,
@@ -72,9 +72,9 @@ impl Control for Serving {
             tree: self.tree.clone(),
             node_id: Some(self.node_id.to_string()),
             listen: Some(self.listen.to_string()),
-            started_at: crate::clock::rfc3339(self.started_at),
+            started_at: crate::model::clock::rfc3339(self.started_at),
             uptime_seconds: now.duration_since(self.started).as_secs_f64(),
-            protocol: crate::protocol::VERSION,
+            protocol: crate::wire::protocol::VERSION,
             epoch: st.epoch,
             health: Health::default(),
             thresholds: self.alerts.thresholds(),
@@ -93,7 +93,7 @@ impl Control for Serving {
 
 /// Checks what `serve` needs before it binds: a root directory and at least one primary.
 pub fn check(root: &Path, allow: &[NodeId]) -> Result<(), Error> {
-    crate::check::check_dir("--root", root)?;
+    crate::tree::operand::check_dir("--root", root)?;
     if allow.is_empty() {
         return Err(Error::Usage(
             "no --allow ID given: name each primary that may connect (run `hotsync id` on it)"

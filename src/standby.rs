@@ -3,15 +3,15 @@
 //! other hotsync from writing it, the durable state file `.hotsync/state`, and the registry
 //! of the sessions it has admitted, which is what its status reports.
 
-use crate::epoch::Admission as Admission2;
 use crate::error::{Error, Result};
-use crate::fsroot::{self, Root};
-use crate::heartbeat::{Pulse, silence};
-use crate::identity::NodeId;
-use crate::protocol::ErrorCode;
-use crate::protocol::Heartbeat;
-use crate::reserved::{Area, STANDBY_LOCK};
-use crate::status::{PrimaryStatus, Space};
+use crate::model::epoch::Admission as Admission2;
+use crate::model::status::{PrimaryStatus, Space};
+use crate::transport::identity::NodeId;
+use crate::tree::fsroot::{self, Root};
+use crate::tree::reserved::{Area, STANDBY_LOCK};
+use crate::wire::heartbeat::{Pulse, silence};
+use crate::wire::protocol::ErrorCode;
+use crate::wire::protocol::Heartbeat;
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
@@ -32,7 +32,7 @@ pub enum Access {
     ReadOnly,
 }
 
-pub use crate::epoch::{Position, Role, TreeState};
+pub use crate::model::epoch::{Position, Role, TreeState};
 
 /// Who is at the other end of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,7 +199,7 @@ pub struct Standby {
     /// the tree's `.hotsync/`.
     lock: Mutex<Option<(Area, File)>>,
     /// Where writing sessions stage their temps, once the lock is held.
-    temps: Mutex<Option<crate::atomic::TempPlace>>,
+    temps: Mutex<Option<crate::tree::atomic::TempPlace>>,
     owners: bool,
     state: Mutex<TreeState>,
     /// Position changes not yet written to the state file, and when it was last written.
@@ -212,9 +212,9 @@ pub struct Standby {
     /// Told of what happens to the tree (a `serve --json` prints it).
     events: std::sync::OnceLock<EventSink>,
     /// The attribute namespaces this tree can store, found at the first session.
-    xattrs: std::sync::OnceLock<crate::xattr::Policy>,
+    xattrs: std::sync::OnceLock<crate::tree::xattr::Policy>,
     /// How batches are made durable here, found at the first session.
-    durability: std::sync::OnceLock<crate::atomic::Durability>,
+    durability: std::sync::OnceLock<crate::tree::atomic::Durability>,
 }
 
 /// Receives a standby's events: a name and its details.
@@ -326,13 +326,13 @@ impl Standby {
 
     /// How batches are made durable on this tree's filesystem, decided once (by its
     /// `statfs` type) and said once where `syncfs` is not trusted.
-    pub fn durability(&self) -> crate::atomic::Durability {
+    pub fn durability(&self) -> crate::tree::atomic::Durability {
         *self.durability.get_or_init(|| {
             let Some(root) = &self.root else {
                 // A dry run against a missing DEST: nothing is ever committed.
-                return crate::atomic::Durability::default();
+                return crate::tree::atomic::Durability::default();
             };
-            let (d, fs) = crate::atomic::Durability::of(root.fd());
+            let (d, fs) = crate::tree::atomic::Durability::of(root.fd());
             if !d.trusts_syncfs {
                 tracing::info!(
                     "{}: its filesystem ({fs}) is not one whose syncfs is known to reach the \
@@ -352,20 +352,20 @@ impl Standby {
     /// The extended attributes and ACLs this tree can store, tried once on a scratch file
     /// in it. A tree that cannot be written now is taken to store what its privileges
     /// allow; one whose filesystem has no attributes is said so once.
-    pub fn xattrs_can(&self) -> crate::xattr::Policy {
+    pub fn xattrs_can(&self) -> crate::tree::xattr::Policy {
         *self.xattrs.get_or_init(|| {
             let root = rustix::process::geteuid().is_root();
-            let guess = crate::xattr::Policy {
+            let guess = crate::tree::xattr::Policy {
                 user: true,
                 trusted: root,
                 security: root,
-                selinux: crate::xattr::selinux_enabled(),
+                selinux: crate::tree::xattr::selinux_enabled(),
                 acls: true,
             };
             // In the reserved area: a scratch file in the tree would change its root's mtime.
             let probed = self.with_area(|a| {
                 let (f, name) = fsroot::create_temp(a.fd()).ok()?;
-                let can = crate::xattr::probe(f.as_fd());
+                let can = crate::tree::xattr::probe(f.as_fd());
                 drop(f);
                 let _ = rustix::fs::unlinkat(a.fd(), name.as_slice(), rustix::fs::AtFlags::empty());
                 Some(can)
@@ -376,7 +376,7 @@ impl Standby {
             let lacks = guess.missing_in(&can);
             if !lacks.is_empty() {
                 let lacks = lacks.join(", ");
-                crate::xattr::say_once(
+                crate::tree::xattr::say_once(
                     &lacks,
                     &format!(
                         "the standby tree {} cannot store {lacks}: they are not mirrored there",
@@ -430,7 +430,7 @@ impl Standby {
                     "DEST {} is in use by {} (since {}): one primary writes a tree at a time",
                     self.path.display(),
                     w.peer.describe(),
-                    crate::clock::rfc3339(w.started_at)
+                    crate::model::clock::rfc3339(w.started_at)
                 ),
             });
         }
@@ -494,7 +494,7 @@ impl Standby {
         area.remove_temps();
         let temps = area
             .open_temps()
-            .and_then(|fd| crate::atomic::TempPlace::new(Arc::new(fd)))
+            .and_then(|fd| crate::tree::atomic::TempPlace::new(Arc::new(fd)))
             .map_err(|e| {
                 LockError::NotWritable(format!(
                     "DEST {shown} is not writable: cannot prepare {shown}/.hotsync/tmp: {e}"
@@ -506,7 +506,7 @@ impl Standby {
     }
 
     /// Where a writing session stages its temps (`None` before the lock is held).
-    pub fn temps(&self) -> Option<crate::atomic::TempPlace> {
+    pub fn temps(&self) -> Option<crate::tree::atomic::TempPlace> {
         self.temps.lock().unwrap().clone()
     }
 
@@ -541,7 +541,7 @@ impl Standby {
         let who = peer.id.map(|id| id.to_string());
         let shown = format!("the standby {}", self.path.display());
         let mut st = self.state.lock().unwrap();
-        match crate::epoch::admit(&st, epoch, who.as_deref(), &shown) {
+        match crate::model::epoch::admit(&st, epoch, who.as_deref(), &shown) {
             Admission2::Refuse { code, message } => {
                 if st.superseded_by(epoch) {
                     self.record_superseded(&mut st, epoch, peer);
@@ -552,7 +552,7 @@ impl Standby {
                 let before = st.clone();
                 st.adopt(epoch, who);
                 if adopt || *st != before {
-                    st.updated = crate::clock::now_rfc3339();
+                    st.updated = crate::model::clock::now_rfc3339();
                     let written = self.with_area(|a| a.write_state(&st)).unwrap_or(Ok(()));
                     if let Err(e) = written {
                         *st = before;
@@ -588,7 +588,7 @@ impl Standby {
             st.epoch
         );
         let recorded = self.with_area(|a| -> io::Result<bool> {
-            let Some(_watch) = a.try_lock(crate::reserved::PRIMARY_LOCK)? else {
+            let Some(_watch) = a.try_lock(crate::tree::reserved::PRIMARY_LOCK)? else {
                 return Ok(false);
             };
             // The watch that ran last may have recorded more than this process knows.
@@ -600,11 +600,11 @@ impl Standby {
                 *st = disk;
                 return Ok(false);
             }
-            disk.fenced = Some(crate::epoch::Fence {
-                at: crate::clock::now_rfc3339(),
+            disk.fenced = Some(crate::model::epoch::Fence {
+                at: crate::model::clock::now_rfc3339(),
                 reason: reason.clone(),
             });
-            disk.updated = crate::clock::now_rfc3339();
+            disk.updated = crate::model::clock::now_rfc3339();
             a.write_state(&disk)?;
             *st = disk;
             Ok(true)
@@ -684,7 +684,7 @@ impl Standby {
             return;
         }
         let mut st = self.state();
-        st.updated = crate::clock::now_rfc3339();
+        st.updated = crate::model::clock::now_rfc3339();
         match self.write_state(&st) {
             Ok(()) => *unsaved = (false, Some(now)),
             Err(e) => tracing::warn!("cannot write {}: {e}", self.state_shown()),
@@ -695,7 +695,7 @@ impl Standby {
     pub fn primaries(&self, now: Instant, wall: SystemTime) -> Vec<PrimaryStatus> {
         let at = |t: SystemTime| {
             (
-                crate::clock::rfc3339(t),
+                crate::model::clock::rfc3339(t),
                 wall.duration_since(t).unwrap_or_default().as_secs_f64(),
             )
         };
@@ -808,8 +808,8 @@ impl Standby {
             self.sessions().into_iter().filter(|s| s.writer).collect();
         let shown = self.path.display();
         let mut report = PromoteReport {
-            tree: crate::check::shown_absolute(&self.path),
-            at: crate::clock::now_rfc3339(),
+            tree: crate::tree::operand::shown_absolute(&self.path),
+            at: crate::model::clock::now_rfc3339(),
             epoch: st.epoch,
             previous_epoch: st.epoch,
             previous_primary: st.primary().map(String::from),
@@ -848,7 +848,7 @@ impl Standby {
         // to decide the primary is gone).
         let alive = writers.iter().find(|w| {
             let heard = w.heard.lock().unwrap().last;
-            heard.is_some_and(|t| now.duration_since(t) < 2 * crate::heartbeat::INTERVAL)
+            heard.is_some_and(|t| now.duration_since(t) < 2 * crate::wire::heartbeat::INTERVAL)
         });
         if let (Some(w), false) = (alive, force) {
             return Err(Error::Refused(format!(
@@ -861,7 +861,7 @@ impl Standby {
         }
         let before = st.clone();
         st.promote(me.map(|id| id.to_string()));
-        st.updated = crate::clock::now_rfc3339();
+        st.updated = crate::model::clock::now_rfc3339();
         let written = self.with_area(|a| a.write_state(&st));
         match written {
             Some(Ok(())) => {}
@@ -934,13 +934,13 @@ impl Standby {
     ) -> Result<crate::rejoin::RejoinReport> {
         let shown = self.path.display();
         let filter =
-            crate::filter::Filter::new(excludes).map_err(|e| Error::Usage(e.to_string()))?;
+            crate::model::filter::Filter::new(excludes).map_err(|e| Error::Usage(e.to_string()))?;
         let mut st = self.state.lock().unwrap();
         let root = self
             .root()
             .map_err(|e| Error::io(format!("cannot open {shown}"), e))?;
         let nothing = |st: &TreeState, still_primary: bool| crate::rejoin::RejoinReport {
-            tree: crate::check::shown_absolute(&self.path),
+            tree: crate::tree::operand::shown_absolute(&self.path),
             already: !still_primary,
             epoch: st.epoch,
             kept_in: String::new(),
@@ -960,7 +960,7 @@ impl Standby {
         };
         // No watch may replicate the tree while it turns into a standby.
         let watch = area
-            .try_lock(crate::reserved::PRIMARY_LOCK)
+            .try_lock(crate::tree::reserved::PRIMARY_LOCK)
             .map_err(|e| Error::io(format!("cannot lock {shown}/.hotsync/primary.lock"), e))?;
         if watch.is_none() && if_fenced {
             // A running watch is not fenced (one that is stops, and records it).
@@ -991,7 +991,7 @@ impl Standby {
         })?;
         let before = st.clone();
         st.rejoin();
-        st.updated = crate::clock::now_rfc3339();
+        st.updated = crate::model::clock::now_rfc3339();
         if let Err(e) = area.write_state(&st) {
             *st = before;
             return Err(Error::Refused(format!(
@@ -1105,7 +1105,7 @@ impl Pulse for SessionPulse<'_> {
         Heartbeat {
             epoch: st.epoch,
             seq: st.position.seq,
-            sent_at_ms: crate::clock::unix_ms(SystemTime::now()),
+            sent_at_ms: crate::model::clock::unix_ms(SystemTime::now()),
             oldest_pending_ms: None,
             pending: 0,
             space: self.standby.space(),
@@ -1117,7 +1117,7 @@ impl Pulse for SessionPulse<'_> {
         silence(
             last.unwrap_or(self.entry.started),
             now,
-            crate::heartbeat::IDLE,
+            crate::wire::heartbeat::IDLE,
             "the primary",
         )
     }
@@ -1188,7 +1188,7 @@ mod tests {
         let s = Standby::open(t.path(), Access::Write).unwrap();
         let mut st = s.state();
         st.promote(None);
-        st.fenced = Some(crate::epoch::Fence {
+        st.fenced = Some(crate::model::epoch::Fence {
             at: "2026-01-01T00:00:00Z".into(),
             reason: "a standby of epoch 3 took over".into(),
         });

@@ -1,15 +1,15 @@
 //! `verify`: both sides hash their trees over a read-only session, the walks are compared
-//! one directory at a time ([`crate::compare`]), and what differs is listed again to
+//! one directory at a time ([`crate::model::compare`]), and what differs is listed again to
 //! tell a lasting difference from a change in flight.
 
-use crate::compare::{Comparer, Report, compare, persisting};
 use crate::error::Error;
-use crate::fsroot::Root;
 use crate::link::Link;
-use crate::manifest::Scope;
-use crate::path::RelPath;
-use crate::progress::Silent;
+use crate::model::compare::{Comparer, Report, compare, persisting};
+use crate::model::manifest::Scope;
+use crate::model::path::RelPath;
+use crate::model::progress::Silent;
 use crate::sender::{Session, SyncOptions};
+use crate::tree::fsroot::Root;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ pub fn verify(
     link: Link,
     excludes: &[String],
     hash_rate: u64,
-    xattrs: crate::xattr::Policy,
+    xattrs: crate::tree::xattr::Policy,
 ) -> Result<Report, Error> {
     let started = Instant::now();
     let opts = SyncOptions {

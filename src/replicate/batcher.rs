@@ -18,8 +18,8 @@
 //!   watcher hands over its event before it has watched the new directory, so whatever is
 //!   created in it between the first walk and the new watch is reported by nobody.
 
-use crate::manifest::Scope;
-use crate::path::RelPath;
+use crate::model::manifest::Scope;
+use crate::model::path::RelPath;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -468,7 +468,7 @@ impl Batcher {
                 .into_iter()
                 .map(|(f, t, _)| (f, t))
                 .collect(),
-            paths: crate::manifest::normalize_scopes(&paths),
+            paths: crate::model::manifest::normalize_scopes(&paths),
         })
     }
 

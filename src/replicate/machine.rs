@@ -6,12 +6,12 @@
 //! rule is unit-tested by stepping a clock. The driver in `replica.rs` does the I/O.
 
 use super::batcher::{self, Batch, Batcher, Hint};
-use crate::manifest::Scope;
-use crate::path::RelPath;
-use crate::epoch::Position;
-use crate::status::{ReplicaState, Space};
-use crate::summary::Summary;
-use crate::compare::Report;
+use crate::model::compare::Report;
+use crate::model::epoch::Position;
+use crate::model::manifest::Scope;
+use crate::model::path::RelPath;
+use crate::model::status::{ReplicaState, Space};
+use crate::model::summary::Summary;
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -33,7 +33,7 @@ impl Default for Config {
         Config {
             batcher: batcher::Config::default(),
             verify_every: None,
-            idle: crate::liveness::IDLE,
+            idle: crate::model::liveness::IDLE,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
         }
@@ -668,7 +668,8 @@ impl ReplicaMachine {
         if let Some(f) = &self.fenced {
             return Some(f.clone());
         }
-        let why = crate::liveness::silence(self.last_heard?, now, self.cfg.idle, "the standby")?;
+        let why =
+            crate::model::liveness::silence(self.last_heard?, now, self.cfg.idle, "the standby")?;
         self.cut = Some(why.clone());
         self.last_heard = None;
         Some(why)
@@ -849,7 +850,7 @@ mod tests {
         let mut m = machine(t0);
         streaming(&mut m, t0);
         let failed = |path: &str| Summary {
-            errors: vec![crate::summary::EntryError::new(
+            errors: vec![crate::model::summary::EntryError::new(
                 &p(path),
                 "Read-only file system",
             )],
@@ -882,7 +883,7 @@ mod tests {
         let mut m = machine(t0);
         streaming(&mut m, t0);
         let changing = Summary {
-            errors: vec![crate::summary::EntryError::new(
+            errors: vec![crate::model::summary::EntryError::new(
                 &p("wal"),
                 "changed while being read",
             )],

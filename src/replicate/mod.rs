@@ -16,14 +16,14 @@ pub mod machine;
 pub mod replica;
 pub mod watcher;
 
-use crate::alert::{AlertConfig, Alerts};
 use crate::error::Error;
-use crate::fsroot::Root;
 use crate::link::{Connector, Target};
+use crate::model::status::Instance;
+use crate::ops::alert::{AlertConfig, Alerts};
 use crate::primary::{Hold, PrimaryTree};
 use crate::sender::SyncOptions;
 use crate::standby::{Access, Role};
-use crate::status::Instance;
+use crate::tree::fsroot::Root;
 pub use machine::Event;
 use replica::{Replica, VerifyPlan};
 use std::os::unix::ffi::OsStrExt;
@@ -105,7 +105,7 @@ struct SourceId {
 /// Opens the source root if it is usable: a directory with something in it.
 fn usable_source(src: &Path) -> Result<(Arc<Root>, SourceId), String> {
     let shown = src.display();
-    let root = crate::check::open_source(src).map_err(|e| e.to_string())?;
+    let root = crate::tree::operand::open_source(src).map_err(|e| e.to_string())?;
     let empty = root
         .is_empty()
         .map_err(|e| format!("cannot list SRC {shown}: {e}"))?;
@@ -151,7 +151,7 @@ pub struct Watch {
     started: Instant,
     started_at: SystemTime,
     /// Flushes waiting, and what wakes them (a replica's progress, a marker seen).
-    flushes: std::sync::Mutex<crate::flush::Book>,
+    flushes: std::sync::Mutex<crate::model::flush::Book>,
     changed: Arc<Changed>,
 }
 
@@ -162,16 +162,16 @@ impl Watch {
     /// # Errors
     /// [`Error::Usage`] for a bad SRC or DEST.
     pub fn new(src: &Path, targets: Vec<Target>, opts: WatchOptions) -> Result<Watch, Error> {
-        crate::fsroot::raise_fd_limit();
+        crate::tree::fsroot::raise_fd_limit();
         let now = Instant::now();
         let mut sync = opts.sync.clone();
-        sync.on_mass_delete = crate::guard::MassDelete::SkipDeletes;
+        sync.on_mass_delete = crate::model::guard::MassDelete::SkipDeletes;
         let mut replicas = Vec::new();
         let changed = Arc::new(Changed::default());
         for (i, target) in targets.into_iter().enumerate() {
             if let Target::Local(dest) = &target {
-                crate::check::open_source(src)?;
-                crate::check::prepare_local_dest(src, dest, true)?;
+                crate::tree::operand::open_source(src)?;
+                crate::tree::operand::prepare_local_dest(src, dest, true)?;
             }
             let name = opts
                 .names
@@ -206,12 +206,12 @@ impl Watch {
                 replicas.len()
             )));
         }
-        let book = crate::flush::Book::new(opts.quorum, opts.sync_timeout);
+        let book = crate::model::flush::Book::new(opts.quorum, opts.sync_timeout);
         Ok(Watch {
             src: src.to_path_buf(),
             primary: std::sync::Mutex::new(None),
             watch_set: std::sync::Mutex::new(None),
-            tree: crate::check::shown_absolute(src),
+            tree: crate::tree::operand::shown_absolute(src),
             alerts: Arc::new(Alerts::new(opts.alerts.clone())),
             opts,
             replicas,
@@ -222,13 +222,13 @@ impl Watch {
         })
     }
 
-    /// The watch's alerts (judged by an [`crate::alert::Evaluator`]).
+    /// The watch's alerts (judged by an [`crate::ops::alert::Evaluator`]).
     pub fn alerts(&self) -> Arc<Alerts> {
         self.alerts.clone()
     }
 }
 
-impl crate::control::Control for Watch {
+impl crate::ops::control::Control for Watch {
     /// A snapshot of this watch and its replicas.
     fn status(&self) -> Instance {
         let (now, wall) = (Instant::now(), SystemTime::now());
@@ -239,16 +239,16 @@ impl crate::control::Control for Watch {
             tree: self.tree.clone(),
             node_id: None,
             listen: None,
-            started_at: crate::clock::rfc3339(self.started_at),
+            started_at: crate::model::clock::rfc3339(self.started_at),
             uptime_seconds: now.duration_since(self.started).as_secs_f64(),
-            protocol: crate::protocol::VERSION,
+            protocol: crate::wire::protocol::VERSION,
             epoch: self
                 .primary
                 .lock()
                 .unwrap()
                 .as_ref()
                 .map_or(1, |t| t.epoch()),
-            health: crate::status::Health::default(),
+            health: crate::model::status::Health::default(),
             thresholds: self.alerts.thresholds(),
             replicas: self.replicas.iter().map(|r| r.status(now, wall)).collect(),
             primaries: vec![],
@@ -257,12 +257,12 @@ impl crate::control::Control for Watch {
             sync: self.opts.sync_timeout.map(|d| {
                 let book = self.flushes.lock().unwrap();
                 let degraded = book.degraded();
-                crate::status::SyncStatus {
+                crate::model::status::SyncStatus {
                     quorum: book.quorum_of(self.replicas.len()),
                     timeout_seconds: d.as_secs_f64(),
                     degraded: degraded.is_some(),
                     degraded_since: degraded.map(|g| {
-                        crate::clock::rfc3339(wall - now.saturating_duration_since(g.since))
+                        crate::model::clock::rfc3339(wall - now.saturating_duration_since(g.since))
                     }),
                     reason: degraded.map(|g| g.why.clone()),
                 }
@@ -270,7 +270,7 @@ impl crate::control::Control for Watch {
             quorum: self.opts.quorum,
             watches: self.watch_set.lock().unwrap().as_ref().map(|f| {
                 let st = f.state();
-                crate::status::WatchSet {
+                crate::model::status::WatchSet {
                     directories: st.watched,
                     complete: st.complete,
                     setup_seconds: st.seconds,
@@ -319,8 +319,8 @@ impl crate::control::Control for Watch {
         }
         let marker = tree
             .path()
-            .join(std::ffi::OsStr::from_bytes(crate::path::RESERVED))
-            .join(crate::reserved::marker_name(std::process::id(), id));
+            .join(std::ffi::OsStr::from_bytes(crate::model::path::RESERVED))
+            .join(crate::tree::reserved::marker_name(std::process::id(), id));
         if let Err(e) = std::fs::File::create_new(&marker) {
             // Without its marker the flush would only be as good as a full re-scan: say so.
             self.flushes.lock().unwrap().cancel(id);
@@ -358,7 +358,7 @@ impl crate::control::Control for Watch {
 
 impl Watch {
     /// Every standby's progress at `now`, as a flush judges it.
-    fn progress(&self, now: Instant) -> Vec<crate::flush::Progress> {
+    fn progress(&self, now: Instant) -> Vec<crate::model::flush::Progress> {
         self.replicas.iter().map(|r| r.progress(now)).collect()
     }
 

@@ -6,16 +6,16 @@ use super::Observer;
 use super::batcher::Hint;
 use super::machine::{Action, Failure, Heard, ReplicaMachine};
 use crate::error::Error;
-use crate::fsroot::Root;
-use crate::guard::{Absences, Continuity, Scan, Ticket};
-use crate::heartbeat::Pulse;
 use crate::link::Connector;
-use crate::mounts::Mounts;
-use crate::progress::Silent;
-use crate::protocol::Heartbeat;
+use crate::model::guard::{Absences, Continuity, Scan, Ticket};
+use crate::model::progress::Silent;
+use crate::model::status::{ReplicaStatus, VerifyStatus};
 use crate::sender::{Session, SyncOptions};
-use crate::status::{ReplicaStatus, VerifyStatus};
 use crate::transport::Connection;
+use crate::tree::fsroot::Root;
+use crate::tree::mounts::Mounts;
+use crate::wire::heartbeat::Pulse;
+use crate::wire::protocol::Heartbeat;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
@@ -34,7 +34,10 @@ pub struct VerifyPlan {
 }
 
 impl crate::sender::Early for Replica {
-    fn take(&self, accept: &dyn Fn(&crate::path::RelPath) -> bool) -> Vec<crate::path::RelPath> {
+    fn take(
+        &self,
+        accept: &dyn Fn(&crate::model::path::RelPath) -> bool,
+    ) -> Vec<crate::model::path::RelPath> {
         self.machine.lock().unwrap().early(Instant::now(), accept)
     }
 }
@@ -71,7 +74,7 @@ pub struct Replica {
     /// Told of every change to the machine (flushes wait on it).
     changed: Arc<super::Changed>,
     /// What reading the source waits on: the current watcher's set-up.
-    gate: Mutex<Option<Arc<dyn crate::walk::Gate>>>,
+    gate: Mutex<Option<Arc<dyn crate::tree::walk::Gate>>>,
     /// Whether the source root has been watched without a gap since a reconcile the
     /// mass-delete guard let through: what the guard judges of each scan.
     continuity: Mutex<Continuity>,
@@ -122,9 +125,9 @@ impl Replica {
     }
 
     /// What a flush needs to know of this standby at `now`.
-    pub fn progress(&self, now: Instant) -> crate::flush::Progress {
+    pub fn progress(&self, now: Instant) -> crate::model::flush::Progress {
         let m = self.machine.lock().unwrap();
-        crate::flush::Progress {
+        crate::model::flush::Progress {
             standby: self.name.clone(),
             connected: m.is_connected(),
             durable_before: m.acked(now).1,
@@ -147,7 +150,7 @@ impl Replica {
     pub fn resume(
         &self,
         root: Arc<Root>,
-        gate: Arc<dyn crate::walk::Gate>,
+        gate: Arc<dyn crate::tree::walk::Gate>,
         epoch: u64,
         now: Instant,
         paused_since: Instant,
@@ -183,7 +186,7 @@ impl Replica {
         &self,
         now: Instant,
         wall: SystemTime,
-    ) -> (crate::epoch::Position, Option<SystemTime>) {
+    ) -> (crate::model::epoch::Position, Option<SystemTime>) {
         let m = self.machine.lock().unwrap();
         let before = m.watermark(now);
         (
@@ -216,7 +219,7 @@ impl Replica {
     /// A snapshot for `status`, metrics and the status line.
     pub fn status(&self, now: Instant, wall: SystemTime) -> ReplicaStatus {
         let m = self.machine.lock().unwrap();
-        let at = |t: Instant| crate::clock::rfc3339(wall - now.saturating_duration_since(t));
+        let at = |t: Instant| crate::model::clock::rfc3339(wall - now.saturating_duration_since(t));
         let since = m.conn_since();
         let (ended_wire, protocol) = *self.wire.lock().unwrap();
         let live_wire = self
@@ -247,7 +250,8 @@ impl Replica {
             last_error: m.last_error.clone(),
             last_verify: m.last_verify.as_ref().map(|(t, r, n, e)| VerifyStatus {
                 at: at(*t),
-                at_unix: crate::clock::unix_ms(wall - now.saturating_duration_since(*t)) as f64
+                at_unix: crate::model::clock::unix_ms(wall - now.saturating_duration_since(*t))
+                    as f64
                     / 1000.0,
                 identical: r.identical && e.is_none(),
                 differences: r.differences(),
@@ -537,7 +541,7 @@ impl Replica {
         let me = self.clone();
         std::thread::spawn(move || {
             let result = (|| {
-                let root = Arc::new(crate::check::open_source(&me.src)?);
+                let root = Arc::new(crate::tree::operand::open_source(&me.src)?);
                 let link = me.connector.connect()?;
                 let x = me.sync_opts.xattrs;
                 crate::verify::verify(root, link, &me.verify.excludes, me.verify.rate, x)
@@ -565,8 +569,8 @@ impl Pulse for Replica {
         Heartbeat {
             epoch: b.position.epoch,
             seq: b.position.seq,
-            sent_at_ms: crate::clock::unix_ms(wall),
-            oldest_pending_ms: b.lag.map(|l| crate::clock::unix_ms(wall - l)),
+            sent_at_ms: crate::model::clock::unix_ms(wall),
+            oldest_pending_ms: b.lag.map(|l| crate::model::clock::unix_ms(wall - l)),
             pending: b.pending,
             space: None,
         }

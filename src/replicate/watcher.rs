@@ -3,7 +3,7 @@
 //! channel only raises a flag that becomes one full re-scan.
 //!
 //! Watches are set one directory at a time by a second thread, in the order a walk reads
-//! the tree ([`crate::walk`]), while events from the directories already watched flow: a
+//! the tree ([`crate::tree::walk`]), while events from the directories already watched flow: a
 //! tree of 100,000 directories starts replicating at once, not after its whole watch set is
 //! up. The first reconcile's walk follows the watches as they are set ([`SetupFront`] is
 //! its [`Gate`]), so it reads no directory before changes there are seen, and no second
@@ -12,8 +12,8 @@
 //! directory.
 
 use super::batcher::Hint;
-use crate::path::{RESERVED, RelPath, is_temp_name};
-use crate::walk::{Gate, walk_key};
+use crate::model::path::{RESERVED, RelPath, is_temp_name};
+use crate::tree::walk::{Gate, walk_key};
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{AtFlags, FileType};
 use rustix::io::Errno;
@@ -235,7 +235,7 @@ struct Shared {
     fd: OwnedFd,
     root: PathBuf,
     /// The root, open, for listing directories beneath it.
-    tree: crate::fsroot::Root,
+    tree: crate::tree::fsroot::Root,
     table: Mutex<Table>,
     tx: SyncSender<Hint>,
     overflowed: Arc<AtomicBool>,
@@ -331,7 +331,7 @@ impl Shared {
 }
 
 /// The subdirectories of `rel` in `root`, sorted; empty if it cannot be read.
-fn subdirs(root: &crate::fsroot::Root, rel: &RelPath) -> Vec<Vec<u8>> {
+fn subdirs(root: &crate::tree::fsroot::Root, rel: &RelPath) -> Vec<Vec<u8>> {
     let Ok(fd) = root.open_dir(rel) else {
         return Vec::new();
     };
@@ -372,7 +372,7 @@ pub fn start(root: &Path) -> Result<Watcher, WatchError> {
     let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)
         .map_err(|e| fail(io_reason(e)))?;
     let (tx, rx) = sync_channel(QUEUE);
-    let tree = crate::fsroot::Root::open(&root).map_err(|e| fail(e.to_string()))?;
+    let tree = crate::tree::fsroot::Root::open(&root).map_err(|e| fail(e.to_string()))?;
     let shared = Arc::new(Shared {
         fd,
         root: root.clone(),
@@ -578,7 +578,7 @@ fn read_events(shared: &Shared, urgent: &Sender<(RelPath, i32)>) {
         let hints = hints.into_iter().map(|h| match h {
             Hint::Created(p)
                 if !p.is_reserved()
-                    && crate::fsroot::being_written(&shared.tree, &p) == Some(false) =>
+                    && crate::tree::fsroot::being_written(&shared.tree, &p) == Some(false) =>
             {
                 Hint::Appeared(p)
             }
@@ -644,7 +644,7 @@ fn translate(kind: Kind, path: &RelPath, is_dir: bool) -> Vec<Hint> {
     }
     // A flush's marker: its creation is the barrier; anything else done to it is nothing.
     if path.parent_bytes() == RESERVED
-        && let Some((owner, id)) = crate::reserved::parse_marker(path.name())
+        && let Some((owner, id)) = crate::tree::reserved::parse_marker(path.name())
     {
         return match kind {
             Kind::Created => vec![Hint::Barrier { owner, id }],

@@ -3,29 +3,29 @@
 //! lanes, each large file on a stream of its own, with nothing waiting on a round trip
 //! per file.
 
-use crate::channel::Channel;
-use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
 use crate::error::Error;
-use crate::filter::Filter;
-use crate::fsroot::{Root, changed, meta_of};
-use crate::guard::{self, Absences, Deletions, MassDelete};
-use crate::heartbeat::{self, Beating, Pulse};
 use crate::link::Link;
-use crate::manifest::normalize_scopes;
-use crate::manifest::{Entry, LinkKey, Manifest, Scope};
-use crate::names::LinkIndex;
-use crate::path::RelPath;
-use crate::plan::{self, MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
-use crate::progress::Monitor;
-use crate::protocol::{
+use crate::model::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
+use crate::model::filter::Filter;
+use crate::model::guard::{self, Absences, Deletions, MassDelete};
+use crate::model::manifest::normalize_scopes;
+use crate::model::manifest::{Entry, LinkKey, Manifest, Scope};
+use crate::model::names::LinkIndex;
+use crate::model::path::RelPath;
+use crate::model::plan::{self, MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
+use crate::model::progress::Monitor;
+use crate::model::summary::{EntryError, Summary};
+use crate::standby::Position;
+use crate::transport::{Connection, SendHalf, Stream};
+use crate::tree::fsroot::{Root, changed, meta_of};
+use crate::tree::scan::{ScanOptions, scan_scopes};
+use crate::tree::walk::{Gate, Scopes};
+use crate::tree::xattr::{At, Policy, Xattrs};
+use crate::wire::channel::Channel;
+use crate::wire::heartbeat::{self, Beating, Pulse};
+use crate::wire::protocol::{
     ErrorCode, FrameReader, FrameWriter, Message, OpError, ProtocolError, SMALL_FILE, SessionMode,
 };
-use crate::scan::{ScanOptions, scan_scopes};
-use crate::standby::Position;
-use crate::summary::{EntryError, Summary};
-use crate::transport::{Connection, SendHalf, Stream};
-use crate::walk::{Gate, Scopes};
-use crate::xattr::{At, Policy, Xattrs};
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -58,7 +58,7 @@ pub struct SyncOptions {
     /// The epoch this primary writes in (its tree's, see [`crate::primary`]).
     pub epoch: u64,
     /// The extended attributes and ACLs to mirror (what the standby can store of them).
-    pub xattrs: crate::xattr::Policy,
+    pub xattrs: crate::tree::xattr::Policy,
 }
 
 impl Default for SyncOptions {
@@ -75,7 +75,7 @@ impl Default for SyncOptions {
             on_mass_delete: MassDelete::Refuse,
             hash_rate: 0,
             epoch: 1,
-            xattrs: crate::xattr::Policy::wanted(false, false),
+            xattrs: crate::tree::xattr::Policy::wanted(false, false),
         }
     }
 }
@@ -228,7 +228,7 @@ impl<'m> Session<'m> {
             );
         }
         if version < 6 {
-            crate::xattr::say_once(
+            crate::tree::xattr::say_once(
                 "a standby before protocol 6",
                 &format!(
                     "the standby runs an older hotsync (protocol {version}): symlinks with \
@@ -350,7 +350,7 @@ impl<'m> Session<'m> {
         &mut self,
         scopes: &[(RelPath, Scope)],
         checksum: bool,
-    ) -> Result<(crate::scan::ScanOutcome, Manifest, u64), Error> {
+    ) -> Result<(crate::tree::scan::ScanOutcome, Manifest, u64), Error> {
         if let Some(g) = &self.gate {
             // A listing reads directories in no order a watcher follows.
             g.wait_all();
@@ -568,7 +568,7 @@ fn list_both(
     scopes: &[(RelPath, Scope)],
     scan_opts: &ScanOptions,
     monitor: &dyn Monitor,
-) -> Result<(crate::scan::ScanOutcome, Manifest, u64), Error> {
+) -> Result<(crate::tree::scan::ScanOutcome, Manifest, u64), Error> {
     ch.send(&Message::List {
         scopes: scopes.to_vec(),
         checksum: scan_opts.checksum,
@@ -633,7 +633,7 @@ pub(crate) fn complete_links(
     let mut found = std::collections::HashMap::new();
     if !short.is_empty() {
         let started = Instant::now();
-        found = crate::walk::find_names(root, &scan_opts.filter, &short).map_err(cannot)?;
+        found = crate::tree::walk::find_names(root, &scan_opts.filter, &short).map_err(cannot)?;
         let have: std::collections::HashSet<&RelPath> = seen.iter().map(|e| &e.path).collect();
         let new: Vec<RelPath> = found
             .values()
@@ -676,9 +676,9 @@ pub(crate) fn complete_links(
 /// hotsync), each with a warning once, and its read errors.
 fn note_problems(
     summary: &mut Summary,
-    specials: &[crate::manifest::Special],
-    skipped: &[crate::scan::Skipped],
-    errors: &[crate::manifest::ScanError],
+    specials: &[crate::model::manifest::Special],
+    skipped: &[crate::tree::scan::Skipped],
+    errors: &[crate::model::manifest::ScanError],
 ) {
     let not_mirrored = specials
         .iter()
@@ -765,10 +765,10 @@ fn receive_listing<R: Read>(r: &mut FrameReader<R>) -> Result<(Manifest, u64), P
                 errors,
             } => {
                 if let Some(s) = sums.take() {
-                    crate::protocol::put_xattr_sums(s, entries.iter_mut())?;
+                    crate::wire::protocol::put_xattr_sums(s, entries.iter_mut())?;
                 }
                 if let Some(s) = shapes.take() {
-                    crate::protocol::put_shapes(s, entries.iter_mut())?;
+                    crate::wire::protocol::put_shapes(s, entries.iter_mut())?;
                 }
                 m.entries.extend(entries);
                 m.errors.extend(errors);
@@ -793,7 +793,7 @@ fn receive_listing<R: Read>(r: &mut FrameReader<R>) -> Result<(Manifest, u64), P
 /// Checks a special file a standby reported: never the root nor in the reserved area,
 /// and, in a walk, a child of the directory `parent`.
 fn check_special(
-    s: &crate::manifest::Special,
+    s: &crate::model::manifest::Special,
     parent: Option<&RelPath>,
 ) -> Result<(), ProtocolError> {
     if s.path.is_root() || s.path.is_reserved() || parent.is_some_and(|d| s.path.split().0 != *d) {
@@ -862,7 +862,7 @@ impl Pending {
 /// Operations a lane leaves unacknowledged at most. Past it, the lane asks the standby to
 /// commit and waits: what is in flight (and remembered here) stays bounded however fast
 /// small files are read, not just by the transport's buffers.
-const LANE_IN_FLIGHT: usize = 4 * crate::atomic::BATCH_FILES;
+const LANE_IN_FLIGHT: usize = 4 * crate::tree::atomic::BATCH_FILES;
 
 /// How long a file that changed while read may take to hold still for a snapshot.
 const SNAPSHOT_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
@@ -1299,7 +1299,7 @@ impl<'a> Exec<'a> {
                     w.flush()?;
                     // Resumed after one batch's acknowledgements: the standby still has
                     // others to commit meanwhile.
-                    pending.wait_below(LANE_IN_FLIGHT - crate::atomic::BATCH_FILES);
+                    pending.wait_below(LANE_IN_FLIGHT - crate::tree::atomic::BATCH_FILES);
                 }
                 staged = true;
                 let id = self.id();
@@ -1389,7 +1389,7 @@ impl<'a> Exec<'a> {
         pending: &Pending,
         id: u64,
         path: &RelPath,
-        snap: Option<&crate::snapshot::Snapshot>,
+        snap: Option<&crate::tree::snapshot::Snapshot>,
     ) -> Result<bool, ProtocolError> {
         let live = match self.root.open_file(path) {
             Ok(f) => f,
@@ -1419,7 +1419,7 @@ impl<'a> Exec<'a> {
             .lock()
             .insert(id, (path.clone(), Op::Transfer { bytes: size }));
         send_xattrs(w, x)?;
-        let sparse = self.carry.holes && crate::sparse::has_holes(&before);
+        let sparse = self.carry.holes && crate::tree::sparse::has_holes(&before);
         let mut problem = if sparse {
             w.send(&Message::SparseFile {
                 id,
@@ -1471,7 +1471,7 @@ impl<'a> Exec<'a> {
         size: u64,
     ) -> Result<Option<(String, bool)>, ProtocolError> {
         let mut buf = Vec::new();
-        for extent in crate::sparse::Extents::new(f, size) {
+        for extent in crate::tree::sparse::Extents::new(f, size) {
             let (start, end) = match extent {
                 Ok(e) => e,
                 Err(e) => return Ok(Some(read_problem(&e))),
@@ -1506,7 +1506,7 @@ impl<'a> Exec<'a> {
         let mut unsteady = !allow_retry;
         for attempt in 0..3 {
             let snap = if unsteady {
-                crate::snapshot::take(self.root, path, SNAPSHOT_BUDGET)
+                crate::tree::snapshot::take(self.root, path, SNAPSHOT_BUDGET)
                     .ok()
                     .flatten()
             } else {
@@ -1567,7 +1567,7 @@ impl<'a> Exec<'a> {
         };
         let before = rustix::fs::fstat(&f).map_err(|e| ProtocolError::Io(e.into()))?;
         // Its holes are neither read nor hashed, and the standby keeps them.
-        let sparse = self.carry.holes && crate::sparse::has_holes(&before);
+        let sparse = self.carry.holes && crate::tree::sparse::has_holes(&before);
         let size = before.st_size as u64;
         let meta = meta_of(&before);
         let x = match xattrs_of(At::Fd(f.as_fd()), &self.carry.xattrs) {
@@ -1809,15 +1809,15 @@ enum LaneItem<'p> {
 
 /// The attributes of `at` that `policy` keeps, if they fit what one entry may carry.
 fn xattrs_of(at: At<'_>, policy: &Policy) -> io::Result<Xattrs> {
-    let x = crate::xattr::read(at, policy)?;
-    if x.0.len() > crate::xattr::MAX_COUNT || x.bytes() > crate::xattr::MAX_TOTAL {
+    let x = crate::tree::xattr::read(at, policy)?;
+    if x.0.len() > crate::tree::xattr::MAX_COUNT || x.bytes() > crate::tree::xattr::MAX_TOTAL {
         return Err(io::Error::other(format!(
             "{} extended attributes of {} bytes are more than hotsync mirrors \
              ({} and {} bytes at most)",
             x.0.len(),
             x.bytes(),
-            crate::xattr::MAX_COUNT,
-            crate::xattr::MAX_TOTAL
+            crate::tree::xattr::MAX_COUNT,
+            crate::tree::xattr::MAX_TOTAL
         )));
     }
     Ok(x)
@@ -1837,7 +1837,7 @@ fn say_once_what_the_standby_lacks(want: &Policy, can: &Policy) {
     let lacks = want.missing_in(can);
     if !lacks.is_empty() {
         let lacks = lacks.join(", ");
-        crate::xattr::say_once(
+        crate::tree::xattr::say_once(
             &lacks,
             &format!("the standby cannot store {lacks}: they are not mirrored there"),
         );

@@ -10,21 +10,21 @@
 //! a directory's mtime after its contents.
 
 use super::{Early, Exec, LaneItem, Outcome, Session, SyncOptions, peer_error};
-use crate::channel::Channel;
 use crate::error::Error;
-use crate::fsroot::Root;
-use crate::guard::{self, Deletions, MassDelete};
-use crate::manifest::Scope;
-use crate::merge::{Merger, Side, next_side};
-use crate::path::RelPath;
-use crate::plan::{MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
-use crate::progress::{Monitor, Silent};
-use crate::protocol::{Message, ProtocolError};
-use crate::scan::ScanOptions;
-use crate::spill::Spill;
-use crate::summary::Summary;
+use crate::model::guard::{self, Deletions, MassDelete};
+use crate::model::manifest::Scope;
+use crate::model::merge::{Merger, Side, next_side};
+use crate::model::path::RelPath;
+use crate::model::plan::{MetaFix, Method, Plan, PlanOptions, SymlinkOp, Transfer};
+use crate::model::progress::{Monitor, Silent};
+use crate::model::summary::Summary;
 use crate::transport::Connection;
-use crate::walk::{Gate, Scopes, Unit, Walker, walk_cmp};
+use crate::tree::fsroot::Root;
+use crate::tree::scan::ScanOptions;
+use crate::tree::spill::Spill;
+use crate::tree::walk::{Gate, Scopes, Unit, Walker, walk_cmp};
+use crate::wire::channel::Channel;
+use crate::wire::protocol::{Message, ProtocolError};
 use std::collections::VecDeque;
 use std::io;
 use std::sync::mpsc::{
@@ -286,7 +286,7 @@ impl Exec<'_> {
             paths.iter().map(|p| (p.clone(), Scope::Entry)).collect();
         let scopes = super::with_parents(&scopes);
         let (local, remote, _) = super::list_both(ch, self.root, &scopes, &e.scan_opts, &Silent)?;
-        let mut plan = crate::plan::plan(&local.manifest, &remote, e.plan_opts);
+        let mut plan = crate::model::plan::plan(&local.manifest, &remote, e.plan_opts);
         let cleared = std::mem::take(&mut plan.clear);
         let blocked = |p: &RelPath| cleared.iter().any(|c| p.starts_with(c));
         plan.mkdirs.retain(|p| !blocked(p));
@@ -895,11 +895,11 @@ struct WalkCheck {
     last_dir: Option<RelPath>,
     count: u64,
     /// The attribute digests for the next `Dir`.
-    sums: Option<Vec<(u32, crate::xattr::Sum)>>,
+    sums: Option<Vec<(u32, crate::tree::xattr::Sum)>>,
     /// The shapes for the next `Dir`.
-    shapes: Option<Vec<(u32, crate::manifest::Shape)>>,
+    shapes: Option<Vec<(u32, crate::model::manifest::Shape)>>,
     /// Special files for the next `Dir`.
-    specials: Vec<crate::manifest::Special>,
+    specials: Vec<crate::model::manifest::Special>,
 }
 
 impl Default for WalkCheck {
@@ -941,11 +941,11 @@ impl WalkCheck {
             } => {
                 if let Some(s) = self.sums.take() {
                     let all = std::iter::once(&mut dir).chain(entries.iter_mut());
-                    crate::protocol::put_xattr_sums(s, all)?;
+                    crate::wire::protocol::put_xattr_sums(s, all)?;
                 }
                 if let Some(s) = self.shapes.take() {
                     let all = std::iter::once(&mut dir).chain(entries.iter_mut());
-                    crate::protocol::put_shapes(s, all)?;
+                    crate::wire::protocol::put_shapes(s, all)?;
                 }
                 let specials = std::mem::take(&mut self.specials);
                 if !dir.is_dir() {
@@ -1051,10 +1051,10 @@ fn append(into: &mut Plan, mut more: Plan) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Scope;
-    use crate::manifest::testing::{dir, file};
+    use crate::model::manifest::Scope;
+    use crate::model::manifest::testing::{dir, file};
 
-    fn dir_msg(d: &str, entries: Vec<crate::manifest::Entry>) -> Message {
+    fn dir_msg(d: &str, entries: Vec<crate::model::manifest::Entry>) -> Message {
         Message::Dir {
             dir: dir(d),
             entries,

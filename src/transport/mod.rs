@@ -2,6 +2,7 @@
 //! and [`Stream`]: the in-process pipe of a local DEST and QUIC carry the same bytes.
 
 pub mod dest;
+pub mod identity;
 pub mod local;
 pub mod quic;
 pub mod tls;

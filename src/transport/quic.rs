@@ -6,7 +6,7 @@
 use super::tls::{self, PinnedServer};
 use super::{Connection, Counted, SendHalf, Stream};
 use crate::error::{Error, ErrorCode};
-use crate::identity::{Identity, NodeId};
+use crate::transport::identity::{Identity, NodeId};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{
     ConnectionError, Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig,
@@ -34,7 +34,7 @@ pub const CLOSE_SPLIT_BRAIN: u32 = 5;
 
 /// How long a silent peer is waited for before QUIC declares the connection lost: a
 /// safety net behind the heartbeats, which give a silent peer up sooner
-/// ([`crate::liveness::IDLE`]) and say so.
+/// ([`crate::model::liveness::IDLE`]) and say so.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// How long the handshake with a standby may take.

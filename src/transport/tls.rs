@@ -5,7 +5,7 @@
 //! TLS layer and checks the ID against `--allow` before reading a single frame, so a
 //! refused primary can be told exactly why.
 
-use crate::identity::{Identity, NodeId};
+use crate::transport::identity::{Identity, NodeId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};

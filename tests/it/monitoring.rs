@@ -72,7 +72,7 @@ fn status_on_both_sides_idle_and_under_load() {
         (Some("watch"), Some("primary"))
     );
     assert_eq!(w["health"]["state"], "healthy");
-    assert_eq!(w["protocol"], hotsync::protocol::VERSION);
+    assert_eq!(w["protocol"], hotsync::wire::protocol::VERSION);
     let r = &w["replicas"][0];
     assert_eq!(r["standby"], l.server.url());
     assert_eq!(r["server_id"], l.server.id);
@@ -617,7 +617,7 @@ fn accept_errors_back_off_and_are_said_once() {
     let at = metrics_addr(log_text);
     assert!(http_get(&at, "/metrics", None).0.contains("200"));
     let sock = wait_for("the control socket", Duration::from_secs(10), || {
-        let s = hotsync::control::run_dir(&home).join(format!("serve-{}.sock", child.id()));
+        let s = hotsync::ops::control::run_dir(&home).join(format!("serve-{}.sock", child.id()));
         s.exists().then_some(s)
     });
 

@@ -5,9 +5,9 @@ use crate::local::{
     edits_of_every_kind, every_kind_round_trips,
     only_reserved_names_are_left_out_and_each_is_reported, over_path_max,
 };
-use hotsync::identity;
-use hotsync::protocol::{FrameReader, FrameWriter, Message};
 use hotsync::transport::Connection;
+use hotsync::transport::identity;
+use hotsync::wire::protocol::{FrameReader, FrameWriter, Message};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -284,13 +284,13 @@ impl Hostile {
         let conn =
             hotsync::transport::quic::connect(self.rt.handle(), &self.url, self.server, &self.me)
                 .unwrap();
-        let mut ch = hotsync::channel::Channel::open(&conn).unwrap();
+        let mut ch = hotsync::wire::channel::Channel::open(&conn).unwrap();
         if raw == Some(true) {
             ch.w.greeting().unwrap();
         } else if raw == Some(false) {
             let open = Message::Open {
                 excludes: vec![],
-                mode: hotsync::protocol::SessionMode::Write,
+                mode: hotsync::wire::protocol::SessionMode::Write,
                 epoch: 1,
             };
             ch.open_session(&open).unwrap();
@@ -301,7 +301,7 @@ impl Hostile {
             };
             ch.send(&Message::Keep { policy: can }).unwrap();
         }
-        let hotsync::channel::Channel { r, w } = &mut ch;
+        let hotsync::wire::channel::Channel { r, w } = &mut ch;
         f(r, w);
         let _ = ch.flush();
         // Give the standby a moment to react, then hang up.
@@ -313,7 +313,7 @@ impl Hostile {
 /// A frame carrying `msg` with the path placeholder `pp…` replaced by `bad`.
 fn patched(msg: &Message, bad: &[u8]) -> Vec<u8> {
     let mut frame = Vec::new();
-    hotsync::protocol::encode(msg, &mut frame).unwrap();
+    hotsync::wire::protocol::encode(msg, &mut frame).unwrap();
     let at = frame
         .windows(bad.len())
         .position(|w| w.iter().all(|&b| b == b'p'))
@@ -332,14 +332,14 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
     m.sync_ok(&t.src, &[]);
     symlink(outside.as_os_str().as_encoded_bytes(), &t.d("door"));
     let h = Hostile::new(&m);
-    let meta = hotsync::manifest::Meta {
+    let meta = hotsync::model::manifest::Meta {
         mode: 0o644,
         uid: 0,
         gid: 0,
-        mtime: hotsync::manifest::Mtime { sec: 1, nsec: 0 },
+        mtime: hotsync::model::manifest::Mtime { sec: 1, nsec: 0 },
         xattrs: Default::default(),
     };
-    let placeholder = |n: usize| hotsync::path::RelPath::new(vec![b'p'; n]).unwrap();
+    let placeholder = |n: usize| hotsync::model::path::RelPath::new(vec![b'p'; n]).unwrap();
 
     // A frame length far beyond the limit.
     h.session(true, |_, w| {
@@ -357,7 +357,7 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
     }
     // A path through a symlink on the standby: refused, nothing written outside.
     h.session(false, |r, w| {
-        let path = hotsync::path::RelPath::new("door/evil").unwrap();
+        let path = hotsync::model::path::RelPath::new("door/evil").unwrap();
         w.send(&Message::SmallFile {
             id: 7,
             path,
@@ -378,26 +378,29 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
     });
     // Extended attributes beyond what the session keeps, beyond the bounds, or before an
     // operation that takes none: each ends the session before anything is set.
-    let attr = |name: &[u8], value: Vec<u8>| hotsync::xattr::Xattr {
+    let attr = |name: &[u8], value: Vec<u8>| hotsync::tree::xattr::Xattr {
         name: name.to_vec(),
         value,
     };
-    let too_many = (0..=hotsync::xattr::MAX_COUNT)
+    let too_many = (0..=hotsync::tree::xattr::MAX_COUNT)
         .map(|i| attr(format!("user.{i:05}").as_bytes(), vec![]))
         .collect();
     for (attrs, then_mkdir) in [
         (vec![attr(b"system.nfs4_acl", vec![1])], false),
         (too_many, false),
         (
-            vec![attr(b"user.big", vec![0; hotsync::xattr::MAX_VALUE + 1])],
+            vec![attr(
+                b"user.big",
+                vec![0; hotsync::tree::xattr::MAX_VALUE + 1],
+            )],
             false,
         ),
         (vec![attr(b"user.ok", vec![1])], true),
     ] {
         h.session(false, |_, w| {
-            let path = hotsync::path::RelPath::new("attrs.txt").unwrap();
+            let path = hotsync::model::path::RelPath::new("attrs.txt").unwrap();
             w.send(&Message::Xattrs {
-                attrs: hotsync::xattr::Xattrs(attrs),
+                attrs: hotsync::tree::xattr::Xattrs(attrs),
             })
             .unwrap();
             if then_mkdir {
@@ -417,7 +420,7 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
     }
     // A file cut off mid-way by a disconnect.
     h.session(false, |_, w| {
-        let path = hotsync::path::RelPath::new("cut.bin").unwrap();
+        let path = hotsync::model::path::RelPath::new("cut.bin").unwrap();
         w.send(&Message::BigFile {
             id: 9,
             path,
@@ -561,7 +564,7 @@ fn serve_stops_cleanly_on_sigterm() {
 
 /// A greeting as a protocol-1 hotsync sends it.
 fn v1_greeting() -> Vec<u8> {
-    let mut g = hotsync::protocol::MAGIC.to_vec();
+    let mut g = hotsync::wire::protocol::MAGIC.to_vec();
     g.extend_from_slice(&1u16.to_le_bytes());
     g.extend_from_slice(&1u16.to_le_bytes());
     g
@@ -583,13 +586,13 @@ fn a_version_5_primary_is_listed_as_it_was_before_shapes_and_specials() {
     let h = Hostile::new(&m);
     let mut got = Vec::new();
     h.bare(|r, w| {
-        let mut g = hotsync::protocol::MAGIC.to_vec();
+        let mut g = hotsync::wire::protocol::MAGIC.to_vec();
         g.extend_from_slice(&5u16.to_le_bytes());
         g.extend_from_slice(&2u16.to_le_bytes());
         w.write_raw(&g).unwrap();
         w.send(&Message::Open {
             excludes: vec![],
-            mode: hotsync::protocol::SessionMode::ReadOnly,
+            mode: hotsync::wire::protocol::SessionMode::ReadOnly,
             epoch: 1,
         })
         .unwrap();
@@ -603,8 +606,8 @@ fn a_version_5_primary_is_listed_as_it_was_before_shapes_and_specials() {
         w.send(&Message::Keep { policy: can }).unwrap();
         w.send(&Message::List {
             scopes: vec![(
-                hotsync::path::RelPath::root(),
-                hotsync::manifest::Scope::Tree,
+                hotsync::model::path::RelPath::root(),
+                hotsync::model::manifest::Scope::Tree,
             )],
             checksum: false,
             hash_rate: 0,
@@ -626,7 +629,7 @@ fn a_version_5_primary_is_listed_as_it_was_before_shapes_and_specials() {
             Message::Entries { entries, .. } => {
                 for e in entries {
                     names.push(e.path.to_string());
-                    let symlink = matches!(e.kind, hotsync::manifest::Kind::Symlink { .. });
+                    let symlink = matches!(e.kind, hotsync::model::manifest::Kind::Symlink { .. });
                     assert_eq!(
                         e.link.is_some(),
                         e.path.to_string().starts_with("big"),
@@ -657,10 +660,10 @@ fn a_version_1_primary_is_refused_with_both_versions_named() {
         let mut g = [0u8; 12];
         match r.read_raw(&mut g) {
             Ok(()) => {
-                assert_eq!(&g[..8], hotsync::protocol::MAGIC);
+                assert_eq!(&g[..8], hotsync::wire::protocol::MAGIC);
                 let ours = (
-                    hotsync::protocol::VERSION as u8,
-                    hotsync::protocol::MIN_VERSION as u8,
+                    hotsync::wire::protocol::VERSION as u8,
+                    hotsync::wire::protocol::MIN_VERSION as u8,
                 );
                 assert_eq!((g[8], g[10]), ours, "the standby's versions");
             }
@@ -679,8 +682,10 @@ fn a_version_1_primary_is_refused_with_both_versions_named() {
     }
     let log = m.server.log();
     assert!(
-        log.contains(&format!("speaks protocol {}", hotsync::protocol::VERSION))
-            && log.contains("the peer speaks 1"),
+        log.contains(&format!(
+            "speaks protocol {}",
+            hotsync::wire::protocol::VERSION
+        )) && log.contains("the peer speaks 1"),
         "{log}"
     );
     // Nothing written, and a current primary is served as ever.
@@ -730,9 +735,10 @@ fn a_version_1_standby_is_refused_with_both_versions_named() {
     ]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
-        r.stderr
-            .contains(&format!("speaks protocol {}", hotsync::protocol::VERSION))
-            && r.stderr.contains("the peer speaks 1"),
+        r.stderr.contains(&format!(
+            "speaks protocol {}",
+            hotsync::wire::protocol::VERSION
+        )) && r.stderr.contains("the peer speaks 1"),
         "{}",
         r.stderr
     );
@@ -741,8 +747,8 @@ fn a_version_1_standby_is_refused_with_both_versions_named() {
     assert_eq!(
         (g[8], g[10]),
         (
-            hotsync::protocol::VERSION as u8,
-            hotsync::protocol::MIN_VERSION as u8
+            hotsync::wire::protocol::VERSION as u8,
+            hotsync::wire::protocol::MIN_VERSION as u8
         ),
         "the old standby heard our versions too"
     );

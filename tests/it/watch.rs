@@ -821,7 +821,7 @@ fn a_watch_replicates_while_its_watch_set_and_first_reconcile_are_still_running(
         .as_str()
         .unwrap()
         .to_string();
-    let late = hotsync::clock::rfc3339(born("d00/005/late"));
+    let late = hotsync::model::clock::rfc3339(born("d00/005/late"));
     assert!(
         late < reconciled,
         "the late change landed at {late}, after the first reconcile ended at {reconciled}\n{}",

@@ -1,7 +1,7 @@
 //! Command-line arguments (parsing and validation only; the work is in the library).
 
 use clap::{Args, Parser, Subcommand};
-use hotsync::config::{parse_duration, parse_percent};
+use hotsync::ops::config::{parse_duration, parse_percent};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]

@@ -67,7 +67,7 @@ impl Monitor for Bars {
             b.finish_and_clear();
         }
     }
-    fn dry_run_part(&self, part: &hotsync::plan::Plan) -> bool {
+    fn dry_run_part(&self, part: &hotsync::model::plan::Plan) -> bool {
         match self.plan {
             Some(print) => {
                 if print {

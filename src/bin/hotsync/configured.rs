@@ -4,14 +4,14 @@
 use crate::args::{Cli, Command, Common, Fidelity, Monitoring};
 use clap::ArgMatches;
 use clap::parser::ValueSource;
-use hotsync::config::{FileConfig, MonitorConfig};
+use hotsync::ops::config::{FileConfig, MonitorConfig};
 
 /// Fills `cli` from its `--config` file, if it names one.
 pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
     let Some(path) = &cli.config else {
         return Ok(());
     };
-    let cfg = hotsync::config::load(path)?;
+    let cfg = hotsync::ops::config::load(path)?;
     if cli.home.is_none() {
         cli.home = cfg.home.clone();
     }

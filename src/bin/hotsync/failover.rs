@@ -3,7 +3,7 @@
 //! its sessions), else on the tree directly.
 
 use crate::args::{CheckArgs, Cli, PromoteArgs, RejoinArgs, RoleArg};
-use hotsync::control::{self, Request};
+use hotsync::ops::control::{self, Request};
 use hotsync::rejoin::RejoinReport;
 use hotsync::standby::{Access, PromoteReport, Standby};
 use std::time::Duration;
@@ -13,8 +13,8 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(30);
 
 pub fn promote(cli: &Cli, args: &PromoteArgs) -> anyhow::Result<u8> {
-    hotsync::check::check_dir("--root", &args.root)?;
-    let home = hotsync::identity::home_dir(cli.home.as_deref())?;
+    hotsync::tree::operand::check_dir("--root", &args.root)?;
+    let home = hotsync::transport::identity::home_dir(cli.home.as_deref())?;
     let report: PromoteReport = match control::find(&home, "serve", &args.root) {
         Some((socket, _)) => {
             let v =
@@ -27,7 +27,7 @@ pub fn promote(cli: &Cli, args: &PromoteArgs) -> anyhow::Result<u8> {
             serde_json::from_value(v)?
         }
         None => {
-            let me = hotsync::identity::load(&home).ok().map(|i| i.id);
+            let me = hotsync::transport::identity::load(&home).ok().map(|i| i.id);
             let standby = Standby::open_within(&args.root, Access::Write, WAIT)?;
             standby.promote(args.force, me)?
         }
@@ -83,8 +83,8 @@ fn print_promotion(r: &PromoteReport) {
 }
 
 pub fn rejoin(cli: &Cli, args: &RejoinArgs) -> anyhow::Result<u8> {
-    hotsync::check::check_dir("--root", &args.root)?;
-    let home = hotsync::identity::home_dir(cli.home.as_deref())?;
+    hotsync::tree::operand::check_dir("--root", &args.root)?;
+    let home = hotsync::transport::identity::home_dir(cli.home.as_deref())?;
     let report: RejoinReport = match control::find(&home, "serve", &args.root) {
         Some((socket, _)) => {
             let req = Request::Rejoin {
@@ -164,10 +164,10 @@ pub fn rejoin(cli: &Cli, args: &RejoinArgs) -> anyhow::Result<u8> {
 
 /// `check`: one line, exit 0 healthy or 1 not.
 pub fn check(cli: &Cli, args: &CheckArgs) -> anyhow::Result<u8> {
-    let home = hotsync::identity::home_dir(cli.home.as_deref())?;
-    let root = hotsync::fsroot::Root::open(&args.root);
+    let home = hotsync::transport::identity::home_dir(cli.home.as_deref())?;
+    let root = hotsync::tree::fsroot::Root::open(&args.root);
     let state = root.as_ref().ok().and_then(|r| {
-        let area = hotsync::reserved::Area::open_existing(r, &args.root).ok()??;
+        let area = hotsync::tree::reserved::Area::open_existing(r, &args.root).ok()??;
         area.read_state().map_err(|e| e.to_string()).transpose()
     });
     let state = match state {
@@ -180,7 +180,9 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> anyhow::Result<u8> {
     };
     let shown = args.root.display();
     let role = match (args.role, &state) {
-        (RoleArg::Auto, Some(st)) if st.role == hotsync::epoch::Role::Primary => RoleArg::Primary,
+        (RoleArg::Auto, Some(st)) if st.role == hotsync::model::epoch::Role::Primary => {
+            RoleArg::Primary
+        }
         (RoleArg::Auto, _) => RoleArg::Standby,
         (r, _) => r,
     };
@@ -204,16 +206,16 @@ pub fn check(cli: &Cli, args: &CheckArgs) -> anyhow::Result<u8> {
         _ => "serve",
     };
     let instance = control::find(&home, command, &args.root).map(|(_, i)| i);
-    let facts = hotsync::health::Facts {
+    let facts = hotsync::ops::health::Facts {
         state: state.as_ref(),
         instance: instance.as_deref(),
         usable,
         max_lag: args.max_lag.as_secs_f64(),
     };
     let verdict = match args.role {
-        RoleArg::Primary => hotsync::health::primary(&facts),
-        RoleArg::Standby => hotsync::health::standby(&facts),
-        RoleArg::Auto => hotsync::health::current(&facts),
+        RoleArg::Primary => hotsync::ops::health::primary(&facts),
+        RoleArg::Standby => hotsync::ops::health::standby(&facts),
+        RoleArg::Auto => hotsync::ops::health::current(&facts),
     };
     match verdict {
         Ok(why) => {

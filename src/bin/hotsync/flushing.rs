@@ -2,12 +2,12 @@
 
 use crate::args::{Cli, FlushArgs};
 use anyhow::bail;
-use hotsync::control::{self, Request};
-use hotsync::flush::Outcome;
+use hotsync::model::flush::Outcome;
+use hotsync::ops::control::{self, Request};
 use std::time::Duration;
 
 pub fn flush(cli: &Cli, args: &FlushArgs) -> anyhow::Result<u8> {
-    let home = hotsync::identity::home_dir(cli.home.as_deref())?;
+    let home = hotsync::transport::identity::home_dir(cli.home.as_deref())?;
     let socket = match &args.root {
         Some(root) => match control::find(&home, "watch", root) {
             Some((s, _)) => s,

@@ -15,10 +15,10 @@ use anyhow::bail;
 use args::{Cli, Command, Common, Monitoring, ServeArgs, SyncArgs, VerifyArgs, WatchArgs};
 use bars::Bars;
 use clap::{CommandFactory, FromArgMatches};
-use hotsync::control::Control;
-use hotsync::identity::{self, NodeId};
 use hotsync::link::DestKind;
+use hotsync::ops::control::Control;
 use hotsync::replicate::{Watch, WatchOptions};
+use hotsync::transport::identity::{self, NodeId};
 use hotsync::{Monitor, SyncOptions, Target};
 use report::{print_plan, print_report, summary_line};
 use std::io::{IsTerminal, Write};
@@ -154,7 +154,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
     if args.json {
         let line = |name: &str, mut v: serde_json::Value| {
             v["event"] = name.into();
-            v["ts"] = hotsync::clock::now_rfc3339().into();
+            v["ts"] = hotsync::model::clock::now_rfc3339().into();
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{v}");
             let _ = out.flush();
@@ -162,7 +162,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         line(
             "listening",
             serde_json::json!({"addr": server.addr.to_string(), "id": me.id.to_string(),
-                "tree": hotsync::check::shown_absolute(root)}),
+                "tree": hotsync::tree::operand::shown_absolute(root)}),
         );
         standby.on_events(Box::new(line));
     } else {
@@ -186,14 +186,14 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
 }
 
 /// `--alert-*` and `--on-alert` as the library takes them.
-fn alert_config(m: &Monitoring) -> anyhow::Result<hotsync::alert::AlertConfig> {
+fn alert_config(m: &Monitoring) -> anyhow::Result<hotsync::ops::alert::AlertConfig> {
     let hook = m
         .on_alert
         .as_deref()
-        .map(hotsync::alert::AlertConfig::parse_hook)
+        .map(hotsync::ops::alert::AlertConfig::parse_hook)
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    Ok(hotsync::alert::AlertConfig {
+    Ok(hotsync::ops::alert::AlertConfig {
         lag: m.alert_lag,
         free_percent: m.alert_free,
         hook,
@@ -203,28 +203,28 @@ fn alert_config(m: &Monitoring) -> anyhow::Result<hotsync::alert::AlertConfig> {
 /// What keeps a running instance observable: its control socket, its metrics endpoint,
 /// and the alert evaluator. Dropping it stops them.
 struct Observability {
-    _socket: hotsync::control::ControlSocket,
-    _metrics: Option<hotsync::metrics::MetricsServer>,
-    _alerts: hotsync::alert::Evaluator,
+    _socket: hotsync::ops::control::ControlSocket,
+    _metrics: Option<hotsync::ops::metrics::MetricsServer>,
+    _alerts: hotsync::ops::alert::Evaluator,
 }
 
 /// Binds `--metrics` (first, so a taken port is refused before anything starts).
-fn bind_metrics(m: &Monitoring) -> anyhow::Result<Option<hotsync::metrics::Bound>> {
+fn bind_metrics(m: &Monitoring) -> anyhow::Result<Option<hotsync::ops::metrics::Bound>> {
     Ok(m.metrics
         .as_deref()
-        .map(hotsync::metrics::bind)
+        .map(hotsync::ops::metrics::bind)
         .transpose()?)
 }
 
 fn start_monitoring(
     home: &std::path::Path,
     command: &str,
-    metrics: Option<hotsync::metrics::Bound>,
-    control: Arc<dyn hotsync::control::Control>,
-    alerts: Arc<hotsync::alert::Alerts>,
+    metrics: Option<hotsync::ops::metrics::Bound>,
+    control: Arc<dyn hotsync::ops::control::Control>,
+    alerts: Arc<hotsync::ops::alert::Alerts>,
     view: Option<Arc<watching::WatchView>>,
 ) -> anyhow::Result<Observability> {
-    let socket = hotsync::control::listen(home, command, control.clone())?;
+    let socket = hotsync::ops::control::listen(home, command, control.clone())?;
     tracing::debug!("control socket {}", socket.path().display());
     let metrics = match metrics {
         Some(bound) => {
@@ -234,11 +234,11 @@ fn start_monitoring(
         }
         None => None,
     };
-    let on_fired = Box::new(move |f: &hotsync::alert::Fired| match &view {
+    let on_fired = Box::new(move |f: &hotsync::ops::alert::Fired| match &view {
         Some(v) => v.alert(f),
         None => watching::log_alert(f),
     });
-    let evaluator = hotsync::alert::Evaluator::start(control, alerts, on_fired);
+    let evaluator = hotsync::ops::alert::Evaluator::start(control, alerts, on_fired);
     Ok(Observability {
         _socket: socket,
         _metrics: metrics,
@@ -254,7 +254,7 @@ fn sync_options(c: &Common, dry_run: bool) -> SyncOptions {
         dry_run,
         excludes: c.exclude.clone(),
         max_delete_percent: c.max_delete,
-        xattrs: hotsync::xattr::Policy::wanted(c.fidelity.no_xattrs, c.fidelity.no_acls),
+        xattrs: hotsync::tree::xattr::Policy::wanted(c.fidelity.no_xattrs, c.fidelity.no_acls),
         ..SyncOptions::default()
     }
 }
@@ -389,7 +389,7 @@ fn sync_several(
                 .zip(names)
                 .map(|(t, name)| {
                     s.spawn(move || {
-                        let r = hotsync::sync(src, t, opts, &hotsync::progress::Silent);
+                        let r = hotsync::sync(src, t, opts, &hotsync::model::progress::Silent);
                         (name, r)
                     })
                 })
@@ -491,7 +491,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
     view.finish();
     if let Err(hotsync::Error::Fenced(why)) = &result {
         // The last word before exit 2: the hook is told, and waited for.
-        let f = hotsync::alert::Fired {
+        let f = hotsync::ops::alert::Fired {
             alert: "fenced",
             standby: names.join(" "),
             firing: true,
@@ -554,7 +554,8 @@ fn verify_one(
     always: bool,
 ) -> anyhow::Result<(u8, Option<serde_json::Value>)> {
     let src = args::tree_and_standbys("verify", &args.src, &args.dest)?;
-    let xattrs = hotsync::xattr::Policy::wanted(args.fidelity.no_xattrs, args.fidelity.no_acls);
+    let xattrs =
+        hotsync::tree::xattr::Policy::wanted(args.fidelity.no_xattrs, args.fidelity.no_acls);
     let check = || hotsync::verify(src, target, &args.exclude, xattrs);
     let before = check()?;
     if !args.repair || before.identical {
@@ -575,7 +576,7 @@ fn verify_one(
         xattrs,
         ..SyncOptions::default()
     };
-    let repaired = hotsync::sync(src, target, &opts, &hotsync::progress::Silent)?;
+    let repaired = hotsync::sync(src, target, &opts, &hotsync::model::progress::Silent)?;
     let after = check()?;
     // A repair whose deletions the guard refused is a refusal (exit 2), said on stderr.
     let code = match &repaired.summary.refused {

@@ -1,12 +1,12 @@
 //! Human reports: the sync summary line, the dry-run plan, the verify report.
 
-use hotsync::plan::Plan;
-pub use hotsync::status::human_bytes;
-use hotsync::summary::Summary;
+use hotsync::model::plan::Plan;
+pub use hotsync::model::status::human_bytes;
+use hotsync::model::summary::Summary;
 use std::io::Write;
 
 /// The human verify report: the verdict and totals first, then each category.
-pub fn print_report(r: &hotsync::compare::Report) {
+pub fn print_report(r: &hotsync::model::compare::Report) {
     let mut out = std::io::stdout().lock();
     let secs = r.elapsed_ms as f64 / 1000.0;
     let verdict = if r.identical {
@@ -32,7 +32,7 @@ pub fn print_report(r: &hotsync::compare::Report) {
                 out,
                 "  ... and {} more (a report lists {} paths per category)",
                 count - listed as u64,
-                hotsync::compare::MAX_LISTED
+                hotsync::model::compare::MAX_LISTED
             );
         }
     };
@@ -107,7 +107,7 @@ pub fn print_plan(p: &Plan) {
     }
     for t in &p.transfers {
         let how = match t.method() {
-            hotsync::plan::Method::Delta => "delta",
+            hotsync::model::plan::Method::Delta => "delta",
             _ => "whole",
         };
         let _ = writeln!(out, "send      {} ({} bytes, {how})", t.path, t.size);
@@ -117,7 +117,7 @@ pub fn print_plan(p: &Plan) {
             out,
             "symlink   {} -> {}",
             l.path,
-            hotsync::path::escape_bytes(&l.target)
+            hotsync::model::path::escape_bytes(&l.target)
         );
     }
     for m in &p.metas {

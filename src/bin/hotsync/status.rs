@@ -3,12 +3,12 @@
 //! down.
 
 use crate::args::{Cli, StatusArgs};
-use hotsync::control::{self, Answer};
-use hotsync::status::{HealthState, Instance, ReplicaState, human_bytes};
+use hotsync::model::status::{HealthState, Instance, ReplicaState, human_bytes};
+use hotsync::ops::control::{self, Answer};
 use std::fmt::Write as _;
 
 pub fn status(cli: &Cli, args: &StatusArgs) -> anyhow::Result<u8> {
-    let home = hotsync::identity::home_dir(cli.home.as_deref())?;
+    let home = hotsync::transport::identity::home_dir(cli.home.as_deref())?;
     let answers = control::status_all(&home);
     let mut instances = Vec::new();
     let mut unresponsive = Vec::new();
@@ -76,7 +76,7 @@ fn health_word(h: HealthState) -> &'static str {
     }
 }
 
-fn space_line(sp: &hotsync::status::Space) -> String {
+fn space_line(sp: &hotsync::model::status::Space) -> String {
     format!("{} ({:.0}% free)", sp.describe(), sp.free_percent())
 }
 

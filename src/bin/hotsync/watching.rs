@@ -3,9 +3,9 @@
 
 use crate::args::Cli;
 use crate::report::human_bytes;
-use hotsync::alert::Fired;
+use hotsync::model::status::{Instance, ReplicaState, ReplicaStatus};
+use hotsync::ops::alert::Fired;
 use hotsync::replicate::{Event, Observer};
-use hotsync::status::{Instance, ReplicaState, ReplicaStatus};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 
@@ -42,7 +42,7 @@ impl WatchView {
 
     fn emit(&self, standby: &str, mut value: serde_json::Value) {
         if self.json {
-            value["ts"] = hotsync::clock::now_rfc3339().into();
+            value["ts"] = hotsync::model::clock::now_rfc3339().into();
             value["standby"] = standby.into();
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{value}");

@@ -1,0 +1,15 @@
+//! The filesystem: opening a tree without following symlinks, scanning and walking it,
+//! reading and writing attributes, holes and snapshots, and replacing files atomically
+//! and durably on the standby. Imports only the model below it.
+
+pub mod atomic;
+pub mod fsroot;
+pub mod mounts;
+pub mod operand;
+pub mod reserved;
+pub mod scan;
+pub mod snapshot;
+pub mod sparse;
+pub mod spill;
+pub mod walk;
+pub mod xattr;
