@@ -1503,7 +1503,7 @@ fn receive_delta<R: Read, W: Write>(
         let hashing = base.as_ref().ok().map(|(f, n, holes)| {
             sc.spawn(move || {
                 if *holes {
-                    delta::hash_chunks(&delta::Holey(f), *n, chunk)
+                    delta::hash_chunks(&crate::tree::sparse::Holey(f), *n, chunk)
                 } else {
                     delta::hash_chunks(f, *n, chunk)
                 }

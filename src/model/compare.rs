@@ -573,20 +573,20 @@ fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report, links: &mut
         ));
     }
     if let (Kind::File { size, .. }, Kind::File { .. }) = (&x.kind, &y.kind)
-        && crate::tree::sparse::denser(*size, x.shape.blocks, y.shape.blocks)
+        && crate::model::holes::denser(*size, x.shape.blocks, y.shape.blocks)
     {
         what.push(format!(
             "sparse on the primary ({} allocated), dense on the standby ({} allocated, \
              more than the primary's by over {})",
             crate::model::status::human_bytes(x.shape.blocks.saturating_mul(512)),
             crate::model::status::human_bytes(y.shape.blocks.saturating_mul(512)),
-            crate::model::status::human_bytes(crate::tree::sparse::slack(
+            crate::model::status::human_bytes(crate::model::holes::slack(
                 x.shape.blocks.saturating_mul(512)
             )),
         ));
     }
     if x.meta.xattrs != y.meta.xattrs {
-        let none = crate::tree::xattr::Sum::default();
+        let none = crate::model::xattrs::Sum::default();
         what.push(
             match (x.meta.xattrs == none, y.meta.xattrs == none) {
                 (false, true) => "extended attributes or ACL missing on the standby",

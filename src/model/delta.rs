@@ -83,21 +83,6 @@ pub trait ReadAt {
     }
 }
 
-/// A file read with its holes known: hashing skips them.
-pub struct Holey<'a>(pub &'a std::fs::File);
-
-impl ReadAt for Holey<'_> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.0.read_at(buf, offset)
-    }
-    fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
-        crate::tree::sparse::next_data(self.0, offset)
-    }
-    fn knows_holes(&self) -> bool {
-        true
-    }
-}
-
 impl ReadAt for std::fs::File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         std::os::unix::fs::FileExt::read_at(self, buf, offset)

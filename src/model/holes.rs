@@ -4,7 +4,7 @@
 /// Whether a file of `size` bytes using `blocks` 512-byte blocks has holes worth keeping:
 /// fewer blocks than its size needs, and larger than a small file (which goes whole).
 pub fn sparse(size: u64, blocks: u64) -> bool {
-    size > crate::model::plan::SMALL_FILE && blocks.saturating_mul(512) < size
+    size > crate::model::manifest::SMALL_FILE && blocks.saturating_mul(512) < size
 }
 
 /// What two filesystems may allocate differently for the same data, `allocated` bytes of

@@ -4,6 +4,9 @@
 use crate::model::path::RelPath;
 use serde::{Deserialize, Serialize};
 
+/// Files up to this size travel whole, inline on a lane, never as deltas.
+pub const SMALL_FILE: u64 = 64 * 1024;
+
 /// A blake3 digest.
 pub type Hash = [u8; 32];
 
@@ -25,7 +28,7 @@ pub struct Meta {
     /// zeros for none. It never travels inside `Meta`: a version 5 peer sends it beside
     /// the entries, and the values themselves beside each operation.
     #[serde(skip)]
-    pub xattrs: crate::tree::xattr::Sum,
+    pub xattrs: crate::model::xattrs::Sum,
 }
 
 /// The type of an entry and what its content is compared by.

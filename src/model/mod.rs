@@ -22,3 +22,4 @@ pub mod plan;
 pub mod progress;
 pub mod status;
 pub mod summary;
+pub mod xattrs;

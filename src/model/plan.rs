@@ -5,8 +5,7 @@ use crate::model::manifest::{Entry, Hash, Kind, LinkKey, Manifest, Meta, MetaTar
 use crate::model::path::RelPath;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-/// Files up to this size travel whole, inline on a lane, never as deltas.
-pub const SMALL_FILE: u64 = 64 * 1024;
+use crate::model::manifest::SMALL_FILE;
 
 /// Choices that change what counts as a difference.
 #[derive(Debug, Clone, Copy, Default)]

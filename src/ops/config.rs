@@ -263,9 +263,9 @@ pub fn parse(text: &str, path: &Path) -> Result<FileConfig> {
     };
     let mut standbys = Vec::new();
     for s in raw.standby {
-        let remote = crate::link::DestKind::of(s.address.get_ref())
+        let remote = crate::transport::dest::DestKind::of(s.address.get_ref())
             .map_err(|e| at(Some(s.address.span()), &format!("address: {e}")))?
-            == crate::link::DestKind::Quic;
+            == crate::transport::dest::DestKind::Quic;
         if let Some(id) = &s.server_id {
             crate::transport::identity::NodeId::parse(id.get_ref())
                 .map_err(|e| at(Some(id.span()), &format!("server-id: {e}")))?;

@@ -1612,7 +1612,7 @@ impl<'a> Exec<'a> {
             let (mut problem, digest) = if sparse {
                 // Hashed first, holes skipped, then the chunk digests sent together.
                 let (digests, digest, problem) =
-                    match delta::hash_chunks(&delta::Holey(&f), size, chunk) {
+                    match delta::hash_chunks(&crate::tree::sparse::Holey(&f), size, chunk) {
                         Ok((d, h)) => (d, h, None),
                         Err(e) => (
                             vec![[0; 32]; chunks as usize],

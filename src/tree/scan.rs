@@ -484,7 +484,7 @@ fn hash_file_paced(
         let size = before.st_size as u64;
         let (_, digest) = if crate::tree::sparse::has_holes(&before) {
             hash_chunks_paced(
-                &crate::model::delta::Holey(&f),
+                &crate::tree::sparse::Holey(&f),
                 size,
                 chunk_size(size),
                 pace,

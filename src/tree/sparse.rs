@@ -16,6 +16,21 @@ pub fn has_holes(st: &rustix::fs::Stat) -> bool {
     sparse(st.st_size as u64, st.st_blocks as u64)
 }
 
+/// A file read with its holes known: hashing skips them.
+pub struct Holey<'a>(pub &'a std::fs::File);
+
+impl crate::model::delta::ReadAt for Holey<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn data_from(&self, offset: u64) -> io::Result<Option<u64>> {
+        next_data(self.0, offset)
+    }
+    fn knows_holes(&self) -> bool {
+        true
+    }
+}
+
 /// The first byte of data at or after `offset`, `None` when only a hole follows.
 pub fn next_data(fd: impl AsFd, offset: u64) -> io::Result<Option<u64>> {
     match rustix::fs::seek(fd, SeekFrom::Data(offset)) {
@@ -124,7 +139,8 @@ mod tests {
 
     #[test]
     fn a_hole_hashes_as_the_zeros_it_reads_as_without_being_read() {
-        use crate::model::delta::{Holey, chunk_size, hash_chunks};
+        use super::Holey;
+        use crate::model::delta::{chunk_size, hash_chunks};
         let dir = tempfile::tempdir().unwrap();
         let rw = |name: &str| testing::rw(dir.path(), name);
         let f = rw("sparse");

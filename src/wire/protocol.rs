@@ -18,11 +18,11 @@
 
 pub use crate::error::{ErrorCode, OpError, ProtocolError};
 use crate::model::epoch::Position;
+pub use crate::model::manifest::SMALL_FILE;
 use crate::model::manifest::{Entry, Hash, Meta, MetaTarget, ScanError, Scope, Shape, Special};
 use crate::model::path::RelPath;
-pub use crate::model::plan::SMALL_FILE;
 use crate::model::status::Space;
-use crate::tree::xattr::{Policy, Sum, Xattrs};
+use crate::model::xattrs::{Policy, Sum, Xattrs};
 use serde::{Deserialize, Serialize};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 
@@ -741,7 +741,7 @@ mod tests {
                 policy: Policy::wanted(true, false),
             },
             Message::Xattrs {
-                attrs: Xattrs(vec![crate::tree::xattr::Xattr {
+                attrs: Xattrs(vec![crate::model::xattrs::Xattr {
                     name: b"user.a".to_vec(),
                     value: vec![0, 255, 7],
                 }]),
