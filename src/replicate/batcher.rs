@@ -53,11 +53,11 @@ pub enum Hint {
     RescanDir(RelPath),
     /// Events were lost: everything must be examined again.
     RescanAll,
-    /// A flush's marker: everything seen before it is wanted on the standby now (nothing
-    /// waits for quiet or a rename's other half any more). `owner` is the process that
-    /// placed it.
+    /// Flush `id`'s barrier: everything seen before it is wanted on the standby now
+    /// (nothing waits for quiet or a rename's other half any more). A source reports it
+    /// after every change it reported before the barrier was placed
+    /// ([`super::source::HintSource::place_barrier`]).
     Barrier {
-        owner: u32,
         id: u64,
     },
 }
@@ -842,7 +842,7 @@ mod tests {
         assert_eq!(first.paths, vec![(p("new"), Scope::Tree)]);
         // Still open, still held, and the second walk not due: nothing until the barrier.
         assert_eq!(b.poll(t0 + ms(2)), None);
-        b.push(Hint::Barrier { owner: 1, id: 1 }, t0 + ms(2));
+        b.push(Hint::Barrier { id: 1 }, t0 + ms(2));
         // The second walk counts as waiting (a flush must wait for it).
         assert_eq!(b.queued(), 3);
         let batch = b.poll(t0 + ms(2)).unwrap();

@@ -14,6 +14,7 @@
 pub mod batcher;
 pub mod machine;
 pub mod replica;
+pub mod source;
 pub mod watcher;
 
 use crate::error::Error;
@@ -26,12 +27,10 @@ use crate::standby::{Access, Role};
 use crate::tree::fsroot::Root;
 pub use machine::Event;
 use replica::{Replica, VerifyPlan};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, Instant, SystemTime};
 
 #[derive(Clone)]
@@ -141,8 +140,10 @@ pub struct Watch {
     src: PathBuf,
     /// The source tree's state, while a source is open.
     primary: std::sync::Mutex<Option<Arc<PrimaryTree>>>,
-    /// The current watcher's watch set, for status.
-    watch_set: std::sync::Mutex<Option<Arc<watcher::SetupFront>>>,
+    /// How a source root is watched ([`source::Inotify`] unless told otherwise).
+    open_source: source::Opener,
+    /// The current source's hints, while one is open (flushes place barriers in it).
+    source: std::sync::Mutex<Option<Arc<dyn source::HintSource>>>,
     /// SRC as an absolute path, for status.
     tree: String,
     opts: WatchOptions,
@@ -210,7 +211,8 @@ impl Watch {
         Ok(Watch {
             src: src.to_path_buf(),
             primary: std::sync::Mutex::new(None),
-            watch_set: std::sync::Mutex::new(None),
+            open_source: source::Inotify::open,
+            source: std::sync::Mutex::new(None),
             tree: crate::tree::operand::shown_absolute(src),
             alerts: Arc::new(Alerts::new(opts.alerts.clone())),
             opts,
@@ -268,8 +270,8 @@ impl crate::ops::control::Control for Watch {
                 }
             }),
             quorum: self.opts.quorum,
-            watches: self.watch_set.lock().unwrap().as_ref().map(|f| {
-                let st = f.state();
+            watches: self.source.lock().unwrap().as_ref().map(|s| {
+                let st = s.setup();
                 crate::model::status::WatchSet {
                     directories: st.watched,
                     complete: st.complete,
@@ -281,15 +283,15 @@ impl crate::ops::control::Control for Watch {
         i
     }
 
-    /// Drops a marker in the source's `.hotsync/` (its event comes after every earlier
-    /// one), then waits until the quorum has everything seen before the marker.
+    /// Places a barrier in the source's hints (it comes after every change reported
+    /// before it), then waits until the quorum has everything seen before the barrier.
     fn flush(&self, quorum: Option<usize>, timeout: Duration) -> crate::Result<serde_json::Value> {
         let started = Instant::now();
         // A watch still starting (or paused on its source) gets until the timeout.
-        let tree = loop {
+        let source = loop {
             let seen = self.changed.current();
-            if let Some(t) = self.primary.lock().unwrap().clone() {
-                break t;
+            if let Some(s) = self.source.lock().unwrap().clone() {
+                break s;
             }
             if started.elapsed() >= timeout {
                 return Err(Error::Refused(format!(
@@ -317,17 +319,10 @@ impl crate::ops::control::Control for Watch {
                 return serde_json::to_value(&o).map_err(|e| Error::Usage(e.to_string()));
             }
         }
-        let marker = tree
-            .path()
-            .join(std::ffi::OsStr::from_bytes(crate::model::path::RESERVED))
-            .join(crate::tree::reserved::marker_name(std::process::id(), id));
-        if let Err(e) = std::fs::File::create_new(&marker) {
-            // Without its marker the flush would only be as good as a full re-scan: say so.
+        if let Err(e) = source.place_barrier(id) {
+            // Without its barrier the flush would only be as good as a full re-scan: say so.
             self.flushes.lock().unwrap().cancel(id);
-            return Err(Error::io(
-                format!("cannot place the flush marker {}", marker.display()),
-                e,
-            ));
+            return Err(Error::io(format!("cannot flush {}", self.tree), e));
         }
         let was_degraded = self.flushes.lock().unwrap().degraded().is_some();
         let outcome = loop {
@@ -344,7 +339,7 @@ impl crate::ops::control::Control for Watch {
             self.changed
                 .wait_past(seen, until.saturating_duration_since(now).min(TICK));
         };
-        let _ = std::fs::remove_file(&marker);
+        source.clear_barrier(id);
         if !was_degraded && let Some(d) = self.flushes.lock().unwrap().degraded() {
             tracing::warn!(
                 "semi-synchronous replication degraded: {}; flushes do not wait until the \
@@ -455,8 +450,8 @@ impl Watch {
                 Err(e) => return Err(e),
             };
             // Watch before reconciling, so nothing that changes meanwhile is missed.
-            let watcher = match watcher::start(&self.src) {
-                Ok(w) => w,
+            let source = match (self.open_source)(&self.src) {
+                Ok(s) => s,
                 Err(e) => {
                     drop(tree);
                     pause(e.to_string(), &mut paused);
@@ -465,56 +460,24 @@ impl Watch {
                 }
             };
             *self.primary.lock().unwrap() = Some(tree.clone());
+            *self.source.lock().unwrap() = Some(source.clone());
             self.changed.bump();
             let now = Instant::now();
             let since = paused.take().map_or(now, |p| p.1);
             for r in &self.replicas {
-                r.resume(
-                    root.clone(),
-                    watcher.front.clone(),
-                    tree.epoch(),
-                    now,
-                    since,
-                );
+                r.resume(root.clone(), source.gate(), tree.epoch(), now, since);
             }
-            *self.watch_set.lock().unwrap() = Some(watcher.front.clone());
             let mut last_rescan = Instant::now();
             loop {
                 if stop() {
                     return Ok(());
                 }
-                match watcher.hints.recv_timeout(TICK) {
-                    Ok(h) => {
-                        // Everything that came together goes in together: a rename's
-                        // MovedFrom must not leave as a delete before its Renamed arrives.
-                        let mut hints = vec![h];
-                        hints.extend(watcher.hints.try_iter());
-                        let me = std::process::id();
-                        // Another process's marker (one that died mid-flush) is nothing.
-                        hints.retain(
-                            |h| !matches!(h, batcher::Hint::Barrier { owner, .. } if *owner != me),
-                        );
-                        let barriers: Vec<u64> = hints
-                            .iter()
-                            .filter_map(|h| match h {
-                                batcher::Hint::Barrier { id, .. } => Some(*id),
-                                _ => None,
-                            })
-                            .collect();
-                        self.push(hints, Instant::now());
-                        if !barriers.is_empty() {
-                            // After the push: everything reported before the marker is in.
-                            let at = Instant::now();
-                            let mut book = self.flushes.lock().unwrap();
-                            for id in barriers {
-                                book.barrier(id, at);
-                            }
-                            drop(book);
-                            self.changed.bump();
-                        }
-                    }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => {
+                match source.recv(TICK) {
+                    // Everything that came together goes in together: a rename's
+                    // MovedFrom must not leave as a delete before its Renamed arrives.
+                    Ok(hints) if !hints.is_empty() => self.take_hints(hints),
+                    Ok(_) => {}
+                    Err(source::Stopped) => {
                         pause("the watcher stopped".into(), &mut paused);
                         continue 'outer;
                     }
@@ -535,15 +498,13 @@ impl Watch {
                         .markers_lost(now, Instant::now());
                     self.changed.bump();
                 }
-                if watcher.overflowed.swap(false, Ordering::Relaxed) {
+                if source.take_lost() {
                     tracing::warn!(
                         "the watcher lost events (queue overflow): re-scanning everything"
                     );
                     self.push(vec![batcher::Hint::RescanAll], Instant::now());
                 }
-                if watcher.limited.load(Ordering::Relaxed)
-                    && last_rescan.elapsed() >= self.opts.fallback_rescan
-                {
+                if source.partial() && last_rescan.elapsed() >= self.opts.fallback_rescan {
                     last_rescan = Instant::now();
                     self.push(vec![batcher::Hint::RescanAll], last_rescan);
                 }
@@ -559,6 +520,28 @@ impl Watch {
                     continue 'outer;
                 }
             }
+        }
+    }
+
+    /// Feeds `hints` to every replica; a barrier among them is then noted in the flush
+    /// book (after the push: everything reported before it is in).
+    fn take_hints(&self, hints: Vec<batcher::Hint>) {
+        let barriers: Vec<u64> = hints
+            .iter()
+            .filter_map(|h| match h {
+                batcher::Hint::Barrier { id } => Some(*id),
+                _ => None,
+            })
+            .collect();
+        self.push(hints, Instant::now());
+        if !barriers.is_empty() {
+            let at = Instant::now();
+            let mut book = self.flushes.lock().unwrap();
+            for id in barriers {
+                book.barrier(id, at);
+            }
+            drop(book);
+            self.changed.bump();
         }
     }
 

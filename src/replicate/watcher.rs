@@ -123,7 +123,8 @@ impl Drop for Finished<'_> {
 
 /// A running watch of one tree. Dropping it stops its threads.
 pub struct Watcher {
-    pub hints: Receiver<Hint>,
+    /// The hints, in order (one reader at a time: the replicator).
+    pub hints: Mutex<Receiver<Hint>>,
     /// Set when hints were dropped (queue full, or the kernel's queue overflowed).
     pub overflowed: Arc<AtomicBool>,
     /// Set when the inotify watch limit was hit: parts of the tree are not watched.
@@ -405,7 +406,7 @@ pub fn start(root: &Path) -> Result<Watcher, WatchError> {
             .map_err(|e| fail(e.to_string()))?
     };
     Ok(Watcher {
-        hints: rx,
+        hints: Mutex::new(rx),
         overflowed: shared.overflowed.clone(),
         limited: shared.limited.clone(),
         front,
@@ -642,12 +643,13 @@ fn translate(kind: Kind, path: &RelPath, is_dir: bool) -> Vec<Hint> {
     if is_temp_name(path.name()) {
         return vec![];
     }
-    // A flush's marker: its creation is the barrier; anything else done to it is nothing.
+    // A flush's marker: its creation is the barrier; anything else done to it is nothing,
+    // and so is another process's marker (one that died mid-flush).
     if path.parent_bytes() == RESERVED
         && let Some((owner, id)) = crate::tree::reserved::parse_marker(path.name())
     {
         return match kind {
-            Kind::Created => vec![Hint::Barrier { owner, id }],
+            Kind::Created if owner == std::process::id() => vec![Hint::Barrier { id }],
             _ => vec![],
         };
     }
@@ -675,11 +677,15 @@ mod tests {
 
     #[test]
     fn a_flush_marker_is_a_barrier_when_made_and_nothing_after() {
-        let m = p(".hotsync/flush-7-3");
+        let m = p(&format!(".hotsync/flush-{}-3", std::process::id()));
         assert_eq!(
             translate(Kind::Created, &m, false),
-            vec![Hint::Barrier { owner: 7, id: 3 }]
+            vec![Hint::Barrier { id: 3 }]
         );
+        // Another process's marker is nothing to this one.
+        let other = std::process::id().wrapping_add(1);
+        let theirs = p(&format!(".hotsync/flush-{other}-3"));
+        assert_eq!(translate(Kind::Created, &theirs, false), vec![]);
         assert_eq!(translate(Kind::Written, &m, false), vec![]);
         assert_eq!(translate(Kind::Removed, &m, false), vec![]);
         // Elsewhere a file of that name is a file.
@@ -749,7 +755,11 @@ mod tests {
     fn wait_hint(w: &Watcher, want: impl Fn(&Hint) -> bool) -> bool {
         let end = Instant::now() + Duration::from_secs(5);
         while Instant::now() < end {
-            if let Ok(h) = w.hints.recv_timeout(Duration::from_millis(50))
+            if let Ok(h) = w
+                .hints
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_millis(50))
                 && want(&h)
             {
                 return true;
