@@ -1,12 +1,12 @@
 //! How the primary reaches one standby: a local directory served by an in-process receiver,
-//! or a `hotsync serve` over QUIC. Either way the engine gets a [`Link`] that owns the
-//! connection; the [`Connector`] holds what every new link needs (the network runtime).
+//! or a `hotsync serve` through a transport's [`Dialer`]. Either way the engine gets a
+//! [`Link`] that owns the connection; the [`Connector`] holds what every new link needs.
 
 use crate::error::{Error, Result};
 use crate::standby::{Access, Peer, Standby};
 pub use crate::transport::dest::{DestError, DestKind, quic_address};
 use crate::transport::identity::{Identity, NodeId};
-use crate::transport::{self, Connection};
+use crate::transport::{self, Connection, Dialer};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -45,8 +45,8 @@ impl Target {
 /// Makes links to one standby, as often as needed (watch reconnects through it).
 pub struct Connector {
     target: Target,
-    /// Drives QUIC for a remote target (each link keeps it alive too).
-    rt: Option<Arc<tokio::runtime::Runtime>>,
+    /// Connects to a remote target (each link keeps it alive too: it drives the link).
+    dialer: Option<Arc<dyn Dialer>>,
     /// A local DEST, held (and for writing, locked) as long as this connector lives.
     local: Option<Arc<Standby>>,
 }
@@ -58,24 +58,25 @@ impl Connector {
     /// # Errors
     /// [`Error::Usage`] for a local DEST another hotsync writes, or whose state is damaged.
     pub fn new(target: Target, access: Access) -> Result<Connector> {
-        let (rt, local) = match &target {
-            Target::Remote { .. } => (
-                Some(Arc::new(transport::quic::runtime().map_err(|e| {
-                    Error::io("cannot start the network runtime", e)
-                })?)),
-                None,
-            ),
+        let (dialer, local) = match &target {
+            Target::Remote { dest, server, me } => {
+                (Some(transport::dialer(dest, *server, me)?), None)
+            }
             Target::Local(dest) => (None, Some(Arc::new(Standby::open(dest, access)?))),
         };
-        Ok(Connector { target, rt, local })
+        Ok(Connector {
+            target,
+            dialer,
+            local,
+        })
     }
 
     pub fn target(&self) -> &Target {
         &self.target
     }
 
-    /// Connects: a new in-process receiver for a local directory, a QUIC handshake with
-    /// the pinned standby for a remote one.
+    /// Connects: a new in-process receiver for a local directory, the transport's
+    /// handshake with the pinned standby for a remote one.
     ///
     /// # Errors
     /// For a remote standby: [`Error::Unreachable`] (no answer, bad address),
@@ -101,17 +102,16 @@ impl Connector {
                     conn: Arc::new(primary),
                     receiver: Some(receiver),
                     clean: false,
-                    _rt: None,
+                    _dialer: None,
                 })
             }
-            Target::Remote { dest, server, me } => {
-                let rt = self.rt.as_ref().expect("a runtime for a remote target");
-                let conn = transport::quic::connect(rt.handle(), dest, *server, me)?;
+            Target::Remote { .. } => {
+                let dialer = self.dialer.as_ref().expect("a dialer for a remote target");
                 Ok(Link {
-                    conn: Arc::new(conn),
+                    conn: dialer.dial()?,
                     receiver: None,
                     clean: false,
-                    _rt: Some(rt.clone()),
+                    _dialer: Some(dialer.clone()),
                 })
             }
         }
@@ -125,7 +125,7 @@ pub struct Link {
     receiver: Option<std::thread::JoinHandle<()>>,
     clean: bool,
     /// Declared last: dropped after the connection it drives.
-    _rt: Option<Arc<tokio::runtime::Runtime>>,
+    _dialer: Option<Arc<dyn Dialer>>,
 }
 
 impl Link {

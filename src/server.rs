@@ -1,5 +1,6 @@
-//! `hotsync serve`: accepts primaries on a QUIC endpoint, admits only allowed IDs, and runs
-//! one receiver session per connection, each isolated from the others.
+//! `hotsync serve`: accepts primaries through a transport's [`Acceptor`], admits only
+//! allowed IDs, and runs one receiver session per connection, each isolated from the
+//! others.
 
 use crate::error::Error;
 use crate::model::status::{Health, Instance};
@@ -7,9 +8,7 @@ use crate::ops::alert::{AlertConfig, Alerts};
 use crate::ops::control::Control;
 use crate::standby::{Peer, Standby};
 use crate::transport::identity::NodeId;
-use crate::transport::quic::{CLOSE_REFUSED, CLOSE_SHUTDOWN, QuicConnection, Server};
-use crate::transport::{Connection, tls};
-use quinn::VarInt;
+use crate::transport::{Accepted, Acceptor, Admit, Handshake};
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
@@ -103,22 +102,30 @@ pub fn check(root: &Path, allow: &[NodeId]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Serves until `shutdown` completes, then closes every connection and waits (bounded)
-/// for sessions to end.
+/// Serves the primaries `acceptor` lets in until `shutdown` completes, then closes every
+/// connection and waits (bounded) for sessions to end.
 pub async fn run(
-    server: Server,
+    acceptor: Arc<dyn Acceptor>,
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let opts = Arc::new(opts);
+    let allow = opts.allow.clone();
+    let admit: Admit = Arc::new(move |id| {
+        (!allow.contains(id)).then(|| {
+            format!(
+                "primary ID {id} is not allowed on this standby (add `--allow {id}` to its hotsync serve)"
+            )
+        })
+    });
     let mut sessions = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            incoming = server.endpoint.accept() => match incoming {
-                Some(inc) => {
-                    sessions.spawn(session(inc, opts.clone()));
+            incoming = acceptor.next() => match incoming {
+                Some(hs) => {
+                    sessions.spawn(session(hs, admit.clone(), opts.clone()));
                 }
                 None => break,
             },
@@ -126,46 +133,25 @@ pub async fn run(
         }
     }
     tracing::info!("shutting down: closing {} connection(s)", sessions.len());
-    server
-        .endpoint
-        .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"standby shutting down");
+    acceptor.close("standby shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while sessions.join_next().await.is_some() {}
     })
     .await;
-    let _ = tokio::time::timeout(Duration::from_secs(1), server.endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), acceptor.wait_idle()).await;
 }
 
 /// One connection: authenticate, authorise, then run a receiver session on a blocking
 /// thread. Logs exactly one line.
-async fn session(incoming: quinn::Incoming, opts: Arc<ServeOptions>) {
-    let addr = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!("connection from {addr}: handshake failed: {e}");
+async fn session(hs: Box<dyn Handshake>, admit: Admit, opts: Arc<ServeOptions>) {
+    let Accepted { conn: qc, id, addr } = match hs.complete(admit).await {
+        Ok(a) => a,
+        Err(why) => {
+            tracing::warn!("{why}");
             return;
         }
     };
-    let Some(id) = tls::peer_id(&conn) else {
-        tracing::warn!("connection from {addr}: refused: no client certificate");
-        conn.close(
-            VarInt::from_u32(CLOSE_REFUSED),
-            b"a client certificate is required",
-        );
-        return;
-    };
-    if !opts.allow.contains(&id) {
-        tracing::warn!("primary {id} from {addr}: refused: not in --allow");
-        let reason = format!(
-            "primary ID {id} is not allowed on this standby (add `--allow {id}` to its hotsync serve)"
-        );
-        conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
-        return;
-    }
     let started = Instant::now();
-    let qc: Arc<dyn Connection> =
-        Arc::new(QuicConnection::new(conn, tokio::runtime::Handle::current()));
     let peer = Peer {
         id: Some(id),
         addr: Some(addr),

@@ -1,5 +1,8 @@
 //! Byte transports between a primary and a standby. The engine sees only [`Connection`]
 //! and [`Stream`]: the in-process pipe of a local DEST and QUIC carry the same bytes.
+//! A transport plugs in at two seams: a [`Dialer`] on the primary (chosen by the DEST's
+//! form, [`dialer`]) and an [`Acceptor`] on the standby; neither the primary's link nor
+//! the standby's server knows which transport it drives.
 
 pub mod dest;
 pub mod identity;
@@ -8,7 +11,11 @@ pub mod quic;
 pub mod tls;
 
 use crate::error::{Error, ErrorCode};
+use identity::{Identity, NodeId};
+use std::future::Future;
 use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -72,6 +79,70 @@ pub trait Connection: Send + Sync {
     fn failure(&self) -> Option<Error> {
         None
     }
+}
+
+/// Opens connections to one standby, as often as asked (a watch reconnects through it).
+/// It owns what its connections need to run (QUIC's runtime): keep it alive as long as
+/// any of them.
+pub trait Dialer: Send + Sync {
+    /// Connects and authenticates: the standby must present the pinned ID.
+    ///
+    /// # Errors
+    /// [`Error::Unreachable`] (no answer, bad address), [`Error::Auth`] (wrong server ID,
+    /// this primary not allowed).
+    fn dial(&self) -> Result<Arc<dyn Connection>, Error>;
+}
+
+/// The dialer for the remote DEST `dest` (its form decides the transport), reaching the
+/// standby `server` as `me`.
+///
+/// # Errors
+/// [`Error::Usage`] for a DEST no transport serves; the transport's own setup errors.
+pub fn dialer(dest: &str, server: NodeId, me: &Identity) -> Result<Arc<dyn Dialer>, Error> {
+    match dest::DestKind::of(dest) {
+        Ok(dest::DestKind::Quic) => Ok(Arc::new(quic::Dialer::new(dest, server, me.clone())?)),
+        Ok(dest::DestKind::Local) => Err(Error::Usage(format!(
+            "DEST {dest} is a local directory, not a standby to connect to"
+        ))),
+        Err(e) => Err(Error::Usage(e.to_string())),
+    }
+}
+
+/// A future a seam returns (the standby's accept loop is async).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Decides whether an authenticated primary may open a session: `None` to admit it, or
+/// the reason it is refused (told to the peer).
+pub type Admit = Arc<dyn Fn(&NodeId) -> Option<String> + Send + Sync>;
+
+/// A primary's connection, handshake done and identity proven.
+pub struct Accepted {
+    pub conn: Arc<dyn Connection>,
+    pub id: NodeId,
+    pub addr: SocketAddr,
+}
+
+/// Where a standby accepts primaries: one listening address of one transport.
+pub trait Acceptor: Send + Sync {
+    /// The address it listens on.
+    fn local_addr(&self) -> SocketAddr;
+    /// The next connection attempt; `None` once the acceptor is closed. Its handshake is
+    /// completed apart ([`Handshake::complete`]), so a slow one holds up no other.
+    fn next(&self) -> BoxFuture<'_, Option<Box<dyn Handshake>>>;
+    /// Closes every connection and stops accepting: the standby is shutting down.
+    fn close(&self, reason: &str);
+    /// Resolves once every connection is closed.
+    fn wait_idle(&self) -> BoxFuture<'_, ()>;
+}
+
+/// One primary's connection attempt.
+pub trait Handshake: Send {
+    /// Completes the handshake, proves the primary's identity and asks `admit`; a primary
+    /// without an identity or refused by `admit` is told why here.
+    ///
+    /// # Errors
+    /// Why it did not become a session, as one line for the log.
+    fn complete(self: Box<Self>, admit: Admit) -> BoxFuture<'static, Result<Accepted, String>>;
 }
 
 /// Counts bytes written through it into a shared counter.

@@ -4,7 +4,9 @@
 //! that says which.
 
 use super::tls::{self, PinnedServer};
-use super::{Connection, Counted, SendHalf, Stream};
+use super::{
+    Accepted, Acceptor, Admit, BoxFuture, Connection, Counted, Handshake, SendHalf, Stream,
+};
 use crate::error::{Error, ErrorCode};
 use crate::transport::identity::{Identity, NodeId};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -362,6 +364,41 @@ pub fn parse_dest(dest: &str) -> Result<(String, SocketAddr), Error> {
     Ok((hostport, addr))
 }
 
+/// Dials one standby over QUIC, with the runtime that drives its connections.
+pub struct Dialer {
+    rt: tokio::runtime::Runtime,
+    dest: String,
+    server: NodeId,
+    me: Identity,
+}
+
+impl Dialer {
+    /// A dialer of the `quic://` DEST `dest`.
+    ///
+    /// # Errors
+    /// When the runtime cannot start.
+    pub fn new(dest: &str, server: NodeId, me: Identity) -> Result<Dialer, Error> {
+        let rt = runtime().map_err(|e| Error::io("cannot start the network runtime", e))?;
+        Ok(Dialer {
+            rt,
+            dest: dest.to_string(),
+            server,
+            me,
+        })
+    }
+}
+
+impl super::Dialer for Dialer {
+    fn dial(&self) -> Result<Arc<dyn Connection>, Error> {
+        Ok(Arc::new(connect(
+            self.rt.handle(),
+            &self.dest,
+            self.server,
+            &self.me,
+        )?))
+    }
+}
+
 /// Connects to the standby at `dest`, which must present `server`'s certificate.
 pub fn connect(
     rt: &Handle,
@@ -477,4 +514,60 @@ pub fn bind(rt: &Handle, listen: &str, me: &Identity) -> Result<Server, Error> {
         .local_addr()
         .map_err(|e| Error::io("local address", e))?;
     Ok(Server { endpoint, addr })
+}
+
+impl Acceptor for Server {
+    fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn next(&self) -> BoxFuture<'_, Option<Box<dyn Handshake>>> {
+        Box::pin(async move {
+            let incoming = self.endpoint.accept().await?;
+            Some(Box::new(QuicHandshake(incoming)) as Box<dyn Handshake>)
+        })
+    }
+
+    fn close(&self, reason: &str) {
+        self.endpoint
+            .close(VarInt::from_u32(CLOSE_SHUTDOWN), reason.as_bytes());
+    }
+
+    fn wait_idle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.endpoint.wait_idle())
+    }
+}
+
+/// A primary's QUIC connection attempt.
+struct QuicHandshake(quinn::Incoming);
+
+impl Handshake for QuicHandshake {
+    fn complete(self: Box<Self>, admit: Admit) -> BoxFuture<'static, Result<Accepted, String>> {
+        Box::pin(async move {
+            let addr = self.0.remote_address();
+            let conn = self
+                .0
+                .await
+                .map_err(|e| format!("connection from {addr}: handshake failed: {e}"))?;
+            let Some(id) = tls::peer_id(&conn) else {
+                conn.close(
+                    VarInt::from_u32(CLOSE_REFUSED),
+                    b"a client certificate is required",
+                );
+                return Err(format!(
+                    "connection from {addr}: refused: no client certificate"
+                ));
+            };
+            if let Some(reason) = admit(&id) {
+                conn.close(VarInt::from_u32(CLOSE_REFUSED), reason.as_bytes());
+                return Err(format!("primary {id} from {addr}: refused: {reason}"));
+            }
+            let conn = QuicConnection::new(conn, tokio::runtime::Handle::current());
+            Ok(Accepted {
+                conn: Arc::new(conn),
+                id,
+                addr,
+            })
+        })
+    }
 }

@@ -4,7 +4,6 @@
 
 use crate::helpers::*;
 use std::ffi::OsString;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -84,22 +83,6 @@ fn diverged_paths(j: &serde_json::Value) -> Vec<&str> {
         .iter()
         .map(|d| d["path"].as_str().unwrap())
         .collect()
-}
-
-/// Whether `s` holds a file being received into `tree`: a named temp, or one it
-/// receives unnamed (an open file under `tree` with no name yet).
-fn receiving(s: &Server, tree: &Path) -> bool {
-    if !temps(tree).is_empty() {
-        return true;
-    }
-    let fds = format!("/proc/{}/fd", s.child.id());
-    let Ok(dir) = std::fs::read_dir(fds) else {
-        return false;
-    };
-    dir.flatten().any(|e| {
-        std::fs::read_link(e.path())
-            .is_ok_and(|t| t.starts_with(tree) && t.as_os_str().as_bytes().ends_with(b" (deleted)"))
-    })
 }
 
 /// Waits until `w` has exited; its exit code.

@@ -537,6 +537,22 @@ pub fn temps(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Whether `s` holds a file being received into `tree`: a named temp, or one it
+/// receives unnamed (an open file under `tree` with no name yet).
+pub fn receiving(s: &Server, tree: &Path) -> bool {
+    if !temps(tree).is_empty() {
+        return true;
+    }
+    let fds = format!("/proc/{}/fd", s.child.id());
+    let Ok(dir) = std::fs::read_dir(fds) else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        std::fs::read_link(e.path())
+            .is_ok_and(|t| t.starts_with(tree) && t.as_os_str().as_bytes().ends_with(b" (deleted)"))
+    })
+}
+
 /// A way to reach a standby, so one suite runs against a local DEST and a remote one.
 pub trait Mirror {
     /// The standby directory, for comparisons.

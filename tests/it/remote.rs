@@ -166,7 +166,7 @@ fn a_receiver_killed_mid_transfer_fails_the_sync_in_bounded_time() {
         .unwrap();
     // Kill the standby once the big file is on its way.
     let start = Instant::now();
-    while temps(&t.dst).is_empty() && start.elapsed() < Duration::from_secs(30) {
+    while !receiving(&m.server, &t.dst) && start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(2));
     }
     m.server.child.kill().unwrap();

@@ -179,7 +179,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         standby,
         allow: allow.into_iter().collect(),
     };
-    rt.block_on(hotsync::server::run(server, opts, shutdown));
+    rt.block_on(hotsync::server::run(Arc::new(server), opts, shutdown));
     drop(monitor);
     tracing::info!("stopped");
     Ok(0)
