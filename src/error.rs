@@ -35,20 +35,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub fn io(context: impl Into<String>, cause: io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, cause: io::Error) -> Self {
         Error::Io {
             context: context.into(),
             cause,
-        }
-    }
-
-    /// True when trying again later may succeed (network loss, a standby restarting), as
-    /// opposed to a problem someone must fix.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Error::Protocol(p) => p.is_transport(),
-            Error::Io { .. } | Error::Unreachable(_) => true,
-            _ => false,
         }
     }
 }
@@ -85,7 +75,7 @@ pub struct OpError {
 }
 
 impl OpError {
-    pub fn new(message: impl Into<String>, retry: bool) -> OpError {
+    pub(crate) fn new(message: impl Into<String>, retry: bool) -> OpError {
         OpError {
             message: message.into(),
             retry,
@@ -144,7 +134,7 @@ impl From<io::Error> for ProtocolError {
 impl ProtocolError {
     /// True when the byte stream itself failed (the session may work again later), as
     /// opposed to a peer that sent something wrong.
-    pub fn is_transport(&self) -> bool {
+    pub(crate) fn is_transport(&self) -> bool {
         matches!(self, ProtocolError::Io(_) | ProtocolError::Closed)
     }
 }

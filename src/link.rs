@@ -34,7 +34,7 @@ impl Target {
     }
 
     /// The standby's pinned ID, for a remote one.
-    pub fn server_id(&self) -> Option<NodeId> {
+    pub(crate) fn server_id(&self) -> Option<NodeId> {
         match self {
             Target::Local(_) => None,
             Target::Remote { server, .. } => Some(*server),
@@ -43,7 +43,7 @@ impl Target {
 }
 
 /// Makes links to one standby, as often as needed (watch reconnects through it).
-pub struct Connector {
+pub(crate) struct Connector {
     target: Target,
     /// Connects to a remote target (each link keeps it alive too: it drives the link).
     dialer: Option<Arc<dyn Dialer>>,
@@ -57,7 +57,7 @@ impl Connector {
     ///
     /// # Errors
     /// [`Error::Usage`] for a local DEST another hotsync writes, or whose state is damaged.
-    pub fn new(target: Target, access: Access) -> Result<Connector> {
+    pub(crate) fn new(target: Target, access: Access) -> Result<Connector> {
         let (dialer, local) = match &target {
             Target::Remote { dest, server, me } => {
                 (Some(transport::dialer(dest, *server, me)?), None)
@@ -71,7 +71,7 @@ impl Connector {
         })
     }
 
-    pub fn target(&self) -> &Target {
+    pub(crate) fn target(&self) -> &Target {
         &self.target
     }
 
@@ -81,7 +81,7 @@ impl Connector {
     /// # Errors
     /// For a remote standby: [`Error::Unreachable`] (no answer, bad address),
     /// [`Error::Auth`] (wrong server ID, this primary not allowed).
-    pub fn connect(&self) -> Result<Link> {
+    pub(crate) fn connect(&self) -> Result<Link> {
         match &self.target {
             Target::Local(_) => {
                 let (primary, end) = transport::local::pair();
@@ -129,13 +129,13 @@ pub struct Link {
 }
 
 impl Link {
-    pub fn conn(&self) -> &Arc<dyn Connection> {
+    pub(crate) fn conn(&self) -> &Arc<dyn Connection> {
         &self.conn
     }
 
     /// The better account of a failure: why the connection ended (the standby's reason, a
     /// timeout) says more than the broken stream it caused.
-    pub fn explain(&self, e: Error) -> Error {
+    pub(crate) fn explain(&self, e: Error) -> Error {
         let broken = match &e {
             Error::Protocol(p) => p.is_transport(),
             Error::Unreachable(_) | Error::Io { .. } => true,
@@ -148,7 +148,7 @@ impl Link {
     }
 
     /// The session on this link has ended cleanly: drop without aborting.
-    pub fn closed_cleanly(&mut self) {
+    pub(crate) fn closed_cleanly(&mut self) {
         self.clean = true;
     }
 }

@@ -18,7 +18,7 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 /// What `open` holds the tree for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hold {
+pub(crate) enum Hold {
     /// A watch: the one replicator of this tree (takes `primary.lock`).
     Replicate,
     /// A one-off sync or verify: reads the epoch, records a fence.
@@ -32,7 +32,7 @@ struct Saved {
 }
 
 /// The source tree as its primary holds it.
-pub struct PrimaryTree {
+pub(crate) struct PrimaryTree {
     path: PathBuf,
     root: Root,
     /// `None` when the tree cannot be written (a read-only source): the state then lives in
@@ -50,7 +50,7 @@ impl PrimaryTree {
     /// [`Error::Usage`]: the state file is damaged, the tree is a standby (without
     /// `force`), or another watch replicates it. [`Error::Fenced`]: a newer epoch took over
     /// from this tree.
-    pub fn open(src: &Path, hold: Hold, force: bool) -> Result<PrimaryTree> {
+    pub(crate) fn open(src: &Path, hold: Hold, force: bool) -> Result<PrimaryTree> {
         let shown = src.display();
         let root =
             Root::open(src).map_err(|e| Error::Usage(format!("cannot open SRC {shown}: {e}")))?;
@@ -133,13 +133,8 @@ impl PrimaryTree {
     }
 
     /// The epoch this primary writes in.
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.saved.lock().unwrap().state.epoch
-    }
-
-    /// The state as last recorded.
-    pub fn state(&self) -> TreeState {
-        self.saved.lock().unwrap().state.clone()
     }
 
     /// The standby acknowledged `pos` as durable, and (when `before` is known) every change
@@ -148,7 +143,7 @@ impl PrimaryTree {
     /// acknowledged cannot vouch for anything an earlier run did not. Written down at most
     /// once a second; call [`PrimaryTree::flush`] regularly so the last one is not left in
     /// memory.
-    pub fn acknowledged(&self, pos: Position, before: Option<SystemTime>, now: Instant) {
+    pub(crate) fn acknowledged(&self, pos: Position, before: Option<SystemTime>, now: Instant) {
         {
             let mut s = self.saved.lock().unwrap();
             let st = &mut s.state;
@@ -174,7 +169,7 @@ impl PrimaryTree {
     }
 
     /// Writes down what changed, if a second has passed since the last write.
-    pub fn flush(&self, now: Instant) {
+    pub(crate) fn flush(&self, now: Instant) {
         let mut s = self.saved.lock().unwrap();
         let due = s
             .last
@@ -190,7 +185,7 @@ impl PrimaryTree {
 
     /// A newer epoch took over from this tree: recorded at once, so nothing replicates
     /// from it again before `rejoin`.
-    pub fn fence(&self, reason: &str) {
+    pub(crate) fn fence(&self, reason: &str) {
         {
             let mut area = self.area.lock().unwrap();
             if area.is_none() {
@@ -217,10 +212,6 @@ impl PrimaryTree {
                 false
             }
         }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 }
 

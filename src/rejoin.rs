@@ -153,7 +153,7 @@ impl Walk<'_> {
 /// Moves aside what this former primary changed after its standby last confirmed it, as
 /// recorded in `state`, into `.hotsync/diverged/EPOCH/`; entries matching `filter` stay.
 /// Safe to run again after an interruption: what was moved stays listed.
-pub fn keep_diverged(
+pub(crate) fn keep_diverged(
     root: &Root,
     area: &Area,
     state: &TreeState,

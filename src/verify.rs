@@ -15,7 +15,7 @@ use std::time::Instant;
 
 /// Verifies the standby at the other end of `conn` against `root`. `hash_rate` bounds the
 /// bytes per second each side reads to hash (0: as fast as it can).
-pub fn verify(
+pub(crate) fn verify(
     root: Arc<Root>,
     link: Link,
     excludes: &[String],

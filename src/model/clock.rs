@@ -1,18 +1,19 @@
 //! Wall-clock time for people and peers: RFC 3339 timestamps (UTC) and Unix milliseconds.
 //! Decisions never use it; they take monotonic `Instant`s as arguments.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch (0 for a clock before it).
-pub fn unix_ms(t: SystemTime) -> u64 {
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
+#[cfg(test)]
 /// The time `ms` milliseconds after the Unix epoch.
-pub fn from_unix_ms(ms: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms)
+pub(crate) fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + std::time::Duration::from_millis(ms)
 }
 
 /// `t` as an RFC 3339 timestamp in UTC with milliseconds, e.g. `2026-12-01T06:58:17.123Z`.

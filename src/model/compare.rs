@@ -65,7 +65,7 @@ impl Report {
     }
 
     /// Entries that differ (not errors), listed or not.
-    pub fn differences(&self) -> u64 {
+    pub(crate) fn differences(&self) -> u64 {
         self.missing_count
             + self.extra_count
             + self.content_differs_count
@@ -73,7 +73,7 @@ impl Report {
     }
 
     /// Paths with a difference (not errors), sorted; only those listed (see `capped`).
-    pub fn differing(&self) -> Vec<RelPath> {
+    pub(crate) fn differing(&self) -> Vec<RelPath> {
         let mut v: BTreeSet<&String> = BTreeSet::new();
         v.extend(&self.missing);
         v.extend(&self.extra);
@@ -83,7 +83,7 @@ impl Report {
     }
 
     /// The report without the paths `skip` names (changes still in flight, in watch).
-    pub fn without(mut self, skip: impl Fn(&RelPath) -> bool) -> Report {
+    pub(crate) fn without(mut self, skip: impl Fn(&RelPath) -> bool) -> Report {
         self.count_at_least_lists();
         let drop = |p: &String| unescape(p).is_some_and(|p| skip(&p));
         for (l, n) in [
@@ -224,7 +224,7 @@ fn kind_word(e: &Entry) -> &'static str {
 
 /// Compares a primary manifest with a standby manifest, both hashed. `owners`: whether
 /// owner and group count (the standby runs as root).
-pub fn compare(local: &Manifest, remote: &Manifest, owners: bool) -> Report {
+pub(crate) fn compare(local: &Manifest, remote: &Manifest, owners: bool) -> Report {
     let mut links = Links::default();
     let mut r = compare_known(local, remote, owners, &[], &mut links);
     let mut part = Report::default();
@@ -446,7 +446,7 @@ fn compare_known(
 /// The verify comparison of two walks, one directory at a time ([`crate::tree::walk`]): only
 /// the report, capped, grows, and the paths with several names (their groups are compared
 /// at the end), never with the size of the trees.
-pub struct Comparer {
+pub(crate) struct Comparer {
     owners: bool,
     /// Paths either side could not read: nothing beneath them is compared.
     unknown: Vec<RelPath>,
@@ -455,7 +455,7 @@ pub struct Comparer {
 }
 
 impl Comparer {
-    pub fn new(owners: bool) -> Comparer {
+    pub(crate) fn new(owners: bool) -> Comparer {
         Comparer {
             owners,
             unknown: Vec::new(),
@@ -465,7 +465,7 @@ impl Comparer {
     }
 
     /// Compares one directory: the primary's unit, the standby's, or both.
-    pub fn step(&mut self, local: Option<Unit>, remote: Option<Unit>) {
+    pub(crate) fn step(&mut self, local: Option<Unit>, remote: Option<Unit>) {
         let at_root = local
             .as_ref()
             .or(remote.as_ref())
@@ -509,7 +509,7 @@ impl Comparer {
         self.report.absorb(part);
     }
 
-    pub fn finish(mut self) -> Report {
+    pub(crate) fn finish(mut self) -> Report {
         let links = std::mem::take(&mut self.links);
         let mut part = Report::default();
         for d in links.finish(&mut self.report.details) {
@@ -609,7 +609,7 @@ fn compare_entry(x: &Entry, y: &Entry, owners: bool, r: &mut Report, links: &mut
 
 /// Keeps only the differences of `first` that `second` (a re-check of those paths) still
 /// shows: the others were changes caught in flight.
-pub fn persisting(mut first: Report, second: &Report) -> Report {
+pub(crate) fn persisting(mut first: Report, second: &Report) -> Report {
     first.count_at_least_lists();
     let keep = |l: Vec<String>, again: &Vec<String>| -> Vec<String> {
         l.into_iter().filter(|p| again.contains(p)).collect()

@@ -17,19 +17,19 @@ use crate::model::manifest::Hash;
 use std::io::{self, Read, Write};
 
 /// Bytes of each coarse-chunk hash sent on the wire.
-pub const COARSE_HASH_LEN: usize = 16;
+pub(crate) const COARSE_HASH_LEN: usize = 16;
 /// Bytes of the MD4 prefix per fine block (plus 4 bytes of rolling CRC).
-pub const FINE_HASH_LEN: u32 = 8;
+pub(crate) const FINE_HASH_LEN: u32 = 8;
 const FINE_ENTRY: usize = 4 + FINE_HASH_LEN as usize;
 /// Most coarse chunks a file is split into; bounds what a peer can make us hold.
-pub const MAX_CHUNKS: u64 = 1 << 16;
+pub(crate) const MAX_CHUNKS: u64 = 1 << 16;
 /// Largest window diffed at once.
-pub const WINDOW: usize = 8 << 20;
+pub(crate) const WINDOW: usize = 8 << 20;
 const IO_BUF: usize = 1 << 20;
 
 /// The coarse chunk size for a file of `size` bytes: a power of two, at least 256 KiB, and
 /// large enough that there are at most [`MAX_CHUNKS`] chunks.
-pub fn chunk_size(size: u64) -> u64 {
+pub(crate) fn chunk_size(size: u64) -> u64 {
     let min = 256 * 1024u64;
     let need = size.div_ceil(MAX_CHUNKS).next_power_of_two();
     min.max(need)
@@ -37,7 +37,7 @@ pub fn chunk_size(size: u64) -> u64 {
 
 /// The fine block size for `unmatched` differing bytes: about half their square root (a
 /// power of two), at least 512 and at most 64 KiB or the chunk size.
-pub fn fine_block(unmatched: u64, chunk: u64) -> u32 {
+pub(crate) fn fine_block(unmatched: u64, chunk: u64) -> u32 {
     let root = (unmatched as f64).sqrt() as u64;
     let b = if root < 2 {
         1
@@ -48,7 +48,7 @@ pub fn fine_block(unmatched: u64, chunk: u64) -> u32 {
 }
 
 /// Reads at an offset without moving a cursor (pread), so a base file is never mapped.
-pub trait ReadAt {
+pub(crate) trait ReadAt {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
 
     /// The first byte at or after `offset` that may be data (`None`: zeros to the end).
@@ -101,7 +101,7 @@ impl ReadAt for [u8] {
 /// The content digest used to prove a transferred file: blake3 over the per-chunk blake3
 /// digests and the size, so it falls out of the coarse hashing at no extra cost.
 #[derive(Clone)]
-pub struct ChunkedHasher {
+pub(crate) struct ChunkedHasher {
     chunk: u64,
     in_chunk: u64,
     total: u64,
@@ -112,7 +112,7 @@ pub struct ChunkedHasher {
 }
 
 impl ChunkedHasher {
-    pub fn new(chunk: u64) -> Self {
+    pub(crate) fn new(chunk: u64) -> Self {
         ChunkedHasher {
             chunk,
             in_chunk: 0,
@@ -123,7 +123,7 @@ impl ChunkedHasher {
         }
     }
 
-    pub fn update(&mut self, mut data: &[u8]) {
+    pub(crate) fn update(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             let room = (self.chunk - self.in_chunk) as usize;
             let take = room.min(data.len());
@@ -140,19 +140,19 @@ impl ChunkedHasher {
     }
 
     /// Bytes hashed so far.
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.total
     }
 
     /// Digests of the chunks completed so far.
-    pub fn completed(&self) -> &[Hash] {
+    pub(crate) fn completed(&self) -> &[Hash] {
         &self.chunks
     }
 
     /// Accounts for a whole chunk (of `len` bytes, the chunk size or the file's last part)
     /// whose digest is already known, without its bytes. Returns false, changing nothing,
     /// when not at a chunk boundary.
-    pub fn push_known(&mut self, digest: Hash, len: u64) -> bool {
+    pub(crate) fn push_known(&mut self, digest: Hash, len: u64) -> bool {
         if self.in_chunk != 0 || len == 0 || len > self.chunk {
             return false;
         }
@@ -161,13 +161,9 @@ impl ChunkedHasher {
         true
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.total == 0
-    }
-
     /// Accounts for a whole chunk of `len` zeros (a hole) without reading it: the digest
     /// of a chunk of zeros is computed once. False, changing nothing, off a boundary.
-    pub fn push_zeros(&mut self, len: u64) -> bool {
+    pub(crate) fn push_zeros(&mut self, len: u64) -> bool {
         let digest = match self.zeros {
             Some((l, d)) if l == len => d,
             _ => {
@@ -191,7 +187,7 @@ impl ChunkedHasher {
     }
 
     /// The per-chunk digests and the file digest.
-    pub fn finish(mut self) -> (Vec<Hash>, Hash) {
+    pub(crate) fn finish(mut self) -> (Vec<Hash>, Hash) {
         if self.in_chunk > 0 {
             self.chunks.push(*self.current.finalize().as_bytes());
             self.in_chunk = 0;
@@ -209,7 +205,7 @@ impl ChunkedHasher {
 
 /// Reads `size` bytes of `r` from the start, returning the per-chunk digests and the
 /// chunked digest (pass 1 on the sender, and the receiver's look at its base).
-pub fn hash_chunks<R: ReadAt + ?Sized>(
+pub(crate) fn hash_chunks<R: ReadAt + ?Sized>(
     r: &R,
     size: u64,
     chunk: u64,
@@ -219,7 +215,7 @@ pub fn hash_chunks<R: ReadAt + ?Sized>(
 
 /// [`hash_chunks`], calling `pace` with the bytes of each read (to slow a background
 /// verify down to a rate).
-pub fn hash_chunks_paced<R: ReadAt + ?Sized>(
+pub(crate) fn hash_chunks_paced<R: ReadAt + ?Sized>(
     r: &R,
     size: u64,
     chunk: u64,
@@ -254,7 +250,7 @@ pub fn hash_chunks_paced<R: ReadAt + ?Sized>(
 /// The receiver's answer to a coarse-hash list: which base chunks are equal to the new
 /// file's chunk at the same index, and a fine signature of every other base chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BaseSignature {
+pub(crate) struct BaseSignature {
     pub block_size: u32,
     /// One bit per base chunk, LSB first; set when the chunk needs no data.
     pub matched: Vec<u8>,
@@ -263,7 +259,7 @@ pub struct BaseSignature {
 }
 
 /// Bit `i` of a bitmap, LSB first (as in [`BaseSignature::matched`]).
-pub fn bit(bits: &[u8], i: usize) -> bool {
+pub(crate) fn bit(bits: &[u8], i: usize) -> bool {
     bits.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0)
 }
 
@@ -271,8 +267,9 @@ fn chunk_len(size: u64, chunk: u64, i: u64) -> u64 {
     chunk.min(size - i * chunk)
 }
 
+#[cfg(test)]
 /// Computes the [`BaseSignature`] of a base file against the sender's coarse hashes.
-pub fn sign_base<R: ReadAt + ?Sized>(
+pub(crate) fn sign_base<R: ReadAt + ?Sized>(
     base: &R,
     base_size: u64,
     chunk: u64,
@@ -284,7 +281,7 @@ pub fn sign_base<R: ReadAt + ?Sized>(
 
 /// [`sign_base`] with the base's chunk digests already computed (the receiver hashes its
 /// base while the sender is still hashing the new file).
-pub fn sign_with<R: ReadAt + ?Sized>(
+pub(crate) fn sign_with<R: ReadAt + ?Sized>(
     base: &R,
     base_size: u64,
     chunk: u64,
@@ -332,7 +329,7 @@ pub fn sign_with<R: ReadAt + ?Sized>(
 
 /// Why a delta could not be built or applied.
 #[derive(Debug, thiserror::Error)]
-pub enum DeltaError {
+pub(crate) enum DeltaError {
     #[error("malformed delta: {0}")]
     Malformed(&'static str),
     /// The sender gave the file up mid-stream (it changed while being read).
@@ -344,7 +341,7 @@ pub enum DeltaError {
 
 /// Totals of one encoded delta.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeltaStats {
+pub(crate) struct DeltaStats {
     pub literal: u64,
     pub matched: u64,
 }
@@ -355,12 +352,12 @@ const OP_COPY: u8 = 2;
 const OP_ABORT: u8 = 3;
 
 /// Ends an op stream early: the file is abandoned (see [`DeltaError::Aborted`]).
-pub fn write_abort(out: &mut impl Write) -> io::Result<()> {
+pub(crate) fn write_abort(out: &mut impl Write) -> io::Result<()> {
     out.write_all(&[OP_ABORT])
 }
 
 /// An op stream of literals only: the whole file, for a receiver without a usable base.
-pub fn encode_literal<R: ReadAt + ?Sized>(
+pub(crate) fn encode_literal<R: ReadAt + ?Sized>(
     f: &R,
     size: u64,
     out: &mut impl Write,
@@ -384,7 +381,7 @@ pub fn encode_literal<R: ReadAt + ?Sized>(
 
 /// Where an applied delta goes. `copy_range` may copy `len` bytes of the base at `offset`
 /// by itself (in the kernel, say) and return true; the default declines.
-pub trait DeltaSink: Write {
+pub(crate) trait DeltaSink: Write {
     fn copy_range(&mut self, _offset: u64, _len: u64) -> io::Result<bool> {
         Ok(false)
     }
@@ -428,7 +425,7 @@ fn read_varint(r: &mut impl Read) -> Result<u64, DeltaError> {
 }
 
 /// Builds op streams on the sender from a [`BaseSignature`].
-pub struct DeltaEncoder {
+pub(crate) struct DeltaEncoder {
     base_size: u64,
     chunk: u64,
     matched: Vec<u8>,
@@ -440,7 +437,7 @@ pub struct DeltaEncoder {
 
 impl DeltaEncoder {
     /// Checks the receiver's signature against the base size it announced.
-    pub fn new(base_size: u64, chunk: u64, sig: BaseSignature) -> Result<Self, DeltaError> {
+    pub(crate) fn new(base_size: u64, chunk: u64, sig: BaseSignature) -> Result<Self, DeltaError> {
         let nbase = base_size.div_ceil(chunk);
         if sig.matched.len() != (nbase as usize).div_ceil(8) {
             return Err(DeltaError::Malformed("matched bitmap has the wrong length"));
@@ -486,7 +483,7 @@ impl DeltaEncoder {
 
     /// Writes the op stream turning the base into `new` (of `new_size` bytes), ending with
     /// the end op. Only chunks that differ from the base are read.
-    pub fn encode<R: ReadAt + ?Sized>(
+    pub(crate) fn encode<R: ReadAt + ?Sized>(
         &self,
         new: &R,
         new_size: u64,
@@ -647,7 +644,7 @@ fn copy(
 /// `known[i]`, when set, is the digest of base chunk `i` as the sender's chunk `i` too: a
 /// copy of that whole chunk to the same offset is then left to `out.copy_range` and not
 /// hashed again.
-pub fn apply<R: ReadAt + ?Sized>(
+pub(crate) fn apply<R: ReadAt + ?Sized>(
     ops: &mut impl Read,
     base: &R,
     base_size: u64,
@@ -721,8 +718,9 @@ pub fn apply<R: ReadAt + ?Sized>(
     Ok((hasher.finish().1, literal))
 }
 
+#[cfg(test)]
 /// Truncates per-chunk digests to the form sent on the wire.
-pub fn coarse_wire(chunks: &[Hash]) -> Vec<[u8; COARSE_HASH_LEN]> {
+pub(crate) fn coarse_wire(chunks: &[Hash]) -> Vec<[u8; COARSE_HASH_LEN]> {
     chunks
         .iter()
         .map(|h| {

@@ -75,11 +75,11 @@ pub struct TreeState {
 }
 
 /// The state file format this build writes and reads.
-pub const STATE_FORMAT: u32 = 1;
+pub(crate) const STATE_FORMAT: u32 = 1;
 
 impl TreeState {
     /// A tree hotsync has not written yet: epoch 1 in `role`.
-    pub fn fresh(role: Role, primary: Option<String>) -> TreeState {
+    pub(crate) fn fresh(role: Role, primary: Option<String>) -> TreeState {
         let now = crate::model::clock::now_rfc3339();
         TreeState {
             format: STATE_FORMAT,
@@ -104,7 +104,7 @@ impl TreeState {
     /// # Errors
     /// [`Error::Usage`]: the file is torn, from another hotsync, or not hotsync's; the
     /// message says what to do. Never a silent reset.
-    pub fn parse(bytes: &[u8], shown: &str) -> Result<TreeState> {
+    pub(crate) fn parse(bytes: &[u8], shown: &str) -> Result<TreeState> {
         let st: TreeState = serde_json::from_slice(bytes).map_err(|e| {
             Error::Usage(format!(
                 "{shown} is damaged ({e}): hotsync will not guess this tree's role and epoch; \
@@ -129,12 +129,12 @@ impl TreeState {
     }
 
     /// The primary of the current epoch, when known.
-    pub fn primary(&self) -> Option<&str> {
+    pub(crate) fn primary(&self) -> Option<&str> {
         self.history.last().and_then(|h| h.primary.as_deref())
     }
 
     /// Records `pos` as acknowledged (durable on the standby) in the current epoch.
-    pub fn acknowledge(&mut self, pos: Position) {
+    pub(crate) fn acknowledge(&mut self, pos: Position) {
         if pos.epoch != self.epoch || pos <= self.position {
             return;
         }
@@ -145,7 +145,7 @@ impl TreeState {
     }
 
     /// A standby admitting the primary of a newer epoch: it enters that epoch.
-    pub fn adopt(&mut self, epoch: u64, primary: Option<String>) {
+    pub(crate) fn adopt(&mut self, epoch: u64, primary: Option<String>) {
         if epoch <= self.epoch {
             if epoch == self.epoch
                 && let Some(h) = self.history.last_mut()
@@ -167,7 +167,7 @@ impl TreeState {
 
     /// Turns a standby into the primary of a new epoch (one more than now), with `me` (this
     /// node's ID) as its primary. The epoch it leaves keeps its last durable position.
-    pub fn promote(&mut self, me: Option<String>) {
+    pub(crate) fn promote(&mut self, me: Option<String>) {
         let pos = self.position;
         if let Some(h) = self.history.last_mut()
             && pos.epoch == h.epoch
@@ -190,13 +190,13 @@ impl TreeState {
 
     /// Whether a primary of `epoch` knocking proves this tree stale: it is a primary of an
     /// older epoch, so a standby was promoted while it was away.
-    pub fn superseded_by(&self, epoch: u64) -> bool {
+    pub(crate) fn superseded_by(&self, epoch: u64) -> bool {
         self.role == Role::Primary && epoch > self.epoch
     }
 
     /// Turns a former primary into a standby (of the next primary it admits, even one of
     /// its own epoch: its writes there were set aside).
-    pub fn rejoin(&mut self) {
+    pub(crate) fn rejoin(&mut self) {
         self.role = Role::Standby;
         self.fenced = None;
         self.acked_before_ms = None;
@@ -208,7 +208,7 @@ impl TreeState {
 
 /// Whether a primary may write a tree, and if not, why (for the coded error).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Write it; `adopt` when the primary's epoch is newer (the tree enters it).
     Admit {
         adopt: bool,
@@ -221,7 +221,7 @@ pub enum Admission {
 
 /// Decides whether the primary `who` (its ID, `None` for an in-process one) at `epoch`
 /// may write the tree in state `tree`, shown as `shown`.
-pub fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str) -> Admission {
+pub(crate) fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str) -> Admission {
     let who_shown = who.unwrap_or("the local primary");
     let current = tree
         .primary()
@@ -276,7 +276,7 @@ pub fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str) -> Ad
 
 /// Which entries of a former primary may hold writes its standby never confirmed.
 #[derive(Debug, Clone, Copy)]
-pub struct Divergence {
+pub(crate) struct Divergence {
     /// Everything this node saw before then (its own clock, Unix ms) is on the standby.
     pub acked_before_ms: u64,
     /// How late an event may be seen after the change it reports (and the state file's
@@ -288,11 +288,11 @@ impl Divergence {
     /// The margin used by `rejoin`: generous (events arrive within milliseconds of their
     /// change), because a false alarm only costs a file moved aside and sent again, and a
     /// miss costs a write.
-    pub const MARGIN_MS: u64 = 2_000;
+    pub(crate) const MARGIN_MS: u64 = 2_000;
 
     /// Whether an entry whose inode last changed at `ctime_ms` (this node's clock: the
     /// ctime, which no user can set back) may hold unconfirmed writes.
-    pub fn diverged(&self, ctime_ms: u64) -> bool {
+    pub(crate) fn diverged(&self, ctime_ms: u64) -> bool {
         ctime_ms.saturating_add(self.margin_ms) >= self.acked_before_ms
     }
 }

@@ -11,13 +11,13 @@ use std::os::unix::ffi::OsStrExt;
 
 #[derive(Debug, thiserror::Error)]
 #[error("bad --exclude pattern {pattern:?}: {reason}")]
-pub struct FilterError {
+pub(crate) struct FilterError {
     pub pattern: String,
     pub reason: String,
 }
 
 #[derive(Clone, Default)]
-pub struct Filter {
+pub(crate) struct Filter {
     patterns: Vec<String>,
     names: GlobSet,
     paths: GlobSet,
@@ -26,7 +26,7 @@ pub struct Filter {
 }
 
 impl Filter {
-    pub fn new(patterns: &[String]) -> Result<Filter, FilterError> {
+    pub(crate) fn new(patterns: &[String]) -> Result<Filter, FilterError> {
         let mut sets = [
             GlobSetBuilder::new(),
             GlobSetBuilder::new(),
@@ -65,12 +65,8 @@ impl Filter {
         })
     }
 
-    pub fn patterns(&self) -> &[String] {
-        &self.patterns
-    }
-
     /// Whether `path` (a directory when `is_dir`) is excluded.
-    pub fn excludes(&self, path: &RelPath, is_dir: bool) -> bool {
+    pub(crate) fn excludes(&self, path: &RelPath, is_dir: bool) -> bool {
         if self.patterns.is_empty() || path.is_root() {
             return false;
         }

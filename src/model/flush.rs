@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 /// How long a flush waits for its marker before it takes the marker for lost (an event
 /// queue that overflowed, a directory not watched yet) and asks for a full re-scan instead,
 /// with the barrier at that moment.
-pub const MARKER_WAIT: Duration = Duration::from_millis(250);
+pub(crate) const MARKER_WAIT: Duration = Duration::from_millis(250);
 
 /// What a flush needs to know of one standby at a moment.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Progress {
+pub(crate) struct Progress {
     pub standby: String,
     pub connected: bool,
     /// Every change seen before this moment is durable on the standby.
@@ -61,7 +61,7 @@ fn yes() -> bool {
 
 /// Why semi-synchronous replication is degraded, and since when.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Degraded {
+pub(crate) struct Degraded {
     pub since: Instant,
     pub why: String,
 }
@@ -82,7 +82,7 @@ struct Waiting {
 /// --quorum K`) a flush waits at most D for K standbys; past that the watch is degraded and
 /// flushes do not wait, until K standbys are connected and within D again.
 #[derive(Debug, Default)]
-pub struct Book {
+pub(crate) struct Book {
     next: u64,
     waiting: BTreeMap<u64, Waiting>,
     done: BTreeMap<u64, Outcome>,
@@ -95,7 +95,7 @@ pub struct Book {
 impl Book {
     /// The flushes of a watch with a default `quorum` and, if given, semi-synchronous
     /// replication with `sync_timeout`.
-    pub fn new(quorum: Option<usize>, sync_timeout: Option<Duration>) -> Book {
+    pub(crate) fn new(quorum: Option<usize>, sync_timeout: Option<Duration>) -> Book {
         Book {
             quorum,
             semi_sync: sync_timeout,
@@ -104,19 +104,19 @@ impl Book {
     }
 
     /// Why semi-synchronous replication is degraded, if it is.
-    pub fn degraded(&self) -> Option<&Degraded> {
+    pub(crate) fn degraded(&self) -> Option<&Degraded> {
         self.degraded.as_ref()
     }
 
     /// The watch's default quorum among `standbys`.
-    pub fn quorum_of(&self, standbys: usize) -> usize {
+    pub(crate) fn quorum_of(&self, standbys: usize) -> usize {
         self.quorum.unwrap_or(standbys).min(standbys)
     }
 
     /// While degraded: whether `standbys` bring the quorum back (that many connected, each
     /// within the semi-synchronous timeout); if so the watch is semi-synchronous again.
     /// True when it came back.
-    pub fn observe(&mut self, standbys: &[Progress]) -> bool {
+    pub(crate) fn observe(&mut self, standbys: &[Progress]) -> bool {
         let (Some(_), Some(limit)) = (&self.degraded, self.semi_sync) else {
             return false;
         };
@@ -135,7 +135,7 @@ impl Book {
     ///
     /// # Errors
     /// A quorum of 0 or above the number of standbys, in words.
-    pub fn begin(
+    pub(crate) fn begin(
         &mut self,
         quorum: Option<usize>,
         standbys: usize,
@@ -171,7 +171,7 @@ impl Book {
     }
 
     /// The replicator saw flush `id`'s marker at `at`: everything seen before is in.
-    pub fn barrier(&mut self, id: u64, at: Instant) {
+    pub(crate) fn barrier(&mut self, id: u64, at: Instant) {
         if let Some(w) = self.waiting.get_mut(&id) {
             w.barrier.get_or_insert(at);
         }
@@ -180,13 +180,13 @@ impl Book {
     /// Whether a flush has waited [`MARKER_WAIT`] for its marker by `now`: the marker is
     /// taken for lost (an event queue that overflowed, a directory not watched yet), and the
     /// caller must ask for a full re-scan, then call [`Book::markers_lost`].
-    pub fn marker_overdue(&self, now: Instant) -> bool {
+    pub(crate) fn marker_overdue(&self, now: Instant) -> bool {
         self.waiting.values().any(|w| overdue(w, now))
     }
 
     /// The flushes whose marker was overdue at `now` take `at` as their barrier: a moment
     /// after the full re-scan was asked for, so that re-scan must be durable first.
-    pub fn markers_lost(&mut self, now: Instant, at: Instant) {
+    pub(crate) fn markers_lost(&mut self, now: Instant, at: Instant) {
         for w in self.waiting.values_mut() {
             if overdue(w, now) {
                 w.barrier = Some(at);
@@ -195,18 +195,19 @@ impl Book {
     }
 
     /// Forgets flush `id` (its marker could not be placed).
-    pub fn cancel(&mut self, id: u64) {
+    pub(crate) fn cancel(&mut self, id: u64) {
         self.waiting.remove(&id);
         self.done.remove(&id);
     }
 
+    #[cfg(test)]
     /// Whether any flush is waiting.
-    pub fn is_waiting(&self) -> bool {
+    pub(crate) fn is_waiting(&self) -> bool {
         !self.waiting.is_empty()
     }
 
     /// Ends the flushes that have their quorum at `now`, or have run out of time.
-    pub fn step(&mut self, standbys: &[Progress], now: Instant) {
+    pub(crate) fn step(&mut self, standbys: &[Progress], now: Instant) {
         let ended: Vec<u64> = self
             .waiting
             .iter()
@@ -261,12 +262,12 @@ impl Book {
     }
 
     /// The outcome of flush `id`, once it has ended.
-    pub fn take(&mut self, id: u64) -> Option<Outcome> {
+    pub(crate) fn take(&mut self, id: u64) -> Option<Outcome> {
         self.done.remove(&id)
     }
 
     /// When the next waiting flush runs out of time.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.waiting.values().map(|w| w.deadline).min()
     }
 }

@@ -14,7 +14,7 @@ use crate::model::manifest::Manifest;
 use crate::model::plan::Plan;
 
 /// Below this many deletions the percentage guard does not apply.
-pub const GUARD_MIN_REMOVALS: usize = 10;
+pub(crate) const GUARD_MIN_REMOVALS: usize = 10;
 
 /// What a plan whose deletions the percentage guard refuses does with the rest. Either way
 /// everything else is carried out and the refusal is reported ([`Summary::refused`]).
@@ -50,14 +50,14 @@ pub enum Absences {
 
 impl Absences {
     /// Whether the percentage guard judges these absences.
-    pub fn guarded(self) -> bool {
+    pub(crate) fn guarded(self) -> bool {
         self == Absences::Inferred
     }
 }
 
 /// The limits a plan is held to.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub force: bool,
     pub max_delete_percent: u32,
     pub on_mass_delete: MassDelete,
@@ -67,7 +67,7 @@ pub struct Limits {
 /// The percentage guard's verdict on a plan's deletions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
-pub enum Deletions {
+pub(crate) enum Deletions {
     /// Carry them out.
     Allowed,
     /// Leave them undone (everything else is carried out), for this reason.
@@ -82,7 +82,7 @@ pub enum Deletions {
 /// # Errors
 /// [`Error::Refused`] for an empty source facing a standby that is not (nothing at all may
 /// be carried out), naming what it would remove and how to override it.
-pub fn check(
+pub(crate) fn check(
     src: &str,
     source_empty: bool,
     plan: &Plan,
@@ -99,7 +99,7 @@ pub fn check(
 ///
 /// # Errors
 /// As [`check`].
-pub fn check_counts(
+pub(crate) fn check_counts(
     src: &str,
     source_empty: bool,
     deleted: usize,
@@ -135,7 +135,7 @@ pub fn check_counts(
 /// What a refusal says once the rest of its plan is carried out: the deletions, and only
 /// they, were left undone. `replaced`: standby entries of another type than the primary's
 /// were removed to make way for them (the summary counts them in `files_deleted`).
-pub fn refused_after_the_rest(why: &str, replaced: bool) -> String {
+pub(crate) fn refused_after_the_rest(why: &str, replaced: bool) -> String {
     if replaced {
         format!(
             "{why} (everything but the deletions was mirrored, the replacement of standby \
@@ -148,7 +148,7 @@ pub fn refused_after_the_rest(why: &str, replaced: bool) -> String {
 
 /// Drops the deletions from `plan` (after a refusal): everything else is still carried
 /// out. Returns the standby entries kept.
-pub fn skip_deletes(plan: &mut Plan, remote: &Manifest) -> u64 {
+pub(crate) fn skip_deletes(plan: &mut Plan, remote: &Manifest) -> u64 {
     let kept = plan
         .deletes
         .iter()
@@ -170,7 +170,7 @@ pub fn skip_deletes(plan: &mut Plan, remote: &Manifest) -> u64 {
 /// counts as a new root too). A refused reconcile leaves it not continuous, so later scans
 /// cannot carry out what the guard refused.
 #[derive(Debug, Default, Clone)]
-pub struct Continuity {
+pub(crate) struct Continuity {
     /// Bumped each time a source root is opened.
     root: u64,
     /// The root a reconcile made continuous, if any.
@@ -179,7 +179,7 @@ pub struct Continuity {
 
 /// What a scan covers, for [`Continuity::absences`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scan {
+pub(crate) enum Scan {
     /// The paths a batch of events named (and the subtrees they cover).
     Events,
     /// The whole tree (a reconcile, a re-scan) or what a verify found.
@@ -188,12 +188,12 @@ pub enum Scan {
 
 /// Which root a scan began under, to report its end with ([`Continuity::reconciled`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ticket(u64);
+pub(crate) struct Ticket(u64);
 
 impl Continuity {
     /// A source root was opened (the first, or a new one after a pause), or the
     /// filesystems mounted in it changed: its continuity must be established again.
-    pub fn opened(&mut self) {
+    pub(crate) fn opened(&mut self) {
         self.root += 1;
     }
 
@@ -201,7 +201,7 @@ impl Continuity {
     /// whether the filesystems mounted in the source are followed (a change of them is a
     /// new root, [`Continuity::opened`]); if not, a disk unmounted from inside the tree
     /// could go unnoticed, and every scan is judged as a new source's.
-    pub fn absences(&self, scan: Scan, mounts_known: bool) -> (Absences, Ticket) {
+    pub(crate) fn absences(&self, scan: Scan, mounts_known: bool) -> (Absences, Ticket) {
         let continuous = mounts_known && self.continuous == Some(self.root);
         let absences = match (continuous, scan) {
             (false, _) => Absences::Inferred,
@@ -213,7 +213,7 @@ impl Continuity {
 
     /// A full reconcile begun with `ticket` ended, its deletions `refused` or not. One begun
     /// under a root since replaced says nothing of the new one.
-    pub fn reconciled(&mut self, ticket: Ticket, refused: bool) {
+    pub(crate) fn reconciled(&mut self, ticket: Ticket, refused: bool) {
         if ticket.0 == self.root {
             self.continuous = (!refused).then_some(self.root);
         }

@@ -41,7 +41,7 @@ pub struct Unit {
 
 impl Unit {
     /// Regular files' bytes in this directory.
-    pub fn file_bytes(&self) -> u64 {
+    pub(crate) fn file_bytes(&self) -> u64 {
         self.entries.iter().filter_map(Entry::file_size).sum()
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 pub const SMALL_FILE: u64 = 64 * 1024;
 
 /// A blake3 digest.
-pub type Hash = [u8; 32];
+pub(crate) type Hash = [u8; 32];
 
 /// A modification time with nanoseconds, as the filesystem reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -111,7 +111,7 @@ pub struct Special {
 
 impl Special {
     /// Why it is not mirrored, for the report and the warning.
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         format!(
             "{} skipped: hotsync mirrors files, directories and symlinks only",
             self.kind
@@ -122,7 +122,7 @@ impl Special {
     /// kind and, for a device node, the same device. A standby's special that matches the
     /// primary's at the same path is left alone (an operator made it, as hotsync cannot);
     /// any other is not the primary's and goes.
-    pub fn matches(&self, other: &Special) -> bool {
+    pub(crate) fn matches(&self, other: &Special) -> bool {
         self.kind == other.kind
             && (!matches!(
                 self.kind,
@@ -132,10 +132,10 @@ impl Special {
 }
 
 impl Entry {
-    pub fn is_dir(&self) -> bool {
+    pub(crate) fn is_dir(&self) -> bool {
         matches!(self.kind, Kind::Dir)
     }
-    pub fn file_size(&self) -> Option<u64> {
+    pub(crate) fn file_size(&self) -> Option<u64> {
         match self.kind {
             Kind::File { size, .. } => Some(size),
             _ => None,
@@ -159,7 +159,7 @@ pub enum Scope {
 }
 
 /// Drops duplicates and scopes inside a `Tree` scope that is also listed; sorted.
-pub fn normalize_scopes(scopes: &[(RelPath, Scope)]) -> Vec<(RelPath, Scope)> {
+pub(crate) fn normalize_scopes(scopes: &[(RelPath, Scope)]) -> Vec<(RelPath, Scope)> {
     let mut v: Vec<(RelPath, Scope)> = scopes.to_vec();
     // Sorted by path, a tree comes before what it covers; the widest scope of a path wins.
     v.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
@@ -201,7 +201,7 @@ pub struct Manifest {
 impl Manifest {
     /// Sorts entries and specials by path bytes and drops duplicates; call after building
     /// by hand.
-    pub fn sort(&mut self) {
+    pub(crate) fn sort(&mut self) {
         self.entries.sort_by(|a, b| a.path.cmp(&b.path));
         self.entries.dedup_by(|a, b| a.path == b.path);
         self.specials.sort_by(|a, b| a.path.cmp(&b.path));
@@ -209,7 +209,7 @@ impl Manifest {
     }
 
     /// The special file at `path`, if this side has one there.
-    pub fn special(&self, path: &RelPath) -> Option<&Special> {
+    pub(crate) fn special(&self, path: &RelPath) -> Option<&Special> {
         self.specials
             .binary_search_by(|s| s.path.cmp(path))
             .ok()
@@ -217,19 +217,19 @@ impl Manifest {
     }
 
     /// The root directory's entry, if the scan recorded it.
-    pub fn root(&self) -> Option<&Entry> {
+    pub(crate) fn root(&self) -> Option<&Entry> {
         self.entries.first().filter(|e| e.path.is_root())
     }
 
     /// Entries other than the root.
-    pub fn children(&self) -> &[Entry] {
+    pub(crate) fn children(&self) -> &[Entry] {
         match self.root() {
             Some(_) => &self.entries[1..],
             None => &self.entries,
         }
     }
 
-    pub fn get(&self, path: &RelPath) -> Option<&Entry> {
+    pub(crate) fn get(&self, path: &RelPath) -> Option<&Entry> {
         self.entries
             .binary_search_by(|e| e.path.cmp(path))
             .ok()
@@ -237,14 +237,14 @@ impl Manifest {
     }
 
     /// Total size of regular files.
-    pub fn file_bytes(&self) -> u64 {
+    pub(crate) fn file_bytes(&self) -> u64 {
         self.entries.iter().filter_map(Entry::file_size).sum()
     }
 }
 
 impl Manifest {
     /// Entries (special files among them) at or under `p`.
-    pub fn count_under(&self, p: &RelPath) -> u64 {
+    pub(crate) fn count_under(&self, p: &RelPath) -> u64 {
         // The paths beginning with p's bytes are contiguous; `p-x` sorts among them,
         // before `p/x`, and is no descendant.
         fn under<'a>(paths: impl Iterator<Item = &'a RelPath>, p: &RelPath) -> usize {
@@ -279,7 +279,7 @@ pub const RESERVED_AREA: &str = "entry in the reserved .hotsync";
 
 impl Skipped {
     /// Why it is not mirrored and what to do, for the report and the warning.
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         match self.kind {
             RESERVED_TEMP => "not mirrored: names of the form .hotsync-tmp.<16 hex digits> are \
                               reserved for hotsync's temporary files; rename it to mirror it"

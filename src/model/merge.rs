@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// What one directory's comparison asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Step {
+pub(crate) struct Step {
     /// To carry out now: `clear`, `mkdirs`, `transfers`, `symlinks` and `metas` (never links,
     /// deletes or directory attributes).
     pub plan: Plan,
@@ -32,7 +32,7 @@ pub struct Step {
 
 /// Totals over the whole walk, for the summary and the mass-delete guard.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counts {
+pub(crate) struct Counts {
     /// The primary's entries, root excluded.
     pub local_entries: u64,
     pub local_bytes: u64,
@@ -54,7 +54,7 @@ pub struct Counts {
 
 /// What remains once both walks are over.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Finish {
+pub(crate) struct Finish {
     /// The files and symlinks with several names, planned together: `clear` (what is in
     /// the way of a name added late), `transfers`, `symlinks`, `metas` and `links`.
     pub plan: Plan,
@@ -70,7 +70,7 @@ struct Removing {
 }
 
 /// The streamed planner's state between directories.
-pub struct Merger {
+pub(crate) struct Merger {
     opts: PlanOptions,
     /// Keyed in walk order, so the ones the walk has passed come first.
     removing: BTreeMap<Vec<u8>, Removing>,
@@ -89,7 +89,7 @@ pub struct Merger {
 
 /// Which walk's next unit comes first: the primary's, the standby's, or both (the same
 /// directory). `None` when both walks are over.
-pub fn next_side(local: Option<&RelPath>, remote: Option<&RelPath>) -> Option<Side> {
+pub(crate) fn next_side(local: Option<&RelPath>, remote: Option<&RelPath>) -> Option<Side> {
     match (local, remote) {
         (None, None) => None,
         (Some(_), None) => Some(Side::Local),
@@ -103,7 +103,7 @@ pub fn next_side(local: Option<&RelPath>, remote: Option<&RelPath>) -> Option<Si
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
+pub(crate) enum Side {
     Local,
     Remote,
     Both,
@@ -120,7 +120,7 @@ fn linkable(e: &Entry) -> bool {
 }
 
 impl Merger {
-    pub fn new(opts: PlanOptions) -> Merger {
+    pub(crate) fn new(opts: PlanOptions) -> Merger {
         Merger {
             opts,
             removing: BTreeMap::new(),
@@ -139,7 +139,7 @@ impl Merger {
     ///
     /// # Panics
     /// If neither is given, or two are given for different directories.
-    pub fn step(&mut self, local: Option<Unit>, remote: Option<Unit>) -> Step {
+    pub(crate) fn step(&mut self, local: Option<Unit>, remote: Option<Unit>) -> Step {
         let at = match (&local, &remote) {
             (Some(l), Some(r)) => {
                 assert_eq!(l.dir.path, r.dir.path, "units of different directories");
@@ -188,7 +188,7 @@ impl Merger {
     }
 
     /// The primary's files and symlinks with several names seen so far.
-    pub fn linked_local(&self) -> &[Entry] {
+    pub(crate) fn linked_local(&self) -> &[Entry] {
         &self.linked_local
     }
 
@@ -196,7 +196,7 @@ impl Merger {
     /// (a watch's batch covers only what changed): `local`, each a file or symlink with its
     /// link key, and the standby's entries at those paths, `remote`; each with its parent
     /// directories. They are planned with the others when the walk ends.
-    pub fn add_linked(&mut self, local: Manifest, remote: Manifest) {
+    pub(crate) fn add_linked(&mut self, local: Manifest, remote: Manifest) {
         let mut remote_at: HashMap<RelPath, Entry> = remote
             .entries
             .into_iter()
@@ -236,7 +236,7 @@ impl Merger {
 
     /// Ends the walk: the files and symlinks with several names, and what is left to run
     /// last.
-    pub fn finish(mut self) -> Finish {
+    pub(crate) fn finish(mut self) -> Finish {
         let deletes = self.passed_all();
         let mut local = Manifest {
             entries: std::mem::take(&mut self.linked_local),

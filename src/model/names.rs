@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 
 /// The names of the primary's inodes with several names, as last seen.
 #[derive(Debug, Default)]
-pub struct LinkIndex {
+pub(crate) struct LinkIndex {
     groups: HashMap<LinkKey, Known>,
     /// Inodes held after the last full reconcile: past a multiple of it (inodes whose
     /// names are all gone are never seen again to be dropped), the index starts over.
@@ -32,7 +32,7 @@ const MIN_CAP: usize = 4096;
 
 impl LinkIndex {
     /// Starts over from a walk of the whole tree: its files and symlinks with several names.
-    pub fn rebuild<'a>(&mut self, linked: impl IntoIterator<Item = &'a Entry>) {
+    pub(crate) fn rebuild<'a>(&mut self, linked: impl IntoIterator<Item = &'a Entry>) {
         self.groups.clear();
         let linked: Vec<&Entry> = linked.into_iter().collect();
         self.insert(&linked, &HashMap::new());
@@ -41,7 +41,7 @@ impl LinkIndex {
 
     /// The names the index knows for the inodes of `linked` (entries of a partial
     /// listing), other than those entries' own.
-    pub fn others(&self, linked: &[&Entry]) -> Vec<RelPath> {
+    pub(crate) fn others(&self, linked: &[&Entry]) -> Vec<RelPath> {
         let have: HashSet<&RelPath> = linked.iter().map(|e| &e.path).collect();
         let keys: HashSet<LinkKey> = linked.iter().filter_map(|e| e.link).collect();
         let mut out: Vec<RelPath> = keys
@@ -59,7 +59,7 @@ impl LinkIndex {
     /// The inodes among `seen` (every name found of them so far) that have more names than
     /// are found plus those known to lie outside the tree: their other names must be
     /// searched for. An inode met for the first time knows of none outside.
-    pub fn short(&self, seen: &[&Entry]) -> HashSet<LinkKey> {
+    pub(crate) fn short(&self, seen: &[&Entry]) -> HashSet<LinkKey> {
         tally(seen)
             .into_iter()
             .filter(|(k, (names, nlink))| {
@@ -73,7 +73,7 @@ impl LinkIndex {
     /// Records what a look at the inodes of `seen` found: every name of each found so far,
     /// or, for an inode searched for, every name the search found in the tree (`found`);
     /// the rest of its link count is outside the tree.
-    pub fn record<'a>(
+    pub(crate) fn record<'a>(
         &mut self,
         seen: impl IntoIterator<Item = &'a Entry>,
         found: &HashMap<LinkKey, Vec<RelPath>>,
@@ -100,12 +100,14 @@ impl LinkIndex {
         }
     }
 
+    #[cfg(test)]
     /// Inodes held.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.groups.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.groups.is_empty()
     }
 }

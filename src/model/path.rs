@@ -9,18 +9,18 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// Longest relative path accepted (Linux PATH_MAX).
-pub const MAX_PATH: usize = 4096;
+pub(crate) const MAX_PATH: usize = 4096;
 /// Longest single name accepted (Linux NAME_MAX).
 pub const MAX_NAME: usize = 255;
 
 /// The name reserved at the root of both trees: the standby's marker, state and temp area.
-pub const RESERVED: &[u8] = b".hotsync";
+pub(crate) const RESERVED: &[u8] = b".hotsync";
 /// Prefix of the temporary files hotsync creates beside their targets: the standby's own
 /// area `.hotsync/tmp/` holds them, except in a directory on another filesystem than the
 /// root (a mount point inside the tree), where a rename from the area cannot reach.
-pub const TEMP_PREFIX: &[u8] = b".hotsync-tmp.";
+pub(crate) const TEMP_PREFIX: &[u8] = b".hotsync-tmp.";
 /// Hex digits after [`TEMP_PREFIX`] in a temporary name.
-pub const TEMP_DIGITS: usize = 16;
+pub(crate) const TEMP_DIGITS: usize = 16;
 
 /// Why a byte string is not a valid relative path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,7 +57,7 @@ impl RelPath {
     }
 
     /// `self/name`, where `name` is one component.
-    pub fn join(&self, name: &[u8]) -> Result<Self, PathError> {
+    pub(crate) fn join(&self, name: &[u8]) -> Result<Self, PathError> {
         if name.contains(&b'/') {
             return Err(PathError::EmptyComponent);
         }
@@ -70,16 +70,16 @@ impl RelPath {
         RelPath::new(v)
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.0
     }
 
-    pub fn is_root(&self) -> bool {
+    pub(crate) fn is_root(&self) -> bool {
         self.0.is_empty()
     }
 
     /// The parent directory (the root's parent is the root) and the last name.
-    pub fn split(&self) -> (RelPath, &[u8]) {
+    pub(crate) fn split(&self) -> (RelPath, &[u8]) {
         match self.0.iter().rposition(|&b| b == b'/') {
             Some(i) => (RelPath(self.0[..i].to_vec()), &self.0[i + 1..]),
             None => (RelPath::root(), &self.0[..]),
@@ -87,19 +87,19 @@ impl RelPath {
     }
 
     /// The parent directory as a byte slice (empty for top-level names).
-    pub fn parent_bytes(&self) -> &[u8] {
+    pub(crate) fn parent_bytes(&self) -> &[u8] {
         match self.0.iter().rposition(|&b| b == b'/') {
             Some(i) => &self.0[..i],
             None => &[],
         }
     }
 
-    pub fn name(&self) -> &[u8] {
+    pub(crate) fn name(&self) -> &[u8] {
         self.split().1
     }
 
     /// Number of components (0 for the root).
-    pub fn depth(&self) -> usize {
+    pub(crate) fn depth(&self) -> usize {
         if self.0.is_empty() {
             0
         } else {
@@ -108,20 +108,20 @@ impl RelPath {
     }
 
     /// True when `self` is `other` or lies beneath it.
-    pub fn starts_with(&self, other: &RelPath) -> bool {
+    pub(crate) fn starts_with(&self, other: &RelPath) -> bool {
         other.0.is_empty()
             || (self.0.starts_with(&other.0)
                 && (self.0.len() == other.0.len() || self.0[other.0.len()] == b'/'))
     }
 
     /// True for the reserved top-level name `.hotsync` and anything under it.
-    pub fn is_reserved(&self) -> bool {
+    pub(crate) fn is_reserved(&self) -> bool {
         self.0.split(|&b| b == b'/').next() == Some(RESERVED)
     }
 
     /// A printable form: UTF-8 as is, other bytes as `\xNN`, control characters escaped,
     /// so a name with a newline cannot forge a line in a report.
-    pub fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         if self.0.is_empty() {
             return ".".into();
         }
@@ -134,7 +134,7 @@ impl RelPath {
 /// a [`RelPath`]. Names the limit that is exceeded (a name's NAME_MAX, else the whole
 /// path's PATH_MAX) with the lengths, the name (escaped; one over NAME_MAX shortened) and
 /// what to do.
-pub fn unmirrorable(dir: &RelPath, name: &[u8], err: &PathError) -> String {
+pub(crate) fn unmirrorable(dir: &RelPath, name: &[u8], err: &PathError) -> String {
     // A name within NAME_MAX is shown whole, so it can be found; a longer one recognisably.
     let shown = if name.len() > MAX_NAME {
         shorten(&escape_bytes(name), 100)
@@ -174,7 +174,7 @@ fn shorten(s: &str, max: usize) -> String {
 /// `.hotsync-tmp.` and 16 lowercase hex digits, nothing more. Only such names are reserved
 /// (skipped on the primary and reported, removed from the standby as leftovers of a
 /// kill); any other name, `.hotsync-tmp.x` included, is a user's and is mirrored.
-pub fn is_temp_name(name: &[u8]) -> bool {
+pub(crate) fn is_temp_name(name: &[u8]) -> bool {
     name.len() == TEMP_PREFIX.len() + TEMP_DIGITS
         && name.starts_with(TEMP_PREFIX)
         && name[TEMP_PREFIX.len()..]

@@ -9,7 +9,7 @@ use crate::model::manifest::SMALL_FILE;
 
 /// Choices that change what counts as a difference.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct PlanOptions {
+pub(crate) struct PlanOptions {
     /// Compare file content by blake3 (both manifests carry hashes) instead of size + mtime.
     pub checksum: bool,
     /// Delete standby entries the primary does not have.
@@ -100,7 +100,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.clear.is_empty()
             && self.mkdirs.is_empty()
             && self.transfers.is_empty()
@@ -112,7 +112,7 @@ impl Plan {
     }
 
     /// Bytes of file content the plan will send (before delta compression).
-    pub fn transfer_bytes(&self) -> u64 {
+    pub(crate) fn transfer_bytes(&self) -> u64 {
         self.transfers.iter().map(|t| t.size).sum()
     }
 }
@@ -132,7 +132,7 @@ pub(crate) fn meta_differs(a: &Meta, b: &Meta, owners: bool, with_mode: bool) ->
 /// standby counterparts are left alone. Special files are not mirrored: the standby's are
 /// removed, unless the primary has the same one at the same path ([`Special::matches`]);
 /// one in the way of a primary's entry is cleared like any entry of another type.
-pub fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
+pub(crate) fn plan(local: &Manifest, remote: &Manifest, opts: PlanOptions) -> Plan {
     plan_with(local, remote, opts, None)
 }
 

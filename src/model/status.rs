@@ -43,7 +43,7 @@ impl Space {
     }
 
     /// The space of the filesystem holding `fd`.
-    pub fn of(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Space> {
+    pub(crate) fn of(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Space> {
         let s = rustix::fs::fstatvfs(fd)?;
         Ok(Space {
             free_bytes: s.f_bavail.saturating_mul(s.f_frsize),
@@ -282,7 +282,7 @@ pub struct SyncStatus {
 impl Instance {
     /// Judges the instance: degraded when a standby is not connected and streaming, a
     /// threshold is crossed or an alert fires; for a standby, when no primary is connected.
-    pub fn assess(&mut self) {
+    pub(crate) fn assess(&mut self) {
         let mut reasons = Vec::new();
         let t = self.thresholds;
         // Three missed heartbeats are worth a look long before the idle limit gives up.

@@ -14,7 +14,7 @@ pub struct EntryError {
 }
 
 impl EntryError {
-    pub fn new(path: &RelPath, error: impl Into<String>) -> Self {
+    pub(crate) fn new(path: &RelPath, error: impl Into<String>) -> Self {
         EntryError {
             path: path.display(),
             error: error.into(),
@@ -68,7 +68,7 @@ pub struct Summary {
 
 impl Summary {
     /// Adds what another part of the same reconcile did.
-    pub fn absorb(&mut self, o: Summary) {
+    pub(crate) fn absorb(&mut self, o: Summary) {
         self.files_transferred += o.files_transferred;
         self.files_deleted += o.files_deleted;
         self.bytes_literal += o.bytes_literal;

@@ -33,16 +33,16 @@ pub struct Policy {
 
 impl Policy {
     /// Nothing: attributes are left alone (an older peer, or both flags given).
-    pub fn none() -> Policy {
+    pub(crate) fn none() -> Policy {
         Policy::default()
     }
 
-    pub fn is_none(&self) -> bool {
+    pub(crate) fn is_none(&self) -> bool {
         *self == Policy::none()
     }
 
     /// The namespaces both keep.
-    pub fn and(self, o: Policy) -> Policy {
+    pub(crate) fn and(self, o: Policy) -> Policy {
         Policy {
             user: self.user && o.user,
             trusted: self.trusted && o.trusted,
@@ -53,7 +53,7 @@ impl Policy {
     }
 
     /// Whether the attribute `name` is mirrored.
-    pub fn keeps(&self, name: &[u8]) -> bool {
+    pub(crate) fn keeps(&self, name: &[u8]) -> bool {
         if name == b"security.selinux" {
             self.selinux
         } else if name == b"system.posix_acl_access" || name == b"system.posix_acl_default" {
@@ -70,7 +70,7 @@ impl Policy {
     }
 
     /// The namespaces `self` asks for that `can` lacks, for a one-line notice.
-    pub fn missing_in(&self, can: &Policy) -> Vec<&'static str> {
+    pub(crate) fn missing_in(&self, can: &Policy) -> Vec<&'static str> {
         let mut v = Vec::new();
         let mut miss = |want: bool, have: bool, what: &'static str| {
             if want && !have {
@@ -103,12 +103,12 @@ pub struct Xattr {
 }
 
 impl Xattrs {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
     /// The digest the quick check compares; zeros for no attributes.
-    pub fn sum(&self) -> Sum {
+    pub(crate) fn sum(&self) -> Sum {
         if self.0.is_empty() {
             return Sum::default();
         }
@@ -130,13 +130,13 @@ impl Xattrs {
     }
 
     /// Bytes of names and values.
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.0.iter().map(|x| x.name.len() + x.value.len()).sum()
     }
 
     /// Checks a set that came off the wire against the OS's bounds and `policy`: a peer
     /// may set only the namespaces the session agreed on.
-    pub fn check(&self, policy: &Policy) -> Result<(), String> {
+    pub(crate) fn check(&self, policy: &Policy) -> Result<(), String> {
         if self.0.len() > MAX_COUNT {
             return Err(format!(
                 "{} extended attributes on one entry (at most {MAX_COUNT})",

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 /// How long a condition must hold (or stay clear) before the alert changes state.
-pub const HOLD: Duration = Duration::from_secs(3);
+pub(crate) const HOLD: Duration = Duration::from_secs(3);
 /// How often conditions are judged.
 const EVERY: Duration = Duration::from_millis(500);
 /// How long the hook may run before it is killed.
@@ -91,7 +91,7 @@ struct Judged {
 }
 
 impl Alerts {
-    pub fn new(cfg: AlertConfig) -> Alerts {
+    pub(crate) fn new(cfg: AlertConfig) -> Alerts {
         Alerts {
             cfg,
             alarms: Mutex::new(BTreeMap::new()),
@@ -99,7 +99,7 @@ impl Alerts {
     }
 
     /// The thresholds, as `status` shows them.
-    pub fn thresholds(&self) -> Thresholds {
+    pub(crate) fn thresholds(&self) -> Thresholds {
         Thresholds {
             alert_lag_seconds: self.cfg.lag.map(|d| d.as_secs_f64()),
             alert_free_percent: self.cfg.free_percent,
@@ -248,7 +248,7 @@ impl Alerts {
     }
 
     /// Judges `inst` at `now` and returns the alerts that changed state.
-    pub fn evaluate(&self, inst: &Instance, now: Instant, wall: SystemTime) -> Vec<Fired> {
+    pub(crate) fn evaluate(&self, inst: &Instance, now: Instant, wall: SystemTime) -> Vec<Fired> {
         let mut alarms = self.alarms.lock().unwrap();
         let mut fired = Vec::new();
         for j in self.judge(inst) {
@@ -288,7 +288,7 @@ impl Alerts {
     }
 
     /// The alerts that are firing, for `status`.
-    pub fn statuses(&self) -> Vec<AlertStatus> {
+    pub(crate) fn statuses(&self) -> Vec<AlertStatus> {
         self.alarms
             .lock()
             .unwrap()
@@ -305,7 +305,7 @@ impl Alerts {
     }
 
     /// Runs the hook for `f`, in the background; a failure is logged.
-    pub fn run_hook(&self, f: &Fired) {
+    pub(crate) fn run_hook(&self, f: &Fired) {
         let _ = self.spawn_hook(f);
     }
 

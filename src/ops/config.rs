@@ -200,7 +200,7 @@ pub fn load(path: &Path) -> Result<FileConfig> {
 ///
 /// # Errors
 /// As [`load`].
-pub fn parse(text: &str, path: &Path) -> Result<FileConfig> {
+pub(crate) fn parse(text: &str, path: &Path) -> Result<FileConfig> {
     let shown = path.display().to_string();
     let at = |span: Option<Range<usize>>, msg: &str| {
         let line = span.map_or(0, |s| line_of(text, s.start));

@@ -71,18 +71,18 @@ pub trait Control: Send + Sync {
 /// [`AcceptErrors::MAX`]; an accepted connection ends the spell. Pure: the caller sleeps,
 /// and logs once per spell, at its start and at its end.
 #[derive(Debug, Default)]
-pub struct AcceptErrors {
+pub(crate) struct AcceptErrors {
     /// Failed accepts since the last success.
     failures: u32,
 }
 
 impl AcceptErrors {
-    pub const FIRST: Duration = Duration::from_millis(10);
-    pub const MAX: Duration = Duration::from_secs(1);
+    pub(crate) const FIRST: Duration = Duration::from_millis(10);
+    pub(crate) const MAX: Duration = Duration::from_secs(1);
 
     /// An accept failed: how long to wait before the next, and whether this failure starts
     /// a spell (the one to log).
-    pub fn failed(&mut self) -> (Duration, bool) {
+    pub(crate) fn failed(&mut self) -> (Duration, bool) {
         self.failures = self.failures.saturating_add(1);
         let doublings = (self.failures - 1).min(16);
         let wait = Self::FIRST.saturating_mul(1 << doublings).min(Self::MAX);
@@ -90,7 +90,7 @@ impl AcceptErrors {
     }
 
     /// An accept succeeded: the number of failures in the spell it ends, if one did.
-    pub fn succeeded(&mut self) -> Option<u32> {
+    pub(crate) fn succeeded(&mut self) -> Option<u32> {
         Some(std::mem::take(&mut self.failures)).filter(|&n| n > 0)
     }
 }

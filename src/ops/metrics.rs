@@ -85,7 +85,7 @@ impl SpaceGauges {
 }
 
 /// Encodes `inst` as Prometheus text (`openmetrics`: as OpenMetrics text instead).
-pub fn render(inst: &Instance, openmetrics: bool) -> String {
+pub(crate) fn render(inst: &Instance, openmetrics: bool) -> String {
     let mut s = Set {
         reg: Registry::with_prefix("hotsync"),
     };

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 /// What the watcher saw: a reason to look at a path again, never the truth about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Hint {
+pub(crate) enum Hint {
     /// Data written; the file may still be open.
     Modified(RelPath),
     /// A file appeared; it may still be being written.
@@ -94,7 +94,7 @@ impl Default for Config {
 
 /// One unit of work for the replicator.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     /// Examine everything (events were lost or too many queued).
     pub full: bool,
     /// Renames to apply first, in the order they happened.
@@ -107,11 +107,8 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.renames.len() + self.paths.len() + self.full as usize
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -128,7 +125,7 @@ struct Item {
 }
 
 #[derive(Debug)]
-pub struct Batcher {
+pub(crate) struct Batcher {
     cfg: Config,
     items: BTreeMap<RelPath, Item>,
     /// Renames in order, with when they were seen.
@@ -143,7 +140,7 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn new(cfg: Config) -> Self {
+    pub(crate) fn new(cfg: Config) -> Self {
         Batcher {
             cfg,
             items: BTreeMap::new(),
@@ -156,7 +153,7 @@ impl Batcher {
     }
 
     /// Changes waiting to be replicated.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         if self.full {
             self.items.len().max(1)
         } else {
@@ -166,7 +163,7 @@ impl Batcher {
 
     /// When the oldest change still waiting was seen (the replication lag starts there);
     /// a pending full re-scan waits since the events were lost.
-    pub fn oldest(&self) -> Option<Instant> {
+    pub(crate) fn oldest(&self) -> Option<Instant> {
         let items = self.items.values().map(|it| it.first).min();
         let renames = self.renames.iter().map(|r| r.2).min();
         [items, renames, self.full_oldest]
@@ -176,7 +173,7 @@ impl Batcher {
     }
 
     /// Whether a change to `path` is waiting (queued for it, or for a tree that covers it).
-    pub fn pending(&self, path: &RelPath) -> bool {
+    pub(crate) fn pending(&self, path: &RelPath) -> bool {
         if self.full || self.items.contains_key(path) {
             return true;
         }
@@ -190,13 +187,14 @@ impl Batcher {
         false
     }
 
+    #[cfg(test)]
     /// Whether a full re-scan is pending.
-    pub fn full_pending(&self) -> bool {
+    pub(crate) fn full_pending(&self) -> bool {
         self.full
     }
 
     /// Records a hint seen at `now`.
-    pub fn push(&mut self, hint: Hint, now: Instant) {
+    pub(crate) fn push(&mut self, hint: Hint, now: Instant) {
         if self.full {
             return; // a full re-scan covers everything
         }
@@ -269,7 +267,7 @@ impl Batcher {
 
     /// Forgets what a full reconcile that started at `start` has covered: everything seen
     /// before it started.
-    pub fn forget_before(&mut self, start: Instant) {
+    pub(crate) fn forget_before(&mut self, start: Instant) {
         self.items.retain(|_, it| it.last >= start);
         self.renames.retain(|r| r.2 >= start);
         if self.full_since.is_some_and(|t| t < start) {
@@ -289,7 +287,7 @@ impl Batcher {
     /// Queues `path` again after it failed, not ready before `at` (unless it changes
     /// again meanwhile, or a flush wants everything now). It is still not on the standby
     /// since its change was first seen at `first`: the lag keeps running from there.
-    pub fn retry(&mut self, path: RelPath, at: Instant, first: Instant, now: Instant) {
+    pub(crate) fn retry(&mut self, path: RelPath, at: Instant, first: Instant, now: Instant) {
         if self.full {
             // Covered by the full re-scan, which now stands for this older change too.
             self.full_oldest = Some(self.full_oldest.map_or(first, |o| o.min(first)));
@@ -395,7 +393,7 @@ impl Batcher {
     }
 
     /// When the next not-yet-ready path becomes ready, if any is waiting.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let walks = self.second_walks.values().min().copied();
         if self.full {
             return walks;
@@ -405,7 +403,7 @@ impl Batcher {
     }
 
     /// The batch of everything ready at `now`, if anything is.
-    pub fn poll(&mut self, now: Instant) -> Option<Batch> {
+    pub(crate) fn poll(&mut self, now: Instant) -> Option<Batch> {
         let due: Vec<RelPath> = self
             .second_walks
             .iter()
@@ -477,7 +475,11 @@ impl Batcher {
     /// They stay queued, so the batch after the reconcile examines them again and an early
     /// copy is only ever a head start. Subtrees (possibly large), the names of renames, and
     /// anything while a full re-scan is pending are left to that batch.
-    pub fn early(&mut self, now: Instant, accept: &dyn Fn(&RelPath) -> bool) -> Vec<RelPath> {
+    pub(crate) fn early(
+        &mut self,
+        now: Instant,
+        accept: &dyn Fn(&RelPath) -> bool,
+    ) -> Vec<RelPath> {
         if self.full {
             return Vec::new();
         }
@@ -508,7 +510,7 @@ impl Batcher {
 
     /// Puts a batch that could not be carried out back in the queue (ready again), still
     /// dated from its oldest change.
-    pub fn requeue(&mut self, batch: Batch, now: Instant) {
+    pub(crate) fn requeue(&mut self, batch: Batch, now: Instant) {
         let first = batch.oldest.unwrap_or(now).min(now);
         if batch.full {
             self.go_full(now, first);

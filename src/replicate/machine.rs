@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 /// The rules one replica follows.
 #[derive(Debug, Clone, Copy)]
-pub struct Config {
+pub(crate) struct Config {
     pub batcher: batcher::Config,
     /// Verify the whole standby this often (in the background).
     pub verify_every: Option<Duration>,
@@ -42,7 +42,7 @@ impl Default for Config {
 
 /// What the driver should do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Connect and open a session; report [`ReplicaMachine::connected`] or
     /// [`ReplicaMachine::failed`].
     Connect,
@@ -64,7 +64,7 @@ pub enum Action {
 
 /// Why an action failed, as far as the replica's next step is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The connection or the standby failed: reconnect with backoff.
     Link(String),
     /// The source is not fit to mirror (it emptied: an unmounted disk?): pause until it is.
@@ -113,7 +113,7 @@ pub enum Event {
 
 /// What the primary tells its standby in a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Beat {
+pub(crate) struct Beat {
     /// The last batch durable on the standby.
     pub position: Position,
     /// Changes seen and not yet durable there.
@@ -124,7 +124,7 @@ pub struct Beat {
 
 /// What a standby's heartbeat says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Heard {
+pub(crate) struct Heard {
     pub space: Option<Space>,
     /// The standby's epoch: newer than ours means we have been fenced.
     pub epoch: u64,
@@ -174,7 +174,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// One standby's replication, decisions only.
 #[derive(Debug)]
-pub struct ReplicaMachine {
+pub(crate) struct ReplicaMachine {
     cfg: Config,
     conn: Conn,
     /// When `conn` last changed between up and down.
@@ -229,7 +229,7 @@ pub struct ReplicaMachine {
 
 impl ReplicaMachine {
     /// A replica that starts now, with nothing known about the standby.
-    pub fn new(cfg: Config, now: Instant) -> ReplicaMachine {
+    pub(crate) fn new(cfg: Config, now: Instant) -> ReplicaMachine {
         ReplicaMachine {
             cfg,
             conn: Conn::Down { retry_at: now },
@@ -272,17 +272,17 @@ impl ReplicaMachine {
     }
 
     /// A change the watcher saw.
-    pub fn push(&mut self, hint: Hint, now: Instant) {
+    pub(crate) fn push(&mut self, hint: Hint, now: Instant) {
         self.batcher.push(hint, now);
     }
 
     /// The next event, if any.
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
     /// What to do next.
-    pub fn poll(&mut self, now: Instant) -> Action {
+    pub(crate) fn poll(&mut self, now: Instant) -> Action {
         // The driver is single-threaded: it asks only once the last action has reported.
         debug_assert!(
             self.in_flight.is_none(),
@@ -358,7 +358,7 @@ impl ReplicaMachine {
     }
 
     /// The connection and session are up.
-    pub fn connected(&mut self, now: Instant) {
+    pub(crate) fn connected(&mut self, now: Instant) {
         if self.ever_connected {
             self.reconnects += 1;
         }
@@ -372,7 +372,7 @@ impl ReplicaMachine {
 
     /// The standby's last durable position, as it told us when the session opened: the
     /// sequence goes on from there.
-    pub fn resume_from(&mut self, pos: Position) {
+    pub(crate) fn resume_from(&mut self, pos: Position) {
         if pos.epoch == self.epoch && pos.seq > self.seq {
             self.seq = pos.seq;
             self.durable = pos.seq;
@@ -381,7 +381,11 @@ impl ReplicaMachine {
 
     /// Paths the reconcile or batch in flight may copy early, of those `accept` takes
     /// ([`Batcher::early`]); nothing while paused or stopping.
-    pub fn early(&mut self, now: Instant, accept: &dyn Fn(&RelPath) -> bool) -> Vec<RelPath> {
+    pub(crate) fn early(
+        &mut self,
+        now: Instant,
+        accept: &dyn Fn(&RelPath) -> bool,
+    ) -> Vec<RelPath> {
         if self.in_flight.is_none() || self.paused.is_some() || self.stopping {
             return Vec::new();
         }
@@ -389,7 +393,7 @@ impl ReplicaMachine {
     }
 
     /// The last action succeeded: a batch or a reconcile is durable on the standby.
-    pub fn done(&mut self, summary: Summary, now: Instant) {
+    pub(crate) fn done(&mut self, summary: Summary, now: Instant) {
         let Some(f) = self.in_flight.take() else {
             return;
         };
@@ -458,7 +462,7 @@ impl ReplicaMachine {
 
     /// The last action (connect, reconcile, batch) failed. A batch goes back in the queue,
     /// still dated from its oldest change.
-    pub fn failed(&mut self, failure: Failure, now: Instant) {
+    pub(crate) fn failed(&mut self, failure: Failure, now: Instant) {
         if let Some(f) = self.in_flight.take()
             && let Some(b) = f.batch
         {
@@ -504,7 +508,7 @@ impl ReplicaMachine {
     }
 
     /// The session was closed as asked ([`Action::Disconnect`]).
-    pub fn disconnected(&mut self, now: Instant) {
+    pub(crate) fn disconnected(&mut self, now: Instant) {
         if matches!(self.conn, Conn::Up { .. }) {
             self.conn_since = now;
         }
@@ -514,7 +518,7 @@ impl ReplicaMachine {
 
     /// Stops replicating for a reason someone must look at (the source is unusable); the
     /// session is closed. Nothing is deleted on the standby meanwhile.
-    pub fn pause(&mut self, why: String) {
+    pub(crate) fn pause(&mut self, why: String) {
         if self.paused.as_deref() != Some(why.as_str()) {
             self.events.push_back(Event::Paused { why: why.clone() });
         }
@@ -524,7 +528,7 @@ impl ReplicaMachine {
 
     /// The source is usable again (a new watcher runs since `now`): reconnect, and
     /// reconcile everything, since changes made while paused may not have been seen.
-    pub fn resume(&mut self, now: Instant, paused_since: Instant) {
+    pub(crate) fn resume(&mut self, now: Instant, paused_since: Instant) {
         self.source_ready = true;
         if self.paused.take().is_some() || matches!(self.conn, Conn::Down { .. }) {
             self.unsynced_since = Some(
@@ -549,12 +553,12 @@ impl ReplicaMachine {
     }
 
     /// Why a newer epoch took over, if one did.
-    pub fn fenced(&self) -> Option<&str> {
+    pub(crate) fn fenced(&self) -> Option<&str> {
         self.fenced.as_deref()
     }
 
     /// The epoch this primary writes in (from its tree's state).
-    pub fn set_epoch(&mut self, epoch: u64) {
+    pub(crate) fn set_epoch(&mut self, epoch: u64) {
         if epoch != self.epoch {
             self.epoch = epoch;
             self.seq = 0;
@@ -564,7 +568,7 @@ impl ReplicaMachine {
 
     /// The last durable position, and the moment before which every change seen is durable
     /// on the standby (what the primary's tree records for a later `rejoin`).
-    pub fn acked(&self, now: Instant) -> (Position, Instant) {
+    pub(crate) fn acked(&self, now: Instant) -> (Position, Instant) {
         (self.position(), self.oldest_pending().unwrap_or(now))
     }
 
@@ -573,22 +577,23 @@ impl ReplicaMachine {
     /// acknowledged, since changes made before it started (while no watch ran, or that
     /// its reconcile had not yet carried) are durable only once that reconcile is. This is
     /// what the tree records for `rejoin`, which keeps aside everything changed after it.
-    pub fn watermark(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn watermark(&self, now: Instant) -> Option<Instant> {
         self.vouched.then(|| self.acked(now).1)
     }
 
+    #[cfg(test)]
     /// Whether replication is paused, and why.
-    pub fn paused(&self) -> Option<&str> {
+    pub(crate) fn paused(&self) -> Option<&str> {
         self.paused.as_deref()
     }
 
     /// Ends the replica: the session is closed, then [`Action::Stop`].
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.stopping = true;
     }
 
     /// A repair asked for by [`Action::Repair`] ended.
-    pub fn repaired(&mut self, result: Result<usize, Failure>, now: Instant) {
+    pub(crate) fn repaired(&mut self, result: Result<usize, Failure>, now: Instant) {
         let Some((report, _)) = self.to_repair.take() else {
             return;
         };
@@ -619,7 +624,7 @@ impl ReplicaMachine {
     /// A background verify ended. Paths with a change still queued are left out of its
     /// report (they are not false alarms to report: they are on their way); the rest are
     /// repaired.
-    pub fn verified(&mut self, result: Result<Report, String>, now: Instant) {
+    pub(crate) fn verified(&mut self, result: Result<Report, String>, now: Instant) {
         self.verifying = false;
         self.verify_due = self.cfg.verify_every.map(|d| now + d);
         match result {
@@ -647,7 +652,7 @@ impl ReplicaMachine {
     }
 
     /// A heartbeat arrived from the standby.
-    pub fn heard(&mut self, heard: Heard, now: Instant) {
+    pub(crate) fn heard(&mut self, heard: Heard, now: Instant) {
         if heard.epoch > self.epoch {
             self.fence(format!(
                 "the standby is at epoch {}, newer than this primary's epoch {}: it was promoted",
@@ -664,7 +669,7 @@ impl ReplicaMachine {
 
     /// Whether the standby has been silent longer than `idle` (then the connection is to be
     /// cut, for the reason returned, which also explains the failure that follows).
-    pub fn silent(&mut self, now: Instant) -> Option<String> {
+    pub(crate) fn silent(&mut self, now: Instant) -> Option<String> {
         if let Some(f) = &self.fenced {
             return Some(f.clone());
         }
@@ -676,7 +681,7 @@ impl ReplicaMachine {
     }
 
     /// This side's heartbeat.
-    pub fn beat(&self, now: Instant) -> Beat {
+    pub(crate) fn beat(&self, now: Instant) -> Beat {
         Beat {
             position: self.position(),
             pending: self.pending() as u64,
@@ -687,7 +692,7 @@ impl ReplicaMachine {
     }
 
     /// The last batch durable on the standby.
-    pub fn position(&self) -> Position {
+    pub(crate) fn position(&self) -> Position {
         Position {
             epoch: self.epoch,
             seq: self.durable,
@@ -705,13 +710,13 @@ impl ReplicaMachine {
 
     /// Replication lag: how old the oldest change not yet durable on the standby is (what
     /// a failover at `now` would lose); zero when caught up.
-    pub fn lag(&self, now: Instant) -> Duration {
+    pub(crate) fn lag(&self, now: Instant) -> Duration {
         self.oldest_pending()
             .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
     }
 
     /// Changes seen and not yet durable on the standby.
-    pub fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         let in_flight = self
             .in_flight
             .as_ref()
@@ -720,7 +725,7 @@ impl ReplicaMachine {
         self.batcher.queued() + in_flight
     }
 
-    pub fn state(&self) -> ReplicaState {
+    pub(crate) fn state(&self) -> ReplicaState {
         if self.stopping || self.fenced.is_some() {
             return ReplicaState::Stopped;
         }
@@ -734,20 +739,20 @@ impl ReplicaMachine {
         }
     }
 
-    pub fn is_connected(&self) -> bool {
+    pub(crate) fn is_connected(&self) -> bool {
         matches!(self.conn, Conn::Up { .. })
     }
 
     /// Since when the connection has been up (or down).
-    pub fn conn_since(&self) -> Instant {
+    pub(crate) fn conn_since(&self) -> Instant {
         self.conn_since
     }
 
-    pub fn last_heard(&self) -> Option<Instant> {
+    pub(crate) fn last_heard(&self) -> Option<Instant> {
         self.last_heard
     }
 
-    pub fn standby_space(&self) -> Option<Space> {
+    pub(crate) fn standby_space(&self) -> Option<Space> {
         self.standby_space
     }
 }

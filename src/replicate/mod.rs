@@ -12,10 +12,10 @@
 //! standby because of it.
 
 pub mod batcher;
-pub mod machine;
-pub mod replica;
-pub mod source;
-pub mod watcher;
+pub(crate) mod machine;
+pub(crate) mod replica;
+pub(crate) mod source;
+pub(crate) mod watcher;
 
 use crate::error::Error;
 use crate::link::{Connector, Target};
@@ -64,23 +64,23 @@ pub trait Observer: Sync {
 
 /// Tells waiters that something changed: a generation under a lock, and a condvar.
 #[derive(Debug, Default)]
-pub struct Changed {
+pub(crate) struct Changed {
     generation: std::sync::Mutex<u64>,
     cv: std::sync::Condvar,
 }
 
 impl Changed {
-    pub fn bump(&self) {
+    pub(crate) fn bump(&self) {
         *self.generation.lock().unwrap() += 1;
         self.cv.notify_all();
     }
 
-    pub fn current(&self) -> u64 {
+    pub(crate) fn current(&self) -> u64 {
         *self.generation.lock().unwrap()
     }
 
     /// Waits until the generation has moved past `seen`, at most `limit`.
-    pub fn wait_past(&self, seen: u64, limit: Duration) {
+    pub(crate) fn wait_past(&self, seen: u64, limit: Duration) {
         let g = self.generation.lock().unwrap();
         let _ = self
             .cv

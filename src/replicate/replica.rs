@@ -27,7 +27,7 @@ const IDLE_WAKE: Duration = Duration::from_millis(500);
 
 /// Background verify settings.
 #[derive(Debug, Clone)]
-pub struct VerifyPlan {
+pub(crate) struct VerifyPlan {
     pub excludes: Vec<String>,
     /// Bytes per second each side may read.
     pub rate: u64,
@@ -50,7 +50,7 @@ struct Current {
 }
 
 /// One standby: its machine, its connector, and the session the driver holds.
-pub struct Replica {
+pub(crate) struct Replica {
     /// The standby as named on the command line.
     pub name: String,
     src: PathBuf,
@@ -84,7 +84,7 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub fn new(
+    pub(crate) fn new(
         name: String,
         src: PathBuf,
         connector: Arc<Connector>,
@@ -125,7 +125,7 @@ impl Replica {
     }
 
     /// What a flush needs to know of this standby at `now`.
-    pub fn progress(&self, now: Instant) -> crate::model::flush::Progress {
+    pub(crate) fn progress(&self, now: Instant) -> crate::model::flush::Progress {
         let m = self.machine.lock().unwrap();
         crate::model::flush::Progress {
             standby: self.name.clone(),
@@ -136,18 +136,18 @@ impl Replica {
     }
 
     /// Changes the watcher saw, all at once.
-    pub fn push(&self, hints: Vec<Hint>, now: Instant) {
+    pub(crate) fn push(&self, hints: Vec<Hint>, now: Instant) {
         self.with(|m| hints.into_iter().for_each(|h| m.push(h, now)));
     }
 
     /// Pauses replication (the source is unusable).
-    pub fn pause(&self, why: &str) {
+    pub(crate) fn pause(&self, why: &str) {
         self.with(|m| m.pause(why.to_string()));
     }
 
     /// Resumes with the source `root` at `epoch`, watched since `now` (reads of it wait on
     /// `gate`, the watcher setting up); changes since `paused_since` may have been missed.
-    pub fn resume(
+    pub(crate) fn resume(
         &self,
         root: Arc<Root>,
         gate: Arc<dyn crate::tree::walk::Gate>,
@@ -182,7 +182,7 @@ impl Replica {
     /// The last position the standby acknowledged, and the moment (this node's clock) before
     /// which every change is durable on it, once this process can vouch for one
     /// ([`ReplicaMachine::watermark`]).
-    pub fn acked(
+    pub(crate) fn acked(
         &self,
         now: Instant,
         wall: SystemTime,
@@ -195,17 +195,17 @@ impl Replica {
         )
     }
 
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.with(|m| m.stop());
     }
 
     /// Why the source refused a batch since the last resume (an emptied source).
-    pub fn source_refused(&self) -> Option<String> {
+    pub(crate) fn source_refused(&self) -> Option<String> {
         self.source_refused.lock().unwrap().clone()
     }
 
     /// Aborts the connection if an action has run on it longer than `grace` (shutdown).
-    pub fn abort_if_busy(&self, grace: Duration) {
+    pub(crate) fn abort_if_busy(&self, grace: Duration) {
         if let Some(Current {
             conn,
             busy_since: Some(since),
@@ -217,7 +217,7 @@ impl Replica {
     }
 
     /// A snapshot for `status`, metrics and the status line.
-    pub fn status(&self, now: Instant, wall: SystemTime) -> ReplicaStatus {
+    pub(crate) fn status(&self, now: Instant, wall: SystemTime) -> ReplicaStatus {
         let m = self.machine.lock().unwrap();
         let at = |t: Instant| crate::model::clock::rfc3339(wall - now.saturating_duration_since(t));
         let since = m.conn_since();
@@ -266,7 +266,7 @@ impl Replica {
 
     /// Runs the replica until it is stopped. Returns an error only for a problem retrying
     /// cannot fix (a bad DEST).
-    pub fn run(self: &Arc<Self>, obs: &dyn Observer) -> Result<(), Error> {
+    pub(crate) fn run(self: &Arc<Self>, obs: &dyn Observer) -> Result<(), Error> {
         let mut session: Option<Session<'static>> = None;
         loop {
             let (action, events) = {

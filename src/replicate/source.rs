@@ -20,10 +20,10 @@ use std::time::Duration;
 
 /// The source stopped reporting (its threads ended): it must be opened again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stopped;
+pub(crate) struct Stopped;
 
 /// Reports the changes of one source tree, from when it is opened until it is dropped.
-pub trait HintSource: Send + Sync {
+pub(crate) trait HintSource: Send + Sync {
     /// The hints that arrive within `limit`: all that came together, in order (a
     /// rename's two halves travel in one call), or none. [`Stopped`] once the source has
     /// stopped for good.
@@ -57,11 +57,11 @@ pub trait HintSource: Send + Sync {
 
 /// Opens the hint source of a source tree: how a [`Watch`](super::Watch) starts watching
 /// each source root it opens (again after a remount).
-pub type Opener = fn(&Path) -> Result<Arc<dyn HintSource>, WatchError>;
+pub(crate) type Opener = fn(&Path) -> Result<Arc<dyn HintSource>, WatchError>;
 
 /// inotify on every directory of the tree. A barrier is a marker file in the tree's
 /// `.hotsync/`: its creation event follows every event the kernel queued before it.
-pub struct Inotify {
+pub(crate) struct Inotify {
     watcher: Watcher,
     /// The tree's `.hotsync/`, where markers go.
     area: PathBuf,
@@ -72,7 +72,7 @@ impl Inotify {
     ///
     /// # Errors
     /// When the tree cannot be watched at all.
-    pub fn open(root: &Path) -> Result<Arc<dyn HintSource>, WatchError> {
+    pub(crate) fn open(root: &Path) -> Result<Arc<dyn HintSource>, WatchError> {
         Ok(Arc::new(Inotify {
             watcher: watcher::start(root)?,
             area: root.join(OsStr::from_bytes(crate::model::path::RESERVED)),

@@ -33,7 +33,7 @@ const QUEUE: usize = 1 << 16;
 
 /// How far the first watch set has come: the last directory it reached, in walk order.
 #[derive(Default)]
-pub struct SetupFront {
+pub(crate) struct SetupFront {
     state: Mutex<Front>,
     moved: Condvar,
 }
@@ -51,7 +51,7 @@ struct Front {
 
 /// The watch set, as status shows it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SetupState {
+pub(crate) struct SetupState {
     /// Directories watched so far.
     pub watched: u64,
     /// Every directory there at the start is watched.
@@ -79,7 +79,7 @@ impl SetupFront {
         self.moved.notify_all();
     }
 
-    pub fn state(&self) -> SetupState {
+    pub(crate) fn state(&self) -> SetupState {
         let f = self.state.lock().unwrap();
         let seconds = f
             .took
@@ -122,7 +122,7 @@ impl Drop for Finished<'_> {
 }
 
 /// A running watch of one tree. Dropping it stops its threads.
-pub struct Watcher {
+pub(crate) struct Watcher {
     /// The hints, in order (one reader at a time: the replicator).
     pub hints: Mutex<Receiver<Hint>>,
     /// Set when hints were dropped (queue full, or the kernel's queue overflowed).
@@ -147,13 +147,13 @@ impl Drop for Watcher {
 /// What stops a watch from starting.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot watch {path}: {reason}")]
-pub struct WatchError {
+pub(crate) struct WatchError {
     pub path: String,
     pub reason: String,
 }
 
 /// The message for the inotify watch limit, naming the sysctl to raise.
-pub fn limit_message(root: &Path) -> String {
+pub(crate) fn limit_message(root: &Path) -> String {
     let current = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "?".into());
@@ -361,7 +361,7 @@ fn subdirs(root: &crate::tree::fsroot::Root, rel: &RelPath) -> Vec<Vec<u8>> {
 
 /// Starts watching `root` recursively. The watch set is built in the background, in walk
 /// order; a walk that waits on [`Watcher::front`] reads only directories already watched.
-pub fn start(root: &Path) -> Result<Watcher, WatchError> {
+pub(crate) fn start(root: &Path) -> Result<Watcher, WatchError> {
     let root = root.canonicalize().map_err(|e| WatchError {
         path: root.display().to_string(),
         reason: e.to_string(),

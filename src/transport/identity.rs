@@ -20,7 +20,7 @@ const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 pub struct NodeId(pub [u8; 32]);
 
 impl NodeId {
-    pub fn of_cert(der: &[u8]) -> NodeId {
+    pub(crate) fn of_cert(der: &[u8]) -> NodeId {
         let d = ring::digest::digest(&ring::digest::SHA256, der);
         let mut id = [0u8; 32];
         id.copy_from_slice(d.as_ref());

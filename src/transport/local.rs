@@ -142,7 +142,7 @@ struct Shared {
 }
 
 /// One end of an in-memory connection.
-pub struct LocalConnection {
+pub(crate) struct LocalConnection {
     shared: Arc<Shared>,
     counter: Arc<AtomicU64>,
     /// The end that opens streams (the primary's).
@@ -150,7 +150,7 @@ pub struct LocalConnection {
 }
 
 /// A connected pair: the first end opens streams, the second accepts them.
-pub fn pair() -> (LocalConnection, LocalConnection) {
+pub(crate) fn pair() -> (LocalConnection, LocalConnection) {
     let shared = Arc::new(Shared::default());
     let counter = Arc::new(AtomicU64::new(0));
     (

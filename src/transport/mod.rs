@@ -4,11 +4,11 @@
 //! form, [`dialer`]) and an [`Acceptor`] on the standby; neither the primary's link nor
 //! the standby's server knows which transport it drives.
 
-pub mod dest;
+pub(crate) mod dest;
 pub mod identity;
-pub mod local;
+pub(crate) mod local;
 pub mod quic;
-pub mod tls;
+pub(crate) mod tls;
 
 use crate::error::{Error, ErrorCode};
 use identity::{Identity, NodeId};
@@ -84,7 +84,7 @@ pub trait Connection: Send + Sync {
 /// Opens connections to one standby, as often as asked (a watch reconnects through it).
 /// It owns what its connections need to run (QUIC's runtime): keep it alive as long as
 /// any of them.
-pub trait Dialer: Send + Sync {
+pub(crate) trait Dialer: Send + Sync {
     /// Connects and authenticates: the standby must present the pinned ID.
     ///
     /// # Errors
@@ -98,7 +98,7 @@ pub trait Dialer: Send + Sync {
 ///
 /// # Errors
 /// [`Error::Usage`] for a DEST no transport serves; the transport's own setup errors.
-pub fn dialer(dest: &str, server: NodeId, me: &Identity) -> Result<Arc<dyn Dialer>, Error> {
+pub(crate) fn dialer(dest: &str, server: NodeId, me: &Identity) -> Result<Arc<dyn Dialer>, Error> {
     match dest::DestKind::of(dest) {
         Ok(dest::DestKind::Quic) => Ok(Arc::new(quic::Dialer::new(dest, server, me.clone())?)),
         Ok(dest::DestKind::Local) => Err(Error::Usage(format!(
@@ -109,11 +109,11 @@ pub fn dialer(dest: &str, server: NodeId, me: &Identity) -> Result<Arc<dyn Diale
 }
 
 /// A future a seam returns (the standby's accept loop is async).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Decides whether an authenticated primary may open a session: `None` to admit it, or
 /// the reason it is refused (told to the peer).
-pub type Admit = Arc<dyn Fn(&NodeId) -> Option<String> + Send + Sync>;
+pub(crate) type Admit = Arc<dyn Fn(&NodeId) -> Option<String> + Send + Sync>;
 
 /// A primary's connection, handshake done and identity proven.
 pub struct Accepted {
@@ -146,13 +146,13 @@ pub trait Handshake: Send {
 }
 
 /// Counts bytes written through it into a shared counter.
-pub struct Counted<W> {
+pub(crate) struct Counted<W> {
     inner: W,
     counter: Arc<AtomicU64>,
 }
 
 impl<W> Counted<W> {
-    pub fn new(inner: W, counter: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(inner: W, counter: Arc<AtomicU64>) -> Self {
         Counted { inner, counter }
     }
 }

@@ -22,28 +22,28 @@ use std::time::Duration;
 use tokio::runtime::Handle;
 
 /// Application close codes.
-pub const CLOSE_OK: u32 = 0;
+pub(crate) const CLOSE_OK: u32 = 0;
 /// The primary's ID is not in the standby's `--allow` list.
-pub const CLOSE_REFUSED: u32 = 1;
+pub(crate) const CLOSE_REFUSED: u32 = 1;
 /// The session failed on the standby (the reason says why).
-pub const CLOSE_FAILED: u32 = 2;
+pub(crate) const CLOSE_FAILED: u32 = 2;
 /// The standby is shutting down.
-pub const CLOSE_SHUTDOWN: u32 = 3;
+pub(crate) const CLOSE_SHUTDOWN: u32 = 3;
 /// The primary has been fenced: a newer epoch took over (the reason says which).
-pub const CLOSE_FENCED: u32 = 4;
+pub(crate) const CLOSE_FENCED: u32 = 4;
 /// The primary was refused: it and the standby were both primary in one epoch.
-pub const CLOSE_SPLIT_BRAIN: u32 = 5;
+pub(crate) const CLOSE_SPLIT_BRAIN: u32 = 5;
 
 /// How long a silent peer is waited for before QUIC declares the connection lost: a
 /// safety net behind the heartbeats, which give a silent peer up sooner
 /// ([`crate::model::liveness::IDLE`]) and say so.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// How long the handshake with a standby may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// UDP socket buffers: the kernel's defaults drop packets at gigabit rates.
-pub const SOCKET_BUFFER: usize = 4 << 20;
+pub(crate) const SOCKET_BUFFER: usize = 4 << 20;
 
 /// The runtime that drives quinn.
 pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
@@ -56,7 +56,7 @@ pub fn runtime() -> io::Result<tokio::runtime::Runtime> {
 
 /// Transport settings for both ends. Windows bound the memory a connection can hold
 /// (receive window) while leaving loopback and LAN links full.
-pub fn transport_config() -> TransportConfig {
+pub(crate) fn transport_config() -> TransportConfig {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(64))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -200,7 +200,7 @@ impl QuicConnection {
         }
     }
 
-    pub fn remote(&self) -> SocketAddr {
+    pub(crate) fn remote(&self) -> SocketAddr {
         self.conn.remote_address()
     }
 
@@ -351,7 +351,7 @@ impl Connection for QuicConnection {
 }
 
 /// Resolves `quic://HOST:PORT` (or `HOST:PORT`).
-pub fn parse_dest(dest: &str) -> Result<(String, SocketAddr), Error> {
+pub(crate) fn parse_dest(dest: &str) -> Result<(String, SocketAddr), Error> {
     let after = dest.split_once("://").map_or(dest, |(_, a)| a);
     let (host, port) = super::dest::quic_address(dest, after)
         .map_err(|e| Error::Usage(format!("bad DEST {e}")))?;
@@ -365,7 +365,7 @@ pub fn parse_dest(dest: &str) -> Result<(String, SocketAddr), Error> {
 }
 
 /// Dials one standby over QUIC, with the runtime that drives its connections.
-pub struct Dialer {
+pub(crate) struct Dialer {
     rt: tokio::runtime::Runtime,
     dest: String,
     server: NodeId,
@@ -377,7 +377,7 @@ impl Dialer {
     ///
     /// # Errors
     /// When the runtime cannot start.
-    pub fn new(dest: &str, server: NodeId, me: Identity) -> Result<Dialer, Error> {
+    pub(crate) fn new(dest: &str, server: NodeId, me: Identity) -> Result<Dialer, Error> {
         let rt = runtime().map_err(|e| Error::io("cannot start the network runtime", e))?;
         Ok(Dialer {
             rt,

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 
 /// The ALPN protocol name. It names the transport and stays fixed: protocol versions are
 /// negotiated in the greeting that follows, so a peer of another version is told which.
-pub const ALPN: &[u8] = b"hotsync/1";
+pub(crate) const ALPN: &[u8] = b"hotsync/1";
 
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -55,14 +55,14 @@ macro_rules! signature_checks {
 
 /// Accepts exactly one server ID, and remembers the ID it was shown.
 #[derive(Debug)]
-pub struct PinnedServer {
+pub(crate) struct PinnedServer {
     pub expected: NodeId,
     pub seen: Mutex<Option<NodeId>>,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl PinnedServer {
-    pub fn new(expected: NodeId) -> Arc<Self> {
+    pub(crate) fn new(expected: NodeId) -> Arc<Self> {
         Arc::new(PinnedServer {
             expected,
             seen: Mutex::new(None),
@@ -97,7 +97,7 @@ impl ServerCertVerifier for PinnedServer {
 /// Requires a client certificate and checks its signature; authorisation by ID comes after
 /// the handshake (see the module docs).
 #[derive(Debug)]
-pub struct AnyClient {
+pub(crate) struct AnyClient {
     algs: WebPkiSupportedAlgorithms,
 }
 
@@ -123,7 +123,7 @@ impl ClientCertVerifier for AnyClient {
 }
 
 /// The primary's TLS configuration: our certificate, and only `server` accepted.
-pub fn client_config(
+pub(crate) fn client_config(
     me: &Identity,
     server: Arc<PinnedServer>,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
@@ -137,7 +137,7 @@ pub fn client_config(
 }
 
 /// The standby's TLS configuration: our certificate, a client certificate required.
-pub fn server_config(me: &Identity) -> Result<rustls::ServerConfig, rustls::Error> {
+pub(crate) fn server_config(me: &Identity) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut c = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(AnyClient { algs: algorithms() }))
@@ -147,7 +147,7 @@ pub fn server_config(me: &Identity) -> Result<rustls::ServerConfig, rustls::Erro
 }
 
 /// The ID of the peer of an established QUIC connection.
-pub fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
+pub(crate) fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()

@@ -27,14 +27,14 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 /// Up to this many files a batch is made durable file by file; beyond it, by `syncfs`.
-pub const FSYNC_EACH: usize = 8;
+pub(crate) const FSYNC_EACH: usize = 8;
 /// A batch is committed once it holds this many files or bytes.
-pub const BATCH_FILES: usize = 2048;
-pub const BATCH_BYTES: u64 = 128 << 20;
+pub(crate) const BATCH_FILES: usize = 2048;
+pub(crate) const BATCH_BYTES: u64 = 128 << 20;
 /// ... or holds this many descriptors for the commit's `fsync`s (where `syncfs` is not
 /// trusted every staged file keeps its own): several sessions' batches stay well within
 /// even a 1,024 descriptor limit.
-pub const BATCH_FDS: usize = 128;
+pub(crate) const BATCH_FDS: usize = 128;
 
 /// Filesystems (`statfs` `f_type`) on which `syncfs` writes back everything they hold:
 /// ext2/3/4, XFS, btrfs; and tmpfs, which has nothing to write back.
@@ -61,12 +61,12 @@ const OTHER_FILESYSTEMS: [(u32, &str); 8] = [
 /// type. Conservative: only the filesystems of [`SYNCFS_FLUSHES`]; FUSE and network
 /// filesystems may answer `syncfs` without reaching their storage, and others are not
 /// known to us.
-pub fn trusts_syncfs(magic: u32) -> bool {
+pub(crate) fn trusts_syncfs(magic: u32) -> bool {
     SYNCFS_FLUSHES.iter().any(|&(m, _)| m == magic)
 }
 
 /// A filesystem's name for a log line, from its `statfs` type.
-pub fn filesystem_name(magic: u32) -> String {
+pub(crate) fn filesystem_name(magic: u32) -> String {
     SYNCFS_FLUSHES
         .iter()
         .chain(&OTHER_FILESYSTEMS)
@@ -87,7 +87,7 @@ pub struct Durability {
 impl Durability {
     /// The durability of the tree whose root is `root`, and its filesystem's name. A root
     /// whose filesystem cannot be told is not trusted.
-    pub fn of(root: BorrowedFd<'_>) -> (Durability, String) {
+    pub(crate) fn of(root: BorrowedFd<'_>) -> (Durability, String) {
         match (rustix::fs::fstatfs(root), rustix::fs::fstat(root)) {
             (Ok(fs), Ok(st)) => {
                 let magic = fs.f_type as u32;
@@ -128,7 +128,7 @@ impl Flusher for Kernel {
 }
 
 /// Where a staged entry is until its commit (see [`TempPlace`]).
-pub enum Temp {
+pub(crate) enum Temp {
     /// Named `.1` in `.0`: the standby's area, or the target's directory itself.
     Named(Arc<OwnedFd>, Vec<u8>),
     /// No name yet: the file is held by its descriptor alone. `via` is where it is named
@@ -140,7 +140,7 @@ pub enum Temp {
 impl Temp {
     /// Removes a named temp (a failed or abandoned operation); an unnamed file goes with
     /// its last descriptor.
-    pub fn discard(&self) {
+    pub(crate) fn discard(&self) {
         if let Temp::Named(at, temp) = self {
             let _ = rustix::fs::unlinkat(&**at, temp.as_slice(), AtFlags::empty());
         }
@@ -148,7 +148,7 @@ impl Temp {
 }
 
 /// A file (or symlink, or hard link) waiting to be put in place as `name` in `dir`.
-pub struct Staged {
+pub(crate) struct Staged {
     pub id: u64,
     pub dir: Arc<OwnedFd>,
     pub temp: Temp,
@@ -162,7 +162,7 @@ pub struct Staged {
 /// What an operation applied in place (mkdir, delete, rename, attributes) changed: what
 /// must be fsynced where the root's `syncfs` does not cover it.
 #[derive(Default)]
-pub struct Touched {
+pub(crate) struct Touched {
     /// Directories whose entries changed.
     pub dirs: Vec<Arc<OwnedFd>>,
     /// An entry whose own attributes changed (not a symlink's, which cannot be fsynced):
@@ -172,7 +172,7 @@ pub struct Touched {
 
 impl Touched {
     /// An entry made, removed or renamed in `dir`.
-    pub fn dir(dir: Arc<OwnedFd>) -> Touched {
+    pub(crate) fn dir(dir: Arc<OwnedFd>) -> Touched {
         Touched {
             dirs: vec![dir],
             entry: None,
@@ -180,7 +180,7 @@ impl Touched {
     }
 
     /// An entry renamed from `from` into `to`.
-    pub fn dirs(from: Arc<OwnedFd>, to: Arc<OwnedFd>) -> Touched {
+    pub(crate) fn dirs(from: Arc<OwnedFd>, to: Arc<OwnedFd>) -> Touched {
         Touched {
             dirs: vec![from, to],
             entry: None,
@@ -188,7 +188,7 @@ impl Touched {
     }
 
     /// The attributes of the file or directory `name` in `dir`.
-    pub fn entry(dir: Arc<OwnedFd>, name: &[u8]) -> Touched {
+    pub(crate) fn entry(dir: Arc<OwnedFd>, name: &[u8]) -> Touched {
         Touched {
             dirs: Vec::new(),
             entry: Some((dir, name.to_vec())),
@@ -210,10 +210,10 @@ struct Applied {
 }
 
 /// The outcome of one operation.
-pub type Outcome = (u64, Result<(), OpError>);
+pub(crate) type Outcome = (u64, Result<(), OpError>);
 
 /// True for the errors of a full disk (blocks, inodes or quota).
-pub fn is_no_space(e: &std::io::Error) -> bool {
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(c) if c == rustix::io::Errno::NOSPC.raw_os_error() || c == rustix::io::Errno::DQUOT.raw_os_error()
@@ -222,7 +222,7 @@ pub fn is_no_space(e: &std::io::Error) -> bool {
 
 /// A batch of staged files and applied operations, made durable together.
 #[derive(Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     durability: Durability,
     items: Vec<Staged>,
     /// Operations already applied in place (mkdir, delete, chmod…) that need a sync.
@@ -235,7 +235,7 @@ pub struct Batch {
 
 impl Batch {
     /// An empty batch for a standby root of `durability`.
-    pub fn new(durability: Durability) -> Self {
+    pub(crate) fn new(durability: Durability) -> Self {
         Batch {
             durability,
             items: Vec::new(),
@@ -246,7 +246,7 @@ impl Batch {
         }
     }
 
-    pub fn stage(&mut self, s: Staged) {
+    pub(crate) fn stage(&mut self, s: Staged) {
         self.bytes += s.bytes;
         // An unnamed file's descriptor is the file itself, not one kept for an `fsync`:
         // such files are made only where descriptors are plenty ([`TempPlace::create`]).
@@ -256,7 +256,7 @@ impl Batch {
 
     /// An operation applied in place; what it `touched` is kept for the commit unless the
     /// root's `syncfs` covers it.
-    pub fn applied(&mut self, id: u64, touched: Touched) {
+    pub(crate) fn applied(&mut self, id: u64, touched: Touched) {
         let mut covered = false;
         let mut touched = touched;
         if self.durability.trusts_syncfs {
@@ -279,13 +279,13 @@ impl Batch {
         });
     }
 
-    pub fn failed(&mut self, id: u64, error: OpError) {
+    pub(crate) fn failed(&mut self, id: u64, error: OpError) {
         self.failed.push((id, Err(error)));
     }
 
     /// Records an in-place operation's result: applied (awaiting the sync, with what it
     /// touched) or failed.
-    pub fn record(&mut self, id: u64, result: Result<Touched, OpError>) {
+    pub(crate) fn record(&mut self, id: u64, result: Result<Touched, OpError>) {
         match result {
             Ok(t) => self.applied(id, t),
             Err(e) => self.failed(id, e),
@@ -294,20 +294,16 @@ impl Batch {
 
     /// Whether the next staged file should keep its descriptor for a per-file `fsync`:
     /// always where `syncfs` is not trusted, else while the batch is small.
-    pub fn keep_fd(&self) -> bool {
+    pub(crate) fn keep_fd(&self) -> bool {
         !self.durability.trusts_syncfs || self.items.len() < FSYNC_EACH
     }
 
-    pub fn should_commit(&self) -> bool {
+    pub(crate) fn should_commit(&self) -> bool {
         self.items.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES || self.fds >= BATCH_FDS
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty() && self.applied.is_empty() && self.failed.is_empty()
-    }
-
     /// Makes everything in the batch durable and visible; returns one outcome per operation.
-    pub fn commit(&mut self, root: BorrowedFd<'_>) -> Vec<Outcome> {
+    pub(crate) fn commit(&mut self, root: BorrowedFd<'_>) -> Vec<Outcome> {
         self.commit_with(root, &Kernel)
     }
 
@@ -516,7 +512,7 @@ impl DirKeys {
 impl Staged {
     /// Removes the temp (a failed or abandoned operation); an unnamed file goes with its
     /// descriptor.
-    pub fn discard(&self) {
+    pub(crate) fn discard(&self) {
         self.temp.discard();
     }
 }
@@ -599,7 +595,7 @@ pub struct TempPlace {
 }
 
 /// A file being received for an entry of a directory.
-pub struct NewTemp {
+pub(crate) struct NewTemp {
     pub file: File,
     pub temp: Temp,
 }
@@ -608,7 +604,7 @@ impl TempPlace {
     /// The area `area` (open), on the filesystem it is on. Files are received unnamed
     /// only if this process's open-file limit (raised, see [`crate::tree::fsroot::raise_fd_limit`])
     /// is at least [`UNNAMED_FDS`].
-    pub fn new(area: Arc<OwnedFd>) -> std::io::Result<TempPlace> {
+    pub(crate) fn new(area: Arc<OwnedFd>) -> std::io::Result<TempPlace> {
         let dev = rustix::fs::fstat(&*area)?.st_dev;
         let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
         let unnamed = lim.current.is_none_or(|n| n >= UNNAMED_FDS);
@@ -616,13 +612,13 @@ impl TempPlace {
     }
 
     /// The area itself (to clear it).
-    pub fn area(&self) -> BorrowedFd<'_> {
+    pub(crate) fn area(&self) -> BorrowedFd<'_> {
         self.area.as_fd()
     }
 
     /// Where a named temp (a symlink, a hard link) of an entry of `dir` is made.
     #[allow(clippy::useless_conversion)]
-    pub fn for_dir(&self, dir: &Arc<OwnedFd>) -> std::io::Result<Arc<OwnedFd>> {
+    pub(crate) fn for_dir(&self, dir: &Arc<OwnedFd>) -> std::io::Result<Arc<OwnedFd>> {
         let dev = rustix::fs::fstat(&**dir)?.st_dev;
         Ok(if u64::from(dev) == u64::from(self.dev) {
             self.area.clone()
@@ -635,7 +631,7 @@ impl TempPlace {
     /// filesystem has no unnamed files (or this process may hold few descriptors: an
     /// unnamed file holds one until its batch commits), named in the area (or beside it)
     /// from the start.
-    pub fn create(&self, dir: &Arc<OwnedFd>) -> std::io::Result<NewTemp> {
+    pub(crate) fn create(&self, dir: &Arc<OwnedFd>) -> std::io::Result<NewTemp> {
         let unnamed = if self.unnamed {
             rustix::fs::openat(
                 &**dir,
@@ -688,7 +684,7 @@ fn link_fd(f: &File, at: &OwnedFd, name: &[u8]) -> Result<(), Errno> {
 /// is written and fsynced, renamed over `name`, then the directory is fsynced. A crash
 /// leaves the old content or the new, never a mix (a leftover temp carries the usual
 /// prefix).
-pub fn replace_file(dir: BorrowedFd<'_>, name: &[u8], data: &[u8]) -> std::io::Result<()> {
+pub(crate) fn replace_file(dir: BorrowedFd<'_>, name: &[u8], data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let (mut f, temp) = crate::tree::fsroot::create_temp(dir)?;
     let done = f

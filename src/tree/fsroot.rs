@@ -40,12 +40,12 @@ impl Root {
         self.fd.as_fd()
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Opens the directory at `rel` (the root itself for the empty path).
-    pub fn open_dir(&self, rel: &RelPath) -> io::Result<OwnedFd> {
+    pub(crate) fn open_dir(&self, rel: &RelPath) -> io::Result<OwnedFd> {
         if rel.is_root() {
             return Ok(rustix::io::fcntl_dupfd_cloexec(&self.fd, 0)?);
         }
@@ -53,7 +53,7 @@ impl Root {
     }
 
     /// Opens the regular file at `rel` for reading.
-    pub fn open_file(&self, rel: &RelPath) -> io::Result<File> {
+    pub(crate) fn open_file(&self, rel: &RelPath) -> io::Result<File> {
         let fd = resolve(
             self.fd(),
             rel.as_bytes(),
@@ -72,7 +72,7 @@ impl Root {
     }
 
     /// The parent directory of `rel` and its last name. For the root, the root itself and ".".
-    pub fn parent_of(&self, rel: &RelPath) -> io::Result<(OwnedFd, Vec<u8>)> {
+    pub(crate) fn parent_of(&self, rel: &RelPath) -> io::Result<(OwnedFd, Vec<u8>)> {
         if rel.is_root() {
             return Ok((self.open_dir(rel)?, b".".to_vec()));
         }
@@ -89,7 +89,7 @@ impl Root {
     }
 
     /// `lstat` of `rel`.
-    pub fn stat(&self, rel: &RelPath) -> io::Result<Stat> {
+    pub(crate) fn stat(&self, rel: &RelPath) -> io::Result<Stat> {
         if rel.is_root() {
             return Ok(rustix::fs::fstat(&self.fd)?);
         }
@@ -114,7 +114,7 @@ impl Root {
 /// to open the file in between, its open waits those few microseconds, and the lease
 /// break's signal is one whose default is to be ignored (`SIGURG`), so nothing in this
 /// process reacts to it.
-pub fn being_written(root: &Root, rel: &RelPath) -> Option<bool> {
+pub(crate) fn being_written(root: &Root, rel: &RelPath) -> Option<bool> {
     use std::os::fd::AsRawFd;
     // Linux's F_SETSIG (the same number on every architecture), which libc does not name.
     const F_SETSIG: libc::c_int = 10;
@@ -142,19 +142,19 @@ pub fn being_written(root: &Root, rel: &RelPath) -> Option<bool> {
 }
 
 /// How a directory is opened to be walked: read-only, never through a symlink.
-pub const DIR_FLAGS: OFlags = OFlags::RDONLY
+pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
 
 /// Opens the directory `path` (relative, `/`-separated) beneath `dir` to walk it, without
 /// following any symlink.
-pub fn open_subdir(dir: BorrowedFd<'_>, path: &[u8]) -> io::Result<OwnedFd> {
+pub(crate) fn open_subdir(dir: BorrowedFd<'_>, path: &[u8]) -> io::Result<OwnedFd> {
     resolve(dir, path, DIR_FLAGS)
 }
 
 /// Opens `path` (relative, `/`-separated) beneath `dir` without following any symlink.
-pub fn resolve(dir: BorrowedFd<'_>, path: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
+pub(crate) fn resolve(dir: BorrowedFd<'_>, path: &[u8], flags: OFlags) -> io::Result<OwnedFd> {
     if !NO_OPENAT2.load(Ordering::Relaxed) {
         match rustix::fs::openat2(
             dir,
@@ -199,7 +199,7 @@ fn libc_exdev() -> i32 {
 }
 
 /// Attributes of a stat result as the mirror compares them.
-pub fn meta_of(st: &Stat) -> Meta {
+pub(crate) fn meta_of(st: &Stat) -> Meta {
     Meta {
         mode: st.st_mode & 0o7777,
         uid: st.st_uid,
@@ -213,7 +213,7 @@ pub fn meta_of(st: &Stat) -> Meta {
 }
 
 /// How the inode of a stat result is laid out: its names and blocks.
-pub fn shape_of(st: &Stat) -> Shape {
+pub(crate) fn shape_of(st: &Stat) -> Shape {
     // `st_nlink` is 32 bits wide on some architectures.
     #[allow(clippy::unnecessary_cast)]
     let nlink = st.st_nlink as u64;
@@ -224,7 +224,7 @@ pub fn shape_of(st: &Stat) -> Shape {
 }
 
 /// The inode identity of an entry with more than one name.
-pub fn link_key(st: &Stat) -> Option<LinkKey> {
+pub(crate) fn link_key(st: &Stat) -> Option<LinkKey> {
     (st.st_nlink > 1).then_some(LinkKey {
         dev: st.st_dev,
         ino: st.st_ino,
@@ -233,7 +233,7 @@ pub fn link_key(st: &Stat) -> Option<LinkKey> {
 
 /// Whether the size, mtime or ctime changed between two stats of the same file: the
 /// signal that a file was written while we read it.
-pub fn changed(a: &Stat, b: &Stat) -> bool {
+pub(crate) fn changed(a: &Stat, b: &Stat) -> bool {
     a.st_size != b.st_size
         || a.st_mtime != b.st_mtime
         || a.st_mtime_nsec != b.st_mtime_nsec
@@ -242,7 +242,7 @@ pub fn changed(a: &Stat, b: &Stat) -> bool {
         || a.st_ino != b.st_ino
 }
 
-pub fn timestamps(m: &Meta) -> Timestamps {
+pub(crate) fn timestamps(m: &Meta) -> Timestamps {
     let t = rustix::fs::Timespec {
         tv_sec: m.mtime.sec,
         tv_nsec: m.mtime.nsec as _,
@@ -255,7 +255,7 @@ pub fn timestamps(m: &Meta) -> Timestamps {
 
 /// Applies owner (when `owners`), mode and mtime to an open regular file, in the order that
 /// keeps set-id bits (chown clears them, so chmod comes after).
-pub fn set_meta_fd(
+pub(crate) fn set_meta_fd(
     fd: BorrowedFd<'_>,
     meta: &Meta,
     owners: bool,
@@ -279,14 +279,14 @@ pub fn set_meta_fd(
 }
 
 /// The extended attributes an entry gets, and the namespaces they replace.
-pub type XattrsTo<'a> = (
+pub(crate) type XattrsTo<'a> = (
     &'a crate::tree::xattr::Xattrs,
     &'a crate::tree::xattr::Policy,
 );
 
 /// Applies metadata to `name` in `dir` without following it if it is a symlink.
 /// `with_mode` is false for symlinks, which have no mode of their own on Linux.
-pub fn set_meta_at(
+pub(crate) fn set_meta_at(
     dir: BorrowedFd<'_>,
     name: &[u8],
     meta: &Meta,
@@ -331,7 +331,7 @@ pub fn set_meta_at(
 
 /// Removes `name` in `dir` and, if it is a directory, everything beneath it, never
 /// following symlinks. Returns the number of entries removed; a missing name is 0.
-pub fn remove_tree(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<u64> {
+pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<u64> {
     let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => st,
         Err(Errno::NOENT) => return Ok(0),
@@ -365,7 +365,7 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<u64> {
 }
 
 /// The names in a directory, without `.` and `..`.
-pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
     let dup = rustix::fs::openat(
         dir,
         c".",
@@ -387,7 +387,7 @@ pub fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh temporary name: the recognisable prefix and 16 hex digits.
-pub fn temp_name() -> Vec<u8> {
+pub(crate) fn temp_name() -> Vec<u8> {
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -406,7 +406,7 @@ pub fn temp_name() -> Vec<u8> {
 }
 
 /// Creates a new temporary file in `dir` (exclusive, never through a symlink).
-pub fn create_temp(dir: BorrowedFd<'_>) -> io::Result<(File, Vec<u8>)> {
+pub(crate) fn create_temp(dir: BorrowedFd<'_>) -> io::Result<(File, Vec<u8>)> {
     loop {
         let name = temp_name();
         match rustix::fs::openat(
@@ -423,12 +423,12 @@ pub fn create_temp(dir: BorrowedFd<'_>) -> io::Result<(File, Vec<u8>)> {
 }
 
 /// True when this process may give files away (`chown` to any owner).
-pub fn can_chown() -> bool {
+pub(crate) fn can_chown() -> bool {
     rustix::process::geteuid().is_root()
 }
 
 /// Raises the soft open-file limit to the hard limit; batches keep many temps open.
-pub fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     if lim.current < lim.maximum {
         let _ = rustix::process::setrlimit(

@@ -10,13 +10,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// Mounts at or beneath a directory: each mount point, with its device (`major:minor`).
-pub type MountSet = BTreeSet<(Vec<u8>, Vec<u8>)>;
+pub(crate) type MountSet = BTreeSet<(Vec<u8>, Vec<u8>)>;
 
 /// The mounts at or beneath `root` (an absolute path without a trailing `/`) in a
 /// mountinfo table (proc(5)): a line's third field is the device, its fifth the mount
 /// point, with space, tab, newline and backslash written as octal escapes. Malformed lines
 /// are skipped.
-pub fn parse(table: &[u8], root: &[u8]) -> MountSet {
+pub(crate) fn parse(table: &[u8], root: &[u8]) -> MountSet {
     table
         .split(|b| *b == b'\n')
         .filter_map(|line| {
@@ -57,7 +57,7 @@ fn unescape(field: &[u8]) -> Vec<u8> {
 /// kernel says it changed (it flags `/proc/self/mountinfo` to `poll` after any mount or
 /// unmount), so asking before every batch costs one system call.
 #[derive(Debug)]
-pub struct Mounts {
+pub(crate) struct Mounts {
     table: std::fs::File,
     root: Vec<u8>,
     seen: MountSet,
@@ -68,7 +68,7 @@ impl Mounts {
     ///
     /// # Errors
     /// Why the directory or the mount table cannot be read.
-    pub fn open(root: &Path) -> io::Result<Mounts> {
+    pub(crate) fn open(root: &Path) -> io::Result<Mounts> {
         let root = std::fs::canonicalize(root)?.as_os_str().as_bytes().to_vec();
         let table = std::fs::File::open("/proc/self/mountinfo")?;
         let mut m = Mounts {
@@ -92,7 +92,7 @@ impl Mounts {
     ///
     /// # Errors
     /// Why the mount table cannot be read.
-    pub fn changed(&mut self) -> io::Result<bool> {
+    pub(crate) fn changed(&mut self) -> io::Result<bool> {
         use rustix::event::{PollFd, PollFlags, Timespec, poll};
         let mut fds = [PollFd::new(&self.table, PollFlags::PRI)];
         let now = Timespec {

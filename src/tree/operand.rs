@@ -20,7 +20,7 @@ pub fn check_dir(what: &str, path: &Path) -> Result<()> {
 }
 
 /// Opens SRC as a tree root, with a clear error for each way it can be wrong.
-pub fn open_source(src: &Path) -> Result<fsroot::Root> {
+pub(crate) fn open_source(src: &Path) -> Result<fsroot::Root> {
     check_dir("SRC", src)?;
     fsroot::Root::open(src)
         .map_err(|e| Error::Usage(format!("cannot open SRC {}: {e}", src.display())))
@@ -53,7 +53,7 @@ pub fn shown_absolute(p: &Path) -> String {
 
 /// Checks a local DEST against SRC and, when `create`, creates it if missing (its parent
 /// must exist).
-pub fn prepare_local_dest(src: &Path, dest: &Path, create: bool) -> Result<()> {
+pub(crate) fn prepare_local_dest(src: &Path, dest: &Path, create: bool) -> Result<()> {
     let s = absolute(src)
         .map_err(|e| Error::Usage(format!("cannot resolve SRC {}: {e}", src.display())))?;
     let d = absolute(dest).map_err(|_| {

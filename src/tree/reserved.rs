@@ -16,13 +16,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// The state file's name in the area.
-pub const STATE_FILE: &[u8] = b"state";
+pub(crate) const STATE_FILE: &[u8] = b"state";
 /// The standby's temp area: files being received wait here until their batch commits.
-pub const TEMPS: &[u8] = b"tmp";
+pub(crate) const TEMPS: &[u8] = b"tmp";
 /// Held by the one process that writes the tree as a standby (`serve`, a local DEST).
-pub const STANDBY_LOCK: &CStr = c"lock";
+pub(crate) const STANDBY_LOCK: &CStr = c"lock";
 /// Held by the one process that replicates the tree as a primary (`watch`).
-pub const PRIMARY_LOCK: &CStr = c"primary.lock";
+pub(crate) const PRIMARY_LOCK: &CStr = c"primary.lock";
 
 /// Whether `name` in `.hotsync/` is one hotsync makes there.
 fn is_own(name: &[u8]) -> bool {
@@ -43,7 +43,7 @@ fn is_own(name: &[u8]) -> bool {
 /// that hotsync never makes, or `.hotsync` itself when it is not a directory. They are not
 /// mirrored (the name is hotsync's), and the primary says so rather than mirroring around
 /// them silently.
-pub fn foreign_entries(root: BorrowedFd<'_>) -> Vec<RelPath> {
+pub(crate) fn foreign_entries(root: BorrowedFd<'_>) -> Vec<RelPath> {
     let area = RelPath::new(RESERVED).unwrap();
     let st = match rustix::fs::statat(root, RESERVED, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => st,
@@ -71,7 +71,7 @@ pub struct Area {
 impl Area {
     /// Opens `.hotsync/` in `root` (shown as `tree`), making it if missing. Making it would
     /// change the root's mtime, which is mirrored data: it is put back.
-    pub fn open(root: &Root, tree: &Path) -> io::Result<Area> {
+    pub(crate) fn open(root: &Root, tree: &Path) -> io::Result<Area> {
         let before = rustix::fs::fstat(root.fd())?;
         match rustix::fs::mkdirat(root.fd(), RESERVED, Mode::from_raw_mode(0o700)) {
             Ok(()) => {
@@ -106,12 +106,12 @@ impl Area {
         }
     }
 
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.dir.as_fd()
     }
 
     /// The state file, for messages.
-    pub fn state_shown(&self) -> String {
+    pub(crate) fn state_shown(&self) -> String {
         format!("{}/.hotsync/state", self.shown)
     }
 
@@ -127,7 +127,7 @@ impl Area {
     }
 
     /// Takes the lock `name` without waiting: `None` while another process holds it.
-    pub fn try_lock(&self, name: &CStr) -> io::Result<Option<File>> {
+    pub(crate) fn try_lock(&self, name: &CStr) -> io::Result<Option<File>> {
         let f = self.lock_file(name)?;
         match rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(File::from(f))),
@@ -137,7 +137,7 @@ impl Area {
     }
 
     /// Takes the lock `name`, waiting up to `limit` for another holder to let go.
-    pub fn lock_within(&self, name: &CStr, limit: Duration) -> io::Result<Option<File>> {
+    pub(crate) fn lock_within(&self, name: &CStr, limit: Duration) -> io::Result<Option<File>> {
         let start = Instant::now();
         loop {
             if let Some(f) = self.try_lock(name)? {
@@ -152,7 +152,7 @@ impl Area {
 
     /// Opens the standby's temp area `.hotsync/tmp/` (made if missing) and empties it:
     /// what it holds was staged by a writer that is gone (call under the standby's lock).
-    pub fn open_temps(&self) -> io::Result<OwnedFd> {
+    pub(crate) fn open_temps(&self) -> io::Result<OwnedFd> {
         match rustix::fs::mkdirat(&self.dir, TEMPS, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
@@ -167,7 +167,7 @@ impl Area {
     }
 
     /// Removes the temps of a state file write cut short by a kill (call under a lock).
-    pub fn remove_temps(&self) {
+    pub(crate) fn remove_temps(&self) {
         for name in fsroot::list_dir(self.fd()).unwrap_or_default() {
             if crate::model::path::is_temp_name(&name) {
                 let _ = rustix::fs::unlinkat(&self.dir, name.as_slice(), AtFlags::empty());
@@ -200,19 +200,19 @@ impl Area {
     }
 
     /// Writes `st` as the state, atomically and durably.
-    pub fn write_state(&self, st: &TreeState) -> io::Result<()> {
+    pub(crate) fn write_state(&self, st: &TreeState) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(st).map_err(io::Error::other)?;
         crate::tree::atomic::replace_file(self.fd(), STATE_FILE, &json)
     }
 }
 
 /// The name of flush `id`'s marker in the source's `.hotsync/`, placed by process `owner`.
-pub fn marker_name(owner: u32, id: u64) -> String {
+pub(crate) fn marker_name(owner: u32, id: u64) -> String {
     format!("flush-{owner}-{id}")
 }
 
 /// The owner and id a marker's name (under `.hotsync/`) carries, if it is one.
-pub fn parse_marker(name: &[u8]) -> Option<(u32, u64)> {
+pub(crate) fn parse_marker(name: &[u8]) -> Option<(u32, u64)> {
     let rest = std::str::from_utf8(name).ok()?.strip_prefix("flush-")?;
     let (owner, id) = rest.split_once('-')?;
     Some((owner.parse().ok()?, id.parse().ok()?))

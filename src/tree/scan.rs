@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Clone, Default)]
-pub struct ScanOptions {
+pub(crate) struct ScanOptions {
     /// Hash every regular file (for `--checksum` and verify).
     pub checksum: bool,
     /// Bytes per second hashing may read, 0 for no limit. A limited scan also hashes on
@@ -80,7 +80,7 @@ pub(crate) fn reserved_name(
 }
 
 #[derive(Debug, Default)]
-pub struct ScanOutcome {
+pub(crate) struct ScanOutcome {
     /// The entries, errors and special files (which the mirror skips) found.
     pub manifest: Manifest,
     /// Entries whose names are reserved for hotsync's own files (on the primary).
@@ -90,9 +90,10 @@ pub struct ScanOutcome {
     pub bytes_hashed: u64,
 }
 
+#[cfg(test)]
 /// Scans the tree under `root`. Per-entry problems land in `manifest.errors`; only a
 /// failure to read the root itself is an error.
-pub fn scan(
+pub(crate) fn scan(
     root: &Root,
     opts: &ScanOptions,
     progress: &(dyn Fn(u64) + Sync),
@@ -103,7 +104,7 @@ pub fn scan(
 /// Scans only the given paths: each one's own entry, and for a `Tree` scope everything
 /// beneath it. A path that does not exist (or lies under an excluded or missing parent)
 /// contributes nothing, which is how the caller learns it is gone.
-pub fn scan_scopes(
+pub(crate) fn scan_scopes(
     root: &Root,
     scopes: &[(RelPath, Scope)],
     opts: &ScanOptions,
@@ -466,11 +467,6 @@ impl Pacer {
             std::thread::sleep(wait);
         }
     }
-}
-
-/// Hashes one file, re-reading it if it changed while being read.
-pub fn hash_file(root: &Root, path: &RelPath) -> io::Result<(rustix::fs::Stat, Hash)> {
-    hash_file_paced(root, path, &|_| {})
 }
 
 fn hash_file_paced(

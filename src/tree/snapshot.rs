@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 /// The largest file copied byte for byte where blocks cannot be shared: beyond it a copy
 /// takes long enough for the file to change during it anyway.
-pub const COPY_MAX: u64 = 64 << 20;
+pub(crate) const COPY_MAX: u64 = 64 << 20;
 
 /// A private copy of a file, and the file's attributes at the moment it shows.
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub file: File,
     pub stat: Stat,
 }
@@ -35,7 +35,7 @@ pub struct Snapshot {
 ///
 /// # Errors
 /// The file cannot be opened or read (gone, not a regular file, unreadable).
-pub fn take(root: &Root, rel: &RelPath, budget: Duration) -> io::Result<Option<Snapshot>> {
+pub(crate) fn take(root: &Root, rel: &RelPath, budget: Duration) -> io::Result<Option<Snapshot>> {
     let start = Instant::now();
     let (parent, _) = rel.split();
     let dir = root.open_dir(&parent)?;

@@ -12,12 +12,12 @@ use std::os::fd::AsFd;
 
 /// Whether a file has holes worth keeping: fewer blocks than its size needs, and larger
 /// than a small file (which goes whole, inline).
-pub fn has_holes(st: &rustix::fs::Stat) -> bool {
+pub(crate) fn has_holes(st: &rustix::fs::Stat) -> bool {
     sparse(st.st_size as u64, st.st_blocks as u64)
 }
 
 /// A file read with its holes known: hashing skips them.
-pub struct Holey<'a>(pub &'a std::fs::File);
+pub(crate) struct Holey<'a>(pub &'a std::fs::File);
 
 impl crate::model::delta::ReadAt for Holey<'_> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -32,7 +32,7 @@ impl crate::model::delta::ReadAt for Holey<'_> {
 }
 
 /// The first byte of data at or after `offset`, `None` when only a hole follows.
-pub fn next_data(fd: impl AsFd, offset: u64) -> io::Result<Option<u64>> {
+pub(crate) fn next_data(fd: impl AsFd, offset: u64) -> io::Result<Option<u64>> {
     match rustix::fs::seek(fd, SeekFrom::Data(offset)) {
         Ok(at) => Ok(Some(at)),
         Err(Errno::NXIO) => Ok(None),
@@ -43,7 +43,7 @@ pub fn next_data(fd: impl AsFd, offset: u64) -> io::Result<Option<u64>> {
 }
 
 /// The end of the data that starts at `offset` (the next hole, or the end of the file).
-pub fn next_hole(fd: impl AsFd, offset: u64, size: u64) -> io::Result<u64> {
+pub(crate) fn next_hole(fd: impl AsFd, offset: u64, size: u64) -> io::Result<u64> {
     match rustix::fs::seek(fd, SeekFrom::Hole(offset)) {
         Ok(at) => Ok(at.min(size)),
         Err(Errno::NXIO | Errno::INVAL | Errno::OPNOTSUPP) => Ok(size),
@@ -52,14 +52,14 @@ pub fn next_hole(fd: impl AsFd, offset: u64, size: u64) -> io::Result<u64> {
 }
 
 /// The data extents of the first `size` bytes of `fd`, in order: `(start, end)`.
-pub struct Extents<F: AsFd> {
+pub(crate) struct Extents<F: AsFd> {
     fd: F,
     at: u64,
     size: u64,
 }
 
 impl<F: AsFd> Extents<F> {
-    pub fn new(fd: F, size: u64) -> Self {
+    pub(crate) fn new(fd: F, size: u64) -> Self {
         Extents { fd, at: 0, size }
     }
 }

@@ -9,10 +9,10 @@ use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::marker::PhantomData;
 
 /// Items held in memory before the rest go to disk.
-pub const IN_MEMORY: usize = 16 * 1024;
+pub(crate) const IN_MEMORY: usize = 16 * 1024;
 
 /// An append-only list of `T`, read back once, in order.
-pub struct Spill<T> {
+pub(crate) struct Spill<T> {
     mem: Vec<T>,
     file: Option<BufWriter<File>>,
     on_disk: u64,
@@ -20,12 +20,12 @@ pub struct Spill<T> {
 }
 
 impl<T: Serialize + DeserializeOwned> Spill<T> {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Spill::with_limit(IN_MEMORY)
     }
 
     /// A list keeping at most `limit` items in memory.
-    pub fn with_limit(limit: usize) -> Self {
+    pub(crate) fn with_limit(limit: usize) -> Self {
         Spill {
             mem: Vec::new(),
             file: None,
@@ -34,19 +34,16 @@ impl<T: Serialize + DeserializeOwned> Spill<T> {
         }
     }
 
-    pub fn len(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> u64 {
         self.mem.len() as u64 + self.on_disk
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Appends `item`.
     ///
     /// # Errors
     /// The temporary file cannot be made or written (a full disk).
-    pub fn push(&mut self, item: T) -> io::Result<()> {
+    pub(crate) fn push(&mut self, item: T) -> io::Result<()> {
         if self.file.is_none() && self.mem.len() < self.limit {
             self.mem.push(item);
             return Ok(());
@@ -66,7 +63,7 @@ impl<T: Serialize + DeserializeOwned> Spill<T> {
     ///
     /// # Errors
     /// Reading the temporary file back failed.
-    pub fn drain(self) -> io::Result<Drain<T>> {
+    pub(crate) fn drain(self) -> io::Result<Drain<T>> {
         let file = match self.file {
             Some(f) => {
                 let mut f = f.into_inner().map_err(|e| e.into_error())?;
@@ -91,7 +88,7 @@ impl<T: Serialize + DeserializeOwned> Default for Spill<T> {
 }
 
 /// The items of a [`Spill`], in order.
-pub struct Drain<T> {
+pub(crate) struct Drain<T> {
     mem: std::vec::IntoIter<T>,
     file: Option<BufReader<File>>,
     left: u64,

@@ -21,35 +21,35 @@ use std::sync::Arc;
 /// subtree is listed; one that only leads somewhere holds just the names that lead on,
 /// looked up one by one, so a scope deep in a huge directory costs a few lookups.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scopes {
+pub(crate) struct Scopes {
     /// Normalized: sorted by path, nothing inside a listed subtree.
     scopes: Vec<(RelPath, Scope)>,
 }
 
 impl Scopes {
-    pub fn new(scopes: &[(RelPath, Scope)]) -> Scopes {
+    pub(crate) fn new(scopes: &[(RelPath, Scope)]) -> Scopes {
         Scopes {
             scopes: normalize_scopes(scopes),
         }
     }
 
     /// The whole tree.
-    pub fn all() -> Scopes {
+    pub(crate) fn all() -> Scopes {
         Scopes {
             scopes: vec![(RelPath::root(), Scope::Tree)],
         }
     }
 
-    pub fn is_all(&self) -> bool {
+    pub(crate) fn is_all(&self) -> bool {
         self.scopes == [(RelPath::root(), Scope::Tree)]
     }
 
-    pub fn as_slice(&self) -> &[(RelPath, Scope)] {
+    pub(crate) fn as_slice(&self) -> &[(RelPath, Scope)] {
         &self.scopes
     }
 
     /// True when everything in `dir` is covered: it lies in a whole subtree.
-    pub fn lists(&self, dir: &RelPath) -> bool {
+    pub(crate) fn lists(&self, dir: &RelPath) -> bool {
         if self.is_all() {
             return true;
         }
@@ -85,7 +85,7 @@ impl Scopes {
 
     /// The names in `dir` that are covered or lead to something covered, sorted: what a
     /// directory that [`Scopes::lists`] does not list holds.
-    pub fn names_in(&self, dir: &RelPath) -> Vec<Vec<u8>> {
+    pub(crate) fn names_in(&self, dir: &RelPath) -> Vec<Vec<u8>> {
         let skip = if dir.is_root() {
             0
         } else {
@@ -107,12 +107,12 @@ impl Scopes {
 
     /// True when the walk goes into the directory `dir` (one its parent holds): it is
     /// covered whole, or leads to something covered.
-    pub fn enters(&self, dir: &RelPath) -> bool {
+    pub(crate) fn enters(&self, dir: &RelPath) -> bool {
         self.lists(dir) || !self.beneath(dir).is_empty()
     }
 
     /// True when `path` belongs in its parent's unit.
-    pub fn holds(&self, path: &RelPath) -> bool {
+    pub(crate) fn holds(&self, path: &RelPath) -> bool {
         path.is_root()
             || self.lists(&path.split().0)
             || self.scopes.binary_search_by(|(p, _)| p.cmp(path)).is_ok()
@@ -139,7 +139,7 @@ struct Frame {
 /// Walks a tree (or the part [`Scopes`] cover) one [`Unit`] at a time. It holds open only
 /// the directories on the path from the root to where it is, and the names of their
 /// subdirectories still to visit.
-pub struct Walker<'r> {
+pub(crate) struct Walker<'r> {
     root: &'r Root,
     opts: ScanOptions,
     scopes: Scopes,
@@ -153,13 +153,14 @@ pub struct Walker<'r> {
 }
 
 impl<'r> Walker<'r> {
+    #[cfg(test)]
     /// A walk of the whole tree.
-    pub fn new(root: &'r Root, opts: ScanOptions) -> Walker<'r> {
+    pub(crate) fn new(root: &'r Root, opts: ScanOptions) -> Walker<'r> {
         Walker::scoped(root, opts, Scopes::all(), None)
     }
 
     /// A walk of what `scopes` cover, reading each directory only once `gate` lets it.
-    pub fn scoped(
+    pub(crate) fn scoped(
         root: &'r Root,
         opts: ScanOptions,
         scopes: Scopes,
@@ -182,7 +183,7 @@ impl<'r> Walker<'r> {
     /// # Errors
     /// Only a failure to read the root itself; any other directory that cannot be read
     /// is a unit carrying the error.
-    pub fn next_unit(&mut self) -> io::Result<Option<Unit>> {
+    pub(crate) fn next_unit(&mut self) -> io::Result<Option<Unit>> {
         if !self.started {
             self.started = true;
             if let Some(g) = &self.gate {
@@ -232,7 +233,7 @@ impl<'r> Walker<'r> {
     ///
     /// # Errors
     /// As [`Walker::next_unit`].
-    pub fn next_batch(&mut self, min_entries: usize) -> io::Result<Option<Vec<Unit>>> {
+    pub(crate) fn next_batch(&mut self, min_entries: usize) -> io::Result<Option<Vec<Unit>>> {
         let mut units = Vec::new();
         let mut n = 0;
         while n < min_entries {
@@ -346,7 +347,7 @@ impl<'r> Walker<'r> {
 /// # Errors
 /// Only a failure to read the root; a directory that cannot be read is passed over (its
 /// names stay unknown, which costs a link made as a copy, never a wrong one).
-pub fn find_names(
+pub(crate) fn find_names(
     root: &Root,
     filter: &crate::model::filter::Filter,
     wanted: &std::collections::HashSet<crate::model::manifest::LinkKey>,

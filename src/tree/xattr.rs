@@ -35,7 +35,7 @@ impl Policy {
 /// Warns that attributes are not mirrored, once in this process for each `about` (the
 /// namespaces missing): a primary and its local standby in one process say it once
 /// between them, and a second standby that lacks others still says so.
-pub fn say_once(about: &str, message: &str) {
+pub(crate) fn say_once(about: &str, message: &str) {
     static SAID: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
     if !said.iter().any(|a| a == about) {
@@ -45,14 +45,14 @@ pub fn say_once(about: &str, message: &str) {
 }
 
 /// Whether this host runs SELinux (its labels are then worth carrying).
-pub fn selinux_enabled() -> bool {
+pub(crate) fn selinux_enabled() -> bool {
     std::path::Path::new("/sys/fs/selinux/enforce").exists()
 }
 
 /// Where attributes are read or set: an open file, or a name in an open directory (never
 /// followed if it is a symlink).
 #[derive(Clone, Copy)]
-pub enum At<'a> {
+pub(crate) enum At<'a> {
     Fd(BorrowedFd<'a>),
     Name(BorrowedFd<'a>, &'a [u8]),
 }
@@ -178,7 +178,7 @@ fn with_buffer(
 
 /// Reads the attributes of `at` that `policy` keeps. A filesystem without attributes has
 /// none; an attribute removed while read is skipped.
-pub fn read(at: At<'_>, policy: &Policy) -> io::Result<Xattrs> {
+pub(crate) fn read(at: At<'_>, policy: &Policy) -> io::Result<Xattrs> {
     if policy.is_none() {
         return Ok(Xattrs::default());
     }
@@ -213,7 +213,7 @@ pub fn read(at: At<'_>, policy: &Policy) -> io::Result<Xattrs> {
 
 /// Makes the kept attributes of `at` exactly `want`: removes the others `policy` keeps
 /// (an ACL inherited from the directory, say) and sets what differs.
-pub fn apply(at: At<'_>, want: &Xattrs, policy: &Policy) -> io::Result<()> {
+pub(crate) fn apply(at: At<'_>, want: &Xattrs, policy: &Policy) -> io::Result<()> {
     if policy.is_none() {
         return Ok(());
     }
@@ -275,7 +275,7 @@ fn minimal_acl() -> Vec<u8> {
 
 /// What the filesystem of the open file `fd` can store, found by trying each namespace
 /// on it (a scratch file the caller removes after).
-pub fn probe(fd: BorrowedFd<'_>) -> Policy {
+pub(crate) fn probe(fd: BorrowedFd<'_>) -> Policy {
     let at = At::Fd(fd);
     let can = |name: &[u8], value: &[u8]| {
         let ok = at.set(name, value).is_ok();

@@ -6,8 +6,8 @@ use crate::transport::{Connection, SendHalf, Stream};
 use crate::wire::protocol::{FrameReader, FrameWriter, Message, ProtocolError};
 use std::io::Read;
 
-pub type Reader = FrameReader<Box<dyn Read + Send>>;
-pub type Writer = FrameWriter<Box<dyn SendHalf>>;
+pub(crate) type Reader = FrameReader<Box<dyn Read + Send>>;
+pub(crate) type Writer = FrameWriter<Box<dyn SendHalf>>;
 
 /// A framed bidirectional stream.
 pub struct Channel {
@@ -16,7 +16,7 @@ pub struct Channel {
 }
 
 impl Channel {
-    pub fn new(s: Stream) -> Channel {
+    pub(crate) fn new(s: Stream) -> Channel {
         Channel {
             r: FrameReader::new(s.recv),
             w: FrameWriter::new(s.send),
@@ -43,12 +43,12 @@ impl Channel {
     }
 
     /// The next message, or `None` at a clean end of the stream.
-    pub fn recv_opt(&mut self) -> Result<Option<Message>, ProtocolError> {
+    pub(crate) fn recv_opt(&mut self) -> Result<Option<Message>, ProtocolError> {
         self.r.recv_opt()
     }
 
     /// Flushes and ends our half of the stream.
-    pub fn finish(&mut self) -> Result<(), ProtocolError> {
+    pub(crate) fn finish(&mut self) -> Result<(), ProtocolError> {
         self.w.flush()?;
         self.w.get_mut().finish()?;
         Ok(())
@@ -68,7 +68,7 @@ impl Channel {
     }
 
     /// The standby's side: our greeting, then the primary's. Returns the version both speak.
-    pub fn accept_session(&mut self) -> Result<u16, ProtocolError> {
+    pub(crate) fn accept_session(&mut self) -> Result<u16, ProtocolError> {
         self.w.greeting()?;
         self.w.flush()?;
         self.r.greeting()

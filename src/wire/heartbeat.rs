@@ -89,7 +89,7 @@ fn hear_beats(r: &mut Reader, pulse: &dyn Pulse) {
 }
 
 /// The primary's running heartbeat; dropping it stops the beats.
-pub struct Beating {
+pub(crate) struct Beating {
     stop: Arc<Stop>,
     writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -108,7 +108,7 @@ impl Drop for Beating {
 ///
 /// # Errors
 /// The stream could not be opened, or the first beat not sent.
-pub fn start(
+pub(crate) fn start(
     conn: Arc<dyn Connection>,
     pulse: Arc<dyn Pulse>,
 ) -> Result<Beating, crate::wire::protocol::ProtocolError> {
@@ -136,7 +136,7 @@ pub fn start(
 
 /// The standby's side: answers a heartbeat stream whose first beat was `first`, until the
 /// stream ends; beats back on it meanwhile.
-pub fn answer(conn: &dyn Connection, ch: Channel, first: &Heartbeat, pulse: &dyn Pulse) {
+pub(crate) fn answer(conn: &dyn Connection, ch: Channel, first: &Heartbeat, pulse: &dyn Pulse) {
     pulse.heard(first, Instant::now());
     let Channel { mut r, mut w } = ch;
     let stop = Stop::default();
@@ -148,13 +148,13 @@ pub fn answer(conn: &dyn Connection, ch: Channel, first: &Heartbeat, pulse: &dyn
 }
 
 /// The pulse of a one-off session (`sync`, `verify`): position 0, gone after [`IDLE`].
-pub struct Simple {
+pub(crate) struct Simple {
     epoch: u64,
     last_heard: Mutex<Instant>,
 }
 
 impl Simple {
-    pub fn new(epoch: u64) -> Simple {
+    pub(crate) fn new(epoch: u64) -> Simple {
         Simple {
             epoch,
             last_heard: Mutex::new(Instant::now()),

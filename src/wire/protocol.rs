@@ -40,10 +40,10 @@ pub const MIN_VERSION: u16 = 2;
 /// The first bytes each side sends, so a stray client is recognised at once.
 pub const MAGIC: &[u8; 8] = b"hotsync\0";
 /// Largest encoded control message.
-pub const MAX_FRAME: usize = 1 << 20;
+pub(crate) const MAX_FRAME: usize = 1 << 20;
 /// Most patterns a peer may send, and the longest pattern.
-pub const MAX_EXCLUDES: usize = 4096;
-pub const MAX_PATTERN: usize = 4096;
+pub(crate) const MAX_EXCLUDES: usize = 4096;
+pub(crate) const MAX_PATTERN: usize = 4096;
 
 /// What a session may do on the standby.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,7 +304,7 @@ pub enum Message {
 impl Message {
     /// The operation id of a message that is acknowledged, `None` for the others. No
     /// wildcard here: a new message must say which it is.
-    pub fn op_id(&self) -> Option<u64> {
+    pub(crate) fn op_id(&self) -> Option<u64> {
         match self {
             Message::Clear { id, .. }
             | Message::Mkdir { id, .. }
@@ -349,7 +349,7 @@ impl Message {
 
     /// True for the messages that change the standby tree: exactly those that carry an
     /// operation id, less the acknowledgement.
-    pub fn writes_tree(&self) -> bool {
+    pub(crate) fn writes_tree(&self) -> bool {
         !matches!(self, Message::Ack { .. }) && self.op_id().is_some()
     }
 
@@ -400,7 +400,7 @@ impl Message {
 
 /// The `XattrSums` for `entries` (in the order a `Dir` or `Entries` carries them); `None`
 /// when none has attributes, so nothing is sent.
-pub fn xattr_sums<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<Message> {
+pub(crate) fn xattr_sums<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<Message> {
     let sums: Vec<(u32, Sum)> = entries
         .enumerate()
         .filter(|(_, e)| e.meta.xattrs != Sum::default())
@@ -413,7 +413,7 @@ pub fn xattr_sums<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<Messag
 ///
 /// # Errors
 /// An index past those entries.
-pub fn put_xattr_sums<'a>(
+pub(crate) fn put_xattr_sums<'a>(
     sums: Vec<(u32, Sum)>,
     entries: impl Iterator<Item = &'a mut Entry>,
 ) -> Result<(), ProtocolError> {
@@ -434,7 +434,7 @@ pub fn put_xattr_sums<'a>(
 /// none needs its shape told: only an inode with several names (its link count tells
 /// whether all its names were listed) and a file large enough to have holes (its blocks
 /// tell a dense copy of a sparse file).
-pub fn shapes<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<Message> {
+pub(crate) fn shapes<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<Message> {
     let shapes: Vec<(u32, Shape)> = entries
         .enumerate()
         .filter(|(_, e)| e.link.is_some() || e.file_size().is_some_and(|s| s > SMALL_FILE))
@@ -447,7 +447,7 @@ pub fn shapes<'a>(entries: impl Iterator<Item = &'a Entry>) -> Option<Message> {
 ///
 /// # Errors
 /// An index past those entries.
-pub fn put_shapes<'a>(
+pub(crate) fn put_shapes<'a>(
     shapes: Vec<(u32, Shape)>,
     entries: impl Iterator<Item = &'a mut Entry>,
 ) -> Result<(), ProtocolError> {
@@ -466,7 +466,7 @@ pub fn put_shapes<'a>(
 
 impl ProtocolError {
     /// `got` arrived where `expected` should have.
-    pub fn unexpected(got: &Message, expected: &'static str) -> Self {
+    pub(crate) fn unexpected(got: &Message, expected: &'static str) -> Self {
         ProtocolError::Unexpected {
             got: got.name(),
             expected,
@@ -475,7 +475,7 @@ impl ProtocolError {
 }
 
 /// Sends our greeting; call [`read_greeting`] after it.
-pub fn write_greeting(w: &mut impl Write) -> io::Result<()> {
+pub(crate) fn write_greeting(w: &mut impl Write) -> io::Result<()> {
     let mut g = [0u8; 12];
     g[..8].copy_from_slice(MAGIC);
     g[8..10].copy_from_slice(&VERSION.to_le_bytes());
@@ -485,7 +485,7 @@ pub fn write_greeting(w: &mut impl Write) -> io::Result<()> {
 }
 
 /// Reads the peer's greeting and picks the version both speak.
-pub fn read_greeting(r: &mut impl Read) -> Result<u16, ProtocolError> {
+pub(crate) fn read_greeting(r: &mut impl Read) -> Result<u16, ProtocolError> {
     let mut g = [0u8; 12];
     r.read_exact(&mut g).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -503,7 +503,7 @@ pub fn read_greeting(r: &mut impl Read) -> Result<u16, ProtocolError> {
 }
 
 /// The highest version both sides speak.
-pub fn negotiate(theirs: u16, theirs_min: u16) -> Result<u16, ProtocolError> {
+pub(crate) fn negotiate(theirs: u16, theirs_min: u16) -> Result<u16, ProtocolError> {
     let v = VERSION.min(theirs);
     if v < MIN_VERSION || v < theirs_min {
         return Err(ProtocolError::Version {
@@ -535,7 +535,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
 }
 
 /// Decodes one frame body.
-pub fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
+pub(crate) fn decode(body: &[u8]) -> Result<Message, ProtocolError> {
     Ok(postcard::from_bytes(body)?)
 }
 
@@ -554,7 +554,7 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// The next message, or `None` at a clean end of stream between frames.
-    pub fn recv_opt(&mut self) -> Result<Option<Message>, ProtocolError> {
+    pub(crate) fn recv_opt(&mut self) -> Result<Option<Message>, ProtocolError> {
         let mut len = [0u8; 4];
         let mut got = 0;
         while got < 4 {
@@ -593,7 +593,7 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Raw access for streaming bulk bytes (delta ops).
-    pub fn raw(&mut self) -> &mut BufReader<R> {
+    pub(crate) fn raw(&mut self) -> &mut BufReader<R> {
         &mut self.r
     }
 
@@ -636,7 +636,7 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
-    pub fn raw(&mut self) -> &mut BufWriter<W> {
+    pub(crate) fn raw(&mut self) -> &mut BufWriter<W> {
         &mut self.w
     }
 
@@ -650,13 +650,13 @@ impl<W: Write> FrameWriter<W> {
         Ok(())
     }
 
-    pub fn get_mut(&mut self) -> &mut W {
+    pub(crate) fn get_mut(&mut self) -> &mut W {
         self.w.get_mut()
     }
 }
 
 /// Checks that a peer's exclude patterns are within bounds.
-pub fn check_excludes(excludes: &[String]) -> Result<(), ProtocolError> {
+pub(crate) fn check_excludes(excludes: &[String]) -> Result<(), ProtocolError> {
     if excludes.len() > MAX_EXCLUDES || excludes.iter().any(|p| p.len() > MAX_PATTERN) {
         return Err(ProtocolError::Invalid(
             "too many or too long exclude patterns".into(),
