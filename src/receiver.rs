@@ -18,7 +18,7 @@ use crate::protocol::{
 };
 use crate::protocol::{ErrorCode, SessionMode};
 use crate::scan::{ScanOptions, scan_scopes};
-use crate::standby::{CutKind, Peer, SessionEntry, SessionPulse, Standby};
+use crate::standby::{Cut, Peer, SessionEntry, SessionPulse, Standby};
 use crate::status::Space;
 use crate::transport::{Connection, SendHalf};
 use crate::xattr::Xattrs;
@@ -31,7 +31,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-pub use crate::standby::SessionReport;
+use crate::standby::SessionReport;
 
 /// The state shared by all streams of one session.
 struct Session<'s> {
@@ -57,7 +57,7 @@ struct Session<'s> {
 /// # Errors
 /// [`Error::Refused`] when the session was refused (the primary was told why), or the
 /// protocol error that ended it.
-pub fn serve(
+pub(crate) fn serve(
     conn: Arc<dyn Connection>,
     standby: &Standby,
     peer: Peer,
@@ -91,12 +91,9 @@ pub fn serve(
         Ok(f) => f,
         Err(e) => return Err(refuse(&mut ch, ErrorCode::Refused, e.to_string())),
     };
-    let cut = {
+    let cut: Cut = {
         let conn = conn.clone();
-        Box::new(move |how: CutKind, why: &str| match how {
-            CutKind::Abort => conn.abort(why),
-            CutKind::Fence => conn.fence(why),
-        })
+        Box::new(move |why: &str| conn.fence(why))
     };
     let admission = match standby.admit(peer, (!read_only).then_some(epoch), cut) {
         Ok(a) => a,
