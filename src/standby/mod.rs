@@ -39,7 +39,7 @@ pub enum Access {
 
 pub use crate::epoch::{Position, Role};
 pub use promote::PromoteReport;
-pub(crate) use sessions::{Cut, Peer, SessionEntry, SessionPulse, SessionReport};
+pub(crate) use sessions::{Admission, Cut, Peer, SessionEntry, SessionPulse, SessionReport};
 
 /// A standby tree, open for the life of the process.
 pub struct Standby {

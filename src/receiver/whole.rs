@@ -1,0 +1,113 @@
+//! Receiving a whole file on a stream of its own: `BigFile` (its bytes follow, then
+//! `FileEnd`) or `SparseFile` (its data extents follow, each where it belongs; what none
+//! covers stays a hole). Whole files carry no digest: QUIC's AEAD already proves the bytes
+//! on the wire, and `verify` proves the copies.
+
+use super::ops::{Ops, Then, check_writable};
+use super::session::Dirs;
+use super::stage::{EntryResult, Incoming, TempSink};
+use crate::manifest::{Hash, Meta};
+use crate::path::RelPath;
+use crate::protocol::{FrameReader, Message, ProtocolError};
+use crate::transport::SendHalf;
+use std::io::Read;
+
+impl<R: Read, W: SendHalf> Ops<'_, R, W> {
+    /// `BigFile`: `size` bytes follow; the file is staged when the primary completed it.
+    pub(super) fn big_file(
+        &mut self,
+        id: u64,
+        path: RelPath,
+        meta: Meta,
+        size: u64,
+    ) -> Result<Then, ProtocolError> {
+        check_writable(&path)?;
+        let file = self.incoming(id, path, meta, size);
+        let res = receive_big(&mut self.dirs, self.r, &file)?;
+        self.stage(id, res);
+        Ok(Then::Commit)
+    }
+
+    /// `SparseFile`: its extents follow; the file is staged with its holes.
+    pub(super) fn sparse_file(
+        &mut self,
+        id: u64,
+        path: RelPath,
+        meta: Meta,
+        size: u64,
+    ) -> Result<Then, ProtocolError> {
+        check_writable(&path)?;
+        let file = self.incoming(id, path, meta, size);
+        let res = receive_sparse(&mut self.dirs, self.r, &file)?;
+        self.stage(id, res);
+        Ok(Then::Commit)
+    }
+}
+
+/// Reads the `FileEnd` that closes a file's bytes: whether the primary completed the file,
+/// and its digest.
+pub(super) fn file_end<R: Read>(
+    r: &mut FrameReader<R>,
+) -> Result<(bool, Option<Hash>), ProtocolError> {
+    match r.recv()? {
+        Message::FileEnd { complete, digest } => Ok((complete, digest)),
+        other => Err(ProtocolError::unexpected(&other, "FileEnd")),
+    }
+}
+
+/// Receives a whole file into a temp. The outer error is fatal (the stream is unusable);
+/// the inner one concerns this file only.
+fn receive_big<R: Read>(
+    dirs: &mut Dirs,
+    r: &mut FrameReader<R>,
+    file: &Incoming,
+) -> Result<EntryResult, ProtocolError> {
+    let mut sink = TempSink::create(dirs, &file.path);
+    sink.take_raw(r, file.size, &mut Vec::new())?;
+    let (complete, digest) = file_end(r)?;
+    if digest.is_some() {
+        return Err(ProtocolError::Invalid(
+            "a whole file carries no digest".into(),
+        ));
+    }
+    Ok(sink.finish(dirs.session(), file, complete, None))
+}
+
+/// Receives a file with holes: its data extents, in order, written where they belong;
+/// what none covers stays a hole in the temp, whose size is then set.
+fn receive_sparse<R: Read>(
+    dirs: &mut Dirs,
+    r: &mut FrameReader<R>,
+    file: &Incoming,
+) -> Result<EntryResult, ProtocolError> {
+    let size = file.size;
+    let mut sink = TempSink::create(dirs, &file.path);
+    let mut buf = Vec::new();
+    let mut at = 0u64;
+    loop {
+        match r.recv()? {
+            Message::Extent { offset, len } => {
+                if offset < at || offset.checked_add(len).is_none_or(|end| end > size) {
+                    return Err(ProtocolError::Invalid(format!(
+                        "an extent of {len} bytes at {offset} in a sparse file of {size} \
+                         bytes, after {at}"
+                    )));
+                }
+                sink.seek_to(offset);
+                sink.take_raw(r, len, &mut buf)?;
+                at = offset + len;
+            }
+            Message::FileEnd { complete, digest } => {
+                if digest.is_some() {
+                    return Err(ProtocolError::Invalid(
+                        "a sparse file carries no digest".into(),
+                    ));
+                }
+                sink.set_len(size);
+                return Ok(sink.finish(dirs.session(), file, complete, None));
+            }
+            other => return Err(ProtocolError::unexpected(&other, "Extent")),
+        }
+    }
+}
+
