@@ -161,8 +161,11 @@ fn run(
             return;
         }
         tracing::warn!("closing the session: {e}");
-        conn.abort(&e.to_string());
+        let reason = e.to_string();
+        // Kept before the connection is aborted: the abort fails every other stream too,
+        // and those failures (a lost connection) are only its consequence.
         fatal.lock().unwrap().get_or_insert(e);
+        conn.abort(&reason);
     };
     std::thread::scope(|s| {
         let fail = &fail;
