@@ -354,3 +354,182 @@ impl DeltaSink for TempSink {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Primary, end_stream, meta, path};
+    use crate::delta::{self, BaseSignature, DeltaEncoder, chunk_size, coarse_wire, hash_chunks};
+    use crate::manifest::Hash;
+    use crate::protocol::{Message, OpError, SessionMode};
+
+    fn pseudo_random(n: usize, mut x: u64) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// What the primary saw of a delta it sent.
+    struct Sent {
+        /// The standby offered its version as a base.
+        based: bool,
+        /// Bytes that went as literals.
+        literal: u64,
+        ack: (u64, Option<OpError>),
+    }
+
+    /// Sends `new` as a delta to `name`, as the primary does, with `digest` as its proof
+    /// (the true one if `None`).
+    fn send_delta(p: &Primary, id: u64, name: &str, new: &[u8], digest: Option<Hash>) -> Sent {
+        let size = new.len() as u64;
+        let chunk = chunk_size(size);
+        let (digests, ours) = hash_chunks(new, size, chunk).unwrap();
+        let mut s = p.stream();
+        s.send(&Message::Delta {
+            id,
+            path: path(name),
+            meta: meta(0o644, 1_700_000_000),
+            size,
+            chunk,
+            chunks: digests.len() as u64,
+        })
+        .unwrap();
+        for c in coarse_wire(&digests) {
+            s.w.write_raw(&c).unwrap();
+        }
+        s.flush().unwrap();
+        let encoder = match s.recv().unwrap() {
+            Message::BaseSig {
+                base_size,
+                block_size,
+                matched_len,
+                fine_len,
+            } => {
+                let mut matched = vec![0; matched_len as usize];
+                s.r.read_raw(&mut matched).unwrap();
+                let mut fine = vec![0; fine_len as usize];
+                s.r.read_raw(&mut fine).unwrap();
+                let sig = BaseSignature {
+                    block_size,
+                    matched,
+                    fine,
+                };
+                Some(DeltaEncoder::new(base_size, chunk, sig).unwrap())
+            }
+            Message::NoBase { .. } => None,
+            other => panic!("expected BaseSig or NoBase, got {other:?}"),
+        };
+        let stats = match &encoder {
+            Some(e) => e.encode(new, size, s.w.raw()),
+            None => delta::encode_literal(new, size, s.w.raw()),
+        }
+        .unwrap();
+        s.send(&Message::FileEnd {
+            complete: true,
+            digest: Some(digest.unwrap_or(ours)),
+        })
+        .unwrap();
+        Sent {
+            based: encoder.is_some(),
+            literal: stats.literal,
+            ack: end_stream(s),
+        }
+    }
+
+    /// A base of 1.5 MiB on the standby, and a new version with a few bytes changed in the
+    /// middle and some appended.
+    fn versions() -> (Vec<u8>, Vec<u8>) {
+        let base = pseudo_random(1536 * 1024, 1);
+        let mut new = base.clone();
+        new[700_000..700_100].fill(0xAB);
+        new.extend_from_slice(&pseudo_random(1000, 2));
+        (base, new)
+    }
+
+    #[test]
+    fn a_delta_is_applied_against_the_standby_s_version() {
+        let (base, new) = versions();
+        let p = Primary::start_with(SessionMode::Write, |t| {
+            std::fs::write(t.join("f"), &base).unwrap();
+        });
+        let sent = send_delta(&p, 9, "f", &new, None);
+        assert_eq!(sent.ack, (9, None));
+        assert!(sent.based, "the standby's version is the base");
+        assert!(
+            sent.literal < 64 * 1024,
+            "{} bytes sent as literals",
+            sent.literal
+        );
+        assert!(std::fs::read(p.tree().join("f")).unwrap() == new);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn a_delta_that_does_not_check_out_is_refused_and_the_base_kept() {
+        let (base, new) = versions();
+        let p = Primary::start_with(SessionMode::Write, |t| {
+            std::fs::write(t.join("f"), &base).unwrap();
+        });
+        let sent = send_delta(&p, 9, "f", &new, Some([7; 32]));
+        let (id, error) = sent.ack;
+        assert_eq!(id, 9);
+        assert!(
+            error.is_some_and(|e| e.retry),
+            "the primary is asked to resend it"
+        );
+        assert!(std::fs::read(p.tree().join("f")).unwrap() == base);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn without_a_base_the_delta_is_all_literals() {
+        let (_, new) = versions();
+        let p = Primary::start(SessionMode::Write);
+        let sent = send_delta(&p, 2, "new", &new, None);
+        assert_eq!(sent.ack, (2, None));
+        assert!(!sent.based);
+        assert!(std::fs::read(p.tree().join("new")).unwrap() == new);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn the_standby_signs_a_base_of_up_to_four_times_the_chunks_of_a_file() {
+        let chunk = chunk_size(1);
+        assert!(super::signable(4 * delta::MAX_CHUNKS * chunk, chunk));
+        assert!(!super::signable(4 * delta::MAX_CHUNKS * chunk + 1, chunk));
+    }
+
+    #[test]
+    fn both_kinds_of_delta_are_one_head() {
+        let (id, path, meta, size, chunk, chunks) = (1, path("f"), meta(0o600, 1), 10, 1 << 18, 1);
+        let plain = Message::Delta {
+            id,
+            path: path.clone(),
+            meta,
+            size,
+            chunk,
+            chunks,
+        };
+        let sparse = Message::SparseDelta {
+            id,
+            path,
+            meta,
+            size,
+            chunk,
+            chunks,
+        };
+        let (a, b) = (
+            super::DeltaHead::try_from(plain).unwrap(),
+            super::DeltaHead::try_from(sparse).unwrap(),
+        );
+        assert!(!a.chunking.sparse && b.chunking.sparse);
+        assert_eq!((a.id, &a.path, a.size), (b.id, &b.path, b.size));
+        assert_eq!(
+            super::DeltaHead::try_from(Message::Close).unwrap_err(),
+            Message::Close
+        );
+    }
+}

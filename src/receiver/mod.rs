@@ -19,6 +19,8 @@ mod session;
 mod small;
 mod sparse;
 mod stage;
+#[cfg(test)]
+mod testing;
 mod tree;
 mod whole;
 

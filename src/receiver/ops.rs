@@ -310,3 +310,82 @@ fn send_acks<W: Write>(
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Primary, meta, path};
+    use crate::error::Error;
+    use crate::protocol::{Message, ProtocolError, SessionMode};
+
+    #[test]
+    fn writing_into_the_reserved_area_ends_the_session_with_a_protocol_error() {
+        let mut p = Primary::start(SessionMode::Write);
+        let mut lane = p.stream();
+        lane.send(&Message::SmallFile {
+            id: 1,
+            path: path(".hotsync/x"),
+            meta: meta(0o644, 1),
+            len: 1,
+        })
+        .unwrap();
+        lane.w.write_raw(b"x").unwrap();
+        lane.flush().unwrap();
+        let e = p.ended().unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ProtocolError::Invalid(_))),
+            "{e}"
+        );
+        // The primary learns why from the connection, and nothing was written.
+        assert!(matches!(p.failure(), Some(Error::Standby(_))));
+        assert!(!p.tree().join(".hotsync/x").exists());
+    }
+
+    #[test]
+    fn a_message_out_of_place_ends_the_session() {
+        let mut p = Primary::start(SessionMode::Write);
+        let mut lane = p.stream();
+        lane.send(&Message::Flushed { seq: 1 }).unwrap();
+        lane.flush().unwrap();
+        let e = p.ended().unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ProtocolError::Unexpected { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_read_only_session_lists_but_refuses_to_write() {
+        let mut p = Primary::start_with(SessionMode::ReadOnly, |t| {
+            std::fs::write(t.join("a"), b"a").unwrap();
+        });
+        p.ctrl
+            .send(&Message::List {
+                scopes: vec![(crate::path::RelPath::root(), crate::manifest::Scope::Tree)],
+                checksum: false,
+                hash_rate: 0,
+            })
+            .unwrap();
+        p.ctrl.flush().unwrap();
+        let mut listed = 0;
+        loop {
+            match p.ctrl.recv().unwrap() {
+                Message::Entries { entries, .. } => listed += entries.len(),
+                Message::ListEnd { .. } => break,
+                _ => {}
+            }
+        }
+        assert!(listed >= 1, "the tree is listed");
+        let mut lane = p.stream();
+        lane.send(&Message::Mkdir {
+            id: 1,
+            path: path("d"),
+        })
+        .unwrap();
+        lane.flush().unwrap();
+        let e = p.ended().unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ProtocolError::Invalid(_))),
+            "{e}"
+        );
+        assert!(!p.tree().join("d").exists());
+    }
+}

@@ -32,3 +32,35 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Primary, flush, meta, path};
+    use crate::protocol::{Message, SessionMode};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_small_file_is_staged_and_named_with_its_attributes_at_the_commit() {
+        let p = Primary::start(SessionMode::Write);
+        let mut lane = p.stream();
+        lane.send(&Message::SmallFile {
+            id: 7,
+            path: path("a"),
+            meta: meta(0o640, 1_600_000_000),
+            len: 5,
+        })
+        .unwrap();
+        lane.w.write_raw(b"hello").unwrap();
+        assert_eq!(flush(&mut lane, 1), vec![(7, None)]);
+        let file = p.tree().join("a");
+        assert_eq!(std::fs::read(&file).unwrap(), b"hello");
+        let st = std::fs::symlink_metadata(&file).unwrap();
+        assert_eq!(st.mode() & 0o7777, 0o640);
+        assert_eq!((st.mtime(), st.mtime_nsec()), (1_600_000_000, 5));
+        // Nothing is left of the temp it was received into.
+        let names: Vec<_> = std::fs::read_dir(p.tree()).unwrap().collect();
+        assert_eq!(names.len(), 2, "a and .hotsync only: {names:?}");
+        drop(lane);
+        let report = p.close().unwrap();
+        assert_eq!((report.files_written, report.bytes_written), (1, 5));
+    }
+}

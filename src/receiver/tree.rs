@@ -178,3 +178,87 @@ fn check_type(dir: &OwnedFd, name: &[u8], target: MetaTarget) -> io::Result<()> 
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Primary, flush, meta, path};
+    use crate::protocol::{Message, SessionMode};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_symlink_and_hard_links_are_staged_and_named_at_the_commit() {
+        let p = Primary::start(SessionMode::Write);
+        let mut lane = p.stream();
+        lane.send(&Message::SmallFile {
+            id: 1,
+            path: path("f"),
+            meta: meta(0o644, 1_600_000_000),
+            len: 4,
+        })
+        .unwrap();
+        lane.w.write_raw(b"data").unwrap();
+        lane.send(&Message::Symlink {
+            id: 2,
+            path: path("s"),
+            target: b"f".to_vec(),
+            meta: meta(0o777, 1_600_000_001),
+        })
+        .unwrap();
+        let mut acks = flush(&mut lane, 1);
+        acks.sort_by_key(|(id, _)| *id);
+        assert_eq!(acks, vec![(1, None), (2, None)]);
+        // A link is made to what is there: the file, and the symlink itself.
+        for (id, name, target) in [(3, "h", "f"), (4, "s2", "s")] {
+            lane.send(&Message::Link {
+                id,
+                path: path(name),
+                target: path(target),
+            })
+            .unwrap();
+        }
+        let mut acks = flush(&mut lane, 2);
+        acks.sort_by_key(|(id, _)| *id);
+        assert_eq!(acks, vec![(3, None), (4, None)]);
+        let t = p.tree();
+        assert_eq!(
+            std::fs::read_link(t.join("s")).unwrap(),
+            t.join("f").strip_prefix(t).unwrap()
+        );
+        let s = std::fs::symlink_metadata(t.join("s")).unwrap();
+        assert_eq!(s.mtime(), 1_600_000_001);
+        let f = std::fs::metadata(t.join("f")).unwrap();
+        assert_eq!(
+            (f.ino(), f.nlink()),
+            (std::fs::metadata(t.join("h")).unwrap().ino(), 2)
+        );
+        let s2 = std::fs::symlink_metadata(t.join("s2")).unwrap();
+        assert!(s2.file_type().is_symlink());
+        assert_eq!((s2.ino(), s2.nlink()), (s.ino(), 2));
+        drop(lane);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn a_link_to_a_missing_file_fails_that_link_only() {
+        let p = Primary::start(SessionMode::Write);
+        let mut lane = p.stream();
+        lane.send(&Message::Link {
+            id: 1,
+            path: path("h"),
+            target: path("missing"),
+        })
+        .unwrap();
+        lane.send(&Message::Mkdir {
+            id: 2,
+            path: path("d"),
+        })
+        .unwrap();
+        let mut acks = flush(&mut lane, 1);
+        acks.sort_by_key(|(id, _)| *id);
+        assert!(acks[0].0 == 1 && acks[0].1.is_some(), "{acks:?}");
+        assert_eq!(acks[1], (2, None));
+        assert!(p.tree().join("d").is_dir());
+        assert!(!p.tree().join("h").exists());
+        drop(lane);
+        p.close().unwrap();
+    }
+}

@@ -111,3 +111,101 @@ fn receive_sparse<R: Read>(
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Primary, end_stream, keeps_holes, meta, path};
+    use crate::protocol::{Message, SessionMode};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_big_file_is_received_on_its_own_stream() {
+        let p = Primary::start(SessionMode::Write);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut s = p.stream();
+        s.send(&Message::BigFile {
+            id: 3,
+            path: path("big"),
+            meta: meta(0o600, 1_500_000_000),
+            size: data.len() as u64,
+        })
+        .unwrap();
+        s.w.write_raw(&data).unwrap();
+        s.send(&Message::FileEnd {
+            complete: true,
+            digest: None,
+        })
+        .unwrap();
+        assert_eq!(end_stream(s), (3, None));
+        assert_eq!(std::fs::read(p.tree().join("big")).unwrap(), data);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn a_sparse_file_keeps_its_holes() {
+        const MIB: u64 = 1 << 20;
+        let p = Primary::start(SessionMode::Write);
+        let mut s = p.stream();
+        s.send(&Message::SparseFile {
+            id: 4,
+            path: path("sparse"),
+            meta: meta(0o644, 1_500_000_000),
+            size: 8 * MIB,
+        })
+        .unwrap();
+        // Data at the start and in the middle; a hole between and to the end.
+        for (offset, byte) in [(0, 1u8), (4 * MIB, 2)] {
+            s.send(&Message::Extent { offset, len: 4096 }).unwrap();
+            s.w.write_raw(&[byte; 4096]).unwrap();
+        }
+        s.send(&Message::FileEnd {
+            complete: true,
+            digest: None,
+        })
+        .unwrap();
+        assert_eq!(end_stream(s), (4, None));
+        let file = p.tree().join("sparse");
+        let got = std::fs::read(&file).unwrap();
+        let mut want = vec![0u8; 8 * MIB as usize];
+        want[..4096].fill(1);
+        want[4 * MIB as usize..4 * MIB as usize + 4096].fill(2);
+        assert!(got == want, "the content differs");
+        if keeps_holes(p.tree()) {
+            let blocks = std::fs::metadata(&file).unwrap().blocks() * 512;
+            assert!(
+                blocks <= 64 * 1024,
+                "{blocks} bytes of blocks for 8 KiB of data"
+            );
+        }
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn an_extent_out_of_order_ends_the_session() {
+        let mut p = Primary::start(SessionMode::Write);
+        let mut s = p.stream();
+        s.send(&Message::SparseFile {
+            id: 5,
+            path: path("sparse"),
+            meta: meta(0o644, 1_500_000_000),
+            size: 1 << 20,
+        })
+        .unwrap();
+        s.send(&Message::Extent {
+            offset: 8192,
+            len: 10,
+        })
+        .unwrap();
+        s.w.write_raw(&[1; 10]).unwrap();
+        s.send(&Message::Extent { offset: 0, len: 10 }).unwrap();
+        s.w.write_raw(&[1; 10]).unwrap();
+        s.flush().unwrap();
+        let e = p.ended().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                crate::Error::Protocol(crate::protocol::ProtocolError::Invalid(_))
+            ),
+            "{e}"
+        );
+    }
+}
