@@ -9,11 +9,11 @@ use super::session::{Dirs, op_error, reason};
 use super::sparse::Holes;
 use super::stage::{EntryResult, Incoming, TempSink, TempTarget};
 use super::whole::file_end;
-use crate::delta::{self, COARSE_HASH_LEN, DeltaSink, MAX_CHUNKS, ReadAt, chunk_size};
-use crate::fsroot;
-use crate::manifest::{Hash, Meta};
-use crate::path::RelPath;
-use crate::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
+use crate::model::delta::{self, COARSE_HASH_LEN, DeltaSink, MAX_CHUNKS, ReadAt, chunk_size};
+use crate::tree::fsroot;
+use crate::model::manifest::{Hash, Meta};
+use crate::model::path::RelPath;
+use crate::wire::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
 use crate::transport::SendHalf;
 use rustix::fs::{FileType, OFlags};
 use rustix::io::Errno;
@@ -208,7 +208,7 @@ fn open_base(dirs: &mut Dirs, path: &RelPath, chunk: u64) -> io::Result<Base> {
     Ok(Base {
         file: File::from(f),
         size: st.st_size as u64,
-        holes: crate::sparse::has_holes(&st),
+        holes: crate::tree::sparse::has_holes(&st),
     })
 }
 
@@ -357,9 +357,9 @@ impl DeltaSink for TempSink {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{Primary, end_stream, meta, path};
-    use crate::delta::{self, BaseSignature, DeltaEncoder, chunk_size, coarse_wire, hash_chunks};
-    use crate::manifest::Hash;
-    use crate::protocol::{Message, OpError, SessionMode};
+    use crate::model::delta::{self, BaseSignature, DeltaEncoder, chunk_size, coarse_wire, hash_chunks};
+    use crate::model::manifest::Hash;
+    use crate::wire::protocol::{Message, OpError, SessionMode};
 
     fn pseudo_random(n: usize, mut x: u64) -> Vec<u8> {
         (0..n)

@@ -3,10 +3,10 @@
 //! of its own), sent in messages well under the frame limit.
 
 use super::session::Session;
-use crate::manifest::{Entry, ScanError, Scope};
-use crate::path::RelPath;
-use crate::protocol::{self, FrameWriter, Message, ProtocolError};
-use crate::scan::{ScanOptions, scan_scopes};
+use crate::model::manifest::{Entry, ScanError, Scope};
+use crate::model::path::RelPath;
+use crate::wire::protocol::{self, FrameWriter, Message, ProtocolError};
+use crate::tree::scan::{ScanOptions, scan_scopes};
 use crate::transport::SendHalf;
 use std::io::{self, Write};
 
@@ -21,7 +21,7 @@ fn entry_size(e: &Entry) -> usize {
     e.path.as_bytes().len()
         + 48
         + match &e.kind {
-            crate::manifest::Kind::Symlink { target } => target.len(),
+            crate::model::manifest::Kind::Symlink { target } => target.len(),
             _ => 0,
         }
 }
@@ -30,7 +30,7 @@ fn entry_size(e: &Entry) -> usize {
 /// preceded by the shapes of its entries and the directory's special files.
 fn send_unit<W: Write>(
     w: &mut FrameWriter<W>,
-    u: crate::walk::Unit,
+    u: crate::tree::walk::Unit,
     version: u16,
 ) -> Result<(), ProtocolError> {
     let mut parts: Vec<Vec<Entry>> = vec![Vec::new()];
@@ -44,7 +44,7 @@ fn send_unit<W: Write>(
         }
     }
     let mut errors: Vec<Vec<ScanError>> = u.errors.chunks(512).map(<[_]>::to_vec).collect();
-    let mut specials: Vec<Vec<crate::manifest::Special>> = if version >= 6 {
+    let mut specials: Vec<Vec<crate::model::manifest::Special>> = if version >= 6 {
         u.specials.chunks(512).map(<[_]>::to_vec).collect()
     } else {
         Vec::new()
@@ -101,7 +101,7 @@ fn send_entries<W: Write>(
 /// `ListEnd`.
 fn send_manifest<W: Write>(
     w: &mut FrameWriter<W>,
-    m: crate::manifest::Manifest,
+    m: crate::model::manifest::Manifest,
     temps_removed: u64,
     version: u16,
 ) -> Result<(), ProtocolError> {
@@ -163,14 +163,14 @@ impl Session<'_> {
     pub(super) fn walk<W: SendHalf>(
         &self,
         w: &mut FrameWriter<W>,
-        scopes: crate::walk::Scopes,
+        scopes: crate::tree::walk::Scopes,
         checksum: bool,
         hash_rate: u64,
     ) -> Result<(), ProtocolError> {
         let (mut count, mut temps_removed) = (0, 0);
         if let Ok(root) = self.standby.root() {
             let opts = self.scan_options(checksum, hash_rate);
-            let mut walker = crate::walk::Walker::scoped(root, opts, scopes, None);
+            let mut walker = crate::tree::walk::Walker::scoped(root, opts, scopes, None);
             let batch = if checksum { WALK_HASH_BATCH } else { 1 };
             let cannot =
                 |e: io::Error| ProtocolError::Invalid(format!("cannot scan the standby tree: {e}"));

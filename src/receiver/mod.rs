@@ -1,5 +1,5 @@
 //! The standby side of a session. Everything here acts on names that were validated when
-//! they were decoded ([`RelPath`](crate::path::RelPath)), through the root's directory
+//! they were decoded ([`RelPath`](crate::model::path::RelPath)), through the root's directory
 //! handle, never following a symlink; a failure with one entry is answered with an error
 //! `Ack`, a protocol violation ends the connection.
 //!
@@ -24,11 +24,11 @@ mod testing;
 mod tree;
 mod whole;
 
-use crate::channel::Channel;
+use crate::wire::channel::Channel;
 use crate::error::Error;
-use crate::filter::Filter;
-use crate::heartbeat;
-use crate::protocol::{self, ErrorCode, Message, ProtocolError, SessionMode};
+use crate::model::filter::Filter;
+use crate::wire::heartbeat;
+use crate::wire::protocol::{self, ErrorCode, Message, ProtocolError, SessionMode};
 use crate::standby::{Admission, Cut, Peer, SessionPulse, SessionReport, Standby};
 use crate::transport::{Connection, Stream};
 use session::Session;
@@ -132,9 +132,9 @@ fn agree_xattrs(
     ch: &mut Channel,
     standby: &Standby,
     version: u16,
-) -> Result<crate::xattr::Policy, ProtocolError> {
+) -> Result<crate::tree::xattr::Policy, ProtocolError> {
     if version < 5 {
-        return Ok(crate::xattr::Policy::none());
+        return Ok(crate::tree::xattr::Policy::none());
     }
     let can = standby.xattrs_can();
     ch.send(&Message::Keeps { can })?;

@@ -6,13 +6,13 @@
 use super::delta::DeltaHead;
 use super::session::{Attrs, Dirs, Session};
 use super::stage::Incoming;
-use crate::atomic::{Batch, Outcome, Staged};
-use crate::manifest::Meta;
-use crate::path::RelPath;
-use crate::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
-use crate::status::Space;
+use crate::tree::atomic::{Batch, Outcome, Staged};
+use crate::model::manifest::Meta;
+use crate::model::path::RelPath;
+use crate::wire::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
+use crate::model::status::Space;
 use crate::transport::SendHalf;
-use crate::xattr::Xattrs;
+use crate::tree::xattr::Xattrs;
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 
@@ -153,12 +153,12 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
             Message::Walk {
                 checksum,
                 hash_rate,
-            } if !self.control => self.walk(crate::walk::Scopes::all(), checksum, hash_rate),
+            } if !self.control => self.walk(crate::tree::walk::Scopes::all(), checksum, hash_rate),
             Message::WalkScopes {
                 scopes,
                 checksum,
                 hash_rate,
-            } if !self.control => self.walk(crate::walk::Scopes::new(&scopes), checksum, hash_rate),
+            } if !self.control => self.walk(crate::tree::walk::Scopes::new(&scopes), checksum, hash_rate),
             Message::Rename { id, from, to } => self.rename(id, &from, &to),
             Message::Clear { id, path } | Message::Delete { id, path } => self.remove(id, &path),
             Message::Mkdir { id, path } => self.mkdir(id, &path),
@@ -207,7 +207,7 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
     /// A walk for the primary, which ends the stream.
     fn walk(
         &mut self,
-        scopes: crate::walk::Scopes,
+        scopes: crate::tree::walk::Scopes,
         checksum: bool,
         hash_rate: u64,
     ) -> Result<Then, ProtocolError> {
@@ -314,7 +314,7 @@ fn send_acks<W: Write>(
 mod tests {
     use super::super::testing::{Primary, meta, path};
     use crate::error::Error;
-    use crate::protocol::{Message, ProtocolError, SessionMode};
+    use crate::wire::protocol::{Message, ProtocolError, SessionMode};
 
     #[test]
     fn writing_into_the_reserved_area_ends_the_session_with_a_protocol_error() {
@@ -359,7 +359,7 @@ mod tests {
         });
         p.ctrl
             .send(&Message::List {
-                scopes: vec![(crate::path::RelPath::root(), crate::manifest::Scope::Tree)],
+                scopes: vec![(crate::model::path::RelPath::root(), crate::model::manifest::Scope::Tree)],
                 checksum: false,
                 hash_rate: 0,
             })

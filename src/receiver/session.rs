@@ -2,13 +2,13 @@
 //! opened, and what every operation needs (attributes to set, cached directory handles,
 //! where temps are made, how a failure with one entry is told to the primary).
 
-use crate::filter::Filter;
-use crate::fsroot::{self, Root, set_meta_at, set_meta_fd};
-use crate::manifest::Meta;
-use crate::path::RelPath;
-use crate::protocol::OpError;
+use crate::model::filter::Filter;
+use crate::tree::fsroot::{self, Root, set_meta_at, set_meta_fd};
+use crate::model::manifest::Meta;
+use crate::model::path::RelPath;
+use crate::wire::protocol::OpError;
 use crate::standby::{SessionEntry, Standby};
-use crate::xattr::Xattrs;
+use crate::tree::xattr::Xattrs;
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io;
@@ -25,7 +25,7 @@ pub(super) struct Session<'s> {
     /// What the session leaves alone (the primary's excludes).
     pub(super) filter: Filter,
     /// The extended attributes and ACLs this session mirrors.
-    pub(super) xattrs: crate::xattr::Policy,
+    pub(super) xattrs: crate::tree::xattr::Policy,
     /// The protocol version the session speaks: what a listing may carry.
     pub(super) version: u16,
     /// Bumped whenever directories may have been removed, so cached handles are dropped.
@@ -33,7 +33,7 @@ pub(super) struct Session<'s> {
     /// This session in the standby's registry (its counters are read live by `status`).
     pub(super) entry: Arc<SessionEntry>,
     /// Where a writing session stages its temps.
-    pub(super) temps: Option<crate::atomic::TempPlace>,
+    pub(super) temps: Option<crate::tree::atomic::TempPlace>,
 }
 
 /// What an entry gets besides its content: its attributes and its extended attributes.
@@ -105,7 +105,7 @@ impl Session<'_> {
     }
 
     /// Where this writing session makes its temps.
-    pub(super) fn temps(&self) -> io::Result<&crate::atomic::TempPlace> {
+    pub(super) fn temps(&self) -> io::Result<&crate::tree::atomic::TempPlace> {
         self.temps.as_ref().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -172,7 +172,7 @@ pub(super) fn op_error(e: &io::Error) -> OpError {
     OpError {
         message: reason(e),
         retry: false,
-        no_space: crate::atomic::is_no_space(e),
+        no_space: crate::tree::atomic::is_no_space(e),
     }
 }
 

@@ -4,9 +4,9 @@
 use super::ops::{Ops, Then, check_writable};
 use super::session::op_error;
 use super::stage::stage_bytes;
-use crate::manifest::Meta;
-use crate::path::RelPath;
-use crate::protocol::{ProtocolError, SMALL_FILE};
+use crate::model::manifest::Meta;
+use crate::model::path::RelPath;
+use crate::wire::protocol::{ProtocolError, SMALL_FILE};
 use crate::transport::SendHalf;
 use std::io::Read;
 
@@ -35,7 +35,7 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{Primary, flush, meta, path};
-    use crate::protocol::{Message, SessionMode};
+    use crate::wire::protocol::{Message, SessionMode};
     use std::os::unix::fs::MetadataExt;
 
     #[test]

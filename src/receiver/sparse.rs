@@ -2,7 +2,7 @@
 //! of the delta's base, are skipped (left as holes) rather than written, so a sparse file
 //! stays sparse on the standby.
 
-use crate::delta::ReadAt;
+use crate::model::delta::ReadAt;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 
@@ -91,13 +91,13 @@ impl Holes {
         let mut off = offset;
         let mut buf = Vec::new();
         while off < end {
-            let data = crate::sparse::next_data(base, off)?.unwrap_or(end).min(end);
+            let data = crate::tree::sparse::next_data(base, off)?.unwrap_or(end).min(end);
             if data > off {
                 self.zeros(w, data - off)?;
                 off = data;
                 continue;
             }
-            let stop = crate::sparse::next_hole(base, off, end)?.clamp(off + 1, end);
+            let stop = crate::tree::sparse::next_hole(base, off, end)?.clamp(off + 1, end);
             buf.resize(((stop - off) as usize).min(1 << 20), 0);
             ReadAt::read_exact_at(base, &mut buf, off)?;
             self.write(w, &buf)?;
@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn a_sparse_temp_leaves_aligned_zeros_and_base_holes_as_holes() {
         let dir = tempfile::tempdir().unwrap();
-        let open = |name: &str| crate::sparse::testing::rw(dir.path(), name);
+        let open = |name: &str| crate::tree::sparse::testing::rw(dir.path(), name);
         // A base: data in its first block, a hole of 1 MiB, data again.
         let base = open("base");
         std::os::unix::fs::FileExt::write_all_at(&base, &[5; 4096], 0).unwrap();
@@ -147,7 +147,7 @@ mod tests {
         f.set_len(want.len() as u64).unwrap();
         assert_eq!(std::fs::read(dir.path().join("out")).unwrap(), want);
         let st = rustix::fs::fstat(&f).unwrap();
-        if crate::sparse::has_holes(&rustix::fs::fstat(&base).unwrap()) {
+        if crate::tree::sparse::has_holes(&rustix::fs::fstat(&base).unwrap()) {
             // Blocks with data: the one of 1s, the one of 2s, and two each for the copied
             // 5s and 6s (they straddle blocks of the output). Of 1 MiB + 45 KiB.
             assert!(

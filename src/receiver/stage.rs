@@ -5,11 +5,11 @@
 
 use super::session::{Attrs, Dirs, Session, op_error};
 use super::sparse::Holes;
-use crate::atomic::{NewTemp, Staged, Temp};
-use crate::fsroot;
-use crate::manifest::Hash;
-use crate::path::RelPath;
-use crate::protocol::{FrameReader, OpError, ProtocolError};
+use crate::tree::atomic::{NewTemp, Staged, Temp};
+use crate::tree::fsroot;
+use crate::model::manifest::Hash;
+use crate::model::path::RelPath;
+use crate::wire::protocol::{FrameReader, OpError, ProtocolError};
 use rustix::fs::{AtFlags, FileType, Mode};
 use rustix::io::Errno;
 use std::fs::File;
@@ -27,7 +27,7 @@ pub(super) struct Incoming {
     pub(super) attrs: Attrs,
     /// Its size in bytes, as announced.
     pub(super) size: u64,
-    /// Keep the temp's descriptor open until the commit (see [`crate::atomic::Batch`]).
+    /// Keep the temp's descriptor open until the commit (see [`crate::tree::atomic::Batch`]).
     pub(super) keep: bool,
 }
 
@@ -36,7 +36,7 @@ pub(super) struct Incoming {
 pub(super) type EntryResult = Result<Staged, OpError>;
 
 /// Makes a file to receive an entry of `dir` into (unnamed beside it, see
-/// [`crate::atomic::TempPlace`]). A receiver that is not root gives itself write
+/// [`crate::tree::atomic::TempPlace`]). A receiver that is not root gives itself write
 /// permission on a read-only directory (its mode is restored with the directory's
 /// attributes).
 pub(super) fn temp_for(s: &Session, dir: &Arc<OwnedFd>) -> io::Result<NewTemp> {
@@ -163,7 +163,7 @@ pub(super) fn stage_link(
     })
 }
 
-/// A temp being written for the entry `name` of `dir` (see [`crate::atomic::Temp`]).
+/// A temp being written for the entry `name` of `dir` (see [`crate::tree::atomic::Temp`]).
 pub(super) struct TempTarget {
     dir: Arc<OwnedFd>,
     name: Vec<u8>,

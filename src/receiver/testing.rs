@@ -2,11 +2,11 @@
 //! [`super::serve`] over the in-process transport (as a local DEST is), and driven here
 //! message by message.
 
-use crate::channel::Channel;
+use crate::wire::channel::Channel;
 use crate::error::Error;
-use crate::manifest::{Meta, Mtime};
-use crate::path::RelPath;
-use crate::protocol::{Message, OpError, SessionMode};
+use crate::model::manifest::{Meta, Mtime};
+use crate::model::path::RelPath;
+use crate::wire::protocol::{Message, OpError, SessionMode};
 use crate::standby::{Access, Peer, SessionReport, Standby};
 use crate::transport::Connection;
 use crate::transport::local::{self, LocalConnection};
@@ -48,7 +48,7 @@ impl Primary {
         if version >= 5 {
             assert!(matches!(ctrl.recv().unwrap(), Message::Keeps { .. }));
             ctrl.send(&Message::Keep {
-                policy: crate::xattr::Policy::none(),
+                policy: crate::tree::xattr::Policy::none(),
             })
             .unwrap();
             ctrl.flush().unwrap();
@@ -151,7 +151,7 @@ pub(super) fn end_stream(mut ch: Channel) -> (u64, Option<OpError>) {
 /// Whether the filesystem of `dir` keeps holes (a file extended with no data takes no
 /// blocks): the tests of holes assert them only there.
 pub(super) fn keeps_holes(dir: &Path) -> bool {
-    let f = crate::sparse::testing::rw(dir, "hole-probe");
+    let f = crate::tree::sparse::testing::rw(dir, "hole-probe");
     f.set_len(1 << 20).unwrap();
     let blocks = rustix::fs::fstat(&f).unwrap().st_blocks;
     std::fs::remove_file(dir.join("hole-probe")).unwrap();

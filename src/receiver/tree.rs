@@ -5,11 +5,11 @@
 use super::ops::{Ops, Then, check_writable};
 use super::session::{Attrs, op_error};
 use super::stage::{stage_link, stage_symlink};
-use crate::atomic::Touched;
-use crate::fsroot::remove_tree;
-use crate::manifest::{Meta, MetaTarget};
-use crate::path::RelPath;
-use crate::protocol::ProtocolError;
+use crate::tree::atomic::Touched;
+use crate::tree::fsroot::remove_tree;
+use crate::model::manifest::{Meta, MetaTarget};
+use crate::model::path::RelPath;
+use crate::wire::protocol::ProtocolError;
 use crate::transport::SendHalf;
 use rustix::fs::{AtFlags, FileType, Mode};
 use rustix::io::Errno;
@@ -108,7 +108,7 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
         meta: Meta,
     ) -> Result<Then, ProtocolError> {
         check_writable(path)?;
-        if target.is_empty() || target.len() > crate::path::MAX_PATH || target.contains(&0) {
+        if target.is_empty() || target.len() > crate::model::path::MAX_PATH || target.contains(&0) {
             return Err(ProtocolError::Invalid("bad symlink target".into()));
         }
         let a = Attrs::new(meta, &mut self.xattrs);
@@ -181,7 +181,7 @@ fn check_type(dir: &OwnedFd, name: &[u8], target: MetaTarget) -> io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::super::testing::{Primary, flush, meta, path};
-    use crate::protocol::{Message, SessionMode};
+    use crate::wire::protocol::{Message, SessionMode};
     use std::os::unix::fs::MetadataExt;
 
     #[test]

@@ -6,9 +6,9 @@
 use super::ops::{Ops, Then, check_writable};
 use super::session::Dirs;
 use super::stage::{EntryResult, Incoming, TempSink};
-use crate::manifest::{Hash, Meta};
-use crate::path::RelPath;
-use crate::protocol::{FrameReader, Message, ProtocolError};
+use crate::model::manifest::{Hash, Meta};
+use crate::model::path::RelPath;
+use crate::wire::protocol::{FrameReader, Message, ProtocolError};
 use crate::transport::SendHalf;
 use std::io::Read;
 
@@ -114,7 +114,7 @@ fn receive_sparse<R: Read>(
 #[cfg(test)]
 mod tests {
     use super::super::testing::{Primary, end_stream, keeps_holes, meta, path};
-    use crate::protocol::{Message, SessionMode};
+    use crate::wire::protocol::{Message, SessionMode};
     use std::os::unix::fs::MetadataExt;
 
     #[test]
@@ -203,7 +203,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                crate::Error::Protocol(crate::protocol::ProtocolError::Invalid(_))
+                crate::Error::Protocol(crate::wire::protocol::ProtocolError::Invalid(_))
             ),
             "{e}"
         );

@@ -12,12 +12,12 @@ mod promote;
 mod sessions;
 mod view;
 
-use crate::epoch::TreeState;
+use crate::model::epoch::TreeState;
 use crate::error::{Error, Result};
-use crate::fsroot::{self, Root};
-use crate::identity::NodeId;
-use crate::reserved::{Area, STANDBY_LOCK};
-use crate::status::Space;
+use crate::tree::fsroot::{self, Root};
+use crate::transport::identity::NodeId;
+use crate::tree::reserved::{Area, STANDBY_LOCK};
+use crate::model::status::Space;
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 use sessions::PeerRecord;
@@ -37,7 +37,7 @@ pub enum Access {
     ReadOnly,
 }
 
-pub use crate::epoch::{Position, Role};
+pub use crate::model::epoch::{Position, Role};
 pub use promote::PromoteReport;
 pub(crate) use sessions::{Admission, Cut, Peer, SessionEntry, SessionPulse, SessionReport};
 
@@ -52,7 +52,7 @@ pub struct Standby {
     /// the tree's `.hotsync/`.
     lock: Mutex<Option<(Area, File)>>,
     /// Where writing sessions stage their temps, once the lock is held.
-    temps: Mutex<Option<crate::atomic::TempPlace>>,
+    temps: Mutex<Option<crate::tree::atomic::TempPlace>>,
     owners: bool,
     state: Mutex<TreeState>,
     /// Position changes not yet written to the state file, and when it was last written.
@@ -65,9 +65,9 @@ pub struct Standby {
     /// Told of what happens to the tree (a `serve --json` prints it).
     events: std::sync::OnceLock<EventSink>,
     /// The attribute namespaces this tree can store, found at the first session.
-    xattrs: std::sync::OnceLock<crate::xattr::Policy>,
+    xattrs: std::sync::OnceLock<crate::tree::xattr::Policy>,
     /// How batches are made durable here, found at the first session.
-    durability: std::sync::OnceLock<crate::atomic::Durability>,
+    durability: std::sync::OnceLock<crate::tree::atomic::Durability>,
 }
 
 /// Receives a standby's events: a name and its details.
@@ -152,13 +152,13 @@ impl Standby {
 
     /// How batches are made durable on this tree's filesystem, decided once (by its
     /// `statfs` type) and said once where `syncfs` is not trusted.
-    pub(crate) fn durability(&self) -> crate::atomic::Durability {
+    pub(crate) fn durability(&self) -> crate::tree::atomic::Durability {
         *self.durability.get_or_init(|| {
             let Some(root) = &self.root else {
                 // A dry run against a missing DEST: nothing is ever committed.
-                return crate::atomic::Durability::default();
+                return crate::tree::atomic::Durability::default();
             };
-            let (d, fs) = crate::atomic::Durability::of(root.fd());
+            let (d, fs) = crate::tree::atomic::Durability::of(root.fd());
             if !d.trusts_syncfs {
                 tracing::info!(
                     "{}: its filesystem ({fs}) is not one whose syncfs is known to reach the \
@@ -178,20 +178,20 @@ impl Standby {
     /// The extended attributes and ACLs this tree can store, tried once on a scratch file
     /// in it. A tree that cannot be written now is taken to store what its privileges
     /// allow; one whose filesystem has no attributes is said so once.
-    pub(crate) fn xattrs_can(&self) -> crate::xattr::Policy {
+    pub(crate) fn xattrs_can(&self) -> crate::tree::xattr::Policy {
         *self.xattrs.get_or_init(|| {
             let root = rustix::process::geteuid().is_root();
-            let guess = crate::xattr::Policy {
+            let guess = crate::tree::xattr::Policy {
                 user: true,
                 trusted: root,
                 security: root,
-                selinux: crate::xattr::selinux_enabled(),
+                selinux: crate::tree::xattr::selinux_enabled(),
                 acls: true,
             };
             // In the reserved area: a scratch file in the tree would change its root's mtime.
             let probed = self.with_area(|a| {
                 let (f, name) = fsroot::create_temp(a.fd()).ok()?;
-                let can = crate::xattr::probe(f.as_fd());
+                let can = crate::tree::xattr::probe(f.as_fd());
                 drop(f);
                 let _ = rustix::fs::unlinkat(a.fd(), name.as_slice(), rustix::fs::AtFlags::empty());
                 Some(can)
@@ -202,7 +202,7 @@ impl Standby {
             let lacks = guess.missing_in(&can);
             if !lacks.is_empty() {
                 let lacks = lacks.join(", ");
-                crate::xattr::say_once(
+                crate::tree::xattr::say_once(
                     &lacks,
                     &format!(
                         "the standby tree {} cannot store {lacks}: they are not mirrored there",
@@ -237,7 +237,7 @@ impl Standby {
         area.remove_temps();
         let temps = area
             .open_temps()
-            .and_then(|fd| crate::atomic::TempPlace::new(Arc::new(fd)))
+            .and_then(|fd| crate::tree::atomic::TempPlace::new(Arc::new(fd)))
             .map_err(|e| {
                 LockError::NotWritable(format!(
                     "DEST {shown} is not writable: cannot prepare {shown}/.hotsync/tmp: {e}"
@@ -249,7 +249,7 @@ impl Standby {
     }
 
     /// Where a writing session stages its temps (`None` before the lock is held).
-    pub(crate) fn temps(&self) -> Option<crate::atomic::TempPlace> {
+    pub(crate) fn temps(&self) -> Option<crate::tree::atomic::TempPlace> {
         self.temps.lock().unwrap().clone()
     }
 
@@ -316,7 +316,7 @@ impl Standby {
             return;
         }
         let mut st = self.state();
-        st.updated = crate::clock::now_rfc3339();
+        st.updated = crate::model::clock::now_rfc3339();
         match self.write_state(&st) {
             Ok(()) => *unsaved = (false, Some(now)),
             Err(e) => tracing::warn!("cannot write {}: {e}", self.state_shown()),

@@ -4,8 +4,8 @@
 
 use super::{Access, Position, Role, SessionEntry, Standby, TreeState};
 use crate::error::{Error, Result};
-use crate::fsroot;
-use crate::identity::NodeId;
+use crate::tree::fsroot;
+use crate::transport::identity::NodeId;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,8 +97,8 @@ impl Standby {
         now: Instant,
     ) -> PromoteReport {
         let mut report = PromoteReport {
-            tree: crate::check::shown_absolute(&self.path),
-            at: crate::clock::now_rfc3339(),
+            tree: crate::tree::operand::shown_absolute(&self.path),
+            at: crate::model::clock::now_rfc3339(),
             epoch: st.epoch,
             previous_epoch: st.epoch,
             previous_primary: st.primary().map(String::from),
@@ -142,7 +142,7 @@ impl Standby {
         // to decide the primary is gone).
         let alive = writers.iter().find(|w| {
             let heard = w.heard.lock().unwrap().last;
-            heard.is_some_and(|t| now.duration_since(t) < 2 * crate::heartbeat::INTERVAL)
+            heard.is_some_and(|t| now.duration_since(t) < 2 * crate::wire::heartbeat::INTERVAL)
         });
         match alive {
             Some(w) => Err(Error::Refused(format!(
@@ -163,7 +163,7 @@ impl Standby {
         let shown = self.path.display();
         let before = st.clone();
         st.promote(me.map(|id| id.to_string()));
-        st.updated = crate::clock::now_rfc3339();
+        st.updated = crate::model::clock::now_rfc3339();
         let written = self.with_area(|a| a.write_state(st));
         match written {
             Some(Ok(())) => Ok(()),
@@ -239,13 +239,13 @@ impl Standby {
     ) -> Result<crate::rejoin::RejoinReport> {
         let shown = self.path.display();
         let filter =
-            crate::filter::Filter::new(excludes).map_err(|e| Error::Usage(e.to_string()))?;
+            crate::model::filter::Filter::new(excludes).map_err(|e| Error::Usage(e.to_string()))?;
         let mut st = self.state.lock().unwrap();
         let root = self
             .root()
             .map_err(|e| Error::io(format!("cannot open {shown}"), e))?;
         let nothing = |st: &TreeState, still_primary: bool| crate::rejoin::RejoinReport {
-            tree: crate::check::shown_absolute(&self.path),
+            tree: crate::tree::operand::shown_absolute(&self.path),
             already: !still_primary,
             epoch: st.epoch,
             kept_in: String::new(),
@@ -265,7 +265,7 @@ impl Standby {
         };
         // No watch may replicate the tree while it turns into a standby.
         let watch = area
-            .try_lock(crate::reserved::PRIMARY_LOCK)
+            .try_lock(crate::tree::reserved::PRIMARY_LOCK)
             .map_err(|e| Error::io(format!("cannot lock {shown}/.hotsync/primary.lock"), e))?;
         if watch.is_none() && if_fenced {
             // A running watch is not fenced (one that is stops, and records it).
@@ -296,7 +296,7 @@ impl Standby {
         })?;
         let before = st.clone();
         st.rejoin();
-        st.updated = crate::clock::now_rfc3339();
+        st.updated = crate::model::clock::now_rfc3339();
         if let Err(e) = area.write_state(&st) {
             *st = before;
             return Err(Error::Refused(format!(
@@ -348,7 +348,7 @@ mod tests {
         let s = Standby::open(t.path(), Access::Write).unwrap();
         let mut st = s.state();
         st.promote(None);
-        st.fenced = Some(crate::epoch::Fence {
+        st.fenced = Some(crate::model::epoch::Fence {
             at: "2026-01-01T00:00:00Z".into(),
             reason: "a standby of epoch 3 took over".into(),
         });

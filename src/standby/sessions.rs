@@ -3,10 +3,10 @@
 //! epoch). What ended sessions leave behind is kept per primary for the status view.
 
 use super::{Access, Position, Standby};
-use crate::epoch::{Admission as Verdict, TreeState};
-use crate::heartbeat::{Pulse, silence};
-use crate::identity::NodeId;
-use crate::protocol::{ErrorCode, Heartbeat};
+use crate::model::epoch::{Admission as Verdict, TreeState};
+use crate::wire::heartbeat::{Pulse, silence};
+use crate::transport::identity::NodeId;
+use crate::wire::protocol::{ErrorCode, Heartbeat};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -203,7 +203,7 @@ impl Standby {
                     "DEST {} is in use by {} (since {}): one primary writes a tree at a time",
                     self.path.display(),
                     w.peer.describe(),
-                    crate::clock::rfc3339(w.started_at)
+                    crate::model::clock::rfc3339(w.started_at)
                 ),
             });
         }
@@ -255,7 +255,7 @@ impl Standby {
         let who = peer.id.map(|id| id.to_string());
         let shown = format!("the standby {}", self.path.display());
         let mut st = self.state.lock().unwrap();
-        match crate::epoch::admit(&st, epoch, who.as_deref(), &shown) {
+        match crate::model::epoch::admit(&st, epoch, who.as_deref(), &shown) {
             Verdict::Refuse { code, message } => {
                 if st.superseded_by(epoch) {
                     self.record_superseded(&mut st, epoch, peer);
@@ -266,7 +266,7 @@ impl Standby {
                 let before = st.clone();
                 st.adopt(epoch, who);
                 if adopt || *st != before {
-                    st.updated = crate::clock::now_rfc3339();
+                    st.updated = crate::model::clock::now_rfc3339();
                     let written = self.with_area(|a| a.write_state(&st)).unwrap_or(Ok(()));
                     if let Err(e) = written {
                         *st = before;
@@ -302,7 +302,7 @@ impl Standby {
             st.epoch
         );
         let recorded = self.with_area(|a| -> io::Result<bool> {
-            let Some(_watch) = a.try_lock(crate::reserved::PRIMARY_LOCK)? else {
+            let Some(_watch) = a.try_lock(crate::tree::reserved::PRIMARY_LOCK)? else {
                 return Ok(false);
             };
             // The watch that ran last may have recorded more than this process knows.
@@ -314,11 +314,11 @@ impl Standby {
                 *st = disk;
                 return Ok(false);
             }
-            disk.fenced = Some(crate::epoch::Fence {
-                at: crate::clock::now_rfc3339(),
+            disk.fenced = Some(crate::model::epoch::Fence {
+                at: crate::model::clock::now_rfc3339(),
                 reason: reason.clone(),
             });
-            disk.updated = crate::clock::now_rfc3339();
+            disk.updated = crate::model::clock::now_rfc3339();
             a.write_state(&disk)?;
             *st = disk;
             Ok(true)
@@ -404,7 +404,7 @@ impl Pulse for SessionPulse<'_> {
         Heartbeat {
             epoch: st.epoch,
             seq: st.position.seq,
-            sent_at_ms: crate::clock::unix_ms(SystemTime::now()),
+            sent_at_ms: crate::model::clock::unix_ms(SystemTime::now()),
             oldest_pending_ms: None,
             pending: 0,
             space: self.standby.space(),
@@ -416,7 +416,7 @@ impl Pulse for SessionPulse<'_> {
         silence(
             last.unwrap_or(self.entry.started),
             now,
-            crate::heartbeat::IDLE,
+            crate::wire::heartbeat::IDLE,
             "the primary",
         )
     }

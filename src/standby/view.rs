@@ -3,7 +3,7 @@
 
 use super::sessions::peer_key;
 use super::{Position, Standby};
-use crate::status::PrimaryStatus;
+use crate::model::status::PrimaryStatus;
 use std::time::{Instant, SystemTime};
 
 impl Standby {
@@ -11,7 +11,7 @@ impl Standby {
     pub(crate) fn primaries(&self, now: Instant, wall: SystemTime) -> Vec<PrimaryStatus> {
         let at = |t: SystemTime| {
             (
-                crate::clock::rfc3339(t),
+                crate::model::clock::rfc3339(t),
                 wall.duration_since(t).unwrap_or_default().as_secs_f64(),
             )
         };
