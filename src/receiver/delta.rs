@@ -1,0 +1,537 @@
+//! Receiving a file as a delta against the standby's version of it (`Delta`, or
+//! `SparseDelta` for a file with holes): the standby hashes its base while it reads the
+//! primary's chunk digests, answers with a signature of what differs (`BaseSig`) or with
+//! `NoBase`, then applies the primary's ops into a temp, which is staged only if its digest
+//! is the primary's.
+
+use super::ops::{Ops, Then, check_writable};
+use super::session::{Dirs, op_error, reason};
+use super::sparse::Holes;
+use super::stage::{EntryResult, Incoming, TempSink, TempTarget};
+use super::whole::file_end;
+use crate::model::delta::{self, COARSE_HASH_LEN, DeltaSink, MAX_CHUNKS, ReadAt, chunk_size};
+use crate::model::manifest::{Hash, Meta};
+use crate::model::path::RelPath;
+use crate::transport::SendHalf;
+use crate::tree::fsroot;
+use crate::wire::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
+use rustix::fs::{FileType, OFlags};
+use rustix::io::Errno;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+
+/// A delta's announcement. `Delta` and `SparseDelta` carry the same record and differ only
+/// in whether the file's holes are kept; the receiver handles them as this one struct.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct DeltaHead {
+    /// The operation's ID, the file's name and its attributes.
+    pub(super) id: u64,
+    pub(super) path: RelPath,
+    pub(super) meta: Meta,
+    /// The new version's size, which sets its chunk size.
+    pub(super) size: u64,
+    /// How it is cut, and whether its holes are kept.
+    pub(super) chunking: Chunking,
+}
+
+/// How the new version is cut into chunks, and whether its holes are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Chunking {
+    /// Bytes per chunk: [`chunk_size`] of the file's size.
+    pub(super) chunk: u64,
+    /// How many chunks the file has, each with a digest the primary sends.
+    pub(super) chunks: u64,
+    /// `SparseDelta`: the temp keeps the file's holes.
+    pub(super) sparse: bool,
+}
+
+impl TryFrom<Message> for DeltaHead {
+    /// Any other message, given back untouched.
+    type Error = Message;
+
+    fn try_from(m: Message) -> Result<DeltaHead, Message> {
+        let (id, path, meta, size, chunk, chunks, sparse) = match m {
+            Message::Delta {
+                id,
+                path,
+                meta,
+                size,
+                chunk,
+                chunks,
+            } => (id, path, meta, size, chunk, chunks, false),
+            Message::SparseDelta {
+                id,
+                path,
+                meta,
+                size,
+                chunk,
+                chunks,
+            } => (id, path, meta, size, chunk, chunks, true),
+            other => return Err(other),
+        };
+        Ok(DeltaHead {
+            id,
+            path,
+            meta,
+            size,
+            chunking: Chunking {
+                chunk,
+                chunks,
+                sparse,
+            },
+        })
+    }
+}
+
+impl<R: Read, W: SendHalf> Ops<'_, R, W> {
+    /// `Delta` or `SparseDelta`: the file is received against its base here and staged.
+    pub(super) fn delta(&mut self, head: DeltaHead) -> Result<Then, ProtocolError> {
+        check_writable(&head.path)?;
+        let DeltaHead {
+            id,
+            path,
+            meta,
+            size,
+            chunking,
+        } = head;
+        let file = self.incoming(id, path, meta, size);
+        let res = receive(&mut self.dirs, self.r, self.w, &file, chunking)?;
+        self.stage(id, res);
+        Ok(Then::Commit)
+    }
+}
+
+/// The standby's version of a file, the base of its delta.
+struct Base {
+    file: File,
+    size: u64,
+    /// It has holes: it is hashed reading only its data.
+    holes: bool,
+}
+
+/// Receives `file` as a delta cut as `chunking` says. The outer error is fatal (the stream is
+/// unusable); the inner one concerns this file only.
+fn receive<R: Read, W: Write>(
+    dirs: &mut Dirs,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    file: &Incoming,
+    chunking: Chunking,
+) -> Result<EntryResult, ProtocolError> {
+    let size = file.size;
+    if chunking.chunk != chunk_size(size)
+        || chunking.chunks != size.div_ceil(chunking.chunk)
+        || chunking.chunks > MAX_CHUNKS
+    {
+        return Err(ProtocolError::Invalid(
+            "delta chunking does not match its size".into(),
+        ));
+    }
+    let base = open_base(dirs, &file.path, chunking.chunk);
+    let hashed = hash_while_reading(r, &base, chunking);
+    let coarse = hashed.coarse?;
+    let signed = hashed.base.and_then(|(b, digests)| {
+        delta::sign_with(&b.file, b.size, chunking.chunk, &digests, &coarse)
+            .map(|sig| (sig, digests))
+    });
+    let (base, base_size) = match base {
+        Ok(b) => (Some(b.file), b.size),
+        Err(_) => (None, 0),
+    };
+    let known = answer(w, base_size, signed)?;
+    let mut sink = TempSink::create(dirs, &file.path);
+    sink.base = base.as_ref().and_then(|f| f.try_clone().ok());
+    if chunking.sparse {
+        sink.holes = Some(Holes::default());
+    }
+    let ours = match delta::apply(
+        r.raw(),
+        &SoftBase(base.as_ref()),
+        base_size,
+        &mut sink,
+        size,
+        &known,
+    ) {
+        Ok((digest, _)) => Some(digest),
+        Err(delta::DeltaError::Aborted) => None,
+        Err(delta::DeltaError::Malformed(m)) => {
+            return Err(ProtocolError::Invalid(format!("delta: {m}")));
+        }
+        Err(delta::DeltaError::Io(e)) => return Err(ProtocolError::Io(e)),
+    };
+    let (complete, theirs) = file_end(r)?;
+    let proof = match (complete, ours, theirs) {
+        (true, Some(o), Some(t)) => Some((t, o)),
+        (false, _, _) => None,
+        _ => {
+            return Err(ProtocolError::Invalid(
+                "a completed delta needs its digest".into(),
+            ));
+        }
+    };
+    if chunking.sparse {
+        sink.set_len(size);
+    }
+    Ok(sink.finish(dirs.session(), file, complete, proof))
+}
+
+/// Whether the standby signs a base of `base_size` bytes for a new version cut in chunks
+/// of `chunk` bytes. A base far larger than the new file (which sets the chunk size) would
+/// cost more to sign than to resend: the file then goes whole. This is the standby's only
+/// bound on a base's chunks; the primary accepts a signature of up to four times as many.
+fn signable(base_size: u64, chunk: u64) -> bool {
+    base_size.div_ceil(chunk) <= 4 * MAX_CHUNKS
+}
+
+/// Opens the standby's version of `path` as the base of a delta cut in chunks of `chunk`
+/// bytes: a regular file, not too large to sign. The error says why there is none.
+fn open_base(dirs: &mut Dirs, path: &RelPath, chunk: u64) -> io::Result<Base> {
+    let (dir, name) = dirs.parent(path)?;
+    let f = fsroot::resolve(
+        dir.as_fd(),
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+    )?;
+    let st = rustix::fs::fstat(&f)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if !signable(st.st_size as u64, chunk) {
+        return Err(io::Error::other(
+            "the standby's version is too large to serve as a delta base",
+        ));
+    }
+    Ok(Base {
+        file: File::from(f),
+        size: st.st_size as u64,
+        holes: crate::tree::sparse::has_holes(&st),
+    })
+}
+
+/// What the start of a delta yields.
+struct Hashed<'b> {
+    /// The primary's chunk digests, as sent.
+    coarse: Result<Vec<[u8; COARSE_HASH_LEN]>, ProtocolError>,
+    /// The base with its chunk digests, or why there is none.
+    base: io::Result<(&'b Base, Vec<Hash>)>,
+}
+
+/// Reads the primary's chunk digests (as sent) while the base, if there is one, is hashed
+/// beside: the primary is still hashing (and sending) its new version meanwhile. Returns
+/// the digests read, and the base with its chunk digests or why it has none.
+fn hash_while_reading<'b, R: Read>(
+    r: &mut FrameReader<R>,
+    base: &'b io::Result<Base>,
+    chunking: Chunking,
+) -> Hashed<'b> {
+    std::thread::scope(|sc| {
+        let hashing = base.as_ref().map(|b| {
+            let hashing = sc.spawn(move || {
+                if b.holes {
+                    delta::hash_chunks(&crate::tree::sparse::Holey(&b.file), b.size, chunking.chunk)
+                } else {
+                    delta::hash_chunks(&b.file, b.size, chunking.chunk)
+                }
+            });
+            (b, hashing)
+        });
+        let mut coarse = vec![[0u8; COARSE_HASH_LEN]; chunking.chunks as usize];
+        let read = coarse.iter_mut().try_for_each(|c| r.read_raw(c));
+        let hashed = match hashing {
+            Ok((b, h)) => h
+                .join()
+                .expect("hashing thread panicked")
+                .map(|(digests, _)| (b, digests)),
+            Err(e) => Err(io::Error::new(e.kind(), reason(e))),
+        };
+        Hashed {
+            coarse: read.map(|_| coarse),
+            base: hashed,
+        }
+    })
+}
+
+/// Answers the primary's chunk digests: the base's signature of what differs (`BaseSig`),
+/// or why there is no base (`NoBase`). Returns, per chunk, the digest of a base chunk the
+/// primary's matches at the same offset, so its copy need not be hashed again.
+fn answer<W: Write>(
+    w: &mut FrameWriter<W>,
+    base_size: u64,
+    signed: io::Result<(delta::BaseSignature, Vec<Hash>)>,
+) -> Result<Vec<Option<Hash>>, ProtocolError> {
+    let mut known: Vec<Option<Hash>> = Vec::new();
+    match signed {
+        Ok((sig, digests)) => {
+            w.send(&Message::BaseSig {
+                base_size,
+                block_size: sig.block_size,
+                matched_len: sig.matched.len() as u64,
+                fine_len: sig.fine.len() as u64,
+            })?;
+            w.write_raw(&sig.matched)?;
+            w.write_raw(&sig.fine)?;
+            known = digests
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| delta::bit(&sig.matched, i).then_some(d))
+                .collect();
+        }
+        Err(e) => w.send(&Message::NoBase {
+            reason: e.to_string(),
+        })?,
+    }
+    w.flush()?;
+    Ok(known)
+}
+
+/// The standby's base file for a delta. A read failure yields zeros (and a digest
+/// mismatch, so the primary resends the file whole) instead of desynchronising the stream.
+struct SoftBase<'a>(Option<&'a File>);
+
+impl ReadAt for SoftBase<'_> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if let Some(f) = self.0
+            && let Ok(n @ 1..) = ReadAt::read_at(f, buf, offset)
+        {
+            return Ok(n);
+        }
+        buf.fill(0);
+        Ok(buf.len())
+    }
+}
+
+impl DeltaSink for TempSink {
+    /// Unchanged chunks of a delta go from the base to the temp with `copy_file_range`,
+    /// never through user space.
+    fn copy_range(&mut self, offset: u64, len: u64) -> io::Result<bool> {
+        if self.err.is_some() {
+            return Ok(true); // the file has failed already; skip the work
+        }
+        let (Some(base), Some(TempTarget { w, .. })) = (self.base.as_ref(), self.target.as_mut())
+        else {
+            return Ok(false);
+        };
+        if let Some(h) = self.holes.as_mut() {
+            if let Err(e) = h.copy(w, base, offset, len) {
+                self.err = Some(op_error(&e));
+            }
+            return Ok(true);
+        }
+        if let Err(e) = w.flush() {
+            self.err = Some(op_error(&e));
+            return Ok(true);
+        }
+        let (mut off, mut left, mut first) = (offset, len, true);
+        while left > 0 {
+            match rustix::fs::copy_file_range(
+                base,
+                Some(&mut off),
+                w.get_ref(),
+                None,
+                left as usize,
+            ) {
+                Ok(0) => {
+                    self.err = Some(OpError::new("the base file shrank during the delta", false));
+                    return Ok(true);
+                }
+                Ok(n) => left -= n as u64,
+                // Not supported here: let the caller copy through user space.
+                Err(Errno::XDEV | Errno::NOSYS | Errno::OPNOTSUPP | Errno::INVAL) if first => {
+                    return Ok(false);
+                }
+                Err(e) => {
+                    self.err = Some(op_error(&e.into()));
+                    return Ok(true);
+                }
+            }
+            first = false;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Primary, end_stream, meta, path};
+    use crate::model::delta::{
+        self, BaseSignature, DeltaEncoder, chunk_size, coarse_wire, hash_chunks,
+    };
+    use crate::model::manifest::Hash;
+    use crate::wire::protocol::{Message, OpError, SessionMode};
+
+    fn pseudo_random(n: usize, mut x: u64) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// What the primary saw of a delta it sent.
+    struct Sent {
+        /// The standby offered its version as a base.
+        based: bool,
+        /// Bytes that went as literals.
+        literal: u64,
+        ack: (u64, Option<OpError>),
+    }
+
+    /// Sends `new` as a delta to `name`, as the primary does, with `digest` as its proof
+    /// (the true one if `None`).
+    fn send_delta(p: &Primary, id: u64, name: &str, new: &[u8], digest: Option<Hash>) -> Sent {
+        let size = new.len() as u64;
+        let chunk = chunk_size(size);
+        let (digests, ours) = hash_chunks(new, size, chunk).unwrap();
+        let mut s = p.stream();
+        s.send(&Message::Delta {
+            id,
+            path: path(name),
+            meta: meta(0o644, 1_700_000_000),
+            size,
+            chunk,
+            chunks: digests.len() as u64,
+        })
+        .unwrap();
+        for c in coarse_wire(&digests) {
+            s.w.write_raw(&c).unwrap();
+        }
+        s.flush().unwrap();
+        let encoder = match s.recv().unwrap() {
+            Message::BaseSig {
+                base_size,
+                block_size,
+                matched_len,
+                fine_len,
+            } => {
+                let mut matched = vec![0; matched_len as usize];
+                s.r.read_raw(&mut matched).unwrap();
+                let mut fine = vec![0; fine_len as usize];
+                s.r.read_raw(&mut fine).unwrap();
+                let sig = BaseSignature {
+                    block_size,
+                    matched,
+                    fine,
+                };
+                Some(DeltaEncoder::new(base_size, chunk, sig).unwrap())
+            }
+            Message::NoBase { .. } => None,
+            other => panic!("expected BaseSig or NoBase, got {other:?}"),
+        };
+        let stats = match &encoder {
+            Some(e) => e.encode(new, size, s.w.raw()),
+            None => delta::encode_literal(new, size, s.w.raw()),
+        }
+        .unwrap();
+        s.send(&Message::FileEnd {
+            complete: true,
+            digest: Some(digest.unwrap_or(ours)),
+        })
+        .unwrap();
+        Sent {
+            based: encoder.is_some(),
+            literal: stats.literal,
+            ack: end_stream(s),
+        }
+    }
+
+    /// A base of 1.5 MiB on the standby, and a new version with a few bytes changed in the
+    /// middle and some appended.
+    fn versions() -> (Vec<u8>, Vec<u8>) {
+        let base = pseudo_random(1536 * 1024, 1);
+        let mut new = base.clone();
+        new[700_000..700_100].fill(0xAB);
+        new.extend_from_slice(&pseudo_random(1000, 2));
+        (base, new)
+    }
+
+    #[test]
+    fn a_delta_is_applied_against_the_standby_s_version() {
+        let (base, new) = versions();
+        let p = Primary::start_with(SessionMode::Write, |t| {
+            std::fs::write(t.join("f"), &base).unwrap();
+        });
+        let sent = send_delta(&p, 9, "f", &new, None);
+        assert_eq!(sent.ack, (9, None));
+        assert!(sent.based, "the standby's version is the base");
+        assert!(
+            sent.literal < 64 * 1024,
+            "{} bytes sent as literals",
+            sent.literal
+        );
+        assert!(std::fs::read(p.tree().join("f")).unwrap() == new);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn a_delta_that_does_not_check_out_is_refused_and_the_base_kept() {
+        let (base, new) = versions();
+        let p = Primary::start_with(SessionMode::Write, |t| {
+            std::fs::write(t.join("f"), &base).unwrap();
+        });
+        let sent = send_delta(&p, 9, "f", &new, Some([7; 32]));
+        let (id, error) = sent.ack;
+        assert_eq!(id, 9);
+        assert!(
+            error.is_some_and(|e| e.retry),
+            "the primary is asked to resend it"
+        );
+        assert!(std::fs::read(p.tree().join("f")).unwrap() == base);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn without_a_base_the_delta_is_all_literals() {
+        let (_, new) = versions();
+        let p = Primary::start(SessionMode::Write);
+        let sent = send_delta(&p, 2, "new", &new, None);
+        assert_eq!(sent.ack, (2, None));
+        assert!(!sent.based);
+        assert!(std::fs::read(p.tree().join("new")).unwrap() == new);
+        p.close().unwrap();
+    }
+
+    #[test]
+    fn the_standby_signs_a_base_of_up_to_four_times_the_chunks_of_a_file() {
+        let chunk = chunk_size(1);
+        assert!(super::signable(4 * delta::MAX_CHUNKS * chunk, chunk));
+        assert!(!super::signable(4 * delta::MAX_CHUNKS * chunk + 1, chunk));
+    }
+
+    #[test]
+    fn both_kinds_of_delta_are_one_head() {
+        let (id, path, meta, size, chunk, chunks) = (1, path("f"), meta(0o600, 1), 10, 1 << 18, 1);
+        let plain = Message::Delta {
+            id,
+            path: path.clone(),
+            meta,
+            size,
+            chunk,
+            chunks,
+        };
+        let sparse = Message::SparseDelta {
+            id,
+            path,
+            meta,
+            size,
+            chunk,
+            chunks,
+        };
+        let (a, b) = (
+            super::DeltaHead::try_from(plain).unwrap(),
+            super::DeltaHead::try_from(sparse).unwrap(),
+        );
+        assert!(!a.chunking.sparse && b.chunking.sparse);
+        assert_eq!((a.id, &a.path, a.size), (b.id, &b.path, b.size));
+        assert_eq!(
+            super::DeltaHead::try_from(Message::Close).unwrap_err(),
+            Message::Close
+        );
+    }
+}

@@ -1,0 +1,396 @@
+//! The operation loop every stream runs: it reads operations until the stream ends (or
+//! `Close`, on the control stream), applies each, and acknowledges them in batches once
+//! durable. A failure with one entry is answered in its `Ack`; a violation of the protocol
+//! ends the stream with an error, and with it the session.
+
+use super::delta::DeltaHead;
+use super::session::{Attrs, Dirs, Session};
+use super::stage::Incoming;
+use crate::model::manifest::Meta;
+use crate::model::path::RelPath;
+use crate::model::status::Space;
+use crate::transport::SendHalf;
+use crate::tree::atomic::{Batch, Outcome, Staged};
+use crate::tree::xattr::Xattrs;
+use crate::wire::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
+
+/// What the loop does after an operation.
+pub(super) enum Then {
+    /// Commits the batch if it is due, then reads on.
+    Commit,
+    /// Reads on at once.
+    Read,
+    /// The stream is done.
+    End,
+}
+
+/// One stream's state while it applies operations.
+pub(super) struct Ops<'a, R: Read, W: SendHalf> {
+    /// The session, and the stream's two halves.
+    pub(super) s: &'a Session<'a>,
+    pub(super) r: &'a mut FrameReader<R>,
+    pub(super) w: &'a mut FrameWriter<W>,
+    /// What was applied or staged and is not durable yet.
+    pub(super) batch: Batch,
+    /// Parent directories the stream's operations used lately.
+    pub(super) dirs: Dirs<'a>,
+    /// The attributes of the entry the next operation writes.
+    pub(super) xattrs: Option<Xattrs>,
+    /// Holds a small file's bytes (reused).
+    pub(super) buf: Vec<u8>,
+    /// The control stream: it lists and closes the session; the others walk and write.
+    control: bool,
+}
+
+/// Reads and applies operations until the stream ends (or `Close`, on the control stream).
+/// `first` is a message already read off the stream (it said what the stream is).
+///
+/// # Errors
+/// The protocol violation or transport failure that ended the stream.
+pub(super) fn op_loop<R: Read, W: SendHalf>(
+    s: &Session,
+    r: &mut FrameReader<R>,
+    w: &mut FrameWriter<W>,
+    mut first: Option<Message>,
+    control: bool,
+) -> Result<(), ProtocolError> {
+    let mut ops = Ops {
+        s,
+        r,
+        w,
+        batch: Batch::new(s.standby.durability()),
+        dirs: Dirs::new(s),
+        xattrs: None,
+        buf: Vec::new(),
+        control,
+    };
+    loop {
+        let next = match first.take() {
+            Some(m) => Some(m),
+            None => ops.r.recv_opt()?,
+        };
+        let Some(msg) = next else {
+            return ops.end();
+        };
+        ops.check(&msg)?;
+        match ops.apply(msg)? {
+            Then::Commit if ops.batch.should_commit() => {
+                ops.acknowledge()?;
+                ops.w.flush()?;
+            }
+            Then::Commit | Then::Read => {}
+            Then::End => return Ok(()),
+        }
+    }
+}
+
+/// Whether `msg` writes an entry that takes the extended attributes sent before it.
+fn takes_xattrs(msg: &Message) -> bool {
+    matches!(
+        msg,
+        Message::SmallFile { .. }
+            | Message::BigFile { .. }
+            | Message::SparseFile { .. }
+            | Message::Delta { .. }
+            | Message::SparseDelta { .. }
+            | Message::Symlink { .. }
+            | Message::SetMeta { .. }
+    )
+}
+
+/// Nothing may be written at the root itself or into the reserved area.
+pub(super) fn check_writable(path: &RelPath) -> Result<(), ProtocolError> {
+    if path.is_root() || path.is_reserved() {
+        return Err(ProtocolError::Invalid(format!("refusing to write {path}")));
+    }
+    Ok(())
+}
+
+impl<R: Read, W: SendHalf> Ops<'_, R, W> {
+    /// Refuses what may not come next: a write in a read-only session, or extended
+    /// attributes followed by an operation that takes none.
+    fn check(&self, msg: &Message) -> Result<(), ProtocolError> {
+        if self.s.read_only && msg.writes_tree() {
+            return Err(ProtocolError::Invalid(format!(
+                "{} in a dry run",
+                msg.name()
+            )));
+        }
+        if self.xattrs.is_some() && !takes_xattrs(msg) {
+            return Err(ProtocolError::Invalid(format!(
+                "extended attributes before {}, which takes none",
+                msg.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Applies one operation.
+    fn apply(&mut self, msg: Message) -> Result<Then, ProtocolError> {
+        // Both kinds of delta are one operation here.
+        let msg = match DeltaHead::try_from(msg) {
+            Ok(head) => return self.delta(head),
+            Err(msg) => msg,
+        };
+        match msg {
+            Message::Xattrs { attrs } => {
+                attrs
+                    .check(&self.s.xattrs)
+                    .map_err(ProtocolError::Invalid)?;
+                self.xattrs = Some(attrs);
+                Ok(Then::Read)
+            }
+            Message::List {
+                scopes,
+                checksum,
+                hash_rate,
+            } if self.control => {
+                self.s.list(self.w, &scopes, checksum, hash_rate)?;
+                Ok(Then::Read)
+            }
+            Message::Walk {
+                checksum,
+                hash_rate,
+            } if !self.control => self.walk(crate::tree::walk::Scopes::all(), checksum, hash_rate),
+            Message::WalkScopes {
+                scopes,
+                checksum,
+                hash_rate,
+            } if !self.control => {
+                self.walk(crate::tree::walk::Scopes::new(&scopes), checksum, hash_rate)
+            }
+            Message::Rename { id, from, to } => self.rename(id, &from, &to),
+            Message::Clear { id, path } | Message::Delete { id, path } => self.remove(id, &path),
+            Message::Mkdir { id, path } => self.mkdir(id, &path),
+            Message::SetMeta {
+                id,
+                path,
+                meta,
+                target,
+            } => self.set_meta(id, &path, meta, target),
+            Message::Symlink {
+                id,
+                path,
+                target,
+                meta,
+            } => self.symlink(id, &path, &target, meta),
+            Message::Link { id, path, target } => self.link(id, &path, &target),
+            Message::SmallFile {
+                id,
+                path,
+                meta,
+                len,
+            } => self.small_file(id, path, meta, len),
+            Message::BigFile {
+                id,
+                path,
+                meta,
+                size,
+            } => self.big_file(id, path, meta, size),
+            Message::SparseFile {
+                id,
+                path,
+                meta,
+                size,
+            } => self.sparse_file(id, path, meta, size),
+            Message::Flush { seq } => {
+                self.acknowledge()?;
+                self.w.send(&Message::Flushed { seq })?;
+                self.w.flush()?;
+                Ok(Then::Read)
+            }
+            Message::Close if self.control => self.close(),
+            other => Err(ProtocolError::unexpected(&other, "an operation")),
+        }
+    }
+
+    /// A walk for the primary, which ends the stream.
+    fn walk(
+        &mut self,
+        scopes: crate::tree::walk::Scopes,
+        checksum: bool,
+        hash_rate: u64,
+    ) -> Result<Then, ProtocolError> {
+        match self.s.walk(self.w, scopes, checksum, hash_rate) {
+            // The walk changes nothing: a primary that stopped reading it (a guard
+            // refused, or it failed) leaves nothing to clean up or report here.
+            Err(ProtocolError::Io(e)) => {
+                tracing::debug!("the primary stopped reading the walk: {e}");
+                Ok(Then::End)
+            }
+            other => other.map(|()| Then::End),
+        }
+    }
+
+    /// `Close`: the last batch is committed and acknowledged, then `Closed` ends the
+    /// session for both sides.
+    fn close(&mut self) -> Result<Then, ProtocolError> {
+        self.acknowledge()?;
+        self.w.send(&Message::Closed)?;
+        self.w.flush()?;
+        // Once the primary has `Closed`, the session is over for both sides.
+        self.w.get_mut().finish()?;
+        self.w.get_mut().wait_delivered();
+        Ok(Then::End)
+    }
+
+    /// The end of the stream: the last batch is committed and acknowledged.
+    fn end(&mut self) -> Result<(), ProtocolError> {
+        self.acknowledge()?;
+        self.w.flush()?;
+        self.w.get_mut().finish()?;
+        Ok(())
+    }
+
+    /// The file an operation announced, with the attributes sent before it.
+    pub(super) fn incoming(&mut self, id: u64, path: RelPath, meta: Meta, size: u64) -> Incoming {
+        Incoming {
+            id,
+            path,
+            keep: self.batch.keep_fd(),
+            attrs: Attrs::new(meta, &mut self.xattrs),
+            size,
+        }
+    }
+
+    /// Hands what staging an entry came to to the batch: the staged temp, or the failure
+    /// its `Ack` will carry.
+    pub(super) fn stage(&mut self, id: u64, res: Result<Staged, OpError>) {
+        match res {
+            Ok(st) => self.batch.stage(st),
+            Err(e) => self.batch.failed(id, e),
+        }
+    }
+
+    /// Commits the batch and acknowledges each of its operations.
+    fn acknowledge(&mut self) -> Result<(), ProtocolError> {
+        let outcomes = commit(self.s, &mut self.batch);
+        send_acks(self.s, self.w, outcomes)
+    }
+}
+
+/// Commits a batch (nothing is ever staged in a dry run, which may have no root).
+fn commit(s: &Session, batch: &mut Batch) -> Vec<Outcome> {
+    match s.root() {
+        Ok(root) => batch.commit(root.fd()),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Tells the primary how each operation of a committed batch went; a failure for want of
+/// space says how full the standby is.
+fn send_acks<W: Write>(
+    s: &Session,
+    w: &mut FrameWriter<W>,
+    outcomes: Vec<Outcome>,
+) -> Result<(), ProtocolError> {
+    let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count() as u64;
+    if (failed as usize) < outcomes.len() {
+        s.standby.committed();
+    }
+    s.entry
+        .stats
+        .failed_ops
+        .fetch_add(failed, Ordering::Relaxed);
+    let mut space = None;
+    for (id, res) in outcomes {
+        let error = res.err().map(|mut e| {
+            if e.no_space {
+                // Say how full: the primary reports it, and waits for space.
+                let sp = *space
+                    .get_or_insert_with(|| s.root().ok().and_then(|r| Space::of(r.fd()).ok()));
+                if let Some(sp) = sp {
+                    e.message = format!("{} ({})", e.message, sp.describe());
+                }
+            }
+            e
+        });
+        w.send(&Message::Ack { id, error })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{Primary, meta, path};
+    use crate::error::Error;
+    use crate::wire::protocol::{Message, ProtocolError, SessionMode};
+
+    #[test]
+    fn writing_into_the_reserved_area_ends_the_session_with_a_protocol_error() {
+        let mut p = Primary::start(SessionMode::Write);
+        let mut lane = p.stream();
+        lane.send(&Message::SmallFile {
+            id: 1,
+            path: path(".hotsync/x"),
+            meta: meta(0o644, 1),
+            len: 1,
+        })
+        .unwrap();
+        lane.w.write_raw(b"x").unwrap();
+        lane.flush().unwrap();
+        let e = p.ended().unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ProtocolError::Invalid(_))),
+            "{e}"
+        );
+        // The primary learns why from the connection, and nothing was written.
+        assert!(matches!(p.failure(), Some(Error::Standby(_))));
+        assert!(!p.tree().join(".hotsync/x").exists());
+    }
+
+    #[test]
+    fn a_message_out_of_place_ends_the_session() {
+        let mut p = Primary::start(SessionMode::Write);
+        let mut lane = p.stream();
+        lane.send(&Message::Flushed { seq: 1 }).unwrap();
+        lane.flush().unwrap();
+        let e = p.ended().unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ProtocolError::Unexpected { .. })),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_read_only_session_lists_but_refuses_to_write() {
+        let mut p = Primary::start_with(SessionMode::ReadOnly, |t| {
+            std::fs::write(t.join("a"), b"a").unwrap();
+        });
+        p.ctrl
+            .send(&Message::List {
+                scopes: vec![(
+                    crate::model::path::RelPath::root(),
+                    crate::model::manifest::Scope::Tree,
+                )],
+                checksum: false,
+                hash_rate: 0,
+            })
+            .unwrap();
+        p.ctrl.flush().unwrap();
+        let mut listed = 0;
+        loop {
+            match p.ctrl.recv().unwrap() {
+                Message::Entries { entries, .. } => listed += entries.len(),
+                Message::ListEnd { .. } => break,
+                _ => {}
+            }
+        }
+        assert!(listed >= 1, "the tree is listed");
+        let mut lane = p.stream();
+        lane.send(&Message::Mkdir {
+            id: 1,
+            path: path("d"),
+        })
+        .unwrap();
+        lane.flush().unwrap();
+        let e = p.ended().unwrap_err();
+        assert!(
+            matches!(e, Error::Protocol(ProtocolError::Invalid(_))),
+            "{e}"
+        );
+        assert!(!p.tree().join("d").exists());
+    }
+}

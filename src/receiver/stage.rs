@@ -1,0 +1,343 @@
+//! Staging: every entry a stream writes is first made as a temp (a file unnamed beside its
+//! target, a symlink or link under a temporary name), its attributes set, then handed to
+//! the stream's batch, which names it only at the commit. Files that arrive in pieces are
+//! filled through a [`TempSink`].
+
+use super::session::{Attrs, Dirs, Session, op_error};
+use super::sparse::Holes;
+use crate::model::manifest::Hash;
+use crate::model::path::RelPath;
+use crate::tree::atomic::{NewTemp, Staged, Temp};
+use crate::tree::fsroot;
+use crate::wire::protocol::{FrameReader, OpError, ProtocolError};
+use rustix::fs::{AtFlags, FileType, Mode};
+use rustix::io::Errno;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+/// A file a stream announced: where it goes, what it gets, and how large it is.
+pub(super) struct Incoming {
+    /// The operation's ID, which its `Ack` carries.
+    pub(super) id: u64,
+    /// Where it goes.
+    pub(super) path: RelPath,
+    /// What it gets besides its content.
+    pub(super) attrs: Attrs,
+    /// Its size in bytes, as announced.
+    pub(super) size: u64,
+    /// Keep the temp's descriptor open until the commit (see [`crate::tree::atomic::Batch`]).
+    pub(super) keep: bool,
+}
+
+/// What staging one received file came to: the staged temp, or why the file failed (told
+/// to the primary in its `Ack`; the stream goes on).
+pub(super) type EntryResult = Result<Staged, OpError>;
+
+/// Makes a file to receive an entry of `dir` into (unnamed beside it, see
+/// [`crate::tree::atomic::TempPlace`]). A receiver that is not root gives itself write
+/// permission on a read-only directory (its mode is restored with the directory's
+/// attributes).
+pub(super) fn temp_for(s: &Session, dir: &Arc<OwnedFd>) -> io::Result<NewTemp> {
+    let place = s.temps()?;
+    match place.create(dir) {
+        Err(e) if e.raw_os_error() == Some(Errno::ACCESS.raw_os_error()) => {
+            let st = rustix::fs::fstat(&**dir)?;
+            rustix::fs::fchmod(&**dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
+            place.create(dir)
+        }
+        other => other,
+    }
+}
+
+/// Stages `data`, all of a small file's content, as `file`.
+pub(super) fn stage_bytes(dirs: &mut Dirs, file: &Incoming, data: &[u8]) -> io::Result<Staged> {
+    let s = dirs.session();
+    let (dir, name) = dirs.parent(&file.path)?;
+    let t = temp_for(s, &dir)?;
+    let res = (&t.file)
+        .write_all(data)
+        .and_then(|_| s.set_fd(t.file.as_fd(), &file.attrs));
+    if let Err(e) = res {
+        t.temp.discard();
+        return Err(e);
+    }
+    s.wrote(data.len() as u64);
+    Ok(staged(
+        file.id,
+        dir,
+        name.to_vec(),
+        t,
+        file.keep,
+        data.len() as u64,
+    ))
+}
+
+/// The complete file `t`, staged to become `name` in `dir`; its descriptor kept when
+/// `keep` asks (or when it is all there is of an unnamed file).
+fn staged(id: u64, dir: Arc<OwnedFd>, name: Vec<u8>, t: NewTemp, keep: bool, bytes: u64) -> Staged {
+    let keep = keep || matches!(t.temp, Temp::Unnamed { .. });
+    Staged {
+        id,
+        dir,
+        temp: t.temp,
+        name,
+        file: keep.then_some(t.file),
+        bytes,
+    }
+}
+
+/// Stages a symlink to `target` as `path`, with its attributes.
+pub(super) fn stage_symlink(
+    dirs: &mut Dirs,
+    id: u64,
+    path: &RelPath,
+    target: &[u8],
+    meta: &Attrs,
+) -> io::Result<Staged> {
+    let s = dirs.session();
+    let (dir, name) = dirs.parent(path)?;
+    let temp_dir = s.temp_dir(&dir)?;
+    let temp = loop {
+        let t = fsroot::temp_name();
+        match rustix::fs::symlinkat(target, &*temp_dir, t.as_slice()) {
+            Ok(()) => break t,
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if let Err(e) = s.set_at(temp_dir.as_fd(), &temp, meta, false) {
+        let _ = rustix::fs::unlinkat(&*temp_dir, temp.as_slice(), AtFlags::empty());
+        return Err(e);
+    }
+    Ok(Staged {
+        id,
+        dir,
+        temp: Temp::Named(temp_dir, temp),
+        name: name.to_vec(),
+        file: None,
+        bytes: 0,
+    })
+}
+
+/// Stages another name for the regular file or symlink `target`. A symlink is linked
+/// itself: `linkat` without `AT_SYMLINK_FOLLOW` never follows the last name, and the
+/// directories on the way are resolved without following any symlink.
+pub(super) fn stage_link(
+    dirs: &mut Dirs,
+    id: u64,
+    path: &RelPath,
+    target: &RelPath,
+) -> io::Result<Staged> {
+    let (tdir, tname) = dirs.parent(target)?;
+    let st = rustix::fs::statat(&*tdir, tname, AtFlags::SYMLINK_NOFOLLOW)?;
+    if !matches!(
+        FileType::from_raw_mode(st.st_mode),
+        FileType::RegularFile | FileType::Symlink
+    ) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "link target is not a regular file or a symlink",
+        ));
+    }
+    let s = dirs.session();
+    let (dir, name) = dirs.parent(path)?;
+    let temp_dir = s.temp_dir(&dir)?;
+    let temp = loop {
+        let t = fsroot::temp_name();
+        // No AT_SYMLINK_FOLLOW: a symlink target gets a name of its own inode.
+        match rustix::fs::linkat(&*tdir, tname, &*temp_dir, t.as_slice(), AtFlags::empty()) {
+            Ok(()) => break t,
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    Ok(Staged {
+        id,
+        dir,
+        temp: Temp::Named(temp_dir, temp),
+        name: name.to_vec(),
+        file: None,
+        bytes: 0,
+    })
+}
+
+/// A temp being written for the entry `name` of `dir` (see [`crate::tree::atomic::Temp`]).
+pub(super) struct TempTarget {
+    dir: Arc<OwnedFd>,
+    name: Vec<u8>,
+    /// The temp, buffered.
+    pub(super) w: BufWriter<File>,
+    temp: Temp,
+}
+
+/// A temp file being filled. Write failures are remembered, not returned, so the stream is
+/// always read to the end of the file and stays in step; the file is then reported failed.
+pub(super) struct TempSink {
+    /// The temp, unless none could be made.
+    pub(super) target: Option<TempTarget>,
+    /// The file's first failure: what follows of its bytes is read and dropped.
+    pub(super) err: Option<OpError>,
+    /// The delta's base, for copying unchanged chunks in the kernel.
+    pub(super) base: Option<File>,
+    /// Set for a sparse file: its holes are kept.
+    pub(super) holes: Option<Holes>,
+}
+
+impl TempSink {
+    /// A sink into a new temp for `path`; when none can be made, a sink that takes the
+    /// file's bytes (so the stream stays in step) and reports the failure at the end.
+    pub(super) fn create(dirs: &mut Dirs, path: &RelPath) -> TempSink {
+        let s = dirs.session();
+        let target = dirs.parent(path).and_then(|(dir, name)| {
+            let t = temp_for(s, &dir)?;
+            Ok(TempTarget {
+                dir,
+                name: name.to_vec(),
+                w: BufWriter::with_capacity(1 << 20, t.file),
+                temp: t.temp,
+            })
+        });
+        match target {
+            Ok(t) => TempSink {
+                target: Some(t),
+                err: None,
+                base: None,
+                holes: None,
+            },
+            Err(e) => TempSink {
+                target: None,
+                err: Some(op_error(&e)),
+                base: None,
+                holes: None,
+            },
+        }
+    }
+
+    /// Stages the temp as `file` when the primary completed it and the content proof, if
+    /// any (`(theirs, ours)`), holds; otherwise removes it. An incomplete file or a failed
+    /// proof asks the primary to send the file again.
+    pub(super) fn finish(
+        mut self,
+        s: &Session,
+        file: &Incoming,
+        complete: bool,
+        proof: Option<(Hash, Hash)>,
+    ) -> EntryResult {
+        if self.err.is_none() {
+            if !complete {
+                self.err = Some(OpError::new(
+                    "the file changed on the primary while it was read",
+                    true,
+                ));
+            } else if proof.is_some_and(|(theirs, ours)| theirs != ours) {
+                self.err = Some(OpError::new("content digest mismatch", true));
+            }
+        }
+        let Some(TempTarget { dir, name, w, temp }) = self.target.take() else {
+            return Err(self
+                .err
+                .take()
+                .unwrap_or_else(|| OpError::new("no temp file", false)));
+        };
+        let written = match self.err.take() {
+            None => w.into_inner().map_err(|e| op_error(&e.into_error())),
+            Some(e) => Err(e),
+        };
+        let t = match written {
+            Ok(f) => NewTemp { file: f, temp },
+            Err(e) => {
+                temp.discard();
+                return Err(e);
+            }
+        };
+        match s.set_fd(t.file.as_fd(), &file.attrs) {
+            Ok(()) => {
+                s.wrote(file.size);
+                Ok(staged(file.id, dir, name, t, file.keep, file.size))
+            }
+            Err(e) => {
+                t.temp.discard();
+                Err(op_error(&e))
+            }
+        }
+    }
+}
+
+impl TempSink {
+    /// Reads `len` raw bytes off the stream into the temp, in pieces of `buf` (sized here).
+    pub(super) fn take_raw<R: Read>(
+        &mut self,
+        r: &mut FrameReader<R>,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ProtocolError> {
+        buf.resize((1 << 20).min(len).max(1) as usize, 0);
+        let mut left = len;
+        while left > 0 {
+            let n = (left as usize).min(buf.len());
+            r.read_raw(&mut buf[..n])?;
+            self.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Goes on writing at `offset`, leaving a hole behind.
+    pub(super) fn seek_to(&mut self, offset: u64) {
+        if self.err.is_none()
+            && let Some(TempTarget { w, .. }) = self.target.as_mut()
+            && let Err(e) = io::Seek::seek(w, io::SeekFrom::Start(offset))
+        {
+            self.err = Some(op_error(&e));
+        }
+    }
+
+    /// Makes the temp `size` bytes long: a hole to the end if the data ends before.
+    pub(super) fn set_len(&mut self, size: u64) {
+        if self.err.is_none()
+            && let Some(TempTarget { w, .. }) = self.target.as_mut()
+        {
+            let done = match self.holes.as_mut() {
+                Some(h) => h.finish(w),
+                None => Ok(()),
+            };
+            if let Err(e) = done
+                .and_then(|_| w.flush())
+                .and_then(|_| w.get_ref().set_len(size))
+            {
+                self.err = Some(op_error(&e));
+            }
+        }
+    }
+}
+
+impl Drop for TempSink {
+    fn drop(&mut self) {
+        // Reached with a target only when the stream failed mid-file.
+        if let Some(t) = self.target.take() {
+            t.temp.discard();
+        }
+    }
+}
+
+impl Write for TempSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.err.is_none()
+            && let Some(TempTarget { w, .. }) = self.target.as_mut()
+        {
+            let written = match self.holes.as_mut() {
+                Some(h) => h.write(w, buf),
+                None => w.write_all(buf),
+            };
+            if let Err(e) = written {
+                self.err = Some(op_error(&e));
+            }
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
