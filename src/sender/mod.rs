@@ -1649,13 +1649,12 @@ impl<'a> Exec<'a> {
                     matched_len,
                     fine_len,
                 } => {
-                    // Bounded before anything is allocated: a base may not have more chunks
-                    // than a file of this chunk size can (64 Ki) times a margin, and its
-                    // fine signature (one entry per block of at least 512 bytes) may not
-                    // exceed 256 MiB.
+                    // Bounded before anything is allocated: a base no larger than a standby
+                    // signs, and a fine signature (one entry per block of at least 512
+                    // bytes) of at most 256 MiB.
                     let expect_matched = base_size.div_ceil(chunk).div_ceil(8);
                     let max_fine = ((base_size / 512 + 1) * 12).min(256 << 20);
-                    if base_size.div_ceil(chunk) > 16 * delta::MAX_CHUNKS
+                    if base_size.div_ceil(chunk) > delta::MAX_BASE_CHUNKS
                         || matched_len != expect_matched
                         || fine_len > max_fine
                     {
