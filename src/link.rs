@@ -289,6 +289,17 @@ pub struct Link {
 }
 
 impl Link {
+    /// A link over `conn`, a connection whose other end a test serves itself.
+    #[cfg(test)]
+    pub(crate) fn over(conn: Arc<dyn Connection>) -> Link {
+        Link {
+            conn,
+            receiver: None,
+            clean: false,
+            _rt: None,
+        }
+    }
+
     pub fn conn(&self) -> &Arc<dyn Connection> {
         &self.conn
     }
