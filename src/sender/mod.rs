@@ -3,15 +3,15 @@
 //! lanes, each large file on a stream of its own, with nothing waiting on a round trip
 //! per file.
 //!
-//! - [`session`]: opening a session (the handshake) and its API;
-//! - [`listed`] and [`streamed`]: the two reconciles, by listing both sides or by walking
-//!   them together ([`walk_both`], [`windows`]); [`listing`] and [`hard_links`] serve them,
-//!   and [`mass_delete`] guards both;
-//! - [`exec`]: carrying a plan out, on [`tree_ops`] (the control stream), [`lanes`] of
-//!   [`small`] entries and attribute fixes ([`attrs`]), and a stream per large file, sent
-//!   [`whole`] (with [`extents`] for holes) or as [`deltas`];
-//! - [`acks`]: the book of operations awaiting acknowledgement, and what each settles;
-//! - [`read`]: reading files that may change while read.
+//! - `session`: opening a session (the handshake) and its API;
+//! - `listed` and `streamed`: the two reconciles, by listing both sides or by walking
+//!   them together (`walk_both`, `windows`); `listing` and `hard_links` serve them,
+//!   and `mass_delete` guards both;
+//! - `exec`: carrying a plan out, on `tree_ops` (the control stream), `lanes` of
+//!   `small` entries and attribute fixes (`attrs`), and a stream per large file, sent
+//!   `whole` (with `extents` for holes) or as `deltas`;
+//! - `acks`: the book of operations awaiting acknowledgement, and what each settles;
+//! - `read`: reading files that may change while read.
 
 use crate::error::Error;
 use crate::fsroot::Root;
@@ -47,16 +47,21 @@ mod windows;
 #[cfg(test)]
 mod tests;
 
-pub use session::Session;
+pub(crate) use session::Session;
 
 /// What a `sync` may do.
 #[derive(Debug, Clone)]
 pub struct SyncOptions {
+    /// Compare files by content digest, not by size and modification time.
     pub checksum: bool,
+    /// Remove from the standby what the primary does not have.
     pub delete: bool,
     /// Override the mass-delete guards.
     pub force: bool,
+    /// Plan and report only: the standby is opened read-only and nothing is written.
     pub dry_run: bool,
+    /// `--exclude` patterns ([`crate::filter`]): matching entries are neither sent nor
+    /// removed on the standby.
     pub excludes: Vec<String>,
     /// Refuse a plan that removes more than this percentage of the standby's entries.
     pub max_delete_percent: u32,
@@ -94,11 +99,13 @@ impl Default for SyncOptions {
 }
 
 /// The result of a sync: its summary, and the plan it carried out (or would, in a dry run).
-/// A streamed reconcile carries its plan out as it goes: its plan holds only what a dry
-/// run's monitor did not show, and the counts of what it removed.
 #[derive(Debug)]
 pub struct Outcome {
+    /// What was done (or would be), as `--json` prints it.
     pub summary: Summary,
+    /// The plan carried out, or that a dry run would carry out. A streamed reconcile plans
+    /// as it goes: it keeps here only the parts a dry run's monitor did not show, and the
+    /// counts of what it removed.
     pub plan: Plan,
 }
 
@@ -109,7 +116,7 @@ pub struct Outcome {
 /// [`Error::Refused`] for an empty source facing a standby that is not (the session is
 /// still closed cleanly), or why the session failed. Errors with single entries are in the
 /// summary.
-pub fn sync(
+pub(crate) fn sync(
     src: Arc<Root>,
     link: Link,
     opts: &SyncOptions,
@@ -135,7 +142,7 @@ pub fn sync(
 /// Changes seen while a long reconcile runs (a watch's), offered to it so they reach the
 /// standby before it ends. Each is examined again by the batch after the reconcile: an
 /// early copy is only a head start.
-pub trait Early: Send + Sync {
+pub(crate) trait Early: Send + Sync {
     /// Paths changed and ready now, of those `accept` takes, each offered once per change.
     fn take(&self, accept: &dyn Fn(&RelPath) -> bool) -> Vec<RelPath>;
 }

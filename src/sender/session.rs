@@ -54,7 +54,7 @@ impl Ends<'_> {
 /// One session with a standby over one connection: a full reconcile, any number of partial
 /// ones (watch mode: only the paths that changed), then `close`. It owns its link: dropping
 /// a session that was not closed aborts the connection.
-pub struct Session<'m> {
+pub(crate) struct Session<'m> {
     /// Declared first: dropped before the heartbeat, which the link's abort unblocks.
     pub(super) ends: Ends<'m>,
     /// The heartbeat: stopped before a clean close; on a failure, dropped after the link.
