@@ -7,7 +7,7 @@ use super::SyncOptions;
 use super::acks::{AckBook, Exchange, Settled, Verdict};
 use super::lanes::LaneItem;
 use super::session::{Ends, peer_error};
-use crate::channel::Reader;
+use crate::channel::{Channel, Reader};
 use crate::error::Error;
 use crate::manifest::Manifest;
 use crate::path::RelPath;
@@ -66,6 +66,8 @@ impl<'a> Exec<'a> {
         self.book().vanished();
     }
 
+    /// A problem of ours with the entry at `path` (it cannot be read): reported, and the
+    /// run goes on.
     pub(super) fn error(&self, path: &RelPath, msg: String) {
         tracing::warn!("{path}: {msg}");
         self.book().fail(path, msg);
@@ -90,7 +92,7 @@ impl<'a> Exec<'a> {
     pub(super) fn run(
         &self,
         plan: &Plan,
-        ch: &mut crate::channel::Channel,
+        ch: &mut Channel,
         opts: &SyncOptions,
     ) -> Result<(), Error> {
         self.prepare(plan, ch)?;

@@ -73,7 +73,7 @@ pub(super) fn walk_both(
         gate,
         monitor,
     } = w;
-    let mut walk = Channel::new(conn.open().map_err(ProtocolError::Io)?);
+    let mut walk = Channel::open(conn)?;
     // The whole tree is asked for as version 3 peers know it.
     walk.send(&if scopes.is_all() {
         Message::Walk {
