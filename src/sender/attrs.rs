@@ -5,11 +5,11 @@
 use super::acks::{Exchange, Op};
 use super::exec::Exec;
 use super::read::{ReadError, read_error, xattrs_of};
-use crate::channel::Writer;
-use crate::path::RelPath;
-use crate::plan::MetaFix;
-use crate::protocol::{Message, ProtocolError};
-use crate::xattr::{At, Policy, Xattrs};
+use crate::wire::channel::Writer;
+use crate::model::path::RelPath;
+use crate::model::plan::MetaFix;
+use crate::wire::protocol::{Message, ProtocolError};
+use crate::tree::xattr::{At, Policy, Xattrs};
 use std::os::fd::AsFd;
 
 /// What goes with each entry besides its content, as agreed when the session opened.
@@ -45,7 +45,7 @@ pub(super) fn say_once_what_the_standby_lacks(want: &Policy, can: &Policy) {
     let lacks = want.missing_in(can);
     if !lacks.is_empty() {
         let lacks = lacks.join(", ");
-        crate::xattr::say_once(
+        crate::tree::xattr::say_once(
             &lacks,
             &format!("the standby cannot store {lacks}: they are not mirrored there"),
         );

@@ -1,7 +1,7 @@
 //! Large files the standby has a version of, sent as deltas on a stream of their own: the
 //! new version's coarse hashes go first, the standby answers with a signature of its base
 //! (or that it has none), and the op stream turning the base into the new version follows
-//! (see [`crate::delta`]). A delta that does not work out is sent again whole.
+//! (see [`crate::model::delta`]). A delta that does not work out is sent again whole.
 
 use super::acks::{Op, Settled};
 use super::attrs::send_xattrs;
@@ -9,15 +9,15 @@ use super::exec::Exec;
 use super::read::{Problem, ReadError, read_error, read_through, xattrs_of};
 use super::session::peer_error;
 use super::whole::read_one_ack;
-use crate::channel::{Channel, Reader, Writer};
-use crate::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
+use crate::wire::channel::{Channel, Reader, Writer};
+use crate::model::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
 use crate::error::Error;
-use crate::fsroot::{changed, meta_of};
-use crate::manifest::Hash;
-use crate::path::RelPath;
-use crate::plan::Transfer;
-use crate::protocol::{Message, OpError, ProtocolError};
-use crate::xattr::{At, Xattrs};
+use crate::tree::fsroot::{changed, meta_of};
+use crate::model::manifest::Hash;
+use crate::model::path::RelPath;
+use crate::model::plan::Transfer;
+use crate::wire::protocol::{Message, OpError, ProtocolError};
+use crate::tree::xattr::{At, Xattrs};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
@@ -101,7 +101,7 @@ impl Exec<'_> {
             }
         };
         let before = rustix::fs::fstat(&f).map_err(|e| ProtocolError::Io(e.into()))?;
-        let sparse = self.ends.carry.holes && crate::sparse::has_holes(&before);
+        let sparse = self.ends.carry.holes && crate::tree::sparse::has_holes(&before);
         let size = before.st_size as u64;
         let attrs = match xattrs_of(At::Fd(f.as_fd()), &self.ends.carry.xattrs) {
             Ok(x) => x,

@@ -3,8 +3,8 @@
 
 use super::exec::Exec;
 use super::read::{Problem, read_range};
-use crate::channel::Writer;
-use crate::protocol::{Message, ProtocolError};
+use crate::wire::channel::Writer;
+use crate::wire::protocol::{Message, ProtocolError};
 
 impl Exec<'_> {
     /// Sends the data of `f` (of `size` bytes) as `Extent`s, each followed by its bytes. A
@@ -16,7 +16,7 @@ impl Exec<'_> {
         size: u64,
     ) -> Result<Option<Problem>, ProtocolError> {
         let mut buf = Vec::new();
-        for extent in crate::sparse::Extents::new(f, size) {
+        for extent in crate::tree::sparse::Extents::new(f, size) {
             let (start, end) = match extent {
                 Ok(e) => e,
                 Err(e) => return Ok(Some(Problem::of_read(&e))),

@@ -2,15 +2,15 @@
 //! a change to all, so the reconcile is widened to every name of each inode it meets.
 
 use super::listing::{list_both, with_parents};
-use crate::channel::Channel;
+use crate::wire::channel::Channel;
 use crate::error::Error;
-use crate::fsroot::Root;
-use crate::manifest::{Entry, LinkKey, Manifest, Scope};
-use crate::names::LinkIndex;
-use crate::path::RelPath;
-use crate::progress::Monitor;
-use crate::scan::{ScanOptions, scan_scopes};
-use crate::walk::Scopes;
+use crate::tree::fsroot::Root;
+use crate::model::manifest::{Entry, LinkKey, Manifest, Scope};
+use crate::model::names::LinkIndex;
+use crate::model::path::RelPath;
+use crate::model::progress::Monitor;
+use crate::tree::scan::{ScanOptions, scan_scopes};
+use crate::tree::walk::Scopes;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -52,7 +52,7 @@ pub(super) fn complete_links(
     let mut found = HashMap::new();
     if !short.is_empty() {
         let started = Instant::now();
-        found = crate::walk::find_names(s.root, &s.scan_opts.filter, &short)
+        found = crate::tree::walk::find_names(s.root, &s.scan_opts.filter, &short)
             .map_err(|e| cannot_read(s.root, e))?;
         let have: HashSet<&RelPath> = seen.iter().map(|e| &e.path).collect();
         let new: Vec<RelPath> = found

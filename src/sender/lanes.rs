@@ -4,15 +4,15 @@
 
 use super::acks::Exchange;
 use super::exec::Exec;
-use crate::channel::{Channel, Writer};
+use crate::wire::channel::{Channel, Writer};
 use crate::error::Error;
-use crate::plan::{MetaFix, SymlinkOp, Transfer};
-use crate::protocol::{Message, ProtocolError};
+use crate::model::plan::{MetaFix, SymlinkOp, Transfer};
+use crate::wire::protocol::{Message, ProtocolError};
 
 /// Operations a lane leaves unacknowledged at most. Past it, the lane asks the standby to
 /// commit and waits: what is in flight (and remembered) stays bounded however fast small
 /// files are read, not just by the transport's buffers.
-const LANE_IN_FLIGHT: usize = 4 * crate::atomic::BATCH_FILES;
+const LANE_IN_FLIGHT: usize = 4 * crate::tree::atomic::BATCH_FILES;
 
 /// One item a lane carries.
 #[derive(Clone, Copy)]
@@ -43,7 +43,7 @@ impl LaneFeed<'_> {
             // Resumed after one batch's acknowledgements: the standby still has others to
             // commit meanwhile.
             self.ex
-                .wait_below(self.x, LANE_IN_FLIGHT - crate::atomic::BATCH_FILES);
+                .wait_below(self.x, LANE_IN_FLIGHT - crate::tree::atomic::BATCH_FILES);
         }
         self.staged = true;
         let id = self.ex.id();

@@ -10,12 +10,12 @@ use super::mass_delete::Removals;
 use super::report::{count_planned, note_problems};
 use super::session::Session;
 use crate::error::Error;
-use crate::manifest::{Entry, Manifest, Scope};
-use crate::path::RelPath;
-use crate::plan::{self, Plan};
-use crate::scan::ScanOutcome;
-use crate::summary::Summary;
-use crate::walk::Scopes;
+use crate::model::manifest::{Entry, Manifest, Scope};
+use crate::model::path::RelPath;
+use crate::model::plan::{self, Plan};
+use crate::tree::scan::ScanOutcome;
+use crate::model::summary::Summary;
+use crate::tree::walk::Scopes;
 use std::time::Instant;
 
 /// A listed reconcile to run.
@@ -153,7 +153,7 @@ impl Session<'_> {
             replaced: !plan.clear.is_empty(),
         };
         if let Some(refusal) = self.delete_guard().judge(removals)? {
-            summary.deletions_refused = crate::guard::skip_deletes(plan, remote);
+            summary.deletions_refused = crate::model::guard::skip_deletes(plan, remote);
             summary.refused = Some(refusal);
         }
         Ok(())

@@ -2,14 +2,14 @@
 //! the standby's manifest arrives, checked as it comes.
 
 use super::session::peer_error;
-use crate::channel::{Channel, Reader};
+use crate::wire::channel::{Channel, Reader};
 use crate::error::Error;
-use crate::fsroot::Root;
-use crate::manifest::{Manifest, Scope, Special, normalize_scopes};
-use crate::path::RelPath;
-use crate::progress::Monitor;
-use crate::protocol::{Message, ProtocolError};
-use crate::scan::{ScanOptions, ScanOutcome, scan_scopes};
+use crate::tree::fsroot::Root;
+use crate::model::manifest::{Manifest, Scope, Special, normalize_scopes};
+use crate::model::path::RelPath;
+use crate::model::progress::Monitor;
+use crate::wire::protocol::{Message, ProtocolError};
+use crate::tree::scan::{ScanOptions, ScanOutcome, scan_scopes};
 
 /// Lists `scopes` on both sides at once, over the control stream: the primary's scan, the
 /// standby's manifest, and the leftover temporary files its listing removed.
@@ -76,10 +76,10 @@ fn receive_listing(r: &mut Reader) -> Result<(Manifest, u64), ProtocolError> {
                 errors,
             } => {
                 if let Some(s) = sums.take() {
-                    crate::protocol::put_xattr_sums(s, entries.iter_mut())?;
+                    crate::wire::protocol::put_xattr_sums(s, entries.iter_mut())?;
                 }
                 if let Some(s) = shapes.take() {
-                    crate::protocol::put_shapes(s, entries.iter_mut())?;
+                    crate::wire::protocol::put_shapes(s, entries.iter_mut())?;
                 }
                 m.entries.extend(entries);
                 m.errors.extend(errors);

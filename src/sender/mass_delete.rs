@@ -3,7 +3,7 @@
 //! out, and the summary says why.
 
 use crate::error::Error;
-use crate::guard::{self, Deletions, Limits, MassDelete};
+use crate::model::guard::{self, Deletions, Limits, MassDelete};
 
 /// A plan's deletions, as the guard weighs them.
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +64,7 @@ impl DeleteGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guard::Absences;
+    use crate::model::guard::Absences;
 
     fn guard(on_mass_delete: MassDelete) -> DeleteGuard {
         let limits = Limits {

@@ -14,13 +14,13 @@
 //! - `read`: reading files that may change while read.
 
 use crate::error::Error;
-use crate::fsroot::Root;
-use crate::guard::MassDelete;
+use crate::tree::fsroot::Root;
+use crate::model::guard::MassDelete;
 use crate::link::Link;
-use crate::path::RelPath;
-use crate::plan::Plan;
-use crate::progress::Monitor;
-use crate::summary::Summary;
+use crate::model::path::RelPath;
+use crate::model::plan::Plan;
+use crate::model::progress::Monitor;
+use crate::model::summary::Summary;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -60,7 +60,7 @@ pub struct SyncOptions {
     pub force: bool,
     /// Plan and report only: the standby is opened read-only and nothing is written.
     pub dry_run: bool,
-    /// `--exclude` patterns ([`crate::filter`]): matching entries are neither sent nor
+    /// `--exclude` patterns ([`crate::model::filter`]): matching entries are neither sent nor
     /// removed on the standby.
     pub excludes: Vec<String>,
     /// Refuse a plan that removes more than this percentage of the standby's entries.
@@ -76,7 +76,7 @@ pub struct SyncOptions {
     /// The epoch this primary writes in (its tree's, see [`crate::primary`]).
     pub epoch: u64,
     /// The extended attributes and ACLs to mirror (what the standby can store of them).
-    pub xattrs: crate::xattr::Policy,
+    pub xattrs: crate::tree::xattr::Policy,
 }
 
 impl Default for SyncOptions {
@@ -93,7 +93,7 @@ impl Default for SyncOptions {
             on_mass_delete: MassDelete::Refuse,
             hash_rate: 0,
             epoch: 1,
-            xattrs: crate::xattr::Policy::wanted(false, false),
+            xattrs: crate::tree::xattr::Policy::wanted(false, false),
         }
     }
 }

@@ -6,25 +6,25 @@ use super::attrs::{Carry, say_once_what_the_standby_lacks};
 use super::exec::Exec;
 use super::mass_delete::DeleteGuard;
 use super::{Early, Outcome, SyncOptions};
-use crate::channel::Channel;
+use crate::wire::channel::Channel;
 use crate::error::Error;
-use crate::filter::Filter;
-use crate::fsroot::Root;
-use crate::guard::{self, Absences};
-use crate::heartbeat::{self, Beating, Pulse};
+use crate::model::filter::Filter;
+use crate::tree::fsroot::Root;
+use crate::model::guard::{self, Absences};
+use crate::wire::heartbeat::{self, Beating, Pulse};
 use crate::link::Link;
-use crate::manifest::{Manifest, Scope, normalize_scopes};
-use crate::names::LinkIndex;
-use crate::path::RelPath;
-use crate::plan::PlanOptions;
-use crate::progress::Monitor;
-use crate::protocol::{ErrorCode, Message, ProtocolError, SessionMode};
-use crate::scan::{ScanOptions, ScanOutcome};
+use crate::model::manifest::{Manifest, Scope, normalize_scopes};
+use crate::model::names::LinkIndex;
+use crate::model::path::RelPath;
+use crate::model::plan::PlanOptions;
+use crate::model::progress::Monitor;
+use crate::wire::protocol::{ErrorCode, Message, ProtocolError, SessionMode};
+use crate::tree::scan::{ScanOptions, ScanOutcome};
 use crate::standby::Position;
-use crate::summary::Summary;
+use crate::model::summary::Summary;
 use crate::transport::Connection;
-use crate::walk::{Gate, Scopes};
-use crate::xattr::Policy;
+use crate::tree::walk::{Gate, Scopes};
+use crate::tree::xattr::Policy;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -143,7 +143,7 @@ fn warn_of_the_standby(o: &Opened) {
     }
     if o.version < 6 {
         let version = o.version;
-        crate::xattr::say_once(
+        crate::tree::xattr::say_once(
             "a standby before protocol 6",
             &format!(
                 "the standby runs an older hotsync (protocol {version}): symlinks with \

@@ -5,10 +5,10 @@ use super::acks::{Exchange, Op};
 use super::attrs::send_xattrs;
 use super::exec::Exec;
 use super::read::{ReadError, read_small};
-use crate::channel::Writer;
-use crate::fsroot::meta_of;
-use crate::plan::{SymlinkOp, Transfer};
-use crate::protocol::{Message, ProtocolError};
+use crate::wire::channel::Writer;
+use crate::tree::fsroot::meta_of;
+use crate::model::plan::{SymlinkOp, Transfer};
+use crate::wire::protocol::{Message, ProtocolError};
 
 impl Exec<'_> {
     /// Sends the small file `t` as operation `id` of exchange `x`, its bytes read into

@@ -3,15 +3,15 @@
 //! fails (ask for a file again), a scripted standby speaking the protocol.
 
 use super::{Session, SyncOptions};
-use crate::channel::Channel;
-use crate::fsroot::Root;
+use crate::wire::channel::Channel;
+use crate::tree::fsroot::Root;
 use crate::link::{Connector, Link, Target};
-use crate::manifest::Scope;
-use crate::path::RelPath;
-use crate::progress::Silent;
-use crate::protocol::{MAGIC, Message, OpError, ProtocolError};
+use crate::model::manifest::Scope;
+use crate::model::path::RelPath;
+use crate::model::progress::Silent;
+use crate::wire::protocol::{MAGIC, Message, OpError, ProtocolError};
 use crate::standby::{Access, Position};
-use crate::summary::Summary;
+use crate::model::summary::Summary;
 use crate::transport::Connection;
 use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
@@ -115,7 +115,7 @@ fn a_sparse_file_goes_as_its_data_only() {
     f.set_len(size).unwrap();
     f.write_all_at(&noise(64 << 10, 2), 8 << 20).unwrap();
     drop(f);
-    if !crate::sparse::has_holes(&rustix::fs::stat(&path).unwrap()) {
+    if !crate::tree::sparse::has_holes(&rustix::fs::stat(&path).unwrap()) {
         // This filesystem keeps no holes: nothing to see here.
         return;
     }
@@ -124,7 +124,7 @@ fn a_sparse_file_goes_as_its_data_only() {
     assert!(s.bytes_literal < 1 << 20, "the holes are not sent: {s:?}");
     let mirrored = rustix::fs::stat(t.dst.path().join("sparse")).unwrap();
     assert!(
-        crate::sparse::has_holes(&mirrored),
+        crate::tree::sparse::has_holes(&mirrored),
         "the standby keeps them"
     );
 }

@@ -6,11 +6,11 @@
 use super::acks::Op;
 use super::attrs::{send_xattrs, set_meta};
 use super::exec::Exec;
-use crate::channel::Channel;
+use crate::wire::channel::Channel;
 use crate::error::Error;
-use crate::path::RelPath;
-use crate::plan::Plan;
-use crate::protocol::Message;
+use crate::model::path::RelPath;
+use crate::model::plan::Plan;
+use crate::wire::protocol::Message;
 
 /// One operation for the control stream, and how its acknowledgement counts.
 pub(super) struct ControlOp {

@@ -4,17 +4,17 @@
 
 use super::listing::check_special;
 use super::session::{Session, peer_error};
-use crate::channel::Channel;
+use crate::wire::channel::Channel;
 use crate::error::Error;
-use crate::fsroot::Root;
-use crate::manifest::Entry;
-use crate::merge::{Side, next_side};
-use crate::path::RelPath;
-use crate::progress::Monitor;
-use crate::protocol::{Message, ProtocolError};
-use crate::scan::ScanOptions;
+use crate::tree::fsroot::Root;
+use crate::model::manifest::Entry;
+use crate::model::merge::{Side, next_side};
+use crate::model::path::RelPath;
+use crate::model::progress::Monitor;
+use crate::wire::protocol::{Message, ProtocolError};
+use crate::tree::scan::ScanOptions;
 use crate::transport::Connection;
-use crate::walk::{Gate, Scopes, Unit, Walker, walk_cmp};
+use crate::tree::walk::{Gate, Scopes, Unit, Walker, walk_cmp};
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
@@ -244,11 +244,11 @@ struct WalkCheck {
     last_dir: Option<RelPath>,
     count: u64,
     /// The attribute digests for the next `Dir`.
-    sums: Option<Vec<(u32, crate::xattr::Sum)>>,
+    sums: Option<Vec<(u32, crate::tree::xattr::Sum)>>,
     /// The shapes for the next `Dir`.
-    shapes: Option<Vec<(u32, crate::manifest::Shape)>>,
+    shapes: Option<Vec<(u32, crate::model::manifest::Shape)>>,
     /// Special files for the next `Dir`.
-    specials: Vec<crate::manifest::Special>,
+    specials: Vec<crate::model::manifest::Special>,
 }
 
 impl Default for WalkCheck {
@@ -289,11 +289,11 @@ impl WalkCheck {
             } => {
                 if let Some(s) = self.sums.take() {
                     let all = std::iter::once(&mut dir).chain(entries.iter_mut());
-                    crate::protocol::put_xattr_sums(s, all)?;
+                    crate::wire::protocol::put_xattr_sums(s, all)?;
                 }
                 if let Some(s) = self.shapes.take() {
                     let all = std::iter::once(&mut dir).chain(entries.iter_mut());
-                    crate::protocol::put_shapes(s, all)?;
+                    crate::wire::protocol::put_shapes(s, all)?;
                 }
                 let mut unit = self.unit_of(dir)?;
                 self.add_children(&mut unit, entries)?;
@@ -388,10 +388,10 @@ fn bad<T>(why: String) -> Result<T, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::Scope;
-    use crate::manifest::testing::{dir, file};
+    use crate::model::manifest::Scope;
+    use crate::model::manifest::testing::{dir, file};
 
-    fn dir_msg(d: &str, entries: Vec<crate::manifest::Entry>) -> Message {
+    fn dir_msg(d: &str, entries: Vec<crate::model::manifest::Entry>) -> Message {
         Message::Dir {
             dir: dir(d),
             entries,

@@ -6,14 +6,14 @@ use super::attrs::send_xattrs;
 use super::exec::Exec;
 use super::read::{Problem, ReadError, read_error, read_through, xattrs_of};
 use super::session::peer_error;
-use crate::channel::{Channel, Reader, Writer};
+use crate::wire::channel::{Channel, Reader, Writer};
 use crate::error::Error;
-use crate::fsroot::{changed, meta_of};
-use crate::path::RelPath;
-use crate::plan::{Method, Transfer};
-use crate::protocol::{Message, OpError, ProtocolError};
-use crate::snapshot::Snapshot;
-use crate::xattr::At;
+use crate::tree::fsroot::{changed, meta_of};
+use crate::model::path::RelPath;
+use crate::model::plan::{Method, Transfer};
+use crate::wire::protocol::{Message, OpError, ProtocolError};
+use crate::tree::snapshot::Snapshot;
+use crate::tree::xattr::At;
 use std::io;
 use std::os::fd::AsFd;
 use std::time::Duration;
@@ -40,7 +40,7 @@ impl Exec<'_> {
         let mut unsteady = !allow_retry;
         for attempt in 0..3 {
             let snap = if unsteady {
-                crate::snapshot::take(&self.ends.root, path, SNAPSHOT_BUDGET)
+                crate::tree::snapshot::take(&self.ends.root, path, SNAPSHOT_BUDGET)
                     .ok()
                     .flatten()
             } else {
@@ -123,7 +123,7 @@ impl Exec<'_> {
             .expect(x, id, path.clone(), Op::Transfer { bytes: size });
         send_xattrs(w, attrs)?;
         let (path, meta) = (path.clone(), meta_of(&before));
-        let mut problem = if self.ends.carry.holes && crate::sparse::has_holes(&before) {
+        let mut problem = if self.ends.carry.holes && crate::tree::sparse::has_holes(&before) {
             w.send(&Message::SparseFile {
                 id,
                 path,
