@@ -129,6 +129,17 @@ pub struct Link {
 }
 
 impl Link {
+    /// A link over `conn`, a connection whose other end a test serves itself.
+    #[cfg(test)]
+    pub(crate) fn over(conn: Arc<dyn Connection>) -> Link {
+        Link {
+            conn,
+            receiver: None,
+            clean: false,
+            _dialer: None,
+        }
+    }
+
     pub(crate) fn conn(&self) -> &Arc<dyn Connection> {
         &self.conn
     }

@@ -23,6 +23,11 @@ pub(crate) const FINE_HASH_LEN: u32 = 8;
 const FINE_ENTRY: usize = 4 + FINE_HASH_LEN as usize;
 /// Most coarse chunks a file is split into; bounds what a peer can make us hold.
 pub(crate) const MAX_CHUNKS: u64 = 1 << 16;
+/// Most coarse chunks (of the new file's chunk size) a delta base may span. A base far
+/// larger than the new file costs more to sign than the file costs to resend: the receiver
+/// sends such a file whole rather than sign its base, and the sender refuses, before
+/// allocating for it, a [`BaseSignature`] of a larger base.
+pub(crate) const MAX_BASE_CHUNKS: u64 = 4 * MAX_CHUNKS;
 /// Largest window diffed at once.
 pub(crate) const WINDOW: usize = 8 << 20;
 const IO_BUF: usize = 1 << 20;

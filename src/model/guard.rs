@@ -74,6 +74,7 @@ pub(crate) enum Deletions {
     Refused(String),
 }
 
+#[cfg(test)]
 /// Judges `plan`'s deletions. `source_empty` says whether the primary's tree holds
 /// nothing; `remote_total` is the standby's size at the last full listing (the yardstick
 /// for a partial plan); `src` names the source in messages. Entries replaced by another

@@ -181,7 +181,7 @@ fn receive<R: Read, W: Write>(
 /// cost more to sign than to resend: the file then goes whole. This is the standby's only
 /// bound on a base's chunks; the primary accepts a signature of up to four times as many.
 fn signable(base_size: u64, chunk: u64) -> bool {
-    base_size.div_ceil(chunk) <= 4 * MAX_CHUNKS
+    base_size.div_ceil(chunk) <= delta::MAX_BASE_CHUNKS
 }
 
 /// Opens the standby's version of `path` as the base of a delta cut in chunks of `chunk`
@@ -500,8 +500,8 @@ mod tests {
     #[test]
     fn the_standby_signs_a_base_of_up_to_four_times_the_chunks_of_a_file() {
         let chunk = chunk_size(1);
-        assert!(super::signable(4 * delta::MAX_CHUNKS * chunk, chunk));
-        assert!(!super::signable(4 * delta::MAX_CHUNKS * chunk + 1, chunk));
+        assert!(super::signable(delta::MAX_BASE_CHUNKS * chunk, chunk));
+        assert!(!super::signable(delta::MAX_BASE_CHUNKS * chunk + 1, chunk));
     }
 
     #[test]

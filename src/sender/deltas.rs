@@ -1,0 +1,340 @@
+//! Large files the standby has a version of, sent as deltas on a stream of their own: the
+//! new version's coarse hashes go first, the standby answers with a signature of its base
+//! (or that it has none), and the op stream turning the base into the new version follows
+//! (see [`crate::model::delta`]). A delta that does not work out is sent again whole.
+
+use super::acks::{Op, Settled};
+use super::attrs::send_xattrs;
+use super::exec::Exec;
+use super::read::{Problem, ReadError, read_error, read_through, xattrs_of};
+use super::session::peer_error;
+use super::whole::read_one_ack;
+use crate::error::Error;
+use crate::model::delta::{self, COARSE_HASH_LEN, DeltaEncoder, chunk_size};
+use crate::model::manifest::Hash;
+use crate::model::path::RelPath;
+use crate::model::plan::Transfer;
+use crate::tree::fsroot::{changed, meta_of};
+use crate::tree::xattr::{At, Xattrs};
+use crate::wire::channel::{Channel, Reader, Writer};
+use crate::wire::protocol::{Message, OpError, ProtocolError};
+use std::fs::File;
+use std::io;
+use std::os::fd::AsFd;
+
+/// The new version of a file, opened to be sent as a delta, as it was when opened.
+struct NewVersion {
+    f: File,
+    before: rustix::fs::Stat,
+    size: u64,
+    chunk: u64,
+    /// Its holes are neither read nor hashed, and the standby keeps them.
+    sparse: bool,
+}
+
+/// How a delta's exchange ended.
+struct DeltaSent {
+    /// The standby's error with the file.
+    error: Option<OpError>,
+    /// Our own problem with it: the standby was told to discard it.
+    problem: Option<Problem>,
+}
+
+impl Exec<'_> {
+    /// Sends the file of `t` as a delta against the standby's version, and accounts for it;
+    /// sends it whole instead when the delta does not work out (it changed while read, the
+    /// standby could not check the result, a sparse file found no base).
+    pub(super) fn delta_stream(&self, t: &Transfer) -> Result<(), Error> {
+        let Some((new, attrs)) = self.open_new_version(&t.path)? else {
+            return Ok(());
+        };
+        let mut ch = Channel::open(self.conn())?;
+        let sent = self
+            .send_delta(&mut ch, &t.path, &new, attrs)
+            .map_err(peer_error)?;
+        match sent {
+            DeltaSent {
+                problem: Some(p), ..
+            } if p.retry => {
+                tracing::debug!("{}: changed while read; sending it again", t.path);
+                self.whole_stream(&t.path, true)
+            }
+            DeltaSent {
+                error: Some(e),
+                problem: None,
+            } if e.retry && !e.no_space => {
+                tracing::debug!("{}: delta not accepted; sending it whole", t.path);
+                self.whole_stream(&t.path, true)
+            }
+            DeltaSent {
+                problem: Some(p), ..
+            } => {
+                self.error(&t.path, p.reason);
+                Ok(())
+            }
+            DeltaSent {
+                error,
+                problem: None,
+            } => {
+                let op = Op::Transfer { bytes: new.size };
+                self.account(Settled {
+                    path: t.path.clone(),
+                    op,
+                    error,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// Opens the file at `path` to send, with the attributes that go with it; `None` after
+    /// counting or reporting why it cannot be read.
+    fn open_new_version(&self, path: &RelPath) -> Result<Option<(NewVersion, Xattrs)>, Error> {
+        let f = match self.ends.root.open_file(path) {
+            Ok(f) => f,
+            Err(e) => {
+                match read_error(e) {
+                    ReadError::Vanished => self.vanished(path),
+                    ReadError::Other(e) => self.error(path, format!("cannot read: {e}")),
+                }
+                return Ok(None);
+            }
+        };
+        let before = rustix::fs::fstat(&f).map_err(|e| ProtocolError::Io(e.into()))?;
+        let sparse = self.ends.carry.holes && crate::tree::sparse::has_holes(&before);
+        let size = before.st_size as u64;
+        let attrs = match xattrs_of(At::Fd(f.as_fd()), &self.ends.carry.xattrs) {
+            Ok(x) => x,
+            Err(e) => {
+                self.error(path, format!("cannot read: {e}"));
+                return Ok(None);
+            }
+        };
+        let new = NewVersion {
+            f,
+            before,
+            size,
+            chunk: chunk_size(size),
+            sparse,
+        };
+        Ok(Some((new, attrs)))
+    }
+
+    /// The whole exchange of one delta on `ch`, up to the standby's acknowledgement.
+    fn send_delta(
+        &self,
+        ch: &mut Channel,
+        path: &RelPath,
+        new: &NewVersion,
+        attrs: Xattrs,
+    ) -> Result<DeltaSent, ProtocolError> {
+        let id = self.id();
+        send_xattrs(&mut ch.w, attrs)?;
+        ch.send(&announcement(id, path, new))?;
+        // The standby starts hashing its base now, while we hash the new version.
+        ch.flush()?;
+        let (mut problem, digest) = send_coarse_hashes(&mut ch.w, new)?;
+        ch.flush()?;
+        let encoder = receive_base(&mut ch.r, path, new.chunk)?;
+        if encoder.is_none() && new.sparse && problem.is_none() {
+            // Literal ops would carry the holes as zeros: it goes as its data.
+            problem = Some(Problem {
+                reason: "no delta basis for a sparse file".into(),
+                retry: true,
+            });
+        }
+        if problem.is_none() {
+            problem = self.send_ops(&mut ch.w, new, encoder.as_ref())?;
+        }
+        if problem.is_some() {
+            delta::write_abort(ch.w.raw())?;
+        } else if changed(
+            &new.before,
+            &rustix::fs::fstat(&new.f).map_err(io::Error::from)?,
+        ) {
+            problem = Some(Problem::changed());
+        }
+        ch.send(&Message::FileEnd {
+            complete: problem.is_none(),
+            digest: problem.is_none().then_some(digest),
+        })?;
+        ch.finish()?;
+        let error = read_one_ack(&mut ch.r, id)?;
+        Ok(DeltaSent { error, problem })
+    }
+
+    /// Writes the op stream of `new` against the base `encoder` was made for (literals
+    /// only without one), counting its bytes. A failed read is returned as the problem.
+    fn send_ops(
+        &self,
+        w: &mut Writer,
+        new: &NewVersion,
+        encoder: Option<&DeltaEncoder>,
+    ) -> Result<Option<Problem>, ProtocolError> {
+        let stats = match encoder {
+            Some(enc) => enc.encode(&new.f, new.size, w.raw()),
+            None => delta::encode_literal(&new.f, new.size, w.raw()),
+        };
+        match stats {
+            Ok(stats) => {
+                let mut book = self.book();
+                let t = book.summary_mut();
+                t.bytes_literal += stats.literal;
+                t.bytes_matched += stats.matched;
+                Ok(None)
+            }
+            // A read failed mid-way (a write failure shows again when the abort is sent).
+            Err(delta::DeltaError::Io(e)) => Ok(Some(Problem::of_read(&e))),
+            Err(e) => Err(ProtocolError::Invalid(e.to_string())),
+        }
+    }
+}
+
+/// The message announcing the delta of `new` as operation `id`.
+fn announcement(id: u64, path: &RelPath, new: &NewVersion) -> Message {
+    let (path, size, chunk) = (path.clone(), new.size, new.chunk);
+    let (meta, chunks) = (meta_of(&new.before), size.div_ceil(chunk));
+    if new.sparse {
+        Message::SparseDelta {
+            id,
+            path,
+            meta,
+            size,
+            chunk,
+            chunks,
+        }
+    } else {
+        Message::Delta {
+            id,
+            path,
+            meta,
+            size,
+            chunk,
+            chunks,
+        }
+    }
+}
+
+/// Sends the coarse hashes of `new`. A file without holes is hashed as it is read, each
+/// chunk's hash sent when complete; a sparse one is hashed first, holes skipped, and its
+/// hashes sent together. Returns its whole digest, and the problem if a read failed (the
+/// hashes are then sent all the same, so the stream stays in step).
+fn send_coarse_hashes(
+    w: &mut Writer,
+    new: &NewVersion,
+) -> Result<(Option<Problem>, Hash), ProtocolError> {
+    let (size, chunk) = (new.size, new.chunk);
+    if new.sparse {
+        let (digests, digest, problem) =
+            match delta::hash_chunks(&crate::tree::sparse::Holey(&new.f), size, chunk) {
+                Ok((d, h)) => (d, h, None),
+                Err(e) => (
+                    vec![[0; 32]; size.div_ceil(chunk) as usize],
+                    [0; 32],
+                    Some(Problem::of_read(&e)),
+                ),
+            };
+        for c in &digests {
+            w.write_raw(&c[..COARSE_HASH_LEN])?;
+        }
+        return Ok((problem, digest));
+    }
+    let mut hasher = delta::ChunkedHasher::new(chunk);
+    let mut sent = 0;
+    let problem = read_through(&new.f, size, |piece| {
+        hasher.update(piece);
+        for c in &hasher.completed()[sent..] {
+            w.write_raw(&c[..COARSE_HASH_LEN])?;
+        }
+        sent = hasher.completed().len();
+        Ok(())
+    })?;
+    let (digests, digest) = hasher.finish();
+    for c in &digests[sent..] {
+        w.write_raw(&c[..COARSE_HASH_LEN])?;
+    }
+    Ok((problem, digest))
+}
+
+/// Reads the standby's answer to the coarse hashes: an encoder against its base, or `None`
+/// when it has no base to offer.
+fn receive_base(
+    r: &mut Reader,
+    path: &RelPath,
+    chunk: u64,
+) -> Result<Option<DeltaEncoder>, ProtocolError> {
+    match r.recv()? {
+        Message::BaseSig {
+            base_size,
+            block_size,
+            matched_len,
+            fine_len,
+        } => {
+            if !signature_fits(base_size, chunk, matched_len, fine_len) {
+                return Err(ProtocolError::Invalid(
+                    "base signature sizes do not fit the base".into(),
+                ));
+            }
+            let mut matched = vec![0u8; matched_len as usize];
+            r.read_raw(&mut matched)?;
+            let mut fine = vec![0u8; fine_len as usize];
+            r.read_raw(&mut fine)?;
+            let sig = delta::BaseSignature {
+                block_size,
+                matched,
+                fine,
+            };
+            let encoder = DeltaEncoder::new(base_size, chunk, sig)
+                .map_err(|e| ProtocolError::Invalid(e.to_string()))?;
+            Ok(Some(encoder))
+        }
+        Message::NoBase { reason } => {
+            tracing::debug!("{path}: no delta basis on the standby ({reason})");
+            Ok(None)
+        }
+        other => Err(ProtocolError::unexpected(&other, "BaseSig")),
+    }
+}
+
+/// Whether the sizes a base signature announces fit its base, checked before anything is
+/// allocated for them: a base no larger than a standby signs, one bit per base chunk, and
+/// a fine signature of one entry per block of at least 512 bytes, 256 MiB at most.
+fn signature_fits(base_size: u64, chunk: u64, matched_len: u64, fine_len: u64) -> bool {
+    let base_chunks = base_size.div_ceil(chunk);
+    let max_fine = ((base_size / 512 + 1) * 12).min(256 << 20);
+    base_chunks <= delta::MAX_BASE_CHUNKS
+        && matched_len == base_chunks.div_ceil(8)
+        && fine_len <= max_fine
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signature_is_bounded_by_the_base_a_standby_signs() {
+        let chunk = 256 * 1024;
+        let bits = |chunks: u64| chunks.div_ceil(8);
+        let most = delta::MAX_BASE_CHUNKS * chunk;
+        assert!(signature_fits(most, chunk, bits(delta::MAX_BASE_CHUNKS), 0));
+        let over = most + 1;
+        assert!(!signature_fits(
+            over,
+            chunk,
+            bits(delta::MAX_BASE_CHUNKS + 1),
+            0
+        ));
+        // The bitmap has one bit per chunk, no more, no fewer.
+        assert!(!signature_fits(10 * chunk, chunk, bits(10) + 1, 0));
+        assert!(!signature_fits(10 * chunk, chunk, bits(10) - 1, 0));
+        // A fine signature of one 12-byte entry per 512 bytes at most.
+        let base = 10 * chunk;
+        assert!(signature_fits(base, chunk, bits(10), (base / 512 + 1) * 12));
+        assert!(!signature_fits(
+            base,
+            chunk,
+            bits(10),
+            (base / 512 + 1) * 12 + 1
+        ));
+    }
+}

@@ -1,0 +1,435 @@
+//! One session with a standby: the handshake that opens it, its public API (full and
+//! partial reconciles, repair, listing, close), and the choice of reconcile: walked
+//! ([`super::streamed`]) or listed ([`super::listed`]).
+
+use super::attrs::{Carry, say_once_what_the_standby_lacks};
+use super::exec::Exec;
+use super::mass_delete::DeleteGuard;
+use super::{Early, Outcome, SyncOptions};
+use crate::error::Error;
+use crate::link::Link;
+use crate::model::filter::Filter;
+use crate::model::guard::{self, Absences};
+use crate::model::manifest::{Manifest, Scope, normalize_scopes};
+use crate::model::names::LinkIndex;
+use crate::model::path::RelPath;
+use crate::model::plan::PlanOptions;
+use crate::model::progress::Monitor;
+use crate::model::summary::Summary;
+use crate::standby::Position;
+use crate::transport::Connection;
+use crate::tree::fsroot::Root;
+use crate::tree::scan::{ScanOptions, ScanOutcome};
+use crate::tree::walk::{Gate, Scopes};
+use crate::tree::xattr::Policy;
+use crate::wire::channel::Channel;
+use crate::wire::heartbeat::{self, Beating, Pulse};
+use crate::wire::protocol::{ErrorCode, Message, ProtocolError, SessionMode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// The two ends a plan goes between, the primary's tree and the link to the standby, with
+/// what every operation on that link shares.
+pub(super) struct Ends<'m> {
+    pub link: Link,
+    pub root: Arc<Root>,
+    /// What goes with each entry besides its content.
+    pub carry: Carry,
+    pub monitor: &'m dyn Monitor,
+    next_id: AtomicU64,
+}
+
+impl Ends<'_> {
+    pub(super) fn conn(&self) -> &dyn Connection {
+        &**self.link.conn()
+    }
+
+    /// A new operation id, unique in the session.
+    pub(super) fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// One session with a standby over one connection: a full reconcile, any number of partial
+/// ones (watch mode: only the paths that changed), then `close`. It owns its link: dropping
+/// a session that was not closed aborts the connection.
+pub(crate) struct Session<'m> {
+    /// Declared first: dropped before the heartbeat, which the link's abort unblocks.
+    pub(super) ends: Ends<'m>,
+    /// The heartbeat: stopped before a clean close; on a failure, dropped after the link.
+    beating: Option<Beating>,
+    /// The last batch the standby holds durable, as it said when the session opened.
+    pub position: Position,
+    pub(super) opts: SyncOptions,
+    pub(super) scan_opts: ScanOptions,
+    /// The control stream.
+    pub(super) ch: Channel,
+    /// The protocol version both sides speak.
+    pub version: u16,
+    /// Whether the standby preserves owner and group (it runs as root).
+    pub owners: bool,
+    /// The standby's entries at the last full listing: the mass-delete guard's yardstick.
+    pub(super) remote_total: usize,
+    /// What reading the primary's tree waits on (a watcher still setting up its watches).
+    pub(super) gate: Option<Arc<dyn Gate>>,
+    /// Changes seen while a long reconcile runs, to copy early.
+    pub(super) early: Option<Arc<dyn Early>>,
+    /// Where the absences of the next reconciles come from (what the mass-delete guard
+    /// judges): inferred, unless a watch says otherwise.
+    absences: Absences,
+    /// The primary's files and symlinks with several names: a partial reconcile plans the
+    /// whole group of each it meets.
+    pub(super) links: LinkIndex,
+}
+
+/// What the standby said when the session opened.
+struct Opened {
+    ch: Channel,
+    version: u16,
+    owners: bool,
+    position: Position,
+    /// The attributes both sides keep.
+    xattrs: Policy,
+    beating: Option<Beating>,
+}
+
+/// The primary's side of the handshake on a new control stream of `link`: the session is
+/// opened as `opts` say, the attributes to mirror agreed, and the heartbeat started.
+fn handshake(link: &Link, opts: &SyncOptions, pulse: Arc<dyn Pulse>) -> Result<Opened, Error> {
+    let open = Message::Open {
+        excludes: opts.excludes.clone(),
+        mode: if opts.dry_run {
+            SessionMode::ReadOnly
+        } else {
+            SessionMode::Write
+        },
+        epoch: opts.epoch,
+    };
+    let mut ch = Channel::open(&**link.conn())?;
+    let version = ch.open_session(&open)?;
+    let (owners, position) = match ch.recv().map_err(peer_error)? {
+        Message::Opened { owners, position } => (owners, position),
+        other => return Err(ProtocolError::unexpected(&other, "Opened").into()),
+    };
+    let mut xattrs = Policy::none();
+    if version >= 5 {
+        let can = match ch.recv().map_err(peer_error)? {
+            Message::Keeps { can } => can,
+            other => return Err(ProtocolError::unexpected(&other, "Keeps").into()),
+        };
+        xattrs = opts.xattrs.and(can);
+        say_once_what_the_standby_lacks(&opts.xattrs, &can);
+        ch.send(&Message::Keep { policy: xattrs })?;
+        ch.flush()?;
+    }
+    let beating = (version >= 2)
+        .then(|| heartbeat::start(link.conn().clone(), pulse))
+        .transpose()?;
+    Ok(Opened {
+        ch,
+        version,
+        owners,
+        position,
+        xattrs,
+        beating,
+    })
+}
+
+/// Says once what an older standby cannot mirror.
+fn warn_of_the_standby(o: &Opened) {
+    if !o.owners {
+        tracing::warn!("the standby does not run as root: owner and group are not preserved there");
+    }
+    if o.version < 6 {
+        let version = o.version;
+        crate::tree::xattr::say_once(
+            "a standby before protocol 6",
+            &format!(
+                "the standby runs an older hotsync (protocol {version}): symlinks with \
+                 several names are mirrored there as separate symlinks, and special files \
+                 on it are neither seen nor removed; upgrade it"
+            ),
+        );
+    }
+}
+
+impl<'m> Session<'m> {
+    /// Opens the control stream and the session, with the heartbeat of a one-off session.
+    ///
+    /// # Errors
+    /// The standby's refusal ([`Error::Standby`]), a version mismatch, or why the
+    /// connection failed.
+    pub fn open(
+        root: Arc<Root>,
+        link: Link,
+        opts: &SyncOptions,
+        monitor: &'m dyn Monitor,
+    ) -> Result<Session<'m>, Error> {
+        let pulse = Arc::new(heartbeat::Simple::new(opts.epoch));
+        Session::open_with(root, link, opts, monitor, pulse)
+    }
+
+    /// Opens the session with `pulse` deciding its heartbeats (a watch's replica).
+    ///
+    /// # Errors
+    /// As [`Session::open`]; [`Error::Usage`] for an exclude pattern that does not parse.
+    pub fn open_with(
+        root: Arc<Root>,
+        link: Link,
+        opts: &SyncOptions,
+        monitor: &'m dyn Monitor,
+        pulse: Arc<dyn Pulse>,
+    ) -> Result<Session<'m>, Error> {
+        let filter = Filter::new(&opts.excludes).map_err(|e| Error::Usage(e.to_string()))?;
+        let opened = handshake(&link, opts, pulse).map_err(|e| link.explain(e))?;
+        warn_of_the_standby(&opened);
+        let Opened {
+            ch,
+            version,
+            owners,
+            position,
+            xattrs,
+            beating,
+        } = opened;
+        Ok(Session {
+            ends: Ends {
+                link,
+                root,
+                carry: Carry {
+                    xattrs,
+                    holes: version >= 5,
+                },
+                monitor,
+                next_id: AtomicU64::new(1),
+            },
+            beating,
+            position,
+            opts: opts.clone(),
+            scan_opts: ScanOptions {
+                checksum: opts.checksum,
+                hash_rate: opts.hash_rate,
+                filter,
+                remove_temps: false,
+                primary: true,
+                xattrs,
+                split_symlinks: version < 6,
+            },
+            ch,
+            version,
+            owners,
+            remote_total: 0,
+            gate: None,
+            early: None,
+            absences: Absences::Inferred,
+            links: LinkIndex::default(),
+        })
+    }
+
+    /// Says where the absences of every later reconcile come from: a watch's knowledge of
+    /// its source root ([`guard::Continuity`]). A session starts with [`Absences::Inferred`].
+    pub fn set_absences(&mut self, absences: Absences) {
+        self.absences = absences;
+    }
+
+    /// Makes every later read of the primary's tree wait on `gate` first, directory by
+    /// directory: a watch reads a directory only once its changes are seen.
+    pub fn set_gate(&mut self, gate: Option<Arc<dyn Gate>>) {
+        self.gate = gate;
+    }
+
+    /// Lets every later streamed reconcile copy the changes `early` offers while it runs,
+    /// in the part of the tree it has passed.
+    pub fn set_early(&mut self, early: Option<Arc<dyn Early>>) {
+        self.early = early;
+    }
+
+    /// Encoded protocol bytes carried so far, both ways.
+    pub fn wire_bytes(&self) -> u64 {
+        self.ends.conn().wire_bytes()
+    }
+
+    /// Reconciles the whole tree.
+    ///
+    /// # Errors
+    /// [`Error::Refused`] for an empty source facing a standby that is not (nothing is
+    /// touched), or why the session failed. Errors with single entries are in the summary.
+    pub fn sync_all(&mut self) -> Result<Outcome, Error> {
+        let r = self.reconcile(&[], &[(RelPath::root(), Scope::Tree)], true);
+        r.map_err(|e| self.ends.link.explain(e))
+    }
+
+    /// Applies `renames` on the standby as renames, then reconciles only `scopes` (and their
+    /// parent directories). A path that no longer exists on the primary is removed.
+    ///
+    /// # Errors
+    /// As [`Session::sync_all`].
+    pub fn sync_paths(
+        &mut self,
+        renames: &[(RelPath, RelPath)],
+        scopes: &[(RelPath, Scope)],
+    ) -> Result<Outcome, Error> {
+        let r = self.reconcile(renames, scopes, false);
+        r.map_err(|e| self.ends.link.explain(e))
+    }
+
+    /// Reconciles `scopes` comparing content by digest, whatever `--checksum` says: the
+    /// repair of what a verify found (same size and mtime, other bytes).
+    ///
+    /// # Errors
+    /// As [`Session::sync_all`].
+    pub fn repair(&mut self, scopes: &[(RelPath, Scope)]) -> Result<Outcome, Error> {
+        let checksum = std::mem::replace(&mut self.opts.checksum, true);
+        let out = self.reconcile(&[], scopes, false);
+        self.opts.checksum = checksum;
+        out.map_err(|e| self.ends.link.explain(e))
+    }
+
+    /// Ends the session cleanly; returns the protocol bytes it carried, both ways.
+    ///
+    /// # Errors
+    /// The standby's answer was not `Closed`, or the connection failed first.
+    pub fn close(mut self) -> Result<u64, Error> {
+        if let Err(e) = close_session(&mut self.ch).map_err(peer_error) {
+            return Err(self.ends.link.explain(e));
+        }
+        let bytes = self.wire_bytes();
+        drop(self.beating.take());
+        self.ends.conn().close("session complete");
+        self.ends.link.closed_cleanly();
+        Ok(bytes)
+    }
+
+    /// Lists `scopes` on both sides at once (hashing content when `checksum`): the primary's
+    /// manifest and the standby's.
+    ///
+    /// # Errors
+    /// A failure to read SRC, or of the connection.
+    pub fn list(
+        &mut self,
+        scopes: &[(RelPath, Scope)],
+        checksum: bool,
+    ) -> Result<(Manifest, Manifest), Error> {
+        let listed = self.list_sides(&normalize_scopes(scopes), checksum);
+        let (local, remote, _) = listed.map_err(|e| self.ends.link.explain(e))?;
+        Ok((local.manifest, remote))
+    }
+
+    /// [`Session::list`], with the leftover temporary files the standby's listing removed.
+    pub(super) fn list_sides(
+        &mut self,
+        scopes: &[(RelPath, Scope)],
+        checksum: bool,
+    ) -> Result<(ScanOutcome, Manifest, u64), Error> {
+        if let Some(g) = &self.gate {
+            // A listing reads directories in no order a watcher follows.
+            g.wait_all();
+        }
+        let scan_opts = self.scan_options(checksum);
+        let root = &self.ends.root;
+        super::listing::list_both(&mut self.ch, root, scopes, &scan_opts, self.ends.monitor)
+    }
+
+    /// How the primary's tree is read, hashing content when `checksum`.
+    pub(super) fn scan_options(&self, checksum: bool) -> ScanOptions {
+        ScanOptions {
+            checksum,
+            hash_rate: self.opts.hash_rate,
+            ..self.scan_opts.clone()
+        }
+    }
+
+    /// How plans are made in this session.
+    pub(super) fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            checksum: self.opts.checksum,
+            delete: self.opts.delete,
+            owners: self.owners,
+        }
+    }
+
+    /// The mass-delete guard the next plan is held to.
+    pub(super) fn delete_guard(&self) -> DeleteGuard {
+        let limits = guard::Limits {
+            force: self.opts.force,
+            max_delete_percent: self.opts.max_delete_percent,
+            on_mass_delete: self.opts.on_mass_delete,
+            absences: self.absences,
+        };
+        DeleteGuard::new(self.ends.root.path().display().to_string(), limits)
+    }
+
+    /// Applies `renames` on the standby (not in a dry run); returns how many were made.
+    fn rename(&mut self, renames: &[(RelPath, RelPath)]) -> Result<u64, Error> {
+        if renames.is_empty() || self.opts.dry_run {
+            return Ok(0);
+        }
+        let empty = Manifest::default();
+        let ex = Exec::new(&self.ends, Some(&empty), Summary::default());
+        ex.control_batch(&mut self.ch, ex.renames(renames), 1)?;
+        Ok(ex.into_summary().renamed)
+    }
+
+    /// Reconciles `scopes` (`full`: the whole tree) after applying `renames`. Whole
+    /// subtrees are walked, not listed, when the standby can: memory stays flat however
+    /// large they are. Single entries are listed (a batch's worth, at once).
+    fn reconcile(
+        &mut self,
+        renames: &[(RelPath, RelPath)],
+        scopes: &[(RelPath, Scope)],
+        full: bool,
+    ) -> Result<Outcome, Error> {
+        let started = Instant::now();
+        let wire_before = self.wire_bytes();
+        let renamed = self.rename(renames)?;
+        let normal = normalize_scopes(scopes);
+        let whole = normal == [(RelPath::root(), Scope::Tree)];
+        if (whole && self.version >= 3)
+            || (self.version >= 4 && normal.iter().any(|(_, s)| *s == Scope::Tree))
+        {
+            return self.reconcile_streamed(Scopes::new(&normal), renamed);
+        }
+        self.reconcile_listed(super::listed::Listed {
+            scopes,
+            full,
+            renamed,
+            started,
+            wire_before,
+        })
+    }
+}
+
+/// Ends the session on the control stream: `Close`, then wait for `Closed`.
+fn close_session(ch: &mut Channel) -> Result<(), ProtocolError> {
+    ch.send(&Message::Close)?;
+    ch.flush()?;
+    loop {
+        match ch.recv()? {
+            Message::Closed => break,
+            Message::Ack { .. } => {}
+            other => {
+                return Err(ProtocolError::unexpected(&other, "Closed"));
+            }
+        }
+    }
+    // The standby may already have closed the connection after `Closed`.
+    let _ = ch.finish();
+    Ok(())
+}
+
+/// The error a broken exchange with the standby means: its coded refusals as what they
+/// say (fenced, split brain, its own failure), anything else as a protocol error.
+pub(super) fn peer_error(e: ProtocolError) -> Error {
+    match e {
+        ProtocolError::Peer {
+            code: ErrorCode::StaleEpoch,
+            message,
+        } => Error::Fenced(message),
+        ProtocolError::Peer {
+            code: ErrorCode::SplitBrain,
+            message,
+        } => Error::SplitBrain(message),
+        ProtocolError::Peer { message, .. } => Error::Standby(message),
+        other => other.into(),
+    }
+}
