@@ -178,8 +178,8 @@ fn receive<R: Read, W: Write>(
 
 /// Whether the standby signs a base of `base_size` bytes for a new version cut in chunks
 /// of `chunk` bytes. A base far larger than the new file (which sets the chunk size) would
-/// cost more to sign than to resend: the file then goes whole. This is the standby's only
-/// bound on a base's chunks; the primary accepts a signature of up to four times as many.
+/// cost more to sign than to resend: the file then goes whole. The bound is the one the
+/// primary holds a signature to ([`delta::MAX_BASE_CHUNKS`]).
 fn signable(base_size: u64, chunk: u64) -> bool {
     base_size.div_ceil(chunk) <= delta::MAX_BASE_CHUNKS
 }
