@@ -7,25 +7,18 @@
 //! [`link`] is either.
 
 pub mod error;
-pub mod link;
 pub mod model;
 pub mod ops;
 pub mod primary;
-pub mod receiver;
-pub mod rejoin;
-pub mod replicate;
-pub mod sender;
-pub mod server;
 pub mod standby;
 pub mod transport;
 pub mod tree;
-pub mod verify;
 pub mod wire;
 
 pub use error::{Error, Result};
-pub use link::Target;
 pub use model::progress::Monitor;
-pub use sender::{Outcome, SyncOptions};
+pub use primary::link::Target;
+pub use primary::sender::{Outcome, SyncOptions};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -58,8 +51,8 @@ pub fn sync(
     } else {
         standby::Access::Write
     };
-    let link = link::Connector::new(target.clone(), access)?.connect()?;
-    let done = sender::sync(root, link, opts, monitor);
+    let link = primary::link::Connector::new(target.clone(), access)?.connect()?;
+    let done = primary::sender::sync(root, link, opts, monitor);
     if let Err(Error::Fenced(why)) = &done {
         tree.fence(why);
     }
@@ -81,6 +74,7 @@ pub fn verify(
     if let Target::Local(dest) = target {
         tree::operand::prepare_local_dest(src, dest, false)?;
     }
-    let link = link::Connector::new(target.clone(), standby::Access::ReadOnly)?.connect()?;
-    verify::verify(root, link, excludes, 0, xattrs)
+    let link =
+        primary::link::Connector::new(target.clone(), standby::Access::ReadOnly)?.connect()?;
+    primary::verify::verify(root, link, excludes, 0, xattrs)
 }

@@ -6,9 +6,18 @@
 //! - this module: opening the tree, its lock and reserved area, its durable state;
 //! - `sessions`: the registry of admitted sessions and the epoch rules at admission;
 //! - `promote`: promotion (with the hand-over of a fenced primary's sessions) and rejoin;
-//! - `view`: what the standby's status shows of the primaries it served.
+//! - `view`: what the standby's status shows of the primaries it served;
+//! - [`receiver`]: one primary's session on the tree, stream by stream;
+//! - [`server`]: `hotsync serve`, accepting primaries through a transport;
+//! - [`rejoin`]: a former primary's tree made a standby again, its unconfirmed writes kept.
+//!
+//! This side imports only the layers below it (model, tree, transport, wire, ops); the
+//! primary's side runs it in-process for a local DEST.
 
 mod promote;
+pub mod receiver;
+pub mod rejoin;
+pub mod server;
 mod sessions;
 mod view;
 

@@ -236,7 +236,7 @@ impl Standby {
         &self,
         excludes: &[String],
         if_fenced: bool,
-    ) -> Result<crate::rejoin::RejoinReport> {
+    ) -> Result<crate::standby::rejoin::RejoinReport> {
         let shown = self.path.display();
         let filter =
             crate::model::filter::Filter::new(excludes).map_err(|e| Error::Usage(e.to_string()))?;
@@ -244,7 +244,7 @@ impl Standby {
         let root = self
             .root()
             .map_err(|e| Error::io(format!("cannot open {shown}"), e))?;
-        let nothing = |st: &TreeState, still_primary: bool| crate::rejoin::RejoinReport {
+        let nothing = |st: &TreeState, still_primary: bool| crate::standby::rejoin::RejoinReport {
             tree: crate::tree::operand::shown_absolute(&self.path),
             already: !still_primary,
             epoch: st.epoch,
@@ -289,11 +289,12 @@ impl Standby {
         if if_fenced && st.fenced.is_none() {
             return Ok(nothing(&st, true));
         }
-        let report = crate::rejoin::keep_diverged(root, area, &st, &filter).map_err(|e| {
-            Error::Refused(format!(
-                "cannot rejoin {shown}: keeping its diverged files failed: {e}"
-            ))
-        })?;
+        let report =
+            crate::standby::rejoin::keep_diverged(root, area, &st, &filter).map_err(|e| {
+                Error::Refused(format!(
+                    "cannot rejoin {shown}: keeping its diverged files failed: {e}"
+                ))
+            })?;
         let before = st.clone();
         st.rejoin();
         st.updated = crate::model::clock::now_rfc3339();

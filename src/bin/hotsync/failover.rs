@@ -4,7 +4,7 @@
 
 use crate::args::{CheckArgs, Cli, PromoteArgs, RejoinArgs, RoleArg};
 use hotsync::ops::control::{self, Request};
-use hotsync::rejoin::RejoinReport;
+use hotsync::standby::rejoin::RejoinReport;
 use hotsync::standby::{Access, PromoteReport, Standby};
 use std::time::Duration;
 

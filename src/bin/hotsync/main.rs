@@ -15,9 +15,9 @@ use anyhow::bail;
 use args::{Cli, Command, Common, Monitoring, ServeArgs, SyncArgs, VerifyArgs, WatchArgs};
 use bars::Bars;
 use clap::{CommandFactory, FromArgMatches};
-use hotsync::link::DestKind;
 use hotsync::ops::control::Control;
-use hotsync::replicate::{Watch, WatchOptions};
+use hotsync::primary::link::DestKind;
+use hotsync::primary::replicate::{Watch, WatchOptions};
 use hotsync::transport::identity::{self, NodeId};
 use hotsync::{Monitor, SyncOptions, Target};
 use report::{print_plan, print_report, summary_line};
@@ -122,7 +122,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         bail!("serve needs --root DIR (or `root` in the [serve] table of a --config file)");
     };
     let allow = parse_ids(&args.allow)?;
-    hotsync::server::check(root, &allow)?;
+    hotsync::standby::server::check(root, &allow)?;
     let home = identity::home_dir(cli.home.as_deref())?;
     let me = identity::load(&home)?;
     let rt = hotsync::transport::quic::runtime()?;
@@ -132,7 +132,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         root,
         hotsync::standby::Access::Write,
     )?);
-    let serving = Arc::new(hotsync::server::Serving::new(
+    let serving = Arc::new(hotsync::standby::server::Serving::new(
         standby.clone(),
         server.addr,
         me.id,
@@ -175,11 +175,15 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         allow.len(),
         if allow.len() == 1 { "y" } else { "ies" }
     );
-    let opts = hotsync::server::ServeOptions {
+    let opts = hotsync::standby::server::ServeOptions {
         standby,
         allow: allow.into_iter().collect(),
     };
-    rt.block_on(hotsync::server::run(Arc::new(server), opts, shutdown));
+    rt.block_on(hotsync::standby::server::run(
+        Arc::new(server),
+        opts,
+        shutdown,
+    ));
     drop(monitor);
     tracing::info!("stopped");
     Ok(0)
@@ -382,7 +386,7 @@ fn sync_several(
     opts: &SyncOptions,
 ) -> anyhow::Result<u8> {
     let names = labels(&args.common.names, targets);
-    let results: Vec<(String, hotsync::Result<hotsync::sender::Outcome>)> =
+    let results: Vec<(String, hotsync::Result<hotsync::primary::sender::Outcome>)> =
         std::thread::scope(|s| {
             let handles: Vec<_> = targets
                 .iter()
@@ -448,7 +452,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
     let names = labels(&c.names, &targets);
     let opts = WatchOptions {
         sync: sync_options(c, false),
-        batcher: hotsync::replicate::batcher::Config {
+        batcher: hotsync::primary::replicate::batcher::Config {
             max_delay: args.max_delay,
             ..Default::default()
         },

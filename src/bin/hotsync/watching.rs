@@ -5,7 +5,7 @@ use crate::args::Cli;
 use crate::report::human_bytes;
 use hotsync::model::status::{Instance, ReplicaState, ReplicaStatus};
 use hotsync::ops::alert::Fired;
-use hotsync::replicate::{Event, Observer};
+use hotsync::primary::replicate::{Event, Observer};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 

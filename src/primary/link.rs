@@ -90,7 +90,8 @@ impl Connector {
                 let receiver = std::thread::Builder::new()
                     .name("hotsync-receiver".into())
                     .spawn(move || {
-                        let served = crate::receiver::serve(end.clone(), &standby, Peer::local());
+                        let served =
+                            crate::standby::receiver::serve(end.clone(), &standby, Peer::local());
                         if let Err(e) = served {
                             tracing::debug!("standby session ended: {e}");
                             // The primary may be waiting for an answer that will not come.

@@ -6,11 +6,11 @@ use super::Observer;
 use super::batcher::Hint;
 use super::machine::{Action, Failure, Heard, ReplicaMachine};
 use crate::error::Error;
-use crate::link::Connector;
 use crate::model::guard::{Absences, Continuity, Scan, Ticket};
 use crate::model::progress::Silent;
 use crate::model::status::{ReplicaStatus, VerifyStatus};
-use crate::sender::{Session, SyncOptions};
+use crate::primary::link::Connector;
+use crate::primary::sender::{Session, SyncOptions};
 use crate::transport::Connection;
 use crate::tree::fsroot::Root;
 use crate::tree::mounts::Mounts;
@@ -33,7 +33,7 @@ pub(crate) struct VerifyPlan {
     pub rate: u64,
 }
 
-impl crate::sender::Early for Replica {
+impl crate::primary::sender::Early for Replica {
     fn take(
         &self,
         accept: &dyn Fn(&crate::model::path::RelPath) -> bool,
@@ -420,8 +420,8 @@ impl Replica {
         &self,
         session: &mut Option<Session<'static>>,
         scan: Scan,
-        f: impl FnOnce(&mut Session<'static>) -> Result<crate::sender::Outcome, Error>,
-    ) -> Result<crate::sender::Outcome, Error> {
+        f: impl FnOnce(&mut Session<'static>) -> Result<crate::primary::sender::Outcome, Error>,
+    ) -> Result<crate::primary::sender::Outcome, Error> {
         let (absences, ticket) = self.absences(scan);
         let r = self.busy(session, |s| {
             s.set_absences(absences);
@@ -479,7 +479,7 @@ impl Replica {
     /// Reports a reconcile's or a batch's outcome to the machine.
     fn report(
         &self,
-        r: Result<crate::sender::Outcome, Error>,
+        r: Result<crate::primary::sender::Outcome, Error>,
         session: &mut Option<Session<'static>>,
     ) {
         let now = Instant::now();
@@ -544,7 +544,7 @@ impl Replica {
                 let root = Arc::new(crate::tree::operand::open_source(&me.src)?);
                 let link = me.connector.connect()?;
                 let x = me.sync_opts.xattrs;
-                crate::verify::verify(root, link, &me.verify.excludes, me.verify.rate, x)
+                crate::primary::verify::verify(root, link, &me.verify.excludes, me.verify.rate, x)
             })();
             me.with(|m| m.verified(result.map_err(|e| e.to_string()), Instant::now()));
         });

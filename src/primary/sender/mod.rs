@@ -14,12 +14,12 @@
 //! - `read`: reading files that may change while read.
 
 use crate::error::Error;
-use crate::link::Link;
 use crate::model::guard::MassDelete;
 use crate::model::path::RelPath;
 use crate::model::plan::Plan;
 use crate::model::progress::Monitor;
 use crate::model::summary::Summary;
+use crate::primary::link::Link;
 use crate::tree::fsroot::Root;
 use std::sync::Arc;
 use std::time::Instant;

@@ -3,6 +3,17 @@
 //! its standby acknowledged and the moment before which everything it saw is durable on
 //! the standby (at least once a second, cheaply), and records a fence when a newer epoch
 //! takes over. `rejoin` later reads these records, on this node's own clock.
+//!
+//! Around it, the primary's side of replication, the top of the engine:
+//! - [`link`]: how one standby is reached (an in-process receiver, or a transport's dialer);
+//! - [`sender`]: one session's work: scan, plan and drive the plan through the protocol;
+//! - [`replicate`]: `hotsync watch`, a replicator feeding one state machine per standby;
+//! - [`verify`]: `hotsync verify` over a read-only session.
+
+pub mod link;
+pub mod replicate;
+pub mod sender;
+pub mod verify;
 
 use crate::error::{Error, Result};
 use crate::model::epoch::{Fence, Position, Role, TreeState};

@@ -18,11 +18,11 @@ pub(crate) mod source;
 pub(crate) mod watcher;
 
 use crate::error::Error;
-use crate::link::{Connector, Target};
 use crate::model::status::Instance;
 use crate::ops::alert::{AlertConfig, Alerts};
+use crate::primary::link::{Connector, Target};
+use crate::primary::sender::SyncOptions;
 use crate::primary::{Hold, PrimaryTree};
-use crate::sender::SyncOptions;
 use crate::standby::{Access, Role};
 use crate::tree::fsroot::Root;
 pub use machine::Event;

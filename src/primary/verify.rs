@@ -3,12 +3,12 @@
 //! tell a lasting difference from a change in flight.
 
 use crate::error::Error;
-use crate::link::Link;
 use crate::model::compare::{Comparer, Report, compare, persisting};
 use crate::model::manifest::Scope;
 use crate::model::path::RelPath;
 use crate::model::progress::Silent;
-use crate::sender::{Session, SyncOptions};
+use crate::primary::link::Link;
+use crate::primary::sender::{Session, SyncOptions};
 use crate::tree::fsroot::Root;
 use std::sync::Arc;
 use std::time::Instant;

@@ -3,11 +3,11 @@
 //! fails (ask for a file again), a scripted standby speaking the protocol.
 
 use super::{Session, SyncOptions};
-use crate::link::{Connector, Link, Target};
 use crate::model::manifest::Scope;
 use crate::model::path::RelPath;
 use crate::model::progress::Silent;
 use crate::model::summary::Summary;
+use crate::primary::link::{Connector, Link, Target};
 use crate::standby::{Access, Position};
 use crate::transport::Connection;
 use crate::tree::fsroot::Root;

@@ -158,7 +158,7 @@ async fn session(hs: Box<dyn Handshake>, admit: Admit, opts: Arc<ServeOptions>) 
     };
     let opts2 = opts.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let r = crate::receiver::serve(qc.clone(), &opts2.standby, peer);
+        let r = crate::standby::receiver::serve(qc.clone(), &opts2.standby, peer);
         if let Err(e) = &r {
             qc.abort(&e.to_string());
         }
