@@ -12,6 +12,10 @@ pub enum Error {
     /// A safety guard refused; nothing was written.
     #[error("{0}")]
     Refused(String),
+    /// The source is empty (an unmounted disk?) while the standby holds entries, or no
+    /// source is open: nothing was done, and a watch waits for the source to come back.
+    #[error("{0}")]
+    SourceEmpty(String),
     /// The peer's identity was refused, or it refused ours.
     #[error("{0}")]
     Auth(String),

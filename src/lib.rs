@@ -26,7 +26,7 @@ use std::sync::Arc;
 /// Mirrors `src` to the standby `target` once, like `rsync -a --delete`.
 ///
 /// # Errors
-/// [`Error::Usage`] for a bad SRC or DEST, [`Error::Refused`] for an empty SRC facing a
+/// [`Error::Usage`] for a bad SRC or DEST, [`Error::SourceEmpty`] for an empty SRC facing a
 /// standby that is not (nothing is touched), and the connection's errors (see
 /// [`link::Connector::connect`]). A plan whose deletions the mass-delete guard refuses is
 /// carried out but for them, and returned: its summary's `refused` says why.

@@ -81,7 +81,7 @@ pub(crate) enum Deletions {
 /// type are not judged: the primary has them.
 ///
 /// # Errors
-/// [`Error::Refused`] for an empty source facing a standby that is not (nothing at all may
+/// [`Error::SourceEmpty`] for an empty source facing a standby that is not (nothing at all may
 /// be carried out), naming what it would remove and how to override it.
 pub(crate) fn check(
     src: &str,
@@ -114,7 +114,7 @@ pub(crate) fn check_counts(
     // a disk that goes away must not take the standby's copy with it.
     let watching = limits.on_mass_delete == MassDelete::SkipDeletes;
     if source_empty && (!limits.force || watching) {
-        return Err(Error::Refused(format!(
+        return Err(Error::SourceEmpty(format!(
             "SRC {src} is empty but the standby holds {} entries: refusing to delete them all \
              (is a disk not mounted?); use --force if the source really is empty",
             total

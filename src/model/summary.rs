@@ -11,6 +11,9 @@ pub struct EntryError {
     /// The path itself, to try it again.
     #[serde(skip)]
     pub rel: RelPath,
+    /// The standby had no room for it (ENOSPC, EDQUOT): it waits for space, lost nothing.
+    #[serde(skip)]
+    pub no_space: bool,
 }
 
 impl EntryError {
@@ -19,6 +22,7 @@ impl EntryError {
             path: path.display(),
             error: error.into(),
             rel: path.clone(),
+            no_space: false,
         }
     }
 }

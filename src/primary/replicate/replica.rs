@@ -367,7 +367,7 @@ impl Replica {
             .lock()
             .unwrap()
             .clone()
-            .ok_or_else(|| Error::Refused("no usable source".into()))?;
+            .ok_or_else(|| Error::SourceEmpty("no usable source".into()))?;
         let link = self.connector.connect()?;
         *self.current.lock().unwrap() = Some(Current {
             conn: link.conn().clone(),
@@ -493,7 +493,7 @@ impl Replica {
                     s.no_space,
                     s.errors
                         .iter()
-                        .find(|e| e.error.contains("space") || e.error.contains("quota"))
+                        .find(|e| e.no_space)
                         .map_or("no space left", |e| e.error.as_str())
                 );
                 self.with(|m| m.failed(Failure::StandbyFull(why), now));
@@ -554,7 +554,7 @@ impl Replica {
 /// How a failed action affects the replica.
 fn failure_of(e: &Error) -> Failure {
     match e {
-        Error::Refused(why) => Failure::Source(why.clone()),
+        Error::SourceEmpty(why) => Failure::Source(why.clone()),
         Error::Fenced(why) => Failure::Fenced(why.clone()),
         other => Failure::Link(other.to_string()),
     }

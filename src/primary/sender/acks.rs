@@ -208,10 +208,13 @@ impl AckBook {
                 };
             }
             (op, Some(e)) => {
-                if e.no_space {
-                    self.summary.no_space += 1;
-                }
-                format!("{}: {}", failure_of(&op), e.message)
+                let mut failed =
+                    EntryError::new(&path, format!("{}: {}", failure_of(&op), e.message));
+                // Kept by kind: a full standby is waited for, not retried as a failure.
+                failed.no_space = e.no_space;
+                self.summary.no_space += u64::from(e.no_space);
+                self.summary.errors.push(failed.clone());
+                return Verdict::Failed(failed);
             }
             (op, None) => {
                 return Verdict::Done {
@@ -362,6 +365,8 @@ mod tests {
         assert!(b.take_retries().is_empty());
         let s = b.into_summary();
         assert_eq!((s.no_space, s.errors.len()), (1, 1));
+        // Known by its kind, whatever the message says ("disk trouble" names no space).
+        assert!(e.no_space && s.errors[0].no_space);
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl DeleteGuard {
     /// them, and only them, undone, `why` being what the summary says.
     ///
     /// # Errors
-    /// [`Error::Refused`] for an empty source facing a standby that is not: nothing at all
+    /// [`Error::SourceEmpty`] for an empty source facing a standby that is not: nothing at all
     /// may be carried out.
     pub(super) fn judge(&self, r: Removals) -> Result<Option<String>, Error> {
         let verdict =
@@ -55,7 +55,7 @@ impl DeleteGuard {
     /// otherwise is judged at the end, with the whole count.
     ///
     /// # Errors
-    /// [`Error::Refused`], as [`DeleteGuard::judge`].
+    /// [`Error::SourceEmpty`], as [`DeleteGuard::judge`].
     pub(super) fn refuse_empty_source(&self, held: usize) -> Result<(), Error> {
         guard::check_counts(&self.src, true, held, held, self.limits).map(drop)
     }
@@ -109,8 +109,11 @@ mod tests {
                 source_empty: true,
                 ..removals(10, 10)
             };
-            assert!(matches!(g.judge(empty), Err(Error::Refused(_))));
-            assert!(matches!(g.refuse_empty_source(10), Err(Error::Refused(_))));
+            assert!(matches!(g.judge(empty), Err(Error::SourceEmpty(_))));
+            assert!(matches!(
+                g.refuse_empty_source(10),
+                Err(Error::SourceEmpty(_))
+            ));
             assert!(g.refuse_empty_source(0).is_ok(), "nothing to wipe");
         }
     }

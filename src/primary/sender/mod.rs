@@ -127,7 +127,7 @@ pub(crate) fn sync(
     let mut outcome = match session.sync_all() {
         Ok(o) => o,
         Err(e) => {
-            if matches!(e, Error::Refused(_)) {
+            if matches!(e, Error::SourceEmpty(_)) {
                 let _ = session.close();
             }
             return Err(e);

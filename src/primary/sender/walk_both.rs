@@ -113,7 +113,7 @@ pub(super) fn walk_both(
         let done = run();
         if done
             .as_ref()
-            .is_err_and(|e| !matches!(e, Error::Refused(_)))
+            .is_err_and(|e| !matches!(e, Error::SourceEmpty(_)))
         {
             // The walks' threads stop at their next send; the standby's may be waiting
             // to read: the session is over.
