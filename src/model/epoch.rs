@@ -208,7 +208,7 @@ impl TreeState {
 
 /// Whether a primary may write a tree, and if not, why (for the coded error).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Admission {
+pub(crate) enum Decision {
     /// Write it; `adopt` when the primary's epoch is newer (the tree enters it).
     Admit {
         adopt: bool,
@@ -221,14 +221,14 @@ pub(crate) enum Admission {
 
 /// Decides whether the primary `who` (its ID, `None` for an in-process one) at `epoch`
 /// may write the tree in state `tree`, shown as `shown`.
-pub(crate) fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str) -> Admission {
+pub(crate) fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str) -> Decision {
     let who_shown = who.unwrap_or("the local primary");
     let current = tree
         .primary()
         .map(|p| format!(" (primary {p})"))
         .unwrap_or_default();
     if epoch < tree.epoch {
-        return Admission::Refuse {
+        return Decision::Refuse {
             code: ErrorCode::StaleEpoch,
             message: format!(
                 "{who_shown} is at epoch {epoch}, but {shown} is at epoch {}{current}: this \
@@ -239,7 +239,7 @@ pub(crate) fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str
         };
     }
     match tree.role {
-        Role::Primary if epoch == tree.epoch => Admission::Refuse {
+        Role::Primary if epoch == tree.epoch => Decision::Refuse {
             code: ErrorCode::SplitBrain,
             message: format!(
                 "split brain: {shown} is itself the primary of epoch {epoch}{current}, and \
@@ -247,7 +247,7 @@ pub(crate) fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str
                  `hotsync rejoin` (what it wrote since is kept under .hotsync/diverged)"
             ),
         },
-        Role::Primary => Admission::Refuse {
+        Role::Primary => Decision::Refuse {
             code: ErrorCode::Refused,
             message: format!(
                 "{shown} is a former primary (epoch {}); before it serves as a standby of epoch \
@@ -256,12 +256,12 @@ pub(crate) fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str
                 tree.epoch
             ),
         },
-        Role::Standby if epoch > tree.epoch => Admission::Admit { adopt: true },
+        Role::Standby if epoch > tree.epoch => Decision::Admit { adopt: true },
         Role::Standby if tree.history.last().is_some_and(|h| h.discarded) => {
-            Admission::Admit { adopt: false }
+            Decision::Admit { adopt: false }
         }
         Role::Standby => match (tree.primary(), who) {
-            (Some(known), Some(who)) if known != who => Admission::Refuse {
+            (Some(known), Some(who)) if known != who => Decision::Refuse {
                 code: ErrorCode::SplitBrain,
                 message: format!(
                     "split brain: {shown} follows primary {known} in epoch {epoch}, and \
@@ -269,7 +269,7 @@ pub(crate) fn admit(tree: &TreeState, epoch: u64, who: Option<&str>, shown: &str
                      run `hotsync rejoin` (what it wrote since is kept under .hotsync/diverged)"
                 ),
             },
-            _ => Admission::Admit { adopt: false },
+            _ => Decision::Admit { adopt: false },
         },
     }
 }
@@ -374,8 +374,8 @@ mod tests {
         ];
         for (what, tree, epoch, who, want) in table {
             let got = match admit(&tree, epoch, who, "/srv/t") {
-                Admission::Admit { adopt } => Ok(adopt),
-                Admission::Refuse { code, message } => {
+                Decision::Admit { adopt } => Ok(adopt),
+                Decision::Refuse { code, message } => {
                     assert!(message.contains("/srv/t"), "{what}: {message}");
                     if code != ErrorCode::Refused {
                         assert!(message.contains("rejoin"), "{what}: {message}");
@@ -406,7 +406,7 @@ mod tests {
     #[test]
     fn a_stale_primary_is_told_both_epochs_and_the_new_primary() {
         let t = standby(3, Some("NEWPRIMARY"));
-        let Admission::Refuse { message, .. } = admit(&t, 2, Some("OLD"), "DEST x") else {
+        let Decision::Refuse { message, .. } = admit(&t, 2, Some("OLD"), "DEST x") else {
             panic!()
         };
         assert!(

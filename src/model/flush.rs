@@ -37,7 +37,7 @@ pub struct Missing {
 
 /// How a flush ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Outcome {
+pub struct FlushReport {
     /// The quorum was reached.
     pub ok: bool,
     pub quorum: usize,
@@ -85,7 +85,7 @@ struct Waiting {
 pub(crate) struct Book {
     next: u64,
     waiting: BTreeMap<u64, Waiting>,
-    done: BTreeMap<u64, Outcome>,
+    done: BTreeMap<u64, FlushReport>,
     /// The watch's default quorum (`--quorum`), and its semi-synchronous timeout.
     quorum: Option<usize>,
     semi_sync: Option<Duration>,
@@ -247,7 +247,7 @@ impl Book {
                 .collect();
             self.done.insert(
                 id,
-                Outcome {
+                FlushReport {
                     ok,
                     quorum: w.quorum,
                     standbys: standbys.len(),
@@ -262,7 +262,7 @@ impl Book {
     }
 
     /// The outcome of flush `id`, once it has ended.
-    pub(crate) fn take(&mut self, id: u64) -> Option<Outcome> {
+    pub(crate) fn take(&mut self, id: u64) -> Option<FlushReport> {
         self.done.remove(&id)
     }
 

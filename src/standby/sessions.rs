@@ -3,7 +3,7 @@
 //! epoch). What ended sessions leave behind is kept per primary for the status view.
 
 use super::{Access, Position, Standby};
-use crate::model::epoch::{Admission as Verdict, TreeState};
+use crate::model::epoch::{Decision, TreeState};
 use crate::transport::identity::NodeId;
 use crate::wire::heartbeat::{Pulse, silence};
 use crate::wire::protocol::{ErrorCode, Heartbeat};
@@ -256,13 +256,13 @@ impl Standby {
         let shown = format!("the standby {}", self.path.display());
         let mut st = self.state.lock().unwrap();
         match crate::model::epoch::admit(&st, epoch, who.as_deref(), &shown) {
-            Verdict::Refuse { code, message } => {
+            Decision::Refuse { code, message } => {
                 if st.superseded_by(epoch) {
                     self.record_superseded(&mut st, epoch, peer);
                 }
                 Err(Refusal { code, message })
             }
-            Verdict::Admit { adopt } => {
+            Decision::Admit { adopt } => {
                 let before = st.clone();
                 st.adopt(epoch, who);
                 if adopt || *st != before {

@@ -154,7 +154,7 @@ pub(crate) struct Staged {
     pub temp: Temp,
     pub name: Vec<u8>,
     /// Its descriptor: always for an unnamed file, else kept open for a per-file `fsync`
-    /// (see [`Batch::keep_fd`]) or `None`.
+    /// (see [`CommitGroup::keep_fd`]) or `None`.
     pub file: Option<File>,
     pub bytes: u64,
 }
@@ -210,7 +210,7 @@ struct Applied {
 }
 
 /// The outcome of one operation.
-pub(crate) type Outcome = (u64, Result<(), OpError>);
+pub(crate) type CommitResult = (u64, Result<(), OpError>);
 
 /// True for the errors of a full disk (blocks, inodes or quota).
 pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
@@ -222,21 +222,21 @@ pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
 
 /// A batch of staged files and applied operations, made durable together.
 #[derive(Default)]
-pub(crate) struct Batch {
+pub(crate) struct CommitGroup {
     durability: Durability,
     items: Vec<Staged>,
     /// Operations already applied in place (mkdir, delete, chmod…) that need a sync.
     applied: Vec<Applied>,
-    failed: Vec<Outcome>,
+    failed: Vec<CommitResult>,
     bytes: u64,
     /// Descriptors held for the commit (kept files, directories of applied operations).
     fds: usize,
 }
 
-impl Batch {
+impl CommitGroup {
     /// An empty batch for a standby root of `durability`.
     pub(crate) fn new(durability: Durability) -> Self {
-        Batch {
+        CommitGroup {
             durability,
             items: Vec::new(),
             applied: Vec::new(),
@@ -303,11 +303,11 @@ impl Batch {
     }
 
     /// Makes everything in the batch durable and visible; returns one outcome per operation.
-    pub(crate) fn commit(&mut self, root: BorrowedFd<'_>) -> Vec<Outcome> {
+    pub(crate) fn commit(&mut self, root: BorrowedFd<'_>) -> Vec<CommitResult> {
         self.commit_with(root, &Kernel)
     }
 
-    fn commit_with(&mut self, root: BorrowedFd<'_>, k: &dyn Flusher) -> Vec<Outcome> {
+    fn commit_with(&mut self, root: BorrowedFd<'_>, k: &dyn Flusher) -> Vec<CommitResult> {
         let mut out = std::mem::take(&mut self.failed);
         let items = std::mem::take(&mut self.items);
         let applied = std::mem::take(&mut self.applied);
@@ -518,7 +518,7 @@ impl Staged {
 }
 
 /// A batch dropped before its commit (the session failed or was fenced) leaves no temps.
-impl Drop for Batch {
+impl Drop for CommitGroup {
     fn drop(&mut self) {
         for it in &self.items {
             it.discard();
@@ -704,7 +704,7 @@ mod tests {
     use crate::tree::fsroot::{Root, create_temp};
     use std::io::Write;
 
-    fn stage(b: &mut Batch, root: &Root, id: u64, name: &str, data: &[u8]) {
+    fn stage(b: &mut CommitGroup, root: &Root, id: u64, name: &str, data: &[u8]) {
         let dir = Arc::new(root.open_dir(&crate::model::path::RelPath::root()).unwrap());
         let (mut f, temp) = create_temp(dir.as_fd()).unwrap();
         f.write_all(data).unwrap();
@@ -744,7 +744,7 @@ mod tests {
             (1, untrusted),
             (FSYNC_EACH + 5, untrusted),
         ] {
-            let mut b = Batch::new(d);
+            let mut b = CommitGroup::new(d);
             for i in 0..n {
                 stage(
                     &mut b,
@@ -786,7 +786,7 @@ mod tests {
         let names = |rel: &str| std::fs::read_dir(t.path().join(rel)).unwrap().count();
         for n in [1usize, FSYNC_EACH + 3] {
             let before = names("d");
-            let mut b = Batch::new(Durability::default());
+            let mut b = CommitGroup::new(Durability::default());
             for i in 0..n {
                 let tmp = place.create(&d).unwrap();
                 assert!(
@@ -819,7 +819,7 @@ mod tests {
             assert_eq!(names(".hotsync/tmp"), 0, "the area is left empty");
         }
         // A batch given up leaves nothing behind.
-        let mut b = Batch::new(Durability::default());
+        let mut b = CommitGroup::new(Durability::default());
         let tmp = place.create(&d).unwrap();
         (&tmp.file).write_all(b"never committed").unwrap();
         b.stage(Staged {
@@ -852,7 +852,7 @@ mod tests {
         std::fs::create_dir(t.path().join("d")).unwrap();
         std::fs::write(t.path().join("d/x"), b"x").unwrap();
         let root = Root::open(t.path()).unwrap();
-        let mut b = Batch::new(Durability::of(root.fd()).0);
+        let mut b = CommitGroup::new(Durability::of(root.fd()).0);
         stage(&mut b, &root, 1, "d", b"file over a non-empty dir");
         stage(&mut b, &root, 2, "ok", b"fine");
         b.failed(3, OpError::new("unreadable", false));
@@ -936,7 +936,7 @@ mod tests {
     /// (id 100); with `in_place`, applies a mkdir (101), a delete (102), a rename (103) and
     /// a chmod (104) as the receiver does, each through a handle of its own (as after the
     /// receiver's cache of handles is dropped). Returns the staged files' final paths.
-    fn fill(b: &mut Batch, root: &Root, n: usize, in_place: bool) -> Vec<std::path::PathBuf> {
+    fn fill(b: &mut CommitGroup, root: &Root, n: usize, in_place: bool) -> Vec<std::path::PathBuf> {
         let open = |rel: &str| {
             Arc::new(
                 root.open_dir(&crate::model::path::RelPath::new(rel).unwrap())
@@ -1003,7 +1003,7 @@ mod tests {
     fn where_syncfs_is_not_trusted_every_file_and_touched_directory_is_fsynced_once() {
         let t = tree();
         let root = Root::open(t.path()).unwrap();
-        let mut b = Batch::new(Durability::default());
+        let mut b = CommitGroup::new(Durability::default());
         let files = fill(&mut b, &root, 20, true);
         let k = Counting::default();
         let acks = b.commit_with(root.fd(), &k);
@@ -1036,7 +1036,7 @@ mod tests {
             "the tests' tree is on ext4, XFS, btrfs or tmpfs"
         );
         // Large, with operations applied in place: two syncfs, no fsync.
-        let mut b = Batch::new(trusted);
+        let mut b = CommitGroup::new(trusted);
         fill(&mut b, &root, 20, true);
         let k = Counting::default();
         let acks = b.commit_with(root.fd(), &k);
@@ -1047,7 +1047,7 @@ mod tests {
         assert_eq!(k.syncfs.load(std::sync::atomic::Ordering::Relaxed), 2);
         assert_eq!(k.fsynced.lock().unwrap().len(), 0);
         // Small: each file and its directory.
-        let mut b = Batch::new(trusted);
+        let mut b = CommitGroup::new(trusted);
         let files = fill(&mut b, &root, 3, false);
         let k = Counting::default();
         assert!(b.commit_with(root.fd(), &k).iter().all(|(_, r)| r.is_ok()));
@@ -1065,7 +1065,7 @@ mod tests {
         // none of them. The files staged past FSYNC_EACH kept no descriptor: reopened.
         let mut elsewhere = Durability::of(root.fd()).0;
         elsewhere.dev ^= 1;
-        let mut b = Batch::new(elsewhere);
+        let mut b = CommitGroup::new(elsewhere);
         let files = fill(&mut b, &root, 20, true);
         let k = Counting::default();
         let acks = b.commit_with(root.fd(), &k);
@@ -1083,7 +1083,7 @@ mod tests {
     fn a_failed_fsync_is_not_durable_for_what_it_covers() {
         let t = tree();
         let root = Root::open(t.path()).unwrap();
-        let mut b = Batch::new(Durability::default());
+        let mut b = CommitGroup::new(Durability::default());
         fill(&mut b, &root, 6, true);
         let k = Counting {
             fail: Some(key(&t.path().join("b"))),
@@ -1110,10 +1110,10 @@ mod tests {
         let t = tree();
         let root = Root::open(t.path()).unwrap();
         let trusted = Durability::of(root.fd()).0;
-        let mut b = Batch::new(trusted);
+        let mut b = CommitGroup::new(trusted);
         fill(&mut b, &root, FSYNC_EACH + 1, false);
         assert!(!b.keep_fd() && !b.should_commit());
-        let mut b = Batch::new(Durability::default());
+        let mut b = CommitGroup::new(Durability::default());
         fill(&mut b, &root, BATCH_FDS - 1, false);
         assert!(b.keep_fd() && !b.should_commit());
         fill(&mut b, &root, 1, false);

@@ -2,7 +2,7 @@
 
 use crate::args::{Cli, FlushArgs};
 use anyhow::bail;
-use hotsync::model::flush::Outcome;
+use hotsync::model::flush::FlushReport;
 use hotsync::ops::control::{self, Request};
 use std::time::Duration;
 
@@ -46,7 +46,7 @@ pub fn flush(cli: &Cli, args: &FlushArgs) -> anyhow::Result<u8> {
     if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
         bail!("{e}");
     }
-    let o: Outcome = serde_json::from_value(v)?;
+    let o: FlushReport = serde_json::from_value(v)?;
     if args.json {
         println!("{}", serde_json::to_string(&o)?);
     } else if !o.waited {

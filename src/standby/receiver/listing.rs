@@ -2,7 +2,7 @@
 //! control stream) or a walk of the tree or part of it (`Walk`, `WalkScopes`, on a stream
 //! of its own), sent in messages well under the frame limit.
 
-use super::session::Session;
+use super::session::StandbySession;
 use crate::model::manifest::{Entry, ScanError, Scope};
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
@@ -136,7 +136,7 @@ fn send_manifest<W: Write>(
     })
 }
 
-impl Session<'_> {
+impl StandbySession<'_> {
     /// Lists `scopes` for the primary: entries, then `ListEnd`.
     pub(super) fn list<W: Write>(
         &self,

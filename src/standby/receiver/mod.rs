@@ -31,7 +31,7 @@ use crate::transport::{Connection, Stream};
 use crate::wire::channel::Channel;
 use crate::wire::heartbeat;
 use crate::wire::protocol::{self, ErrorCode, Message, ProtocolError, SessionMode};
-use session::Session;
+use session::StandbySession;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -72,7 +72,7 @@ fn open<'s>(
     ch: &mut Channel,
     standby: &'s Standby,
     peer: Peer,
-) -> Result<(Admission<'s>, Session<'s>), Error> {
+) -> Result<(Admission<'s>, StandbySession<'s>), Error> {
     let version = ch.accept_session()?;
     let (excludes, read_only, epoch) = match ch.recv()? {
         Message::Open {
@@ -112,7 +112,7 @@ fn open<'s>(
     })?;
     let xattrs = agree_xattrs(ch, standby, version)?;
     ch.flush()?;
-    let session = Session {
+    let session = StandbySession {
         standby,
         read_only,
         filter,
@@ -151,7 +151,7 @@ fn agree_xattrs(
 fn run(
     conn: &Arc<dyn Connection>,
     mut ch: Channel,
-    session: &Session,
+    session: &StandbySession,
     pulse: &SessionPulse,
 ) -> Option<ProtocolError> {
     let fatal: Mutex<Option<ProtocolError>> = Mutex::new(None);
@@ -200,7 +200,7 @@ fn run(
 fn serve_stream(
     conn: &Arc<dyn Connection>,
     stream: Stream,
-    session: &Session,
+    session: &StandbySession,
     pulse: &SessionPulse,
     fail: &(dyn Fn(ProtocolError) + Sync),
 ) {

@@ -4,13 +4,13 @@
 //! ends the stream with an error, and with it the session.
 
 use super::delta::DeltaHead;
-use super::session::{Attrs, Dirs, Session};
+use super::session::{Attrs, Dirs, StandbySession};
 use super::stage::Incoming;
 use crate::model::manifest::Meta;
 use crate::model::path::RelPath;
 use crate::model::status::Space;
 use crate::transport::SendHalf;
-use crate::tree::atomic::{Batch, Outcome, Staged};
+use crate::tree::atomic::{CommitGroup, CommitResult, Staged};
 use crate::tree::xattr::Xattrs;
 use crate::wire::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
 use std::io::{Read, Write};
@@ -29,11 +29,11 @@ pub(super) enum Then {
 /// One stream's state while it applies operations.
 pub(super) struct Ops<'a, R: Read, W: SendHalf> {
     /// The session, and the stream's two halves.
-    pub(super) s: &'a Session<'a>,
+    pub(super) s: &'a StandbySession<'a>,
     pub(super) r: &'a mut FrameReader<R>,
     pub(super) w: &'a mut FrameWriter<W>,
     /// What was applied or staged and is not durable yet.
-    pub(super) batch: Batch,
+    pub(super) batch: CommitGroup,
     /// Parent directories the stream's operations used lately.
     pub(super) dirs: Dirs<'a>,
     /// The attributes of the entry the next operation writes.
@@ -50,7 +50,7 @@ pub(super) struct Ops<'a, R: Read, W: SendHalf> {
 /// # Errors
 /// The protocol violation or transport failure that ended the stream.
 pub(super) fn op_loop<R: Read, W: SendHalf>(
-    s: &Session,
+    s: &StandbySession,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
     mut first: Option<Message>,
@@ -60,7 +60,7 @@ pub(super) fn op_loop<R: Read, W: SendHalf>(
         s,
         r,
         w,
-        batch: Batch::new(s.standby.durability()),
+        batch: CommitGroup::new(s.standby.durability()),
         dirs: Dirs::new(s),
         xattrs: None,
         buf: Vec::new(),
@@ -272,7 +272,7 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
 }
 
 /// Commits a batch (nothing is ever staged in a dry run, which may have no root).
-fn commit(s: &Session, batch: &mut Batch) -> Vec<Outcome> {
+fn commit(s: &StandbySession, batch: &mut CommitGroup) -> Vec<CommitResult> {
     match s.root() {
         Ok(root) => batch.commit(root.fd()),
         Err(_) => Vec::new(),
@@ -282,9 +282,9 @@ fn commit(s: &Session, batch: &mut Batch) -> Vec<Outcome> {
 /// Tells the primary how each operation of a committed batch went; a failure for want of
 /// space says how full the standby is.
 fn send_acks<W: Write>(
-    s: &Session,
+    s: &StandbySession,
     w: &mut FrameWriter<W>,
-    outcomes: Vec<Outcome>,
+    outcomes: Vec<CommitResult>,
 ) -> Result<(), ProtocolError> {
     let failed = outcomes.iter().filter(|(_, r)| r.is_err()).count() as u64;
     if (failed as usize) < outcomes.len() {

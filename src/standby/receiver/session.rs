@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The state shared by all streams of one session.
-pub(super) struct Session<'s> {
+pub(super) struct StandbySession<'s> {
     /// The standby served.
     pub(super) standby: &'s Standby,
     /// A dry run or a verify: list, never write.
@@ -53,7 +53,7 @@ impl Attrs {
     }
 }
 
-impl Session<'_> {
+impl StandbySession<'_> {
     /// The tree root; only a dry run against a missing DEST has none.
     pub(super) fn root(&self) -> io::Result<&Root> {
         self.standby.root()
@@ -123,14 +123,14 @@ impl Session<'_> {
 
 /// Cached handles of parent directories, dropped whenever directories may have moved.
 pub(super) struct Dirs<'a> {
-    s: &'a Session<'a>,
+    s: &'a StandbySession<'a>,
     generation: u64,
     map: HashMap<Vec<u8>, Arc<OwnedFd>>,
 }
 
 impl<'a> Dirs<'a> {
     /// An empty cache for a stream of `s`.
-    pub(super) fn new(s: &'a Session<'a>) -> Self {
+    pub(super) fn new(s: &'a StandbySession<'a>) -> Self {
         Dirs {
             s,
             generation: s.generation.load(Ordering::Relaxed),
@@ -139,7 +139,7 @@ impl<'a> Dirs<'a> {
     }
 
     /// The session the handles belong to.
-    pub(super) fn session(&self) -> &'a Session<'a> {
+    pub(super) fn session(&self) -> &'a StandbySession<'a> {
         self.s
     }
 

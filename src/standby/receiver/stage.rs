@@ -3,7 +3,7 @@
 //! the stream's batch, which names it only at the commit. Files that arrive in pieces are
 //! filled through a [`TempSink`].
 
-use super::session::{Attrs, Dirs, Session, op_error};
+use super::session::{Attrs, Dirs, StandbySession, op_error};
 use super::sparse::Holes;
 use crate::model::manifest::Hash;
 use crate::model::path::RelPath;
@@ -27,7 +27,7 @@ pub(super) struct Incoming {
     pub(super) attrs: Attrs,
     /// Its size in bytes, as announced.
     pub(super) size: u64,
-    /// Keep the temp's descriptor open until the commit (see [`crate::tree::atomic::Batch`]).
+    /// Keep the temp's descriptor open until the commit (see [`crate::tree::atomic::CommitGroup`]).
     pub(super) keep: bool,
 }
 
@@ -39,7 +39,7 @@ pub(super) type EntryResult = Result<Staged, OpError>;
 /// [`crate::tree::atomic::TempPlace`]). A receiver that is not root gives itself write
 /// permission on a read-only directory (its mode is restored with the directory's
 /// attributes).
-pub(super) fn temp_for(s: &Session, dir: &Arc<OwnedFd>) -> io::Result<NewTemp> {
+pub(super) fn temp_for(s: &StandbySession, dir: &Arc<OwnedFd>) -> io::Result<NewTemp> {
     let place = s.temps()?;
     match place.create(dir) {
         Err(e) if e.raw_os_error() == Some(Errno::ACCESS.raw_os_error()) => {
@@ -220,7 +220,7 @@ impl TempSink {
     /// proof asks the primary to send the file again.
     pub(super) fn finish(
         mut self,
-        s: &Session,
+        s: &StandbySession,
         file: &Incoming,
         complete: bool,
         proof: Option<(Hash, Hash)>,
