@@ -205,18 +205,7 @@ pub(crate) fn plan_with(
         let same_type =
             r.filter(|r| std::mem::discriminant(&r.kind) == std::mem::discriminant(&l.kind));
         if let Kind::Dir = l.kind {
-            match same_type {
-                Some(r) => {
-                    if meta_differs(&l.meta, &r.meta, opts.owners, true) {
-                        touched.insert(l.path.clone());
-                    }
-                }
-                None => {
-                    p.mkdirs.push(l.path.clone());
-                    touched.insert(l.path.clone());
-                    touch(&mut touched, &l.path);
-                }
-            }
+            plan_dir(&mut p, l, same_type, opts.owners, &mut touched);
             continue;
         }
         // A file or a symlink: one name of its inode's group (alone, a group of one).
@@ -236,39 +225,14 @@ pub(crate) fn plan_with(
             pending_links.push((l.path.clone(), leader));
             continue;
         }
-        let is_file = matches!(l.kind, Kind::File { .. });
         if keep {
             // The standby's inode has only names of this group: a change in place reaches
             // no other name.
             let r = r.expect("a kept leader has a standby entry");
-            if meta_differs(&l.meta, &r.meta, opts.owners, is_file) {
-                p.metas.push(MetaFix {
-                    path: l.path.clone(),
-                    meta: l.meta,
-                    target: if is_file {
-                        MetaTarget::File
-                    } else {
-                        MetaTarget::Symlink
-                    },
-                });
-            }
+            p.metas.extend(fix_in_place(l, r, opts.owners));
             continue;
         }
-        match &l.kind {
-            Kind::File { size, hash } => p.transfers.push(Transfer {
-                path: l.path.clone(),
-                size: *size,
-                meta: l.meta,
-                basis: r.and_then(Entry::file_size),
-                hash: *hash,
-            }),
-            Kind::Symlink { target } => p.symlinks.push(SymlinkOp {
-                path: l.path.clone(),
-                target: target.clone(),
-                meta: l.meta,
-            }),
-            Kind::Dir => unreachable!("directories are planned above"),
-        }
+        rewrite(&mut p, l, r);
         rewritten.insert(l.path.clone());
         touch(&mut touched, &l.path);
     }
@@ -287,7 +251,36 @@ pub(crate) fn plan_with(
             });
         }
     }
+    plan_removals(
+        &mut p,
+        local,
+        remote,
+        &local_paths,
+        opts,
+        &is_protected,
+        &mut touched,
+    );
+    p.dir_metas = dir_fixes(local, &touched);
+    p
+}
 
+/// Plans the standby's removals into `p`: standby specials in the way of a primary's
+/// entry are cleared; everything under a cleared path goes with it; extras are deleted
+/// only when asked, and never under a path the primary could not read (`is_protected`).
+/// Special files are extras unless the primary has the same one there. The parents of
+/// what goes are `touched`.
+fn plan_removals(
+    p: &mut Plan,
+    local: &Manifest,
+    remote: &Manifest,
+    local_paths: &HashSet<&RelPath>,
+    opts: PlanOptions,
+    is_protected: &dyn Fn(&RelPath) -> bool,
+    touched: &mut BTreeSet<RelPath>,
+) {
+    let touch = |touched: &mut BTreeSet<RelPath>, path: &RelPath| {
+        touched.insert(path.split().0);
+    };
     // A standby special file where the primary has an entry is in the way, whatever the
     // entry's type.
     for s in &remote.specials {
@@ -306,7 +299,7 @@ pub(crate) fn plan_with(
             p.removed_entries += 1;
             p.cleared_entries += 1;
             if path == c {
-                touch(&mut touched, path);
+                touch(touched, path);
             }
             continue;
         }
@@ -325,12 +318,14 @@ pub(crate) fn plan_with(
             continue;
         }
         removed_tops.push(path);
-        touch(&mut touched, path);
+        touch(touched, path);
     }
     p.deletes = removed_tops.into_iter().rev().cloned().collect();
+}
 
-    // Directory attributes last, deepest first, for every directory whose own attributes
-    // differ or whose contents changed.
+/// The attribute fixes of directories, deepest first: every directory whose own
+/// attributes differ or whose contents changed (`touched`). Last, after what changes them.
+fn dir_fixes(local: &Manifest, touched: &BTreeSet<RelPath>) -> Vec<MetaFix> {
     let mut dirs: Vec<&Entry> = local
         .entries
         .iter()
@@ -342,15 +337,70 @@ pub(crate) fn plan_with(
             .cmp(&a.path.depth())
             .then(b.path.cmp(&a.path))
     });
-    p.dir_metas = dirs
-        .into_iter()
+    dirs.into_iter()
         .map(|e| MetaFix {
             path: e.path.clone(),
             meta: e.meta,
             target: MetaTarget::Dir,
         })
-        .collect();
-    p
+        .collect()
+}
+
+/// Plans the directory `l` against the standby's directory there (`same_type`), if any:
+/// made when missing; `touched` (its attributes fixed last) when new or they differ.
+fn plan_dir(
+    p: &mut Plan,
+    l: &Entry,
+    same_type: Option<&Entry>,
+    owners: bool,
+    touched: &mut BTreeSet<RelPath>,
+) {
+    match same_type {
+        Some(r) => {
+            if meta_differs(&l.meta, &r.meta, owners, true) {
+                touched.insert(l.path.clone());
+            }
+        }
+        None => {
+            p.mkdirs.push(l.path.clone());
+            touched.insert(l.path.clone());
+            touched.insert(l.path.split().0);
+        }
+    }
+}
+
+/// The attribute fix of a file or symlink `l` kept in place as the standby's `r`, if its
+/// attributes differ.
+fn fix_in_place(l: &Entry, r: &Entry, owners: bool) -> Option<MetaFix> {
+    let is_file = matches!(l.kind, Kind::File { .. });
+    meta_differs(&l.meta, &r.meta, owners, is_file).then(|| MetaFix {
+        path: l.path.clone(),
+        meta: l.meta,
+        target: if is_file {
+            MetaTarget::File
+        } else {
+            MetaTarget::Symlink
+        },
+    })
+}
+
+/// Plans `l` (a file or symlink) written anew over the standby's `r`, if any.
+fn rewrite(p: &mut Plan, l: &Entry, r: Option<&Entry>) {
+    match &l.kind {
+        Kind::File { size, hash } => p.transfers.push(Transfer {
+            path: l.path.clone(),
+            size: *size,
+            meta: l.meta,
+            basis: r.and_then(Entry::file_size),
+            hash: *hash,
+        }),
+        Kind::Symlink { target } => p.symlinks.push(SymlinkOp {
+            path: l.path.clone(),
+            target: target.clone(),
+            meta: l.meta,
+        }),
+        Kind::Dir => unreachable!("directories are planned apart"),
+    }
 }
 
 /// The paths of `entries` and of `specials` (each sorted by path), in path order, each with

@@ -493,86 +493,13 @@ fn read_events(shared: &Shared, urgent: &Sender<(RelPath, i32)>) {
         };
         let (wd, mask, cookie) = (ev.wd(), ev.events(), ev.cookie());
         let name = ev.file_name().map(|n| n.to_bytes().to_vec());
-        let hints = {
-            let mut table = shared.table.lock().unwrap();
-            if mask.contains(ReadFlags::QUEUE_OVERFLOW) {
-                vec![Hint::RescanAll]
-            } else if mask.contains(ReadFlags::IGNORED) {
-                let root_gone = wd == table.root;
-                table.forget(wd);
-                if root_gone {
-                    vec![Hint::RescanAll]
-                } else {
-                    vec![]
-                }
-            } else if wd == table.root
-                && name.is_none()
-                && mask
-                    .intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF | ReadFlags::UNMOUNT)
-            {
-                // The root itself removed or moved: what is left must be looked at again.
-                vec![Hint::RescanAll]
-            } else if let Some(dir) = table.path(wd) {
-                let is_dir = mask.contains(ReadFlags::ISDIR);
-                let path = match &name {
-                    Some(n) => dir.join(n).ok(),
-                    None => Some(dir),
-                };
-                match (path, name) {
-                    (None, _) => vec![],
-                    // Its parent's event said it already.
-                    (Some(_), None)
-                        if mask.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF) =>
-                    {
-                        vec![]
-                    }
-                    (Some(path), name) => {
-                        let kind = Kind::of(mask);
-                        if let (Kind::MovedTo, Some(m)) = (kind, pending.as_ref())
-                            && m.cookie == cookie
-                        {
-                            let m = pending.take().unwrap();
-                            if m.is_dir {
-                                table.rename(
-                                    (m.parent, m.name),
-                                    (wd, name.clone().unwrap_or_default()),
-                                );
-                            }
-                            let mut h = translate(Kind::MovedTo, &path, false);
-                            if !is_temp_name(m.path.name()) && !is_temp_name(path.name()) {
-                                h.push(Hint::Renamed {
-                                    from: m.path,
-                                    to: path,
-                                });
-                            }
-                            h
-                        } else {
-                            if let Some(m) = pending.take() {
-                                drop(table);
-                                moved_out(shared, &m);
-                                table = shared.table.lock().unwrap();
-                            }
-                            if kind == Kind::MovedFrom {
-                                pending = Some(MovedFrom {
-                                    cookie,
-                                    parent: wd,
-                                    name: name.clone().unwrap_or_default(),
-                                    path: path.clone(),
-                                    is_dir,
-                                });
-                            }
-                            // A directory made or moved in: watch it (and what it holds).
-                            if is_dir && matches!(kind, Kind::Created | Kind::MovedTo) {
-                                let _ = urgent.send((path.clone(), wd));
-                            }
-                            translate(kind, &path, is_dir)
-                        }
-                    }
-                }
-            } else {
-                vec![]
-            }
+        let ev = Ev {
+            wd,
+            mask,
+            cookie,
+            name,
         };
+        let hints = hints_of(shared, urgent, &mut pending, ev);
         // A file made whole (by `link()`, as git makes its objects) is ready at once, as a
         // renamed one is; one being written waits to be closed or quiet. Asked outside the
         // table's lock.
@@ -588,6 +515,101 @@ fn read_events(shared: &Shared, urgent: &Sender<(RelPath, i32)>) {
         if !shared.send(hints) {
             return;
         }
+    }
+}
+
+/// One inotify event, as read.
+struct Ev {
+    wd: i32,
+    mask: ReadFlags,
+    cookie: u32,
+    name: Option<Vec<u8>>,
+}
+
+/// The hints of one event. A move's first half waits in `pending` for its second (the
+/// same cookie next); a directory made or moved in is sent to `urgent` to be watched.
+fn hints_of(
+    shared: &Shared,
+    urgent: &Sender<(RelPath, i32)>,
+    pending: &mut Option<MovedFrom>,
+    ev: Ev,
+) -> Vec<Hint> {
+    let Ev {
+        wd,
+        mask,
+        cookie,
+        name,
+    } = ev;
+    let mut table = shared.table.lock().unwrap();
+    if mask.contains(ReadFlags::QUEUE_OVERFLOW) {
+        vec![Hint::RescanAll]
+    } else if mask.contains(ReadFlags::IGNORED) {
+        let root_gone = wd == table.root;
+        table.forget(wd);
+        if root_gone {
+            vec![Hint::RescanAll]
+        } else {
+            vec![]
+        }
+    } else if wd == table.root
+        && name.is_none()
+        && mask.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF | ReadFlags::UNMOUNT)
+    {
+        // The root itself removed or moved: what is left must be looked at again.
+        vec![Hint::RescanAll]
+    } else if let Some(dir) = table.path(wd) {
+        let is_dir = mask.contains(ReadFlags::ISDIR);
+        let path = match &name {
+            Some(n) => dir.join(n).ok(),
+            None => Some(dir),
+        };
+        match (path, name) {
+            (None, _) => vec![],
+            // Its parent's event said it already.
+            (Some(_), None) if mask.intersects(ReadFlags::DELETE_SELF | ReadFlags::MOVE_SELF) => {
+                vec![]
+            }
+            (Some(path), name) => {
+                let kind = Kind::of(mask);
+                if let (Kind::MovedTo, Some(m)) = (kind, pending.as_ref())
+                    && m.cookie == cookie
+                {
+                    let m = pending.take().unwrap();
+                    if m.is_dir {
+                        table.rename((m.parent, m.name), (wd, name.clone().unwrap_or_default()));
+                    }
+                    let mut h = translate(Kind::MovedTo, &path, false);
+                    if !is_temp_name(m.path.name()) && !is_temp_name(path.name()) {
+                        h.push(Hint::Renamed {
+                            from: m.path,
+                            to: path,
+                        });
+                    }
+                    h
+                } else {
+                    if let Some(m) = pending.take() {
+                        drop(table);
+                        moved_out(shared, &m);
+                    }
+                    if kind == Kind::MovedFrom {
+                        *pending = Some(MovedFrom {
+                            cookie,
+                            parent: wd,
+                            name: name.clone().unwrap_or_default(),
+                            path: path.clone(),
+                            is_dir,
+                        });
+                    }
+                    // A directory made or moved in: watch it (and what it holds).
+                    if is_dir && matches!(kind, Kind::Created | Kind::MovedTo) {
+                        let _ = urgent.send((path.clone(), wd));
+                    }
+                    translate(kind, &path, is_dir)
+                }
+            }
+        }
+    } else {
+        vec![]
     }
 }
 
