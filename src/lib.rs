@@ -1,10 +1,22 @@
 //! hotsync keeps a standby copy of a directory tree identical to the primary's.
 //!
-//! One engine serves every mode: [`scan`] both trees, [`plan::plan`] the difference (pure),
-//! then a [`sender`] drives the plan through the [`protocol`] to a [`receiver`], which
-//! writes each file atomically and durably ([`atomic`]). A local DEST runs the receiver
-//! in-process over [`transport::local`], the same bytes QUIC carries for a remote one; a
-//! [`link`] is either.
+//! One engine serves every mode: [`tree::scan`] both trees, [`model::plan`] the
+//! difference (pure), then a [`primary::sender`] drives the plan through the
+//! [`wire::protocol`] to a [`standby::receiver`], which writes each file atomically and
+//! durably ([`tree::atomic`]). A local DEST runs the receiver in-process over
+//! [`transport::local`], the same bytes QUIC carries for a remote one; a
+//! [`primary::link`] is either.
+//!
+//! The layers, bottom up; each imports only from those below it:
+//! - [`error`]: the kinds of error that end a command, and the wire's;
+//! - [`model`]: the pure core (paths, entries, the plan, the merge, the guard, epochs,
+//!   flushes, the comparison, the delta), no I/O;
+//! - [`transport`]: connections and streams (in-process, QUIC), dialers and acceptors;
+//! - [`tree`]: the filesystem (scan, walk, attributes, holes, atomic durable writes);
+//! - [`wire`]: the protocol's codec, the framed channel, heartbeats;
+//! - [`ops`]: status, metrics, alerts, health, the configuration file;
+//! - [`standby`]: the standby's tree, the receiver, `serve`, promote and rejoin;
+//! - [`primary`]: the primary's tree, links to standbys, the sender, `watch`, `verify`.
 
 pub mod error;
 pub mod model;
@@ -28,7 +40,7 @@ use std::sync::Arc;
 /// # Errors
 /// [`Error::Usage`] for a bad SRC or DEST, [`Error::SourceEmpty`] for an empty SRC facing a
 /// standby that is not (nothing is touched), and the connection's errors (see
-/// [`link::Connector::connect`]). A plan whose deletions the mass-delete guard refuses is
+/// [`primary::link::Connector::connect`]). A plan whose deletions the mass-delete guard refuses is
 /// carried out but for them, and returned: its summary's `refused` says why.
 pub fn sync(
     src: &Path,
