@@ -474,6 +474,106 @@ impl ProtocolError {
     }
 }
 
+/// A delta's announcement. `Delta` and `SparseDelta` carry the same record and differ only
+/// in whether the file's holes are kept; both sides handle them as this one struct, and
+/// only the codec knows the two messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeltaHead {
+    /// The operation's ID, the file's name and its attributes.
+    pub(crate) id: u64,
+    pub(crate) path: RelPath,
+    pub(crate) meta: Meta,
+    /// The new version's size, which sets its chunk size.
+    pub(crate) size: u64,
+    /// How it is cut, and whether its holes are kept.
+    pub(crate) chunking: Chunking,
+}
+
+/// How the new version is cut into chunks, and whether its holes are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Chunking {
+    /// Bytes per chunk: [`crate::model::delta::chunk_size`] of the file's size.
+    pub(crate) chunk: u64,
+    /// How many chunks the file has, each with a digest the primary sends.
+    pub(crate) chunks: u64,
+    /// `SparseDelta`: the temp keeps the file's holes.
+    pub(crate) sparse: bool,
+}
+
+impl TryFrom<Message> for DeltaHead {
+    /// Any other message, given back untouched.
+    type Error = Message;
+
+    fn try_from(m: Message) -> Result<DeltaHead, Message> {
+        let (id, path, meta, size, chunk, chunks, sparse) = match m {
+            Message::Delta {
+                id,
+                path,
+                meta,
+                size,
+                chunk,
+                chunks,
+            } => (id, path, meta, size, chunk, chunks, false),
+            Message::SparseDelta {
+                id,
+                path,
+                meta,
+                size,
+                chunk,
+                chunks,
+            } => (id, path, meta, size, chunk, chunks, true),
+            other => return Err(other),
+        };
+        Ok(DeltaHead {
+            id,
+            path,
+            meta,
+            size,
+            chunking: Chunking {
+                chunk,
+                chunks,
+                sparse,
+            },
+        })
+    }
+}
+
+impl From<DeltaHead> for Message {
+    fn from(h: DeltaHead) -> Message {
+        let DeltaHead {
+            id,
+            path,
+            meta,
+            size,
+            chunking:
+                Chunking {
+                    chunk,
+                    chunks,
+                    sparse,
+                },
+        } = h;
+        if sparse {
+            Message::SparseDelta {
+                id,
+                path,
+                meta,
+                size,
+                chunk,
+                chunks,
+            }
+        } else {
+            Message::Delta {
+                id,
+                path,
+                meta,
+                size,
+                chunk,
+                chunks,
+            }
+        }
+    }
+}
+
 /// Sends our greeting; call [`read_greeting`] after it.
 pub(crate) fn write_greeting(w: &mut impl Write) -> io::Result<()> {
     let mut g = [0u8; 12];
@@ -668,6 +768,27 @@ pub(crate) fn check_excludes(excludes: &[String]) -> Result<(), ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delta_head_is_one_of_two_messages_and_comes_back_from_either() {
+        for sparse in [false, true] {
+            let head = DeltaHead {
+                id: 7,
+                path: RelPath::new("d/f").unwrap(),
+                meta: crate::model::manifest::testing::meta(0o644, 1),
+                size: 3 << 20,
+                chunking: Chunking {
+                    chunk: 1 << 20,
+                    chunks: 3,
+                    sparse,
+                },
+            };
+            let m = Message::from(head.clone());
+            assert_eq!(matches!(m, Message::SparseDelta { .. }), sparse);
+            assert_eq!(DeltaHead::try_from(m), Ok(head));
+        }
+        assert!(DeltaHead::try_from(Message::Close).is_err());
+    }
     use crate::model::manifest::{Kind, Mtime};
 
     fn meta() -> Meta {

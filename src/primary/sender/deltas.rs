@@ -17,7 +17,7 @@ use crate::model::plan::Transfer;
 use crate::tree::fsroot::{changed, meta_of};
 use crate::tree::xattr::{At, Xattrs};
 use crate::wire::channel::{Channel, Reader, Writer};
-use crate::wire::protocol::{Message, OpError, ProtocolError};
+use crate::wire::protocol::{Chunking, DeltaHead, Message, OpError, ProtocolError};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
@@ -192,27 +192,17 @@ impl Exec<'_> {
 
 /// The message announcing the delta of `new` as operation `id`.
 fn announcement(id: u64, path: &RelPath, new: &NewVersion) -> Message {
-    let (path, size, chunk) = (path.clone(), new.size, new.chunk);
-    let (meta, chunks) = (meta_of(&new.before), size.div_ceil(chunk));
-    if new.sparse {
-        Message::SparseDelta {
-            id,
-            path,
-            meta,
-            size,
-            chunk,
-            chunks,
-        }
-    } else {
-        Message::Delta {
-            id,
-            path,
-            meta,
-            size,
-            chunk,
-            chunks,
-        }
-    }
+    Message::from(DeltaHead {
+        id,
+        path: path.clone(),
+        meta: meta_of(&new.before),
+        size: new.size,
+        chunking: Chunking {
+            chunk: new.chunk,
+            chunks: new.size.div_ceil(new.chunk),
+            sparse: new.sparse,
+        },
+    })
 }
 
 /// Sends the coarse hashes of `new`. A file without holes is hashed as it is read, each

@@ -10,79 +10,18 @@ use super::sparse::Holes;
 use super::stage::{EntryResult, Incoming, TempSink, TempTarget};
 use super::whole::file_end;
 use crate::model::delta::{self, COARSE_HASH_LEN, DeltaSink, MAX_CHUNKS, ReadAt, chunk_size};
-use crate::model::manifest::{Hash, Meta};
+use crate::model::manifest::Hash;
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
 use crate::tree::fsroot;
-use crate::wire::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
+use crate::wire::protocol::{
+    Chunking, DeltaHead, FrameReader, FrameWriter, Message, OpError, ProtocolError,
+};
 use rustix::fs::{FileType, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
-
-/// A delta's announcement. `Delta` and `SparseDelta` carry the same record and differ only
-/// in whether the file's holes are kept; the receiver handles them as this one struct.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct DeltaHead {
-    /// The operation's ID, the file's name and its attributes.
-    pub(super) id: u64,
-    pub(super) path: RelPath,
-    pub(super) meta: Meta,
-    /// The new version's size, which sets its chunk size.
-    pub(super) size: u64,
-    /// How it is cut, and whether its holes are kept.
-    pub(super) chunking: Chunking,
-}
-
-/// How the new version is cut into chunks, and whether its holes are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Chunking {
-    /// Bytes per chunk: [`chunk_size`] of the file's size.
-    pub(super) chunk: u64,
-    /// How many chunks the file has, each with a digest the primary sends.
-    pub(super) chunks: u64,
-    /// `SparseDelta`: the temp keeps the file's holes.
-    pub(super) sparse: bool,
-}
-
-impl TryFrom<Message> for DeltaHead {
-    /// Any other message, given back untouched.
-    type Error = Message;
-
-    fn try_from(m: Message) -> Result<DeltaHead, Message> {
-        let (id, path, meta, size, chunk, chunks, sparse) = match m {
-            Message::Delta {
-                id,
-                path,
-                meta,
-                size,
-                chunk,
-                chunks,
-            } => (id, path, meta, size, chunk, chunks, false),
-            Message::SparseDelta {
-                id,
-                path,
-                meta,
-                size,
-                chunk,
-                chunks,
-            } => (id, path, meta, size, chunk, chunks, true),
-            other => return Err(other),
-        };
-        Ok(DeltaHead {
-            id,
-            path,
-            meta,
-            size,
-            chunking: Chunking {
-                chunk,
-                chunks,
-                sparse,
-            },
-        })
-    }
-}
 
 impl<R: Read, W: SendHalf> Ops<'_, R, W> {
     /// `Delta` or `SparseDelta`: the file is received against its base here and staged.

@@ -3,7 +3,6 @@
 //! durable. A failure with one entry is answered in its `Ack`; a violation of the protocol
 //! ends the stream with an error, and with it the session.
 
-use super::delta::DeltaHead;
 use super::session::{Attrs, Dirs, StandbySession};
 use super::stage::Incoming;
 use crate::model::manifest::Meta;
@@ -12,6 +11,7 @@ use crate::model::status::Space;
 use crate::transport::SendHalf;
 use crate::tree::atomic::{CommitGroup, CommitResult, Staged};
 use crate::tree::xattr::Xattrs;
+use crate::wire::protocol::DeltaHead;
 use crate::wire::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
