@@ -32,7 +32,7 @@ pub(crate) fn verify(
         ..SyncOptions::default()
     };
     let mut session = Session::open(root, link, &opts, &Silent)?;
-    let mut report = if session.version >= 3 {
+    let mut report = if session.caps.walk {
         let mut c = Comparer::new(session.owners);
         session.walk_both(true, |l, r| {
             c.step(l, r);

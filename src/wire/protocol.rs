@@ -474,6 +474,41 @@ impl ProtocolError {
     }
 }
 
+/// What both sides of a session can do, decided once from the protocol version they
+/// agreed at the greeting: the one place that knows which version brought what, so the
+/// engines ask for a capability by name and never compare versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Caps {
+    /// The version both speak.
+    pub(crate) version: u16,
+    /// Heartbeats on a stream of their own (2).
+    pub(crate) heartbeats: bool,
+    /// The streamed walk of the whole tree: `Walk`, `Dir`, `WalkEnd` (3).
+    pub(crate) walk: bool,
+    /// The streamed walk of part of the tree: `WalkScopes` (4).
+    pub(crate) walk_scopes: bool,
+    /// Extended attributes (agreed by `Keeps`/`Keep` at open) and holes (5).
+    pub(crate) xattrs: bool,
+    pub(crate) holes: bool,
+    /// The standby's inode shapes and special files, and links to symlinks (6).
+    pub(crate) shapes: bool,
+}
+
+impl Caps {
+    /// The capabilities of protocol `version`.
+    pub(crate) fn of(version: u16) -> Caps {
+        Caps {
+            version,
+            heartbeats: version >= 2,
+            walk: version >= 3,
+            walk_scopes: version >= 4,
+            xattrs: version >= 5,
+            holes: version >= 5,
+            shapes: version >= 6,
+        }
+    }
+}
+
 /// A delta's announcement. `Delta` and `SparseDelta` carry the same record and differ only
 /// in whether the file's holes are kept; both sides handle them as this one struct, and
 /// only the codec knows the two messages.
@@ -768,6 +803,27 @@ pub(crate) fn check_excludes(excludes: &[String]) -> Result<(), ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_capability_comes_with_the_version_that_brought_it() {
+        let on = |v: u16| {
+            let c = Caps::of(v);
+            [
+                c.heartbeats,
+                c.walk,
+                c.walk_scopes,
+                c.xattrs,
+                c.holes,
+                c.shapes,
+            ]
+        };
+        assert_eq!(on(2), [true, false, false, false, false, false]);
+        assert_eq!(on(3), [true, true, false, false, false, false]);
+        assert_eq!(on(4), [true, true, true, false, false, false]);
+        assert_eq!(on(5), [true, true, true, true, true, false]);
+        assert_eq!(on(VERSION), [true; 6]);
+        assert_eq!(Caps::of(MIN_VERSION).version, MIN_VERSION);
+    }
 
     #[test]
     fn a_delta_head_is_one_of_two_messages_and_comes_back_from_either() {

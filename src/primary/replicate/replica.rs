@@ -305,7 +305,7 @@ impl Replica {
                 Action::Connect => match self.connect() {
                     Ok(s) => {
                         let now = Instant::now();
-                        self.wire.lock().unwrap().1 = Some(s.version);
+                        self.wire.lock().unwrap().1 = Some(s.caps.version);
                         let position = s.position;
                         session = Some(s);
                         self.with(|m| {

@@ -24,7 +24,7 @@ use crate::tree::walk::{Gate, Scopes};
 use crate::tree::xattr::Policy;
 use crate::wire::channel::Channel;
 use crate::wire::heartbeat::{self, Beating, Pulse};
-use crate::wire::protocol::{ErrorCode, Message, ProtocolError, SessionMode};
+use crate::wire::protocol::{Caps, ErrorCode, Message, ProtocolError, SessionMode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -65,8 +65,8 @@ pub(crate) struct Session<'m> {
     pub(super) scan_opts: ScanOptions,
     /// The control stream.
     pub(super) ch: Channel,
-    /// The protocol version both sides speak.
-    pub version: u16,
+    /// What both sides can do (the protocol version they speak, by capability).
+    pub caps: Caps,
     /// Whether the standby preserves owner and group (it runs as root).
     pub owners: bool,
     /// The standby's entries at the last full listing: the mass-delete guard's yardstick.
@@ -86,7 +86,7 @@ pub(crate) struct Session<'m> {
 /// What the standby said when the session opened.
 struct Opened {
     ch: Channel,
-    version: u16,
+    caps: Caps,
     owners: bool,
     position: Position,
     /// The attributes both sides keep.
@@ -107,13 +107,13 @@ fn handshake(link: &Link, opts: &SyncOptions, pulse: Arc<dyn Pulse>) -> Result<O
         epoch: opts.epoch,
     };
     let mut ch = Channel::open(&**link.conn())?;
-    let version = ch.open_session(&open)?;
+    let caps = Caps::of(ch.open_session(&open)?);
     let (owners, position) = match ch.recv().map_err(peer_error)? {
         Message::Opened { owners, position } => (owners, position),
         other => return Err(ProtocolError::unexpected(&other, "Opened").into()),
     };
     let mut xattrs = Policy::none();
-    if version >= 5 {
+    if caps.xattrs {
         let can = match ch.recv().map_err(peer_error)? {
             Message::Keeps { can } => can,
             other => return Err(ProtocolError::unexpected(&other, "Keeps").into()),
@@ -123,12 +123,13 @@ fn handshake(link: &Link, opts: &SyncOptions, pulse: Arc<dyn Pulse>) -> Result<O
         ch.send(&Message::Keep { policy: xattrs })?;
         ch.flush()?;
     }
-    let beating = (version >= 2)
+    let beating = caps
+        .heartbeats
         .then(|| heartbeat::start(link.conn().clone(), pulse))
         .transpose()?;
     Ok(Opened {
         ch,
-        version,
+        caps,
         owners,
         position,
         xattrs,
@@ -141,8 +142,8 @@ fn warn_of_the_standby(o: &Opened) {
     if !o.owners {
         tracing::warn!("the standby does not run as root: owner and group are not preserved there");
     }
-    if o.version < 6 {
-        let version = o.version;
+    if !o.caps.shapes {
+        let version = o.caps.version;
         crate::tree::xattr::say_once(
             "a standby before protocol 6",
             &format!(
@@ -186,7 +187,7 @@ impl<'m> Session<'m> {
         warn_of_the_standby(&opened);
         let Opened {
             ch,
-            version,
+            caps,
             owners,
             position,
             xattrs,
@@ -198,7 +199,7 @@ impl<'m> Session<'m> {
                 root,
                 carry: Carry {
                     xattrs,
-                    holes: version >= 5,
+                    holes: caps.holes,
                 },
                 monitor,
                 next_id: AtomicU64::new(1),
@@ -213,10 +214,10 @@ impl<'m> Session<'m> {
                 remove_temps: false,
                 primary: true,
                 xattrs,
-                split_symlinks: version < 6,
+                split_symlinks: !caps.shapes,
             },
             ch,
-            version,
+            caps,
             owners,
             remote_total: 0,
             gate: None,
@@ -384,8 +385,8 @@ impl<'m> Session<'m> {
         let renamed = self.rename(renames)?;
         let normal = normalize_scopes(scopes);
         let whole = normal == [(RelPath::root(), Scope::Tree)];
-        if (whole && self.version >= 3)
-            || (self.version >= 4 && normal.iter().any(|(_, s)| *s == Scope::Tree))
+        if (whole && self.caps.walk)
+            || (self.caps.walk_scopes && normal.iter().any(|(_, s)| *s == Scope::Tree))
         {
             return self.reconcile_streamed(Scopes::new(&normal), renamed);
         }

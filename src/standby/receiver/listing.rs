@@ -7,7 +7,7 @@ use crate::model::manifest::{Entry, ScanError, Scope};
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
 use crate::tree::scan::{ScanOptions, scan_scopes};
-use crate::wire::protocol::{self, FrameWriter, Message, ProtocolError};
+use crate::wire::protocol::{self, Caps, FrameWriter, Message, ProtocolError};
 use std::io::{self, Write};
 
 /// Entries a walk hashes together, so small directories still keep every core busy.
@@ -31,7 +31,7 @@ fn entry_size(e: &Entry) -> usize {
 fn send_unit<W: Write>(
     w: &mut FrameWriter<W>,
     u: crate::tree::walk::Unit,
-    version: u16,
+    caps: Caps,
 ) -> Result<(), ProtocolError> {
     let mut parts: Vec<Vec<Entry>> = vec![Vec::new()];
     let mut size = 0;
@@ -44,7 +44,7 @@ fn send_unit<W: Write>(
         }
     }
     let mut errors: Vec<Vec<ScanError>> = u.errors.chunks(512).map(<[_]>::to_vec).collect();
-    let mut specials: Vec<Vec<crate::model::manifest::Special>> = if version >= 6 {
+    let mut specials: Vec<Vec<crate::model::manifest::Special>> = if caps.shapes {
         u.specials.chunks(512).map(<[_]>::to_vec).collect()
     } else {
         Vec::new()
@@ -58,7 +58,7 @@ fn send_unit<W: Write>(
         if let Some(m) = protocol::xattr_sums(std::iter::once(&u.dir).chain(&entries)) {
             w.send(&m)?;
         }
-        if version >= 6 {
+        if caps.shapes {
             if let Some(m) = protocol::shapes(std::iter::once(&u.dir).chain(&entries)) {
                 w.send(&m)?;
             }
@@ -81,12 +81,12 @@ fn send_unit<W: Write>(
 fn send_entries<W: Write>(
     w: &mut FrameWriter<W>,
     entries: Vec<Entry>,
-    version: u16,
+    caps: Caps,
 ) -> Result<(), ProtocolError> {
     if let Some(m) = protocol::xattr_sums(entries.iter()) {
         w.send(&m)?;
     }
-    if version >= 6
+    if caps.shapes
         && let Some(m) = protocol::shapes(entries.iter())
     {
         w.send(&m)?;
@@ -103,7 +103,7 @@ fn send_manifest<W: Write>(
     w: &mut FrameWriter<W>,
     m: crate::model::manifest::Manifest,
     temps_removed: u64,
-    version: u16,
+    caps: Caps,
 ) -> Result<(), ProtocolError> {
     let count = m.entries.len() as u64;
     let mut batch = Vec::new();
@@ -112,18 +112,18 @@ fn send_manifest<W: Write>(
         size += entry_size(&e);
         batch.push(e);
         if size >= LIST_BATCH_BYTES {
-            send_entries(w, std::mem::take(&mut batch), version)?;
+            send_entries(w, std::mem::take(&mut batch), caps)?;
             size = 0;
         }
     }
-    send_entries(w, batch, version)?;
+    send_entries(w, batch, caps)?;
     for chunk in m.errors.chunks(512) {
         w.send(&Message::Entries {
             entries: vec![],
             errors: chunk.to_vec(),
         })?;
     }
-    if version >= 6 {
+    if caps.shapes {
         for chunk in m.specials.chunks(512) {
             w.send(&Message::Specials {
                 specials: chunk.to_vec(),
@@ -155,7 +155,7 @@ impl StandbySession<'_> {
             .map_err(|e| ProtocolError::Invalid(format!("cannot scan the standby tree: {e}")))?,
             None => Default::default(),
         };
-        send_manifest(w, listing.manifest, listing.temps_removed, self.version)?;
+        send_manifest(w, listing.manifest, listing.temps_removed, self.caps)?;
         w.flush()
     }
 
@@ -177,7 +177,7 @@ impl StandbySession<'_> {
             while let Some(units) = walker.next_batch(batch).map_err(cannot)? {
                 for u in units {
                     count += 1 + u.entries.len() as u64;
-                    send_unit(w, u, self.version)?;
+                    send_unit(w, u, self.caps)?;
                 }
             }
             temps_removed = walker.temps_removed;
@@ -200,7 +200,7 @@ impl StandbySession<'_> {
             primary: false,
             xattrs: self.xattrs,
             // A primary before version 6 sees each symlink alone, as it always did.
-            split_symlinks: self.version < 6,
+            split_symlinks: !self.caps.shapes,
         }
     }
 }

@@ -30,7 +30,7 @@ use crate::standby::{Admission, Cut, Peer, SessionPulse, SessionReport, Standby}
 use crate::transport::{Connection, Stream};
 use crate::wire::channel::Channel;
 use crate::wire::heartbeat;
-use crate::wire::protocol::{self, ErrorCode, Message, ProtocolError, SessionMode};
+use crate::wire::protocol::{self, Caps, ErrorCode, Message, ProtocolError, SessionMode};
 use session::StandbySession;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,7 +73,7 @@ fn open<'s>(
     standby: &'s Standby,
     peer: Peer,
 ) -> Result<(Admission<'s>, StandbySession<'s>), Error> {
-    let version = ch.accept_session()?;
+    let caps = Caps::of(ch.accept_session()?);
     let (excludes, read_only, epoch) = match ch.recv()? {
         Message::Open {
             excludes,
@@ -110,14 +110,14 @@ fn open<'s>(
         owners: standby.owners(),
         position: standby.state().position,
     })?;
-    let xattrs = agree_xattrs(ch, standby, version)?;
+    let xattrs = agree_xattrs(ch, standby, caps)?;
     ch.flush()?;
     let session = StandbySession {
         standby,
         read_only,
         filter,
         xattrs,
-        version,
+        caps,
         generation: AtomicU64::new(0),
         entry: admission.entry.clone(),
         temps: if read_only { None } else { standby.temps() },
@@ -131,9 +131,9 @@ fn open<'s>(
 fn agree_xattrs(
     ch: &mut Channel,
     standby: &Standby,
-    version: u16,
+    caps: Caps,
 ) -> Result<crate::tree::xattr::Policy, ProtocolError> {
-    if version < 5 {
+    if !caps.xattrs {
         return Ok(crate::tree::xattr::Policy::none());
     }
     let can = standby.xattrs_can();

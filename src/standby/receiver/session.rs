@@ -8,7 +8,7 @@ use crate::model::path::RelPath;
 use crate::standby::{SessionEntry, Standby};
 use crate::tree::fsroot::{self, Root, set_meta_at, set_meta_fd};
 use crate::tree::xattr::Xattrs;
-use crate::wire::protocol::OpError;
+use crate::wire::protocol::{Caps, OpError};
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io;
@@ -27,7 +27,8 @@ pub(super) struct StandbySession<'s> {
     /// The extended attributes and ACLs this session mirrors.
     pub(super) xattrs: crate::tree::xattr::Policy,
     /// The protocol version the session speaks: what a listing may carry.
-    pub(super) version: u16,
+    /// What the session agreed it can do.
+    pub(super) caps: Caps,
     /// Bumped whenever directories may have been removed, so cached handles are dropped.
     pub(super) generation: AtomicU64,
     /// This session in the standby's registry (its counters are read live by `status`).
