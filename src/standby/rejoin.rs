@@ -80,12 +80,7 @@ impl Walk<'_> {
             if (rel.is_root() && name == RESERVED) || is_temp_name(&name) {
                 continue;
             }
-            let path = rel.join(&name).map_err(|e| {
-                io::Error::other(format!(
-                    "{rel}: {}",
-                    crate::model::path::unmirrorable(rel, &name, &e)
-                ))
-            })?;
+            let path = child_path(rel, &name)?;
             let st = match rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(Errno::NOENT) => continue,
@@ -212,18 +207,23 @@ fn ensure_dir(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
     crate::tree::fsroot::open_subdir(at, name)
 }
 
+/// The path of `name` in the directory at `rel`, or why it cannot be one (too long).
+fn child_path(rel: &RelPath, name: &[u8]) -> io::Result<RelPath> {
+    rel.join(name).map_err(|e| {
+        io::Error::other(format!(
+            "{rel}: {}",
+            crate::model::path::unmirrorable(rel, name, &e)
+        ))
+    })
+}
+
 /// Every file and symlink under the keeping directory `dir` (at `rel`).
 fn list_kept(dir: BorrowedFd<'_>, rel: &RelPath, out: &mut Vec<Diverged>) -> io::Result<()> {
     for name in list_dir(dir)? {
         if (rel.is_root() && name == LIST) || is_temp_name(&name) {
             continue;
         }
-        let path = rel.join(&name).map_err(|e| {
-            io::Error::other(format!(
-                "{rel}: {}",
-                crate::model::path::unmirrorable(rel, &name, &e)
-            ))
-        })?;
+        let path = child_path(rel, &name)?;
         let st = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)?;
         let modified = crate::tree::fsroot::meta_of(&st).mtime;
         let kind = match FileType::from_raw_mode(st.st_mode) {

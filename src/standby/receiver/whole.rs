@@ -21,11 +21,8 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
         meta: Meta,
         size: u64,
     ) -> Result<Then, ProtocolError> {
-        check_writable(&path)?;
         let file = self.incoming(id, path, meta, size);
-        let res = receive_big(&mut self.dirs, self.r, &file)?;
-        self.stage(id, res);
-        Ok(Then::Commit)
+        self.whole(file, receive_big)
     }
 
     /// `SparseFile`: its extents follow; the file is staged with its holes.
@@ -36,10 +33,23 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
         meta: Meta,
         size: u64,
     ) -> Result<Then, ProtocolError> {
-        check_writable(&path)?;
         let file = self.incoming(id, path, meta, size);
-        let res = receive_sparse(&mut self.dirs, self.r, &file)?;
-        self.stage(id, res);
+        self.whole(file, receive_sparse)
+    }
+
+    /// A file sent whole, its bytes read by `receive`, then staged.
+    fn whole(
+        &mut self,
+        file: Incoming,
+        receive: impl FnOnce(
+            &mut Dirs,
+            &mut FrameReader<R>,
+            &Incoming,
+        ) -> Result<EntryResult, ProtocolError>,
+    ) -> Result<Then, ProtocolError> {
+        check_writable(&file.path)?;
+        let res = receive(&mut self.dirs, self.r, &file)?;
+        self.stage(file.id, res);
         Ok(Then::Commit)
     }
 }
