@@ -510,6 +510,24 @@ impl DirKeys {
 }
 
 impl Staged {
+    /// A symlink or a hard link staged as `temp` (a name in a directory), to become `name`
+    /// in `dir`: nothing to keep open, no bytes of its own.
+    pub(crate) fn named(
+        id: u64,
+        dir: Arc<OwnedFd>,
+        (temp_dir, temp): (Arc<OwnedFd>, Vec<u8>),
+        name: &[u8],
+    ) -> Staged {
+        Staged {
+            id,
+            dir,
+            temp: Temp::Named(temp_dir, temp),
+            name: name.to_vec(),
+            file: None,
+            bytes: 0,
+        }
+    }
+
     /// Removes the temp (a failed or abandoned operation); an unnamed file goes with its
     /// descriptor.
     pub(crate) fn discard(&self) {

@@ -442,35 +442,4 @@ mod tests {
         assert!(super::signable(delta::MAX_BASE_CHUNKS * chunk, chunk));
         assert!(!super::signable(delta::MAX_BASE_CHUNKS * chunk + 1, chunk));
     }
-
-    #[test]
-    fn both_kinds_of_delta_are_one_head() {
-        let (id, path, meta, size, chunk, chunks) = (1, path("f"), meta(0o600, 1), 10, 1 << 18, 1);
-        let plain = Message::Delta {
-            id,
-            path: path.clone(),
-            meta,
-            size,
-            chunk,
-            chunks,
-        };
-        let sparse = Message::SparseDelta {
-            id,
-            path,
-            meta,
-            size,
-            chunk,
-            chunks,
-        };
-        let (a, b) = (
-            super::DeltaHead::try_from(plain).unwrap(),
-            super::DeltaHead::try_from(sparse).unwrap(),
-        );
-        assert!(!a.chunking.sparse && b.chunking.sparse);
-        assert_eq!((a.id, &a.path, a.size), (b.id, &b.path, b.size));
-        assert_eq!(
-            super::DeltaHead::try_from(Message::Close).unwrap_err(),
-            Message::Close
-        );
-    }
 }

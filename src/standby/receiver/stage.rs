@@ -111,14 +111,7 @@ pub(super) fn stage_symlink(
         let _ = rustix::fs::unlinkat(&*temp_dir, temp.as_slice(), AtFlags::empty());
         return Err(e);
     }
-    Ok(Staged {
-        id,
-        dir,
-        temp: Temp::Named(temp_dir, temp),
-        name: name.to_vec(),
-        file: None,
-        bytes: 0,
-    })
+    Ok(Staged::named(id, dir, (temp_dir, temp), name))
 }
 
 /// Stages another name for the regular file or symlink `target`. A symlink is linked
@@ -153,14 +146,7 @@ pub(super) fn stage_link(
             Err(e) => return Err(e.into()),
         }
     };
-    Ok(Staged {
-        id,
-        dir,
-        temp: Temp::Named(temp_dir, temp),
-        name: name.to_vec(),
-        file: None,
-        bytes: 0,
-    })
+    Ok(Staged::named(id, dir, (temp_dir, temp), name))
 }
 
 /// A temp being written for the entry `name` of `dir` (see [`crate::tree::atomic::Temp`]).
