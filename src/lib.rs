@@ -80,7 +80,7 @@ pub fn verify(
     src: &Path,
     target: &Target,
     excludes: &[String],
-    xattrs: tree::xattr::Policy,
+    xattrs: model::xattrs::Policy,
 ) -> Result<model::compare::Report> {
     let root = Arc::new(tree::operand::open_source(src)?);
     if let Target::Local(dest) = target {

@@ -4,7 +4,6 @@
 
 use crate::error::{Error, Result};
 use crate::standby::{Access, Peer, Standby};
-pub use crate::transport::dest::{DestError, DestKind, quic_address};
 use crate::transport::identity::{Identity, NodeId};
 use crate::transport::{self, Connection, Dialer};
 use std::path::PathBuf;

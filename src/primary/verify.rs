@@ -20,7 +20,7 @@ pub(crate) fn verify(
     link: Link,
     excludes: &[String],
     hash_rate: u64,
-    xattrs: crate::tree::xattr::Policy,
+    xattrs: crate::model::xattrs::Policy,
 ) -> Result<Report, Error> {
     let started = Instant::now();
     let opts = SyncOptions {

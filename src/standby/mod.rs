@@ -74,7 +74,7 @@ pub struct Standby {
     /// Told of what happens to the tree (a `serve --json` prints it).
     events: std::sync::OnceLock<EventSink>,
     /// The attribute namespaces this tree can store, found at the first session.
-    xattrs: std::sync::OnceLock<crate::tree::xattr::Policy>,
+    xattrs: std::sync::OnceLock<crate::model::xattrs::Policy>,
     /// How batches are made durable here, found at the first session.
     durability: std::sync::OnceLock<crate::tree::atomic::Durability>,
 }
@@ -187,10 +187,10 @@ impl Standby {
     /// The extended attributes and ACLs this tree can store, tried once on a scratch file
     /// in it. A tree that cannot be written now is taken to store what its privileges
     /// allow; one whose filesystem has no attributes is said so once.
-    pub(crate) fn xattrs_can(&self) -> crate::tree::xattr::Policy {
+    pub(crate) fn xattrs_can(&self) -> crate::model::xattrs::Policy {
         *self.xattrs.get_or_init(|| {
             let root = rustix::process::geteuid().is_root();
-            let guess = crate::tree::xattr::Policy {
+            let guess = crate::model::xattrs::Policy {
                 user: true,
                 trusted: root,
                 security: root,

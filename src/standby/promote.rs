@@ -142,7 +142,7 @@ impl Standby {
         // to decide the primary is gone).
         let alive = writers.iter().find(|w| {
             let heard = w.heard.lock().unwrap().last;
-            heard.is_some_and(|t| now.duration_since(t) < 2 * crate::wire::heartbeat::INTERVAL)
+            heard.is_some_and(|t| now.duration_since(t) < 2 * crate::model::liveness::INTERVAL)
         });
         match alive {
             Some(w) => Err(Error::Refused(format!(

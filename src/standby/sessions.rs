@@ -3,10 +3,12 @@
 //! epoch). What ended sessions leave behind is kept per primary for the status view.
 
 use super::{Access, Position, Standby};
+use crate::error::ErrorCode;
 use crate::model::epoch::{Decision, TreeState};
+use crate::model::liveness::silence;
 use crate::transport::identity::NodeId;
-use crate::wire::heartbeat::{Pulse, silence};
-use crate::wire::protocol::{ErrorCode, Heartbeat};
+use crate::wire::heartbeat::Pulse;
+use crate::wire::protocol::Heartbeat;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -416,7 +418,7 @@ impl Pulse for SessionPulse<'_> {
         silence(
             last.unwrap_or(self.entry.started),
             now,
-            crate::wire::heartbeat::IDLE,
+            crate::model::liveness::IDLE,
             "the primary",
         )
     }

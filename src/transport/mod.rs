@@ -4,7 +4,7 @@
 //! form, [`dialer`]) and an [`Acceptor`] on the standby; neither the primary's link nor
 //! the standby's server knows which transport it drives.
 
-pub(crate) mod dest;
+pub mod dest;
 pub mod identity;
 pub(crate) mod local;
 pub mod quic;

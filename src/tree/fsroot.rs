@@ -280,8 +280,8 @@ pub(crate) fn set_meta_fd(
 
 /// The extended attributes an entry gets, and the namespaces they replace.
 pub(crate) type XattrsTo<'a> = (
-    &'a crate::tree::xattr::Xattrs,
-    &'a crate::tree::xattr::Policy,
+    &'a crate::model::xattrs::Xattrs,
+    &'a crate::model::xattrs::Policy,
 );
 
 /// Applies metadata to `name` in `dir` without following it if it is a symlink.

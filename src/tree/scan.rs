@@ -7,7 +7,7 @@ use crate::model::filter::Filter;
 use crate::model::manifest::{
     Entry, Hash, Kind, Manifest, Meta, ScanError, Scope, Special, SpecialKind,
 };
-pub use crate::model::manifest::{RESERVED_AREA, RESERVED_TEMP, Skipped};
+use crate::model::manifest::{RESERVED_AREA, RESERVED_TEMP, Skipped};
 use crate::model::path::{RESERVED, RelPath, is_temp_name};
 use crate::tree::fsroot::{Root, changed, link_key, meta_of, shape_of};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -32,7 +32,7 @@ pub(crate) struct ScanOptions {
     pub primary: bool,
     /// The extended attributes and ACLs read with each entry (their digest goes in
     /// `Meta::xattrs`); none are read when it keeps nothing.
-    pub xattrs: crate::tree::xattr::Policy,
+    pub xattrs: crate::model::xattrs::Policy,
     /// Leave symlinks out of hard-link groups: each is its own inode (for a standby older
     /// than protocol 6, which can neither report nor make a symlink with several names).
     pub split_symlinks: bool,

@@ -4,7 +4,7 @@
 //! A hole reads as zeros, so content digests do not change: a chunk that lies in a hole
 //! has the digest of a chunk of zeros, which is computed once, not read.
 
-pub use crate::model::holes::{denser, slack, sparse};
+use crate::model::holes::sparse;
 use rustix::fs::SeekFrom;
 use rustix::io::Errno;
 use std::io;

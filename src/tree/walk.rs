@@ -6,7 +6,7 @@
 //! [`Unit`] (its own entry and its children) comes before the units of its subdirectories,
 //! and [`walk_cmp`] is that order on paths.
 
-pub use crate::model::listing::{Unit, walk_cmp, walk_key};
+use crate::model::listing::Unit;
 use crate::model::manifest::{Entry, ScanError, Scope, normalize_scopes};
 use crate::model::path::{RESERVED, RelPath, is_temp_name};
 use crate::tree::fsroot::Root;
@@ -418,6 +418,7 @@ pub(crate) fn find_names(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::listing::walk_cmp;
     use crate::model::manifest::Kind;
 
     fn p(s: &str) -> RelPath {

@@ -15,9 +15,7 @@ use rustix::io::Errno;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-pub use crate::model::xattrs::{
-    MAX_COUNT, MAX_NAME, MAX_TOTAL, MAX_VALUE, Policy, Sum, Xattr, Xattrs,
-};
+use crate::model::xattrs::{Policy, Xattr, Xattrs};
 
 impl Policy {
     /// What a primary asks for: attributes unless `no_xattrs`, ACLs unless `no_acls`.
@@ -296,6 +294,7 @@ pub(crate) fn probe(fd: BorrowedFd<'_>) -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::xattrs::{MAX_COUNT, MAX_VALUE, Sum};
 
     fn x(name: &str, value: &[u8]) -> Xattr {
         Xattr {

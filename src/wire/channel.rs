@@ -2,8 +2,9 @@
 //! session handshake that opens the control stream. Like mini-redis's `Connection`, it owns
 //! the buffers; its halves are public so an acknowledgement reader can run beside a sender.
 
+use crate::error::ProtocolError;
 use crate::transport::{Connection, SendHalf, Stream};
-use crate::wire::protocol::{FrameReader, FrameWriter, Message, ProtocolError};
+use crate::wire::protocol::{FrameReader, FrameWriter, Message};
 use std::io::Read;
 
 pub(crate) type Reader = FrameReader<Box<dyn Read + Send>>;

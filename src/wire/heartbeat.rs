@@ -6,7 +6,7 @@
 //! are decided by a [`Pulse`] (pure logic, tested with explicit time); this module only
 //! carries the beats.
 
-pub use crate::model::liveness::{IDLE, INTERVAL, silence};
+use crate::model::liveness::{IDLE, INTERVAL, silence};
 use crate::transport::Connection;
 use crate::wire::channel::{Channel, Reader, Writer};
 use crate::wire::protocol::{Heartbeat, Message};
@@ -111,7 +111,7 @@ impl Drop for Beating {
 pub(crate) fn start(
     conn: Arc<dyn Connection>,
     pulse: Arc<dyn Pulse>,
-) -> Result<Beating, crate::wire::protocol::ProtocolError> {
+) -> Result<Beating, crate::error::ProtocolError> {
     let mut ch = Channel::open(&*conn)?;
     // The first beat opens the stream on the standby's side, so it knows what it is.
     ch.send(&Message::Heartbeat(pulse.beat(Instant::now())))?;
@@ -122,12 +122,12 @@ pub(crate) fn start(
     std::thread::Builder::new()
         .name("hotsync-heard".into())
         .spawn(move || hear_beats(&mut r, &*hearing))
-        .map_err(crate::wire::protocol::ProtocolError::Io)?;
+        .map_err(crate::error::ProtocolError::Io)?;
     let stop2 = stop.clone();
     let writer = std::thread::Builder::new()
         .name("hotsync-beat".into())
         .spawn(move || send_beats(&mut w, &*pulse, &*conn, &stop2))
-        .map_err(crate::wire::protocol::ProtocolError::Io)?;
+        .map_err(crate::error::ProtocolError::Io)?;
     Ok(Beating {
         stop,
         writer: Some(writer),

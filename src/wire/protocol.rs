@@ -16,9 +16,9 @@
 //! and stays fixed, so a peer of another protocol version still reaches the greeting and
 //! is told exactly which versions differ.
 
-pub use crate::error::{ErrorCode, OpError, ProtocolError};
+use crate::error::{ErrorCode, OpError, ProtocolError};
 use crate::model::epoch::Position;
-pub use crate::model::manifest::SMALL_FILE;
+use crate::model::manifest::SMALL_FILE;
 use crate::model::manifest::{Entry, Hash, Meta, MetaTarget, ScanError, Scope, Shape, Special};
 use crate::model::path::RelPath;
 use crate::model::status::Space;

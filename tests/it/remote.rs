@@ -378,11 +378,11 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
     });
     // Extended attributes beyond what the session keeps, beyond the bounds, or before an
     // operation that takes none: each ends the session before anything is set.
-    let attr = |name: &[u8], value: Vec<u8>| hotsync::tree::xattr::Xattr {
+    let attr = |name: &[u8], value: Vec<u8>| hotsync::model::xattrs::Xattr {
         name: name.to_vec(),
         value,
     };
-    let too_many = (0..=hotsync::tree::xattr::MAX_COUNT)
+    let too_many = (0..=hotsync::model::xattrs::MAX_COUNT)
         .map(|i| attr(format!("user.{i:05}").as_bytes(), vec![]))
         .collect();
     for (attrs, then_mkdir) in [
@@ -391,7 +391,7 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
         (
             vec![attr(
                 b"user.big",
-                vec![0; hotsync::tree::xattr::MAX_VALUE + 1],
+                vec![0; hotsync::model::xattrs::MAX_VALUE + 1],
             )],
             false,
         ),
@@ -400,7 +400,7 @@ fn hostile_frames_are_rejected_and_the_standby_stays_up() {
         h.session(false, |_, w| {
             let path = hotsync::model::path::RelPath::new("attrs.txt").unwrap();
             w.send(&Message::Xattrs {
-                attrs: hotsync::tree::xattr::Xattrs(attrs),
+                attrs: hotsync::model::xattrs::Xattrs(attrs),
             })
             .unwrap();
             if then_mkdir {

@@ -16,8 +16,8 @@ use args::{Cli, Command, Common, Monitoring, ServeArgs, SyncArgs, VerifyArgs, Wa
 use bars::Bars;
 use clap::{CommandFactory, FromArgMatches};
 use hotsync::ops::control::Control;
-use hotsync::primary::link::DestKind;
 use hotsync::primary::replicate::{Watch, WatchOptions};
+use hotsync::transport::dest::DestKind;
 use hotsync::transport::identity::{self, NodeId};
 use hotsync::{Monitor, SyncOptions, Target};
 use report::{print_plan, print_report, summary_line};
@@ -258,7 +258,7 @@ fn sync_options(c: &Common, dry_run: bool) -> SyncOptions {
         dry_run,
         excludes: c.exclude.clone(),
         max_delete_percent: c.max_delete,
-        xattrs: hotsync::tree::xattr::Policy::wanted(c.fidelity.no_xattrs, c.fidelity.no_acls),
+        xattrs: hotsync::model::xattrs::Policy::wanted(c.fidelity.no_xattrs, c.fidelity.no_acls),
         ..SyncOptions::default()
     }
 }
@@ -559,7 +559,7 @@ fn verify_one(
 ) -> anyhow::Result<(u8, Option<serde_json::Value>)> {
     let src = args::tree_and_standbys("verify", &args.src, &args.dest)?;
     let xattrs =
-        hotsync::tree::xattr::Policy::wanted(args.fidelity.no_xattrs, args.fidelity.no_acls);
+        hotsync::model::xattrs::Policy::wanted(args.fidelity.no_xattrs, args.fidelity.no_acls);
     let check = || hotsync::verify(src, target, &args.exclude, xattrs);
     let before = check()?;
     if !args.repair || before.identical {

@@ -12,8 +12,9 @@
 //! directory.
 
 use super::batcher::Hint;
+use crate::model::listing::walk_key;
 use crate::model::path::{RESERVED, RelPath, is_temp_name};
-use crate::tree::walk::{Gate, walk_key};
+use crate::tree::walk::Gate;
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{AtFlags, FileType};
 use rustix::io::Errno;

@@ -2,9 +2,9 @@
 //! [`AckBook`] does no I/O: the streams record in it what they send and what the standby
 //! answers, and act on what it tells them (count, report, send again).
 
+use crate::error::{OpError, ProtocolError};
 use crate::model::path::RelPath;
 use crate::model::summary::{EntryError, Summary};
-use crate::wire::protocol::{OpError, ProtocolError};
 use std::collections::HashMap;
 
 /// What an operation in flight was, to account for its acknowledgement.

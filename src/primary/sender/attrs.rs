@@ -5,11 +5,13 @@
 use super::acks::{Exchange, Op};
 use super::exec::Exec;
 use super::read::{ReadError, read_error, xattrs_of};
+use crate::error::ProtocolError;
 use crate::model::path::RelPath;
 use crate::model::plan::MetaFix;
-use crate::tree::xattr::{At, Policy, Xattrs};
+use crate::model::xattrs::{Policy, Xattrs};
+use crate::tree::xattr::At;
 use crate::wire::channel::Writer;
-use crate::wire::protocol::{Message, ProtocolError};
+use crate::wire::protocol::Message;
 use std::os::fd::AsFd;
 
 /// What goes with each entry besides its content, as agreed when the session opened.

@@ -3,8 +3,9 @@
 
 use super::exec::Exec;
 use super::read::{Problem, read_range};
+use crate::error::ProtocolError;
 use crate::wire::channel::Writer;
-use crate::wire::protocol::{Message, ProtocolError};
+use crate::wire::protocol::Message;
 
 impl Exec<'_> {
     /// Sends the data of `f` (of `size` bytes) as `Extent`s, each followed by its bytes. A

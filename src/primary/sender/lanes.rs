@@ -5,9 +5,10 @@
 use super::acks::Exchange;
 use super::exec::Exec;
 use crate::error::Error;
+use crate::error::ProtocolError;
 use crate::model::plan::{MetaFix, SymlinkOp, Transfer};
 use crate::wire::channel::{Channel, Writer};
-use crate::wire::protocol::{Message, ProtocolError};
+use crate::wire::protocol::Message;
 
 /// Operations a lane leaves unacknowledged at most. Past it, the lane asks the standby to
 /// commit and waits: what is in flight (and remembered) stays bounded however fast small

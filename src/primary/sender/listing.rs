@@ -3,13 +3,14 @@
 
 use super::session::peer_error;
 use crate::error::Error;
+use crate::error::ProtocolError;
 use crate::model::manifest::{Manifest, Scope, Special, normalize_scopes};
 use crate::model::path::RelPath;
 use crate::model::progress::Monitor;
 use crate::tree::fsroot::Root;
 use crate::tree::scan::{ScanOptions, ScanOutcome, scan_scopes};
 use crate::wire::channel::{Channel, Reader};
-use crate::wire::protocol::{Message, ProtocolError};
+use crate::wire::protocol::Message;
 
 /// Lists `scopes` on both sides at once, over the control stream: the primary's scan, the
 /// standby's manifest, and the leftover temporary files its listing removed.

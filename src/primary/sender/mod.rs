@@ -76,7 +76,7 @@ pub struct SyncOptions {
     /// The epoch this primary writes in (its tree's, see [`crate::primary`]).
     pub epoch: u64,
     /// The extended attributes and ACLs to mirror (what the standby can store of them).
-    pub xattrs: crate::tree::xattr::Policy,
+    pub xattrs: crate::model::xattrs::Policy,
 }
 
 impl Default for SyncOptions {
@@ -93,7 +93,7 @@ impl Default for SyncOptions {
             on_mass_delete: MassDelete::Refuse,
             hash_rate: 0,
             epoch: 1,
-            xattrs: crate::tree::xattr::Policy::wanted(false, false),
+            xattrs: crate::model::xattrs::Policy::wanted(false, false),
         }
     }
 }

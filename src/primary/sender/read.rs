@@ -2,11 +2,13 @@
 //! shrink, grow or be rewritten while it is read, and each reader says which, so that the
 //! caller skips it, reports it, or sends it again.
 
+use crate::error::ProtocolError;
 use crate::model::delta::ReadAt;
+use crate::model::manifest::SMALL_FILE;
 use crate::model::path::RelPath;
+use crate::model::xattrs::{Policy, Xattrs};
 use crate::tree::fsroot::{Root, changed};
-use crate::tree::xattr::{At, Policy, Xattrs};
-use crate::wire::protocol::{ProtocolError, SMALL_FILE};
+use crate::tree::xattr::At;
 use rustix::io::Errno;
 use std::io::{self, Read};
 use std::os::fd::AsFd;
@@ -129,14 +131,14 @@ pub(super) fn read_small(
 /// The attributes of `at` that `policy` keeps, if they fit what one entry may carry.
 pub(super) fn xattrs_of(at: At<'_>, policy: &Policy) -> io::Result<Xattrs> {
     let x = crate::tree::xattr::read(at, policy)?;
-    if x.0.len() > crate::tree::xattr::MAX_COUNT || x.bytes() > crate::tree::xattr::MAX_TOTAL {
+    if x.0.len() > crate::model::xattrs::MAX_COUNT || x.bytes() > crate::model::xattrs::MAX_TOTAL {
         return Err(io::Error::other(format!(
             "{} extended attributes of {} bytes are more than hotsync mirrors \
              ({} and {} bytes at most)",
             x.0.len(),
             x.bytes(),
-            crate::tree::xattr::MAX_COUNT,
-            crate::tree::xattr::MAX_TOTAL
+            crate::model::xattrs::MAX_COUNT,
+            crate::model::xattrs::MAX_TOTAL
         )));
     }
     Ok(x)

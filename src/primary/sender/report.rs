@@ -1,11 +1,11 @@
 //! What a reconcile reports beside its operations' outcomes: the entries it does not
 //! mirror, the primary's read errors, and what a dry run would have done.
 
+use crate::model::manifest::Skipped;
 use crate::model::manifest::{ScanError, Special};
 use crate::model::path::RelPath;
 use crate::model::plan::Plan;
 use crate::model::summary::{EntryError, Summary};
-use crate::tree::scan::Skipped;
 use std::collections::HashSet;
 use std::sync::Mutex;
 

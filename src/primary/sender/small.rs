@@ -5,10 +5,11 @@ use super::acks::{Exchange, Op};
 use super::attrs::send_xattrs;
 use super::exec::Exec;
 use super::read::{ReadError, read_small};
+use crate::error::ProtocolError;
 use crate::model::plan::{SymlinkOp, Transfer};
 use crate::tree::fsroot::meta_of;
 use crate::wire::channel::Writer;
-use crate::wire::protocol::{Message, ProtocolError};
+use crate::wire::protocol::Message;
 
 impl Exec<'_> {
     /// Sends the small file `t` as operation `id` of exchange `x`, its bytes read into

@@ -3,6 +3,7 @@
 //! fails (ask for a file again), a scripted standby speaking the protocol.
 
 use super::{Session, SyncOptions};
+use crate::error::{OpError, ProtocolError};
 use crate::model::manifest::Scope;
 use crate::model::path::RelPath;
 use crate::model::progress::Silent;
@@ -12,7 +13,7 @@ use crate::standby::{Access, Position};
 use crate::transport::Connection;
 use crate::tree::fsroot::Root;
 use crate::wire::channel::Channel;
-use crate::wire::protocol::{MAGIC, Message, OpError, ProtocolError};
+use crate::wire::protocol::{MAGIC, Message};
 use std::fs;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::sync::{Arc, Mutex};

@@ -5,6 +5,8 @@
 use super::listing::check_special;
 use super::session::{Session, peer_error};
 use crate::error::Error;
+use crate::error::ProtocolError;
+use crate::model::listing::{Unit, walk_cmp};
 use crate::model::manifest::Entry;
 use crate::model::merge::{Side, next_side};
 use crate::model::path::RelPath;
@@ -12,9 +14,9 @@ use crate::model::progress::Monitor;
 use crate::transport::Connection;
 use crate::tree::fsroot::Root;
 use crate::tree::scan::ScanOptions;
-use crate::tree::walk::{Gate, Scopes, Unit, Walker, walk_cmp};
+use crate::tree::walk::{Gate, Scopes, Walker};
 use crate::wire::channel::Channel;
-use crate::wire::protocol::{Message, ProtocolError};
+use crate::wire::protocol::Message;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
@@ -244,7 +246,7 @@ struct WalkCheck {
     last_dir: Option<RelPath>,
     count: u64,
     /// The attribute digests for the next `Dir`.
-    sums: Option<Vec<(u32, crate::tree::xattr::Sum)>>,
+    sums: Option<Vec<(u32, crate::model::xattrs::Sum)>>,
     /// The shapes for the next `Dir`.
     shapes: Option<Vec<(u32, crate::model::manifest::Shape)>>,
     /// Special files for the next `Dir`.

@@ -9,14 +9,13 @@ use super::session::{Dirs, op_error, reason};
 use super::sparse::Holes;
 use super::stage::{EntryResult, Incoming, TempSink, TempTarget};
 use super::whole::file_end;
+use crate::error::{OpError, ProtocolError};
 use crate::model::delta::{self, COARSE_HASH_LEN, DeltaSink, MAX_CHUNKS, ReadAt, chunk_size};
 use crate::model::manifest::Hash;
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
 use crate::tree::fsroot;
-use crate::wire::protocol::{
-    Chunking, DeltaHead, FrameReader, FrameWriter, Message, OpError, ProtocolError,
-};
+use crate::wire::protocol::{Chunking, DeltaHead, FrameReader, FrameWriter, Message};
 use rustix::fs::{FileType, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
@@ -296,11 +295,12 @@ impl DeltaSink for TempSink {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{Primary, end_stream, meta, path};
+    use crate::error::OpError;
     use crate::model::delta::{
         self, BaseSignature, DeltaEncoder, chunk_size, coarse_wire, hash_chunks,
     };
     use crate::model::manifest::Hash;
-    use crate::wire::protocol::{Message, OpError, SessionMode};
+    use crate::wire::protocol::{Message, SessionMode};
 
     fn pseudo_random(n: usize, mut x: u64) -> Vec<u8> {
         (0..n)

@@ -3,11 +3,12 @@
 //! of its own), sent in messages well under the frame limit.
 
 use super::session::StandbySession;
+use crate::error::ProtocolError;
 use crate::model::manifest::{Entry, ScanError, Scope};
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
 use crate::tree::scan::{ScanOptions, scan_scopes};
-use crate::wire::protocol::{self, Caps, FrameWriter, Message, ProtocolError};
+use crate::wire::protocol::{self, Caps, FrameWriter, Message};
 use std::io::{self, Write};
 
 /// Entries a walk hashes together, so small directories still keep every core busy.
@@ -30,7 +31,7 @@ fn entry_size(e: &Entry) -> usize {
 /// preceded by the shapes of its entries and the directory's special files.
 fn send_unit<W: Write>(
     w: &mut FrameWriter<W>,
-    u: crate::tree::walk::Unit,
+    u: crate::model::listing::Unit,
     caps: Caps,
 ) -> Result<(), ProtocolError> {
     let mut parts: Vec<Vec<Entry>> = vec![Vec::new()];

@@ -25,12 +25,13 @@ mod tree;
 mod whole;
 
 use crate::error::Error;
+use crate::error::{ErrorCode, ProtocolError};
 use crate::model::filter::Filter;
 use crate::standby::{Admission, Cut, Peer, SessionPulse, SessionReport, Standby};
 use crate::transport::{Connection, Stream};
 use crate::wire::channel::Channel;
 use crate::wire::heartbeat;
-use crate::wire::protocol::{self, Caps, ErrorCode, Message, ProtocolError, SessionMode};
+use crate::wire::protocol::{self, Caps, Message, SessionMode};
 use session::StandbySession;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -132,9 +133,9 @@ fn agree_xattrs(
     ch: &mut Channel,
     standby: &Standby,
     caps: Caps,
-) -> Result<crate::tree::xattr::Policy, ProtocolError> {
+) -> Result<crate::model::xattrs::Policy, ProtocolError> {
     if !caps.xattrs {
-        return Ok(crate::tree::xattr::Policy::none());
+        return Ok(crate::model::xattrs::Policy::none());
     }
     let can = standby.xattrs_can();
     ch.send(&Message::Keeps { can })?;

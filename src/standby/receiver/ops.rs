@@ -5,14 +5,15 @@
 
 use super::session::{Attrs, Dirs, StandbySession};
 use super::stage::Incoming;
+use crate::error::{OpError, ProtocolError};
 use crate::model::manifest::Meta;
 use crate::model::path::RelPath;
 use crate::model::status::Space;
+use crate::model::xattrs::Xattrs;
 use crate::transport::SendHalf;
 use crate::tree::atomic::{CommitGroup, CommitResult, Staged};
-use crate::tree::xattr::Xattrs;
 use crate::wire::protocol::DeltaHead;
-use crate::wire::protocol::{FrameReader, FrameWriter, Message, OpError, ProtocolError};
+use crate::wire::protocol::{FrameReader, FrameWriter, Message};
 use std::io::{Read, Write};
 use std::sync::atomic::Ordering;
 
@@ -316,7 +317,8 @@ fn send_acks<W: Write>(
 mod tests {
     use super::super::testing::{Primary, meta, path};
     use crate::error::Error;
-    use crate::wire::protocol::{Message, ProtocolError, SessionMode};
+    use crate::error::ProtocolError;
+    use crate::wire::protocol::{Message, SessionMode};
 
     #[test]
     fn writing_into_the_reserved_area_ends_the_session_with_a_protocol_error() {

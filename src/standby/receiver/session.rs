@@ -2,13 +2,14 @@
 //! opened, and what every operation needs (attributes to set, cached directory handles,
 //! where temps are made, how a failure with one entry is told to the primary).
 
+use crate::error::OpError;
 use crate::model::filter::Filter;
 use crate::model::manifest::Meta;
 use crate::model::path::RelPath;
+use crate::model::xattrs::Xattrs;
 use crate::standby::{SessionEntry, Standby};
 use crate::tree::fsroot::{self, Root, set_meta_at, set_meta_fd};
-use crate::tree::xattr::Xattrs;
-use crate::wire::protocol::{Caps, OpError};
+use crate::wire::protocol::Caps;
 use rustix::io::Errno;
 use std::collections::HashMap;
 use std::io;
@@ -25,7 +26,7 @@ pub(super) struct StandbySession<'s> {
     /// What the session leaves alone (the primary's excludes).
     pub(super) filter: Filter,
     /// The extended attributes and ACLs this session mirrors.
-    pub(super) xattrs: crate::tree::xattr::Policy,
+    pub(super) xattrs: crate::model::xattrs::Policy,
     /// The protocol version the session speaks: what a listing may carry.
     /// What the session agreed it can do.
     pub(super) caps: Caps,

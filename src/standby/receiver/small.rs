@@ -4,10 +4,11 @@
 use super::ops::{Ops, Then, check_writable};
 use super::session::op_error;
 use super::stage::stage_bytes;
+use crate::error::ProtocolError;
 use crate::model::manifest::Meta;
+use crate::model::manifest::SMALL_FILE;
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
-use crate::wire::protocol::{ProtocolError, SMALL_FILE};
 use std::io::Read;
 
 impl<R: Read, W: SendHalf> Ops<'_, R, W> {

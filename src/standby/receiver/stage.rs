@@ -5,11 +5,12 @@
 
 use super::session::{Attrs, Dirs, StandbySession, op_error};
 use super::sparse::Holes;
+use crate::error::{OpError, ProtocolError};
 use crate::model::manifest::Hash;
 use crate::model::path::RelPath;
 use crate::tree::atomic::{NewTemp, Staged, Temp};
 use crate::tree::fsroot;
-use crate::wire::protocol::{FrameReader, OpError, ProtocolError};
+use crate::wire::protocol::FrameReader;
 use rustix::fs::{AtFlags, FileType, Mode};
 use rustix::io::Errno;
 use std::fs::File;

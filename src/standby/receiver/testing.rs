@@ -3,13 +3,14 @@
 //! message by message.
 
 use crate::error::Error;
+use crate::error::OpError;
 use crate::model::manifest::{Meta, Mtime};
 use crate::model::path::RelPath;
 use crate::standby::{Access, Peer, SessionReport, Standby};
 use crate::transport::Connection;
 use crate::transport::local::{self, LocalConnection};
 use crate::wire::channel::Channel;
-use crate::wire::protocol::{Message, OpError, SessionMode};
+use crate::wire::protocol::{Message, SessionMode};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -48,7 +49,7 @@ impl Primary {
         if version >= 5 {
             assert!(matches!(ctrl.recv().unwrap(), Message::Keeps { .. }));
             ctrl.send(&Message::Keep {
-                policy: crate::tree::xattr::Policy::none(),
+                policy: crate::model::xattrs::Policy::none(),
             })
             .unwrap();
             ctrl.flush().unwrap();

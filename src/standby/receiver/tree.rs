@@ -5,12 +5,12 @@
 use super::ops::{Ops, Then, check_writable};
 use super::session::{Attrs, op_error};
 use super::stage::{stage_link, stage_symlink};
+use crate::error::ProtocolError;
 use crate::model::manifest::{Meta, MetaTarget};
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
 use crate::tree::atomic::Touched;
 use crate::tree::fsroot::remove_tree;
-use crate::wire::protocol::ProtocolError;
 use rustix::fs::{AtFlags, FileType, Mode};
 use rustix::io::Errno;
 use std::io::{self, Read};

@@ -6,10 +6,11 @@
 use super::ops::{Ops, Then, check_writable};
 use super::session::Dirs;
 use super::stage::{EntryResult, Incoming, TempSink};
+use crate::error::ProtocolError;
 use crate::model::manifest::{Hash, Meta};
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
-use crate::wire::protocol::{FrameReader, Message, ProtocolError};
+use crate::wire::protocol::{FrameReader, Message};
 use std::io::Read;
 
 impl<R: Read, W: SendHalf> Ops<'_, R, W> {
@@ -213,7 +214,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                crate::Error::Protocol(crate::wire::protocol::ProtocolError::Invalid(_))
+                crate::Error::Protocol(crate::error::ProtocolError::Invalid(_))
             ),
             "{e}"
         );
