@@ -18,6 +18,8 @@ pub struct Mtime {
 }
 
 /// Attributes the mirror preserves. `mode` holds the permission bits (`0o7777`) only.
+/// Its serde form is the whole value, for this process's own spill files; on the wire a
+/// `Meta` travels as `wire::record` writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Meta {
     pub mode: u32,
@@ -27,12 +29,11 @@ pub struct Meta {
     /// Digest of the extended attributes and ACLs the session keeps ([`crate::tree::xattr`]),
     /// zeros for none. It never travels inside `Meta`: a version 5 peer sends it beside
     /// the entries, and the values themselves beside each operation.
-    #[serde(skip)]
     pub xattrs: crate::model::xattrs::Sum,
 }
 
 /// The type of an entry and what its content is compared by.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
     /// A regular file; `hash` is present only when the scan was asked to hash content.
     File {
@@ -42,7 +43,6 @@ pub enum Kind {
     Dir,
     /// A symbolic link, stored verbatim and never followed.
     Symlink {
-        #[serde(with = "crate::model::bytes")]
         target: Vec<u8>,
     },
 }
@@ -67,14 +67,13 @@ pub struct Shape {
     pub blocks: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub path: RelPath,
     pub kind: Kind,
     pub meta: Meta,
     /// Set for regular files and symlinks whose link count is above one.
     pub link: Option<LinkKey>,
-    #[serde(skip)]
     pub shape: Shape,
 }
 

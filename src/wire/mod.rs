@@ -4,3 +4,4 @@
 pub mod channel;
 pub mod heartbeat;
 pub mod protocol;
+pub(crate) mod record;

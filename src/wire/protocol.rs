@@ -97,6 +97,7 @@ pub enum Message {
     },
     /// A batch of the standby's manifest.
     Entries {
+        #[serde(with = "super::record::entries")]
         entries: Vec<Entry>,
         errors: Vec<ScanError>,
     },
@@ -123,6 +124,7 @@ pub enum Message {
     SetMeta {
         id: u64,
         path: RelPath,
+        #[serde(with = "super::record::meta")]
         meta: Meta,
         target: MetaTarget,
     },
@@ -131,6 +133,7 @@ pub enum Message {
         path: RelPath,
         #[serde(with = "crate::model::bytes")]
         target: Vec<u8>,
+        #[serde(with = "super::record::meta")]
         meta: Meta,
     },
     /// Rename `from` to `to` on the standby (a rename on the primary, not re-sent as data).
@@ -151,6 +154,7 @@ pub enum Message {
     SmallFile {
         id: u64,
         path: RelPath,
+        #[serde(with = "super::record::meta")]
         meta: Meta,
         len: u64,
     },
@@ -158,6 +162,7 @@ pub enum Message {
     BigFile {
         id: u64,
         path: RelPath,
+        #[serde(with = "super::record::meta")]
         meta: Meta,
         size: u64,
     },
@@ -166,6 +171,7 @@ pub enum Message {
     Delta {
         id: u64,
         path: RelPath,
+        #[serde(with = "super::record::meta")]
         meta: Meta,
         size: u64,
         chunk: u64,
@@ -222,7 +228,9 @@ pub enum Message {
     /// One directory of the standby's walk: the directory and its children, sorted by
     /// name. A large directory comes in parts: `more` says another part follows.
     Dir {
+        #[serde(with = "super::record::entry")]
         dir: Entry,
+        #[serde(with = "super::record::entries")]
         entries: Vec<Entry>,
         errors: Vec<ScanError>,
         more: bool,
@@ -263,6 +271,7 @@ pub enum Message {
     SparseFile {
         id: u64,
         path: RelPath,
+        #[serde(with = "super::record::meta")]
         meta: Meta,
         size: u64,
     },
@@ -271,6 +280,7 @@ pub enum Message {
     SparseDelta {
         id: u64,
         path: RelPath,
+        #[serde(with = "super::record::meta")]
         meta: Meta,
         size: u64,
         chunk: u64,
@@ -1024,6 +1034,20 @@ mod tests {
         r.read_raw(&mut raw).unwrap();
         assert_eq!(&raw, b"raw");
         assert!(r.recv_opt().unwrap().is_none());
+    }
+
+    /// The encoding is the protocol: a change to any type a message carries (the engine's
+    /// or the wire's) that alters these bytes breaks every peer of the same version.
+    #[test]
+    fn encoding_is_unchanged() {
+        let mut wire = Vec::new();
+        for m in samples() {
+            encode(&m, &mut wire).unwrap();
+        }
+        assert_eq!(
+            blake3::hash(&wire).to_hex().as_str(),
+            "1136bee9d919d7076fa897644a07912051adfd33f212497f3164585e83d39193"
+        );
     }
 
     #[test]
