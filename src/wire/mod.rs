@@ -2,6 +2,7 @@
 //! transport stream, and the heartbeat stream. Imports the model and the transport seam.
 
 pub mod channel;
+pub(crate) mod handshake;
 pub mod heartbeat;
 pub mod protocol;
 pub(crate) mod record;

@@ -24,6 +24,7 @@ use crate::tree::fsroot::Root;
 use crate::tree::scan::{ScanOptions, ScanOutcome};
 use crate::tree::walk::{Gate, Scopes};
 use crate::wire::channel::Channel;
+use crate::wire::handshake::{self, Hello, Welcome};
 use crate::wire::heartbeat::{self, Beating, Pulse};
 use crate::wire::protocol::{Caps, Message, SessionMode};
 use std::sync::Arc;
@@ -98,7 +99,7 @@ struct Opened {
 /// The primary's side of the handshake on a new control stream of `link`: the session is
 /// opened as `opts` say, the attributes to mirror agreed, and the heartbeat started.
 fn handshake(link: &Link, opts: &SyncOptions, pulse: Arc<dyn Pulse>) -> Result<Opened, Error> {
-    let open = Message::Open {
+    let hello = Hello {
         excludes: opts.excludes.clone(),
         mode: if opts.dry_run {
             SessionMode::ReadOnly
@@ -108,22 +109,16 @@ fn handshake(link: &Link, opts: &SyncOptions, pulse: Arc<dyn Pulse>) -> Result<O
         epoch: opts.epoch,
     };
     let mut ch = Channel::open(&**link.conn())?;
-    let caps = Caps::of(ch.open_session(&open)?);
-    let (owners, position) = match ch.recv().map_err(peer_error)? {
-        Message::Opened { owners, position } => (owners, position),
-        other => return Err(ProtocolError::unexpected(&other, "Opened").into()),
-    };
-    let mut xattrs = Policy::none();
-    if caps.xattrs {
-        let can = match ch.recv().map_err(peer_error)? {
-            Message::Keeps { can } => can,
-            other => return Err(ProtocolError::unexpected(&other, "Keeps").into()),
-        };
-        xattrs = opts.xattrs.and(can);
-        say_once_what_the_standby_lacks(&opts.xattrs, &can);
-        ch.send(&Message::Keep { policy: xattrs })?;
-        ch.flush()?;
-    }
+    let agreed = handshake::open(&mut ch, &hello, |w| {
+        say_once_what_the_standby_lacks(&opts.xattrs, &w.can);
+        opts.xattrs
+    })
+    .map_err(peer_error)?;
+    let caps = agreed.caps;
+    let Welcome {
+        owners, position, ..
+    } = agreed.said;
+    let xattrs = agreed.xattrs;
     let beating = caps
         .heartbeats
         .then(|| heartbeat::start(link.conn().clone(), pulse))

@@ -30,8 +30,9 @@ use crate::model::filter::Filter;
 use crate::standby::{Admission, Cut, Peer, SessionPulse, SessionReport, Standby};
 use crate::transport::{Connection, Stream};
 use crate::wire::channel::Channel;
+use crate::wire::handshake::{self, Hello, NotAccepted, Refusal, Welcome};
 use crate::wire::heartbeat;
-use crate::wire::protocol::{self, Caps, Message, SessionMode};
+use crate::wire::protocol::{Caps, Message, SessionMode};
 use session::StandbySession;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -65,85 +66,58 @@ pub(crate) fn serve(
     }
 }
 
-/// Opens the session on the control stream `ch`: the primary's `Open`, admission by the
-/// standby (a refusal is told to the primary, then the connection is closed), `Opened`,
-/// and the extended attributes both sides keep.
+/// Opens the session on the control stream `ch` ([`handshake::accept`]): admission by the
+/// standby (a refusal is told to the primary, then the connection is closed), and the
+/// extended attributes both sides keep.
 fn open<'s>(
     conn: &Arc<dyn Connection>,
     ch: &mut Channel,
     standby: &'s Standby,
     peer: Peer,
 ) -> Result<(Admission<'s>, StandbySession<'s>), Error> {
-    let caps = Caps::of(ch.accept_session()?);
-    let (excludes, read_only, epoch) = match ch.recv()? {
-        Message::Open {
-            excludes,
-            mode,
-            epoch,
-        } => (excludes, mode == SessionMode::ReadOnly, epoch),
-        other => return Err(ProtocolError::unexpected(&other, "Open").into()),
+    let admit = |_caps: Caps, hello: &Hello| {
+        let filter = Filter::new(&hello.excludes).map_err(|e| Refusal {
+            code: ErrorCode::Refused,
+            message: e.to_string(),
+        })?;
+        let read_only = hello.mode == SessionMode::ReadOnly;
+        let cut: Cut = {
+            let conn = conn.clone();
+            Box::new(move |why: &str| conn.fence(why))
+        };
+        let admission = standby
+            .admit(peer, (!read_only).then_some(hello.epoch), cut)
+            .map_err(|r| Refusal {
+                code: r.code,
+                message: r.message,
+            })?;
+        let welcome = Welcome {
+            owners: standby.owners(),
+            position: standby.state().position,
+            can: standby.xattrs_can(),
+        };
+        Ok((welcome, (admission, filter)))
     };
-    let refuse = |ch: &mut Channel, code: ErrorCode, message: String| -> Error {
-        let _ = ch.send(&Message::Error {
-            code,
-            message: message.clone(),
-        });
-        let _ = ch.flush();
-        conn.refuse(code, &message);
-        Error::Refused(message)
-    };
-    if let Err(e) = protocol::check_excludes(&excludes) {
-        return Err(refuse(ch, ErrorCode::Invalid, e.to_string()));
-    }
-    let filter = match Filter::new(&excludes) {
-        Ok(f) => f,
-        Err(e) => return Err(refuse(ch, ErrorCode::Refused, e.to_string())),
-    };
-    let cut: Cut = {
-        let conn = conn.clone();
-        Box::new(move |why: &str| conn.fence(why))
-    };
-    let admission = match standby.admit(peer, (!read_only).then_some(epoch), cut) {
+    let (agreed, (admission, filter)) = match handshake::accept(ch, admit) {
         Ok(a) => a,
-        Err(r) => return Err(refuse(ch, r.code, r.message)),
+        Err(NotAccepted::Protocol(e)) => return Err(e.into()),
+        Err(NotAccepted::Refused(r)) => {
+            conn.refuse(r.code, &r.message);
+            return Err(Error::Refused(r.message));
+        }
     };
-    ch.send(&Message::Opened {
-        owners: standby.owners(),
-        position: standby.state().position,
-    })?;
-    let xattrs = agree_xattrs(ch, standby, caps)?;
-    ch.flush()?;
+    let read_only = agreed.said.mode == SessionMode::ReadOnly;
     let session = StandbySession {
         standby,
         read_only,
         filter,
-        xattrs,
-        caps,
+        xattrs: agreed.xattrs,
+        caps: agreed.caps,
         generation: AtomicU64::new(0),
         entry: admission.entry.clone(),
         temps: if read_only { None } else { standby.temps() },
     };
     Ok((admission, session))
-}
-
-/// The extended attributes the session keeps: what the primary asks of what this tree can
-/// store (none before version 5). Agreed before any other stream is accepted: every walk
-/// and write of the session keeps the same attributes.
-fn agree_xattrs(
-    ch: &mut Channel,
-    standby: &Standby,
-    caps: Caps,
-) -> Result<crate::model::xattrs::Policy, ProtocolError> {
-    if !caps.xattrs {
-        return Ok(crate::model::xattrs::Policy::none());
-    }
-    let can = standby.xattrs_can();
-    ch.send(&Message::Keeps { can })?;
-    ch.flush()?;
-    match ch.recv()? {
-        Message::Keep { policy } => Ok(policy.and(can)),
-        other => Err(ProtocolError::unexpected(&other, "Keep")),
-    }
 }
 
 /// Serves the session's streams, each on a thread of its own, until the control stream

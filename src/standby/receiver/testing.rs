@@ -6,10 +6,12 @@ use crate::error::Error;
 use crate::error::OpError;
 use crate::model::manifest::{Meta, Mtime};
 use crate::model::path::RelPath;
+use crate::model::xattrs::Policy;
 use crate::standby::{Access, Peer, SessionReport, Standby};
 use crate::transport::Connection;
 use crate::transport::local::{self, LocalConnection};
 use crate::wire::channel::Channel;
+use crate::wire::handshake::{self, Hello};
 use crate::wire::protocol::{Message, SessionMode};
 use std::path::Path;
 use std::sync::Arc;
@@ -39,21 +41,12 @@ impl Primary {
         let end: Arc<dyn Connection> = Arc::new(end);
         let served = std::thread::spawn(move || super::serve(end, &standby, Peer::local()));
         let mut ctrl = Channel::open(&conn).unwrap();
-        let open = Message::Open {
+        let hello = Hello {
             excludes: vec![],
             mode,
             epoch: 1,
         };
-        let version = ctrl.open_session(&open).unwrap();
-        assert!(matches!(ctrl.recv().unwrap(), Message::Opened { .. }));
-        if version >= 5 {
-            assert!(matches!(ctrl.recv().unwrap(), Message::Keeps { .. }));
-            ctrl.send(&Message::Keep {
-                policy: crate::model::xattrs::Policy::none(),
-            })
-            .unwrap();
-            ctrl.flush().unwrap();
-        }
+        handshake::open(&mut ctrl, &hello, |_| Policy::none()).unwrap();
         Primary {
             tree,
             conn,
