@@ -199,14 +199,14 @@ mod tests {
         }
     }
 
+    type Opened = Result<Agreed<Welcome>, ProtocolError>;
+    type Accepted = Result<(Agreed<Hello>, u8), NotAccepted>;
+
     /// Both sides of the exchange, each on its own thread, over the in-process pair.
     fn run(
         hello: Hello,
         admit: impl FnOnce(Caps, &Hello) -> Result<(Welcome, u8), Refusal> + Send + 'static,
-    ) -> (
-        Result<Agreed<Welcome>, ProtocolError>,
-        Result<(Agreed<Hello>, u8), NotAccepted>,
-    ) {
+    ) -> (Opened, Accepted) {
         let (primary, standby) = local::pair();
         let accepting = std::thread::spawn(move || {
             let mut ch = Channel::new(standby.accept().unwrap().unwrap());
