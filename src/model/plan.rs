@@ -100,6 +100,17 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The operations a window of a streamed reconcile carries out as it goes (clears,
+    /// directories, transfers, symlinks, attribute fixes); links, deletions and directory
+    /// attributes wait for the end.
+    pub(crate) fn op_count(&self) -> usize {
+        self.clear.len()
+            + self.mkdirs.len()
+            + self.transfers.len()
+            + self.symlinks.len()
+            + self.metas.len()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.clear.is_empty()
             && self.mkdirs.is_empty()

@@ -297,9 +297,9 @@ pub struct Bound {
 /// Binds the metrics endpoint's address.
 ///
 /// # Errors
-/// [`crate::Error::Usage`] when `addr` is not an address or cannot be bound, saying which.
-pub fn bind(addr: &str) -> crate::Result<Bound> {
-    let bad = |e: String| crate::Error::Usage(format!("--metrics {addr}: {e}"));
+/// [`crate::error::Error::Usage`] when `addr` is not an address or cannot be bound, saying which.
+pub fn bind(addr: &str) -> crate::error::Result<Bound> {
+    let bad = |e: String| crate::error::Error::Usage(format!("--metrics {addr}: {e}"));
     let sock = std::net::ToSocketAddrs::to_socket_addrs(addr)
         .ok()
         .and_then(|mut a| a.next())
@@ -319,8 +319,8 @@ impl Bound {
     ///
     /// # Errors
     /// The runtime or its thread could not be started.
-    pub fn serve(self, control: Arc<dyn Control>) -> crate::Result<MetricsServer> {
-        let io = |e| crate::Error::io("cannot start the metrics endpoint", e);
+    pub fn serve(self, control: Arc<dyn Control>) -> crate::error::Result<MetricsServer> {
+        let io = |e| crate::error::Error::io("cannot start the metrics endpoint", e);
         self.listener.set_nonblocking(true).map_err(io)?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

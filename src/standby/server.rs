@@ -51,12 +51,16 @@ impl Serving {
 }
 
 impl Control for Serving {
-    fn promote(&self, force: bool) -> crate::Result<serde_json::Value> {
+    fn promote(&self, force: bool) -> crate::error::Result<serde_json::Value> {
         let r = self.standby.promote(force, Some(self.node_id))?;
         serde_json::to_value(r).map_err(|e| Error::Usage(e.to_string()))
     }
 
-    fn rejoin(&self, excludes: &[String], if_fenced: bool) -> crate::Result<serde_json::Value> {
+    fn rejoin(
+        &self,
+        excludes: &[String],
+        if_fenced: bool,
+    ) -> crate::error::Result<serde_json::Value> {
         let r = self.standby.rejoin(excludes, if_fenced)?;
         serde_json::to_value(r).map_err(|e| Error::Usage(e.to_string()))
     }

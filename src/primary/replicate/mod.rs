@@ -285,7 +285,11 @@ impl crate::ops::control::Control for Watch {
 
     /// Places a barrier in the source's hints (it comes after every change reported
     /// before it), then waits until the quorum has everything seen before the barrier.
-    fn flush(&self, quorum: Option<usize>, timeout: Duration) -> crate::Result<serde_json::Value> {
+    fn flush(
+        &self,
+        quorum: Option<usize>,
+        timeout: Duration,
+    ) -> crate::error::Result<serde_json::Value> {
         let started = Instant::now();
         // A watch still starting (or paused on its source) gets until the timeout.
         let source = loop {

@@ -14,15 +14,6 @@ use crate::wire::channel::Writer;
 use crate::wire::protocol::Message;
 use std::os::fd::AsFd;
 
-/// What goes with each entry besides its content, as agreed when the session opened.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Carry {
-    /// The extended attributes and ACLs sent with each entry.
-    pub xattrs: Policy,
-    /// Files with holes go as `SparseFile` and `SparseDelta` (the standby speaks 5).
-    pub holes: bool,
-}
-
 /// Sends the attributes of the entry the next message writes; none need no message.
 pub(super) fn send_xattrs(w: &mut Writer, x: Xattrs) -> Result<(), ProtocolError> {
     if x.is_empty() {

@@ -5,9 +5,9 @@
 
 use super::acks::{Op, Settled};
 use super::attrs::send_xattrs;
+use super::ends::peer_error;
 use super::exec::Exec;
 use super::read::{Problem, ReadError, read_error, read_through, xattrs_of};
-use super::session::peer_error;
 use super::whole::read_one_ack;
 use crate::error::Error;
 use crate::error::{OpError, ProtocolError};

@@ -5,12 +5,12 @@
 
 use super::SyncOptions;
 use super::acks::{AckBook, Exchange, Settled, Verdict};
-use super::lanes::LaneItem;
-use super::session::{Ends, peer_error};
+use super::ends::{Ends, peer_error};
 use crate::error::Error;
 use crate::error::ProtocolError;
 use crate::model::manifest::Manifest;
 use crate::model::path::RelPath;
+use crate::model::plan::{MetaFix, SymlinkOp};
 use crate::model::plan::{Method, Plan, Transfer};
 use crate::model::summary::Summary;
 use crate::transport::Connection;
@@ -255,4 +255,12 @@ impl<'c> FirstFailure<'c> {
             None => Ok(()),
         }
     }
+}
+
+/// One item a lane carries.
+#[derive(Clone, Copy)]
+pub(super) enum LaneItem<'p> {
+    File(&'p Transfer),
+    Symlink(&'p SymlinkOp),
+    Meta(&'p MetaFix),
 }

@@ -3,10 +3,9 @@
 //! a lane's items in batches; the lane bounds how many wait for it.
 
 use super::acks::Exchange;
-use super::exec::Exec;
+use super::exec::{Exec, LaneItem};
 use crate::error::Error;
 use crate::error::ProtocolError;
-use crate::model::plan::{MetaFix, SymlinkOp, Transfer};
 use crate::wire::channel::{Channel, Writer};
 use crate::wire::protocol::Message;
 
@@ -14,14 +13,6 @@ use crate::wire::protocol::Message;
 /// commit and waits: what is in flight (and remembered) stays bounded however fast small
 /// files are read, not just by the transport's buffers.
 const LANE_IN_FLIGHT: usize = 4 * crate::tree::atomic::BATCH_FILES;
-
-/// One item a lane carries.
-#[derive(Clone, Copy)]
-pub(super) enum LaneItem<'p> {
-    File(&'p Transfer),
-    Symlink(&'p SymlinkOp),
-    Meta(&'p MetaFix),
-}
 
 /// A lane being fed: where its items go, and what the standby holds of them uncommitted.
 pub(super) struct LaneFeed<'f> {

@@ -8,7 +8,7 @@ use super::hard_links::{LinkSearch, complete_links};
 use super::listing::with_parents;
 use super::mass_delete::Removals;
 use super::report::{count_planned, note_problems};
-use super::session::Session;
+use super::session::{Listed, Session};
 use crate::error::Error;
 use crate::model::manifest::{Entry, Manifest, Scope};
 use crate::model::path::RelPath;
@@ -16,19 +16,6 @@ use crate::model::plan::{self, Plan};
 use crate::model::summary::Summary;
 use crate::tree::scan::ScanOutcome;
 use crate::tree::walk::Scopes;
-use std::time::Instant;
-
-/// A listed reconcile to run.
-pub(super) struct Listed<'a> {
-    pub scopes: &'a [(RelPath, Scope)],
-    /// It covers the whole tree.
-    pub full: bool,
-    /// Renames applied just before, for the summary.
-    pub renamed: u64,
-    /// When it started (the renames included), and the bytes carried by then.
-    pub started: Instant,
-    pub wire_before: u64,
-}
 
 impl Session<'_> {
     /// Reconciles what `run` covers, with the parent directories of each scope.

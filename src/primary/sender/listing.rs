@@ -1,7 +1,7 @@
 //! Listing both sides at once over the control stream: the primary scans its tree while
 //! the standby's manifest arrives, checked as it comes.
 
-use super::session::peer_error;
+use super::ends::peer_error;
 use crate::error::Error;
 use crate::error::ProtocolError;
 use crate::model::manifest::{Manifest, Scope, Special, normalize_scopes};

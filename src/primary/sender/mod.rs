@@ -27,6 +27,7 @@ use std::time::Instant;
 mod acks;
 mod attrs;
 mod deltas;
+mod ends;
 mod exec;
 mod extents;
 mod hard_links;

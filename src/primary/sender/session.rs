@@ -2,12 +2,13 @@
 //! partial reconciles, repair, listing, close), and the choice of reconcile: walked
 //! ([`super::streamed`]) or listed ([`super::listed`]).
 
-use super::attrs::{Carry, say_once_what_the_standby_lacks};
+use super::attrs::say_once_what_the_standby_lacks;
+use super::ends::{Carry, Ends, peer_error};
 use super::exec::Exec;
 use super::mass_delete::DeleteGuard;
 use super::{Early, Outcome, SyncOptions};
 use crate::error::Error;
-use crate::error::{ErrorCode, ProtocolError};
+use crate::error::ProtocolError;
 use crate::model::filter::Filter;
 use crate::model::guard::{self, Absences};
 use crate::model::manifest::{Manifest, Scope, normalize_scopes};
@@ -19,7 +20,6 @@ use crate::model::summary::Summary;
 use crate::model::xattrs::Policy;
 use crate::primary::link::Link;
 use crate::standby::Position;
-use crate::transport::Connection;
 use crate::tree::fsroot::Root;
 use crate::tree::scan::{ScanOptions, ScanOutcome};
 use crate::tree::walk::{Gate, Scopes};
@@ -28,30 +28,8 @@ use crate::wire::handshake::{self, Hello, Welcome};
 use crate::wire::heartbeat::{self, Beating, Pulse};
 use crate::wire::protocol::{Caps, Message, SessionMode};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
-
-/// The two ends a plan goes between, the primary's tree and the link to the standby, with
-/// what every operation on that link shares.
-pub(super) struct Ends<'m> {
-    pub link: Link,
-    pub root: Arc<Root>,
-    /// What goes with each entry besides its content.
-    pub carry: Carry,
-    pub monitor: &'m dyn Monitor,
-    next_id: AtomicU64,
-}
-
-impl Ends<'_> {
-    pub(super) fn conn(&self) -> &dyn Connection {
-        &**self.link.conn()
-    }
-
-    /// A new operation id, unique in the session.
-    pub(super) fn id(&self) -> u64 {
-        self.next_id.fetch_add(1, Ordering::Relaxed)
-    }
-}
 
 /// One session with a standby over one connection: a full reconcile, any number of partial
 /// ones (watch mode: only the paths that changed), then `close`. It owns its link: dropping
@@ -386,7 +364,7 @@ impl<'m> Session<'m> {
         {
             return self.reconcile_streamed(Scopes::new(&normal), renamed);
         }
-        self.reconcile_listed(super::listed::Listed {
+        self.reconcile_listed(Listed {
             scopes,
             full,
             renamed,
@@ -414,19 +392,14 @@ fn close_session(ch: &mut Channel) -> Result<(), ProtocolError> {
     Ok(())
 }
 
-/// The error a broken exchange with the standby means: its coded refusals as what they
-/// say (fenced, split brain, its own failure), anything else as a protocol error.
-pub(super) fn peer_error(e: ProtocolError) -> Error {
-    match e {
-        ProtocolError::Peer {
-            code: ErrorCode::StaleEpoch,
-            message,
-        } => Error::Fenced(message),
-        ProtocolError::Peer {
-            code: ErrorCode::SplitBrain,
-            message,
-        } => Error::SplitBrain(message),
-        ProtocolError::Peer { message, .. } => Error::Standby(message),
-        other => other.into(),
-    }
+/// A listed reconcile to run.
+pub(super) struct Listed<'a> {
+    pub scopes: &'a [(RelPath, Scope)],
+    /// It covers the whole tree.
+    pub full: bool,
+    /// Renames applied just before, for the summary.
+    pub renamed: u64,
+    /// When it started (the renames included), and the bytes carried by then.
+    pub started: Instant,
+    pub wire_before: u64,
 }

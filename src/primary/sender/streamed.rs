@@ -500,11 +500,11 @@ impl<'a> Window<'a> {
     /// Adds `part`, and hands the window on when it is full (waiting for the executor) or
     /// has waited long enough (if the executor is idle). False when the executor stopped.
     fn add(&mut self, part: Plan, dry: &mut Dry<'_>) -> bool {
-        if ops(&self.plan) == 0 {
+        if self.plan.op_count() == 0 {
             self.since = Instant::now();
         }
         append(&mut self.plan, part);
-        let n = ops(&self.plan);
+        let n = self.plan.op_count();
         let full = n >= WINDOW_OPS || self.plan.transfer_bytes() >= WINDOW_BYTES;
         let aged = n > 0 && self.since.elapsed() >= WINDOW_AGE;
         !(full || aged) || self.hand_on(dry, full)
@@ -551,7 +551,7 @@ struct Dry<'a> {
 
 impl Dry<'_> {
     fn show(&mut self, part: Plan) {
-        if ops(&part) == 0
+        if part.op_count() == 0
             && part.links.is_empty()
             && part.deletes.is_empty()
             && part.dir_metas.is_empty()
@@ -580,11 +580,6 @@ fn spill_error(e: io::Error) -> Error {
         "cannot keep the reconcile's pending work in the temporary directory",
         e,
     )
-}
-
-/// Operations in a window.
-pub(super) fn ops(p: &Plan) -> usize {
-    p.clear.len() + p.mkdirs.len() + p.transfers.len() + p.symlinks.len() + p.metas.len()
 }
 
 /// Adds `more` to `into`, in order.

@@ -2,8 +2,9 @@
 //! walk here, the standby's arriving on a stream of its own and checked as it comes. The
 //! caller gets each directory once, from either side or both.
 
+use super::ends::peer_error;
 use super::listing::check_special;
-use super::session::{Session, peer_error};
+use super::session::Session;
 use crate::error::Error;
 use crate::error::ProtocolError;
 use crate::model::listing::{Unit, walk_cmp};

@@ -4,8 +4,8 @@
 //! before its files start. Changes a watch sees meanwhile, in the part of the tree the walk
 //! has passed, are copied early between windows.
 
+use super::exec::LaneItem;
 use super::exec::{Exec, FirstFailure};
-use super::lanes::LaneItem;
 use super::listing::{list_both, with_parents};
 use super::{Early, SyncOptions};
 use crate::error::Error;
@@ -142,7 +142,7 @@ impl Exec<'_> {
             self.prepare(&window, ch)?;
             tracing::debug!(
                 "window of {} operations: {} directories made in {} ms",
-                super::streamed::ops(&window),
+                window.op_count(),
                 window.mkdirs.len(),
                 t.elapsed().as_millis()
             );

@@ -214,7 +214,7 @@ mod tests {
         assert!(
             matches!(
                 e,
-                crate::Error::Protocol(crate::error::ProtocolError::Invalid(_))
+                crate::error::Error::Protocol(crate::error::ProtocolError::Invalid(_))
             ),
             "{e}"
         );
