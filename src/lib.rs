@@ -4,7 +4,7 @@
 //! difference (pure), then a [`primary::sender`] drives the plan through the
 //! [`wire::protocol`] to a [`standby::receiver`], which writes each file atomically and
 //! durably ([`tree::atomic`]). A local DEST runs the receiver in-process over
-//! [`transport::local`], the same bytes QUIC carries for a remote one; a
+//! `transport::local`, the same bytes QUIC carries for a remote one; a
 //! [`primary::link`] is either.
 //!
 //! The layers, bottom up; each imports only from those below it:
@@ -40,7 +40,7 @@ use std::sync::Arc;
 /// # Errors
 /// [`Error::Usage`] for a bad SRC or DEST, [`Error::SourceEmpty`] for an empty SRC facing a
 /// standby that is not (nothing is touched), and the connection's errors (see
-/// [`primary::link::Connector::connect`]). A plan whose deletions the mass-delete guard refuses is
+/// `primary::link::Connector::connect`). A plan whose deletions the mass-delete guard refuses is
 /// carried out but for them, and returned: its summary's `refused` says why.
 pub fn sync(
     src: &Path,

@@ -9,7 +9,7 @@
 //!    output of `fast_rsync::diff`, run window by window against the fine signature, with its
 //!    copy offsets translated back to base offsets.
 //! 4. The receiver applies the ops with bounds checks, reading the base with `pread`, and
-//!    accepts the result only if its [`ChunkedHasher`] digest equals the sender's.
+//!    accepts the result only if its `ChunkedHasher` digest equals the sender's.
 //!
 //! Memory stays bounded by the window size and the signatures, never the file size.
 

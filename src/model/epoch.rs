@@ -1,9 +1,9 @@
 //! Roles and epochs of a tree, as pure rules. Each tree keeps a [`TreeState`] in
 //! `.hotsync/state`: whether this node is the tree's primary or a standby, the epoch (one
 //! more at every promotion), and the history of epochs with the position last acknowledged
-//! in each. From these follow who may write whom ([`admit`]), what a promotion and a rejoin
+//! in each. From these follow who may write whom (`admit`), what a promotion and a rejoin
 //! record, and which files a former primary changed after its standby last confirmed
-//! them ([`Divergence`]).
+//! them (`Divergence`).
 
 use crate::error::{Error, ErrorCode, Result};
 use serde::{Deserialize, Serialize};

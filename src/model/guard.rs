@@ -6,7 +6,7 @@
 //! continuity is not established (a disk that went away looks exactly like a tree whose
 //! files were removed). Deletions a running watch saw happen, and scans of a root it has
 //! watched without a gap since a reconcile the guard let through, are ordinary work
-//! ([`Absences`], [`Continuity`]). Entries the standby holds with another type than the
+//! ([`Absences`], `Continuity`). Entries the standby holds with another type than the
 //! primary's are not absences: the primary has them, so they are replaced, never guarded.
 
 use crate::error::Error;

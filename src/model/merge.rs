@@ -2,7 +2,7 @@
 //! time ([`crate::tree::walk`]), so a reconcile of millions of files holds only the directories
 //! it is comparing. No I/O here: units in, operations out.
 //!
-//! Each directory is planned with [`plan::plan`] over its children. What cannot be decided
+//! Each directory is planned with `plan::plan` over its children. What cannot be decided
 //! there is carried, in memory that grows only with what it needs:
 //! - removals: a standby directory that goes is counted as the rest of its walk streams
 //!   in (the mass-delete guard needs the whole count), and its deletion is handed back to

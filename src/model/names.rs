@@ -1,7 +1,7 @@
 //! The primary's files and symlinks with several names, by inode: what a partial reconcile
 //! (a watch's batch, a repair) needs to plan a link group whose other names lie outside the
 //! paths it looks at. `ln a b` shows the watcher only `b`; that `a` is the same inode is
-//! known here, or found by a search of the tree ([`crate::tree::walk::find_names`]).
+//! known here, or found by a search of the tree (`crate::tree::walk::find_names`).
 //!
 //! Only inodes with more than one name are held, as the streamed reconcile holds them to
 //! plan their links, and the index is rebuilt by every full reconcile. No I/O here.

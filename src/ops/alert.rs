@@ -1,9 +1,9 @@
 //! Alerts without Prometheus: conditions judged on the status snapshot (lag above
 //! `--alert-lag`, free space below `--alert-free`, a standby disconnected or full, a verify
-//! that found differences), each fired once when it has held for [`HOLD`] and resolved once
+//! that found differences), each fired once when it has held for `HOLD` and resolved once
 //! when it has been clear as long, so a value hovering at a threshold does not flap. A
 //! transition runs the `--on-alert` program (never through a shell); its failure is logged
-//! and never stops replication. The judging ([`Alerts::evaluate`]) is pure.
+//! and never stops replication. The judging (`Alerts::evaluate`) is pure.
 
 use crate::model::epoch::Role;
 use crate::model::status::{AlertStatus, Instance, ReplicaState, Thresholds};

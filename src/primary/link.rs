@@ -1,6 +1,6 @@
 //! How the primary reaches one standby: a local directory served by an in-process receiver,
-//! or a `hotsync serve` through a transport's [`Dialer`]. Either way the engine gets a
-//! [`Link`] that owns the connection; the [`Connector`] holds what every new link needs.
+//! or a `hotsync serve` through a transport's `Dialer`. Either way the engine gets a
+//! [`Link`] that owns the connection; the `Connector` holds what every new link needs.
 
 use crate::error::{Error, Result};
 use crate::standby::{Access, Peer, Standby};
@@ -119,7 +119,7 @@ impl Connector {
 }
 
 /// One connection to a standby, owned. Dropping it aborts the connection unless the session
-/// on it ended cleanly ([`Link::closed_cleanly`]), and waits for a local receiver to finish.
+/// on it ended cleanly (`Link::closed_cleanly`), and waits for a local receiver to finish.
 pub struct Link {
     conn: Arc<dyn Connection>,
     receiver: Option<std::thread::JoinHandle<()>>,

@@ -1,7 +1,7 @@
 //! Byte transports between a primary and a standby. The engine sees only [`Connection`]
 //! and [`Stream`]: the in-process pipe of a local DEST and QUIC carry the same bytes.
-//! A transport plugs in at two seams: a [`Dialer`] on the primary (chosen by the DEST's
-//! form, [`dialer`]) and an [`Acceptor`] on the standby; neither the primary's link nor
+//! A transport plugs in at two seams: a `Dialer` on the primary (chosen by the DEST's
+//! form, `dialer`) and an [`Acceptor`] on the standby; neither the primary's link nor
 //! the standby's server knows which transport it drives.
 
 pub mod dest;

@@ -599,7 +599,7 @@ const UNNAMED_FDS: u64 = 16_384;
 /// beside its target (`O_TMPFILE`: its blocks and inode where the target's go, no name a
 /// user's could collide with, nothing left by a crash) and keeps no name until its batch
 /// commits, when it is linked at its name (or, to replace an entry, named in the area
-/// and renamed over it: see [`put_in_place`]). Symlinks and hard links, and files where
+/// and renamed over it: see `put_in_place`). Symlinks and hard links, and files where
 /// unnamed ones cannot be made, are named in the area `.hotsync/tmp/`. Where a directory
 /// is on another filesystem than the area (a mount point inside the tree), a rename
 /// cannot reach it from there: its temps are named beside their targets instead, under

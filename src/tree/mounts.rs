@@ -1,8 +1,8 @@
 //! The filesystems mounted at or beneath a source root, from `/proc/self/mountinfo`. A disk
 //! unmounted from inside the tree leaves its mount point empty, and the watcher's re-scan of
-//! it would take that for deletions; a running watch asks [`Mounts::changed`] before each
+//! it would take that for deletions; a running watch asks `Mounts::changed` before each
 //! scan, and judges a source whose mounts changed as a new one (see
-//! [`crate::model::guard::Continuity`]).
+//! `crate::model::guard::Continuity`).
 
 use std::collections::BTreeSet;
 use std::io::{self, Read, Seek};

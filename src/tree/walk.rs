@@ -4,7 +4,7 @@
 //!
 //! The order is depth first, each directory's names sorted by their bytes: a directory's
 //! [`Unit`] (its own entry and its children) comes before the units of its subdirectories,
-//! and [`walk_cmp`] is that order on paths.
+//! and `walk_cmp` is that order on paths.
 
 use crate::model::listing::Unit;
 use crate::model::manifest::{Entry, ScanError, Scope, normalize_scopes};

@@ -3,7 +3,7 @@
 //! Linux keeps ACLs (`system.posix_acl_access`, `system.posix_acl_default`), file
 //! capabilities (`security.capability`) and SELinux labels (`security.selinux`) as extended
 //! attributes, so one mechanism carries them all. A scan reads them with the entry and
-//! keeps only a digest ([`Sum`], in [`crate::model::manifest::Meta`]) for the quick check; the
+//! keeps only a digest (`Sum`, in [`crate::model::manifest::Meta`]) for the quick check; the
 //! sender reads the values again when it sends the entry, and the receiver sets exactly
 //! that set on the temp file before the rename, so a file never appears with the wrong ACL.
 //!

@@ -242,7 +242,7 @@ pub enum Message {
         temps_removed: u64,
     },
     /// Primary → standby, from version 4: as `Walk`, of the part of the tree `scopes` cover
-    /// ([`crate::tree::walk::Scopes`]): whole subtrees, single entries, and the directories
+    /// (`crate::tree::walk::Scopes`): whole subtrees, single entries, and the directories
     /// leading to them.
     WalkScopes {
         scopes: Vec<(RelPath, Scope)>,

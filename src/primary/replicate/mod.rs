@@ -2,10 +2,10 @@
 //! one long-lived connection per standby, through restarts, bursts, renames and network
 //! loss.
 //!
-//! The [`Watch`] (the replicator) watches the source once and feeds every [`Replica`]: the
+//! The [`Watch`] (the replicator) watches the source once and feeds every `Replica`: the
 //! watcher's events are hints ([`batcher`]); each replica's batches re-examine the paths
 //! they name on both sides, so a lost or odd event costs a re-scan, never a wrong copy.
-//! Each replica is a pure state machine ([`machine`]) run by its own thread: when its
+//! Each replica is a pure state machine (`machine`) run by its own thread: when its
 //! standby goes away, changes keep queueing (bounded), the connection is retried with
 //! backoff, and a full reconcile runs on return. A source root that disappears, is replaced
 //! (an unmounted disk) or empties pauses replication: nothing is ever deleted on the
