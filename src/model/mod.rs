@@ -22,4 +22,5 @@ pub mod plan;
 pub mod progress;
 pub mod status;
 pub mod summary;
+pub(crate) mod undo;
 pub mod xattrs;

@@ -11,5 +11,6 @@ pub mod scan;
 pub mod snapshot;
 pub mod sparse;
 pub mod spill;
+pub(crate) mod undo;
 pub mod walk;
 pub mod xattr;
