@@ -427,17 +427,9 @@ pub(crate) fn put_xattr_sums<'a>(
     sums: Vec<(u32, Sum)>,
     entries: impl Iterator<Item = &'a mut Entry>,
 ) -> Result<(), ProtocolError> {
-    let mut entries: Vec<&mut Entry> = entries.collect();
-    for (i, sum) in sums {
-        let Some(e) = entries.get_mut(i as usize) else {
-            return Err(ProtocolError::Invalid(format!(
-                "attribute digest for entry {i} of {}",
-                entries.len()
-            )));
-        };
-        e.meta.xattrs = sum;
-    }
-    Ok(())
+    put_by_index(sums, entries, "attribute digest", |e, sum| {
+        e.meta.xattrs = sum
+    })
 }
 
 /// The `Shapes` for `entries` (in the order a `Dir` or `Entries` carries them); `None` when
@@ -461,15 +453,26 @@ pub(crate) fn put_shapes<'a>(
     shapes: Vec<(u32, Shape)>,
     entries: impl Iterator<Item = &'a mut Entry>,
 ) -> Result<(), ProtocolError> {
+    put_by_index(shapes, entries, "shape", |e, shape| e.shape = shape)
+}
+
+/// Puts each `(index, value)` of a side message into the entry of that index, by `put`;
+/// an index past the entries is an error naming `what` was sent.
+fn put_by_index<'a, T>(
+    values: Vec<(u32, T)>,
+    entries: impl Iterator<Item = &'a mut Entry>,
+    what: &str,
+    put: impl Fn(&mut Entry, T),
+) -> Result<(), ProtocolError> {
     let mut entries: Vec<&mut Entry> = entries.collect();
-    for (i, shape) in shapes {
+    let n = entries.len();
+    for (i, v) in values {
         let Some(e) = entries.get_mut(i as usize) else {
             return Err(ProtocolError::Invalid(format!(
-                "shape for entry {i} of {}",
-                entries.len()
+                "{what} for entry {i} of {n}"
             )));
         };
-        e.shape = shape;
+        put(e, v);
     }
     Ok(())
 }
