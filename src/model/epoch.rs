@@ -70,8 +70,36 @@ pub struct TreeState {
     pub acked_before_ms: Option<u64>,
     /// A primary that a newer epoch took over: it must not write again before `rejoin`.
     pub fenced: Option<Fence>,
+    /// A standby: the last consistent point it holds (DESIGN §10), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent: Option<ConsistentPoint>,
     /// When this was written (RFC 3339).
     pub updated: String,
+}
+
+/// A consistent point: the standby's tree was the primary's tree as it stood at `at_ms`
+/// (the primary's clock, Unix milliseconds), once batch `position` was durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistentPoint {
+    pub position: Position,
+    pub at_ms: u64,
+}
+
+/// What a standby gives after a failover when its primary died between consistent points.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// The last consistent point: every change after it is kept in an undo log on the
+    /// standby and rolled back at `promote`.
+    Consistent,
+    /// Each file as fresh as it got (no undo log); the tree is said to be inconsistent
+    /// when changes came after the last consistent point. The default until a file that
+    /// only grows (a log appended every few milliseconds) no longer holds consistent
+    /// points back: until then `Consistent` would roll such a tree back further than its
+    /// replication lag.
+    #[default]
+    Latest,
 }
 
 /// The state file format this build writes and reads.
@@ -95,6 +123,7 @@ impl TreeState {
             position: Position { epoch: 1, seq: 0 },
             acked_before_ms: None,
             fenced: None,
+            consistent: None,
             updated: now,
         }
     }

@@ -138,6 +138,11 @@ pub struct ReplicaStatus {
     pub standby_full: bool,
     /// The protocol version of the current connection.
     pub protocol: Option<u16>,
+    /// How long ago the tree stood as the standby's last consistent point does (DESIGN
+    /// §10): what a failover to it loses. 0 while nothing changed since; `None` before the
+    /// standby holds one this process told it of.
+    #[serde(default)]
+    pub consistent_point_age_seconds: Option<f64>,
 }
 
 /// One primary, as its standby (`serve`) sees it.

@@ -50,6 +50,10 @@ pub(crate) enum Record {
     /// The modification time of the directory `path` before the window's first change of
     /// its entries: set again once everything after it is undone.
     DirTime { path: RelPath, mtime: Mtime },
+    /// A change at `path` that could not be kept (what it destroyed lay on another
+    /// filesystem than the undo area: a mount inside the tree). A roll-back past it cannot
+    /// give back the consistent point, and says so.
+    Unkept { path: RelPath },
 }
 
 /// An entry's attributes as they were, and how to put them back.

@@ -461,6 +461,7 @@ pub(crate) mod tests_support {
             }),
             standby_full: false,
             protocol: Some(2),
+            consistent_point_age_seconds: None,
         }
     }
 }

@@ -170,6 +170,10 @@ pub(crate) fn render(inst: &Instance, openmetrics: bool) -> String {
         "File content made durable on the standby by this process",
     );
     let reconnects = s.counter("reconnects", "Connections to the standby after the first");
+    let consistent = s.gauge(
+        "consistent_point_age_seconds",
+        "How long ago the tree stood as the standby's last consistent point: what a failover to it loses",
+    );
     let alert = s.gauge(
         "alert_firing",
         "1 for each alert of --alert-lag, --alert-free and the others now firing",
@@ -184,6 +188,9 @@ pub(crate) fn render(inst: &Instance, openmetrics: bool) -> String {
             set(&heartbeat, &l, age);
         }
         set(&position, &l, r.position.seq as f64);
+        if let Some(age) = r.consistent_point_age_seconds {
+            set(&consistent, &l, age);
+        }
         add(&files, &l, r.files_replicated);
         add(&bytes, &l, r.bytes_replicated);
         add(&reconnects, &l, r.reconnects);

@@ -77,6 +77,15 @@ pub struct Standby {
     xattrs: std::sync::OnceLock<crate::model::xattrs::Policy>,
     /// How batches are made durable here, found at the first session.
     durability: std::sync::OnceLock<crate::tree::atomic::Durability>,
+    /// The open window of the undo log (DESIGN §10), when the tree has a consistent point
+    /// to go back to.
+    journal: crate::tree::undo::Slot,
+    /// What a promotion gives back: the last consistent point (changes after it are kept
+    /// in the undo log) or the latest state.
+    consistency: Mutex<crate::model::epoch::Consistency>,
+    /// A change was made durable here since the last consistent point (or since this
+    /// process opened the tree, which cannot tell what came before).
+    changed_since_point: std::sync::atomic::AtomicBool,
 }
 
 /// Receives a standby's events: a name and its details.
@@ -130,6 +139,9 @@ impl Standby {
             events: std::sync::OnceLock::new(),
             xattrs: std::sync::OnceLock::new(),
             durability: std::sync::OnceLock::new(),
+            journal: Default::default(),
+            consistency: Mutex::new(Default::default()),
+            changed_since_point: std::sync::atomic::AtomicBool::new(true),
         };
         if access == Access::Write {
             match standby.take_lock(wait) {
@@ -142,6 +154,31 @@ impl Standby {
             let read = standby.with_area(|a| a.read_state());
             if let Some(st) = read.transpose()?.flatten() {
                 *standby.state.lock().unwrap() = st;
+            }
+            // A window a restart interrupted goes on: the tree is not at its consistent
+            // point until the next one, and a promote rolls back to it.
+            let resumed = standby.with_area(|a| match standby.root() {
+                Ok(root) => crate::tree::undo::Journal::resume(root, a.fd()),
+                Err(e) => Err(e),
+            });
+            match resumed.transpose() {
+                Ok(j) => *standby.journal.lock().unwrap() = j.flatten(),
+                Err(e) => {
+                    return Err(Error::Usage(format!(
+                        "cannot read the undo log in {}/.hotsync/undo: {e}",
+                        path.display()
+                    )));
+                }
+            }
+            // A promotion that ended before its roll-back: the tree is a primary now and
+            // must stand at its consistent point before anything reads it.
+            if standby.state().role == Role::Primary && standby.journal.lock().unwrap().is_some() {
+                standby.roll_back().map_err(|e| {
+                    Error::Usage(format!(
+                        "cannot roll {} back to its consistent point: {e}",
+                        path.display()
+                    ))
+                })?;
             }
         }
         Ok(standby)
@@ -262,6 +299,88 @@ impl Standby {
         self.temps.lock().unwrap().clone()
     }
 
+    /// The undo log's slot, for the sessions that write the tree.
+    pub(crate) fn journal(&self) -> crate::tree::undo::Slot {
+        self.journal.clone()
+    }
+
+    /// Chooses what a promotion gives back (see [`crate::model::epoch::Consistency`]); with
+    /// `Latest`, no undo log is kept from the next consistent point on.
+    pub fn set_consistency(&self, c: crate::model::epoch::Consistency) {
+        *self.consistency.lock().unwrap() = c;
+    }
+
+    /// The writing session's primary says the tree is at a consistent point: every change
+    /// of batch `seq` (of the current epoch) is durable here and the primary's tree stood
+    /// so at `at_ms`. Recorded durably, then the undo log starts a new window from there
+    /// (nothing before it can be undone any more).
+    pub(crate) fn hold_consistent(&self, seq: u64, at_ms: u64) -> io::Result<()> {
+        let mut st = self.state();
+        let position = Position {
+            epoch: st.epoch,
+            seq,
+        };
+        st.acknowledge(position);
+        st.consistent = Some(crate::model::epoch::ConsistentPoint { position, at_ms });
+        st.updated = crate::model::clock::now_rfc3339();
+        self.write_state(&st)?;
+        self.changed_since_point
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        match *self.consistency.lock().unwrap() {
+            crate::model::epoch::Consistency::Consistent => self.open_window(position, at_ms),
+            crate::model::epoch::Consistency::Latest => self.close_window(),
+        }
+    }
+
+    /// The writing session's primary cannot tell consistent points (an older protocol):
+    /// the tree has none from now on, and no undo log is kept.
+    pub(crate) fn forget_consistency(&self) -> io::Result<()> {
+        self.close_window()?;
+        let mut st = self.state();
+        if st.consistent.take().is_some() {
+            tracing::warn!(
+                "the primary speaks an older protocol, without consistent points: {} has no \
+                 consistent point from now on (a failover gives each file as fresh as it got)",
+                self.path.display()
+            );
+            st.updated = crate::model::clock::now_rfc3339();
+            self.write_state(&st)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the open window of the undo log, if any: what it kept is dropped.
+    fn close_window(&self) -> io::Result<()> {
+        let mut slot = self.journal.lock().unwrap();
+        *slot = None;
+        self.with_area(|a| crate::tree::undo::close(a.fd()))
+            .unwrap_or(Ok(()))
+    }
+
+    /// Opens a new window of the undo log after the consistent point `base` (reached at
+    /// `at_ms` on the primary): the last one closes, nothing before `base` can be undone
+    /// any more.
+    pub(crate) fn open_window(&self, base: Position, at_ms: u64) -> io::Result<()> {
+        let root = self.root()?;
+        let mut slot = self.journal.lock().unwrap();
+        *slot = None;
+        let j = self
+            .with_area(|a| crate::tree::undo::Journal::begin(root, a.fd(), base, at_ms))
+            .ok_or_else(|| io::Error::other("the tree's lock is not held"))??;
+        *slot = Some(j);
+        Ok(())
+    }
+
+    /// Puts the tree back at the consistent point of its open window, if it has one, and
+    /// closes the window.
+    pub(crate) fn roll_back(&self) -> io::Result<Option<crate::tree::undo::RolledBack>> {
+        let root = self.root()?;
+        let mut slot = self.journal.lock().unwrap();
+        *slot = None;
+        self.with_area(|a| crate::tree::undo::roll_back(root, a.fd()))
+            .unwrap_or(Ok(None))
+    }
+
     /// Runs `f` on the tree's `.hotsync/`, when this standby holds it.
     fn with_area<T>(&self, f: impl FnOnce(&Area) -> T) -> Option<T> {
         self.lock.lock().unwrap().as_ref().map(|(a, _)| f(a))
@@ -347,6 +466,14 @@ impl Standby {
     /// Changes were made durable here just now (for the age of the newest one).
     pub(crate) fn committed(&self) {
         *self.committed_at.lock().unwrap() = Some((Instant::now(), SystemTime::now()));
+        self.changed_since_point
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a change may have been made here since the last consistent point.
+    pub(crate) fn changed_since_point(&self) -> bool {
+        self.changed_since_point
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The tree's filesystem.

@@ -37,6 +37,20 @@ pub struct PromoteReport {
     pub rpo_seconds: Option<f64>,
     /// Sessions of the old primary cut with the fencing error.
     pub fenced_sessions: u64,
+    /// The consistent point the promoted tree was given back (DESIGN §10): the primary's
+    /// tree as it stood then (RFC 3339, the primary's clock), after batch
+    /// `consistent_position`. `None`: the tree never had one (an older primary).
+    pub consistent_point: Option<String>,
+    pub consistent_position: Option<Position>,
+    /// How long before the primary was last heard (or before the promotion, when it was
+    /// not heard in this process) the consistent point was: what a consistent failover
+    /// loses at most.
+    pub consistent_point_age_seconds: Option<f64>,
+    /// The promoted tree is the primary's tree at that point; false when changes came
+    /// after it and were kept (`--consistency latest`) or could not be undone.
+    pub consistent: bool,
+    /// Changes after the consistent point that were undone.
+    pub rolled_back: u64,
 }
 
 impl Standby {
@@ -85,7 +99,48 @@ impl Standby {
         report.epoch = st.epoch;
         drop(st);
         self.hand_over(&writers, &mut report);
+        self.open_consistent_point(&mut report)?;
         Ok(report)
+    }
+
+    /// Once nobody writes the tree any more: gives it back at its last consistent point
+    /// when changes after it are kept in the undo log, and says what the tree is.
+    fn open_consistent_point(&self, report: &mut PromoteReport) -> Result<()> {
+        let rolled = self.roll_back().map_err(|e| {
+            Error::Refused(format!(
+                "{} is promoted, but cannot be rolled back to its consistent point: {e}; \
+                 run `hotsync promote` again to retry before starting the application",
+                self.path.display()
+            ))
+        })?;
+        let st = self.state();
+        let Some(point) = st.consistent else {
+            return Ok(());
+        };
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(point.at_ms);
+        report.consistent_point = Some(crate::model::clock::rfc3339(at));
+        report.consistent_position = Some(point.position);
+        let now = std::time::SystemTime::now();
+        let heard =
+            now - Duration::from_secs_f64(report.primary_last_heard_seconds_ago.unwrap_or(0.0));
+        report.consistent_point_age_seconds =
+            Some(heard.duration_since(at).unwrap_or_default().as_secs_f64());
+        match rolled {
+            Some(r) => {
+                report.rolled_back = r.undone as u64;
+                report.consistent = r.unkept.is_empty();
+                if !r.unkept.is_empty() {
+                    tracing::warn!(
+                        "{} changes could not be undone (another filesystem inside the tree, \
+                         first {}): the promoted tree is not at its consistent point there",
+                        r.unkept.len(),
+                        r.unkept[0]
+                    );
+                }
+            }
+            None => report.consistent = !self.changed_since_point(),
+        }
+        Ok(())
     }
 
     /// What a promotion at `now` starts from: the tree's state, and what its writing
@@ -114,6 +169,11 @@ impl Standby {
             primary_last_pending: None,
             rpo_seconds: None,
             fenced_sessions: 0,
+            consistent_point: None,
+            consistent_position: None,
+            consistent_point_age_seconds: None,
+            consistent: false,
+            rolled_back: 0,
         };
         if let Some(w) = writer {
             let heard = *w.heard.lock().unwrap();

@@ -20,6 +20,8 @@
 //! scan).
 
 use crate::error::OpError;
+use crate::model::path::RelPath;
+use crate::tree::undo::{self, Change, Journal};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 use std::fs::File;
@@ -150,6 +152,8 @@ impl Temp {
 /// A file (or symlink, or hard link) waiting to be put in place as `name` in `dir`.
 pub(crate) struct Staged {
     pub id: u64,
+    /// Where it goes in the tree (`dir` and `name` are its parent and last name).
+    pub path: RelPath,
     pub dir: Arc<OwnedFd>,
     pub temp: Temp,
     pub name: Vec<u8>,
@@ -231,6 +235,9 @@ pub(crate) struct CommitGroup {
     bytes: u64,
     /// Descriptors held for the commit (kept files, directories of applied operations).
     fds: usize,
+    /// The standby's undo log: while a window is open, every entry is put in place
+    /// through it (DESIGN §10).
+    journal: Option<undo::Slot>,
 }
 
 impl CommitGroup {
@@ -243,7 +250,15 @@ impl CommitGroup {
             failed: Vec::new(),
             bytes: 0,
             fds: 0,
+            journal: None,
         }
+    }
+
+    /// The same, putting entries in place through the undo log in `slot` whenever a
+    /// window is open there.
+    pub(crate) fn journaled(mut self, slot: undo::Slot) -> Self {
+        self.journal = Some(slot);
+        self
     }
 
     pub(crate) fn stage(&mut self, s: Staged) {
@@ -347,19 +362,22 @@ impl CommitGroup {
                 result[i] = Err(not_durable("fsync", e));
             }
         }
-        // 2. The renames.
-        for (i, it) in items.iter().enumerate() {
-            if result[i].is_ok()
-                && let Err(e) = put_in_place(it)
-            {
-                // A rename refused by the filesystem is not worth a resend.
-                let e = std::io::Error::from(e);
-                result[i] = Err(OpError {
-                    message: format!("cannot put into place: {e}"),
-                    retry: false,
-                    no_space: is_no_space(&e),
-                });
+        // 2. The renames (through the undo log while a window is open).
+        let mut journal = self.journal.as_ref().map(|s| s.lock().unwrap());
+        match journal.as_mut().and_then(|j| j.as_mut()) {
+            Some(j) => put_journaled(j, &items, &mut result),
+            None => {
+                for (i, it) in items.iter().enumerate() {
+                    if result[i].is_ok()
+                        && let Err(e) = put_in_place(it)
+                    {
+                        result[i] = Err(cannot_put(e.into()));
+                    }
+                }
             }
+        }
+        drop(journal);
+        for (i, it) in items.iter().enumerate() {
             if result[i].is_err() {
                 it.discard();
             }
@@ -424,6 +442,126 @@ impl CommitGroup {
         out.extend(applied.iter().map(|a| a.id).zip(applied_result));
         out.extend(items.into_iter().zip(result).map(|(it, r)| (it.id, r)));
         out
+    }
+}
+
+/// A rename refused by the filesystem: not worth a resend.
+fn cannot_put(e: std::io::Error) -> OpError {
+    OpError {
+        message: format!("cannot put into place: {e}"),
+        retry: false,
+        no_space: is_no_space(&e),
+    }
+}
+
+/// Puts the staged entries whose `result` is still good in place through the open window
+/// `j`: each temp is named in the undo area, what undoes them all is written down with
+/// one sync of the log, then each is put (a replaced entry swapped into the area). An
+/// entry whose temp lies on another filesystem than the area (a mount inside the tree)
+/// is put as without a window, and the log says its change is not kept.
+fn put_journaled(j: &mut Journal, items: &[Staged], result: &mut [Result<(), OpError>]) {
+    let mut temps: Vec<Option<Vec<u8>>> = vec![None; items.len()];
+    for (i, it) in items.iter().enumerate() {
+        if result[i].is_err() {
+            continue;
+        }
+        match into_undo_area(it, j.dir()) {
+            Ok(name) => temps[i] = Some(name),
+            Err(Errno::XDEV) => {
+                let r = j
+                    .unkept(&it.path)
+                    .and_then(|()| put_in_place(it).map_err(Into::into));
+                if let Err(e) = r {
+                    result[i] = Err(cannot_put(e));
+                }
+            }
+            Err(e) => result[i] = Err(cannot_put(e.into())),
+        }
+    }
+    let (idx, changes): (Vec<usize>, Vec<Change<'_>>) = temps
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| {
+            let temp = t.as_deref()?;
+            Some((
+                i,
+                Change::Put {
+                    path: &items[i].path,
+                    temp,
+                },
+            ))
+        })
+        .unzip();
+    let prepared = match j.prepare_all(&changes) {
+        Ok(p) => p,
+        Err(e) => {
+            let e = not_durable_io("undo log", &e);
+            for &i in &idx {
+                result[i] = Err(e.clone());
+            }
+            return;
+        }
+    };
+    for ((&i, change), prepared) in idx.iter().zip(&changes).zip(&prepared) {
+        let made = with_write_access(&items[i].dir, || j.make(change, prepared));
+        if let Err(e) = made {
+            result[i] = Err(cannot_put(e));
+        }
+    }
+    // The area lost the temps' names (or holds the old entries under theirs).
+    if let Err(e) = rustix::fs::fsync(j.dir()) {
+        let e = not_durable("fsync of the undo area", e);
+        for &i in &idx {
+            if result[i].is_ok() {
+                result[i] = Err(e.clone());
+            }
+        }
+    }
+}
+
+/// Names the staged entry's temp in the undo area `area`: an unnamed file is linked there,
+/// a named temp renamed there.
+fn into_undo_area(it: &Staged, area: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
+    loop {
+        let name = crate::tree::fsroot::temp_name();
+        let r = match (&it.temp, &it.file) {
+            (Temp::Named(at, temp), _) => rustix::fs::renameat_with(
+                &**at,
+                temp.as_slice(),
+                area,
+                name.as_slice(),
+                rustix::fs::RenameFlags::NOREPLACE,
+            ),
+            (Temp::Unnamed { .. }, Some(f)) => link_fd(f, area, &name),
+            (Temp::Unnamed { .. }, None) => Err(Errno::BADF),
+        };
+        match r {
+            Ok(()) => return Ok(name),
+            Err(Errno::EXIST) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Runs `f`; where it is refused for want of permission on `dir` (a receiver that is not
+/// root, a read-only directory of the mirror), gives itself write permission there and
+/// runs it again (the directory's mode is put back with its attributes).
+fn with_write_access(dir: &OwnedFd, f: impl Fn() -> std::io::Result<()>) -> std::io::Result<()> {
+    match f() {
+        Err(e) if e.raw_os_error() == Some(Errno::ACCESS.raw_os_error()) => {
+            let st = rustix::fs::fstat(dir)?;
+            rustix::fs::fchmod(dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700))?;
+            f()
+        }
+        other => other,
+    }
+}
+
+fn not_durable_io(what: &str, e: &std::io::Error) -> OpError {
+    OpError {
+        message: format!("not durable: {what} failed: {e}"),
+        retry: true,
+        no_space: is_no_space(e),
     }
 }
 
@@ -514,12 +652,14 @@ impl Staged {
     /// in `dir`: nothing to keep open, no bytes of its own.
     pub(crate) fn named(
         id: u64,
+        path: &RelPath,
         dir: Arc<OwnedFd>,
         (temp_dir, temp): (Arc<OwnedFd>, Vec<u8>),
         name: &[u8],
     ) -> Staged {
         Staged {
             id,
+            path: path.clone(),
             dir,
             temp: Temp::Named(temp_dir, temp),
             name: name.to_vec(),
@@ -681,7 +821,8 @@ impl TempPlace {
 
 /// Gives the open file `f` (unnamed) the name `name` in `at`. `AT_EMPTY_PATH` needs
 /// `CAP_DAC_READ_SEARCH`; without it, the file's `/proc/self/fd` entry is linked.
-fn link_fd(f: &File, at: &OwnedFd, name: &[u8]) -> Result<(), Errno> {
+fn link_fd(f: &File, at: impl AsFd, name: &[u8]) -> Result<(), Errno> {
+    let at = at.as_fd();
     match rustix::fs::linkat(f, c"", at, name, AtFlags::EMPTY_PATH) {
         Err(Errno::NOENT | Errno::PERM) => {
             use std::os::fd::AsRawFd;
@@ -729,6 +870,7 @@ mod tests {
         let keep = b.keep_fd();
         b.stage(Staged {
             id,
+            path: RelPath::new(name).unwrap(),
             temp: Temp::Named(dir.clone(), temp),
             dir,
             name: name.as_bytes().to_vec(),
@@ -821,6 +963,7 @@ mod tests {
                 };
                 b.stage(Staged {
                     id: i as u64,
+                    path: RelPath::new(format!("d/{name}")).unwrap(),
                     dir: d.clone(),
                     temp: tmp.temp,
                     name: name.into_bytes(),
@@ -842,6 +985,7 @@ mod tests {
         (&tmp.file).write_all(b"never committed").unwrap();
         b.stage(Staged {
             id: 1,
+            path: RelPath::new("d/ghost").unwrap(),
             dir: d.clone(),
             temp: tmp.temp,
             name: b"ghost".to_vec(),
@@ -970,6 +1114,7 @@ mod tests {
             let keep = b.keep_fd();
             b.stage(Staged {
                 id: i as u64,
+                path: RelPath::new(format!("{rel}f{i}")).unwrap(),
                 dir: dir.clone(),
                 temp: Temp::Named(dir.clone(), temp),
                 name: format!("f{i}").into_bytes(),
@@ -985,6 +1130,7 @@ mod tests {
         rustix::fs::symlinkat("f1", &*dirs[1], temp.as_slice()).unwrap();
         b.stage(Staged {
             id: 100,
+            path: RelPath::new("a/sl").unwrap(),
             dir: dirs[1].clone(),
             temp: Temp::Named(dirs[1].clone(), temp),
             name: b"sl".to_vec(),

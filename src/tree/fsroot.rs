@@ -36,6 +36,14 @@ impl Root {
         })
     }
 
+    /// Another handle on the same root.
+    pub(crate) fn try_clone(&self) -> io::Result<Root> {
+        Ok(Root {
+            fd: rustix::io::fcntl_dupfd_cloexec(&self.fd, 0)?,
+            path: self.path.clone(),
+        })
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

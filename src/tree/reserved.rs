@@ -31,6 +31,7 @@ fn is_own(name: &[u8]) -> bool {
         STANDBY_LOCK.to_bytes(),
         PRIMARY_LOCK.to_bytes(),
         TEMPS,
+        crate::tree::undo::UNDO,
         b"diverged",
         b"write-probe",
     ]

@@ -26,6 +26,10 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 pub(crate) const UNDO: &[u8] = b"undo";
 const LOG: &[u8] = b"log";
 
+/// Where a standby keeps its open window, if it has one: shared by every stream of every
+/// session, which write through it, and replaced when a window closes and the next opens.
+pub(crate) type Slot = std::sync::Arc<std::sync::Mutex<Option<Journal>>>;
+
 /// The name of kept entry `n` in the undo area.
 pub(crate) fn kept_name(n: u64) -> Vec<u8> {
     format!("k{n}").into_bytes()
@@ -61,8 +65,8 @@ pub(crate) struct Prepared {
 
 /// The open window: its log, appended to and made durable record by record.
 pub(crate) struct Journal {
+    root: Root,
     dir: OwnedFd,
-    log: File,
     window: Window,
 }
 
@@ -70,7 +74,12 @@ impl Journal {
     /// Opens a new window after the consistent point `base` (reached at `at_ms` on the
     /// primary), in the area `.hotsync/` open as `area`: anything an older window left is
     /// dropped first.
-    pub(crate) fn begin(area: BorrowedFd<'_>, base: Position, at_ms: u64) -> io::Result<Journal> {
+    pub(crate) fn begin(
+        root: &Root,
+        area: BorrowedFd<'_>,
+        base: Position,
+        at_ms: u64,
+    ) -> io::Result<Journal> {
         close(area)?;
         let dir = open_or_make_dir(area)?;
         let mut bytes = undo::MAGIC.to_vec();
@@ -86,30 +95,25 @@ impl Journal {
         log.sync_all()?;
         rustix::fs::fsync(&dir)?;
         Ok(Journal {
+            root: root.try_clone()?,
             dir,
-            log,
             window: Window::new(base, 0),
         })
     }
 
     /// Goes on with the window a log left in `area` (after a restart), if there is one.
-    pub(crate) fn resume(area: BorrowedFd<'_>) -> io::Result<Option<Journal>> {
+    pub(crate) fn resume(root: &Root, area: BorrowedFd<'_>) -> io::Result<Option<Journal>> {
         let Some((header, records)) = read(area)? else {
             return Ok(None);
         };
         let dir = fsroot::open_subdir(area, UNDO)?;
-        let fd = rustix::fs::openat(
-            &dir,
-            LOG,
-            OFlags::WRONLY | OFlags::APPEND | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::empty(),
-        )?;
+        let fd = open_log(&dir)?;
         // A torn record at the end is cut off, so the next one follows the last whole one.
         let whole = whole_len(&header, &records);
         rustix::fs::ftruncate(&fd, whole as u64)?;
         Ok(Some(Journal {
+            root: root.try_clone()?,
             dir,
-            log: File::from(fd),
             window: Window::resume(header.base, &records),
         }))
     }
@@ -126,8 +130,32 @@ impl Journal {
 
     /// Writes down what undoes `change` and makes it durable; the change may then be
     /// made ([`make`]).
-    pub(crate) fn prepare(&mut self, root: &Root, change: &Change<'_>) -> io::Result<Prepared> {
+    pub(crate) fn prepare(&mut self, change: &Change<'_>) -> io::Result<Prepared> {
         let mut records = Vec::new();
+        let prepared = self.decide(change, &mut records)?;
+        self.append(&records)?;
+        Ok(prepared)
+    }
+
+    /// [`Journal::prepare`] for several changes, with one write to the log.
+    pub(crate) fn prepare_all(&mut self, changes: &[Change<'_>]) -> io::Result<Vec<Prepared>> {
+        let mut records = Vec::new();
+        let prepared = changes
+            .iter()
+            .map(|c| self.decide(c, &mut records))
+            .collect::<io::Result<Vec<_>>>()?;
+        self.append(&records)?;
+        Ok(prepared)
+    }
+
+    /// Writes down that the change at `path` could not be kept.
+    pub(crate) fn unkept(&mut self, path: &RelPath) -> io::Result<()> {
+        self.append(&[Record::Unkept { path: path.clone() }])
+    }
+
+    /// The records that undo `change`, and what its making needs.
+    fn decide(&mut self, change: &Change<'_>, records: &mut Vec<Record>) -> io::Result<Prepared> {
+        let root = &self.root;
         let mut prepared = Prepared::default();
         let touches: &[&RelPath] = match change {
             Change::Put { path, .. } | Change::Mkdir { path } | Change::Remove { path } => &[path],
@@ -210,7 +238,6 @@ impl Journal {
                 });
             }
         }
-        self.append(&records)?;
         Ok(prepared)
     }
 
@@ -222,21 +249,25 @@ impl Journal {
         for r in records {
             undo::frame(r, &mut bytes);
         }
-        self.log.write_all(&bytes)?;
-        self.log.sync_data()?;
+        // Opened for each append, never held: a standby's filesystem must stay free to be
+        // remounted read-only (a file open for writing would keep it busy).
+        let mut log = File::from(open_log(&self.dir)?);
+        log.write_all(&bytes)?;
+        log.sync_data()?;
         // A kept entry renamed within the area (a replaced file's) must be there too.
         rustix::fs::fsync(&self.dir)?;
         Ok(())
     }
 }
 
-/// Makes `change`, after [`Journal::prepare`] wrote down its undo.
-pub(crate) fn make(
-    root: &Root,
-    j: &Journal,
-    change: &Change<'_>,
-    prepared: &Prepared,
-) -> io::Result<()> {
+impl Journal {
+    /// Makes `change`, after [`Journal::prepare`] wrote down its undo.
+    pub(crate) fn make(&self, change: &Change<'_>, prepared: &Prepared) -> io::Result<()> {
+        make(&self.root, self, change, prepared)
+    }
+}
+
+fn make(root: &Root, j: &Journal, change: &Change<'_>, prepared: &Prepared) -> io::Result<()> {
     match *change {
         Change::Put { path, temp } => {
             let (d, name) = root.parent_of(path)?;
@@ -251,7 +282,8 @@ pub(crate) fn make(
         }
         Change::Mkdir { path } => {
             let (d, name) = root.parent_of(path)?;
-            rustix::fs::mkdirat(&d, name.as_slice(), Mode::from_raw_mode(0o755))?;
+            // As the receiver makes directories: their mode comes with their attributes.
+            rustix::fs::mkdirat(&d, name.as_slice(), Mode::from_raw_mode(0o700))?;
             Ok(())
         }
         Change::Remove { path } => {
@@ -282,6 +314,16 @@ pub(crate) fn make(
             fsroot::set_meta_at(d.as_fd(), &name, meta, owners, with_mode, xattrs)
         }
     }
+}
+
+/// The log of the undo area `dir`, to append to.
+fn open_log(dir: &OwnedFd) -> io::Result<OwnedFd> {
+    Ok(rustix::fs::openat(
+        dir,
+        LOG,
+        OFlags::WRONLY | OFlags::APPEND | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )?)
 }
 
 /// Swaps the entries `a` in `ad` and `b` in `bd`.
@@ -344,6 +386,9 @@ pub(crate) fn close(area: BorrowedFd<'_>) -> io::Result<()> {
 /// What a roll-back did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct RolledBack {
+    /// Changes that could not be undone (see [`Record::Unkept`]): the tree is not at the
+    /// consistent point where they lie.
+    pub(crate) unkept: Vec<RelPath>,
     /// The consistent point the tree is at again.
     pub(crate) base: Position,
     /// When the primary was at it (ms since the Unix epoch).
@@ -363,12 +408,17 @@ pub(crate) fn roll_back(root: &Root, area: BorrowedFd<'_>) -> io::Result<Option<
         return Ok(None);
     };
     let kept = fsroot::open_subdir(area, UNDO)?;
+    let mut unkept = Vec::new();
     for r in records.iter().rev() {
+        if let Record::Unkept { path } = r {
+            unkept.push(path.clone());
+        }
         undo_one(root, kept.as_fd(), r)?;
     }
     rustix::fs::syncfs(root.fd())?;
     close(area)?;
     Ok(Some(RolledBack {
+        unkept,
         base: header.base,
         at_ms: header.at_ms,
         undone: records.len(),
@@ -422,6 +472,7 @@ fn undo_one(root: &Root, kept: BorrowedFd<'_>, r: &Record) -> io::Result<()> {
                 fsroot::set_meta_at(d.as_fd(), &name, &old.meta, old.owners, old.with_mode, x)?;
             }
         }
+        Record::Unkept { .. } => {}
         Record::DirTime { path, mtime } => {
             let d = if path.is_root() {
                 rustix::io::dup(root.fd())?
@@ -475,24 +526,19 @@ fn open_or_make_dir(area: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     Ok(dir)
 }
 
+/// What the tests of a roll-back compare.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
     use std::collections::BTreeMap;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::MetadataExt;
     use std::path::Path;
 
-    fn p(s: &str) -> RelPath {
-        RelPath::new(s).unwrap()
-    }
+    /// An entry as a roll-back must give it back: type, content, mode and mtime.
+    pub(crate) type Seen = (char, Vec<u8>, u32, i64, i64);
 
     /// Every entry but the reserved area: type, content, mode and mtime (directories too).
-    fn snapshot(root: &Path) -> BTreeMap<String, (char, Vec<u8>, u32, i64, i64)> {
-        fn walk(
-            root: &Path,
-            dir: &Path,
-            out: &mut BTreeMap<String, (char, Vec<u8>, u32, i64, i64)>,
-        ) {
+    pub(crate) fn snapshot(root: &Path) -> BTreeMap<String, Seen> {
+        fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Seen>) {
             for e in std::fs::read_dir(dir).unwrap() {
                 let e = e.unwrap();
                 let path = e.path();
@@ -531,6 +577,18 @@ mod tests {
         );
         walk(root, root, &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::snapshot;
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
     }
 
     fn initial(root: &Path) {
@@ -588,7 +646,7 @@ mod tests {
 
     /// Runs the script's first `made` steps, and prepares (but does not make) the next.
     fn run(root: &Root, area: BorrowedFd<'_>, made: usize) {
-        let mut j = Journal::begin(area, Position { epoch: 1, seq: 4 }, 77).unwrap();
+        let mut j = Journal::begin(root, area, Position { epoch: 1, seq: 4 }, 77).unwrap();
         for (i, step) in script().into_iter().enumerate().take(made + 1) {
             let temp = format!("t{i}").into_bytes();
             let (a, b);
@@ -637,9 +695,9 @@ mod tests {
                     }
                 }
             };
-            let prepared = j.prepare(root, &change).unwrap();
+            let prepared = j.prepare(&change).unwrap();
             if i < made {
-                make(root, &j, &change, &prepared).unwrap();
+                j.make(&change, &prepared).unwrap();
             }
         }
     }
@@ -693,14 +751,14 @@ mod tests {
         let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
         f.write_all(&[9, 0, 0, 0, 1, 2]).unwrap();
         drop(f);
-        let mut j = Journal::resume(area.as_fd()).unwrap().unwrap();
+        let mut j = Journal::resume(&root, area.as_fd()).unwrap().unwrap();
         assert_eq!(j.base(), Position { epoch: 1, seq: 4 });
         // Another change after the restart: removing what the window made and what it had.
         for path in ["f", "d"] {
             let a = p(path);
             let c = Change::Remove { path: &a };
-            let pr = j.prepare(&root, &c).unwrap();
-            make(&root, &j, &c, &pr).unwrap();
+            let pr = j.prepare(&c).unwrap();
+            j.make(&c, &pr).unwrap();
         }
         assert!(!dir.path().join("d").exists());
         roll_back(&root, area.as_fd()).unwrap().unwrap();

@@ -33,9 +33,10 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 /// version 5 extended attributes and holes, version 6 the shape of the standby's inodes
 /// (`Shapes`: link counts and blocks) and its special files (`Specials`), and `Link` to a
 /// symlink (a version 5 standby gets hard-linked symlinks as separate symlinks, and its
-/// special files are not seen). Version 1 peers are refused at the greeting with both
-/// versions named.
-pub const VERSION: u16 = 6;
+/// special files are not seen), version 7 consistent points (`Consistent`, answered by
+/// `ConsistentHeld`; a version 6 standby has none, and says nothing of them). Version 1
+/// peers are refused at the greeting with both versions named.
+pub const VERSION: u16 = 7;
 pub const MIN_VERSION: u16 = 2;
 /// The first bytes each side sends, so a stray client is recognised at once.
 pub const MAGIC: &[u8; 8] = b"hotsync\0";
@@ -309,6 +310,19 @@ pub enum Message {
     Specials {
         specials: Vec<Special>,
     },
+    /// Primary → standby, from version 7, on the control stream: every change up to batch
+    /// `seq` is durable there and the primary's tree stood still from that batch's start
+    /// until `at_ms` (its clock): the standby's tree is the primary's as it was then, a
+    /// consistent point (DESIGN §10). Answered by `ConsistentHeld` once recorded durably.
+    Consistent {
+        seq: u64,
+        at_ms: u64,
+    },
+    /// Standby → primary, from version 7: the consistent point of batch `seq` is recorded;
+    /// a failover here can go back to it.
+    ConsistentHeld {
+        seq: u64,
+    },
 }
 
 impl Message {
@@ -345,6 +359,8 @@ impl Message {
             | Message::XattrSums { .. }
             | Message::Shapes { .. }
             | Message::Specials { .. }
+            | Message::Consistent { .. }
+            | Message::ConsistentHeld { .. }
             | Message::Extent { .. }
             | Message::BaseSig { .. }
             | Message::NoBase { .. }
@@ -360,7 +376,8 @@ impl Message {
     /// True for the messages that change the standby tree: exactly those that carry an
     /// operation id, less the acknowledgement.
     pub(crate) fn writes_tree(&self) -> bool {
-        !matches!(self, Message::Ack { .. }) && self.op_id().is_some()
+        matches!(self, Message::Consistent { .. })
+            || !matches!(self, Message::Ack { .. }) && self.op_id().is_some()
     }
 
     /// A short name for errors and logs.
@@ -401,6 +418,8 @@ impl Message {
             Message::XattrSums { .. } => "XattrSums",
             Message::Shapes { .. } => "Shapes",
             Message::Specials { .. } => "Specials",
+            Message::Consistent { .. } => "Consistent",
+            Message::ConsistentHeld { .. } => "ConsistentHeld",
             Message::SparseFile { .. } => "SparseFile",
             Message::SparseDelta { .. } => "SparseDelta",
             Message::Extent { .. } => "Extent",
@@ -505,6 +524,8 @@ pub(crate) struct Caps {
     pub(crate) holes: bool,
     /// The standby's inode shapes and special files, and links to symlinks (6).
     pub(crate) shapes: bool,
+    /// Consistent points: `Consistent` and `ConsistentHeld` (7).
+    pub(crate) consistent: bool,
 }
 
 impl Caps {
@@ -518,6 +539,7 @@ impl Caps {
             xattrs: version >= 5,
             holes: version >= 5,
             shapes: version >= 6,
+            consistent: version >= 7,
         }
     }
 }
@@ -1054,6 +1076,25 @@ mod tests {
     }
 
     #[test]
+    fn consistent_points_round_trip() {
+        let mut wire = Vec::new();
+        let msgs = [
+            Message::Consistent {
+                seq: 9,
+                at_ms: 1_764_572_297_123,
+            },
+            Message::ConsistentHeld { seq: 9 },
+        ];
+        for m in &msgs {
+            encode(m, &mut wire).unwrap();
+        }
+        let mut r = FrameReader::new(&wire[..]);
+        for m in msgs {
+            assert_eq!(r.recv().unwrap(), m);
+        }
+    }
+
+    #[test]
     fn oversized_frame_is_refused_before_allocation() {
         let wire = (u32::MAX).to_le_bytes();
         let err = FrameReader::new(&wire[..]).recv().unwrap_err();
@@ -1138,7 +1179,7 @@ mod tests {
         // A version 1 peer is refused, and told both sides' versions.
         let e = negotiate(1, 1).unwrap_err().to_string();
         assert!(
-            e.contains("speaks protocol 6 (accepts 2 to 6)") && e.contains("the peer speaks 1"),
+            e.contains("speaks protocol 7 (accepts 2 to 7)") && e.contains("the peer speaks 1"),
             "{e}"
         );
         // A version 2 peer is still served, at version 2 (it is listed whole).
@@ -1147,6 +1188,9 @@ mod tests {
         assert_eq!(negotiate(3, 2).unwrap(), 3);
         // A version 5 peer at version 5: no shapes, no specials, no linked symlinks.
         assert_eq!(negotiate(5, 2).unwrap(), 5);
+        // A version 6 peer at version 6: no consistent points.
+        assert_eq!(negotiate(6, 2).unwrap(), 6);
+        assert!(!Caps::of(6).consistent && Caps::of(7).consistent);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Integration tests: the real `hotsync` binary on real trees.
 
 mod config;
+mod consistency;
 mod drill;
 mod failover;
 mod fanout;

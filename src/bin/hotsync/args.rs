@@ -168,8 +168,21 @@ pub struct ServeArgs {
     /// Print one JSON object per event on stdout (the first says where it listens)
     #[arg(long)]
     pub json: bool,
+    /// What a promotion gives back when the primary died between consistent points:
+    /// `consistent`, the last consistent point (later changes are kept in an undo log and
+    /// rolled back), or `latest`, each file as fresh as it got (no undo log)
+    #[arg(long, value_enum, default_value = "latest")]
+    pub consistency: ConsistencyArg,
     #[command(flatten)]
     pub monitoring: Monitoring,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsistencyArg {
+    /// The last consistent point: the tree as the primary's stood at one instant
+    Consistent,
+    /// Each file as fresh as it got, the tree said to be inconsistent
+    Latest,
 }
 
 /// SRC and DEST, from the command line or the config file.

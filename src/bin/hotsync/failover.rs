@@ -73,6 +73,27 @@ fn print_promotion(r: &PromoteReport) {
         ),
         _ => println!("  the old primary was not connected when promoted"),
     }
+    match (&r.consistent_point, r.consistent_point_age_seconds) {
+        (Some(at), Some(age)) if r.consistent => println!(
+            "  opened the consistent point of {} ({age:.1} s before the primary was last \
+             heard{}): the tree is the primary's as it stood then",
+            clock_of(at),
+            if r.rolled_back > 0 {
+                format!("; {} later change(s) rolled back", r.rolled_back)
+            } else {
+                String::new()
+            }
+        ),
+        (Some(at), _) => println!(
+            "  NOT at a consistent point: the last one was {}, and changes after it were \
+             kept (each file as fresh as it got); an application may need its own recovery",
+            clock_of(at)
+        ),
+        (None, _) => println!(
+            "  NOT at a consistent point: the primary never told this standby of one (an \
+             older hotsync?); an application may need its own recovery"
+        ),
+    }
     if r.fenced_sessions > 0 {
         println!(
             "  fenced {} session(s) of the old primary; it must `hotsync rejoin` before it \
@@ -80,6 +101,13 @@ fn print_promotion(r: &PromoteReport) {
             r.fenced_sessions
         );
     }
+}
+
+/// The time of day of an RFC 3339 moment, to the millisecond ("14:02:11.381").
+fn clock_of(rfc3339: &str) -> &str {
+    rfc3339
+        .split_once('T')
+        .map_or(rfc3339, |(_, t)| t.trim_end_matches('Z'))
 }
 
 pub fn rejoin(cli: &Cli, args: &RejoinArgs) -> anyhow::Result<u8> {

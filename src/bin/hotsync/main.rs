@@ -132,6 +132,10 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         root,
         hotsync::standby::Access::Write,
     )?);
+    standby.set_consistency(match args.consistency {
+        args::ConsistencyArg::Consistent => hotsync::model::epoch::Consistency::Consistent,
+        args::ConsistencyArg::Latest => hotsync::model::epoch::Consistency::Latest,
+    });
     let serving = Arc::new(hotsync::standby::server::Serving::new(
         standby.clone(),
         server.addr,

@@ -62,6 +62,27 @@ pub(crate) enum Hint {
     },
 }
 
+impl Hint {
+    /// Whether the change lies in the reserved area (`.hotsync/` at the root): hotsync's
+    /// own files there (the primary's state, a flush's marker) are never mirrored.
+    pub(crate) fn is_reserved(&self) -> bool {
+        match self {
+            Hint::Modified(p)
+            | Hint::Created(p)
+            | Hint::Written(p)
+            | Hint::Appeared(p)
+            | Hint::Attrib(p)
+            | Hint::Removed(p)
+            | Hint::DirAppeared(p)
+            | Hint::MovedFrom(p)
+            | Hint::MovedTo(p)
+            | Hint::RescanDir(p) => p.is_reserved(),
+            Hint::Renamed { from, to } => from.is_reserved() && to.is_reserved(),
+            Hint::RescanAll | Hint::Barrier { .. } => false,
+        }
+    }
+}
+
 /// Tuning of the batcher.
 #[derive(Debug, Clone, Copy)]
 pub struct Config {

@@ -6,6 +6,7 @@
 //! rule is unit-tested by stepping a clock. The driver in `replica.rs` does the I/O.
 
 use super::batcher::{self, Batch, Batcher, Hint};
+use super::consistency::{CHECK_BARRIER, Judge, Step};
 use crate::model::compare::Report;
 use crate::model::epoch::Position;
 use crate::model::manifest::Scope;
@@ -58,6 +59,12 @@ pub(crate) enum Action {
     Disconnect,
     /// Nothing to do until then (`None`: until something happens).
     Wait(Option<Instant>),
+    /// Place a consistency check's barrier in the source's hints; report
+    /// [`ReplicaMachine::barrier_placed`] (or `failed`).
+    Barrier,
+    /// Tell the standby batch `seq` left it at a consistent point, the tree as it stood
+    /// at `at`; report [`ReplicaMachine::consistent_held`] or `failed`.
+    Consistent { seq: u64, at: Instant },
     /// Stopped: the driver ends.
     Stop,
 }
@@ -217,6 +224,8 @@ pub(crate) struct ReplicaMachine {
     cut: Option<String>,
     ever_connected: bool,
     events: VecDeque<Event>,
+    /// Whether the batch in flight leaves the standby at a consistent point.
+    judge: Judge,
     // Counters for the status.
     pub reconnects: u64,
     pub files_replicated: u64,
@@ -268,12 +277,24 @@ impl ReplicaMachine {
             last_replicated: None,
             last_error: None,
             last_verify: None,
+            judge: Judge::default(),
         }
     }
 
     /// A change the watcher saw.
     pub(crate) fn push(&mut self, hint: Hint, now: Instant) {
-        self.batcher.push(hint, now);
+        match hint {
+            // A consistency check's barrier is no change, and no flush to hurry.
+            Hint::Barrier { id } if id & CHECK_BARRIER != 0 => self.judge.barrier(id, now),
+            Hint::Barrier { .. } => self.batcher.push(hint, now),
+            // The primary's own state file changes as it records acknowledgements: no
+            // change of the mirrored tree.
+            _ if hint.is_reserved() => self.batcher.push(hint, now),
+            _ => {
+                self.judge.hint();
+                self.batcher.push(hint, now);
+            }
+        }
     }
 
     /// The next event, if any.
@@ -315,6 +336,14 @@ impl ReplicaMachine {
                 Action::Reconcile
             }
             Conn::Up { reconciled: true } => {
+                // A batch judged consistent is told before the next one begins: the
+                // standby's undo log starts its next window from exactly that batch.
+                match self.judge.poll(now) {
+                    Step::Barrier => return Action::Barrier,
+                    Step::Wait(t) => return Action::Wait(Some(t)),
+                    Step::Hold { seq, at } => return Action::Consistent { seq, at },
+                    Step::Nothing => {}
+                }
                 if let Some((report, paths)) = &self.to_repair {
                     // A capped report does not name every difference: repair it all.
                     let scopes = if report.capped {
@@ -349,12 +378,40 @@ impl ReplicaMachine {
 
     fn begin(&mut self, batch: Option<Batch>, oldest: Option<Instant>, now: Instant) {
         self.seq += 1;
+        // A full pass reads everything; a batch is whole only if nothing waits behind it.
+        let clean = batch
+            .as_ref()
+            .is_none_or(|b| b.full || self.batcher.queued() == 0);
+        self.judge.closed(self.seq, clean);
         self.in_flight = Some(InFlight {
             batch,
             oldest,
             started: now,
             seq: self.seq,
         });
+    }
+
+    /// The check's barrier `id` is being placed in the source's hints (told before, since
+    /// it may come back at once).
+    pub(crate) fn barrier_placed(&mut self, id: u64, now: Instant) {
+        self.judge.placed(id, now);
+    }
+
+    /// The check could not be completed (no barrier could be placed, or the standby has
+    /// no consistent points): the next batch goes on.
+    pub(crate) fn check_dropped(&mut self) {
+        self.judge.failed();
+    }
+
+    /// The standby holds the consistent point of batch `seq`, as the tree stood at `at`.
+    pub(crate) fn consistent_held(&mut self, seq: u64, at: Instant) {
+        self.judge.held(seq, at);
+    }
+
+    /// How long ago the tree stood as the standby's last consistent point does (zero
+    /// while it still does); `None` before the standby holds one.
+    pub(crate) fn consistent_point_age(&self, now: Instant) -> Option<Duration> {
+        self.judge.age(now)
     }
 
     /// The connection and session are up.
@@ -399,6 +456,8 @@ impl ReplicaMachine {
         };
         self.durable = f.seq;
         self.full = false;
+        self.judge
+            .done(f.seq, summary.errors.is_empty() && summary.vanished == 0);
         // What failed is not dropped: it is tried again later, by itself, until it works.
         let errored: std::collections::HashSet<&RelPath> =
             summary.errors.iter().map(|e| &e.rel).collect();
@@ -463,6 +522,7 @@ impl ReplicaMachine {
     /// The last action (connect, reconcile, batch) failed. A batch goes back in the queue,
     /// still dated from its oldest change.
     pub(crate) fn failed(&mut self, failure: Failure, now: Instant) {
+        self.judge.failed();
         if let Some(f) = self.in_flight.take()
             && let Some(b) = f.batch
         {
@@ -514,6 +574,7 @@ impl ReplicaMachine {
         }
         self.conn = Conn::Down { retry_at: now };
         self.last_heard = None;
+        self.judge.failed();
     }
 
     /// Stops replicating for a reason someone must look at (the source is unusable); the
@@ -781,6 +842,9 @@ mod tests {
         assert_eq!(m.poll(t), Action::Reconcile);
         m.done(Summary::default(), t);
         assert_eq!(m.state(), ReplicaState::Streaming);
+        // The reconcile's consistency is not checked here (see the batch's, below).
+        assert_eq!(m.poll(t), Action::Barrier);
+        m.check_dropped();
     }
 
     #[test]
@@ -817,7 +881,25 @@ mod tests {
         assert!(
             matches!(ev.last(), Some(Event::Replicated { changes: 1, lag, .. }) if *lag == ms(13))
         );
-        assert_eq!(m.poll(t0 + ms(714)), Action::Wait(None));
+        // Nothing changed since: the batch's consistency is checked before anything else,
+        // by a barrier through the hints, and the standby told.
+        assert_eq!(m.consistent_point_age(t0 + ms(714)), None);
+        assert_eq!(m.poll(t0 + ms(714)), Action::Barrier);
+        let id = CHECK_BARRIER | 1;
+        m.barrier_placed(id, t0 + ms(714));
+        assert_eq!(
+            m.poll(t0 + ms(714)),
+            Action::Wait(Some(t0 + ms(714) + super::super::consistency::BARRIER_WAIT))
+        );
+        m.push(Hint::Barrier { id }, t0 + ms(715));
+        let at = t0 + ms(715);
+        assert_eq!(m.poll(at), Action::Consistent { seq: 2, at });
+        m.consistent_held(2, at);
+        assert_eq!(m.consistent_point_age(t0 + ms(900)), Some(Duration::ZERO));
+        assert_eq!(m.poll(t0 + ms(716)), Action::Wait(None));
+        // A change since: a failover to the point would lose it.
+        m.push(Hint::Written(p("b")), t0 + ms(800));
+        assert_eq!(m.consistent_point_age(t0 + ms(900)), Some(ms(185)));
     }
 
     #[test]
@@ -879,6 +961,8 @@ mod tests {
         assert!(matches!(m.poll(t1 + ms(10)), Action::Send(_)));
         m.done(Summary::default(), t1 + ms(20));
         assert!(m.failing.is_empty());
+        // (No source to place a consistency check's barrier in here.)
+        m.check_dropped();
         assert_eq!(m.poll(t1 + Duration::from_secs(60)), Action::Wait(None));
     }
 

@@ -12,6 +12,7 @@
 //! standby because of it.
 
 pub mod batcher;
+mod consistency;
 pub(crate) mod machine;
 pub(crate) mod replica;
 pub(crate) mod source;
@@ -143,7 +144,7 @@ pub struct Watch {
     /// How a source root is watched ([`source::Inotify`] unless told otherwise).
     open_source: source::Opener,
     /// The current source's hints, while one is open (flushes place barriers in it).
-    source: std::sync::Mutex<Option<Arc<dyn source::HintSource>>>,
+    source: Arc<std::sync::Mutex<Option<Arc<dyn source::HintSource>>>>,
     /// SRC as an absolute path, for status.
     tree: String,
     opts: WatchOptions,
@@ -169,6 +170,7 @@ impl Watch {
         sync.on_mass_delete = crate::model::guard::MassDelete::SkipDeletes;
         let mut replicas = Vec::new();
         let changed = Arc::new(Changed::default());
+        let source: Arc<std::sync::Mutex<Option<Arc<dyn source::HintSource>>>> = Arc::default();
         for (i, target) in targets.into_iter().enumerate() {
             if let Target::Local(dest) = &target {
                 crate::tree::operand::open_source(src)?;
@@ -195,7 +197,10 @@ impl Watch {
                     rate: opts.verify_rate,
                 },
                 machine::ReplicaMachine::new(cfg, now),
-                changed.clone(),
+                replica::Shared {
+                    changed: changed.clone(),
+                    source: source.clone(),
+                },
             )));
         }
         if let Some(k) = opts.quorum
@@ -212,7 +217,7 @@ impl Watch {
             src: src.to_path_buf(),
             primary: std::sync::Mutex::new(None),
             open_source: source::Inotify::open,
-            source: std::sync::Mutex::new(None),
+            source,
             tree: crate::tree::operand::shown_absolute(src),
             alerts: Arc::new(Alerts::new(opts.alerts.clone())),
             opts,
@@ -538,6 +543,17 @@ impl Watch {
             })
             .collect();
         self.push(hints, Instant::now());
+        // A consistency check's barrier has done its work once every replica has it.
+        let (checks, barriers): (Vec<u64>, Vec<u64>) = barriers
+            .into_iter()
+            .partition(|id| id & consistency::CHECK_BARRIER != 0);
+        if !checks.is_empty()
+            && let Some(source) = self.source.lock().unwrap().clone()
+        {
+            for id in checks {
+                source.clear_barrier(id);
+            }
+        }
         if !barriers.is_empty() {
             let at = Instant::now();
             let mut book = self.flushes.lock().unwrap();

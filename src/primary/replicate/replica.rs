@@ -4,7 +4,9 @@
 
 use super::Observer;
 use super::batcher::Hint;
+use super::consistency::CHECK_BARRIER;
 use super::machine::{Action, Failure, Heard, ReplicaMachine};
+use super::source::HintSource;
 use crate::error::Error;
 use crate::model::guard::{Absences, Continuity, Scan, Ticket};
 use crate::model::progress::Silent;
@@ -49,6 +51,14 @@ struct Current {
     busy_since: Option<Instant>,
 }
 
+/// What the replicator shares with every replica.
+pub(crate) struct Shared {
+    /// Told of every change to a machine (flushes wait on it).
+    pub(crate) changed: Arc<super::Changed>,
+    /// The source's hints, while one is open.
+    pub(crate) source: Arc<Mutex<Option<Arc<dyn HintSource>>>>,
+}
+
 /// One standby: its machine, its connector, and the session the driver holds.
 pub(crate) struct Replica {
     /// The standby as named on the command line.
@@ -81,6 +91,8 @@ pub(crate) struct Replica {
     /// The filesystems mounted in the source root, followed since it was opened (`None`:
     /// the mount table cannot be read, and every scan is judged as a new source's).
     mounts: Mutex<Option<Mounts>>,
+    /// The source's hints, while one is open (consistency checks place barriers in it).
+    source: Arc<Mutex<Option<Arc<dyn HintSource>>>>,
 }
 
 impl Replica {
@@ -91,8 +103,9 @@ impl Replica {
         sync_opts: SyncOptions,
         verify: VerifyPlan,
         machine: ReplicaMachine,
-        changed: Arc<super::Changed>,
+        shared: Shared,
     ) -> Replica {
+        let Shared { changed, source } = shared;
         Replica {
             name,
             src,
@@ -111,6 +124,7 @@ impl Replica {
             gate: Mutex::new(None),
             continuity: Mutex::new(Continuity::default()),
             mounts: Mutex::new(None),
+            source,
         }
     }
 
@@ -261,6 +275,7 @@ impl Replica {
             standby_space: m.standby_space(),
             standby_full: m.full,
             protocol: m.is_connected().then_some(protocol).flatten(),
+            consistent_point_age_seconds: m.consistent_point_age(now).map(|d| d.as_secs_f64()),
         }
     }
 
@@ -346,7 +361,39 @@ impl Replica {
                     self.with(|m| m.repaired(r.map_err(|e| failure_of(&e)), now));
                 }
                 Action::StartVerify => self.start_verify(),
+                Action::Barrier => self.place_check_barrier(),
+                Action::Consistent { seq, at } => {
+                    let wall = SystemTime::now() - Instant::now().saturating_duration_since(at);
+                    let at_ms = crate::model::clock::unix_ms(wall);
+                    let told = match session.as_mut() {
+                        Some(s) => s.consistent(seq, at_ms),
+                        None => Ok(false),
+                    };
+                    tracing::debug!("consistency check: batch {seq} told: {told:?}");
+                    match told {
+                        Ok(true) => self.with(|m| m.consistent_held(seq, at)),
+                        Ok(false) => self.with(|m| m.check_dropped()),
+                        Err(e) => self.report(Err(e), &mut session),
+                    }
+                }
             }
+        }
+    }
+
+    /// Places the barrier of a consistency check in the source's hints (numbered apart
+    /// from the flushes'); without a source the check is dropped. The machine is told
+    /// first: the barrier may come back before `place_barrier` returns.
+    fn place_check_barrier(&self) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = CHECK_BARRIER | NEXT.fetch_add(1, Ordering::Relaxed);
+        let Some(source) = self.source.lock().unwrap().clone() else {
+            self.with(|m| m.check_dropped());
+            return;
+        };
+        self.with(|m| m.barrier_placed(id, Instant::now()));
+        if let Err(e) = source.place_barrier(id) {
+            tracing::debug!("cannot place a consistency check's barrier: {e}");
+            self.with(|m| m.check_dropped());
         }
     }
 

@@ -275,6 +275,20 @@ impl<'m> Session<'m> {
         Ok(bytes)
     }
 
+    /// Tells the standby its tree is at a consistent point: every change of batch `seq` is
+    /// durable there and this tree stood so at `at_ms` (DESIGN §10). Returns once the
+    /// standby has recorded it; `false` from a standby before protocol 7, which has none.
+    ///
+    /// # Errors
+    /// The standby could not record it, or the connection failed.
+    pub fn consistent(&mut self, seq: u64, at_ms: u64) -> Result<bool, Error> {
+        if !self.caps.consistent {
+            return Ok(false);
+        }
+        let held = hold_consistent(&mut self.ch, seq, at_ms).map_err(peer_error);
+        held.map(|()| true).map_err(|e| self.ends.link.explain(e))
+    }
+
     /// Lists `scopes` on both sides at once (hashing content when `checksum`): the primary's
     /// manifest and the standby's.
     ///
@@ -371,6 +385,19 @@ impl<'m> Session<'m> {
             started,
             wire_before,
         })
+    }
+}
+
+/// `Consistent` on the control stream, then wait for the standby to hold it.
+fn hold_consistent(ch: &mut Channel, seq: u64, at_ms: u64) -> Result<(), ProtocolError> {
+    ch.send(&Message::Consistent { seq, at_ms })?;
+    ch.flush()?;
+    loop {
+        match ch.recv()? {
+            Message::ConsistentHeld { seq: s } if s == seq => return Ok(()),
+            Message::Ack { .. } => {}
+            other => return Err(ProtocolError::unexpected(&other, "ConsistentHeld")),
+        }
     }
 }
 

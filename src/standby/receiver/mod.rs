@@ -107,6 +107,11 @@ fn open<'s>(
         }
     };
     let read_only = agreed.said.mode == SessionMode::ReadOnly;
+    if !read_only && !agreed.caps.consistent {
+        standby
+            .forget_consistency()
+            .map_err(|e| Error::io("cannot drop the consistent point", e))?;
+    }
     let session = StandbySession {
         standby,
         read_only,

@@ -61,7 +61,7 @@ pub(super) fn op_loop<R: Read, W: SendHalf>(
         s,
         r,
         w,
-        batch: CommitGroup::new(s.standby.durability()),
+        batch: CommitGroup::new(s.standby.durability()).journaled(s.standby.journal()),
         dirs: Dirs::new(s),
         xattrs: None,
         buf: Vec::new(),
@@ -202,6 +202,7 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
                 self.w.flush()?;
                 Ok(Then::Read)
             }
+            Message::Consistent { seq, at_ms } if self.control => self.consistent(seq, at_ms),
             Message::Close if self.control => self.close(),
             other => Err(ProtocolError::unexpected(&other, "an operation")),
         }
@@ -223,6 +224,22 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
             }
             other => other.map(|()| Then::End),
         }
+    }
+
+    /// `Consistent`: the tree is at a consistent point; recorded durably (a new window of
+    /// the undo log opens), then `ConsistentHeld`. A standby that cannot record it says so
+    /// and ends the session: the primary must not count on a point this tree lacks.
+    fn consistent(&mut self, seq: u64, at_ms: u64) -> Result<Then, ProtocolError> {
+        self.acknowledge()?;
+        if let Err(e) = self.s.standby.hold_consistent(seq, at_ms) {
+            return Err(ProtocolError::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot record the consistent point of batch {seq}: {e}"),
+            )));
+        }
+        self.w.send(&Message::ConsistentHeld { seq })?;
+        self.w.flush()?;
+        Ok(Then::Read)
     }
 
     /// `Close`: the last batch is committed and acknowledged, then `Closed` ends the
@@ -315,9 +332,12 @@ fn send_acks<W: Write>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{Primary, meta, path};
+    use super::super::testing::{Primary, flush, meta, path};
     use crate::error::Error;
     use crate::error::ProtocolError;
+    use crate::model::epoch::Position;
+    use crate::model::manifest::MetaTarget;
+    use crate::tree::undo::testing::snapshot;
     use crate::wire::protocol::{Message, SessionMode};
 
     #[test]
@@ -394,5 +414,96 @@ mod tests {
             "{e}"
         );
         assert!(!p.tree().join("d").exists());
+    }
+
+    /// Everything a session writes while a window of the undo log is open (files new and
+    /// replaced, a directory and a file in it, a directory renamed, a subtree deleted, an
+    /// attribute fix) is undone by the roll-back: the tree is again what it was at the
+    /// window's consistent point, to the directories' times.
+    #[test]
+    fn a_window_rolls_the_sessions_writes_back_to_the_consistent_point() {
+        let p = Primary::start_with(SessionMode::Write, |t| {
+            std::fs::write(t.join("a"), b"a0").unwrap();
+            std::fs::create_dir_all(t.join("d")).unwrap();
+            std::fs::write(t.join("d/x"), b"x0").unwrap();
+            std::fs::create_dir_all(t.join("e/deep")).unwrap();
+            std::fs::write(t.join("e/deep/z"), b"z0").unwrap();
+            for (f, s) in [
+                ("a", 1),
+                ("d/x", 2),
+                ("e/deep/z", 3),
+                ("e/deep", 4),
+                ("e", 5),
+                ("d", 6),
+            ] {
+                let f = std::fs::File::open(t.join(f)).unwrap();
+                f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+                    .unwrap();
+            }
+        });
+        p.standby
+            .open_window(Position { epoch: 1, seq: 3 }, 55)
+            .unwrap();
+        let before = snapshot(p.tree());
+        let mut lane = p.stream();
+        let small = |lane: &mut crate::wire::channel::Channel, id, to: &str, data: &[u8]| {
+            lane.send(&Message::SmallFile {
+                id,
+                path: path(to),
+                meta: meta(0o644, 1_700_000_000),
+                len: data.len() as u64,
+            })
+            .unwrap();
+            lane.w.write_raw(data).unwrap();
+        };
+        small(&mut lane, 1, "a", b"a1");
+        small(&mut lane, 2, "n", b"n1");
+        lane.send(&Message::Mkdir {
+            id: 3,
+            path: path("f"),
+        })
+        .unwrap();
+        small(&mut lane, 4, "f/g", b"g1");
+        let ops = [
+            Message::Rename {
+                id: 5,
+                from: path("d"),
+                to: path("h"),
+            },
+            Message::Delete {
+                id: 6,
+                path: path("e"),
+            },
+            Message::SetMeta {
+                id: 7,
+                path: path("h/x"),
+                meta: meta(0o600, 9),
+                target: MetaTarget::File,
+            },
+        ];
+        for m in &ops {
+            lane.send(m).unwrap();
+        }
+        small(&mut lane, 8, "a", b"a2");
+        let acks = flush(&mut lane, 1);
+        assert_eq!(acks.len(), 8, "{acks:?}");
+        assert!(acks.iter().all(|(_, e)| e.is_none()), "{acks:?}");
+        let t = p.tree();
+        assert_eq!(std::fs::read(t.join("a")).unwrap(), b"a2");
+        assert_eq!(std::fs::read(t.join("h/x")).unwrap(), b"x0");
+        assert!(!t.join("e").exists() && !t.join("d").exists());
+        // What a change destroyed waits in the undo area, not in the tree.
+        assert!(t.join(".hotsync/undo/log").exists());
+
+        let rolled = p.standby.roll_back().unwrap().unwrap();
+        assert_eq!(rolled.base, Position { epoch: 1, seq: 3 });
+        assert!(rolled.unkept.is_empty());
+        assert_eq!(snapshot(t), before);
+        assert!(
+            p.standby.roll_back().unwrap().is_none(),
+            "the window is closed"
+        );
+        drop(lane);
+        p.close().unwrap();
     }
 }

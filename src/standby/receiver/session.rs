@@ -67,7 +67,7 @@ impl StandbySession<'_> {
     }
 
     /// The extended attributes to set, unless this session leaves them alone.
-    fn xattrs_to<'a>(&'a self, x: &'a Xattrs) -> Option<fsroot::XattrsTo<'a>> {
+    pub(super) fn xattrs_to<'a>(&'a self, x: &'a Xattrs) -> Option<fsroot::XattrsTo<'a>> {
         (!self.xattrs.is_none()).then_some((x, &self.xattrs))
     }
 
@@ -104,6 +104,20 @@ impl StandbySession<'_> {
     /// Directories may have moved or gone: every stream drops its cached handles.
     pub(super) fn tree_changed(&self) {
         self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs `f` on the tree's open window of the undo log; `None` when no window is open
+    /// (or the session only reads).
+    pub(super) fn with_journal<T>(
+        &self,
+        f: impl FnOnce(&mut crate::tree::undo::Journal) -> T,
+    ) -> Option<T> {
+        if self.read_only {
+            return None;
+        }
+        let slot = self.standby.journal();
+        let mut j = slot.lock().unwrap();
+        j.as_mut().map(f)
     }
 
     /// Where this writing session makes its temps.

@@ -65,22 +65,16 @@ pub(super) fn stage_bytes(dirs: &mut Dirs, file: &Incoming, data: &[u8]) -> io::
         return Err(e);
     }
     s.wrote(data.len() as u64);
-    Ok(staged(
-        file.id,
-        dir,
-        name.to_vec(),
-        t,
-        file.keep,
-        data.len() as u64,
-    ))
+    Ok(staged(file, dir, name.to_vec(), t, data.len() as u64))
 }
 
 /// The complete file `t`, staged to become `name` in `dir`; its descriptor kept when
 /// `keep` asks (or when it is all there is of an unnamed file).
-fn staged(id: u64, dir: Arc<OwnedFd>, name: Vec<u8>, t: NewTemp, keep: bool, bytes: u64) -> Staged {
-    let keep = keep || matches!(t.temp, Temp::Unnamed { .. });
+fn staged(file: &Incoming, dir: Arc<OwnedFd>, name: Vec<u8>, t: NewTemp, bytes: u64) -> Staged {
+    let keep = file.keep || matches!(t.temp, Temp::Unnamed { .. });
     Staged {
-        id,
+        id: file.id,
+        path: file.path.clone(),
         dir,
         temp: t.temp,
         name,
@@ -112,7 +106,7 @@ pub(super) fn stage_symlink(
         let _ = rustix::fs::unlinkat(&*temp_dir, temp.as_slice(), AtFlags::empty());
         return Err(e);
     }
-    Ok(Staged::named(id, dir, (temp_dir, temp), name))
+    Ok(Staged::named(id, path, dir, (temp_dir, temp), name))
 }
 
 /// Stages another name for the regular file or symlink `target`. A symlink is linked
@@ -147,7 +141,7 @@ pub(super) fn stage_link(
             Err(e) => return Err(e.into()),
         }
     };
-    Ok(Staged::named(id, dir, (temp_dir, temp), name))
+    Ok(Staged::named(id, path, dir, (temp_dir, temp), name))
 }
 
 /// A temp being written for the entry `name` of `dir` (see [`crate::tree::atomic::Temp`]).
@@ -242,7 +236,7 @@ impl TempSink {
         match s.set_fd(t.file.as_fd(), &file.attrs) {
             Ok(()) => {
                 s.wrote(file.size);
-                Ok(staged(file.id, dir, name, t, file.keep, file.size))
+                Ok(staged(file, dir, name, t, file.size))
             }
             Err(e) => {
                 t.temp.discard();

@@ -23,6 +23,8 @@ pub(super) struct Primary {
     conn: LocalConnection,
     /// The control stream.
     pub(super) ctrl: Channel,
+    /// The standby the receiver writes.
+    pub(super) standby: Arc<Standby>,
     served: Option<JoinHandle<Result<SessionReport, Error>>>,
 }
 
@@ -39,7 +41,8 @@ impl Primary {
         let standby = Arc::new(Standby::open(tree.path(), Access::Write).unwrap());
         let (conn, end) = local::pair();
         let end: Arc<dyn Connection> = Arc::new(end);
-        let served = std::thread::spawn(move || super::serve(end, &standby, Peer::local()));
+        let serving = standby.clone();
+        let served = std::thread::spawn(move || super::serve(end, &serving, Peer::local()));
         let mut ctrl = Channel::open(&conn).unwrap();
         let hello = Hello {
             excludes: vec![],
@@ -51,6 +54,7 @@ impl Primary {
             tree,
             conn,
             ctrl,
+            standby,
             served: Some(served),
         }
     }

@@ -3,7 +3,7 @@
 //! and acknowledged once the batch is durable.
 
 use super::ops::{Ops, Then, check_writable};
-use super::session::{Attrs, op_error};
+use super::session::{Attrs, StandbySession, op_error};
 use super::stage::{stage_link, stage_symlink};
 use crate::error::ProtocolError;
 use crate::model::manifest::{Meta, MetaTarget};
@@ -11,10 +11,11 @@ use crate::model::path::RelPath;
 use crate::transport::SendHalf;
 use crate::tree::atomic::Touched;
 use crate::tree::fsroot::remove_tree;
+use crate::tree::undo::Change;
 use rustix::fs::{AtFlags, FileType, Mode};
 use rustix::io::Errno;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
 impl<R: Read, W: SendHalf> Ops<'_, R, W> {
@@ -28,9 +29,14 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
         check_writable(from)?;
         check_writable(to)?;
         let dirs = &mut self.dirs;
+        let s = self.s;
         let res = dirs.parent(from).and_then(|(fd, fname)| {
             let (td, tname) = dirs.parent(to)?;
-            rustix::fs::renameat(&*fd, fname, &*td, tname)?;
+            let change = Change::Rename { from, to };
+            match s.with_journal(|j| j.prepare(&change).and_then(|p| j.make(&change, &p))) {
+                Some(r) => r?,
+                None => rustix::fs::renameat(&*fd, fname, &*td, tname)?,
+            }
             Ok(Touched::dirs(fd, td))
         });
         self.batch.record(id, res.map_err(|e| op_error(&e)));
@@ -43,10 +49,11 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
         if path.is_root() || path.is_reserved() {
             return Err(ProtocolError::Invalid(format!("refusing to remove {path}")));
         }
+        let s = self.s;
         match self
             .dirs
             .parent(path)
-            .and_then(|(d, name)| Ok((remove_tree(d.as_fd(), name)?, d)))
+            .and_then(|(d, name)| Ok((remove(s, path, d.as_fd(), name)?, d)))
         {
             Ok((n, d)) => {
                 self.s
@@ -65,7 +72,12 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
     /// `Mkdir`: a directory at `path`, unless one is there already.
     pub(super) fn mkdir(&mut self, id: u64, path: &RelPath) -> Result<Then, ProtocolError> {
         check_writable(path)?;
+        let s = self.s;
         let res = self.dirs.parent(path).and_then(|(d, name)| {
+            if rustix::fs::statat(&*d, name, AtFlags::SYMLINK_NOFOLLOW).is_err() {
+                s.with_journal(|j| j.prepare(&Change::Mkdir { path }))
+                    .transpose()?;
+            }
             make_dir(&d, name)?;
             Ok(Touched::dir(d))
         });
@@ -88,7 +100,18 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
         let s = self.s;
         let res = self.dirs.parent(path).and_then(|(d, name)| {
             check_type(&d, name, target)?;
-            s.set_at(d.as_fd(), name, &a, target != MetaTarget::Symlink)?;
+            let with_mode = target != MetaTarget::Symlink;
+            s.with_journal(|j| {
+                j.prepare(&Change::Attrs {
+                    path,
+                    meta: &a.meta,
+                    owners: s.owners(),
+                    with_mode,
+                    xattrs: s.xattrs_to(&a.x),
+                })
+            })
+            .transpose()?;
+            s.set_at(d.as_fd(), name, &a, with_mode)?;
             // A symlink cannot be fsynced: its directory's fsync is all there is.
             Ok(match target {
                 MetaTarget::Symlink => Touched::dir(d),
@@ -135,6 +158,47 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
 /// Makes the directory `name` in `dir`; one already there will do. A receiver that is not
 /// root gives itself write permission on a read-only parent (its mode is restored with the
 /// parent's attributes).
+/// Removes `name` in `dir` (the entry at `path`) with everything beneath it: into the undo
+/// area while a window is open (then, across filesystems, for good and said so in the
+/// log), else for good. Returns the number of entries removed.
+fn remove(s: &StandbySession, path: &RelPath, dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<u64> {
+    let moved = s.with_journal(|j| {
+        let n = count_entries(dir, name)?;
+        let change = Change::Remove { path };
+        let prepared = j.prepare(&change)?;
+        match j.make(&change, &prepared) {
+            Err(e) if e.raw_os_error() == Some(Errno::XDEV.raw_os_error()) => {
+                j.unkept(path)?;
+                remove_tree(dir, name)
+            }
+            other => other.map(|()| n),
+        }
+    });
+    match moved {
+        Some(r) => r,
+        None => remove_tree(dir, name),
+    }
+}
+
+/// How many entries `name` in `dir` is, with everything beneath it (never following a
+/// symlink); 0 when it is missing.
+fn count_entries(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<u64> {
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+        return Ok(1);
+    }
+    let sub = crate::tree::fsroot::open_subdir(dir, name)?;
+    let mut n = 1;
+    for child in crate::tree::fsroot::list_dir(sub.as_fd())? {
+        n += count_entries(sub.as_fd(), &child)?;
+    }
+    Ok(n)
+}
+
 fn make_dir(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
     match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
         Ok(()) => Ok(()),
