@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A node: its home (identity, control socket) and its tree.
 struct Node {
@@ -100,22 +100,27 @@ fn moment(trial: u64) -> Duration {
     Duration::from_millis(250 + x % 700)
 }
 
-#[test]
-fn git_is_usable_on_the_standby_after_a_sudden_primary_death() {
-    if !have_git() {
-        println!("skipped: git is not installed (Debian package git)");
-        return;
-    }
-    const TRIALS: u64 = 5;
-    let mut lost = Vec::new();
-    for trial in 0..TRIALS {
+/// An application on the primary, as a drill sees it.
+trait App {
+    /// Sets it up in the primary's tree.
+    fn prepare(&self, tree: &Path);
+    /// Its writer, running in `tree` until killed, in a process group of its own.
+    fn writer(&self, tree: &Path) -> Child;
+    /// Its own checker on the promoted tree: `Err` says what is broken. `Ok` carries the
+    /// work it holds (commits, transactions), to tell what the failover lost.
+    fn check(&self, tree: &Path) -> Result<u64, String>;
+}
+
+/// `trials` failovers of `app`: each time the primary's node dies at a random moment
+/// while the application writes, and the application must be usable on the promoted
+/// standby. Returns, per trial, the work lost and the changes rolled back.
+fn drill(app: &dyn App, trials: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for trial in 0..trials {
         let base = tempfile::tempdir().unwrap();
         let a = Node::new(base.path(), "a");
         let b = Node::new(base.path(), "b");
-        assert!(git(&a.tree, &["init", "-q"]).status.success());
-        write(&a.tree.join("n"), b"0\n");
-        assert!(git(&a.tree, &["add", "-A"]).status.success());
-        assert!(git(&a.tree, &["commit", "-q", "-m", "c0"]).status.success());
+        app.prepare(&a.tree);
 
         let _guard = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let server = Server::start_with(
@@ -135,12 +140,11 @@ fn git_is_usable_on_the_standby_after_a_sudden_primary_death() {
         wait_for("a first consistent point", Duration::from_secs(10), || {
             b.state()["consistent"].is_object().then_some(())
         });
-        let mut writer = commit_loop(&a.tree);
+        let mut writer = app.writer(&a.tree);
         std::thread::sleep(moment(trial));
         die(&mut writer, &mut watch);
-        let commits_primary = count_commits(&a.tree);
+        let done_on_primary = app.check(&a.tree).unwrap_or(0);
 
-        let started = Instant::now();
         let r = run([
             OsString::from("--home"),
             b.home.clone().into(),
@@ -154,25 +158,145 @@ fn git_is_usable_on_the_standby_after_a_sudden_primary_death() {
         let report: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
         assert_eq!(report["consistent"], true, "{report}");
         assert!(report["consistent_point"].is_string(), "{report}");
-
-        let fsck = git(&b.tree, &["fsck", "--full"]);
+        let held = app.check(&b.tree).unwrap_or_else(|why| {
+            panic!(
+                "trial {trial}: the application is broken on the promoted standby: {why}\n{report}"
+            )
+        });
         assert!(
-            fsck.status.success(),
-            "trial {trial}: git fsck on the promoted standby failed:\n{}\n{report}",
-            String::from_utf8_lossy(&fsck.stderr)
+            held <= done_on_primary,
+            "the standby holds work the primary never did"
         );
-        let commits_standby = count_commits(&b.tree);
-        assert!(commits_standby >= 1 && commits_standby <= commits_primary);
-        lost.push((
-            commits_primary - commits_standby,
+        out.push((
+            done_on_primary - held,
             report["rolled_back"].as_u64().unwrap_or(0),
-            started.elapsed(),
         ));
         drop(server);
     }
-    println!(
-        "git drill, {TRIALS} trials: (commits lost, changes rolled back, promote time) {lost:?}"
-    );
+    out
+}
+
+struct Git;
+
+impl App for Git {
+    fn prepare(&self, tree: &Path) {
+        assert!(git(tree, &["init", "-q"]).status.success());
+        write(&tree.join("n"), b"0\n");
+        assert!(git(tree, &["add", "-A"]).status.success());
+        assert!(git(tree, &["commit", "-q", "-m", "c0"]).status.success());
+    }
+
+    fn writer(&self, tree: &Path) -> Child {
+        commit_loop(tree)
+    }
+
+    fn check(&self, tree: &Path) -> Result<u64, String> {
+        let fsck = git(tree, &["fsck", "--full"]);
+        if !fsck.status.success() {
+            return Err(format!(
+                "git fsck --full: {}",
+                String::from_utf8_lossy(&fsck.stderr)
+            ));
+        }
+        Ok(count_commits(tree))
+    }
+}
+
+#[test]
+fn git_is_usable_on_the_standby_after_a_sudden_primary_death() {
+    if !have_git() {
+        println!("skipped: git is not installed (Debian package git)");
+        return;
+    }
+    let lost = drill(&Git, 5);
+    println!("git drill: (commits lost, changes rolled back) per trial: {lost:?}");
+}
+
+/// A bank in SQLite: 100 accounts of 1000, transfers between them as fast as the `sqlite3`
+/// shell goes, each one transaction that also counts itself. The invariant: the balances
+/// always sum to 100000.
+struct Bank {
+    /// `wal` or `delete` (a rollback journal).
+    journal: &'static str,
+}
+
+const BANK: &str = "bank.db";
+
+fn sqlite(tree: &Path, sql: &str) -> std::process::Output {
+    Command::new("sqlite3")
+        .args(["-batch", BANK, sql])
+        .current_dir(tree)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn have_sqlite() -> bool {
+    Command::new("sqlite3")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+impl App for Bank {
+    fn prepare(&self, tree: &Path) {
+        let sql = format!(
+            "PRAGMA journal_mode={}; CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER); \
+             CREATE TABLE done(n INTEGER); WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL \
+             SELECT i+1 FROM k WHERE i<100) INSERT INTO acct SELECT i, 1000 FROM k;",
+            self.journal
+        );
+        let o = sqlite(tree, &sql);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+
+    fn writer(&self, tree: &Path) -> Child {
+        Command::new("sh")
+            .args([
+                "-c",
+                "while :; do sqlite3 -batch bank.db \"BEGIN IMMEDIATE; \
+                 UPDATE acct SET bal=bal-7 WHERE id=abs(random())%100+1; \
+                 UPDATE acct SET bal=bal+7 WHERE id=(SELECT id FROM acct ORDER BY random() LIMIT 1); \
+                 INSERT INTO done VALUES(1); COMMIT;\" >/dev/null; done",
+            ])
+            .current_dir(tree)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    fn check(&self, tree: &Path) -> Result<u64, String> {
+        let o = sqlite(
+            tree,
+            "PRAGMA integrity_check; SELECT sum(bal) FROM acct; SELECT count(*) FROM done;",
+        );
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let lines: Vec<&str> = out.lines().collect();
+        if !o.status.success() || lines.len() != 3 || lines[0] != "ok" {
+            return Err(format!("{out}{}", String::from_utf8_lossy(&o.stderr)));
+        }
+        if lines[1] != "100000" {
+            return Err(format!("the balances sum to {}, not 100000", lines[1]));
+        }
+        lines[2].parse().map_err(|e| format!("{e}: {out}"))
+    }
+}
+
+#[test]
+fn sqlite_is_usable_on_the_standby_after_a_sudden_primary_death() {
+    if !have_sqlite() {
+        println!("skipped: sqlite3 is not installed (Debian package sqlite3)");
+        return;
+    }
+    for journal in ["wal", "delete"] {
+        let lost = drill(&Bank { journal }, 3);
+        println!(
+            "SQLite ({journal}) drill: (transactions lost, changes rolled back) per trial: {lost:?}"
+        );
+    }
 }
 
 fn count_commits(dir: &Path) -> u64 {
