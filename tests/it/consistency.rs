@@ -6,35 +6,9 @@
 use crate::helpers::*;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-/// A node: its home (identity, control socket) and its tree.
-struct Node {
-    home: PathBuf,
-    tree: PathBuf,
-    id: String,
-}
-
-impl Node {
-    fn new(base: &Path, name: &str) -> Node {
-        let home = base.join(format!("{name}-home"));
-        let tree = base.join(name);
-        std::fs::create_dir_all(&tree).unwrap();
-        let id = keygen(&home);
-        Node { home, tree, id }
-    }
-
-    fn pre(&self) -> Vec<OsString> {
-        vec!["--home".into(), self.home.clone().into()]
-    }
-
-    fn state(&self) -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(self.tree.join(".hotsync/state")).unwrap_or_default())
-            .unwrap_or_default()
-    }
-}
 
 /// `git` with `args` in `dir`, as a checker: its status and output.
 fn git(dir: &Path, args: &[&str]) -> std::process::Output {
@@ -54,9 +28,10 @@ fn git(dir: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn have_git() -> bool {
-    Command::new("git")
-        .arg("--version")
+/// Whether `prog` runs (asked with `arg`).
+fn installed(prog: &str, arg: &str) -> bool {
+    Command::new(prog)
+        .arg(arg)
         .output()
         .is_ok_and(|o| o.status.success())
 }
@@ -118,8 +93,9 @@ fn drill(app: &dyn App, trials: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     for trial in 0..trials {
         let base = tempfile::tempdir().unwrap();
-        let a = Node::new(base.path(), "a");
-        let b = Node::new(base.path(), "b");
+        let a = Peer::new(base.path(), "a");
+        let b = Peer::new(base.path(), "b");
+        let pre: Vec<OsString> = vec!["--home".into(), a.home.clone().into()];
         app.prepare(&a.tree);
 
         let _guard = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -130,7 +106,7 @@ fn drill(app: &dyn App, trials: u64) -> Vec<(u64, u64)> {
             &["--json", "--consistency", "consistent"],
         );
         let mut watch = Watch::start(
-            &a.pre(),
+            &pre,
             &a.tree,
             server.url().as_ref(),
             &["--server-id", &server.id],
@@ -204,7 +180,7 @@ impl App for Git {
 
 #[test]
 fn git_is_usable_on_the_standby_after_a_sudden_primary_death() {
-    if !have_git() {
+    if !installed("git", "--version") {
         println!("skipped: git is not installed (Debian package git)");
         return;
     }
@@ -229,13 +205,6 @@ fn sqlite(tree: &Path, sql: &str) -> std::process::Output {
         .stdin(Stdio::null())
         .output()
         .unwrap()
-}
-
-fn have_sqlite() -> bool {
-    Command::new("sqlite3")
-        .arg("-version")
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 impl App for Bank {
@@ -287,7 +256,7 @@ impl App for Bank {
 
 #[test]
 fn sqlite_is_usable_on_the_standby_after_a_sudden_primary_death() {
-    if !have_sqlite() {
+    if !installed("sqlite3", "-version") {
         println!("skipped: sqlite3 is not installed (Debian package sqlite3)");
         return;
     }

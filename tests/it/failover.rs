@@ -4,25 +4,9 @@
 
 use crate::helpers::*;
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// A node: its home (identity, control sockets) and its tree.
-struct Node {
-    home: PathBuf,
-    tree: PathBuf,
-    id: String,
-}
-
-impl Node {
-    fn new(base: &Path, name: &str) -> Node {
-        let home = base.join(format!("{name}-home"));
-        let tree = base.join(name);
-        std::fs::create_dir_all(&tree).unwrap();
-        let id = keygen(&home);
-        Node { home, tree, id }
-    }
-
+impl Peer {
     /// `hotsync --home HOME ARGS...`.
     fn run(&self, args: &[&str]) -> Run {
         let mut a: Vec<OsString> = vec!["--home".into(), self.home.clone().into()];
@@ -31,7 +15,7 @@ impl Node {
     }
 
     /// `serve --root TREE --json` allowing `primary`.
-    fn serve(&self, primary: &Node) -> Server {
+    fn serve(&self, primary: &Peer) -> Server {
         Server::start_with(&self.tree, &self.home, &[&primary.id], &["--json"])
     }
 
@@ -47,10 +31,6 @@ impl Node {
         self.tree.to_str().unwrap()
     }
 
-    fn state(&self) -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(self.tree.join(".hotsync/state")).unwrap()).unwrap()
-    }
-
     fn promote(&self, extra: &[&str]) -> Run {
         let mut a = vec!["promote", "--root", self.tree_arg(), "--json"];
         a.extend_from_slice(extra);
@@ -63,7 +43,7 @@ impl Node {
 }
 
 /// Waits until the serve of `n` has heard its primary's position, with nothing pending.
-fn heard_caught_up(n: &Node) {
+fn heard_caught_up(n: &Peer) {
     wait_for(
         "the standby to hear its primary caught up",
         Duration::from_secs(5),
@@ -115,7 +95,7 @@ fn server_event(s: &Server, name: &str) -> serde_json::Value {
 
 /// Files to replicate, then a pause: rejoin counts changes within a margin of the last
 /// confirmation as unconfirmed, and these are meant to be confirmed.
-fn seed(n: &Node) {
+fn seed(n: &Peer) {
     for i in 0..30 {
         write(&n.tree.join(format!("d{}/f{i}", i % 3)), &noise(3000, i));
     }
@@ -127,8 +107,8 @@ fn seed(n: &Node) {
 fn failover_fences_the_old_primary_and_failback_keeps_what_it_wrote_late() {
     let base = tempfile::tempdir().unwrap();
     let base = base.path();
-    let a = Node::new(base, "a");
-    let b = Node::new(base, "b");
+    let a = Peer::new(base, "a");
+    let b = Peer::new(base, "b");
     seed(&a);
     let (hook_script, hook_log) = hook(base);
     let hook_script = hook_script.to_str().unwrap().to_string();
@@ -299,15 +279,15 @@ fn failover_fences_the_old_primary_and_failback_keeps_what_it_wrote_late() {
 fn kill_9_during_promote_or_rejoin_leaves_the_old_or_the_new_epoch() {
     let base = tempfile::tempdir().unwrap();
     let base = base.path();
-    let a = Node::new(base, "a");
-    let b = Node::new(base, "b");
+    let a = Peer::new(base, "a");
+    let b = Peer::new(base, "b");
     seed(&a);
     // B: a standby of A at epoch 1 (through a one-off sync and its serve).
     let sb = b.serve(&a);
     let r = a.run(&["sync", a.tree_arg(), &sb.url(), "--server-id", &sb.id]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     drop(sb);
-    let epoch_of = |n: &Node| -> (String, u64) {
+    let epoch_of = |n: &Peer| -> (String, u64) {
         let st = n.state();
         (
             st["role"].as_str().unwrap().into(),
@@ -399,8 +379,8 @@ fn kill_9_during_promote_or_rejoin_leaves_the_old_or_the_new_epoch() {
 fn a_torn_or_garbage_state_file_is_a_clear_error_everywhere() {
     let base = tempfile::tempdir().unwrap();
     let base = base.path();
-    let a = Node::new(base, "a");
-    let b = Node::new(base, "b");
+    let a = Peer::new(base, "a");
+    let b = Peer::new(base, "b");
     seed(&a);
     for (what, bytes) in [
         ("torn", &b"{\"format\": 1, \"role\": \"sta"[..]),
@@ -438,9 +418,9 @@ fn a_torn_or_garbage_state_file_is_a_clear_error_everywhere() {
 fn two_primaries_of_one_epoch_are_refused_until_one_is_rejoined() {
     let base = tempfile::tempdir().unwrap();
     let base = base.path();
-    let a = Node::new(base, "a");
-    let b = Node::new(base, "b");
-    let c = Node::new(base, "c");
+    let a = Peer::new(base, "a");
+    let b = Peer::new(base, "b");
+    let c = Peer::new(base, "c");
     seed(&a);
     // B and C: both standbys of A at epoch 1; both promoted to epoch 2 (A gone, and two
     // operators each promoted one).
@@ -485,10 +465,10 @@ fn two_primaries_of_one_epoch_are_refused_until_one_is_rejoined() {
 fn check_says_which_node_is_fit_for_which_role() {
     let base = tempfile::tempdir().unwrap();
     let base = base.path();
-    let a = Node::new(base, "a");
-    let b = Node::new(base, "b");
+    let a = Peer::new(base, "a");
+    let b = Peer::new(base, "b");
     seed(&a);
-    let check = |n: &Node, role: &str| {
+    let check = |n: &Peer, role: &str| {
         let r = n.run(&["check", "--role", role, "--root", n.tree_arg()]);
         assert_eq!(r.stdout.trim().lines().count(), 1, "{}", r.stdout);
         (r.code, r.stdout)
@@ -527,15 +507,15 @@ fn check_says_which_node_is_fit_for_which_role() {
 fn a_returning_primary_learns_it_was_superseded_and_only_then_rejoins_if_fenced() {
     let base = tempfile::tempdir().unwrap();
     let base = base.path();
-    let a = Node::new(base, "a");
-    let b = Node::new(base, "b");
+    let a = Peer::new(base, "a");
+    let b = Peer::new(base, "b");
     seed(&a);
-    let check = |n: &Node| {
+    let check = |n: &Peer| {
         let r = n.run(&["check", "--role", "auto", "--root", n.tree_arg()]);
         assert_eq!(r.stdout.trim().lines().count(), 1, "{}", r.stdout);
         (r.code, r.stdout)
     };
-    let rejoin_if_fenced = |n: &Node| {
+    let rejoin_if_fenced = |n: &Peer| {
         let r = n.run(&["rejoin", "--root", n.tree_arg(), "--if-fenced", "--json"]);
         assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
         r.json()
@@ -615,8 +595,8 @@ fn a_returning_primary_learns_it_was_superseded_and_only_then_rejoins_if_fenced(
 fn failback_keeps_an_unacknowledged_write(before_first_ack: bool) {
     let base = tempfile::tempdir().unwrap();
     let base = base.path();
-    let a = Node::new(base, "a");
-    let b = Node::new(base, "b");
+    let a = Peer::new(base, "a");
+    let b = Peer::new(base, "b");
     for i in 0..400 {
         write(&a.tree.join(format!("d{}/f{i}", i % 10)), &noise(3000, i));
     }

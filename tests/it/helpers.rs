@@ -1320,3 +1320,29 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
     }
 }
+
+/// A node of a failover test: its home (identity, control sockets) and its tree.
+pub struct Peer {
+    pub home: PathBuf,
+    pub tree: PathBuf,
+    pub id: String,
+}
+
+impl Peer {
+    /// A node `name` under `base`, with an identity of its own.
+    pub fn new(base: &Path, name: &str) -> Peer {
+        let home = base.join(format!("{name}-home"));
+        let tree = base.join(name);
+        std::fs::create_dir_all(&tree).unwrap();
+        let id = keygen(&home);
+        Peer { home, tree, id }
+    }
+
+    /// Its tree's `.hotsync/state` (`null` while there is none).
+    pub fn state(&self) -> serde_json::Value {
+        std::fs::read(self.tree.join(".hotsync/state"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
