@@ -315,20 +315,35 @@ impl Standby {
     /// so at `at_ms`. Recorded durably, then the undo log starts a new window from there
     /// (nothing before it can be undone any more).
     pub(crate) fn hold_consistent(&self, seq: u64, at_ms: u64) -> io::Result<()> {
-        let mut st = self.state();
-        let position = Position {
-            epoch: st.epoch,
-            seq,
+        let point = |st: &mut TreeState| {
+            let position = Position {
+                epoch: st.epoch,
+                seq,
+            };
+            st.acknowledge(position);
+            st.consistent = Some(crate::model::epoch::ConsistentPoint { position, at_ms });
+            position
         };
-        st.acknowledge(position);
-        st.consistent = Some(crate::model::epoch::ConsistentPoint { position, at_ms });
-        st.updated = crate::model::clock::now_rfc3339();
-        self.write_state(&st)?;
         self.changed_since_point
             .store(false, std::sync::atomic::Ordering::Relaxed);
         match *self.consistency.lock().unwrap() {
-            crate::model::epoch::Consistency::Consistent => self.open_window(position, at_ms),
-            crate::model::epoch::Consistency::Latest => self.close_window(),
+            crate::model::epoch::Consistency::Consistent => {
+                // Durable before the window moves: a crash between must find the point
+                // the log goes back to.
+                let mut st = self.state();
+                let position = point(&mut st);
+                st.updated = crate::model::clock::now_rfc3339();
+                self.write_state(&st)?;
+                self.open_window(position, at_ms)
+            }
+            crate::model::epoch::Consistency::Latest => {
+                // Only a record here (nothing is undone to it): written with the positions,
+                // at most once a second, so the primary's next batch does not wait on it.
+                point(&mut self.state.lock().unwrap());
+                self.unsaved.lock().unwrap().0 = true;
+                self.save_if_due(Instant::now(), false);
+                self.close_window()
+            }
         }
     }
 

@@ -739,7 +739,18 @@ impl Server {
 
     /// Like [`Server::start`], on a given port (to restart a standby where it was).
     pub fn start_on(root: &Path, home: &Path, allow: &[&str], port: u16) -> Server {
-        let s = Server::spawn(root, home, allow, port, &[]);
+        Server::start_on_with(root, home, allow, port, &[])
+    }
+
+    /// [`Server::start_on`] with `extra` arguments.
+    pub fn start_on_with(
+        root: &Path,
+        home: &Path,
+        allow: &[&str],
+        port: u16,
+        extra: &[&str],
+    ) -> Server {
+        let s = Server::spawn(root, home, allow, port, extra);
         assert_eq!(s.port, port);
         s
     }
