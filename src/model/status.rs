@@ -259,6 +259,25 @@ pub struct Instance {
     /// A watch's inotify watch set.
     #[serde(default)]
     pub watches: Option<WatchSet>,
+    /// A serve's consistent point (DESIGN §10).
+    #[serde(default)]
+    pub consistency: Option<ConsistencyStatus>,
+}
+
+/// A standby's consistent point, as its `serve` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsistencyStatus {
+    /// `consistent` (a promotion rolls back to the point) or `latest`.
+    pub policy: crate::model::epoch::Consistency,
+    /// When the primary's tree stood as the point (RFC 3339, the primary's clock), and the
+    /// batch it followed; `None`: the tree has none.
+    pub point: Option<String>,
+    pub position: Option<Position>,
+    /// The tree is at the point now (nothing was made durable here since).
+    pub at_point: bool,
+    /// How long ago the point was (by this node's clock against the primary's), 0 while
+    /// the tree is at it: what a failover to it loses.
+    pub age_seconds: Option<f64>,
 }
 
 /// A watch's inotify watch set: set up in the background, directory by directory, while

@@ -495,6 +495,7 @@ mod tests {
             sync: None,
             quorum: None,
             watches: None,
+            consistency: None,
         }
     }
     fn alerts() -> Alerts {

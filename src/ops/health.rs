@@ -205,6 +205,7 @@ mod tests {
             sync: None,
             quorum: None,
             watches: None,
+            consistency: None,
         }
     }
     fn replica(state: ReplicaState, lag: f64) -> ReplicaStatus {

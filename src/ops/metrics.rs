@@ -178,6 +178,15 @@ pub(crate) fn render(inst: &Instance, openmetrics: bool) -> String {
         "alert_firing",
         "1 for each alert of --alert-lag, --alert-free and the others now firing",
     );
+    if let Some(c) = &inst.consistency
+        && let Some(age) = c.age_seconds
+    {
+        let g = s.gauge(
+            "standby_consistent_point_age_seconds",
+            "How long ago the standby's last consistent point was, 0 while the tree is at it: what a failover to it loses",
+        );
+        set(&g, &vec![], age);
+    }
     let space = SpaceGauges::new(&mut s);
     for r in &inst.replicas {
         let l = labels(&[("standby", &r.standby)]);
@@ -522,6 +531,7 @@ mod tests {
             sync: None,
             quorum: None,
             watches: None,
+            consistency: None,
         };
         let text = render(&inst, false);
         assert!(text.contains("hotsync_epoch 3.0"), "{text}");

@@ -485,6 +485,29 @@ impl Standby {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// The tree's consistent point as `status` shows it, at `wall`.
+    pub(crate) fn consistency_status(
+        &self,
+        wall: SystemTime,
+    ) -> crate::model::status::ConsistencyStatus {
+        let point = self.state().consistent;
+        let at_point = point.is_some() && !self.changed_since_point();
+        let at = point.map(|p| std::time::UNIX_EPOCH + Duration::from_millis(p.at_ms));
+        crate::model::status::ConsistencyStatus {
+            policy: *self.consistency.lock().unwrap(),
+            point: at.map(crate::model::clock::rfc3339),
+            position: point.map(|p| p.position),
+            at_point,
+            age_seconds: at.map(|t| {
+                if at_point {
+                    0.0
+                } else {
+                    wall.duration_since(t).unwrap_or_default().as_secs_f64()
+                }
+            }),
+        }
+    }
+
     /// Whether a change may have been made here since the last consistent point.
     pub(crate) fn changed_since_point(&self) -> bool {
         self.changed_since_point

@@ -88,6 +88,7 @@ impl Control for Serving {
             sync: None,
             quorum: None,
             watches: None,
+            consistency: Some(self.standby.consistency_status(wall)),
         };
         i.assess();
         i

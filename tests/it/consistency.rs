@@ -114,6 +114,15 @@ fn drill(app: &dyn App, trials: u64, serve_dies: bool) -> Vec<(u64, u64)> {
         wait_for("a first consistent point", Duration::from_secs(10), || {
             b.state()["consistent"].is_object().then_some(())
         });
+        // Its serve says so: the tree is at the point, which a failover would lose nothing of.
+        let (_, st) = status(&b.home);
+        let c = &st["instances"][0]["consistency"];
+        assert_eq!(c["policy"], "consistent", "{st}");
+        assert_eq!(
+            (&c["at_point"], &c["age_seconds"]),
+            (&true.into(), &0.0.into()),
+            "{st}"
+        );
         let mut writer = app.writer(&a.tree);
         if serve_dies {
             std::thread::sleep(moment(trial + 100) / 2);

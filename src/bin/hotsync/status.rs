@@ -163,12 +163,38 @@ fn render(i: &Instance) -> String {
                 let _ = writeln!(o, "    no background verify yet");
             }
         }
+        match r.consistent_point_age_seconds {
+            Some(0.0) => {
+                let _ = writeln!(o, "    at a consistent point (nothing changed since)");
+            }
+            Some(a) => {
+                let _ = writeln!(o, "    last consistent point {} ago", ago(a));
+            }
+            None => {}
+        }
         if let Some(sp) = &r.standby_space {
             let _ = writeln!(o, "    standby disk: {}", space_line(sp));
         }
         if let Some(e) = &r.last_error {
             let _ = writeln!(o, "    last error: {e}");
         }
+    }
+    if let Some(c) = &i.consistency {
+        let policy = match c.policy {
+            hotsync::model::epoch::Consistency::Consistent => "a failover rolls back to it",
+            hotsync::model::epoch::Consistency::Latest => "--consistency latest",
+        };
+        let _ = match (&c.point, c.age_seconds) {
+            (Some(at), _) if c.at_point => {
+                writeln!(o, "  at the consistent point of {at} ({policy})")
+            }
+            (Some(at), Some(age)) => writeln!(
+                o,
+                "  last consistent point {at}, {} ago ({policy})",
+                ago(age)
+            ),
+            _ => writeln!(o, "  no consistent point yet ({policy})"),
+        };
     }
     for p in &i.primaries {
         let _ = writeln!(

@@ -283,6 +283,7 @@ impl crate::ops::control::Control for Watch {
                     setup_seconds: st.seconds,
                 }
             }),
+            consistency: None,
         };
         i.assess();
         i
