@@ -25,6 +25,9 @@ const HOOK_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AlertConfig {
     pub lag: Option<Duration>,
     pub free_percent: Option<f64>,
+    /// The oldest a standby's last consistent point may be (while the tree has changed
+    /// since): what a consistent failover would lose.
+    pub consistency_window: Option<Duration>,
     /// The program and its arguments.
     pub hook: Option<Vec<String>>,
 }
@@ -47,7 +50,7 @@ impl AlertConfig {
 /// A change of an alert's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fired {
-    /// `lag`, `free`, `disconnected`, `disk_full`, `verify` or `fenced`.
+    /// `lag`, `free`, `disconnected`, `disk_full`, `verify`, `consistency` or `fenced`.
     pub alert: &'static str,
     pub standby: String,
     pub firing: bool,
@@ -133,6 +136,37 @@ impl Alerts {
                     ),
                 },
             );
+        }
+        let window = self.cfg.consistency_window;
+        let mut point = |standby: &str, age: f64, max: Duration| {
+            let v = format!("{age:.1}s");
+            let whose = if standby.is_empty() {
+                "this standby".to_string()
+            } else {
+                standby.to_string()
+            };
+            push(
+                "consistency",
+                standby,
+                age > max.as_secs_f64(),
+                v.clone(),
+                format!(
+                    "the last consistent point of {whose} is {v} old (window {:.1}s): a \
+                     failover to it would lose what changed since",
+                    max.as_secs_f64()
+                ),
+            );
+        };
+        if let (Some(max), Some(age)) = (
+            window,
+            inst.consistency.as_ref().and_then(|c| c.age_seconds),
+        ) {
+            point("", age, max);
+        }
+        for r in &inst.replicas {
+            if let (Some(max), Some(age)) = (window, r.consistent_point_age_seconds) {
+                point(&r.standby, age, max);
+            }
         }
         for r in &inst.replicas {
             let s = &r.standby;
@@ -502,6 +536,7 @@ mod tests {
         Alerts::new(AlertConfig {
             lag: Some(Duration::from_secs(1)),
             free_percent: Some(10.0),
+            consistency_window: Some(Duration::from_secs(2)),
             hook: None,
         })
     }
@@ -554,6 +589,35 @@ mod tests {
         assert_eq!(names, ["disconnected", "disk_full", "free"]);
         let free = fired.iter().find(|f| f.alert == "free").unwrap();
         assert_eq!(free.value, "5.0%");
+    }
+
+    /// A standby whose last consistent point grows old while the tree changes fires
+    /// `consistency`; one at its point (age 0) or with none told yet does not.
+    #[test]
+    fn an_old_consistent_point_alerts() {
+        let a = alerts();
+        let (t0, w) = (Instant::now(), SystemTime::now());
+        let with_age = |age: Option<f64>| {
+            let mut r = replica(0.0, 50);
+            r.consistent_point_age_seconds = age;
+            instance(r)
+        };
+        let mut fired = Vec::new();
+        for (ms, age) in [(0, Some(0.0)), (3000, None), (6000, Some(1.5))] {
+            fired.extend(a.evaluate(&with_age(age), t0 + s(ms), w));
+        }
+        assert!(fired.is_empty(), "{fired:?}");
+        for ms in (7000..11_000).step_by(500) {
+            fired.extend(a.evaluate(&with_age(Some(9.0)), t0 + s(ms), w));
+        }
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        assert_eq!((fired[0].alert, fired[0].firing), ("consistency", true));
+        assert_eq!(fired[0].value, "9.0s");
+        assert!(
+            fired[0].message.contains("window 2.0s"),
+            "{}",
+            fired[0].message
+        );
     }
 
     #[test]

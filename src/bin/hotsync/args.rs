@@ -147,6 +147,10 @@ pub struct Monitoring {
     /// Alert when the standby's free space (bytes or inodes) falls below PERCENT
     #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
     pub alert_free: Option<f64>,
+    /// Alert when a standby's last consistent point is older than DURATION while the tree
+    /// has changed since (what a consistent failover would lose; e.g. 2s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub consistency_window: Option<std::time::Duration>,
     /// Run this program when an alert fires and when it clears (no shell: the program and
     /// its arguments, split on spaces; HOTSYNC_ALERT, HOTSYNC_STATE, HOTSYNC_VALUE and
     /// HOTSYNC_STANDBY in its environment)

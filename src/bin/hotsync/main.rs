@@ -204,6 +204,7 @@ fn alert_config(m: &Monitoring) -> anyhow::Result<hotsync::ops::alert::AlertConf
     Ok(hotsync::ops::alert::AlertConfig {
         lag: m.alert_lag,
         free_percent: m.alert_free,
+        consistency_window: m.consistency_window,
         hook,
     })
 }
