@@ -26,6 +26,7 @@ pub struct MonitorConfig {
     pub metrics: Option<String>,
     pub alert_lag: Option<Duration>,
     pub alert_free: Option<f64>,
+    pub consistency_window: Option<Duration>,
     pub on_alert: Option<String>,
 }
 
@@ -35,6 +36,8 @@ pub struct ServeConfig {
     pub root: Option<PathBuf>,
     pub listen: Option<String>,
     pub allow: Vec<String>,
+    /// What a promotion gives back (`consistency = "consistent"` or `"latest"`).
+    pub consistency: Option<crate::model::epoch::Consistency>,
     pub monitor: MonitorConfig,
 }
 
@@ -67,6 +70,7 @@ struct RawMonitor {
     metrics: Option<Spanned<String>>,
     alert_lag: Option<Spanned<String>>,
     alert_free: Option<Spanned<f64>>,
+    consistency_window: Option<Spanned<String>>,
     on_alert: Option<Spanned<String>>,
 }
 
@@ -76,6 +80,7 @@ macro_rules! monitor_of {
             metrics: $r.metrics,
             alert_lag: $r.alert_lag,
             alert_free: $r.alert_free,
+            consistency_window: $r.consistency_window,
             on_alert: $r.on_alert,
         }
     };
@@ -103,6 +108,7 @@ struct Raw {
     metrics: Option<Spanned<String>>,
     alert_lag: Option<Spanned<String>>,
     alert_free: Option<Spanned<f64>>,
+    consistency_window: Option<Spanned<String>>,
     on_alert: Option<Spanned<String>>,
     serve: Option<RawServe>,
 }
@@ -122,9 +128,11 @@ struct RawServe {
     listen: Option<String>,
     #[serde(default)]
     allow: Vec<Spanned<String>>,
+    consistency: Option<crate::model::epoch::Consistency>,
     metrics: Option<Spanned<String>>,
     alert_lag: Option<Spanned<String>>,
     alert_free: Option<Spanned<f64>>,
+    consistency_window: Option<Spanned<String>>,
     on_alert: Option<Spanned<String>>,
 }
 
@@ -244,6 +252,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<FileConfig> {
         Ok(MonitorConfig {
             metrics: m.metrics.map(Spanned::into_inner),
             alert_lag: duration("alert-lag", m.alert_lag)?,
+            consistency_window: duration("consistency-window", m.consistency_window)?,
             alert_free: m
                 .alert_free
                 .map(|v| {
@@ -303,6 +312,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<FileConfig> {
             Ok(ServeConfig {
                 root: s.root.map(resolve),
                 listen: s.listen,
+                consistency: s.consistency,
                 monitor: monitor(monitor_of!(s))?,
                 allow: s.allow.into_iter().map(Spanned::into_inner).collect(),
             })
@@ -366,6 +376,7 @@ mod tests {
              metrics = \"127.0.0.1:9478\"\n\
              alert-lag = \"30s\"\n\
              alert-free = 10\n\
+             consistency-window = \"5s\"\n\
              on-alert = \"/usr/local/bin/page me\"\n\
              \n\
              [[standby]]\n\
@@ -378,6 +389,7 @@ mod tests {
              \n\
              [serve]\n\
              root = \"/srv/standby\"\n\
+             consistency = \"consistent\"\n\
              allow = [\"{ID}\"]\n"
         );
         let c = parse_at(&text).unwrap();
@@ -389,6 +401,7 @@ mod tests {
             (Some(1), Some(Duration::from_secs(2)))
         );
         assert_eq!(c.monitor.alert_free, Some(10.0));
+        assert_eq!(c.monitor.consistency_window, Some(Duration::from_secs(5)));
         assert_eq!((c.no_xattrs, c.no_acls), (None, Some(true)));
         assert_eq!(c.standbys.len(), 2);
         assert_eq!(c.standbys[0].name.as_deref(), Some("rack"));
@@ -396,6 +409,10 @@ mod tests {
         let s = c.serve.unwrap();
         assert_eq!(s.root, Some(PathBuf::from("/srv/standby")));
         assert_eq!(s.allow, vec![ID.to_string()]);
+        assert_eq!(
+            s.consistency,
+            Some(crate::model::epoch::Consistency::Consistent)
+        );
     }
 
     #[test]

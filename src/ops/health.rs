@@ -142,8 +142,10 @@ pub fn standby(f: &Facts) -> Result<String, String> {
             ));
         }
         return Ok(format!(
-            "standby of {} in epoch {}, lag {lag:.1} s",
-            p.primary, i.epoch
+            "standby of {} in epoch {}, lag {lag:.1} s{}",
+            p.primary,
+            i.epoch,
+            point_of(i)
         ));
     }
     let gone = |p: &PrimaryStatus| match p.last_heartbeat_age_seconds {
@@ -159,11 +161,12 @@ pub fn standby(f: &Facts) -> Result<String, String> {
     match last {
         Some((p, lag)) if lag <= f.max_lag => Ok(format!(
             "{}; fit to be promoted: current within {lag:.1} s when {} was last heard, position \
-             {}:{}",
+             {}:{}{}",
             gone(p),
             p.primary,
             p.position.epoch,
-            p.position.seq
+            p.position.seq,
+            point_of(i)
         )),
         Some((p, lag)) => Err(format!(
             "{}, and it was {lag:.1} s behind {} when last heard: not fit to be promoted",
@@ -171,6 +174,19 @@ pub fn standby(f: &Facts) -> Result<String, String> {
             p.primary
         )),
         None => Err("no primary has replicated to it yet: not fit to be promoted".into()),
+    }
+}
+
+/// What a standby's consistent point is, for the end of its line: at it, or how old the
+/// last one is (what a failover to it loses); nothing before it has one.
+fn point_of(i: &Instance) -> String {
+    match &i.consistency {
+        Some(c) if c.at_point => "; at its consistent point".into(),
+        Some(c) => match c.age_seconds {
+            Some(age) => format!("; last consistent point {age:.1} s old"),
+            None => String::new(),
+        },
+        None => String::new(),
     }
 }
 
@@ -355,6 +371,25 @@ mod tests {
                 .unwrap_err()
                 .contains("rejoin")
         );
+    }
+
+    #[test]
+    fn a_standby_says_how_old_its_consistent_point_is() {
+        let mut i = instance("serve");
+        i.primaries = vec![primary_seen(false, Some(0.3), 0.0, 9)];
+        let point = |at_point, age| crate::model::status::ConsistencyStatus {
+            policy: crate::model::epoch::Consistency::Consistent,
+            point: Some("2026-12-07T23:16:53.589Z".into()),
+            position: Some(Position { epoch: 1, seq: 9 }),
+            at_point,
+            age_seconds: Some(age),
+        };
+        i.consistency = Some(point(true, 0.0));
+        let ok = standby(&facts(Some(&i), None)).unwrap();
+        assert!(ok.ends_with("; at its consistent point"), "{ok}");
+        i.consistency = Some(point(false, 4.25));
+        let ok = standby(&facts(Some(&i), None)).unwrap();
+        assert!(ok.ends_with("; last consistent point 4.2 s old"), "{ok}");
     }
 
     #[test]

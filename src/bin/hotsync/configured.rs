@@ -65,6 +65,18 @@ pub fn apply(cli: &mut Cli, matches: &ArgMatches) -> anyhow::Result<()> {
             if !given("allow") && !s.allow.is_empty() {
                 a.allow = s.allow.clone();
             }
+            if !given("consistency")
+                && let Some(c) = s.consistency
+            {
+                a.consistency = match c {
+                    hotsync::model::epoch::Consistency::Consistent => {
+                        crate::args::ConsistencyArg::Consistent
+                    }
+                    hotsync::model::epoch::Consistency::Latest => {
+                        crate::args::ConsistencyArg::Latest
+                    }
+                };
+            }
             monitoring(&s.monitor, &mut a.monitoring, &given);
         }
         _ => {}
@@ -132,6 +144,11 @@ fn monitoring(cfg: &MonitorConfig, m: &mut Monitoring, given: &dyn Fn(&str) -> b
     set_opt(&mut m.metrics, cfg.metrics.clone(), given("metrics"));
     set_opt(&mut m.alert_lag, cfg.alert_lag, given("alert_lag"));
     set_opt(&mut m.alert_free, cfg.alert_free, given("alert_free"));
+    set_opt(
+        &mut m.consistency_window,
+        cfg.consistency_window,
+        given("consistency_window"),
+    );
     set_opt(&mut m.on_alert, cfg.on_alert.clone(), given("on_alert"));
 }
 
