@@ -6,7 +6,7 @@
 use crate::helpers::*;
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -55,15 +55,22 @@ fn commit_loop(dir: &Path) -> Child {
         .unwrap()
 }
 
-/// The node's death: the writer's process group and the watch stopped in one instant,
-/// then killed.
-fn die(writer: &mut Child, watch: &mut Watch) {
+/// The node's death: the writer's process group, the application's other processes
+/// (`also`) and the watch stopped in one instant, then killed.
+fn die(writer: &mut Child, also: &[i32], watch: &mut Watch) {
     use rustix::process::{Pid, Signal, kill_process, kill_process_group};
     let group = Pid::from_raw(writer.id() as i32).unwrap();
     let w = Pid::from_raw(watch.child.id() as i32).unwrap();
+    let others: Vec<Pid> = also.iter().filter_map(|&p| Pid::from_raw(p)).collect();
     let _ = kill_process_group(group, Signal::STOP);
+    for &p in &others {
+        let _ = kill_process(p, Signal::STOP);
+    }
     let _ = kill_process(w, Signal::STOP);
     let _ = kill_process_group(group, Signal::KILL);
+    for &p in &others {
+        let _ = kill_process(p, Signal::KILL);
+    }
     let _ = kill_process(w, Signal::KILL);
     let _ = writer.wait();
     let _ = watch.child.wait();
@@ -84,6 +91,11 @@ trait App {
     /// Its own checker on the promoted tree: `Err` says what is broken. `Ok` carries the
     /// work it holds (commits, transactions), to tell what the failover lost.
     fn check(&self, tree: &Path) -> Result<u64, String>;
+    /// Processes of the application besides its writer that die with the node (a
+    /// database server), found in `tree`.
+    fn freeze(&self, _tree: &Path) -> Vec<i32> {
+        Vec::new()
+    }
 }
 
 /// `trials` failovers of `app`: each time the primary's node dies at a random moment
@@ -138,7 +150,8 @@ fn drill(app: &dyn App, trials: u64, serve_dies: bool) -> Vec<(u64, u64)> {
             });
         }
         std::thread::sleep(moment(trial));
-        die(&mut writer, &mut watch);
+        let also = app.freeze(&a.tree);
+        die(&mut writer, &also, &mut watch);
         let done_on_primary = app.check(&a.tree).unwrap_or(0);
 
         let r = run([
@@ -307,4 +320,253 @@ fn count_commits(dir: &Path) -> u64 {
         .trim()
         .parse()
         .unwrap_or(0)
+}
+
+/// PostgreSQL from Debian (15 here), run as the unprivileged `postgres` user on loopback, with
+/// pgbench as its client. The application here is the server and its client together:
+/// both are frozen with the watch. The checker starts a server on the promoted copy and
+/// asks pgbench's invariant: every table's balances sum to the history's deltas.
+struct Postgres {
+    bin: PathBuf,
+    port: u16,
+}
+
+const PGDATA: &str = "pg";
+
+impl Postgres {
+    /// The newest PostgreSQL Debian installed, when this test can run it.
+    fn find() -> Option<Postgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .map(|v| PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))?;
+        let ok = bin.join("postgres").exists()
+            && bin.join("pgbench").exists()
+            && rustix::process::getuid().is_root()
+            && Command::new("id")
+                .arg("postgres")
+                .output()
+                .is_ok_and(|o| o.status.success());
+        ok.then(|| Postgres {
+            bin,
+            port: 20_000 + (std::process::id() % 20_000) as u16,
+        })
+    }
+
+    /// `prog args...` as the `postgres` user, in `dir`.
+    fn as_pg(&self, dir: &Path, prog: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(self.bin.join(prog))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null());
+        c
+    }
+
+    fn ctl(&self, tree: &Path, args: &[&str]) -> std::process::Output {
+        // TCP on loopback only; the server's log in its data directory (it must not hold
+        // the test's pipes open).
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=on",
+            self.port
+        );
+        let log = format!("{PGDATA}/server.log");
+        let mut a = vec![
+            "-D",
+            PGDATA,
+            "-o",
+            opts.as_str(),
+            "-l",
+            log.as_str(),
+            "-w",
+            "-t",
+            "20",
+        ];
+        a.extend_from_slice(args);
+        self.as_pg(tree, "pg_ctl", &a).output().unwrap()
+    }
+
+    fn psql(&self, tree: &Path, sql: &str) -> std::process::Output {
+        let port = self.port.to_string();
+        self.as_pg(
+            tree,
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-AtX",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ],
+        )
+        .output()
+        .unwrap()
+    }
+
+    /// The postmaster's PID, from its pid file.
+    fn postmaster(&self, tree: &Path) -> Option<i32> {
+        let text = std::fs::read_to_string(tree.join(PGDATA).join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+}
+
+/// Every process whose parent is `pid`, and theirs.
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            // "pid (comm) state ppid ...": the comm may hold spaces; take what follows ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|s| s.parse::<i32>().ok());
+            if ppid == Some(parent) && !all.contains(&p) {
+                all.push(p);
+            }
+        }
+        i += 1;
+    }
+    all
+}
+
+impl App for Postgres {
+    fn prepare(&self, tree: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        // The postgres user must reach the tree.
+        let mut d = tree.to_path_buf();
+        while let Some(p) = d.parent() {
+            let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755));
+            if p == Path::new("/tmp") || p == Path::new("/") {
+                break;
+            }
+            d = p.to_path_buf();
+        }
+        let data = tree.join(PGDATA);
+        std::fs::create_dir(&data).unwrap();
+        let chown = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let init = self
+            .as_pg(
+                tree,
+                "initdb",
+                &["-D", PGDATA, "-A", "trust", "-U", "postgres"],
+            )
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "{}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let up = self.ctl(tree, &["start"]);
+        assert!(
+            up.status.success(),
+            "{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+        let port = self.port.to_string();
+        let i = self
+            .as_pg(
+                tree,
+                "pgbench",
+                &["-h", "127.0.0.1", "-p", &port, "-i", "-q", "postgres"],
+            )
+            .output()
+            .unwrap();
+        assert!(i.status.success(), "{}", String::from_utf8_lossy(&i.stderr));
+        assert!(self.psql(tree, "CHECKPOINT").status.success());
+    }
+
+    fn writer(&self, tree: &Path) -> Child {
+        let port = self.port.to_string();
+        self.as_pg(
+            tree,
+            "pgbench",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-c",
+                "2",
+                "-T",
+                "60",
+                "-n",
+                "postgres",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap()
+    }
+
+    fn check(&self, tree: &Path) -> Result<u64, String> {
+        // The primary's server is stopped, frozen or gone: a server starts on this copy as
+        // it would after a power cut.
+        let _ = self.ctl(tree, &["stop", "-m", "immediate"]);
+        let up = self.ctl(tree, &["start"]);
+        if !up.status.success() {
+            let log =
+                std::fs::read_to_string(tree.join(PGDATA).join("server.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            return Err(format!("the server does not start: {tail:?}"));
+        }
+        let q = self.psql(
+            tree,
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT coalesce(sum(delta), 0) FROM pgbench_history) \
+             AND (SELECT sum(bbalance) FROM pgbench_branches) = (SELECT coalesce(sum(delta), 0) FROM pgbench_history) \
+             AND (SELECT sum(tbalance) FROM pgbench_tellers) = (SELECT coalesce(sum(delta), 0) FROM pgbench_history), \
+             (SELECT count(*) FROM pgbench_history)",
+        );
+        let _ = self.ctl(tree, &["stop", "-m", "fast"]);
+        let out = String::from_utf8_lossy(&q.stdout).trim().to_string();
+        match out.split_once('|') {
+            Some(("t", n)) => n.parse().map_err(|e| format!("{e}: {out}")),
+            _ => Err(format!(
+                "pgbench's invariant does not hold: {out} {}",
+                String::from_utf8_lossy(&q.stderr)
+            )),
+        }
+    }
+
+    fn freeze(&self, tree: &Path) -> Vec<i32> {
+        self.postmaster(tree).map(descendants).unwrap_or_default()
+    }
+}
+
+#[test]
+fn postgres_starts_on_the_standby_after_a_sudden_primary_death() {
+    let Some(pg) = Postgres::find() else {
+        println!(
+            "skipped: needs root and PostgreSQL (Debian package postgresql, with pgbench) \
+             and its postgres user"
+        );
+        return;
+    };
+    let lost = drill(&pg, 3, false);
+    println!("PostgreSQL drill: (transactions lost, changes rolled back) per trial: {lost:?}");
 }
