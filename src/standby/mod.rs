@@ -155,21 +155,6 @@ impl Standby {
             if let Some(st) = read.transpose()?.flatten() {
                 *standby.state.lock().unwrap() = st;
             }
-            // A window a restart interrupted goes on: the tree is not at its consistent
-            // point until the next one, and a promote rolls back to it.
-            let resumed = standby.with_area(|a| match standby.root() {
-                Ok(root) => crate::tree::undo::Journal::resume(root, a.fd()),
-                Err(e) => Err(e),
-            });
-            match resumed.transpose() {
-                Ok(j) => *standby.journal.lock().unwrap() = j.flatten(),
-                Err(e) => {
-                    return Err(Error::Usage(format!(
-                        "cannot read the undo log in {}/.hotsync/undo: {e}",
-                        path.display()
-                    )));
-                }
-            }
             // A promotion that ended before its roll-back: the tree is a primary now and
             // must stand at its consistent point before anything reads it.
             if standby.state().role == Role::Primary && standby.journal.lock().unwrap().is_some() {
@@ -289,6 +274,15 @@ impl Standby {
                     "DEST {shown} is not writable: cannot prepare {shown}/.hotsync/tmp: {e}"
                 ))
             })?;
+        // A window a restart interrupted goes on: the tree is not at its consistent point
+        // until the next one, and a promote rolls back to it. Taken up with the lock, so
+        // that every window on disk is the one in memory.
+        let window = crate::tree::undo::Journal::resume(root, area.fd()).map_err(|e| {
+            LockError::NotWritable(format!(
+                "cannot read the undo log in {shown}/.hotsync/undo: {e}"
+            ))
+        })?;
+        *self.journal.lock().unwrap() = window;
         *self.temps.lock().unwrap() = Some(temps);
         *self.lock.lock().unwrap() = Some((area, lock));
         Ok(())
@@ -367,7 +361,11 @@ impl Standby {
     /// Closes the open window of the undo log, if any: what it kept is dropped.
     fn close_window(&self) -> io::Result<()> {
         let mut slot = self.journal.lock().unwrap();
-        *slot = None;
+        // No window in memory is none on disk either: one left by an earlier run is resumed
+        // at open. Under `latest` this is every consistent point: no I/O for nothing.
+        if slot.take().is_none() {
+            return Ok(());
+        }
         self.with_area(|a| crate::tree::undo::close(a.fd()))
             .unwrap_or(Ok(()))
     }

@@ -17,14 +17,13 @@ use crate::model::path::RelPath;
 use crate::model::plan::PlanOptions;
 use crate::model::progress::Monitor;
 use crate::model::summary::Summary;
-use crate::model::xattrs::Policy;
 use crate::primary::link::Link;
 use crate::standby::Position;
 use crate::tree::fsroot::Root;
 use crate::tree::scan::{ScanOptions, ScanOutcome};
 use crate::tree::walk::{Gate, Scopes};
 use crate::wire::channel::Channel;
-use crate::wire::handshake::{self, Hello, Welcome};
+use crate::wire::handshake::{self, Agreed, Hello, Welcome};
 use crate::wire::heartbeat::{self, Beating, Pulse};
 use crate::wire::protocol::{Caps, Message, SessionMode};
 use std::sync::Arc;
@@ -63,14 +62,10 @@ pub(crate) struct Session<'m> {
     pub(super) links: LinkIndex,
 }
 
-/// What the standby said when the session opened.
+/// The session as opened: its control stream, what both sides agreed, and its heartbeat.
 struct Opened {
     ch: Channel,
-    caps: Caps,
-    owners: bool,
-    position: Position,
-    /// The attributes both sides keep.
-    xattrs: Policy,
+    agreed: Agreed<Welcome>,
     beating: Option<Beating>,
 }
 
@@ -92,28 +87,21 @@ fn handshake(link: &Link, opts: &SyncOptions, pulse: Arc<dyn Pulse>) -> Result<O
         opts.xattrs
     })
     .map_err(peer_error)?;
-    let caps = agreed.caps;
-    let Welcome {
-        owners, position, ..
-    } = agreed.said;
-    let xattrs = agreed.xattrs;
-    let beating = caps
+    let beating = agreed
+        .caps
         .heartbeats
         .then(|| heartbeat::start(link.conn().clone(), pulse))
         .transpose()?;
     Ok(Opened {
         ch,
-        caps,
-        owners,
-        position,
-        xattrs,
+        agreed,
         beating,
     })
 }
 
 /// Says once what an older standby cannot mirror.
-fn warn_of_the_standby(o: &Opened) {
-    if !o.owners {
+fn warn_of_the_standby(o: &Agreed<Welcome>) {
+    if !o.said.owners {
         tracing::warn!("the standby does not run as root: owner and group are not preserved there");
     }
     if !o.caps.shapes {
@@ -158,15 +146,16 @@ impl<'m> Session<'m> {
     ) -> Result<Session<'m>, Error> {
         let filter = Filter::new(&opts.excludes).map_err(|e| Error::Usage(e.to_string()))?;
         let opened = handshake(&link, opts, pulse).map_err(|e| link.explain(e))?;
-        warn_of_the_standby(&opened);
         let Opened {
             ch,
-            caps,
-            owners,
-            position,
-            xattrs,
+            agreed,
             beating,
         } = opened;
+        warn_of_the_standby(&agreed);
+        let (caps, xattrs) = (agreed.caps, agreed.xattrs);
+        let Welcome {
+            owners, position, ..
+        } = agreed.said;
         Ok(Session {
             ends: Ends {
                 link,
