@@ -449,13 +449,26 @@ fn a_standby_remounted_read_only_and_back_catches_up_without_a_torn_file() {
     let t = fs.pair();
     let (_m, w) = watched(&t);
     let records = Records::start(&t.src, &t.dst);
+    // A read-only remount is refused (EBUSY) while the receiver has a file open for
+    // writing, which under a steady writer is often: try again, as an operator would.
     let remount = |how: &str| {
-        let ok = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,{how}")])
-            .arg(&fs.path)
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mount -o remount,{how} failed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = std::process::Command::new("mount")
+                .args(["-o", &format!("remount,{how}")])
+                .arg(&fs.path)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mount -o remount,{how} failed for 10 s: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     };
     std::thread::sleep(Duration::from_millis(800));
     remount("ro");
