@@ -390,6 +390,19 @@ pub(crate) trait DeltaSink: Write {
     fn copy_range(&mut self, _offset: u64, _len: u64) -> io::Result<bool> {
         Ok(false)
     }
+
+    /// Whether the output already holds the base at the same offsets (a clone of it, or
+    /// the base itself, patched): then what a delta copies from where it stands is
+    /// [`DeltaSink::skip`]ped, never written again.
+    fn holds_base(&self) -> bool {
+        false
+    }
+
+    /// Moves on `len` bytes, which the output already holds. Only asked of a sink that
+    /// [`DeltaSink::holds_base`].
+    fn skip(&mut self, _len: u64) -> io::Result<()> {
+        Err(io::Error::other("this output does not hold the base"))
+    }
 }
 
 impl DeltaSink for Vec<u8> {}
@@ -656,11 +669,10 @@ pub(crate) fn apply<R: ReadAt + ?Sized>(
     out: &mut impl DeltaSink,
     size: u64,
     known: &[Option<Hash>],
-) -> Result<(Hash, u64), DeltaError> {
+) -> Result<Applied, DeltaError> {
     let chunk = chunk_size(size);
     let mut hasher = ChunkedHasher::new(chunk);
     let mut buf = vec![0u8; IO_BUF];
-    let mut literal = 0u64;
     loop {
         let mut op = [0u8];
         ops.read_exact(&mut op)?;
@@ -679,7 +691,6 @@ pub(crate) fn apply<R: ReadAt + ?Sized>(
                     out.write_all(&buf[..n])?;
                     left -= n as u64;
                 }
-                literal += len;
             }
             OP_COPY => {
                 let offset = read_varint(ops)?;
@@ -693,15 +704,23 @@ pub(crate) fn apply<R: ReadAt + ?Sized>(
                 let mut done = 0u64;
                 while done < len {
                     let pos = hasher.len();
-                    if pos.is_multiple_of(chunk) && offset + done == pos {
+                    let in_place = offset + done == pos;
+                    if pos.is_multiple_of(chunk) && in_place {
                         let clen = chunk.min(size - pos);
                         if let Some(Some(d)) = known.get((pos / chunk) as usize)
                             && len - done >= clen
-                            && out.copy_range(pos, clen)?
                         {
-                            hasher.push_known(*d, clen);
-                            done += clen;
-                            continue;
+                            let copied = if out.holds_base() {
+                                out.skip(clen)?;
+                                true
+                            } else {
+                                out.copy_range(pos, clen)?
+                            };
+                            if copied {
+                                hasher.push_known(*d, clen);
+                                done += clen;
+                                continue;
+                            }
                         }
                     }
                     // Up to the next chunk boundary, so whole known chunks are seen there.
@@ -709,7 +728,11 @@ pub(crate) fn apply<R: ReadAt + ?Sized>(
                     let n = ((len - done).min(to_boundary) as usize).min(buf.len());
                     base.read_exact_at(&mut buf[..n], offset + done)?;
                     hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n])?;
+                    if in_place && out.holds_base() {
+                        out.skip(n as u64)?;
+                    } else {
+                        out.write_all(&buf[..n])?;
+                    }
                     done += n as u64;
                 }
             }
@@ -720,7 +743,17 @@ pub(crate) fn apply<R: ReadAt + ?Sized>(
     if hasher.len() != size {
         return Err(DeltaError::Malformed("delta ends before the file size"));
     }
-    Ok((hasher.finish().1, literal))
+    let (chunks, digest) = hasher.finish();
+    Ok(Applied { digest, chunks })
+}
+
+/// What applying a delta made.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    /// The new version's digest ([`ChunkedHasher`]).
+    pub(crate) digest: Hash,
+    /// The new version's chunk digests.
+    pub(crate) chunks: Vec<Hash>,
 }
 
 #[cfg(test)]
@@ -764,7 +797,7 @@ mod tests {
         let mut ops = Vec::new();
         let stats = enc.encode(new, new.len() as u64, &mut ops).unwrap();
         let mut out = Vec::new();
-        let (got, literal) = apply(
+        let Applied { digest: got, .. } = apply(
             &mut &ops[..],
             base,
             base.len() as u64,
@@ -775,7 +808,6 @@ mod tests {
         .unwrap();
         assert_eq!(out, new);
         assert_eq!(got, digest);
-        assert_eq!(literal, stats.literal);
         assert_eq!(stats.literal + stats.matched, new.len() as u64);
         (ops.len(), stats)
     }
@@ -810,10 +842,9 @@ mod tests {
             let stats = encode_literal(&new[..], new.len() as u64, &mut ops).unwrap();
             assert_eq!((stats.literal, stats.matched), (new.len() as u64, 0));
             let mut out = Vec::new();
-            let (digest, literal) =
+            let Applied { digest, .. } =
                 apply(&mut &ops[..], &[][..], 0, &mut out, new.len() as u64, &[]).unwrap();
             assert_eq!(out, new);
-            assert_eq!(literal, new.len() as u64);
             assert_eq!(
                 digest,
                 hash_chunks(&new[..], new.len() as u64, chunk_size(new.len() as u64))
@@ -904,6 +935,117 @@ mod tests {
         }
     }
 
+    /// A sink that already holds the base (a clone, or the base patched in place): it is
+    /// written only where the new version differs.
+    struct PatchingSink {
+        out: Vec<u8>,
+        pos: usize,
+        written: usize,
+    }
+    impl Write for PatchingSink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let end = self.pos + b.len();
+            if self.out.len() < end {
+                self.out.resize(end, 0);
+            }
+            self.out[self.pos..end].copy_from_slice(b);
+            self.pos = end;
+            self.written += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl DeltaSink for PatchingSink {
+        fn holds_base(&self) -> bool {
+            true
+        }
+        fn skip(&mut self, len: u64) -> io::Result<()> {
+            self.pos += len as usize;
+            Ok(())
+        }
+    }
+
+    /// The ops turning `base` into `new` as the receiver gets them, with the digests of
+    /// the base chunks the new version matches, and the new version's digest.
+    fn exchange(base: &[u8], new: &[u8]) -> (Vec<u8>, Vec<Option<Hash>>, Hash) {
+        let chunk = chunk_size(new.len() as u64);
+        let (chunks, digest) = hash_chunks(new, new.len() as u64, chunk).unwrap();
+        let (base_chunks, _) = hash_chunks(base, base.len() as u64, chunk).unwrap();
+        let sig = sign_with(
+            base,
+            base.len() as u64,
+            chunk,
+            &base_chunks,
+            &coarse_wire(&chunks),
+        )
+        .unwrap();
+        let known: Vec<Option<Hash>> = base_chunks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| bit(&sig.matched, i).then_some(*d))
+            .collect();
+        let enc = DeltaEncoder::new(base.len() as u64, chunk, sig).unwrap();
+        let mut ops = Vec::new();
+        enc.encode(new, new.len() as u64, &mut ops).unwrap();
+        (ops, known, digest)
+    }
+
+    /// Edited in place and appended to: an output that holds the base is written only
+    /// where the file changed, and comes out as the new version.
+    #[test]
+    fn an_output_holding_the_base_is_written_only_where_the_file_changed() {
+        let base = pseudo_random(5 << 20, 12);
+        let mut new = base.clone();
+        new[3_000_000..3_004_096].copy_from_slice(&pseudo_random(4096, 13));
+        new.extend_from_slice(&pseudo_random(4096, 14));
+        let (ops, known, digest) = exchange(&base, &new);
+        let mut sink = PatchingSink {
+            out: base.clone(),
+            pos: 0,
+            written: 0,
+        };
+        let size = new.len() as u64;
+        let Applied { digest: got, .. } = apply(
+            &mut &ops[..],
+            &base[..],
+            base.len() as u64,
+            &mut sink,
+            size,
+            &known,
+        )
+        .unwrap();
+        assert_eq!(got, digest);
+        assert!(sink.out == new, "the patched output is the new version");
+        assert!(
+            sink.written <= 4096 + 4096 + 2 * 8192,
+            "{} bytes written for 8 KiB changed",
+            sink.written
+        );
+        // Data shifted by an insertion at the front is written where it now lies.
+        let mut shifted = b"front".to_vec();
+        shifted.extend_from_slice(&base[..1 << 20]);
+        let (ops, known, digest) = exchange(&base[..1 << 20], &shifted);
+        let mut sink = PatchingSink {
+            out: base[..1 << 20].to_vec(),
+            pos: 0,
+            written: 0,
+        };
+        let size = shifted.len() as u64;
+        let Applied { digest: got, .. } = apply(
+            &mut &ops[..],
+            &base[..1 << 20],
+            1 << 20,
+            &mut sink,
+            size,
+            &known,
+        )
+        .unwrap();
+        assert_eq!(got, digest);
+        assert!(sink.out == shifted);
+    }
+
     #[test]
     fn known_chunks_are_copied_by_the_sink_and_not_rehashed() {
         let base = pseudo_random(5 << 20, 11);
@@ -934,7 +1076,7 @@ mod tests {
             out: Vec::new(),
             copied: 0,
         };
-        let (got, _) = apply(
+        let Applied { digest: got, .. } = apply(
             &mut &ops[..],
             &base[..],
             base.len() as u64,

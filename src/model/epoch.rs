@@ -91,14 +91,13 @@ pub struct ConsistentPoint {
 #[serde(rename_all = "lowercase")]
 pub enum Consistency {
     /// The last consistent point: every change after it is kept in an undo log on the
-    /// standby and rolled back at `promote`.
+    /// standby and rolled back at `promote`. The default: after a failover an operator
+    /// needs the application to start (a database that opens, a repository that checks),
+    /// even a moment older, more than every file at its freshest and the whole broken.
+    #[default]
     Consistent,
     /// Each file as fresh as it got (no undo log); the tree is said to be inconsistent
-    /// when changes came after the last consistent point. The default until a file that
-    /// only grows (a log appended every few milliseconds) no longer holds consistent
-    /// points back: until then `Consistent` would roll such a tree back further than its
-    /// replication lag.
-    #[default]
+    /// when changes came after the last consistent point.
     Latest,
 }
 

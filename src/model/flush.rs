@@ -24,6 +24,11 @@ pub(crate) struct Progress {
     pub connected: bool,
     /// Every change seen before this moment is durable on the standby.
     pub durable_before: Instant,
+    /// Where the standby rolls back to its last consistent point at a failover (DESIGN
+    /// §10): every change seen before this moment is in that point, so only then is a
+    /// flush safe across a failover. `None`: it keeps the latest of every file, and
+    /// durable is enough.
+    pub consistent_before: Option<Instant>,
     /// Its replication lag then, to report a standby that did not confirm.
     pub lag: Duration,
 }
@@ -33,6 +38,10 @@ pub(crate) struct Progress {
 pub struct Missing {
     pub standby: String,
     pub lag_seconds: f64,
+    /// It had everything durable, but no consistent point since the barrier (the tree
+    /// kept changing in more than one file): a failover would go back before the flush.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_consistent_point: bool,
 }
 
 /// How a flush ended.
@@ -243,6 +252,7 @@ impl Book {
                 .map(|p| Missing {
                     standby: p.standby.clone(),
                     lag_seconds: p.lag.as_secs_f64(),
+                    no_consistent_point: w.barrier.is_some_and(|b| durable(p, b)),
                 })
                 .collect();
             self.done.insert(
@@ -280,9 +290,14 @@ fn overdue(w: &Waiting, now: Instant) -> bool {
 /// barrier: a change seen at the barrier's very instant may belong before it.
 fn confirmed<'a>(w: &Waiting, standbys: &'a [Progress]) -> impl Iterator<Item = &'a Progress> {
     let barrier = w.barrier;
-    standbys
-        .iter()
-        .filter(move |p| barrier.is_some_and(|b| p.durable_before > b))
+    standbys.iter().filter(move |p| {
+        barrier.is_some_and(|b| durable(p, b) && p.consistent_before.is_none_or(|c| c >= b))
+    })
+}
+
+/// Whether everything seen before `barrier` is durable on the standby.
+fn durable(p: &Progress, barrier: Instant) -> bool {
+    p.durable_before > barrier
 }
 
 #[cfg(test)]
@@ -297,8 +312,56 @@ mod tests {
             standby: name.into(),
             connected: true,
             durable_before: t0 + ms(durable_ms),
+            consistent_before: None,
             lag: ms(lag_ms),
         }
+    }
+
+    /// A standby that rolls back to its consistent points at a failover confirms a flush
+    /// only with a point at or after the barrier; one that keeps the latest, once durable.
+    #[test]
+    fn where_the_standby_keeps_consistent_points_a_flush_waits_for_one() {
+        let t0 = Instant::now();
+        let mut b = Book::default();
+        let id = b.begin(None, 2, ms(1000), t0).unwrap();
+        b.barrier(id, t0 + ms(10));
+        let at_point = |point_ms| Progress {
+            consistent_before: Some(t0 + ms(point_ms)),
+            ..progress(t0, "consistent", 20, 0)
+        };
+        let p = vec![at_point(9), progress(t0, "latest", 20, 0)];
+        b.step(&p, t0 + ms(20));
+        assert_eq!(
+            b.take(id),
+            None,
+            "durable, but its point is before the barrier"
+        );
+        // The point of the batch that closed at the barrier itself counts.
+        let p = vec![at_point(10), progress(t0, "latest", 20, 0)];
+        b.step(&p, t0 + ms(21));
+        assert!(b.take(id).unwrap().ok);
+        // At the timeout, one durable without a point is named as such.
+        let id = b.begin(None, 2, ms(100), t0).unwrap();
+        b.barrier(id, t0 + ms(10));
+        let p = vec![at_point(9), progress(t0, "latest", 5, 700)];
+        b.step(&p, t0 + ms(100));
+        let o = b.take(id).unwrap();
+        assert!(!o.ok);
+        assert_eq!(
+            o.missing,
+            vec![
+                Missing {
+                    standby: "consistent".into(),
+                    lag_seconds: 0.0,
+                    no_consistent_point: true,
+                },
+                Missing {
+                    standby: "latest".into(),
+                    lag_seconds: 0.7,
+                    no_consistent_point: false,
+                }
+            ]
+        );
     }
 
     #[test]
@@ -334,7 +397,8 @@ mod tests {
             o.missing,
             vec![Missing {
                 standby: "b".into(),
-                lag_seconds: 3.0
+                lag_seconds: 3.0,
+                no_consistent_point: false,
             }]
         );
         assert_eq!(o.elapsed_ms, 13.0);

@@ -3,6 +3,7 @@
 //! behind verify, the rsync-style delta). No filesystem, no network, no clock but the one
 //! passed in: everything here is a function of its inputs, tested without I/O.
 
+pub(crate) mod blockindex;
 pub mod bytes;
 pub mod clock;
 pub mod compare;
@@ -13,6 +14,7 @@ pub mod flush;
 pub mod guard;
 pub mod holes;
 pub mod listing;
+pub(crate) mod livedb;
 pub mod liveness;
 pub mod manifest;
 pub mod merge;

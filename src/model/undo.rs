@@ -15,15 +15,16 @@
 //! version. Once a path holds an entry made in the window (it is *fresh*), replacing it
 //! needs no record, since rolling back removes or replaces it anyway.
 
-// The receiver takes it up in the next step of issue 22; until then only the tests use it.
-#![cfg_attr(not(test), allow(dead_code))]
-
 use crate::model::epoch::Position;
 use crate::model::manifest::{Meta, Mtime};
 use crate::model::path::RelPath;
 use crate::model::xattrs::{Policy, Xattrs};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
+
+/// Most paths (and directory times) a window remembers: they are only an economy, and
+/// memory must not grow with the tree.
+const REMEMBERED: usize = 16_384;
 
 /// One change's undo.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,18 +73,16 @@ pub(crate) struct OldAttrs {
 /// recorded, and the next number in the area.
 #[derive(Debug, Default)]
 pub(crate) struct Window {
-    /// The consistent point the window follows.
-    pub(crate) base: Position,
-    fresh: HashSet<RelPath>,
+    fresh: BTreeSet<RelPath>,
     timed: HashSet<RelPath>,
     next_kept: u64,
 }
 
 impl Window {
-    /// A window after the consistent point `base`, with numbers in the area from `first`.
-    pub(crate) fn new(base: Position, first: u64) -> Window {
+    /// A window with numbers in the area from `first` (the consistent point it follows is
+    /// in the log's header).
+    pub(crate) fn new(first: u64) -> Window {
         Window {
-            base,
             next_kept: first,
             ..Window::default()
         }
@@ -91,8 +90,8 @@ impl Window {
 
     /// The window as a log left it, to go on writing it (after a restart of `serve`). What
     /// was fresh is forgotten: it is only an economy.
-    pub(crate) fn resume(base: Position, records: &[Record]) -> Window {
-        let mut w = Window::new(base, 0);
+    pub(crate) fn resume(records: &[Record]) -> Window {
+        let mut w = Window::new(0);
         for r in records {
             match r {
                 Record::Replaced { kept, .. } | Record::Removed { kept, .. } => {
@@ -116,7 +115,14 @@ impl Window {
     /// Whether the time of directory `dir` must be recorded before its entries change
     /// (the first time in the window); it is then taken as recorded.
     pub(crate) fn needs_time(&mut self, dir: &RelPath) -> bool {
-        self.timed.insert(dir.clone())
+        if self.timed.contains(dir) {
+            return false;
+        }
+        // Past the bound, a time is recorded again: the first record is undone last.
+        if self.timed.len() < REMEMBERED {
+            self.timed.insert(dir.clone());
+        }
+        true
     }
 
     /// A new file (inode `new_ino`) is put at `path`, where an entry is (`exists`) or not.
@@ -125,7 +131,10 @@ impl Window {
         if exists && self.fresh.contains(path) {
             return None;
         }
-        self.fresh.insert(path.clone());
+        // Past the bound, a path is not remembered: replacing it again keeps one more copy.
+        if self.fresh.len() < REMEMBERED {
+            self.fresh.insert(path.clone());
+        }
         Some(if exists {
             Record::Replaced {
                 path: path.clone(),
@@ -172,8 +181,18 @@ impl Window {
     fn forget(&mut self, path: &RelPath) {
         if path.is_root() {
             self.fresh.clear();
-        } else {
-            self.fresh.retain(|p| !p.starts_with(path));
+            return;
+        }
+        // What lies beneath sorts right after it, among the names its bytes begin.
+        let under: Vec<RelPath> = self
+            .fresh
+            .range(path.clone()..)
+            .take_while(|p| p.as_bytes().starts_with(path.as_bytes()))
+            .filter(|p| p.starts_with(path))
+            .cloned()
+            .collect();
+        for p in under {
+            self.fresh.remove(&p);
         }
     }
 }
@@ -237,7 +256,7 @@ mod tests {
 
     #[test]
     fn a_file_rewritten_in_a_window_is_kept_once() {
-        let mut w = Window::new(Position::default(), 0);
+        let mut w = Window::new(0);
         assert!(matches!(
             w.put(&p("a"), true, 10),
             Some(Record::Replaced { kept: 0, .. })
@@ -254,7 +273,7 @@ mod tests {
 
     #[test]
     fn what_moves_or_goes_is_no_longer_fresh() {
-        let mut w = Window::new(Position::default(), 5);
+        let mut w = Window::new(5);
         w.put(&p("d/a"), false, 1);
         w.put(&p("e"), false, 2);
         let r = w.rename(&p("d"), &p("x"), false);
@@ -277,9 +296,29 @@ mod tests {
         assert!(w.put(&p("f"), true, 4).is_some());
     }
 
+    /// Memory does not grow with the tree: past the bound a path is not remembered as
+    /// fresh (replacing it again keeps a copy, which is correct, only dearer).
+    #[test]
+    fn a_window_remembers_a_bounded_number_of_paths() {
+        let mut w = Window::new(0);
+        for i in 0..REMEMBERED + 10 {
+            w.put(&p(&format!("f{i}")), false, i as u64);
+        }
+        assert!(w.put(&p("f0"), true, 1).is_none());
+        assert!(
+            w.put(&p(&format!("f{}", REMEMBERED + 5)), true, 1)
+                .is_some()
+        );
+        for i in 0..REMEMBERED + 10 {
+            w.needs_time(&p(&format!("d{i}")));
+        }
+        assert!(!w.needs_time(&p("d0")));
+        assert!(w.needs_time(&p(&format!("d{}", REMEMBERED + 5))));
+    }
+
     #[test]
     fn directory_times_are_recorded_once() {
-        let mut w = Window::new(Position::default(), 0);
+        let mut w = Window::new(0);
         assert!(w.needs_time(&p("d")));
         assert!(!w.needs_time(&p("d")));
         assert!(w.needs_time(&RelPath::root()));
@@ -297,7 +336,7 @@ mod tests {
                 kept: 7,
             },
         ];
-        let mut w = Window::resume(Position::default(), &recs);
+        let mut w = Window::resume(&recs);
         assert!(!w.needs_time(&p("d")));
         assert!(matches!(w.remove(&p("y")), Record::Removed { kept: 8, .. }));
     }

@@ -70,6 +70,14 @@ impl Connector {
         })
     }
 
+    /// What a promotion of a local DEST gives back; nothing for a remote one, whose
+    /// `serve` decides.
+    pub(crate) fn set_consistency(&self, c: crate::model::epoch::Consistency) {
+        if let Some(s) = &self.local {
+            s.set_consistency(c);
+        }
+    }
+
     pub(crate) fn target(&self) -> &Target {
         &self.target
     }

@@ -308,7 +308,7 @@ impl Standby {
     /// of batch `seq` (of the current epoch) is durable here and the primary's tree stood
     /// so at `at_ms`. Recorded durably, then the undo log starts a new window from there
     /// (nothing before it can be undone any more).
-    pub(crate) fn hold_consistent(&self, seq: u64, at_ms: u64) -> io::Result<()> {
+    pub(crate) fn hold_consistent(&self, seq: u64, at_ms: u64) -> io::Result<bool> {
         let point = |st: &mut TreeState| {
             let position = Position {
                 epoch: st.epoch,
@@ -328,7 +328,7 @@ impl Standby {
                 let position = point(&mut st);
                 st.updated = crate::model::clock::now_rfc3339();
                 self.write_state(&st)?;
-                self.open_window(position, at_ms)
+                self.open_window(position, at_ms).map(|()| true)
             }
             crate::model::epoch::Consistency::Latest => {
                 // Only a record here (nothing is undone to it): written with the positions,
@@ -336,7 +336,7 @@ impl Standby {
                 point(&mut self.state.lock().unwrap());
                 self.unsaved.lock().unwrap().0 = true;
                 self.save_if_due(Instant::now(), false);
-                self.close_window()
+                self.close_window().map(|()| false)
             }
         }
     }
@@ -395,6 +395,32 @@ impl Standby {
     }
 
     /// Runs `f` on the tree's `.hotsync/`, when this standby holds it.
+    /// The chunk digests (in chunks of `chunk` bytes) of the tree's file that is `st` now,
+    /// from its block index, if one holds: a delta against it need not read it whole.
+    pub(crate) fn indexed(
+        &self,
+        st: &rustix::fs::Stat,
+        chunk: u64,
+    ) -> Option<Vec<crate::model::manifest::Hash>> {
+        self.with_area(|a| crate::tree::blockindex::load(a.fd(), st, chunk))
+            .flatten()
+    }
+
+    /// Records the chunk digests of the tree's file that is `st` now (a cache: a failure
+    /// only costs the next delta a read of the file).
+    pub(crate) fn index(
+        &self,
+        st: &rustix::fs::Stat,
+        chunk: u64,
+        digests: Vec<crate::model::manifest::Hash>,
+    ) {
+        if let Some(Err(e)) =
+            self.with_area(|a| crate::tree::blockindex::store(a.fd(), st, chunk, digests))
+        {
+            tracing::debug!("cannot record the block index of inode {}: {e}", st.st_ino);
+        }
+    }
+
     fn with_area<T>(&self, f: impl FnOnce(&Area) -> T) -> Option<T> {
         self.lock.lock().unwrap().as_ref().map(|(a, _)| f(a))
     }

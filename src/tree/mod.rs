@@ -3,6 +3,7 @@
 //! and durably on the standby. Imports only the model below it.
 
 pub mod atomic;
+pub(crate) mod blockindex;
 pub mod fsroot;
 pub mod mounts;
 pub mod operand;

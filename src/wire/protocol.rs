@@ -319,9 +319,11 @@ pub enum Message {
         at_ms: u64,
     },
     /// Standby → primary, from version 7: the consistent point of batch `seq` is recorded;
-    /// a failover here can go back to it.
+    /// `kept`: a failover here goes back to it (the standby keeps an undo log), so only a
+    /// point counts for a flush; otherwise it keeps the latest of every file.
     ConsistentHeld {
         seq: u64,
+        kept: bool,
     },
 }
 
@@ -1083,7 +1085,7 @@ mod tests {
                 seq: 9,
                 at_ms: 1_764_572_297_123,
             },
-            Message::ConsistentHeld { seq: 9 },
+            Message::ConsistentHeld { seq: 9, kept: true },
         ];
         for m in &msgs {
             encode(m, &mut wire).unwrap();

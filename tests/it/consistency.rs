@@ -8,6 +8,8 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// `git` with `args` in `dir`, as a checker: its status and output.
@@ -96,6 +98,10 @@ trait App {
     fn freeze(&self, _tree: &Path) -> Vec<i32> {
         Vec::new()
     }
+    /// The live database `watch` must warn of, once: the end of its warning's first words.
+    fn database(&self) -> Option<String> {
+        None
+    }
 }
 
 /// `trials` failovers of `app`: each time the primary's node dies at a random moment
@@ -153,6 +159,14 @@ fn drill(app: &dyn App, trials: u64, serve_dies: bool) -> Vec<(u64, u64)> {
         let also = app.freeze(&a.tree);
         die(&mut writer, &also, &mut watch);
         let done_on_primary = app.check(&a.tree).unwrap_or(0);
+        if let Some(db) = app.database() {
+            let log = watch.log();
+            assert_eq!(
+                log.matches(&format!("/{db}")).count(),
+                1,
+                "the live database is named once:\n{log}"
+            );
+        }
 
         let r = run([
             OsString::from("--home"),
@@ -254,6 +268,10 @@ fn sqlite(tree: &Path, sql: &str) -> std::process::Output {
 }
 
 impl App for Bank {
+    fn database(&self) -> Option<String> {
+        Some(format!("{BANK} is a live SQLite database"))
+    }
+
     fn prepare(&self, tree: &Path) {
         let sql = format!(
             "PRAGMA journal_mode={}; CREATE TABLE acct(id INTEGER PRIMARY KEY, bal INTEGER); \
@@ -448,6 +466,10 @@ fn descendants(pid: i32) -> Vec<i32> {
 }
 
 impl App for Postgres {
+    fn database(&self) -> Option<String> {
+        Some(format!("{PGDATA} is a live PostgreSQL data directory"))
+    }
+
     fn prepare(&self, tree: &Path) {
         use std::os::unix::fs::PermissionsExt;
         // The postgres user must reach the tree.
@@ -569,4 +591,91 @@ fn postgres_starts_on_the_standby_after_a_sudden_primary_death() {
     };
     let lost = drill(&pg, 3, false);
     println!("PostgreSQL drill: (transactions lost, changes rolled back) per trial: {lost:?}");
+}
+
+/// What a writer of the flush test does, without pause.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Steady {
+    /// New files, one after another: the batch's close is a point, whatever comes after.
+    NewFiles,
+    /// One log appended: the tree as of the log's read is a point.
+    OneLog,
+    /// Two logs appended in turn: no point, since nothing tells their order.
+    TwoLogs,
+}
+
+fn steady(tree: PathBuf, how: Steady, stop: Arc<AtomicBool>) {
+    use std::io::Write as _;
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(tree.join(name))
+            .unwrap()
+    };
+    let (mut one, mut two) = (open("one.log"), open("two.log"));
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        match how {
+            Steady::NewFiles => std::fs::write(tree.join(format!("new-{n}")), b"x").unwrap(),
+            Steady::OneLog => one.write_all(format!("{n}\n").as_bytes()).unwrap(),
+            Steady::TwoLogs => {
+                one.write_all(format!("{n}\n").as_bytes()).unwrap();
+                two.write_all(format!("{n}\n").as_bytes()).unwrap();
+            }
+        }
+        n += 1;
+        // Both logs change within any check's few milliseconds, and the standby keeps
+        // up (a tight loop would keep it behind: no flush of it, point or not).
+        let pause = if how == Steady::TwoLogs { 1 } else { 3 };
+        std::thread::sleep(Duration::from_millis(pause));
+    }
+}
+
+/// On a standby that keeps consistent points, a flush returns once the standby holds one
+/// at or after the flush: under a steady writer of new files, or of one log, at once; while
+/// two files are written without pause, never (it names the standby as durable without a
+/// point); and at once again when they stop.
+#[test]
+fn a_flush_waits_for_a_consistent_point_that_covers_it() {
+    let base = tempfile::tempdir().unwrap();
+    let a = Peer::new(base.path(), "a");
+    let b = Peer::new(base.path(), "b");
+    std::fs::write(a.tree.join("seed"), b"seed").unwrap();
+    let _guard = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let server = Server::start(&b.tree, &b.home, &[&a.id]);
+    let pre: Vec<OsString> = vec!["--home".into(), a.home.clone().into()];
+    let watch = Watch::start(
+        &pre,
+        &a.tree,
+        server.url().as_ref(),
+        &["--server-id", &server.id],
+    );
+    watch.wait_ready();
+    wait_for("a first consistent point", Duration::from_secs(10), || {
+        b.state()["consistent"].is_object().then_some(())
+    });
+    for how in [Steady::NewFiles, Steady::OneLog, Steady::TwoLogs] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = {
+            let (tree, stop) = (a.tree.clone(), stop.clone());
+            std::thread::spawn(move || steady(tree, how, stop))
+        };
+        // Long enough for the point to be over a second old.
+        std::thread::sleep(Duration::from_millis(1500));
+        let r = flush(&a.home, &["--timeout", "4s", "--json"]);
+        stop.store(true, Ordering::SeqCst);
+        w.join().unwrap();
+        let j = r.json();
+        if how == Steady::TwoLogs {
+            assert_eq!(r.code, 1, "{how:?}: {j}{}", r.stderr);
+            assert_eq!(j["missing"][0]["no_consistent_point"], true, "{j}");
+        } else {
+            assert_eq!(r.code, 0, "{how:?}: {j}{}\n{}", r.stderr, watch.log());
+        }
+    }
+    let r = flush(&a.home, &["--timeout", "4s", "--json"]);
+    assert_eq!(r.code, 0, "quiet again: {}{}", r.stdout, r.stderr);
+    converge(&a.tree, &b.tree, Duration::from_secs(10));
+    drop(server);
 }

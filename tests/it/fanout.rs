@@ -30,6 +30,12 @@ fn writer(src: PathBuf, stop: Arc<AtomicBool>) -> usize {
     n
 }
 
+/// The writer below makes new files and appends a log without pause, so the tree has no
+/// consistent point after its start: the standbys keep the latest of every file, and a
+/// flush needs them durable only (flushes waiting for consistent points are in
+/// `consistency`).
+const LATEST: [&str; 2] = ["--consistency", "latest"];
+
 /// A primary's tree and home in a fresh directory.
 struct Rig {
     dir: tempfile::TempDir,
@@ -55,16 +61,14 @@ impl Rig {
     fn serve(&self, name: &str) -> (PathBuf, Server) {
         let t = self.base().join(name);
         std::fs::create_dir_all(&t).unwrap();
-        let s = Server::start(&t, &self.base().join(format!("{name}-home")), &[&self.me]);
+        let s = Server::start_with(
+            &t,
+            &self.base().join(format!("{name}-home")),
+            &[&self.me],
+            &LATEST,
+        );
         (t, s)
     }
-}
-
-/// `hotsync --home HOME flush ARGS...`.
-fn flush(home: &Path, args: &[&str]) -> Run {
-    let mut a: Vec<OsString> = vec!["--home".into(), home.into(), "flush".into()];
-    a.extend(args.iter().map(OsString::from));
-    run(a)
 }
 
 /// The watch's status of each standby, by name.
@@ -110,6 +114,8 @@ fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
             &s2.id,
             "--max-delay",
             "200ms",
+            "--consistency",
+            "latest",
         ],
     );
     let names = [local.display().to_string(), u1.clone(), u2.clone()];
@@ -180,7 +186,7 @@ fn one_watch_feeds_three_standbys_and_a_stalled_one_stalls_nobody() {
     let _ = s2.child.kill();
     let _ = s2.child.wait();
     std::thread::sleep(Duration::from_millis(500));
-    let s2 = Server::start_on(&t2, &h2, &[&me], port);
+    let s2 = Server::start_on_with(&t2, &h2, &[&me], port, &LATEST);
 
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::SeqCst);

@@ -1357,3 +1357,87 @@ impl Peer {
             .unwrap_or_default()
     }
 }
+
+/// `hotsync --home HOME flush ARGS...`.
+pub fn flush(home: &Path, args: &[&str]) -> Run {
+    let mut a: Vec<std::ffi::OsString> = vec!["--home".into(), home.into(), "flush".into()];
+    a.extend(args.iter().map(std::ffi::OsString::from));
+    run(a)
+}
+
+/// A filesystem of type `fs` (`xfs`, `ext4`) made on a loop device of `mib` MiB, mounted at
+/// `path`; its device's writes can be counted. `None`, saying why, where it cannot be made
+/// (it needs root and the filesystem's `mkfs`, which CI has).
+pub struct LoopFs {
+    pub path: PathBuf,
+    device: String,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopFs {
+    pub fn make(fs: &str, mib: u64) -> Option<LoopFs> {
+        if !is_root() {
+            println!("SKIPPED: a {fs} loop device needs root; CI runs this as root");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(mib << 20)
+            .unwrap();
+        let mkfs = Command::new(format!("mkfs.{fs}"))
+            .arg("-q")
+            .arg(&image)
+            .output();
+        if !mkfs.as_ref().is_ok_and(|o| o.status.success()) {
+            println!("SKIPPED: mkfs.{fs} is not installed here ({mkfs:?}); CI installs it");
+            return None;
+        }
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&image)
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            println!("SKIPPED: cannot mount a loop device here; CI can");
+            return None;
+        }
+        let found = Command::new("findmnt")
+            .args(["-n", "-o", "SOURCE"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let device = String::from_utf8_lossy(&found.stdout)
+            .trim()
+            .trim_start_matches("/dev/")
+            .to_string();
+        Some(LoopFs {
+            path,
+            device,
+            _dir: dir,
+        })
+    }
+
+    /// Bytes written to the device so far (after `sync`, so that what is cached counts).
+    pub fn written(&self) -> u64 {
+        let _ = Command::new("sync").arg("-f").arg(&self.path).status();
+        let stat =
+            std::fs::read_to_string(format!("/sys/block/{}/stat", self.device)).unwrap_or_default();
+        // The seventh field: sectors written, of 512 bytes.
+        stat.split_whitespace()
+            .nth(6)
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 512
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}

@@ -1,5 +1,6 @@
 //! Integration tests: the real `hotsync` binary on real trees.
 
+mod bigfiles;
 mod config;
 mod consistency;
 mod drill;

@@ -148,9 +148,9 @@ pub struct Monitoring {
     #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
     pub alert_free: Option<f64>,
     /// Alert when a standby's last consistent point is older than DURATION while the tree
-    /// has changed since (what a consistent failover would lose; e.g. 2s)
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
-    pub consistency_window: Option<std::time::Duration>,
+    /// has changed since (what a consistent failover would lose); 0 turns it off
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub consistency_window: std::time::Duration,
     /// Run this program when an alert fires and when it clears (no shell: the program and
     /// its arguments, split on spaces; HOTSYNC_ALERT, HOTSYNC_STATE, HOTSYNC_VALUE and
     /// HOTSYNC_STANDBY in its environment)
@@ -175,7 +175,7 @@ pub struct ServeArgs {
     /// What a promotion gives back when the primary died between consistent points:
     /// `consistent`, the last consistent point (later changes are kept in an undo log and
     /// rolled back), or `latest`, each file as fresh as it got (no undo log)
-    #[arg(long, value_enum, default_value = "latest")]
+    #[arg(long, value_enum, default_value = "consistent")]
     pub consistency: ConsistencyArg,
     #[command(flatten)]
     pub monitoring: Monitoring,
@@ -187,6 +187,15 @@ pub enum ConsistencyArg {
     Consistent,
     /// Each file as fresh as it got, the tree said to be inconsistent
     Latest,
+}
+
+impl From<ConsistencyArg> for hotsync::model::epoch::Consistency {
+    fn from(c: ConsistencyArg) -> Self {
+        match c {
+            ConsistencyArg::Consistent => hotsync::model::epoch::Consistency::Consistent,
+            ConsistencyArg::Latest => hotsync::model::epoch::Consistency::Latest,
+        }
+    }
 }
 
 /// SRC and DEST, from the command line or the config file.
@@ -286,6 +295,10 @@ pub struct WatchArgs {
     /// is degraded (alert `sync`) and flushes do not wait until the quorum is back
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub sync_timeout: Option<std::time::Duration>,
+    /// What a promotion of a local DEST gives back, as `serve --consistency` for a remote
+    /// one: the last consistent point, or each file as fresh as it got
+    #[arg(long, value_enum, default_value = "consistent")]
+    pub consistency: ConsistencyArg,
     #[command(flatten)]
     pub monitoring: Monitoring,
 }

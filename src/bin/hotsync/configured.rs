@@ -144,7 +144,7 @@ fn monitoring(cfg: &MonitorConfig, m: &mut Monitoring, given: &dyn Fn(&str) -> b
     set_opt(&mut m.metrics, cfg.metrics.clone(), given("metrics"));
     set_opt(&mut m.alert_lag, cfg.alert_lag, given("alert_lag"));
     set_opt(&mut m.alert_free, cfg.alert_free, given("alert_free"));
-    set_opt(
+    set(
         &mut m.consistency_window,
         cfg.consistency_window,
         given("consistency_window"),

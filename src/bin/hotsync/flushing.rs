@@ -70,7 +70,16 @@ pub fn flush(cli: &Cli, args: &FlushArgs) -> anyhow::Result<u8> {
         let missing: Vec<String> = o
             .missing
             .iter()
-            .map(|m| format!("{} (lag {:.1} s)", m.standby, m.lag_seconds))
+            .map(|m| {
+                if m.no_consistent_point {
+                    format!(
+                        "{} (durable, but no consistent point since: the tree kept changing)",
+                        m.standby
+                    )
+                } else {
+                    format!("{} (lag {:.1} s)", m.standby, m.lag_seconds)
+                }
+            })
             .collect();
         eprintln!(
             "hotsync: flush timed out after {:.1} s: durable on {} of {} standby(s), quorum {}; \

@@ -132,10 +132,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> anyhow::Result<u8> {
         root,
         hotsync::standby::Access::Write,
     )?);
-    standby.set_consistency(match args.consistency {
-        args::ConsistencyArg::Consistent => hotsync::model::epoch::Consistency::Consistent,
-        args::ConsistencyArg::Latest => hotsync::model::epoch::Consistency::Latest,
-    });
+    standby.set_consistency(args.consistency.into());
     let serving = Arc::new(hotsync::standby::server::Serving::new(
         standby.clone(),
         server.addr,
@@ -204,7 +201,7 @@ fn alert_config(m: &Monitoring) -> anyhow::Result<hotsync::ops::alert::AlertConf
     Ok(hotsync::ops::alert::AlertConfig {
         lag: m.alert_lag,
         free_percent: m.alert_free,
-        consistency_window: m.consistency_window,
+        consistency_window: Some(m.consistency_window).filter(|d| !d.is_zero()),
         hook,
     })
 }
@@ -468,6 +465,7 @@ fn watch(cli: &Cli, args: &WatchArgs) -> anyhow::Result<u8> {
         quorum: args.quorum.map(|k| k as usize),
         sync_timeout: args.sync_timeout,
         names: names.clone(),
+        consistency: args.consistency.into(),
     };
     let metrics = bind_metrics(&args.monitoring)?;
     let w = Arc::new(Watch::new(src, targets, opts)?);

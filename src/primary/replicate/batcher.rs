@@ -63,6 +63,15 @@ pub(crate) enum Hint {
 }
 
 impl Hint {
+    /// The one path whose contents or attributes this change was to, when that is all it
+    /// was (no name came or went, nothing the watcher could not describe).
+    pub(crate) fn changed_in_place(&self) -> Option<&RelPath> {
+        match self {
+            Hint::Modified(p) | Hint::Written(p) | Hint::Attrib(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// Whether the change lies in the reserved area (`.hotsync/` at the root): hotsync's
     /// own files there (the primary's state, a flush's marker) are never mirrored.
     pub(crate) fn is_reserved(&self) -> bool {
@@ -257,7 +266,7 @@ impl Batcher {
             }
             Hint::RescanDir(p) => self.upsert(p, Scope::Tree, false, now, now),
             Hint::RescanAll => self.go_full(now, now),
-            Hint::Barrier { .. } => self.expedite(now),
+            Hint::Barrier { .. } => self.sweep(now),
         }
     }
 
@@ -265,7 +274,9 @@ impl Batcher {
     /// walk a second time are queued now as changes (so the flush waits for them): what was
     /// made in them before their watch existed was never reported, and their watches are
     /// in place by the time a marker placed after them is reported.
-    fn expedite(&mut self, now: Instant) {
+    /// Everything queued is due now, as if a barrier had come: files still being written
+    /// no longer wait for quiet, nor moves for their other half.
+    pub(crate) fn sweep(&mut self, now: Instant) {
         for it in self.items.values_mut() {
             it.ready = true;
             it.hold = None;

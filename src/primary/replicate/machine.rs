@@ -6,7 +6,11 @@
 //! rule is unit-tested by stepping a clock. The driver in `replica.rs` does the I/O.
 
 use super::batcher::{self, Batch, Batcher, Hint};
-use super::consistency::{CHECK_BARRIER, Judge, Step};
+use super::consistency::{CHECK_BARRIER, Carried, Judge, Step};
+
+/// How old a consistent point gets before everything queued goes at once (at most this
+/// often) to give the tree a new one.
+const SWEEP_AFTER: Duration = Duration::from_secs(1);
 use crate::model::compare::Report;
 use crate::model::epoch::Position;
 use crate::model::manifest::Scope;
@@ -226,6 +230,13 @@ pub(crate) struct ReplicaMachine {
     events: VecDeque<Event>,
     /// Whether the batch in flight leaves the standby at a consistent point.
     judge: Judge,
+    /// The standby goes back to its last consistent point at a failover (it said so with
+    /// its last point): then a flush needs a point.
+    points_kept: bool,
+    /// When this replica began: before the standby holds a point, nothing is in one.
+    born: Instant,
+    /// When everything queued last went at once for a consistent point.
+    last_sweep: Option<Instant>,
     // Counters for the status.
     pub reconnects: u64,
     pub files_replicated: u64,
@@ -278,6 +289,9 @@ impl ReplicaMachine {
             last_error: None,
             last_verify: None,
             judge: Judge::default(),
+            points_kept: false,
+            born: now,
+            last_sweep: None,
         }
     }
 
@@ -291,7 +305,7 @@ impl ReplicaMachine {
             // change of the mirrored tree.
             _ if hint.is_reserved() => self.batcher.push(hint, now),
             _ => {
-                self.judge.hint();
+                self.judge.hint(&hint);
                 self.batcher.push(hint, now);
             }
         }
@@ -357,6 +371,17 @@ impl ReplicaMachine {
                     self.verifying = true;
                     return Action::StartVerify;
                 }
+                // A batch leaves a consistent point only if nothing was left queued at its
+                // close; files still being written wait for quiet, so under a steady
+                // writer something always is. Once the point is old, everything queued
+                // goes at once now and then, to give the tree a chance of a new one.
+                if self.judge.age(now).is_some_and(|a| a >= SWEEP_AFTER)
+                    && self.last_sweep.is_none_or(|t| now >= t + SWEEP_AFTER)
+                    && self.batcher.queued() > 0
+                {
+                    self.batcher.sweep(now);
+                    self.last_sweep = Some(now);
+                }
                 match self.batcher.poll(now) {
                     Some(batch) => {
                         let oldest = batch.oldest;
@@ -382,7 +407,14 @@ impl ReplicaMachine {
         let clean = batch
             .as_ref()
             .is_none_or(|b| b.full || self.batcher.queued() == 0);
-        self.judge.closed(self.seq, clean);
+        let carried = match &batch {
+            Some(b) if !b.full => Carried::of(
+                b.paths.iter().map(|(p, s)| (p, *s)),
+                b.renames.iter().flat_map(|(f, t)| [f, t]),
+            ),
+            _ => Carried::everything(),
+        };
+        self.judge.closed(self.seq, clean, now, carried);
         self.in_flight = Some(InFlight {
             batch,
             oldest,
@@ -403,9 +435,19 @@ impl ReplicaMachine {
         self.judge.failed();
     }
 
-    /// The standby holds the consistent point of batch `seq`, as the tree stood at `at`.
-    pub(crate) fn consistent_held(&mut self, seq: u64, at: Instant) {
+    /// The standby holds the consistent point of batch `seq`, as the tree stood at `at`;
+    /// `kept`: it goes back to its last point at a failover.
+    pub(crate) fn consistent_held(&mut self, seq: u64, at: Instant, kept: bool) {
         self.judge.held(seq, at);
+        self.points_kept = kept;
+    }
+
+    /// Where the standby goes back to its last consistent point at a failover: the moment
+    /// before which every change is in that point (`born` before it holds one). `None`
+    /// where it keeps the latest of every file.
+    pub(crate) fn consistent_before(&self, now: Instant) -> Option<Instant> {
+        self.points_kept
+            .then(|| self.judge.stands_before(now).unwrap_or(self.born))
     }
 
     /// How long ago the tree stood as the standby's last consistent point does (zero
@@ -894,12 +936,31 @@ mod tests {
         m.push(Hint::Barrier { id }, t0 + ms(715));
         let at = t0 + ms(715);
         assert_eq!(m.poll(at), Action::Consistent { seq: 2, at });
-        m.consistent_held(2, at);
+        assert_eq!(
+            m.consistent_before(at),
+            None,
+            "a standby that keeps the latest"
+        );
+        m.consistent_held(2, at, true);
         assert_eq!(m.consistent_point_age(t0 + ms(900)), Some(Duration::ZERO));
         assert_eq!(m.poll(t0 + ms(716)), Action::Wait(None));
-        // A change since: a failover to the point would lose it.
+        // Still standing so: a flush now counts on it.
+        assert_eq!(m.consistent_before(t0 + ms(799)), Some(t0 + ms(799)));
+        // A change since: a failover to the point would lose it, and a flush waits for
+        // the next one.
         m.push(Hint::Written(p("b")), t0 + ms(800));
         assert_eq!(m.consistent_point_age(t0 + ms(900)), Some(ms(185)));
+        assert_eq!(m.consistent_before(t0 + ms(900)), Some(at));
+        // A point a second old: what is queued goes at once, a file still being written
+        // with it, so that nothing is left behind at the close.
+        m.push(Hint::Created(p("c")), t0 + ms(1790));
+        let Action::Send(b) = m.poll(t0 + ms(1800)) else {
+            panic!("everything queued goes")
+        };
+        assert_eq!(
+            b.paths,
+            vec![(p("b"), Scope::Entry), (p("c"), Scope::Entry)]
+        );
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct WatchOptions {
     /// Each standby's name in status, metrics and events, in the order of the targets
     /// (its address when absent).
     pub names: Vec<String>,
+    /// What a promotion of a local DEST gives back (a remote standby's `serve` says its
+    /// own).
+    pub consistency: crate::model::epoch::Consistency,
 }
 
 /// Hears what a watch does: for logs, JSON lines, alerts, or a test.
@@ -154,6 +157,8 @@ pub struct Watch {
     started_at: SystemTime,
     /// Flushes waiting, and what wakes them (a replica's progress, a marker seen).
     flushes: std::sync::Mutex<crate::model::flush::Book>,
+    /// The live databases already named in a warning.
+    databases: std::sync::Mutex<crate::model::livedb::Named>,
     changed: Arc<Changed>,
 }
 
@@ -182,6 +187,7 @@ impl Watch {
                 .cloned()
                 .unwrap_or_else(|| target.describe());
             let connector = Arc::new(Connector::new(target, Access::Write)?);
+            connector.set_consistency(opts.consistency);
             let cfg = machine::Config {
                 batcher: opts.batcher,
                 verify_every: opts.verify_every,
@@ -225,6 +231,7 @@ impl Watch {
             started: now,
             started_at: SystemTime::now(),
             flushes: std::sync::Mutex::new(book),
+            databases: std::sync::Mutex::default(),
             changed,
         })
     }
@@ -536,6 +543,7 @@ impl Watch {
     /// Feeds `hints` to every replica; a barrier among them is then noted in the flush
     /// book (after the push: everything reported before it is in).
     fn take_hints(&self, hints: Vec<batcher::Hint>) {
+        self.name_live_databases(&hints);
         let barriers: Vec<u64> = hints
             .iter()
             .filter_map(|h| match h {
@@ -563,6 +571,31 @@ impl Watch {
             }
             drop(book);
             self.changed.bump();
+        }
+    }
+
+    /// Warns, once for each, of a database whose engine is writing it in the tree (told by
+    /// the names of the files it writes all the time, and confirmed by its other file).
+    fn name_live_databases(&self, hints: &[batcher::Hint]) {
+        use std::os::unix::ffi::OsStrExt;
+        for h in hints {
+            let Some(db) = h
+                .changed_in_place()
+                .and_then(crate::model::livedb::classify)
+            else {
+                continue;
+            };
+            let confirmed = db.confirm.as_ref().is_none_or(|c| {
+                let p = self.src.join(std::ffi::OsStr::from_bytes(c.as_bytes()));
+                std::fs::symlink_metadata(p).is_ok()
+            });
+            if confirmed && self.databases.lock().unwrap().first(&db) {
+                let shown = self.src.join(std::ffi::OsStr::from_bytes(db.at.as_bytes()));
+                tracing::warn!(
+                    "{}",
+                    crate::model::livedb::warning(&db, &shown.display().to_string())
+                );
+            }
         }
     }
 

@@ -145,6 +145,7 @@ impl Replica {
             standby: self.name.clone(),
             connected: m.is_connected(),
             durable_before: m.acked(now).1,
+            consistent_before: m.consistent_before(now),
             lag: m.lag(now),
         }
     }
@@ -367,12 +368,12 @@ impl Replica {
                     let at_ms = crate::model::clock::unix_ms(wall);
                     let told = match session.as_mut() {
                         Some(s) => s.consistent(seq, at_ms),
-                        None => Ok(false),
+                        None => Ok(None),
                     };
                     tracing::debug!("consistency check: batch {seq} told: {told:?}");
                     match told {
-                        Ok(true) => self.with(|m| m.consistent_held(seq, at)),
-                        Ok(false) => self.with(|m| m.check_dropped()),
+                        Ok(Some(kept)) => self.with(|m| m.consistent_held(seq, at, kept)),
+                        Ok(None) => self.with(|m| m.check_dropped()),
                         Err(e) => self.report(Err(e), &mut session),
                     }
                 }

@@ -266,16 +266,17 @@ impl<'m> Session<'m> {
 
     /// Tells the standby its tree is at a consistent point: every change of batch `seq` is
     /// durable there and this tree stood so at `at_ms` (DESIGN §10). Returns once the
-    /// standby has recorded it; `false` from a standby before protocol 7, which has none.
+    /// standby has recorded it, with whether it goes back to that point at a failover; `None`
+    /// from a standby before protocol 7, which has none.
     ///
     /// # Errors
     /// The standby could not record it, or the connection failed.
-    pub fn consistent(&mut self, seq: u64, at_ms: u64) -> Result<bool, Error> {
+    pub fn consistent(&mut self, seq: u64, at_ms: u64) -> Result<Option<bool>, Error> {
         if !self.caps.consistent {
-            return Ok(false);
+            return Ok(None);
         }
         let held = hold_consistent(&mut self.ch, seq, at_ms).map_err(peer_error);
-        held.map(|()| true).map_err(|e| self.ends.link.explain(e))
+        held.map(Some).map_err(|e| self.ends.link.explain(e))
     }
 
     /// Lists `scopes` on both sides at once (hashing content when `checksum`): the primary's
@@ -378,12 +379,12 @@ impl<'m> Session<'m> {
 }
 
 /// `Consistent` on the control stream, then wait for the standby to hold it.
-fn hold_consistent(ch: &mut Channel, seq: u64, at_ms: u64) -> Result<(), ProtocolError> {
+fn hold_consistent(ch: &mut Channel, seq: u64, at_ms: u64) -> Result<bool, ProtocolError> {
     ch.send(&Message::Consistent { seq, at_ms })?;
     ch.flush()?;
     loop {
         match ch.recv()? {
-            Message::ConsistentHeld { seq: s } if s == seq => return Ok(()),
+            Message::ConsistentHeld { seq: s, kept } if s == seq => return Ok(kept),
             Message::Ack { .. } => {}
             other => return Err(ProtocolError::unexpected(&other, "ConsistentHeld")),
         }

@@ -10,7 +10,7 @@ use super::sparse::Holes;
 use super::stage::{EntryResult, Incoming, TempSink, TempTarget};
 use super::whole::file_end;
 use crate::error::{OpError, ProtocolError};
-use crate::model::delta::{self, COARSE_HASH_LEN, DeltaSink, MAX_CHUNKS, ReadAt, chunk_size};
+use crate::model::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, ReadAt, chunk_size};
 use crate::model::manifest::Hash;
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
@@ -34,7 +34,13 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
             chunking,
         } = head;
         let file = self.incoming(id, path, meta, size);
-        let res = receive(&mut self.dirs, self.r, self.w, &file, chunking)?;
+        let (res, index) = receive(&mut self.dirs, self.r, self.w, &file, chunking)?;
+        if res.is_ok()
+            && let Some(digests) = index
+        {
+            self.indexes
+                .push((id, file.path.clone(), chunking.chunk, digests));
+        }
         self.stage(id, res);
         Ok(Then::Commit)
     }
@@ -46,17 +52,20 @@ struct Base {
     size: u64,
     /// It has holes: it is hashed reading only its data.
     holes: bool,
+    /// Its chunk digests from its block index, when one holds: it is not read to hash.
+    indexed: Option<Vec<Hash>>,
 }
 
-/// Receives `file` as a delta cut as `chunking` says. The outer error is fatal (the stream is
-/// unusable); the inner one concerns this file only.
+/// Receives `file` as a delta cut as `chunking` says, with its chunk digests when it is
+/// large enough to be indexed. The outer error is fatal (the stream is unusable); the inner
+/// one concerns this file only.
 fn receive<R: Read, W: Write>(
     dirs: &mut Dirs,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
     file: &Incoming,
     chunking: Chunking,
-) -> Result<EntryResult, ProtocolError> {
+) -> Result<(EntryResult, Option<Vec<Hash>>), ProtocolError> {
     let size = file.size;
     if chunking.chunk != chunk_size(size)
         || chunking.chunks != size.div_ceil(chunking.chunk)
@@ -82,7 +91,10 @@ fn receive<R: Read, W: Write>(
     sink.base = base.as_ref().and_then(|f| f.try_clone().ok());
     if chunking.sparse {
         sink.holes = Some(Holes::default());
+    } else if base_size >= 2 * chunking.chunk {
+        sink.clone_base();
     }
+    let mut chunks = None;
     let ours = match delta::apply(
         r.raw(),
         &SoftBase(base.as_ref()),
@@ -91,7 +103,11 @@ fn receive<R: Read, W: Write>(
         size,
         &known,
     ) {
-        Ok((digest, _)) => Some(digest),
+        Ok(applied) => {
+            chunks = (size >= crate::tree::blockindex::INDEXED && !chunking.sparse)
+                .then_some(applied.chunks);
+            Some(applied.digest)
+        }
         Err(delta::DeltaError::Aborted) => None,
         Err(delta::DeltaError::Malformed(m)) => {
             return Err(ProtocolError::Invalid(format!("delta: {m}")));
@@ -108,10 +124,10 @@ fn receive<R: Read, W: Write>(
             ));
         }
     };
-    if chunking.sparse {
+    if chunking.sparse || sink.cloned {
         sink.set_len(size);
     }
-    Ok(sink.finish(dirs.session(), file, complete, proof))
+    Ok((sink.finish(dirs.session(), file, complete, proof), chunks))
 }
 
 /// Whether the standby signs a base of `base_size` bytes for a new version cut in chunks
@@ -132,6 +148,7 @@ fn open_base(dirs: &mut Dirs, path: &RelPath, chunk: u64) -> io::Result<Base> {
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
     )?;
     let st = rustix::fs::fstat(&f)?;
+    let indexed = dirs.session().standby.indexed(&st, chunk);
     if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -147,6 +164,7 @@ fn open_base(dirs: &mut Dirs, path: &RelPath, chunk: u64) -> io::Result<Base> {
         file: File::from(f),
         size: st.st_size as u64,
         holes: crate::tree::sparse::has_holes(&st),
+        indexed,
     })
 }
 
@@ -169,7 +187,9 @@ fn hash_while_reading<'b, R: Read>(
     std::thread::scope(|sc| {
         let hashing = base.as_ref().map(|b| {
             let hashing = sc.spawn(move || {
-                if b.holes {
+                if let Some(d) = &b.indexed {
+                    Ok((d.clone(), [0; 32]))
+                } else if b.holes {
                     delta::hash_chunks(&crate::tree::sparse::Holey(&b.file), b.size, chunking.chunk)
                 } else {
                     delta::hash_chunks(&b.file, b.size, chunking.chunk)
@@ -242,10 +262,10 @@ impl ReadAt for SoftBase<'_> {
     }
 }
 
-impl DeltaSink for TempSink {
+impl TempSink {
     /// Unchanged chunks of a delta go from the base to the temp with `copy_file_range`,
     /// never through user space.
-    fn copy_range(&mut self, offset: u64, len: u64) -> io::Result<bool> {
+    pub(super) fn copy_base_range(&mut self, offset: u64, len: u64) -> io::Result<bool> {
         if self.err.is_some() {
             return Ok(true); // the file has failed already; skip the work
         }

@@ -43,6 +43,9 @@ pub(super) struct Ops<'a, R: Read, W: SendHalf> {
     pub(super) buf: Vec<u8>,
     /// The control stream: it lists and closes the session; the others walk and write.
     control: bool,
+    /// Large files of the batch with their chunk digests (operation, path, chunk size):
+    /// indexed once committed.
+    pub(super) indexes: Vec<(u64, RelPath, u64, Vec<crate::model::manifest::Hash>)>,
 }
 
 /// Reads and applies operations until the stream ends (or `Close`, on the control stream).
@@ -66,6 +69,7 @@ pub(super) fn op_loop<R: Read, W: SendHalf>(
         xattrs: None,
         buf: Vec::new(),
         control,
+        indexes: Vec::new(),
     };
     loop {
         let next = match first.take() {
@@ -231,13 +235,16 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
     /// and ends the session: the primary must not count on a point this tree lacks.
     fn consistent(&mut self, seq: u64, at_ms: u64) -> Result<Then, ProtocolError> {
         self.acknowledge()?;
-        if let Err(e) = self.s.standby.hold_consistent(seq, at_ms) {
-            return Err(ProtocolError::Io(std::io::Error::new(
-                e.kind(),
-                format!("cannot record the consistent point of batch {seq}: {e}"),
-            )));
-        }
-        self.w.send(&Message::ConsistentHeld { seq })?;
+        let kept = match self.s.standby.hold_consistent(seq, at_ms) {
+            Ok(kept) => kept,
+            Err(e) => {
+                return Err(ProtocolError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot record the consistent point of batch {seq}: {e}"),
+                )));
+            }
+        };
+        self.w.send(&Message::ConsistentHeld { seq, kept })?;
         self.w.flush()?;
         Ok(Then::Read)
     }
@@ -285,7 +292,28 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
     /// Commits the batch and acknowledges each of its operations.
     fn acknowledge(&mut self) -> Result<(), ProtocolError> {
         let outcomes = commit(self.s, &mut self.batch);
+        self.index_committed(&outcomes);
         send_acks(self.s, self.w, outcomes)
+    }
+
+    /// Records the block index of each large file the batch committed, as the file now is
+    /// (its name given, its status-change time is final).
+    fn index_committed(&mut self, outcomes: &[crate::tree::atomic::CommitResult]) {
+        for (id, path, chunk, digests) in std::mem::take(&mut self.indexes) {
+            if !outcomes.iter().any(|(o, r)| *o == id && r.is_ok()) {
+                continue;
+            }
+            let Ok((dir, name)) = self.dirs.parent(&path) else {
+                continue;
+            };
+            if let Ok(st) = rustix::fs::statat(&*dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                && rustix::fs::FileType::from_raw_mode(st.st_mode)
+                    == rustix::fs::FileType::RegularFile
+                && (st.st_size as u64).div_ceil(chunk) == digests.len() as u64
+            {
+                self.s.standby.index(&st, chunk, digests);
+            }
+        }
     }
 }
 

@@ -164,6 +164,8 @@ pub(super) struct TempSink {
     pub(super) base: Option<File>,
     /// Set for a sparse file: its holes are kept.
     pub(super) holes: Option<Holes>,
+    /// The temp is a clone of the base: a delta writes only what changed.
+    pub(super) cloned: bool,
 }
 
 impl TempSink {
@@ -186,12 +188,14 @@ impl TempSink {
                 err: None,
                 base: None,
                 holes: None,
+                cloned: false,
             },
             Err(e) => TempSink {
                 target: None,
                 err: Some(op_error(&e)),
                 base: None,
                 holes: None,
+                cloned: false,
             },
         }
     }
@@ -265,6 +269,21 @@ impl TempSink {
         Ok(())
     }
 
+    /// Makes the temp a clone of the base (`FICLONE`: XFS, btrfs; the blocks are shared, not
+    /// copied), so that a delta writes only what changed; false where the filesystem
+    /// cannot, and for a sparse file, whose holes are kept otherwise.
+    pub(super) fn clone_base(&mut self) -> bool {
+        let (Some(base), Some(TempTarget { w, .. })) = (self.base.as_ref(), self.target.as_ref())
+        else {
+            return false;
+        };
+        if self.err.is_some() || self.holes.is_some() {
+            return false;
+        }
+        self.cloned = rustix::fs::ioctl_ficlone(w.get_ref(), base).is_ok();
+        self.cloned
+    }
+
     /// Goes on writing at `offset`, leaving a hole behind.
     pub(super) fn seek_to(&mut self, offset: u64) {
         if self.err.is_none()
@@ -300,6 +319,26 @@ impl Drop for TempSink {
         if let Some(t) = self.target.take() {
             t.temp.discard();
         }
+    }
+}
+
+impl crate::model::delta::DeltaSink for TempSink {
+    fn copy_range(&mut self, offset: u64, len: u64) -> io::Result<bool> {
+        self.copy_base_range(offset, len)
+    }
+
+    fn holds_base(&self) -> bool {
+        self.cloned
+    }
+
+    fn skip(&mut self, len: u64) -> io::Result<()> {
+        if self.err.is_none()
+            && let Some(TempTarget { w, .. }) = self.target.as_mut()
+            && let Err(e) = io::Seek::seek(w, io::SeekFrom::Current(len as i64))
+        {
+            self.err = Some(op_error(&e));
+        }
+        Ok(())
     }
 }
 
