@@ -19,6 +19,7 @@ pub mod liveness;
 pub mod manifest;
 pub mod merge;
 pub mod names;
+pub(crate) mod patch;
 pub mod path;
 pub mod plan;
 pub mod progress;

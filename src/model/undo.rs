@@ -55,6 +55,9 @@ pub(crate) enum Record {
     /// filesystem than the undo area: a mount inside the tree). A roll-back past it cannot
     /// give back the consistent point, and says so.
     Unkept { path: RelPath },
+    /// The file at `path` patched in place (a large file where the filesystem cannot
+    /// clone it): `kept` is the patch's journal, what it overwrote, written back if there.
+    Patched { path: RelPath, kept: u64 },
 }
 
 /// An entry's attributes as they were, and how to put them back.
@@ -144,6 +147,17 @@ impl Window {
         } else {
             Record::Made { path: path.clone() }
         })
+    }
+
+    /// The file at `path` was patched in place; its journal is to be kept under the
+    /// number returned.
+    pub(crate) fn patched(&mut self, path: &RelPath) -> (Record, u64) {
+        let kept = self.kept();
+        let r = Record::Patched {
+            path: path.clone(),
+            kept,
+        };
+        (r, kept)
     }
 
     /// An entry is made at `path`, where there is none, that later puts must not count as

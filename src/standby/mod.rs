@@ -274,6 +274,20 @@ impl Standby {
                     "DEST {shown} is not writable: cannot prepare {shown}/.hotsync/tmp: {e}"
                 ))
             })?;
+        // A large file a crash caught mid-patch is put back as it was, before anything
+        // reads the tree (or rolls it back).
+        match crate::tree::patch::recover(root, area.fd()) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                "{shown}: {n} large file(s) a crash caught while patched in place put back as \
+                 they were"
+            ),
+            Err(e) => {
+                return Err(LockError::NotWritable(format!(
+                    "cannot put back the files patched in place ({shown}/.hotsync/patch): {e}"
+                )));
+            }
+        }
         // A window a restart interrupted goes on: the tree is not at its consistent point
         // until the next one, and a promote rolls back to it. Taken up with the lock, so
         // that every window on disk is the one in memory.
@@ -419,6 +433,11 @@ impl Standby {
         {
             tracing::debug!("cannot record the block index of inode {}: {e}", st.st_ino);
         }
+    }
+
+    /// Runs `f` on the reserved area (`None` before the lock is held).
+    pub(crate) fn in_area<T>(&self, f: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> T) -> Option<T> {
+        self.with_area(|a| f(a.fd()))
     }
 
     fn with_area<T>(&self, f: impl FnOnce(&Area) -> T) -> Option<T> {

@@ -7,6 +7,7 @@ pub(crate) mod blockindex;
 pub mod fsroot;
 pub mod mounts;
 pub mod operand;
+pub(crate) mod patch;
 pub mod reserved;
 pub mod scan;
 pub mod snapshot;

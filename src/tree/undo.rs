@@ -253,6 +253,20 @@ impl Journal {
 }
 
 impl Journal {
+    /// The file at `path` was patched in place and the patch is durable: its journal
+    /// `pending` (in the reserved area `area`) moves into the undo area, recorded in the
+    /// log first, so that rolling back writes back what the patch overwrote.
+    pub(crate) fn keep_patch(
+        &mut self,
+        area: BorrowedFd<'_>,
+        path: &RelPath,
+        pending: &crate::tree::patch::Pending,
+    ) -> io::Result<()> {
+        let (r, kept) = self.window.patched(path);
+        self.append(&[r])?;
+        crate::tree::patch::keep(area, pending, self.dir.as_fd(), &kept_name(kept))
+    }
+
     /// Makes `change`, after [`Journal::prepare`] wrote down its undo.
     pub(crate) fn make(&self, change: &Change<'_>, prepared: &Prepared) -> io::Result<()> {
         make(&self.root, self, change, prepared)
@@ -420,6 +434,13 @@ pub(crate) fn roll_back(root: &Root, area: BorrowedFd<'_>) -> io::Result<Option<
 /// Undoes one record, given that every later one is undone (or never happened).
 fn undo_one(root: &Root, kept: BorrowedFd<'_>, r: &Record) -> io::Result<()> {
     match r {
+        Record::Patched { kept: k, .. } => {
+            // Not there: the record was written, the journal not yet moved; the patch was
+            // put back when the tree was opened.
+            if let Some(p) = crate::tree::patch::read(kept, &kept_name(*k)) {
+                crate::tree::patch::restore(root, &p)?;
+            }
+        }
         Record::Made { path } => {
             let (d, name) = root.parent_of(path)?;
             fsroot::remove_tree(d.as_fd(), &name)?;
@@ -728,6 +749,40 @@ mod tests {
             );
             assert!(roll_back(&root, area.as_fd()).unwrap().is_none());
         }
+    }
+
+    /// A file patched in place in a window, twice, is written back as it was at the
+    /// point: each patch's journal is kept, and the later one undone first.
+    #[test]
+    fn a_file_patched_in_place_rolls_back_to_the_consistent_point() {
+        let dir = tempfile::tempdir().unwrap();
+        initial(dir.path());
+        let before = snapshot(dir.path());
+        let root = Root::open(dir.path()).unwrap();
+        let area = fsroot::open_subdir(root.fd(), b".hotsync").unwrap();
+        let mut j = Journal::begin(&root, area.as_fd(), Position { epoch: 1, seq: 4 }, 77).unwrap();
+        let a = p("a");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.path().join("a"))
+            .unwrap();
+        for (n, bytes) in [(1u64, b"XY".to_vec()), (0, b"Q".to_vec())] {
+            let st = rustix::fs::fstat(&f).unwrap();
+            let old = OldAttrs {
+                meta: fsroot::meta_of(&st),
+                owners: false,
+                with_mode: true,
+                xattrs: None,
+            };
+            let pending =
+                crate::tree::patch::patch(area.as_fd(), &a, &f, &[(n, bytes)], 3, old, |_| Ok(()))
+                    .unwrap();
+            j.keep_patch(area.as_fd(), &a, &pending).unwrap();
+        }
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), b"QXY");
+        roll_back(&root, area.as_fd()).unwrap().unwrap();
+        assert_eq!(snapshot(dir.path()), before);
     }
 
     #[test]

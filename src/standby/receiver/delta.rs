@@ -14,7 +14,9 @@ use crate::model::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, ReadAt, chunk_size}
 use crate::model::manifest::Hash;
 use crate::model::path::RelPath;
 use crate::transport::SendHalf;
+use crate::tree::atomic::Touched;
 use crate::tree::fsroot;
+use crate::tree::patch::Pending;
 use crate::wire::protocol::{Chunking, DeltaHead, FrameReader, FrameWriter, Message};
 use rustix::fs::{FileType, OFlags};
 use rustix::io::Errno;
@@ -34,22 +36,48 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
             chunking,
         } = head;
         let file = self.incoming(id, path, meta, size);
-        let (res, index) = receive(&mut self.dirs, self.r, self.w, &file, chunking)?;
-        if res.is_ok()
-            && let Some(digests) = index
-        {
+        let (received, index) = receive(&mut self.dirs, self.r, self.w, &file, chunking)?;
+        let ok = match received {
+            Received::Staged(res) => {
+                let ok = res.is_ok();
+                self.stage(id, res);
+                ok
+            }
+            Received::Patched(Ok((touched, pending))) => {
+                self.dirs.session().wrote(file.size);
+                self.batch.applied(id, touched);
+                self.patches.push((id, file.path.clone(), pending));
+                true
+            }
+            Received::Patched(Err(e)) => {
+                self.batch.failed(id, e);
+                false
+            }
+        };
+        if ok && let Some(digests) = index {
             self.indexes
                 .push((id, file.path.clone(), chunking.chunk, digests));
         }
-        self.stage(id, res);
         Ok(Then::Commit)
     }
+}
+
+/// What receiving a delta came to for its file.
+enum Received {
+    /// A temp to stage, or the file's failure.
+    Staged(EntryResult),
+    /// The file patched in place, durable at the commit, its journal waiting for it; or
+    /// the file's failure (nothing was changed).
+    Patched(Result<(Touched, Pending), OpError>),
 }
 
 /// The standby's version of a file, the base of its delta.
 struct Base {
     file: File,
     size: u64,
+    /// Its inode and links: only a file of one name is patched in place.
+    ino: u64,
+    nlink: u64,
     /// It has holes: it is hashed reading only its data.
     holes: bool,
     /// Its chunk digests from its block index, when one holds: it is not read to hash.
@@ -59,13 +87,18 @@ struct Base {
 /// Receives `file` as a delta cut as `chunking` says, with its chunk digests when it is
 /// large enough to be indexed. The outer error is fatal (the stream is unusable); the inner
 /// one concerns this file only.
+///
+/// The new version goes into a temp, staged for the commit's rename; where the filesystem
+/// can clone (XFS, btrfs) the temp is a clone of the base, written only where the file
+/// changed. Where it cannot, a large file of one name whose change fits in memory is
+/// patched in place instead, through a journal ([`crate::tree::patch`]).
 fn receive<R: Read, W: Write>(
     dirs: &mut Dirs,
     r: &mut FrameReader<R>,
     w: &mut FrameWriter<W>,
     file: &Incoming,
     chunking: Chunking,
-) -> Result<(EntryResult, Option<Vec<Hash>>), ProtocolError> {
+) -> Result<(Received, Option<Vec<Hash>>), ProtocolError> {
     let size = file.size;
     if chunking.chunk != chunk_size(size)
         || chunking.chunks != size.div_ceil(chunking.chunk)
@@ -82,38 +115,44 @@ fn receive<R: Read, W: Write>(
         delta::sign_with(&b.file, b.size, chunking.chunk, &digests, &coarse)
             .map(|sig| (sig, digests))
     });
-    let (base, base_size) = match base {
-        Ok(b) => (Some(b.file), b.size),
-        Err(_) => (None, 0),
+    let (base, base_size, one_name) = match base {
+        Ok(b) => (Some((b.file, b.ino)), b.size, b.nlink == 1),
+        Err(_) => (None, 0, false),
     };
     let known = answer(w, base_size, signed)?;
+    let base_file = base.as_ref().map(|(f, _)| f);
     let mut sink = TempSink::create(dirs, &file.path);
-    sink.base = base.as_ref().and_then(|f| f.try_clone().ok());
+    sink.base = base_file.and_then(|f| f.try_clone().ok());
     if chunking.sparse {
         sink.holes = Some(Holes::default());
     } else if base_size >= 2 * chunking.chunk {
         sink.clone_base();
     }
-    let mut chunks = None;
-    let ours = match delta::apply(
-        r.raw(),
-        &SoftBase(base.as_ref()),
+    let patchable = !chunking.sparse
+        && !sink.cloned
+        && one_name
+        && size >= crate::tree::blockindex::INDEXED
+        && unmatched(&known, size, chunking.chunk) <= crate::model::patch::MOST;
+    if patchable && let Some((f, ino)) = base {
+        drop(sink);
+        let mut patch = PatchSink::default();
+        let applied = apply(r, Some(&f), base_size, &mut patch, size, &known, false)?;
+        let proven = proven(r, applied.0)?;
+        let res = match proven {
+            Ok(()) => patch_in_place(dirs, file, ino, &patch.ranges),
+            Err(e) => Err(e),
+        };
+        return Ok((Received::Patched(res), applied.1));
+    }
+    let (ours, chunks) = apply(
+        r,
+        base_file,
         base_size,
         &mut sink,
         size,
         &known,
-    ) {
-        Ok(applied) => {
-            chunks = (size >= crate::tree::blockindex::INDEXED && !chunking.sparse)
-                .then_some(applied.chunks);
-            Some(applied.digest)
-        }
-        Err(delta::DeltaError::Aborted) => None,
-        Err(delta::DeltaError::Malformed(m)) => {
-            return Err(ProtocolError::Invalid(format!("delta: {m}")));
-        }
-        Err(delta::DeltaError::Io(e)) => return Err(ProtocolError::Io(e)),
-    };
+        chunking.sparse,
+    )?;
     let (complete, theirs) = file_end(r)?;
     let proof = match (complete, ours, theirs) {
         (true, Some(o), Some(t)) => Some((t, o)),
@@ -127,7 +166,141 @@ fn receive<R: Read, W: Write>(
     if chunking.sparse || sink.cloned {
         sink.set_len(size);
     }
-    Ok((sink.finish(dirs.session(), file, complete, proof), chunks))
+    let res = sink.finish(dirs.session(), file, complete, proof);
+    Ok((Received::Staged(res), chunks))
+}
+
+/// Applies the delta's ops from `r` into `sink`: the new version's digest (`None` when the
+/// primary aborted it) and, for a file large enough, its chunk digests.
+fn apply<R: Read>(
+    r: &mut FrameReader<R>,
+    base: Option<&File>,
+    base_size: u64,
+    sink: &mut impl delta::DeltaSink,
+    size: u64,
+    known: &[Option<Hash>],
+    sparse: bool,
+) -> Result<(Option<Hash>, Option<Vec<Hash>>), ProtocolError> {
+    match delta::apply(r.raw(), &SoftBase(base), base_size, sink, size, known) {
+        Ok(applied) => {
+            let index = size >= crate::tree::blockindex::INDEXED && !sparse;
+            Ok((Some(applied.digest), index.then_some(applied.chunks)))
+        }
+        Err(delta::DeltaError::Aborted) => Ok((None, None)),
+        Err(delta::DeltaError::Malformed(m)) => Err(ProtocolError::Invalid(format!("delta: {m}"))),
+        Err(delta::DeltaError::Io(e)) => Err(ProtocolError::Io(e)),
+    }
+}
+
+/// Reads the file's end: whether the primary completed it and its digest is `ours`.
+fn proven<R: Read>(
+    r: &mut FrameReader<R>,
+    ours: Option<Hash>,
+) -> Result<Result<(), OpError>, ProtocolError> {
+    let (complete, theirs) = file_end(r)?;
+    Ok(match (complete, ours, theirs) {
+        (false, _, _) => Err(OpError::new(
+            "the file changed on the primary while it was read",
+            true,
+        )),
+        (true, Some(o), Some(t)) if o == t => Ok(()),
+        (true, Some(_), Some(_)) => Err(OpError::new("content digest mismatch", true)),
+        _ => {
+            return Err(ProtocolError::Invalid(
+                "a completed delta needs its digest".into(),
+            ));
+        }
+    })
+}
+
+/// Bytes of a new version of `size` bytes (in chunks of `chunk`) that no base chunk at the
+/// same offset matches: the most a patch in place writes.
+fn unmatched(known: &[Option<Hash>], size: u64, chunk: u64) -> u64 {
+    let matched: u64 = known
+        .iter()
+        .enumerate()
+        .filter(|(_, k)| k.is_some())
+        .map(|(i, _)| chunk.min(size.saturating_sub(i as u64 * chunk)))
+        .sum();
+    size.saturating_sub(matched)
+}
+
+/// Patches the standby's version of `file` (inode `ino`) in place with `ranges`, its new
+/// bytes, through a journal; its attributes are the new version's.
+fn patch_in_place(
+    dirs: &mut Dirs,
+    file: &Incoming,
+    ino: u64,
+    ranges: &[(u64, Vec<u8>)],
+) -> Result<(Touched, Pending), OpError> {
+    let s = dirs.session();
+    let (dir, name) = dirs.parent(&file.path).map_err(|e| op_error(&e))?;
+    let f = fsroot::resolve(
+        dir.as_fd(),
+        name,
+        OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+    )
+    .map(File::from)
+    .map_err(|e| op_error(&e))?;
+    let st = rustix::fs::fstat(&f).map_err(|e| op_error(&e.into()))?;
+    if st.st_ino != ino {
+        return Err(OpError::new(
+            "the standby's version changed during the delta",
+            true,
+        ));
+    }
+    let xattrs = if s.xattrs.is_none() {
+        None
+    } else {
+        let x = crate::tree::xattr::read(crate::tree::xattr::At::Fd(f.as_fd()), &s.xattrs)
+            .map_err(|e| op_error(&e))?;
+        Some((x, s.xattrs))
+    };
+    let old = crate::model::undo::OldAttrs {
+        meta: fsroot::meta_of(&st),
+        owners: s.owners(),
+        with_mode: true,
+        xattrs,
+    };
+    let pending = s
+        .standby
+        .in_area(|area| {
+            crate::tree::patch::patch(area, &file.path, &f, ranges, file.size, old, |f| {
+                s.set_fd(f.as_fd(), &file.attrs)
+            })
+        })
+        .unwrap_or_else(|| Err(io::Error::other("the standby's reserved area is not open")))
+        .map_err(|e| op_error(&e))?;
+    Ok((Touched::entry(dir, name), pending))
+}
+
+/// A delta's output when the base is patched in place: the new bytes, where they go, held
+/// until the delta is proven (the base is read meanwhile, and must not change).
+#[derive(Default)]
+struct PatchSink {
+    ranges: Vec<(u64, Vec<u8>)>,
+    pos: u64,
+}
+
+impl Write for PatchSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        crate::model::patch::push(&mut self.ranges, self.pos, buf);
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl delta::DeltaSink for PatchSink {
+    fn holds_base(&self) -> bool {
+        true
+    }
+    fn skip(&mut self, len: u64) -> io::Result<()> {
+        self.pos += len;
+        Ok(())
+    }
 }
 
 /// Whether the standby signs a base of `base_size` bytes for a new version cut in chunks
@@ -163,6 +336,8 @@ fn open_base(dirs: &mut Dirs, path: &RelPath, chunk: u64) -> io::Result<Base> {
     Ok(Base {
         file: File::from(f),
         size: st.st_size as u64,
+        ino: st.st_ino,
+        nlink: st.st_nlink as u64,
         holes: crate::tree::sparse::has_holes(&st),
         indexed,
     })

@@ -46,6 +46,9 @@ pub(super) struct Ops<'a, R: Read, W: SendHalf> {
     /// Large files of the batch with their chunk digests (operation, path, chunk size):
     /// indexed once committed.
     pub(super) indexes: Vec<(u64, RelPath, u64, Vec<crate::model::manifest::Hash>)>,
+    /// Large files of the batch patched in place (operation, path, journal): their
+    /// journals go once the commit made them durable.
+    pub(super) patches: Vec<(u64, RelPath, crate::tree::patch::Pending)>,
 }
 
 /// Reads and applies operations until the stream ends (or `Close`, on the control stream).
@@ -70,6 +73,7 @@ pub(super) fn op_loop<R: Read, W: SendHalf>(
         buf: Vec::new(),
         control,
         indexes: Vec::new(),
+        patches: Vec::new(),
     };
     loop {
         let next = match first.take() {
@@ -291,9 +295,64 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
 
     /// Commits the batch and acknowledges each of its operations.
     fn acknowledge(&mut self) -> Result<(), ProtocolError> {
-        let outcomes = commit(self.s, &mut self.batch);
+        let mut outcomes = commit(self.s, &mut self.batch);
+        self.settle_patches(&mut outcomes);
         self.index_committed(&outcomes);
         send_acks(self.s, self.w, outcomes)
+    }
+
+    /// Drops the journals of the patches the commit made durable (or keeps them in the
+    /// undo area while a window is open), before they are acknowledged: a journal left
+    /// would put an acknowledged file back when the tree is next opened. A patch that did
+    /// not commit is put back now. A journal that cannot be dropped fails its operation.
+    fn settle_patches(&mut self, outcomes: &mut [crate::tree::atomic::CommitResult]) {
+        let patches = std::mem::take(&mut self.patches);
+        if patches.is_empty() {
+            return;
+        }
+        let standby = self.s.standby;
+        let (mut done_ids, mut done) = (Vec::new(), Vec::new());
+        for (id, path, pending) in patches {
+            let Some(slot) = outcomes.iter_mut().find(|(o, _)| *o == id) else {
+                continue;
+            };
+            if slot.1.is_err() {
+                let undone = match self.s.root() {
+                    Ok(root) => standby
+                        .in_area(|a| crate::tree::patch::undo(root, a, &pending))
+                        .unwrap_or(Ok(())),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = undone {
+                    tracing::warn!("{path}: cannot put back a patch that did not commit: {e}");
+                }
+                continue;
+            }
+            let kept = standby.in_area(|area| {
+                self.s
+                    .with_journal(|j| j.keep_patch(area, &path, &pending))
+                    .transpose()
+            });
+            match kept {
+                Some(Ok(Some(()))) => {}
+                Some(Ok(None)) => {
+                    done_ids.push(id);
+                    done.push(pending);
+                }
+                Some(Err(e)) => slot.1 = Err(super::session::op_error(&e)),
+                None => {}
+            }
+        }
+        let finished = standby
+            .in_area(|a| crate::tree::patch::finished(a, &done))
+            .unwrap_or(Ok(()));
+        if let Err(e) = finished {
+            for id in &done_ids {
+                if let Some(slot) = outcomes.iter_mut().find(|(o, _)| o == id) {
+                    slot.1 = Err(super::session::op_error(&e));
+                }
+            }
+        }
     }
 
     /// Records the block index of each large file the batch committed, as the file now is
