@@ -10,9 +10,12 @@ use serde::{Deserialize, Serialize};
 /// Identifies a patch journal, and its format.
 const MAGIC: &[u8; 8] = b"hspatch1";
 
-/// Most bytes a patch may change: beyond, the new version is written whole (the journal
-/// and the patch are held in memory).
+/// Most bytes a patch may write: beyond, the new version is written whole (the journal and
+/// the patch are held in memory).
 pub(crate) const MOST: u64 = 64 << 20;
+/// Most bytes of a new version no chunk of the old one matches for a patch to be tried:
+/// scattered edits leave whole chunks unmatched for a few bytes changed in each.
+pub(crate) const MOST_UNMATCHED: u64 = 1 << 30;
 
 /// What a patch of the file at `path` (inode `ino`) overwrites.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

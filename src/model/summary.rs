@@ -68,6 +68,10 @@ pub struct Summary {
     /// carried out, and the command exits 2.
     pub refused: Option<String>,
     pub dry_run: bool,
+    /// Large files sent as deltas, with what reading and hashing each cost: a watch paces
+    /// the next read of a file that keeps changing by it.
+    #[serde(skip)]
+    pub hashed: Vec<(crate::model::path::RelPath, std::time::Duration)>,
 }
 
 impl Summary {

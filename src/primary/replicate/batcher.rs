@@ -122,6 +122,11 @@ impl Default for Config {
     }
 }
 
+/// A file is paced once reading it costs this much.
+const PACED_FROM: Duration = Duration::from_millis(50);
+/// How long a paced file must be quiet to go at once.
+const PACED_QUIET: Duration = Duration::from_millis(500);
+
 /// One unit of work for the replicator.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Batch {
@@ -167,6 +172,9 @@ pub(crate) struct Batcher {
     full_oldest: Option<Instant>,
     /// Directories that appeared, to walk again when due.
     second_walks: BTreeMap<RelPath, Instant>,
+    /// Large files whose last read was costly: not read again before then while they keep
+    /// changing ([`Batcher::pace`]).
+    paced: std::collections::HashMap<RelPath, Instant>,
 }
 
 impl Batcher {
@@ -179,6 +187,7 @@ impl Batcher {
             full_since: None,
             full_oldest: None,
             second_walks: BTreeMap::new(),
+            paced: std::collections::HashMap::new(),
         }
     }
 
@@ -277,7 +286,16 @@ impl Batcher {
     /// Everything queued is due now, as if a barrier had come: files still being written
     /// no longer wait for quiet, nor moves for their other half.
     pub(crate) fn sweep(&mut self, now: Instant) {
-        for it in self.items.values_mut() {
+        self.sweep_but(now, false);
+    }
+
+    /// [`Batcher::sweep`], leaving paced files to their pace (`keep_paced`): a consistency
+    /// check's sweep must not read a large file more often than its pace allows.
+    pub(crate) fn sweep_but(&mut self, now: Instant, keep_paced: bool) {
+        for (p, it) in self.items.iter_mut() {
+            if keep_paced && self.paced.get(p).is_some_and(|t| *t > now) {
+                continue;
+            }
             it.ready = true;
             it.hold = None;
         }
@@ -413,14 +431,30 @@ impl Batcher {
         it.first = it.first.min(first);
     }
 
-    fn due(&self, it: &Item) -> Instant {
+    fn due(&self, path: &RelPath, it: &Item) -> Instant {
         if let (false, Some(h)) = (it.ready, it.hold) {
             return h;
         }
         if it.ready {
-            it.first.min(it.last)
-        } else {
-            (it.last + self.cfg.quiet).min(it.first + self.cfg.max_delay)
+            return it.first.min(it.last);
+        }
+        let due = (it.last + self.cfg.quiet).min(it.first + self.cfg.max_delay);
+        match self.paced.get(path) {
+            // While it keeps changing, not before its pace allows; once quiet a moment, at
+            // once (so the lag at the end is not the pace's).
+            Some(until) => due.max((*until).min(it.last + PACED_QUIET)),
+            None => due,
+        }
+    }
+
+    /// The large file `path` took `cost` to read and hash at `now`: while it keeps
+    /// changing it is read again no sooner than four times that later, so that reading
+    /// it takes at most a fifth of a core (and the rest of the watch's work fits in a
+    /// quarter).
+    pub(crate) fn pace(&mut self, path: RelPath, cost: Duration, now: Instant) {
+        self.paced.retain(|_, t| *t > now);
+        if cost >= PACED_FROM {
+            self.paced.insert(path, now + cost * 4);
         }
     }
 
@@ -430,7 +464,7 @@ impl Batcher {
         if self.full {
             return walks;
         }
-        let items = self.items.values().map(|it| self.due(it)).min();
+        let items = self.items.iter().map(|(k, it)| self.due(k, it)).min();
         items.into_iter().chain(walks).min()
     }
 
@@ -460,7 +494,7 @@ impl Batcher {
         let ready: Vec<RelPath> = self
             .items
             .iter()
-            .filter(|(_, it)| self.due(it) <= now)
+            .filter(|(k, it)| self.due(k, it) <= now)
             .map(|(k, _)| k.clone())
             .collect();
         if ready.is_empty() && self.renames.is_empty() {
@@ -526,7 +560,7 @@ impl Batcher {
             .filter(|(k, it)| {
                 it.scope == Scope::Entry
                     && it.early != Some(it.last)
-                    && self.due(it) <= now
+                    && self.due(k, it) <= now
                     && !renamed(k)
                     && accept(k)
             })
@@ -574,6 +608,41 @@ mod tests {
             rename_window: ms(10),
             settle: ms(200),
         }
+    }
+
+    /// A large file whose read cost 300 ms and that is written every 100 ms is read again
+    /// no sooner than 1.2 s later; once quiet for half a second, at once. A flush does
+    /// not wait for its pace; a consistency check's sweep does.
+    #[test]
+    fn a_costly_file_that_keeps_changing_is_paced_by_its_cost() {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(cfg());
+        let img = p("vm.img");
+        b.pace(img.clone(), ms(300), t0);
+        let mut t = t0;
+        while t < t0 + ms(1100) {
+            t += ms(100);
+            b.push(Hint::Modified(img.clone()), t);
+            assert_eq!(b.poll(t + ms(60)), None, "paced at {:?}", t - t0);
+        }
+        b.push(Hint::Modified(img.clone()), t0 + ms(1150));
+        assert!(b.poll(t0 + ms(1199)).is_none());
+        assert!(b.poll(t0 + ms(1200)).is_some(), "its pace is over");
+        // Paced again, then quiet: it goes half a second after its last change.
+        b.pace(img.clone(), ms(1500), t0 + ms(1300));
+        b.push(Hint::Modified(img.clone()), t0 + ms(1400));
+        assert!(b.poll(t0 + ms(1899)).is_none());
+        assert!(b.poll(t0 + ms(1900)).is_some());
+        // A consistency check's sweep leaves it to its pace; a flush's takes it.
+        b.push(Hint::Modified(img.clone()), t0 + ms(2000));
+        b.sweep_but(t0 + ms(2001), true);
+        assert!(b.poll(t0 + ms(2001)).is_none());
+        b.sweep(t0 + ms(2002));
+        assert!(b.poll(t0 + ms(2002)).is_some());
+        // A cheap read is not paced.
+        b.pace(p("small"), ms(10), t0 + ms(3000));
+        b.push(Hint::Modified(p("small")), t0 + ms(3000));
+        assert!(b.poll(t0 + ms(3050)).is_some());
     }
 
     #[test]

@@ -379,7 +379,7 @@ impl ReplicaMachine {
                     && self.last_sweep.is_none_or(|t| now >= t + SWEEP_AFTER)
                     && self.batcher.queued() > 0
                 {
-                    self.batcher.sweep(now);
+                    self.batcher.sweep_but(now, true);
                     self.last_sweep = Some(now);
                 }
                 match self.batcher.poll(now) {
@@ -500,6 +500,9 @@ impl ReplicaMachine {
         self.full = false;
         self.judge
             .done(f.seq, summary.errors.is_empty() && summary.vanished == 0);
+        for (p, cost) in &summary.hashed {
+            self.batcher.pace(p.clone(), *cost, now);
+        }
         // What failed is not dropped: it is tried again later, by itself, until it works.
         let errored: std::collections::HashSet<&RelPath> =
             summary.errors.iter().map(|e| &e.rel).collect();

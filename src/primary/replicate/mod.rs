@@ -173,6 +173,7 @@ impl Watch {
         let now = Instant::now();
         let mut sync = opts.sync.clone();
         sync.on_mass_delete = crate::model::guard::MassDelete::SkipDeletes;
+        sync.watching = true;
         let mut replicas = Vec::new();
         let changed = Arc::new(Changed::default());
         let source: Arc<std::sync::Mutex<Option<Arc<dyn source::HintSource>>>> = Arc::default();

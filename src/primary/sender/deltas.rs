@@ -7,7 +7,8 @@ use super::acks::{Op, Settled};
 use super::attrs::send_xattrs;
 use super::ends::peer_error;
 use super::exec::Exec;
-use super::read::{Problem, ReadError, read_error, read_through, xattrs_of};
+use super::index;
+use super::read::{Problem, ReadError, read_error, read_pieces, read_through, xattrs_of};
 use super::whole::read_one_ack;
 use crate::error::Error;
 use crate::error::{OpError, ProtocolError};
@@ -55,6 +56,16 @@ impl Exec<'_> {
             .send_delta(&mut ch, &t.path, &new, attrs)
             .map_err(peer_error)?;
         match sent {
+            // A large file written all the time would be read whole again and again: a
+            // watch leaves it to the batch of the change that came while it was read (it
+            // counts as gone for now, so the batch is no consistent point).
+            DeltaSent {
+                problem: Some(p), ..
+            } if p.retry && self.ends.carry.watching && new.size >= index::INDEXED => {
+                tracing::debug!("{}: changed while read; left to its next change", t.path);
+                self.book().vanished();
+                Ok(())
+            }
             DeltaSent {
                 problem: Some(p), ..
             } if p.retry => {
@@ -135,7 +146,13 @@ impl Exec<'_> {
         ch.send(&announcement(id, path, new))?;
         // The standby starts hashing its base now, while we hash the new version.
         ch.flush()?;
-        let (mut problem, digest) = send_coarse_hashes(&mut ch.w, new)?;
+        let started = std::time::Instant::now();
+        let Coarse {
+            mut problem,
+            digest,
+            index,
+            prior,
+        } = send_coarse_hashes(&mut ch.w, new)?;
         ch.flush()?;
         let encoder = receive_base(&mut ch.r, path, new.chunk)?;
         if encoder.is_none() && new.sparse && problem.is_none() {
@@ -153,8 +170,22 @@ impl Exec<'_> {
         } else if changed(
             &new.before,
             &rustix::fs::fstat(&new.f).map_err(io::Error::from)?,
-        ) {
+        ) && !index
+            .as_ref()
+            .is_some_and(|ix| index::steady(&new.f, new.size, ix, prior.as_ref()))
+        {
             problem = Some(Problem::changed());
+        }
+        // Kept even when the file changed while read: the next read proves what it had
+        // at this one unchanged (a write made during this read shows then), whatever it
+        // proves of this one.
+        if let Some(ix) = index {
+            index::keep(new.before.st_dev, new.before.st_ino, ix);
+        }
+        if new.size >= index::INDEXED {
+            // What its reads cost: a watch paces the next by it.
+            let cost = started.elapsed();
+            self.book().summary_mut().hashed.push((path.clone(), cost));
         }
         ch.send(&Message::FileEnd {
             complete: problem.is_none(),
@@ -211,10 +242,7 @@ fn announcement(id: u64, path: &RelPath, new: &NewVersion) -> Message {
 /// chunk's hash sent when complete; a sparse one is hashed first, holes skipped, and its
 /// hashes sent together. Returns its whole digest, and the problem if a read failed (the
 /// hashes are then sent all the same, so the stream stays in step).
-fn send_coarse_hashes(
-    w: &mut Writer,
-    new: &NewVersion,
-) -> Result<(Option<Problem>, Hash), ProtocolError> {
+fn send_coarse_hashes(w: &mut Writer, new: &NewVersion) -> Result<Coarse, ProtocolError> {
     let (size, chunk) = (new.size, new.chunk);
     if new.sparse {
         let (digests, digest, problem) =
@@ -229,23 +257,60 @@ fn send_coarse_hashes(
         for c in &digests {
             w.write_raw(&c[..COARSE_HASH_LEN])?;
         }
-        return Ok((problem, digest));
+        return Ok(Coarse {
+            problem,
+            digest,
+            index: None,
+            prior: None,
+        });
     }
     let mut hasher = delta::ChunkedHasher::new(chunk);
     let mut sent = 0;
-    let problem = read_through(&new.f, size, |piece| {
-        hasher.update(piece);
+    let mut send_completed = |hasher: &delta::ChunkedHasher| -> Result<(), ProtocolError> {
         for c in &hasher.completed()[sent..] {
             w.write_raw(&c[..COARSE_HASH_LEN])?;
         }
         sent = hasher.completed().len();
         Ok(())
-    })?;
+    };
+    let (dev, ino) = (new.before.st_dev, new.before.st_ino);
+    let indexed = size >= index::INDEXED && !new.sparse;
+    let prior = indexed.then(|| index::take(dev, ino, chunk)).flatten();
+    let mut indexer = index::Indexer::new(chunk, prior.as_ref());
+    let problem = if indexed {
+        // Chunk by chunk: a chunk whose fast checksum is unchanged keeps its digest.
+        read_pieces(&new.f, 0, size, chunk, &mut Vec::new(), |piece| {
+            indexer.chunk(&mut hasher, piece);
+            send_completed(&hasher)
+        })?
+    } else {
+        read_through(&new.f, size, |piece| {
+            hasher.update(piece);
+            send_completed(&hasher)
+        })?
+    };
     let (digests, digest) = hasher.finish();
     for c in &digests[sent..] {
         w.write_raw(&c[..COARSE_HASH_LEN])?;
     }
-    Ok((problem, digest))
+    let index = (indexed && problem.is_none()).then(|| indexer.finish(size, &digests));
+    Ok(Coarse {
+        problem,
+        digest,
+        index,
+        prior,
+    })
+}
+
+/// What hashing the new version came to.
+struct Coarse {
+    /// Its read failed (the hashes were sent all the same).
+    problem: Option<Problem>,
+    /// Its whole digest.
+    digest: Hash,
+    /// Its block index, for a large file read whole, and the one it was hashed against.
+    index: Option<index::Chunks>,
+    prior: Option<index::Chunks>,
 }
 
 /// Reads the standby's answer to the coarse hashes: an encoder against its base, or `None`

@@ -18,6 +18,9 @@ pub(super) struct Carry {
     pub xattrs: Policy,
     /// Files with holes go as `SparseFile` and `SparseDelta` (the standby speaks 5).
     pub holes: bool,
+    /// A watch's session: a large file that changes while read is left to the batch its
+    /// change comes in, instead of being sent again whole at once.
+    pub watching: bool,
 }
 
 /// The two ends a plan goes between, the primary's tree and the link to the standby, with

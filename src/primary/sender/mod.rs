@@ -31,6 +31,7 @@ mod ends;
 mod exec;
 mod extents;
 mod hard_links;
+mod index;
 mod lanes;
 mod listed;
 mod listing;
@@ -78,6 +79,8 @@ pub struct SyncOptions {
     pub epoch: u64,
     /// The extended attributes and ACLs to mirror (what the standby can store of them).
     pub xattrs: crate::model::xattrs::Policy,
+    /// Run by a watch: a change while a file is read comes again as a hint.
+    pub watching: bool,
 }
 
 impl Default for SyncOptions {
@@ -95,6 +98,7 @@ impl Default for SyncOptions {
             hash_rate: 0,
             epoch: 1,
             xattrs: crate::model::xattrs::Policy::wanted(false, false),
+            watching: false,
         }
     }
 }

@@ -78,9 +78,21 @@ pub(super) fn read_range(
     start: u64,
     end: u64,
     buf: &mut Vec<u8>,
+    each: impl FnMut(&[u8]) -> Result<(), ProtocolError>,
+) -> Result<Option<Problem>, ProtocolError> {
+    read_pieces(f, start, end, 1 << 20, buf, each)
+}
+
+/// [`read_range`] in pieces of `piece` bytes (the last one shorter).
+pub(super) fn read_pieces(
+    f: &std::fs::File,
+    start: u64,
+    end: u64,
+    piece: u64,
+    buf: &mut Vec<u8>,
     mut each: impl FnMut(&[u8]) -> Result<(), ProtocolError>,
 ) -> Result<Option<Problem>, ProtocolError> {
-    buf.resize((1 << 20).min(end - start).max(1) as usize, 0);
+    buf.resize(piece.min(end - start).max(1) as usize, 0);
     let mut off = start;
     let mut problem = None;
     while off < end {

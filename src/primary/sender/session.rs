@@ -163,6 +163,7 @@ impl<'m> Session<'m> {
                 carry: Carry {
                     xattrs,
                     holes: caps.holes,
+                    watching: opts.watching,
                 },
                 monitor,
                 next_id: AtomicU64::new(1),

@@ -132,13 +132,17 @@ fn receive<R: Read, W: Write>(
         && !sink.cloned
         && one_name
         && size >= crate::tree::blockindex::INDEXED
-        && unmatched(&known, size, chunking.chunk) <= crate::model::patch::MOST;
+        && unmatched(&known, size, chunking.chunk) <= crate::model::patch::MOST_UNMATCHED;
     if patchable && let Some((f, ino)) = base {
         drop(sink);
         let mut patch = PatchSink::default();
         let applied = apply(r, Some(&f), base_size, &mut patch, size, &known, false)?;
         let proven = proven(r, applied.0)?;
         let res = match proven {
+            Ok(()) if patch.overflow => Err(OpError::new(
+                "the change is too large to patch in place",
+                true,
+            )),
             Ok(()) => patch_in_place(dirs, file, ino, &patch.ranges),
             Err(e) => Err(e),
         };
@@ -275,16 +279,24 @@ fn patch_in_place(
 }
 
 /// A delta's output when the base is patched in place: the new bytes, where they go, held
-/// until the delta is proven (the base is read meanwhile, and must not change).
+/// until the delta is proven (the base is read meanwhile, and must not change). Past
+/// [`crate::model::patch::MOST`] bytes it holds no more (`overflow`): the file is then
+/// refused, and the primary sends it whole.
 #[derive(Default)]
 struct PatchSink {
     ranges: Vec<(u64, Vec<u8>)>,
+    held: u64,
+    overflow: bool,
     pos: u64,
 }
 
 impl Write for PatchSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        crate::model::patch::push(&mut self.ranges, self.pos, buf);
+        self.held += buf.len() as u64;
+        self.overflow |= self.held > crate::model::patch::MOST;
+        if !self.overflow {
+            crate::model::patch::push(&mut self.ranges, self.pos, buf);
+        }
         self.pos += buf.len() as u64;
         Ok(buf.len())
     }
