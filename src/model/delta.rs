@@ -1053,24 +1053,7 @@ mod tests {
         new[3_000_000] ^= 1;
         new.extend_from_slice(b"tail");
         let chunk = chunk_size(new.len() as u64);
-        let (chunks, digest) = hash_chunks(&new[..], new.len() as u64, chunk).unwrap();
-        let (base_chunks, _) = hash_chunks(&base[..], base.len() as u64, chunk).unwrap();
-        let sig = sign_with(
-            &base[..],
-            base.len() as u64,
-            chunk,
-            &base_chunks,
-            &coarse_wire(&chunks),
-        )
-        .unwrap();
-        let known: Vec<Option<Hash>> = base_chunks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| bit(&sig.matched, i).then_some(*d))
-            .collect();
-        let enc = DeltaEncoder::new(base.len() as u64, chunk, sig).unwrap();
-        let mut ops = Vec::new();
-        enc.encode(&new[..], new.len() as u64, &mut ops).unwrap();
+        let (ops, known, digest) = exchange(&base, &new);
         let mut sink = CopyingSink {
             base: &base,
             out: Vec::new(),

@@ -84,6 +84,24 @@ fn moment(trial: u64) -> Duration {
     Duration::from_millis(250 + x % 700)
 }
 
+/// `serve` (with `extra`) on `b`'s tree and `watch` of `a`'s towards it, once the standby
+/// holds a first consistent point.
+fn at_a_point(a: &Peer, b: &Peer, extra: &[&str]) -> (Server, Watch) {
+    let pre: Vec<OsString> = vec!["--home".into(), a.home.clone().into()];
+    let server = Server::start_with(&b.tree, &b.home, &[&a.id], extra);
+    let watch = Watch::start(
+        &pre,
+        &a.tree,
+        server.url().as_ref(),
+        &["--server-id", &server.id],
+    );
+    watch.wait_ready();
+    wait_for("a first consistent point", Duration::from_secs(10), || {
+        b.state()["consistent"].is_object().then_some(())
+    });
+    (server, watch)
+}
+
 /// An application on the primary, as a drill sees it.
 trait App {
     /// Sets it up in the primary's tree.
@@ -115,23 +133,12 @@ fn drill(app: &dyn App, trials: u64, serve_dies: bool) -> Vec<(u64, u64)> {
         let base = tempfile::tempdir().unwrap();
         let a = Peer::new(base.path(), "a");
         let b = Peer::new(base.path(), "b");
-        let pre: Vec<OsString> = vec!["--home".into(), a.home.clone().into()];
         app.prepare(&a.tree);
 
         let _guard = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         const SERVE: [&str; 3] = ["--json", "--consistency", "consistent"];
-        let mut server = Server::start_with(&b.tree, &b.home, &[&a.id], &SERVE);
-        let mut watch = Watch::start(
-            &pre,
-            &a.tree,
-            server.url().as_ref(),
-            &["--server-id", &server.id],
-        );
-        watch.wait_ready();
         // The standby holds a first consistent point before the application starts.
-        wait_for("a first consistent point", Duration::from_secs(10), || {
-            b.state()["consistent"].is_object().then_some(())
-        });
+        let (mut server, mut watch) = at_a_point(&a, &b, &SERVE);
         // Its serve says so: the tree is at the point, which a failover would lose nothing of.
         let (_, st) = status(&b.home);
         let c = &st["instances"][0]["consistency"];
@@ -643,18 +650,7 @@ fn a_flush_waits_for_a_consistent_point_that_covers_it() {
     let b = Peer::new(base.path(), "b");
     std::fs::write(a.tree.join("seed"), b"seed").unwrap();
     let _guard = WATCH_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let server = Server::start(&b.tree, &b.home, &[&a.id]);
-    let pre: Vec<OsString> = vec!["--home".into(), a.home.clone().into()];
-    let watch = Watch::start(
-        &pre,
-        &a.tree,
-        server.url().as_ref(),
-        &["--server-id", &server.id],
-    );
-    watch.wait_ready();
-    wait_for("a first consistent point", Duration::from_secs(10), || {
-        b.state()["consistent"].is_object().then_some(())
-    });
+    let (server, watch) = at_a_point(&a, &b, &[]);
     for how in [Steady::NewFiles, Steady::OneLog, Steady::TwoLogs] {
         let stop = Arc::new(AtomicBool::new(false));
         let w = {
