@@ -340,7 +340,14 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
                     done.push(pending);
                 }
                 Some(Err(e)) => slot.1 = Err(super::session::op_error(&e)),
-                None => {}
+                // No area: its journal stays, and puts the file back at the next open; the
+                // primary is told to send it again.
+                None => {
+                    slot.1 = Err(crate::error::OpError::new(
+                        "the standby's reserved area is not open",
+                        true,
+                    ));
+                }
             }
         }
         let finished = standby
