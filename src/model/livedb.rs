@@ -92,6 +92,11 @@ pub(crate) fn classify(path: &RelPath) -> Option<LiveDb> {
 pub(crate) struct Named(HashSet<RelPath>);
 
 impl Named {
+    /// Whether `db` was named already.
+    pub(crate) fn has(&self, db: &LiveDb) -> bool {
+        self.0.contains(&db.at)
+    }
+
     /// Whether `db` is still to be named; from now on it is not.
     pub(crate) fn first(&mut self, db: &LiveDb) -> bool {
         self.0.insert(db.at.clone())

@@ -169,8 +169,8 @@ pub(crate) fn keep_diverged(
             margin_ms: Divergence::MARGIN_MS,
         });
     let epoch_dir = state.epoch.to_string();
-    let base = ensure_dir(area.fd(), b"diverged")?;
-    let keep = ensure_dir(base.as_fd(), epoch_dir.as_bytes())?;
+    let base = crate::tree::fsroot::ensure_subdir(area.fd(), b"diverged")?;
+    let keep = crate::tree::fsroot::ensure_subdir(base.as_fd(), epoch_dir.as_bytes())?;
     let mut w = Walk {
         filter,
         divergence,
@@ -197,14 +197,6 @@ pub(crate) fn keep_diverged(
         no_record: divergence.is_none(),
         still_primary: false,
     })
-}
-
-fn ensure_dir(at: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
-    match rustix::fs::mkdirat(at, name, Mode::from_raw_mode(0o700)) {
-        Ok(()) | Err(Errno::EXIST) => {}
-        Err(e) => return Err(e.into()),
-    }
-    crate::tree::fsroot::open_subdir(at, name)
 }
 
 /// The path of `name` in the directory at `rel`, or why it cannot be one (too long).

@@ -76,16 +76,7 @@ pub(crate) fn store(
         // Last: until the header is whole its guard does not match, and the index is unused.
         return f.write_all_at(&new.header(), 0);
     }
-    let dir = match fsroot::open_subdir(area, DIR) {
-        Ok(d) => d,
-        Err(_) => {
-            match rustix::fs::mkdirat(area, DIR, Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => return Err(e.into()),
-            }
-            fsroot::open_subdir(area, DIR)?
-        }
-    };
+    let dir = fsroot::ensure_subdir(area, DIR)?;
     let f = rustix::fs::openat(
         &dir,
         name(st.st_ino).as_slice(),

@@ -155,6 +155,16 @@ pub(crate) const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
 
+/// Opens the directory `name` of `dir`, made first (mode 0700) if it is missing; never
+/// following a symlink. Its making is not flushed: callers that need it durable say so.
+pub(crate) fn ensure_subdir(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    open_subdir(dir, name)
+}
+
 /// Opens the directory `path` (relative, `/`-separated) beneath `dir` to walk it, without
 /// following any symlink.
 pub(crate) fn open_subdir(dir: BorrowedFd<'_>, path: &[u8]) -> io::Result<OwnedFd> {

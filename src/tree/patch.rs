@@ -30,15 +30,10 @@ pub(crate) struct Pending {
 }
 
 fn journals(area: BorrowedFd<'_>, make: bool) -> io::Result<OwnedFd> {
-    match fsroot::open_subdir(area, DIR) {
-        Err(e) if make && e.kind() == io::ErrorKind::NotFound => {
-            match rustix::fs::mkdirat(area, DIR, Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => return Err(e.into()),
-            }
-            fsroot::open_subdir(area, DIR)
-        }
-        other => other,
+    if make {
+        fsroot::ensure_subdir(area, DIR)
+    } else {
+        fsroot::open_subdir(area, DIR)
     }
 }
 

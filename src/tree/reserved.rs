@@ -154,11 +154,7 @@ impl Area {
     /// Opens the standby's temp area `.hotsync/tmp/` (made if missing) and empties it:
     /// what it holds was staged by a writer that is gone (call under the standby's lock).
     pub(crate) fn open_temps(&self) -> io::Result<OwnedFd> {
-        match rustix::fs::mkdirat(&self.dir, TEMPS, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let dir = fsroot::open_subdir(self.fd(), TEMPS)?;
+        let dir = fsroot::ensure_subdir(self.fd(), TEMPS)?;
         for name in fsroot::list_dir(dir.as_fd())? {
             // A temp is a file, a symlink or a hard link; never a directory (a tree is
             // removed whole all the same, never followed).

@@ -38,6 +38,16 @@ fn installed(prog: &str, arg: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether `prog` (of the Debian package of the same name) runs; says the case is skipped
+/// when it does not.
+fn have(prog: &str, arg: &str) -> bool {
+    let ok = installed(prog, arg);
+    if !ok {
+        println!("skipped: {prog} is not installed (Debian package {prog})");
+    }
+    ok
+}
+
 /// A commit loop in the repository `dir`, as fast as git goes, in a process group of its
 /// own (so it is frozen and killed whole). The script names no file of the test's.
 fn commit_loop(dir: &Path) -> Child {
@@ -234,8 +244,7 @@ impl App for Git {
 
 #[test]
 fn git_is_usable_on_the_standby_after_a_sudden_primary_death() {
-    if !installed("git", "--version") {
-        println!("skipped: git is not installed (Debian package git)");
+    if !have("git", "--version") {
         return;
     }
     let lost = drill(&Git, 5, false);
@@ -247,8 +256,7 @@ fn git_is_usable_on_the_standby_after_a_sudden_primary_death() {
 /// with it, and a later failover still gives back a consistent point.
 #[test]
 fn git_is_usable_after_serve_was_killed_mid_window_and_then_the_primary_died() {
-    if !installed("git", "--version") {
-        println!("skipped: git is not installed (Debian package git)");
+    if !have("git", "--version") {
         return;
     }
     let lost = drill(&Git, 3, true);
@@ -327,8 +335,7 @@ impl App for Bank {
 
 #[test]
 fn sqlite_is_usable_on_the_standby_after_a_sudden_primary_death() {
-    if !installed("sqlite3", "-version") {
-        println!("skipped: sqlite3 is not installed (Debian package sqlite3)");
+    if !have("sqlite3", "-version") {
         return;
     }
     for journal in ["wal", "delete"] {

@@ -586,6 +586,10 @@ impl Watch {
             else {
                 continue;
             };
+            // A database's log is written all the time: once named, no more looking.
+            if self.databases.lock().unwrap().has(&db) {
+                continue;
+            }
             let confirmed = db.confirm.as_ref().is_none_or(|c| {
                 let p = self.src.join(std::ffi::OsStr::from_bytes(c.as_bytes()));
                 std::fs::symlink_metadata(p).is_ok()

@@ -7,7 +7,7 @@
 use super::ops::{Ops, Then, check_writable};
 use super::session::{Dirs, op_error, reason};
 use super::sparse::Holes;
-use super::stage::{EntryResult, Incoming, TempSink, TempTarget};
+use super::stage::{EntryResult, Incoming, TempSink, TempTarget, verdict};
 use super::whole::file_end;
 use crate::error::{OpError, ProtocolError};
 use crate::model::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, ReadAt, chunk_size};
@@ -137,8 +137,8 @@ fn receive<R: Read, W: Write>(
         drop(sink);
         let mut patch = PatchSink::default();
         let applied = apply(r, Some(&f), base_size, &mut patch, size, &known, false)?;
-        let proven = proven(r, applied.0)?;
-        let res = match proven {
+        let (complete, proof) = delta_end(r, applied.0)?;
+        let res = match verdict(complete, proof) {
             Ok(()) if patch.overflow => Err(OpError::new(
                 "the change is too large to patch in place",
                 true,
@@ -157,16 +157,7 @@ fn receive<R: Read, W: Write>(
         &known,
         chunking.sparse,
     )?;
-    let (complete, theirs) = file_end(r)?;
-    let proof = match (complete, ours, theirs) {
-        (true, Some(o), Some(t)) => Some((t, o)),
-        (false, _, _) => None,
-        _ => {
-            return Err(ProtocolError::Invalid(
-                "a completed delta needs its digest".into(),
-            ));
-        }
-    };
+    let (complete, proof) = delta_end(r, ours)?;
     if chunking.sparse || sink.cloned {
         sink.set_len(size);
     }
@@ -196,25 +187,20 @@ fn apply<R: Read>(
     }
 }
 
-/// Reads the file's end: whether the primary completed it and its digest is `ours`.
-fn proven<R: Read>(
+/// Reads a delta's end: whether the primary completed it and, if so, its digest with ours
+/// (`(theirs, ours)`) for [`verdict`].
+fn delta_end<R: Read>(
     r: &mut FrameReader<R>,
     ours: Option<Hash>,
-) -> Result<Result<(), OpError>, ProtocolError> {
+) -> Result<(bool, Option<(Hash, Hash)>), ProtocolError> {
     let (complete, theirs) = file_end(r)?;
-    Ok(match (complete, ours, theirs) {
-        (false, _, _) => Err(OpError::new(
-            "the file changed on the primary while it was read",
-            true,
+    match (complete, ours, theirs) {
+        (true, Some(o), Some(t)) => Ok((true, Some((t, o)))),
+        (false, _, _) => Ok((false, None)),
+        _ => Err(ProtocolError::Invalid(
+            "a completed delta needs its digest".into(),
         )),
-        (true, Some(o), Some(t)) if o == t => Ok(()),
-        (true, Some(_), Some(_)) => Err(OpError::new("content digest mismatch", true)),
-        _ => {
-            return Err(ProtocolError::Invalid(
-                "a completed delta needs its digest".into(),
-            ));
-        }
-    })
+    }
 }
 
 /// Bytes of a new version of `size` bytes (in chunks of `chunk`) that no base chunk at the

@@ -36,6 +36,21 @@ pub(super) struct Incoming {
 /// to the primary in its `Ack`; the stream goes on).
 pub(super) type EntryResult = Result<Staged, OpError>;
 
+/// Whether a file the primary sent may be kept: it completed it and the content proof, if
+/// any (`(theirs, ours)`), holds. Otherwise the primary is asked to send it again.
+pub(super) fn verdict(complete: bool, proof: Option<(Hash, Hash)>) -> Result<(), OpError> {
+    if !complete {
+        Err(OpError::new(
+            "the file changed on the primary while it was read",
+            true,
+        ))
+    } else if proof.is_some_and(|(theirs, ours)| theirs != ours) {
+        Err(OpError::new("content digest mismatch", true))
+    } else {
+        Ok(())
+    }
+}
+
 /// Makes a file to receive an entry of `dir` into (unnamed beside it, see
 /// [`crate::tree::atomic::TempPlace`]). A receiver that is not root gives itself write
 /// permission on a read-only directory (its mode is restored with the directory's
@@ -201,8 +216,7 @@ impl TempSink {
     }
 
     /// Stages the temp as `file` when the primary completed it and the content proof, if
-    /// any (`(theirs, ours)`), holds; otherwise removes it. An incomplete file or a failed
-    /// proof asks the primary to send the file again.
+    /// any (`(theirs, ours)`), holds (see [`verdict`]); otherwise removes it.
     pub(super) fn finish(
         mut self,
         s: &StandbySession,
@@ -211,14 +225,7 @@ impl TempSink {
         proof: Option<(Hash, Hash)>,
     ) -> EntryResult {
         if self.err.is_none() {
-            if !complete {
-                self.err = Some(OpError::new(
-                    "the file changed on the primary while it was read",
-                    true,
-                ));
-            } else if proof.is_some_and(|(theirs, ours)| theirs != ours) {
-                self.err = Some(OpError::new("content digest mismatch", true));
-            }
+            self.err = verdict(complete, proof).err();
         }
         let Some(TempTarget { dir, name, w, temp }) = self.target.take() else {
             return Err(self
