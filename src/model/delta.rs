@@ -507,6 +507,36 @@ impl DeltaEncoder {
         new_size: u64,
         out: &mut impl Write,
     ) -> Result<DeltaStats, DeltaError> {
+        self.encode_with(new, new_size, None, out).map(|(s, _)| s)
+    }
+
+    /// [`DeltaEncoder::encode`], and the digest ([`ChunkedHasher`]) of what the ops make:
+    /// each chunk the base has as `chunks` (the chunk digests of an earlier read of `new`)
+    /// say, the others as they were read now. It is what the receiver finds when `new`
+    /// changed since that earlier read, so that such a version can still be proven whole.
+    pub(crate) fn encode_proven<R: ReadAt + ?Sized>(
+        &self,
+        new: &R,
+        new_size: u64,
+        chunks: &[Hash],
+        out: &mut impl Write,
+    ) -> Result<(DeltaStats, Hash), DeltaError> {
+        if chunks.len() as u64 != new_size.div_ceil(self.chunk) {
+            return Err(DeltaError::Malformed("chunk digests do not match the size"));
+        }
+        let (stats, made) = self.encode_with(new, new_size, Some(chunks), out)?;
+        let made = made.ok_or(DeltaError::Malformed("no digest of what was made"))?;
+        Ok((stats, made))
+    }
+
+    fn encode_with<R: ReadAt + ?Sized>(
+        &self,
+        new: &R,
+        new_size: u64,
+        chunks: Option<&[Hash]>,
+        out: &mut impl Write,
+    ) -> Result<(DeltaStats, Option<Hash>), DeltaError> {
+        let mut made = chunks.map(|_| ChunkedHasher::new(self.chunk));
         let index = self.signature.index();
         let mut stats = DeltaStats::default();
         let mut pending: Option<(u64, u64)> = None; // merged copy (offset, len)
@@ -522,6 +552,9 @@ impl DeltaEncoder {
             if same {
                 let len = chunk_len(new_size, self.chunk, i);
                 copy(&mut pending, i * self.chunk, len, out, &mut stats)?;
+                if let (Some(h), Some(c)) = (made.as_mut(), chunks) {
+                    h.push_known(c[i as usize], len);
+                }
                 i += 1;
                 continue;
             }
@@ -541,6 +574,9 @@ impl DeltaEncoder {
                 let n = WINDOW.min((end - off) as usize);
                 window.resize(n, 0);
                 new.read_exact_at(&mut window, off)?;
+                if let Some(h) = made.as_mut() {
+                    h.update(&window);
+                }
                 raw.clear();
                 fast_rsync::diff(&index, &window, &mut raw)
                     .map_err(|_| DeltaError::Malformed("diff failed"))?;
@@ -552,7 +588,7 @@ impl DeltaEncoder {
             write_copy(out, o, l)?;
         }
         out.write_all(&[OP_END])?;
-        Ok(stats)
+        Ok((stats, made.map(|h| h.finish().1)))
     }
 
     /// Re-expresses a fast_rsync delta (whose copy offsets index the fine signature) as ops
@@ -990,6 +1026,67 @@ mod tests {
         let mut ops = Vec::new();
         enc.encode(new, new.len() as u64, &mut ops).unwrap();
         (ops, known, digest)
+    }
+
+    /// A file that changed again between its hashing and its diff: what the ops make is
+    /// proven by the digest of what was sent (the base where a chunk matched at hashing,
+    /// the second read elsewhere), and the receiver's digest is that one.
+    #[test]
+    fn a_version_read_twice_is_proven_by_what_was_sent() {
+        let base = pseudo_random(5 << 20, 21);
+        let mut first = base.clone();
+        first[1_000_000..1_004_096].copy_from_slice(&pseudo_random(4096, 22));
+        let chunk = chunk_size(first.len() as u64);
+        let (chunks, first_digest) = hash_chunks(&first[..], first.len() as u64, chunk).unwrap();
+        let (base_chunks, _) = hash_chunks(&base[..], base.len() as u64, chunk).unwrap();
+        let sig = sign_with(
+            &base[..],
+            base.len() as u64,
+            chunk,
+            &base_chunks,
+            &coarse_wire(&chunks),
+        )
+        .unwrap();
+        let known: Vec<Option<Hash>> = base_chunks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| bit(&sig.matched, i).then_some(*d))
+            .collect();
+        // Written again after the hashing: in the chunk that differed, and in one that did
+        // not (which the ops leave as the base has it).
+        let mut second = first.clone();
+        second[1_010_000..1_010_100].fill(0x33);
+        second[4_000_000..4_000_100].fill(0x44);
+        let enc = DeltaEncoder::new(base.len() as u64, chunk, sig).unwrap();
+        let mut ops = Vec::new();
+        let (_, made) = enc
+            .encode_proven(&second[..], second.len() as u64, &chunks, &mut ops)
+            .unwrap();
+        assert_ne!(made, first_digest, "not the version hashed first");
+        let mut out = Vec::new();
+        let got = apply(
+            &mut &ops[..],
+            &base[..],
+            base.len() as u64,
+            &mut out,
+            first.len() as u64,
+            &known,
+        )
+        .unwrap();
+        assert_eq!(got.digest, made, "the receiver finds what was sent");
+        let mut want = second.clone();
+        want[4_000_000..4_000_100].copy_from_slice(&base[4_000_000..4_000_100]);
+        assert!(out == want);
+        assert!(
+            enc.encode_proven(
+                &second[..],
+                second.len() as u64,
+                &chunks[1..],
+                &mut Vec::new()
+            )
+            .is_err(),
+            "digests of another size"
+        );
     }
 
     /// Edited in place and appended to: an output that holds the base is written only

@@ -72,6 +72,11 @@ pub struct Summary {
     /// the next read of a file that keeps changing by it.
     #[serde(skip)]
     pub hashed: Vec<(crate::model::path::RelPath, std::time::Duration)>,
+    /// Large files a watch sent as they were while written (changed while read, no read
+    /// steady): on the standby, but the batch is no consistent point and the file goes
+    /// again with its next change.
+    #[serde(skip)]
+    pub torn: u64,
 }
 
 impl Summary {
@@ -87,6 +92,7 @@ impl Summary {
         self.metadata_updated += o.metadata_updated;
         self.no_space += o.no_space;
         self.vanished += o.vanished;
+        self.torn += o.torn;
         self.errors.extend(o.errors);
         self.skipped.extend(o.skipped);
     }

@@ -77,6 +77,9 @@ pub struct Standby {
     xattrs: std::sync::OnceLock<crate::model::xattrs::Policy>,
     /// How batches are made durable here, found at the first session.
     durability: std::sync::OnceLock<crate::tree::atomic::Durability>,
+    /// The tree's filesystem refused to clone a file (ext4): a large file changed in a
+    /// few places is patched in place without trying again.
+    no_clone: std::sync::atomic::AtomicBool,
     /// The open window of the undo log (DESIGN §10), when the tree has a consistent point
     /// to go back to.
     journal: crate::tree::undo::Slot,
@@ -139,6 +142,7 @@ impl Standby {
             events: std::sync::OnceLock::new(),
             xattrs: std::sync::OnceLock::new(),
             durability: std::sync::OnceLock::new(),
+            no_clone: std::sync::atomic::AtomicBool::new(false),
             journal: Default::default(),
             consistency: Mutex::new(Default::default()),
             changed_since_point: std::sync::atomic::AtomicBool::new(true),
@@ -408,7 +412,6 @@ impl Standby {
             .unwrap_or(Ok(None))
     }
 
-    /// Runs `f` on the tree's `.hotsync/`, when this standby holds it.
     /// The chunk digests (in chunks of `chunk` bytes) of the tree's file that is `st` now,
     /// from its block index, if one holds: a delta against it need not read it whole.
     pub(crate) fn indexed(
@@ -420,16 +423,29 @@ impl Standby {
             .flatten()
     }
 
-    /// Records the chunk digests of the tree's file that is `st` now (a cache: a failure
-    /// only costs the next delta a read of the file).
+    /// Whether the tree's filesystem refused to clone a file.
+    pub(crate) fn cannot_clone(&self) -> bool {
+        self.no_clone.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The tree's filesystem refused to clone a file: it cannot.
+    pub(crate) fn refused_clone(&self) {
+        self.no_clone
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records the chunk digests of the tree's file that is `st` now, starting from the
+    /// index of the inode `base` it replaced if there is one (a cache: a failure only
+    /// costs the next delta a read of the file).
     pub(crate) fn index(
         &self,
         st: &rustix::fs::Stat,
         chunk: u64,
         digests: Vec<crate::model::manifest::Hash>,
+        base: Option<u64>,
     ) {
         if let Some(Err(e)) =
-            self.with_area(|a| crate::tree::blockindex::store(a.fd(), st, chunk, digests))
+            self.with_area(|a| crate::tree::blockindex::store(a.fd(), st, chunk, digests, base))
         {
             tracing::debug!("cannot record the block index of inode {}: {e}", st.st_ino);
         }

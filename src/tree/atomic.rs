@@ -213,6 +213,27 @@ struct Applied {
     touched: Touched,
 }
 
+impl Applied {
+    /// Drops what the root's `syncfs` covers (where it is trusted): it need not be
+    /// fsynced by itself.
+    fn cover(&mut self, d: &Durability) {
+        if !d.trusts_syncfs || self.covered {
+            return;
+        }
+        let before = self.touched.fds();
+        self.touched.dirs.retain(|dir| !d.covers(dir));
+        if self
+            .touched
+            .entry
+            .as_ref()
+            .is_some_and(|(dir, _)| d.covers(dir))
+        {
+            self.touched.entry = None;
+        }
+        self.covered = self.touched.fds() < before || before == 0;
+    }
+}
+
 /// The outcome of one operation.
 pub(crate) type CommitResult = (u64, Result<(), OpError>);
 
@@ -270,28 +291,20 @@ impl CommitGroup {
     }
 
     /// An operation applied in place; what it `touched` is kept for the commit unless the
-    /// root's `syncfs` covers it.
+    /// root's `syncfs` covers it and the batch has more than a few such operations (a
+    /// large file patched in place is fsynced by itself, without writing back everything
+    /// else the filesystem holds).
     pub(crate) fn applied(&mut self, id: u64, touched: Touched) {
-        let mut covered = false;
-        let mut touched = touched;
-        if self.durability.trusts_syncfs {
-            let before = touched.fds();
-            touched.dirs.retain(|d| !self.durability.covers(d));
-            if touched
-                .entry
-                .as_ref()
-                .is_some_and(|(d, _)| self.durability.covers(d))
-            {
-                touched.entry = None;
-            }
-            covered = touched.fds() < before || before == 0;
-        }
-        self.fds += touched.fds();
-        self.applied.push(Applied {
+        let mut a = Applied {
             id,
-            covered,
+            covered: false,
             touched,
-        });
+        };
+        if self.applied.len() >= FSYNC_EACH {
+            a.cover(&self.durability);
+        }
+        self.fds += a.touched.fds();
+        self.applied.push(a);
     }
 
     pub(crate) fn failed(&mut self, id: u64, error: OpError) {
@@ -335,9 +348,15 @@ impl CommitGroup {
         // per-file `fsync` (or with operations applied in place, whose directories were
         // not kept where the root's `syncfs` covers them).
         let batched = self.durability.trusts_syncfs
-            && (!applied.is_empty()
+            && (applied.len() > FSYNC_EACH
                 || items.len() > FSYNC_EACH
                 || items.iter().any(|i| i.file.is_none()));
+        let mut applied = applied;
+        if batched {
+            for a in &mut applied {
+                a.cover(&self.durability);
+            }
+        }
         let mut dirs = DirKeys::default();
         let covered: Vec<bool> = items
             .iter()
@@ -349,8 +368,11 @@ impl CommitGroup {
         // Nothing for `syncfs` when everything lies on other filesystems than the root's.
         let batched = batched && (covered.contains(&true) || applied.iter().any(|a| a.covered));
 
-        // 1. The temps' data.
-        if batched && let Err(e) = k.syncfs(root) {
+        // 1. The temps' data (none to write back for a batch only applied in place).
+        if batched
+            && covered.contains(&true)
+            && let Err(e) = k.syncfs(root)
+        {
             for (r, _) in result.iter_mut().zip(&covered).filter(|(_, c)| **c) {
                 *r = Err(not_durable("syncfs", e));
             }
@@ -509,7 +531,9 @@ fn put_journaled(j: &mut Journal, items: &[Staged], result: &mut [Result<(), OpE
         }
     }
     // The area lost the temps' names (or holds the old entries under theirs).
-    if let Err(e) = rustix::fs::fsync(j.dir()) {
+    if !idx.is_empty()
+        && let Err(e) = rustix::fs::fsync(j.dir())
+    {
         let e = not_durable("fsync of the undo area", e);
         for &i in &idx {
             if result[i].is_ok() {
@@ -1219,6 +1243,21 @@ mod tests {
         let mut want: Vec<(u64, u64)> = files.iter().map(|p| key(p)).collect();
         want.extend(["", "a", "b"].map(|p| key(&t.path().join(p))));
         assert_eq!(sorted(k.fsynced.lock().unwrap().clone()), sorted(want));
+        // A few operations applied in place (a large file patched): each fsynced, not the
+        // whole filesystem written back.
+        let mut b = CommitGroup::new(trusted);
+        let r = Arc::new(
+            rustix::fs::open(t.path(), OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap(),
+        );
+        rustix::fs::chmodat(&*r, "a", Mode::from_raw_mode(0o700), AtFlags::empty()).unwrap();
+        b.applied(7, Touched::entry(r, b"a"));
+        let k = Counting::default();
+        assert!(b.commit_with(root.fd(), &k).iter().all(|(_, r)| r.is_ok()));
+        assert_eq!(k.syncfs.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(
+            k.fsynced.lock().unwrap().clone(),
+            vec![key(&t.path().join("a"))]
+        );
     }
 
     #[test]

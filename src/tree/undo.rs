@@ -246,8 +246,11 @@ impl Journal {
         let mut log = File::from(open_log(&self.dir)?);
         log.write_all(&bytes)?;
         log.sync_data()?;
-        // A kept entry renamed within the area (a replaced file's) must be there too.
-        rustix::fs::fsync(&self.dir)?;
+        // A replaced file's new version, renamed within the area to the number its old
+        // one takes, must be there too; no other record renamed anything before it.
+        if records.iter().any(|r| matches!(r, Record::Replaced { .. })) {
+            rustix::fs::fsync(&self.dir)?;
+        }
         Ok(())
     }
 }

@@ -5,6 +5,7 @@
 use crate::helpers::*;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
+use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -90,4 +91,62 @@ fn on_xfs_a_big_file_changed_in_place_is_cloned_and_patched() {
 #[test]
 fn on_ext4_a_big_file_changed_in_place_is_patched_through_a_journal() {
     changed_in_place_costs_its_change("ext4", 2 * 8192 + 448 * 1024);
+}
+
+/// A large file written in place all the time (a database, a VM image) reaches the standby
+/// while it is written, each batch sending it as read and the next one again, rather than
+/// only once its writer pauses; once it does, the copies are equal.
+#[test]
+fn a_big_file_written_all_the_time_reaches_the_standby_while_written() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let src = tempfile::tempdir().unwrap();
+    let dest = tempfile::tempdir().unwrap();
+    let file = src.path().join("db.img");
+    big_file(&file, 24);
+    let mut watch = Watch::start(&[], src.path(), dest.path().as_os_str(), &[]);
+    watch.wait_ready();
+    // Every few milliseconds: its generation at the start, and 4 KiB somewhere else.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, file) = (stop.clone(), file.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+            let mut generation = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                generation += 1;
+                let at = 4096 * (1 + generation.wrapping_mul(2_654_435_761) % 6000);
+                f.write_all_at(&[generation as u8; 4096], at).unwrap();
+                f.write_all_at(&generation.to_le_bytes(), 0).unwrap();
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            generation
+        })
+    };
+    let copy = dest.path().join("db.img");
+    let generation_there = || {
+        let mut b = [0u8; 8];
+        std::fs::File::open(&copy)
+            .and_then(|f| f.read_exact_at(&mut b, 0))
+            .map_or(0, |()| u64::from_le_bytes(b))
+    };
+    let start = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while start.elapsed() < Duration::from_secs(6) {
+        seen.push(generation_there());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let last = writer.join().unwrap();
+    let reached: std::collections::BTreeSet<u64> =
+        seen.iter().copied().filter(|g| *g > 0).collect();
+    assert!(
+        reached.len() >= 2,
+        "the standby's copy moved on while written ({reached:?} of {last} generations)\n{}",
+        watch.log()
+    );
+    wait_for("the copies equal", Duration::from_secs(30), || {
+        (std::fs::read(&file).unwrap() == std::fs::read(&copy).unwrap_or_default()).then_some(())
+    });
+    watch.stop(Duration::from_secs(10));
 }

@@ -498,8 +498,10 @@ impl ReplicaMachine {
         };
         self.durable = f.seq;
         self.full = false;
-        self.judge
-            .done(f.seq, summary.errors.is_empty() && summary.vanished == 0);
+        self.judge.done(
+            f.seq,
+            summary.errors.is_empty() && summary.vanished == 0 && summary.torn == 0,
+        );
         for (p, cost) in &summary.hashed {
             self.batcher.pace(p.clone(), *cost, now);
         }

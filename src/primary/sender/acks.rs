@@ -256,6 +256,11 @@ impl AckBook {
         self.summary.vanished += 1;
     }
 
+    /// Counts a large file sent as it was while written (see [`Summary::torn`]).
+    pub(super) fn torn(&mut self) {
+        self.summary.torn += 1;
+    }
+
     /// The files to send again, whole, since the last call.
     pub(super) fn take_retries(&mut self) -> Vec<RelPath> {
         std::mem::take(&mut self.retries)

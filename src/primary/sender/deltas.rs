@@ -41,6 +41,8 @@ struct DeltaSent {
     error: Option<OpError>,
     /// Our own problem with it: the standby was told to discard it.
     problem: Option<Problem>,
+    /// It was sent as it was while written (it changed while read, no read was steady).
+    torn: bool,
 }
 
 impl Exec<'_> {
@@ -55,6 +57,13 @@ impl Exec<'_> {
         let sent = self
             .send_delta(&mut ch, &t.path, &new, attrs)
             .map_err(peer_error)?;
+        if sent.torn && sent.error.is_none() {
+            tracing::debug!(
+                "{}: changed while read; sent as read, again with its next change",
+                t.path
+            );
+            self.book().torn();
+        }
         match sent {
             // A large file written all the time would be read whole again and again: a
             // watch leaves it to the batch of the change that came while it was read (it
@@ -75,6 +84,7 @@ impl Exec<'_> {
             DeltaSent {
                 error: Some(e),
                 problem: None,
+                ..
             } if e.retry && !e.no_space => {
                 tracing::debug!("{}: delta not accepted; sending it whole", t.path);
                 self.whole_stream(&t.path, true)
@@ -88,6 +98,7 @@ impl Exec<'_> {
             DeltaSent {
                 error,
                 problem: None,
+                ..
             } => {
                 let op = Op::Transfer { bytes: new.size };
                 self.account(Settled {
@@ -149,10 +160,15 @@ impl Exec<'_> {
         let started = std::time::Instant::now();
         let Coarse {
             mut problem,
-            digest,
+            mut digest,
+            chunks,
             index,
             prior,
         } = send_coarse_hashes(&mut ch.w, new)?;
+        // A watch takes a large file written all the time as it was read (the batch is no
+        // consistent point, and the next change sends it again): else it would reach the
+        // standby only once its writer paused.
+        let as_read = self.ends.carry.watching && new.size >= index::INDEXED && !new.sparse;
         ch.flush()?;
         let encoder = receive_base(&mut ch.r, path, new.chunk)?;
         if encoder.is_none() && new.sparse && problem.is_none() {
@@ -162,9 +178,12 @@ impl Exec<'_> {
                 retry: true,
             });
         }
+        let mut made = None;
         if problem.is_none() {
-            problem = self.send_ops(&mut ch.w, new, encoder.as_ref())?;
+            let proving = as_read.then_some(chunks.as_slice());
+            (problem, made) = self.send_ops(&mut ch.w, new, encoder.as_ref(), proving)?;
         }
+        let mut torn = false;
         if problem.is_some() {
             delta::write_abort(ch.w.raw())?;
         } else if changed(
@@ -174,7 +193,13 @@ impl Exec<'_> {
             .as_ref()
             .is_some_and(|ix| index::steady(&new.f, new.size, ix, prior.as_ref()))
         {
-            problem = Some(Problem::changed());
+            match made {
+                Some(m) => {
+                    digest = m;
+                    torn = true;
+                }
+                None => problem = Some(Problem::changed()),
+            }
         }
         // Kept even when the file changed while read: the next read proves what it had
         // at this one unchanged (a write made during this read shows then), whatever it
@@ -193,31 +218,41 @@ impl Exec<'_> {
         })?;
         ch.finish()?;
         let error = read_one_ack(&mut ch.r, id)?;
-        Ok(DeltaSent { error, problem })
+        Ok(DeltaSent {
+            error,
+            problem,
+            torn,
+        })
     }
 
     /// Writes the op stream of `new` against the base `encoder` was made for (literals
     /// only without one), counting its bytes. A failed read is returned as the problem.
+    /// Given the chunk digests of its hashing (`proving`), and against a base, also the
+    /// digest of what the ops make ([`DeltaEncoder::encode_proven`]).
     fn send_ops(
         &self,
         w: &mut Writer,
         new: &NewVersion,
         encoder: Option<&DeltaEncoder>,
-    ) -> Result<Option<Problem>, ProtocolError> {
-        let stats = match encoder {
-            Some(enc) => enc.encode(&new.f, new.size, w.raw()),
-            None => delta::encode_literal(&new.f, new.size, w.raw()),
+        proving: Option<&[Hash]>,
+    ) -> Result<(Option<Problem>, Option<Hash>), ProtocolError> {
+        let stats = match (encoder, proving) {
+            (Some(enc), Some(chunks)) => enc
+                .encode_proven(&new.f, new.size, chunks, w.raw())
+                .map(|(s, made)| (s, Some(made))),
+            (Some(enc), None) => enc.encode(&new.f, new.size, w.raw()).map(|s| (s, None)),
+            (None, _) => delta::encode_literal(&new.f, new.size, w.raw()).map(|s| (s, None)),
         };
         match stats {
-            Ok(stats) => {
+            Ok((stats, made)) => {
                 let mut book = self.book();
                 let t = book.summary_mut();
                 t.bytes_literal += stats.literal;
                 t.bytes_matched += stats.matched;
-                Ok(None)
+                Ok((None, made))
             }
             // A read failed mid-way (a write failure shows again when the abort is sent).
-            Err(delta::DeltaError::Io(e)) => Ok(Some(Problem::of_read(&e))),
+            Err(delta::DeltaError::Io(e)) => Ok((Some(Problem::of_read(&e)), None)),
             Err(e) => Err(ProtocolError::Invalid(e.to_string())),
         }
     }
@@ -260,6 +295,7 @@ fn send_coarse_hashes(w: &mut Writer, new: &NewVersion) -> Result<Coarse, Protoc
         return Ok(Coarse {
             problem,
             digest,
+            chunks: digests,
             index: None,
             prior: None,
         });
@@ -297,6 +333,7 @@ fn send_coarse_hashes(w: &mut Writer, new: &NewVersion) -> Result<Coarse, Protoc
     Ok(Coarse {
         problem,
         digest,
+        chunks: digests,
         index,
         prior,
     })
@@ -308,6 +345,8 @@ struct Coarse {
     problem: Option<Problem>,
     /// Its whole digest.
     digest: Hash,
+    /// The digest of each chunk.
+    chunks: Vec<Hash>,
     /// Its block index, for a large file read whole, and the one it was hashed against.
     index: Option<index::Chunks>,
     prior: Option<index::Chunks>,

@@ -4,7 +4,7 @@
 //! `NoBase`, then applies the primary's ops into a temp, which is staged only if its digest
 //! is the primary's.
 
-use super::ops::{Ops, Then, check_writable};
+use super::ops::{Indexing, Ops, Then, check_writable};
 use super::session::{Dirs, op_error, reason};
 use super::sparse::Holes;
 use super::stage::{EntryResult, Incoming, TempSink, TempTarget, verdict};
@@ -36,7 +36,11 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
             chunking,
         } = head;
         let file = self.incoming(id, path, meta, size);
-        let (received, index) = receive(&mut self.dirs, self.r, self.w, &file, chunking)?;
+        let Receipt {
+            received,
+            chunks: index,
+            base: base_ino,
+        } = receive(&mut self.dirs, self.r, self.w, &file, chunking)?;
         let ok = match received {
             Received::Staged(res) => {
                 let ok = res.is_ok();
@@ -55,11 +59,24 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
             }
         };
         if ok && let Some(digests) = index {
-            self.indexes
-                .push((id, file.path.clone(), chunking.chunk, digests));
+            self.indexes.push(Indexing {
+                id,
+                path: file.path.clone(),
+                chunk: chunking.chunk,
+                digests,
+                base: base_ino,
+            });
         }
         Ok(Then::Commit)
     }
+}
+
+/// A delta received: what it came to, with the new version's chunk digests for a file
+/// large enough to be indexed and the inode of its base.
+struct Receipt {
+    received: Received,
+    chunks: Option<Vec<Hash>>,
+    base: Option<u64>,
 }
 
 /// What receiving a delta came to for its file.
@@ -98,7 +115,7 @@ fn receive<R: Read, W: Write>(
     w: &mut FrameWriter<W>,
     file: &Incoming,
     chunking: Chunking,
-) -> Result<(Received, Option<Vec<Hash>>), ProtocolError> {
+) -> Result<Receipt, ProtocolError> {
     let size = file.size;
     if chunking.chunk != chunk_size(size)
         || chunking.chunks != size.div_ceil(chunking.chunk)
@@ -121,19 +138,27 @@ fn receive<R: Read, W: Write>(
     };
     let known = answer(w, base_size, signed)?;
     let base_file = base.as_ref().map(|(f, _)| f);
-    let mut sink = TempSink::create(dirs, &file.path);
-    sink.base = base_file.and_then(|f| f.try_clone().ok());
-    if chunking.sparse {
-        sink.holes = Some(Holes::default());
-    } else if base_size >= 2 * chunking.chunk {
-        sink.clone_base();
-    }
     let patchable = !chunking.sparse
-        && !sink.cloned
         && one_name
         && size >= crate::tree::blockindex::INDEXED
         && unmatched(&known, size, chunking.chunk) <= crate::model::patch::MOST_UNMATCHED;
-    if patchable && let Some((f, ino)) = base {
+    let standby = &dirs.session().standby;
+    // Where the filesystem refused a clone once, a file to patch makes no temp to try.
+    let sink = (!(patchable && standby.cannot_clone())).then(|| {
+        let mut sink = TempSink::create(dirs, &file.path);
+        sink.base = base_file.and_then(|f| f.try_clone().ok());
+        if chunking.sparse {
+            sink.holes = Some(Holes::default());
+        } else if base_size >= 2 * chunking.chunk && sink.clone_base() == Err(Errno::OPNOTSUPP) {
+            dirs.session().standby.refused_clone();
+        }
+        sink
+    });
+    let cloned = sink.as_ref().is_some_and(|s| s.cloned);
+    if patchable
+        && !cloned
+        && let Some((f, ino)) = base
+    {
         drop(sink);
         let mut patch = PatchSink::default();
         let applied = apply(r, Some(&f), base_size, &mut patch, size, &known, false)?;
@@ -146,8 +171,16 @@ fn receive<R: Read, W: Write>(
             Ok(()) => patch_in_place(dirs, file, ino, &patch.ranges),
             Err(e) => Err(e),
         };
-        return Ok((Received::Patched(res), applied.1));
+        return Ok(Receipt {
+            received: Received::Patched(res),
+            chunks: applied.1,
+            base: Some(ino),
+        });
     }
+    let mut sink = match sink {
+        Some(s) => s,
+        None => TempSink::create(dirs, &file.path),
+    };
     let (ours, chunks) = apply(
         r,
         base_file,
@@ -162,7 +195,11 @@ fn receive<R: Read, W: Write>(
         sink.set_len(size);
     }
     let res = sink.finish(dirs.session(), file, complete, proof);
-    Ok((Received::Staged(res), chunks))
+    Ok(Receipt {
+        received: Received::Staged(res),
+        chunks,
+        base: base.map(|(_, ino)| ino),
+    })
 }
 
 /// Applies the delta's ops from `r` into `sink`: the new version's digest (`None` when the

@@ -43,9 +43,8 @@ pub(super) struct Ops<'a, R: Read, W: SendHalf> {
     pub(super) buf: Vec<u8>,
     /// The control stream: it lists and closes the session; the others walk and write.
     control: bool,
-    /// Large files of the batch with their chunk digests (operation, path, chunk size):
-    /// indexed once committed.
-    pub(super) indexes: Vec<(u64, RelPath, u64, Vec<crate::model::manifest::Hash>)>,
+    /// Large files of the batch with their chunk digests: indexed once committed.
+    pub(super) indexes: Vec<Indexing>,
     /// Large files of the batch patched in place (operation, path, journal): their
     /// journals go once the commit made them durable.
     pub(super) patches: Vec<(u64, RelPath, crate::tree::patch::Pending)>,
@@ -365,7 +364,14 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
     /// Records the block index of each large file the batch committed, as the file now is
     /// (its name given, its status-change time is final).
     fn index_committed(&mut self, outcomes: &[crate::tree::atomic::CommitResult]) {
-        for (id, path, chunk, digests) in std::mem::take(&mut self.indexes) {
+        for Indexing {
+            id,
+            path,
+            chunk,
+            digests,
+            base,
+        } in std::mem::take(&mut self.indexes)
+        {
             if !outcomes.iter().any(|(o, r)| *o == id && r.is_ok()) {
                 continue;
             }
@@ -377,10 +383,21 @@ impl<R: Read, W: SendHalf> Ops<'_, R, W> {
                     == rustix::fs::FileType::RegularFile
                 && (st.st_size as u64).div_ceil(chunk) == digests.len() as u64
             {
-                self.s.standby.index(&st, chunk, digests);
+                self.s.standby.index(&st, chunk, digests, base);
             }
         }
     }
+}
+
+/// A large file received in the batch, to be indexed once committed.
+pub(super) struct Indexing {
+    pub(super) id: u64,
+    pub(super) path: RelPath,
+    pub(super) chunk: u64,
+    /// Its chunk digests.
+    pub(super) digests: Vec<crate::model::manifest::Hash>,
+    /// The inode of its base, whose index the new version's starts from.
+    pub(super) base: Option<u64>,
 }
 
 /// Commits a batch (nothing is ever staged in a dry run, which may have no root).

@@ -16,6 +16,7 @@ use rustix::io::Errno;
 use std::fs::File;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 /// A file a stream announced: where it goes, what it gets, and how large it is.
@@ -181,6 +182,54 @@ pub(super) struct TempSink {
     pub(super) holes: Option<Holes>,
     /// The temp is a clone of the base: a delta writes only what changed.
     pub(super) cloned: bool,
+    /// What a delta changed in a cloned temp, held until the delta proves whole so that a
+    /// delta the primary aborts (its file changed while read) writes nothing; `None` once
+    /// more than [`crate::model::patch::MOST`] bytes came, which are then written as
+    /// they come.
+    held: Option<Held>,
+}
+
+/// Changed ranges of a cloned temp, with the offset the next byte goes to.
+struct Held {
+    ranges: Vec<(u64, Vec<u8>)>,
+    bytes: u64,
+    pos: u64,
+    /// Most bytes held.
+    most: u64,
+}
+
+impl Held {
+    fn new(most: u64) -> Held {
+        Held {
+            ranges: Vec::new(),
+            bytes: 0,
+            pos: 0,
+            most,
+        }
+    }
+
+    /// Holds `buf` as the next bytes; false (nothing held) when it would pass the bound.
+    fn hold(&mut self, buf: &[u8]) -> bool {
+        if self.bytes + buf.len() as u64 > self.most {
+            return false;
+        }
+        crate::model::patch::push(&mut self.ranges, self.pos, buf);
+        self.bytes += buf.len() as u64;
+        self.pos += buf.len() as u64;
+        true
+    }
+
+    /// The next `len` bytes stay as they are.
+    fn skip(&mut self, len: u64) {
+        self.pos += len;
+    }
+
+    /// Writes what is held into `f`, at its offsets.
+    fn write_to(&self, f: &File) -> io::Result<()> {
+        self.ranges
+            .iter()
+            .try_for_each(|(offset, bytes)| f.write_all_at(bytes, *offset))
+    }
 }
 
 impl TempSink {
@@ -204,6 +253,7 @@ impl TempSink {
                 base: None,
                 holes: None,
                 cloned: false,
+                held: None,
             },
             Err(e) => TempSink {
                 target: None,
@@ -211,6 +261,7 @@ impl TempSink {
                 base: None,
                 holes: None,
                 cloned: false,
+                held: None,
             },
         }
     }
@@ -234,7 +285,13 @@ impl TempSink {
                 .unwrap_or_else(|| OpError::new("no temp file", false)));
         };
         let written = match self.err.take() {
-            None => w.into_inner().map_err(|e| op_error(&e.into_error())),
+            None => w
+                .into_inner()
+                .map_err(|e| op_error(&e.into_error()))
+                .and_then(|f| match self.held.take() {
+                    Some(h) => h.write_to(&f).map(|()| f).map_err(|e| op_error(&e)),
+                    None => Ok(f),
+                }),
             Some(e) => Err(e),
         };
         let t = match written {
@@ -277,18 +334,20 @@ impl TempSink {
     }
 
     /// Makes the temp a clone of the base (`FICLONE`: XFS, btrfs; the blocks are shared, not
-    /// copied), so that a delta writes only what changed; false where the filesystem
-    /// cannot, and for a sparse file, whose holes are kept otherwise.
-    pub(super) fn clone_base(&mut self) -> bool {
+    /// copied), so that a delta writes only what changed. Not for a sparse file, whose
+    /// holes are kept otherwise. The error is the filesystem's refusal.
+    pub(super) fn clone_base(&mut self) -> Result<(), Errno> {
         let (Some(base), Some(TempTarget { w, .. })) = (self.base.as_ref(), self.target.as_ref())
         else {
-            return false;
+            return Err(Errno::BADF);
         };
         if self.err.is_some() || self.holes.is_some() {
-            return false;
+            return Err(Errno::INVAL);
         }
-        self.cloned = rustix::fs::ioctl_ficlone(w.get_ref(), base).is_ok();
-        self.cloned
+        rustix::fs::ioctl_ficlone(w.get_ref(), base)?;
+        self.cloned = true;
+        self.held = Some(Held::new(crate::model::patch::MOST));
+        Ok(())
     }
 
     /// Goes on writing at `offset`, leaving a hole behind.
@@ -339,6 +398,10 @@ impl crate::model::delta::DeltaSink for TempSink {
     }
 
     fn skip(&mut self, len: u64) -> io::Result<()> {
+        if let Some(h) = self.held.as_mut() {
+            h.skip(len);
+            return Ok(());
+        }
         if self.err.is_none()
             && let Some(TempTarget { w, .. }) = self.target.as_mut()
             && let Err(e) = io::Seek::seek(w, io::SeekFrom::Current(len as i64))
@@ -349,8 +412,38 @@ impl crate::model::delta::DeltaSink for TempSink {
     }
 }
 
+impl TempSink {
+    /// Holds `buf` if the sink holds what it is given; false once it no longer does. Past
+    /// the bound, what was held is written and the temp goes on from where it got to.
+    fn hold(&mut self, buf: &[u8]) -> bool {
+        let Some(h) = self.held.as_mut() else {
+            return false;
+        };
+        if h.hold(buf) {
+            return true;
+        }
+        let Some(h) = self.held.take() else {
+            return false;
+        };
+        if self.err.is_none()
+            && let Some(TempTarget { w, .. }) = self.target.as_mut()
+        {
+            let written = h
+                .write_to(w.get_ref())
+                .and_then(|()| io::Seek::seek(w, io::SeekFrom::Start(h.pos)).map(drop));
+            if let Err(e) = written {
+                self.err = Some(op_error(&e));
+            }
+        }
+        false
+    }
+}
+
 impl Write for TempSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.hold(buf) {
+            return Ok(buf.len());
+        }
         if self.err.is_none()
             && let Some(TempTarget { w, .. }) = self.target.as_mut()
         {
@@ -366,5 +459,37 @@ impl Write for TempSink {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cloned_temp_is_written_only_with_what_changed_and_only_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clone");
+        std::fs::write(&path, vec![1u8; 64]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut h = Held::new(16);
+        h.skip(8);
+        assert!(h.hold(&[2; 4]));
+        assert!(h.hold(&[3; 4]), "joined to the range before");
+        h.skip(40);
+        assert!(h.hold(&[4; 8]));
+        assert!(!h.hold(&[5; 1]), "past the bound nothing more is held");
+        assert_eq!(h.ranges.len(), 2);
+        assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 64], "nothing yet");
+        h.write_to(&f).unwrap();
+        let mut want = vec![1u8; 64];
+        want[8..12].fill(2);
+        want[12..16].fill(3);
+        want[56..64].fill(4);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
     }
 }
