@@ -1003,9 +1003,10 @@ mod tests {
         }
     }
 
-    /// The ops turning `base` into `new` as the receiver gets them, with the digests of
-    /// the base chunks the new version matches, and the new version's digest.
-    fn exchange(base: &[u8], new: &[u8]) -> (Vec<u8>, Vec<Option<Hash>>, Hash) {
+    /// The encoder of `new` against `base` once the receiver signed it, with the digests
+    /// of the base chunks the new version matches, and the new version's chunk digests
+    /// and digest.
+    fn signed(base: &[u8], new: &[u8]) -> (DeltaEncoder, Vec<Option<Hash>>, Vec<Hash>, Hash) {
         let chunk = chunk_size(new.len() as u64);
         let (chunks, digest) = hash_chunks(new, new.len() as u64, chunk).unwrap();
         let (base_chunks, _) = hash_chunks(base, base.len() as u64, chunk).unwrap();
@@ -1023,6 +1024,13 @@ mod tests {
             .map(|(i, d)| bit(&sig.matched, i).then_some(*d))
             .collect();
         let enc = DeltaEncoder::new(base.len() as u64, chunk, sig).unwrap();
+        (enc, known, chunks, digest)
+    }
+
+    /// The ops turning `base` into `new` as the receiver gets them, with the digests of
+    /// the base chunks the new version matches, and the new version's digest.
+    fn exchange(base: &[u8], new: &[u8]) -> (Vec<u8>, Vec<Option<Hash>>, Hash) {
+        let (enc, known, _, digest) = signed(base, new);
         let mut ops = Vec::new();
         enc.encode(new, new.len() as u64, &mut ops).unwrap();
         (ops, known, digest)
@@ -1036,28 +1044,12 @@ mod tests {
         let base = pseudo_random(5 << 20, 21);
         let mut first = base.clone();
         first[1_000_000..1_004_096].copy_from_slice(&pseudo_random(4096, 22));
-        let chunk = chunk_size(first.len() as u64);
-        let (chunks, first_digest) = hash_chunks(&first[..], first.len() as u64, chunk).unwrap();
-        let (base_chunks, _) = hash_chunks(&base[..], base.len() as u64, chunk).unwrap();
-        let sig = sign_with(
-            &base[..],
-            base.len() as u64,
-            chunk,
-            &base_chunks,
-            &coarse_wire(&chunks),
-        )
-        .unwrap();
-        let known: Vec<Option<Hash>> = base_chunks
-            .iter()
-            .enumerate()
-            .map(|(i, d)| bit(&sig.matched, i).then_some(*d))
-            .collect();
+        let (enc, known, chunks, first_digest) = signed(&base, &first);
         // Written again after the hashing: in the chunk that differed, and in one that did
         // not (which the ops leave as the base has it).
         let mut second = first.clone();
         second[1_010_000..1_010_100].fill(0x33);
         second[4_000_000..4_000_100].fill(0x44);
-        let enc = DeltaEncoder::new(base.len() as u64, chunk, sig).unwrap();
         let mut ops = Vec::new();
         let (_, made) = enc
             .encode_proven(&second[..], second.len() as u64, &chunks, &mut ops)
