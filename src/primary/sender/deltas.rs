@@ -65,9 +65,10 @@ impl Exec<'_> {
             self.book().torn();
         }
         match sent {
-            // A large file written all the time would be read whole again and again: a
-            // watch leaves it to the batch of the change that came while it was read (it
-            // counts as gone for now, so the batch is no consistent point).
+            // A large file a watch could not send as read (it shrank while read, or the
+            // standby had no base) would be read whole again and again: it is left to the
+            // batch of the change that came meanwhile (it counts as gone for now, so the
+            // batch is no consistent point).
             DeltaSent {
                 problem: Some(p), ..
             } if p.retry && self.ends.carry.watching && new.size >= index::INDEXED => {
