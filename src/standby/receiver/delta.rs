@@ -7,7 +7,7 @@
 use super::ops::{Indexing, Ops, Then, check_writable};
 use super::session::{Dirs, op_error, reason};
 use super::sparse::Holes;
-use super::stage::{EntryResult, Incoming, TempSink, TempTarget, verdict};
+use super::stage::{EntryResult, Held, Incoming, TempSink, TempTarget, verdict};
 use super::whole::file_end;
 use crate::error::{OpError, ProtocolError};
 use crate::model::delta::{self, COARSE_HASH_LEN, MAX_CHUNKS, ReadAt, chunk_size};
@@ -168,7 +168,7 @@ fn receive<R: Read, W: Write>(
                 "the change is too large to patch in place",
                 true,
             )),
-            Ok(()) => patch_in_place(dirs, file, ino, &patch.ranges),
+            Ok(()) => patch_in_place(dirs, file, ino, &patch.held.ranges),
             Err(e) => Err(e),
         };
         return Ok(Receipt {
@@ -305,22 +305,23 @@ fn patch_in_place(
 /// until the delta is proven (the base is read meanwhile, and must not change). Past
 /// [`crate::model::patch::MOST`] bytes it holds no more (`overflow`): the file is then
 /// refused, and the primary sends it whole.
-#[derive(Default)]
 struct PatchSink {
-    ranges: Vec<(u64, Vec<u8>)>,
-    held: u64,
+    held: Held,
     overflow: bool,
-    pos: u64,
+}
+
+impl Default for PatchSink {
+    fn default() -> PatchSink {
+        PatchSink {
+            held: Held::new(crate::model::patch::MOST),
+            overflow: false,
+        }
+    }
 }
 
 impl Write for PatchSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.held += buf.len() as u64;
-        self.overflow |= self.held > crate::model::patch::MOST;
-        if !self.overflow {
-            crate::model::patch::push(&mut self.ranges, self.pos, buf);
-        }
-        self.pos += buf.len() as u64;
+        self.overflow = self.overflow || !self.held.hold(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -333,7 +334,7 @@ impl delta::DeltaSink for PatchSink {
         true
     }
     fn skip(&mut self, len: u64) -> io::Result<()> {
-        self.pos += len;
+        self.held.skip(len);
         Ok(())
     }
 }

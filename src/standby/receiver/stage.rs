@@ -189,9 +189,10 @@ pub(super) struct TempSink {
     held: Option<Held>,
 }
 
-/// Changed ranges of a cloned temp, with the offset the next byte goes to.
-struct Held {
-    ranges: Vec<(u64, Vec<u8>)>,
+/// What a delta wrote, as ranges sorted and apart (a cloned temp's changes, or a patch in
+/// place), with the offset the next byte goes to, up to a bound.
+pub(super) struct Held {
+    pub(super) ranges: Vec<(u64, Vec<u8>)>,
     bytes: u64,
     pos: u64,
     /// Most bytes held.
@@ -199,7 +200,7 @@ struct Held {
 }
 
 impl Held {
-    fn new(most: u64) -> Held {
+    pub(super) fn new(most: u64) -> Held {
         Held {
             ranges: Vec::new(),
             bytes: 0,
@@ -209,7 +210,7 @@ impl Held {
     }
 
     /// Holds `buf` as the next bytes; false (nothing held) when it would pass the bound.
-    fn hold(&mut self, buf: &[u8]) -> bool {
+    pub(super) fn hold(&mut self, buf: &[u8]) -> bool {
         if self.bytes + buf.len() as u64 > self.most {
             return false;
         }
@@ -220,7 +221,7 @@ impl Held {
     }
 
     /// The next `len` bytes stay as they are.
-    fn skip(&mut self, len: u64) {
+    pub(super) fn skip(&mut self, len: u64) {
         self.pos += len;
     }
 
